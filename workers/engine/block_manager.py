@@ -1,0 +1,131 @@
+"""Paged KV bookkeeping: which physical block holds what, who uses it, and which free block goes first.
+
+Torch-free on purpose: this is the part that must be exact, so it is tested exactly (block ids, ref counts,
+eviction order). A free block keeps its contents and its hash until it is handed out again, which is what makes
+automatic prefix caching free: a later request with the same block hash picks it up off the free queue.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from workers.engine.sequence import Sequence
+from workers.kv.hashing import BlockHash
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None
+
+
+class BlockManager:
+    """Allocates KV blocks to sequences with automatic prefix caching.
+
+    The free queue is an OrderedDict used as an O(1) LRU list: the front is evicted first. Freed blocks that hold
+    a cached prefix go to the back (most recently used); blocks with nothing reusable go to the front. A cached
+    block that is hit while free leaves the queue from the middle, also in O(1).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[BlockHash, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now, including cached ones that would be evicted."""
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """The longest run of the sequence's full blocks already in the cache.
+
+        At least one token is always left to compute: the model must run on the last token to produce logits.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in seq.block_hashes[:max_blocks]:
+            block_id = self.cached.get(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, new_computed_blocks: list[int] = ()) -> bool:
+        """Make the block table cover `num_new_tokens` more tokens after the computed ones.
+
+        `new_computed_blocks` (prefix-cache hits of a newly admitted sequence) are shared, not copied. Returns
+        False and changes nothing when the free blocks do not suffice.
+        """
+        num_computed = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_required = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_to_allocate = num_required - len(seq.block_table) - len(new_computed_blocks)
+        num_hits_on_free = sum(1 for b in new_computed_blocks if self.blocks[b].ref_count == 0)
+        if num_to_allocate + num_hits_on_free > self.num_free_blocks:
+            return False
+        for block_id in new_computed_blocks:
+            self._touch(block_id)
+        seq.block_table.extend(new_computed_blocks)
+        seq.block_table.extend(self._pop_free() for _ in range(num_to_allocate))
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register every block whose tokens are all computed under its hash, so later requests can share it."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+        for block_id, block_hash in zip(seq.block_table[:num_full], seq.block_hashes[:num_full]):
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                continue
+            if block_hash in self.cached:
+                # Another sequence computed the same block at the same time; keep the first copy as the cached one.
+                continue
+            block.block_hash = block_hash
+            self.cached[block_hash] = block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks, tail first, so a prefix outlives its own suffix in the cache."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
+        seq.block_table = []
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (e.g. after weights change); blocks in use keep their contents."""
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+
+    def _touch(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def _pop_free(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id

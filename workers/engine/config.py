@@ -1,0 +1,50 @@
+"""The engine's configuration: frozen dataclasses, each class takes only its own part.
+
+Values computed from the model or the machine (the number of KV blocks, the context length) are returned by the
+code that computes them, never written back here.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run, on what device and in what precision."""
+
+    model: str = "smollm2"
+    device: str = "cpu"
+    # "auto": float32 on CPU (exact parity with HF), bfloat16 on GPU.
+    dtype: str = "auto"
+    # None: the model's own max_position_embeddings.
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    # An explicit block count wins; else the cache takes kv_cache_memory_gb (CPU) or
+    # gpu_memory_utilization of the device's free memory (GPU).
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What one engine step may do."""
+
+    max_num_seqs: int = 64
+    # The per-step token budget; a prompt longer than what is left of it is prefilled in chunks.
+    max_num_batched_tokens: int = 1024
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
