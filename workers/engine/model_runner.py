@@ -1,0 +1,157 @@
+"""The only part of the engine that touches tensors: it owns the model, the KV cache and the sampler.
+
+Each step it turns the scheduler's (sequence, number of new tokens) pairs into flat input tensors, runs one
+forward pass over all of them, and samples a token for every sequence whose new tokens reach its end.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from workers.engine.attention.backend import get_attention_backend
+from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta
+from workers.engine.config import CacheConfig, ModelConfig
+from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
+from workers.engine.models.loader import load_weights
+from workers.engine.sampler import Sampler, make_generator
+from workers.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprobs: dict[int, float] | None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r} (choose from auto, {', '.join(dtypes)})")
+    return dtypes[name]
+
+
+def load_hf_config(model_dir: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = set(getattr(config, "architectures", None) or [])
+    if not archs & SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{model_dir}: architecture {sorted(archs)} is not supported "
+                         f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    return config
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_dir: Path,
+                 hf_config: PretrainedConfig, max_model_len: int, progress: bool = False):
+        self.device = torch.device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.block_size = cache_config.block_size
+        self.hf_config = hf_config
+        backend = get_attention_backend("torch", head_dim_of(hf_config) ** -0.5, sliding_window_of(hf_config))
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf_config, backend, max_model_len, self.device)
+        self.model = model.to(self.dtype).to_empty(device=self.device).eval()
+        load_weights(self.model, model_dir, progress)
+        self.num_kv_blocks = self._num_kv_blocks(cache_config)
+        self.kv_caches = self._allocate_kv_cache()
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        torch.manual_seed(model_config.seed)
+
+    def _bytes_per_block(self) -> int:
+        c = self.hf_config
+        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * head_dim_of(c) * self.dtype.itemsize
+
+    def _num_kv_blocks(self, cache_config: CacheConfig) -> int:
+        if cache_config.num_kv_blocks is not None:
+            return cache_config.num_kv_blocks
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * cache_config.gpu_memory_utilization
+        else:
+            budget = cache_config.kv_cache_memory_gb * 2**30
+        num_blocks = int(budget // self._bytes_per_block())
+        if num_blocks <= 0:
+            raise ValueError("no memory left for the KV cache; lower the model size or raise the cache budget")
+        return num_blocks
+
+    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.hf_config
+        shape = (self.num_kv_blocks, self.block_size, c.num_key_value_heads, head_dim_of(c))
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, self.block_size,
+                    self.num_kv_blocks * self._bytes_per_block() / 2**30)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's random generator."""
+        self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]]) -> list[SampledToken]:
+        # Multi-token chunks first, single-token decodes last: the attention backend batches the decodes.
+        batch = sorted(batch, key=lambda item: item[1] == 1)
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_rows:
+            return []
+        rows, seqs = zip(*sample_rows)
+        logits = self.model.compute_logits(hidden[list(rows)])
+        params = [seq.sampling_params for seq in seqs]
+        generators = [self._generator(seq) for seq in seqs]
+        out = self.sampler(logits, params, generators)
+        return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.sampling_params.seed
+        if seed is None:
+            return None
+        if seq.request_id not in self.generators:
+            self.generators[seq.request_id] = make_generator(seed, self.device)
+        return self.generators[seq.request_id]
+
+    def _prepare(self, batch: list[tuple[Sequence, int]]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        prefills: list[PrefillMeta] = []
+        decodes: list[Sequence] = []
+        sample_rows: list[tuple[int, Sequence]] = []
+        for seq, n in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            query_start = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            pos = torch.arange(start, end)
+            block_table = torch.tensor(seq.block_table, dtype=torch.long)
+            positions.append(pos)
+            slots.append(block_table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decodes.append(seq)
+            else:
+                prefills.append(PrefillMeta(query_start, n, end, block_table.to(self.device)))
+            if end == seq.num_tokens:
+                sample_rows.append((len(input_ids) - 1, seq))
+        num_prefill_tokens = sum(p.query_len for p in prefills)
+        context_lens = [seq.num_computed_tokens + 1 for seq in decodes]
+        max_blocks = max((len(seq.block_table) for seq in decodes), default=0)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in decodes]
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(self.device),
+            prefills=prefills,
+            num_prefill_tokens=num_prefill_tokens,
+            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=self.device).view(len(decodes), max_blocks),
+            decode_context_lens=torch.tensor(context_lens, dtype=torch.long, device=self.device),
+            max_decode_context_len=max(context_lens, default=0),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        return ids, torch.cat(positions).to(self.device), meta, sample_rows
