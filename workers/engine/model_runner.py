@@ -14,6 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 from workers.engine.attention.backend import get_attention_backend
 from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta
 from workers.engine.config import CacheConfig, ModelConfig
+from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
 from workers.engine.sampler import Sampler, make_generator
@@ -57,15 +58,15 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.hf_config = hf_config
         backend = get_attention_backend("torch", head_dim_of(hf_config) ** -0.5, sliding_window_of(hf_config))
+        rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_model_len, self.device)
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config, backend, max_model_len, self.device)
+            model = LlamaForCausalLM(hf_config, rotary, backend)
         self.model = model.to(self.dtype).to_empty(device=self.device).eval()
         load_weights(self.model, model_dir, progress)
         self.num_kv_blocks = self._num_kv_blocks(cache_config)
         self.kv_caches = self._allocate_kv_cache()
-        self.sampler = Sampler()
+        self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
-        torch.manual_seed(model_config.seed)
 
     def _bytes_per_block(self) -> int:
         c = self.hf_config

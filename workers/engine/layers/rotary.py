@@ -15,22 +15,22 @@ def _inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, fl
     rope_type = rope.get("rope_type", "default")
     if rope_type == "default":
         base = rope["rope_theta"]
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim)), 1.0
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type == "dynamic":
         raise ValueError("dynamic NTK rope scaling changes with sequence length and is not supported")
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}")
-    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return ROPE_INIT_FUNCTIONS[rope_type](config)
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin tables as plain tensors, not buffers, so building the model on the meta device and
-    materializing it with `to_empty` leaves them intact."""
+    """Holds the cos/sin tables as plain tensors, not buffers: it is built on the real device before the rest of
+    the model is built on the meta device, and materializing the model with `to_empty` leaves them intact."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int, device: torch.device):
         super().__init__()
         inv_freq, scaling = _inv_freq(config, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float, device="cpu")[:, None] * inv_freq[None, :].float().cpu()
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scaling).to(device)
         self.sin = (emb.sin() * scaling).to(device)

@@ -108,11 +108,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_positions: int,
-                 rotary_device: torch.device):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
         super().__init__()
         self.config = config
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions, rotary_device)
         self.model = LlamaModel(config, rotary, backend)
         # Tied models read the embedding matrix directly instead of holding a second, aliased parameter.
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)

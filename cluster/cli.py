@@ -1,0 +1,120 @@
+"""`tandem`: the command line.
+
+    tandem generate --prompt "Once upon a time"            # stream a completion from the embedded model
+    tandem generate --chat --prompt "What is 2+2?" --json  # chat template applied, one JSON object out
+    tandem chat                                            # interactive conversation
+    tandem bench engine                                    # Tandem vs HF transformers, table + JSON
+"""
+
+import argparse
+import logging
+import sys
+
+from cluster.config import cache_dir
+from workers.engine.errors import InvalidRequestError, ModelNotFoundError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the embedded SmolLM2-135M-Instruct, the default) or the path of a local "
+                        "Hugging Face folder with config.json, *.safetensors and tokenizer files")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV precision; auto = float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in 16-token blocks")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache size on CPU (default 2 GiB)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="per-step token budget; longer prompts are prefilled in chunks")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: an LLM serving engine and cluster.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt and stream it to stdout",
+                         description="Generate text for one prompt, streaming tokens as they are produced.")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, token ids, finish reason, usage, ttft) instead of a stream")
+    _engine_args(gen)
+    _sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="talk to the model interactively (one line a turn; Ctrl-D ends)",
+                          description="An interactive conversation; the whole history is re-sent each turn, "
+                                      "so the prefix cache makes later turns start fast.")
+    chat.add_argument("--system", default=None, help="system message")
+    _engine_args(chat)
+    _sampling_args(chat)
+
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from cluster.bench.engine import add_arguments
+
+    add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
+                                       description="Throughput and TTFT of Tandem's engine against HF "
+                                                   "transformers (sequential and padded batch) in one run."))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            from cluster.commands import generate
+
+            return generate.run(args)
+        if args.command == "chat":
+            from cluster.commands import chat
+
+            return chat.run(args)
+        from cluster.bench import engine as bench_engine
+
+        return bench_engine.run(args)
+    except (ModelNotFoundError, InvalidRequestError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the shared engine flags."""
+    from workers.engine.model_store import resolve_model
+
+    return dict(model=str(resolve_model(args.model, cache_dir())), device=args.device, dtype=args.dtype,
+                max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
+                kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=not args.no_prefix_caching)
+
+
+def sampling_params(args: argparse.Namespace):
+    from workers.engine.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                          logprobs=args.logprobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The async engine streams deltas that add up to the final text, serves requests concurrently, and frees the
+blocks of a request whose client goes away."""
+
+import asyncio
+
+import pytest
+
+from workers.engine.async_engine import AsyncLLMEngine
+from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
+from workers.engine.errors import InvalidRequestError
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    eng = AsyncLLMEngine.from_config(EngineConfig(ModelConfig(str(smollm2_path)), CacheConfig(num_kv_blocks=256)))
+    yield eng
+    eng.shutdown()
+
+
+async def collect(engine, prompt, params, **kw):
+    return [out async for out in engine.generate(prompt, params, **kw)]
+
+
+def test_stream_deltas_concatenate_to_the_final_text(engine):
+    params = SamplingParams(max_tokens=40, temperature=0.0, stop=("\n\n",))
+    outs = asyncio.run(collect(engine, "def fibonacci(n):", params))
+    assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+    assert "".join(o.outputs[0].delta_text for o in outs) == outs[-1].outputs[0].text
+    assert sum(len(o.outputs[0].delta_token_ids) for o in outs) == len(outs[-1].outputs[0].token_ids)
+
+
+def test_concurrent_requests_match_the_offline_api(engine, smollm2_path):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = ["Tell me a joke.", "The weather today is", "1, 2, 3, 4,", "Python is a"]
+
+    async def all_at_once():
+        return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+
+    streamed = [outs[-1].outputs[0].token_ids for outs in asyncio.run(all_at_once())]
+    offline = LLM(str(smollm2_path), num_kv_blocks=256, progress=False).generate(prompts, params)
+    assert streamed == [o.outputs[0].token_ids for o in offline]
+
+
+def test_bad_input_raises_before_streaming_and_the_engine_keeps_serving(engine):
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(collect(engine, [], SamplingParams()))
+    outs = asyncio.run(collect(engine, "Hello", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)))
+    assert len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_client_that_walks_away_mid_stream_frees_its_blocks(engine):
+    async def walk_away():
+        stream = engine.generate("Count to one hundred:", SamplingParams(max_tokens=200, ignore_eos=True))
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            stats = await engine.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0:
+                return stats
+            await asyncio.sleep(0.02)
+        return stats
+
+    stats = asyncio.run(walk_away())
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_explicit_abort_ends_the_stream_with_reason_abort(engine):
+    async def abort_after_first_token():
+        outs = []
+        async for out in engine.generate("Once upon a time", SamplingParams(max_tokens=500, ignore_eos=True),
+                                         request_id="to-abort"):
+            outs.append(out)
+            if len(outs) == 1:
+                await engine.abort("to-abort")
+        return outs
+
+    outs = asyncio.run(abort_after_first_token())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert len(outs[-1].outputs[0].token_ids) < 500

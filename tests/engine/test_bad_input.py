@@ -1,0 +1,100 @@
+"""Bad input is a typed error with a message naming the field, and the engine keeps serving everyone else."""
+
+import math
+
+import pytest
+
+from workers.engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_factory):
+    return LLM(str(tiny_model_factory("llama")), num_kv_blocks=64, max_model_len=256,
+               max_num_batched_tokens=64, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"temperature": math.inf}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"stop": [""]}, "stop"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+@pytest.mark.parametrize("prompt, field", [
+    ("", "prompt"),
+    ([], "prompt_token_ids"),
+    ([1, -1, 2], "prompt_token_ids"),
+    ([49152], "prompt_token_ids"),
+])
+def test_bad_prompts_name_the_field(llm, prompt, field):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.engine.add_request(prompt, GREEDY)
+    assert e.value.field == field
+
+
+def test_prompt_at_the_context_length_is_rejected_one_below_is_served(llm):
+    with pytest.raises(PromptTooLongError):
+        llm.generate([5] * 256, GREEDY)
+    out = llm.generate([5] * 255, GREEDY)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 1
+
+
+def test_prompt_larger_than_the_whole_kv_cache_is_rejected(tiny_model_factory):
+    small = LLM(str(tiny_model_factory("llama")), num_kv_blocks=4, progress=False)
+    with pytest.raises(PromptTooLongError, match="KV cache"):
+        small.generate([5] * 64, GREEDY)
+
+
+def test_too_many_logprobs_and_out_of_vocab_stop_ids_are_rejected(llm):
+    with pytest.raises(InvalidRequestError, match="logprobs"):
+        llm.generate([1, 2, 3], SamplingParams(logprobs=21))
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        llm.generate([1, 2, 3], SamplingParams(stop_token_ids=[10**9]))
+
+
+def test_one_bad_prompt_in_a_batch_runs_nothing_and_leaks_nothing(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[1, 2, 3], [], [4, 5]], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == 64
+    assert len(llm.generate([[1, 2, 3], [4, 5]], GREEDY)) == 2
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        LLM(str(tmp_path / "nowhere"))
+
+
+def test_abort_at_every_phase_frees_every_block(llm):
+    engine = llm.engine
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    queued = engine.add_request([7] * 40, params)
+    engine.abort_request(queued)  # still waiting
+    prefilling = engine.add_request([8] * 200, params)
+    decoding = engine.add_request([9] * 20, params)
+    engine.step()  # the 64-token budget prefills part of the long prompt only
+    assert 0 < engine.requests[prefilling].seq.num_computed_tokens < 200
+    engine.abort_request(prefilling)
+    while not engine.requests[decoding].seq.output_token_ids:
+        engine.step()
+    final = engine.abort_request(decoding)
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

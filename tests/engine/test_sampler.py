@@ -1,0 +1,170 @@
+"""The sampler: greedy, temperature, top-k/top-p, seeded reproducibility and logprobs, on small random logits."""
+
+import pytest
+import torch
+
+from workers.engine.sampler import Sampler, make_generator
+from workers.engine.sampling_params import SamplingParams
+
+
+def rand_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    return scale * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams | list[SamplingParams]):
+    """One call of a fixed-seed sampler, so every statistical test here is deterministic."""
+    rows = logits.shape[0]
+    plist = params if isinstance(params, list) else [params] * rows
+    return Sampler(seed=0)(logits, plist, [None] * rows)
+
+
+def frequencies(tokens: list[int], vocab: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(tokens), minlength=vocab).float() / len(tokens)
+
+
+def chi_square(tokens: list[int], probs: torch.Tensor) -> float:
+    observed = torch.bincount(torch.tensor(tokens), minlength=probs.numel()).float()
+    expected = probs * len(tokens)
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_greedy_is_the_argmax_of_the_raw_logits_in_any_dtype():
+    logits = rand_logits(8, 100)
+    expected = logits.argmax(-1).tolist()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = sample(logits.to(dtype), SamplingParams(temperature=0.0))
+        assert out.token_ids == logits.to(dtype).float().argmax(-1).tolist()
+    assert sample(logits, SamplingParams(temperature=0.0)).token_ids == expected
+    assert sample(logits, SamplingParams(temperature=0.0)).logprobs == [None] * 8
+
+
+def test_top_k_one_is_greedy_at_any_temperature():
+    logits = rand_logits(64, 50, seed=1)
+    for temperature in (0.5, 1.0, 5.0, 100.0):
+        out = sample(logits, SamplingParams(temperature=temperature, top_k=1))
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_tiny_top_p_is_greedy():
+    logits = rand_logits(64, 50, seed=2, scale=0.5)
+    out = sample(logits, SamplingParams(temperature=2.0, top_p=1e-6))
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_samples_only_among_the_k_best_with_per_row_k():
+    vocab, rows = 30, 3000
+    logits = rand_logits(rows, vocab, seed=3, scale=0.3)  # flat, so without the filter most draws fall outside
+    ks = [1, 3, 7] * (rows // 3)
+    params = [SamplingParams(temperature=3.0, top_k=k) for k in ks]
+    out = sample(logits, params)
+    ranks = logits.argsort(dim=-1, descending=True)
+    seen_rank = [int((ranks[i] == t).nonzero()) for i, t in enumerate(out.token_ids)]
+    assert all(rank < k for rank, k in zip(seen_rank, ks))
+    assert max(r for r, k in zip(seen_rank, ks) if k == 7) == 6  # the filter does not just collapse to greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    out = sample(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    freq = frequencies(out.token_ids, 4)
+    assert freq[2] == 0 and freq[3] == 0
+    assert abs(freq[0] - 0.5 / 0.8) < 0.03
+
+
+def test_disabled_filters_leave_the_distribution_untouched():
+    logits = rand_logits(1, 6, seed=4, scale=1.0).repeat(4000, 1)
+    for top_k in (0, -1, 6, 100):
+        out = sample(logits, SamplingParams(top_k=top_k, top_p=1.0))
+        assert chi_square(out.token_ids, logits[0].softmax(-1)) < 25.0  # 5 dof: p < 1e-3
+
+
+def test_sampled_frequencies_match_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    out = sample(logits, SamplingParams(temperature=1.0))
+    assert chi_square(out.token_ids, logits[0].softmax(-1)) < 20.0  # 4 dof: p < 1e-3
+
+
+def test_temperature_scales_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    top_share = []
+    for temperature in (0.25, 1.0, 4.0):
+        out = sample(logits, SamplingParams(temperature=temperature))
+        assert chi_square(out.token_ids, (logits[0] / temperature).softmax(-1)) < 20.0
+        top_share.append(float(frequencies(out.token_ids, 5)[0]))
+    assert top_share[0] > top_share[1] > top_share[2]
+
+
+def run_seeded(step_logits: list[torch.Tensor], seed: int, row: int, batch: int) -> list[int]:
+    """Samples a seeded request's tokens at `row` of batches whose other rows are unseeded random requests."""
+    sampler = Sampler()
+    generator = make_generator(seed)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=seed)
+    tokens = []
+    for step, own in enumerate(step_logits):
+        logits = rand_logits(batch, own.numel(), seed=1000 + step + batch)
+        logits[row] = own
+        plist = [SamplingParams(temperature=0.8, top_k=5)] * batch
+        plist[row] = params
+        generators: list[torch.Generator | None] = [None] * batch
+        generators[row] = generator
+        tokens.append(sampler(logits, plist, generators).token_ids[row])
+    return tokens
+
+
+def test_a_seeded_request_samples_the_same_tokens_wherever_it_sits_in_any_batch():
+    step_logits = [rand_logits(1, 200, seed=50 + s, scale=0.5)[0] for s in range(12)]
+    alone = run_seeded(step_logits, seed=7, row=0, batch=1)
+    assert run_seeded(step_logits, seed=7, row=0, batch=3) == alone
+    assert run_seeded(step_logits, seed=7, row=2, batch=4) == alone
+    assert run_seeded(step_logits, seed=7, row=5, batch=8) == alone
+    assert run_seeded(step_logits, seed=8, row=0, batch=1) != alone
+
+
+def test_unseeded_sampler_rows_vary_between_calls():
+    logits = rand_logits(1, 200, seed=5, scale=0.1)
+    sampler = Sampler()
+    draws = {sampler(logits, [SamplingParams()], [None]).token_ids[0] for _ in range(20)}
+    assert len(draws) > 5
+
+
+def test_greedy_and_sampled_rows_mix_in_one_batch():
+    logits = rand_logits(6, 40, seed=6, scale=0.2)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=2.0)] * 3
+    out = sample(logits, params)
+    greedy = logits.argmax(-1).tolist()
+    assert [out.token_ids[i] for i in (0, 2, 4)] == [greedy[i] for i in (0, 2, 4)]
+
+
+def test_logprobs_hold_the_n_best_plus_the_chosen_token_from_the_raw_logits():
+    logits = rand_logits(4, 50, seed=7, scale=1.0)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=5.0, top_k=40, logprobs=2),
+        SamplingParams(temperature=5.0, logprobs=0),
+    ]
+    out = sample(logits, params)
+    expected = logits.log_softmax(-1)
+    assert out.logprobs[1] is None
+    for i in (0, 2, 3):
+        row = out.logprobs[i]
+        best = expected[i].topk(params[i].logprobs).indices.tolist()
+        assert set(row) == set(best) | {out.token_ids[i]}
+        for token, value in row.items():
+            assert abs(value - float(expected[i, token])) < 1e-5
+    assert len(out.logprobs[0]) == 3  # greedy: the chosen token is the best one
+
+
+def test_logprobs_of_a_low_ranked_choice_are_still_reported():
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0]]).repeat(500, 1)
+    out = sample(logits, SamplingParams(temperature=50.0, logprobs=1))
+    rare = [(t, lp) for t, lp in zip(out.token_ids, out.logprobs) if t == 3]
+    assert rare, "a near-uniform temperature should sometimes pick token 3"
+    row = rare[0][1]
+    assert set(row) == {0, 3}
+    assert abs(row[3] - float(logits[0].log_softmax(-1)[3])) < 1e-5
+
+
+def test_mismatched_batch_sizes_are_rejected():
+    with pytest.raises(ValueError):
+        Sampler()(rand_logits(2, 10), [SamplingParams()], [None, None])

@@ -1,0 +1,54 @@
+"""`tandem bench engine --quick` end to end, in-process: every phase runs and the JSON holds what the docs promise."""
+
+import json
+import random
+
+from cluster.bench import workloads
+from cluster.cli import main
+
+SYSTEMS = [("mixed", "hf-sequential"), ("mixed", "hf-batch"), ("mixed", "tandem"),
+           ("shared-prefix", "tandem-cache-on"), ("shared-prefix", "tandem-cache-off")]
+RESULT_KEYS = {"workload", "system", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "ttft_p50_s",
+               "ttft_p99_s", "rss_start_mib", "rss_peak_mib", "match_pct", "is_reference", "cached_tokens", "ttft_s"}
+
+
+def test_quick_bench_writes_every_result(tmp_path, capsys):
+    path = tmp_path / "engine.json"
+    assert main(["bench", "engine", "--quick", "--json", str(path)]) == 0
+
+    doc = json.loads(path.read_text())
+    assert {"config", "machine", "results", "targets"} <= doc.keys()
+    assert {"torch", "torch_threads", "cpu_count", "hf_attention"} <= doc["machine"].keys()
+    cfg = doc["config"]
+    assert cfg["quick"] and cfg["tandem_engine"]["num_kv_blocks"] > 0
+    results = doc["results"]
+    assert [(r["workload"], r["system"]) for r in results] == SYSTEMS
+    for r in results:
+        assert RESULT_KEYS <= r.keys()
+        assert len(r["ttft_s"]) == r["requests"] and all(t > 0 for t in r["ttft_s"])
+        assert r["output_tokens_per_s"] > 0
+    mixed, shared = results[:3], results[3:]
+    assert all(r["output_tokens"] == cfg["num_requests"] * cfg["output_tokens"] for r in mixed)
+    per_user = cfg["shared_output_tokens"]
+    assert all(r["output_tokens"] == cfg["shared_prefixes"] * cfg["users_per_prefix"] * per_user for r in shared)
+    # Later waves reuse their system prompt's blocks only when caching is on.
+    assert shared[0]["cached_tokens"] > 0 and shared[1]["cached_tokens"] == 0
+    assert [t["goal"] for t in doc["targets"]] == [4.0, 1.5, 3.0]
+
+    table = capsys.readouterr().out
+    assert "TTFT p50" in table and "tandem-cache-on" in table and "target >= 4x" in table
+
+
+def test_workloads_are_seeded_and_shaped():
+    corpus = list(range(5000))
+    a = workloads.mixed_workload(corpus, 10, 5, 20, 3, random.Random(1))
+    assert a == workloads.mixed_workload(corpus, 10, 5, 20, 3, random.Random(1))
+    assert all(5 <= len(p) <= 20 for p in a.prompts)
+    assert len({p[0] for p in a.prompts}) == 10  # distinct starts: nothing for a prefix cache to share
+
+    s = workloads.shared_prefix_workload(corpus, 3, 4, 50, (2, 6), 3, random.Random(1))
+    assert len(s.waves) == 4 and all(len(w) == 3 for w in s.waves)
+    assert len({x for p in s.prefixes for x in p}) == 3 * 50  # system prompts never overlap
+    for wave in s.waves:
+        for prefix, prompt in zip(s.prefixes, wave):
+            assert prompt[:50] == prefix and 2 <= len(prompt) - 50 <= 6

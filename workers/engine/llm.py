@@ -1,0 +1,88 @@
+"""The offline Python API, in the convention users know from vLLM.
+
+    llm = LLM()                                   # the embedded SmolLM2, on CPU
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(out[0].outputs[0].text)
+"""
+
+from collections.abc import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 2.0,
+                 gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, enable_chunked_prefill: bool = True,
+                 progress: bool = True):
+        config = EngineConfig(
+            model=ModelConfig(model, device, dtype, max_model_len, seed),
+            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
+                              enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+        )
+        self.engine = LLMEngine(config, progress=progress)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, cache_salt: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Runs every prompt to completion in one continuous batch; outputs come back in input order.
+
+        A prompt is text or a list of token ids. All prompts are validated before any runs, so one bad prompt
+        raises without leaving the others half-done.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = _per_prompt(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p, cache_salt=cache_salt))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *, cache_salt: str | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Applies the model's chat template (with the assistant prompt appended) to each conversation."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[i] for i in ids]
+
+
+def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return list(params)

@@ -1,0 +1,146 @@
+"""Turns a batch of next-token logits into one token per row, each row under its own SamplingParams.
+
+Sampling uses the exponential race, argmax(probs / q) with q ~ Exp(1), which picks token i with probability
+probs[i] and needs no cumulative sum. Its noise is one [V] draw per row, so a seeded request can take that draw
+from its own generator: its tokens then depend on nothing else in the batch, not its neighbours, not its row.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.sampling_params import SamplingParams
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator owned by one seeded request; it must live as long as the request so its draws continue."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # {token_id: logprob} for the top-N tokens plus the chosen one, or None where logprobs were not asked for.
+    logprobs: list[dict[int, float] | None]
+
+
+def _is_top_k_on(params: SamplingParams, vocab_size: int) -> bool:
+    return 0 < params.top_k < vocab_size
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Masks with -inf what each row's top-k and top-p exclude; one sort serves every row whatever its k and p.
+
+    A row with top_k == V and top_p == 1 keeps everything. Ties at the k-th value are all kept, and the single
+    most likely token always survives top-p, so no row is left empty.
+    """
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1)  # ascending: the best token is last
+    kth_best = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_best, float("-inf"))
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    outside_p = cumulative <= (1.0 - top_p).unsqueeze(1)
+    outside_p[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    """Stateless apart from the generators of unseeded rows, which it owns (one per device)."""
+
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        self._default_generators: dict[torch.device, torch.Generator] = {}
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._default_generators:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._default_generators[device] = generator
+        return self._default_generators[device]
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+            raise ValueError(
+                f"logits must be [B, V] with one SamplingParams and one generator slot per row; got logits "
+                f"{tuple(logits.shape)}, {len(params)} params, {len(generators)} generators"
+            )
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            picked = self._sample(
+                logits.index_select(0, rows),
+                [params[i] for i in sampled_rows],
+                [generators[i] for i in sampled_rows],
+            )
+            tokens = tokens.index_copy(0, rows, picked)
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, params, token_ids))
+
+    def _sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        num_rows, vocab_size = logits.shape
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        logits = logits / temperature.unsqueeze(1)
+        # The sort behind the filters costs more than everything else here, so skip it when no row filters.
+        if any(_is_top_k_on(p, vocab_size) or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor(
+                [p.top_k if _is_top_k_on(p, vocab_size) else vocab_size for p in params], device=device
+            )
+            top_p = torch.tensor([p.top_p for p in params], device=device)
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        noise = self._noise(num_rows, vocab_size, device, generators)
+        return (probs / noise).argmax(dim=-1)
+
+    def _noise(
+        self, num_rows: int, vocab_size: int, device: torch.device, generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Exp(1) noise; a seeded row's comes from its generator alone, on that generator's own device."""
+        noise = torch.empty(num_rows, vocab_size, device=device)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if unseeded:
+            draw = torch.empty(len(unseeded), vocab_size, device=device)
+            draw.exponential_(generator=self._default_generator(device))
+            noise[unseeded] = draw
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                row = torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+                noise[i] = row.to(device)
+        # An exact zero would turn a zero-probability token into nan or a winner; it is rare enough not to bias.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]
+    ) -> list[dict[int, float] | None]:
+        """From the raw logits, before temperature and filters, as vLLM reports them."""
+        out: list[dict[int, float] | None] = [None] * len(params)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not wanted:
+            return out
+        rows = torch.tensor(wanted, device=logits.device)
+        logprobs = logits.index_select(0, rows).log_softmax(dim=-1)
+        num_top = min(max(params[i].logprobs for i in wanted), logprobs.shape[-1])
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)
+        chosen = torch.tensor([token_ids[i] for i in wanted], device=logits.device)
+        chosen_values = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for j, i in enumerate(wanted):
+            n = params[i].logprobs
+            row = dict(zip(top_ids[j][:n], top_values[j][:n]))
+            row.setdefault(token_ids[i], chosen_values[j])
+            out[i] = row
+        return out
