@@ -82,3 +82,31 @@ def test_explicit_abort_ends_the_stream_with_reason_abort(engine):
     outs = asyncio.run(abort_after_first_token())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 500
+
+
+def test_a_storm_of_cancellations_at_every_phase_leaks_no_blocks(engine):
+    async def one(i: int):
+        # Long prompts keep some requests queued or mid-prefill when they are cancelled.
+        prompt = [100 + i] * (20 + 37 * (i % 9))
+        stream = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= i % 4:
+                break
+        await stream.aclose()
+
+    async def storm():
+        tasks = [asyncio.create_task(one(i)) for i in range(24)]
+        await asyncio.sleep(0.05)
+        for task in tasks[::3]:
+            task.cancel()  # some are still waiting to be admitted, some mid-prefill
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(200):
+            stats = await engine.stats()
+            if stats.num_running == stats.num_waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        return stats
+
+    stats = asyncio.run(storm())
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_blocks

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -54,13 +55,18 @@ class AsyncLLMEngine:
         """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = request_id if request_id is not None else uuid.uuid4().hex
 
-        def add() -> str:
-            rid = self.engine.add_request(prompt, params, request_id, cache_salt)
+        def add() -> None:
+            self.engine.add_request(prompt, params, rid, cache_salt)
             self._streams[rid] = (loop, outputs)
-            return rid
 
-        rid = await self._call(add)
+        try:
+            await self._call(add)
+        except asyncio.CancelledError:
+            # Commands run in order, so this abort lands after the add it races with.
+            self._commands.put(lambda: self._abort(rid))
+            raise
         finished = False
         try:
             while not finished:
@@ -90,6 +96,8 @@ class AsyncLLMEngine:
         future: Future = Future()
 
         def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the caller gave up before the command ran; skipping it keeps the engine unchanged
             try:
                 future.set_result(fn())
             except BaseException as e:  # handed to the caller, who re-raises it
@@ -111,7 +119,10 @@ class AsyncLLMEngine:
             except queue.Empty:
                 command = None
             while command is not None:
-                command()
+                try:
+                    command()
+                except Exception:  # a command must never take the engine thread down with it
+                    logger.exception("engine command failed")
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
