@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from workers.engine.attention.backend import get_attention_backend
-from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta
+from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
 from workers.engine.config import CacheConfig, ModelConfig
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
@@ -99,8 +99,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> list[SampledToken]:
-        # Multi-token chunks first, single-token decodes last: the attention backend batches the decodes.
-        batch = sorted(batch, key=lambda item: item[1] == 1)
+        # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
+        # attention backend can batch decodes of similar length together.
+        batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
         input_ids, positions, meta, sample_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_rows:
@@ -152,7 +153,7 @@ class ModelRunner:
             num_prefill_tokens=num_prefill_tokens,
             decode_block_tables=torch.tensor(tables, dtype=torch.long, device=self.device).view(len(decodes), max_blocks),
             decode_context_lens=torch.tensor(context_lens, dtype=torch.long, device=self.device),
-            max_decode_context_len=max(context_lens, default=0),
+            decode_buckets=decode_buckets(context_lens),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return ids, torch.cat(positions).to(self.device), meta, sample_rows

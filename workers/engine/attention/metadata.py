@@ -25,9 +25,24 @@ class AttentionMetadata:
     prefills: list[PrefillMeta]
     num_prefill_tokens: int
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks], padded with block 0
-    decode_context_lens: torch.Tensor  # [num_decodes]
-    max_decode_context_len: int
+    decode_context_lens: torch.Tensor  # [num_decodes], ascending
+    # Runs of decodes of similar context length, each padded only to its own longest: (start, end, max_len).
+    decode_buckets: list[tuple[int, int, int]]
 
     @property
     def num_decodes(self) -> int:
         return self.decode_context_lens.shape[0]
+
+
+MAX_DECODE_BUCKETS = 4
+
+
+def decode_buckets(context_lens: list[int]) -> list[tuple[int, int, int]]:
+    """Splits ascending context lengths into up to MAX_DECODE_BUCKETS runs of equal count.
+
+    A backend that pads K/V to a common length wastes the gap between short and long contexts; a few buckets
+    recover most of it for the cost of a few more calls.
+    """
+    n = len(context_lens)
+    size = -(-n // MAX_DECODE_BUCKETS) if n else 0
+    return [(start, min(start + size, n), context_lens[min(start + size, n) - 1]) for start in range(0, n, size or 1)]

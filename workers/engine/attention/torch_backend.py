@@ -49,18 +49,23 @@ class TorchAttentionBackend:
         return o.transpose(0, 1)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        n, max_blocks = meta.decode_block_tables.shape
+        """One call per bucket of similar-length decodes. The query heads sharing a KV head are laid out as that
+        head's "query positions", so sdpa reads each K/V head once instead of expanding it per query head."""
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-        length = meta.max_decode_context_len
-        flat = meta.decode_block_tables.view(-1)
-        keys = self._gather("k", k_cache, flat).view(n, max_blocks * block_size, num_kv_heads, head_dim)[:, :length]
-        values = self._gather("v", v_cache, flat).view(n, max_blocks * block_size, num_kv_heads, head_dim)[:, :length]
-        q_pos = (meta.decode_context_lens - 1)[:, None, None]
-        k_pos = torch.arange(length, device=q.device)[None, None, :]
-        mask = self._mask(q_pos, k_pos).unsqueeze(1)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                                           attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.squeeze(2)
+        out = torch.empty_like(q)
+        for start, end, length in meta.decode_buckets:
+            n, num_blocks = end - start, -(-length // block_size)
+            blocks = meta.decode_block_tables[start:end, :num_blocks].reshape(-1)
+            keys = self._gather("k", k_cache, blocks).view(n, num_blocks * block_size, num_kv_heads, head_dim)
+            values = self._gather("v", v_cache, blocks).view(n, num_blocks * block_size, num_kv_heads, head_dim)
+            q_pos = (meta.decode_context_lens[start:end] - 1)[:, None, None, None]
+            k_pos = torch.arange(length, device=q.device)[None, None, None, :]
+            query = q[start:end].view(n, num_kv_heads, -1, head_dim)
+            o = F.scaled_dot_product_attention(query, keys[:, :length].transpose(1, 2),
+                                               values[:, :length].transpose(1, 2), attn_mask=self._mask(q_pos, k_pos),
+                                               scale=self.scale)
+            out[start:end] = o.reshape(n, -1, head_dim)
+        return out
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Causal (and sliding-window) visibility of key positions from query positions."""
