@@ -1,0 +1,103 @@
+"""KV blocks cross a real 2-process gloo channel bit for bit, into different block ids, and failures are clean
+TransferErrors rather than hangs."""
+
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from workers.kv_transfer import ChannelCache, KVChannel, TransferError, listen
+
+pytestmark = pytest.mark.slow
+
+LAYERS, BLOCKS, BS, HEADS, DIM = 3, 12, 16, 2, 8
+SRC_IDS, DST_IDS = [7, 2, 9, 4], [0, 5, 1, 11]
+
+
+def caches(seed: int | None, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    make = (lambda: torch.randn(BLOCKS, BS, HEADS, DIM, generator=gen).to(dtype)) if gen else \
+        (lambda: torch.zeros(BLOCKS, BS, HEADS, DIM, dtype=dtype))
+    return [(make(), make()) for _ in range(LAYERS)]
+
+
+def _sender(addresses: mp.Queue, results: mp.Queue, dtype_name: str) -> None:
+    store, address = listen("127.0.0.1", timeout=20)
+    addresses.put(address)
+    channel = KVChannel(store, 0, torch.device("cpu"), timeout=20)
+    try:
+        results.put(("sent", channel.send(caches(0, getattr(torch, dtype_name)), SRC_IDS)))
+    except TransferError as e:
+        results.put(("send-error", str(e)))
+
+
+def _receiver(addresses: mp.Queue, results: mp.Queue) -> None:
+    channel = KVChannel.connect(addresses.get(timeout=20), torch.device("cpu"), timeout=20)
+    dst = caches(None)
+    try:
+        nbytes = channel.recv(dst, DST_IDS)
+    except TransferError as e:
+        results.put(("recv-error", str(e)))
+        return
+    src = caches(0)
+    ok = all(torch.equal(d[DST_IDS], s[SRC_IDS]) for (dk, dv), (sk, sv) in zip(dst, src)
+             for d, s in ((dk, sk), (dv, sv)))
+    untouched = all(not t[[i for i in range(BLOCKS) if i not in DST_IDS]].any() for kv in dst for t in kv)
+    results.put(("received", nbytes, ok, untouched))
+
+
+def run_pair(dtype_name: str = "float32") -> list[tuple]:
+    ctx = mp.get_context("spawn")
+    addresses, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_sender, args=(addresses, results, dtype_name)),
+             ctx.Process(target=_receiver, args=(addresses, results))]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    return out
+
+
+def test_blocks_arrive_bit_identical_in_the_receivers_own_block_ids():
+    out = dict((r[0], r[1:]) for r in run_pair())
+    expected_bytes = 2 * LAYERS * len(SRC_IDS) * BS * HEADS * DIM * 4
+    assert out["sent"] == (expected_bytes,)
+    assert out["received"] == (expected_bytes, True, True)
+
+
+def test_a_peer_with_another_kv_layout_is_refused():
+    out = dict((r[0], r[1:]) for r in run_pair("bfloat16"))
+    assert "recv-error" in out and "does not match" in out["recv-error"][0]
+
+
+def test_a_peer_that_never_joins_times_out_with_a_transfer_error():
+    store, address = listen("127.0.0.1", timeout=2)
+    start = time.monotonic()
+    with pytest.raises(TransferError):
+        KVChannel.connect(address, torch.device("cpu"), timeout=2)
+    assert time.monotonic() - start < 30
+    del store
+
+
+class FakeChannel:
+    """Stands in for a channel in the cache's bookkeeping test: opening real groups is not what is under test."""
+
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_channel_cache_closes_the_least_recently_used_channel_first():
+    cache = ChannelCache(capacity=2)
+    a, b, c = FakeChannel(), FakeChannel(), FakeChannel()
+    cache.get("a", lambda: a)
+    cache.get("b", lambda: b)
+    assert cache.get("a", lambda: FakeChannel()) is a  # a is now the most recently used
+    cache.get("c", lambda: c)
+    assert b.closed and not a.closed and len(cache) == 2
+    cache.drop("a")
+    assert a.closed and len(cache) == 1
