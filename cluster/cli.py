@@ -68,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench.engine import add_arguments
+    from cluster.bench import engine, transfer
 
-    add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
-                                       description="Throughput and TTFT of Tandem's engine against HF "
-                                                   "transformers (sequential and padded batch) in one run."))
+    engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
+                                              description="Throughput and TTFT of Tandem's engine against HF "
+                                                          "transformers (sequential and padded batch) in one run."))
+    transfer.add_arguments(bench_sub.add_parser("transfer", help="KV transfer bandwidth and added latency",
+                                                description="Moves a prompt's KV blocks between two processes "
+                                                            "over a real KV channel, by prompt length."))
     return parser
 
 
@@ -89,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import chat
 
             return chat.run(args)
-        from cluster.bench import engine as bench_engine
+        from cluster.bench import engine as bench_engine, transfer as bench_transfer
 
-        return bench_engine.run(args)
+        return (bench_engine if args.bench == "engine" else bench_transfer).run(args)
     except (ModelNotFoundError, InvalidRequestError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """KV blocks from a prefill rank to a decode rank over a 2-rank torch.distributed group (gloo on CPU, NCCL on GPU).
 
-Only raw tensors cross a channel: a small int64 header that both sides check, then, per layer, the listed blocks
-of K and V gathered into one contiguous buffer. Nothing is pickled. A channel is built on demand: the sending
+Only raw tensors cross a channel: a small int64 header that both sides check, then the listed blocks of every
+layer's K and V gathered into one contiguous buffer. Nothing is pickled. A channel is built on demand: the sending
 side listens on a TCPStore at a port the OS picks, hands that address to its peer through the control plane,
 and both sides then construct the group concurrently (the constructor is a rendezvous).
 """
@@ -18,7 +18,7 @@ import torch.distributed as dist
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 _MAGIC = 0x7A4B56  # "zKV": catches a peer speaking something else on the channel
-_HEADER_TAG = 0
+_HEADER_TAG, _PAYLOAD_TAG = 0, 1
 _SENDER, _RECEIVER = 0, 1
 
 
@@ -73,8 +73,11 @@ class KVChannel:
         self._expect(_SENDER)
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self._run(self._group.send, [_header(kv_caches, len(block_ids))], _HEADER_TAG)
+        payload = _staging(kv_caches, len(block_ids))
         for layer, (k, v) in enumerate(kv_caches):
-            self._run(self._group.send, [torch.stack((k.index_select(0, ids), v.index_select(0, ids)))], layer + 1)
+            torch.index_select(k, 0, ids, out=payload[layer, 0])
+            torch.index_select(v, 0, ids, out=payload[layer, 1])
+        self._run(self._group.send, [payload], _PAYLOAD_TAG)
         return _payload_bytes(kv_caches, len(block_ids))
 
     def recv(self, kv_caches: KVCaches, block_ids: list[int]) -> int:
@@ -87,11 +90,11 @@ class KVChannel:
             raise TransferError(f"peer KV layout {header.tolist()} does not match ours {expected.tolist()} "
                                 "(magic, layers, blocks, block shape, dtype)")
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        payload = _staging(kv_caches, len(block_ids))
+        self._run(self._group.recv, [payload], _PAYLOAD_TAG)
         for layer, (k, v) in enumerate(kv_caches):
-            buf = torch.empty((2, len(block_ids), *k.shape[1:]), dtype=k.dtype, device=self.device)
-            self._run(self._group.recv, [buf], layer + 1)
-            k.index_copy_(0, ids, buf[0])
-            v.index_copy_(0, ids, buf[1])
+            k.index_copy_(0, ids, payload[layer, 0])
+            v.index_copy_(0, ids, payload[layer, 1])
         return _payload_bytes(kv_caches, len(block_ids))
 
     def close(self) -> None:
@@ -145,6 +148,13 @@ def _header(kv_caches: KVCaches, num_blocks: int) -> torch.Tensor:
     dtype_code = [torch.float32, torch.bfloat16, torch.float16].index(k.dtype)
     return torch.tensor([_MAGIC, len(kv_caches), num_blocks, *k.shape[1:], dtype_code], dtype=torch.long,
                         device=k.device)
+
+
+def _staging(kv_caches: KVCaches, num_blocks: int) -> torch.Tensor:
+    """[layers, K|V, blocks, block_size, kv_heads, head_dim]: the whole transfer as one message, because each
+    message is a rendezvous with the peer and per-layer messages cost more in waiting than in copying."""
+    k = kv_caches[0][0]
+    return torch.empty((len(kv_caches), 2, num_blocks, *k.shape[1:]), dtype=k.dtype, device=k.device)
 
 
 def _payload_bytes(kv_caches: KVCaches, num_blocks: int) -> int:

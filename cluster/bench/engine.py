@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import gc
 import os
-import platform
 import random
 import sys
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.bench import report, systems, workloads
+from cluster.bench.machine import machine_info
 from cluster.bench.report import SystemResult
 
 # Sizes a flag left unset takes, full run and --quick; --quick keeps the whole run to seconds on two cores.
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                                               cfg.user_tokens, cfg.shared_output_tokens, rng)
     # Shorter than a KV block, so warming an engine up leaves nothing in its prefix cache.
     warm_prompt = corpus[:8]
-    machine = _machine()
+    machine = machine_info()
     log(f"model {model_dir}, {machine['torch_threads']} torch threads, {machine['cpu_count']} CPUs")
 
     results: list[SystemResult] = []
@@ -197,13 +197,3 @@ def _config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(model=args.model, hf_batch_size=args.hf_batch_size or sizes["num_requests"],
                        user_tokens=_USER_TOKENS[args.quick], shared_output_tokens=_SHARED_OUTPUT_TOKENS[args.quick],
                        seed=args.seed, skip_hf=args.skip_hf, quick=args.quick, json=args.json, **sizes)
-
-
-def _machine() -> dict:
-    import torch
-    import transformers
-
-    return dict(python=platform.python_version(), platform=platform.platform(), processor=platform.processor(),
-                torch=torch.__version__, transformers=transformers.__version__,
-                torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
-                cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)), loadavg_start=os.getloadavg())
