@@ -52,3 +52,13 @@ def test_workloads_are_seeded_and_shaped():
     for wave in s.waves:
         for prefix, prompt in zip(s.prefixes, wave):
             assert prompt[:50] == prefix and 2 <= len(prompt) - 50 <= 6
+
+
+def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsys, smollm2_path):
+    path = tmp_path / "transfer.json"
+    assert main(["bench", "transfer", "--lengths", "40", "16", "--repeats", "1", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["kv_shape"] == {"layers": 30, "kv_heads": 3, "head_dim": 64, "block_size": 16, "dtype": "float32"}
+    assert [(r["prompt_tokens"], r["blocks"]) for r in doc["results"]] == [(16, 1), (40, 3)]
+    assert all(r["bytes"] == r["blocks"] * 16 * 2 * 30 * 3 * 64 * 4 and r["gb_per_s"] > 0 for r in doc["results"])
+    assert "added latency ms" in capsys.readouterr().out
