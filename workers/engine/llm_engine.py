@@ -18,6 +18,7 @@ from workers.engine.errors import DuplicateRequestError, InvalidRequestError, Pr
 from workers.engine.model_runner import ModelRunner, SampledToken, load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
@@ -38,7 +39,9 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: bool = False):
+    def __init__(self, config: EngineConfig, progress: bool = False, tp: TensorParallel = TensorParallel()):
+        """Under tensor parallelism each rank builds its own engine with its `tp`: every rank runs this same
+        deterministic scheduler on the same requests, so the ranks stay in lockstep without exchanging batches."""
         self.config = config
         model_dir = resolve_model(config.model.model)
         hf_config = load_hf_config(model_dir)
@@ -47,7 +50,8 @@ class LLMEngine:
         self.vocab_size = hf_config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
-        self.runner = ModelRunner(config.model, config.cache, model_dir, hf_config, self.max_model_len, progress)
+        self.runner = ModelRunner(config.model, config.cache, model_dir, hf_config, self.max_model_len, progress,
+                                  tp)
         self.block_size = config.cache.block_size
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.block_size,
                                           config.cache.enable_prefix_caching)

@@ -2,6 +2,9 @@
 
 Each step it turns the scheduler's (sequence, number of new tokens) pairs into flat input tensors, runs one
 forward pass over all of them, and samples a token for every sequence whose new tokens reach its end.
+
+Under tensor parallelism every rank holds one runner with its shard of the weights and of the KV heads; the
+ranks are fed the same batches in the same order and all end with the full logits, so they sample alike.
 """
 
 import logging
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig, PretrainedConfig
 
 from workers.engine.attention.backend import get_attention_backend
@@ -17,6 +21,7 @@ from workers.engine.config import CacheConfig, ModelConfig
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
+from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, make_generator
 from workers.engine.sequence import Sequence
 
@@ -52,15 +57,18 @@ def load_hf_config(model_dir: Path) -> PretrainedConfig:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_dir: Path,
-                 hf_config: PretrainedConfig, max_model_len: int, progress: bool = False):
+                 hf_config: PretrainedConfig, max_model_len: int, progress: bool = False,
+                 tp: TensorParallel = TensorParallel()):
         self.device = torch.device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
         self.hf_config = hf_config
+        self.tp = tp
+        self.num_kv_heads = shard_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp).num_kv_heads
         backend = get_attention_backend("torch", head_dim_of(hf_config) ** -0.5, sliding_window_of(hf_config))
         rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_model_len, self.device)
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config, rotary, backend)
+            model = LlamaForCausalLM(hf_config, rotary, backend, tp)
         self.model = model.to(self.dtype).to_empty(device=self.device).eval()
         load_weights(self.model, model_dir, progress)
         self.num_kv_blocks = self._num_kv_blocks(cache_config)
@@ -70,7 +78,7 @@ class ModelRunner:
 
     def _bytes_per_block(self) -> int:
         c = self.hf_config
-        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * head_dim_of(c) * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * head_dim_of(c) * self.dtype.itemsize
 
     def _num_kv_blocks(self, cache_config: CacheConfig) -> int:
         if cache_config.num_kv_blocks is not None:
@@ -81,13 +89,15 @@ class ModelRunner:
         else:
             budget = cache_config.kv_cache_memory_gb * 2**30
         num_blocks = int(budget // self._bytes_per_block())
+        # Ranks schedule in lockstep, so they must agree on the cache size even when their free memory differs.
+        num_blocks = int(all_reduce(torch.tensor([num_blocks], device=self.device), self.tp, dist.ReduceOp.MIN))
         if num_blocks <= 0:
             raise ValueError("no memory left for the KV cache; lower the model size or raise the cache budget")
         return num_blocks
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.hf_config
-        shape = (self.num_kv_blocks, self.block_size, c.num_key_value_heads, head_dim_of(c))
+        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, head_dim_of(c))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, self.block_size,
                     self.num_kv_blocks * self._bytes_per_block() / 2**30)
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),

@@ -2,7 +2,8 @@
 
 One file covers them all: they differ only in config values (GQA, head_dim, qkv bias, sliding window, rope
 scaling, tied embeddings), all read from the HF config. Module names follow HF's so checkpoint names map
-directly, except the fused projections listed in PACKED_MODULES.
+directly, except the fused projections listed in PACKED_MODULES. Every layer that shards under tensor parallelism
+takes the TensorParallel object; at size 1 the model is the plain single-device one.
 """
 
 import torch
@@ -12,9 +13,11 @@ from transformers import PretrainedConfig
 
 from workers.engine.attention.backend import AttentionBackend
 from workers.engine.attention.metadata import AttentionMetadata
-from workers.engine.layers.linear import MergedLinear
+from workers.engine.layers.embedding import VocabParallelEmbedding
+from workers.engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from workers.engine.layers.norm import RMSNorm
 from workers.engine.layers.rotary import RotaryEmbedding
+from workers.engine.parallel import TensorParallel
 
 # checkpoint module name -> (our fused module, shard index)
 PACKED_MODULES = {
@@ -39,16 +42,19 @@ def sliding_window_of(config: PretrainedConfig) -> int | None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    """Runs on this rank's query heads and the KV heads they read; o_proj sums the ranks' partial outputs."""
+
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 tp: TensorParallel):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [self.num_heads * self.head_dim, kv_size, kv_size], qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
-                                bias=getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, qkv_bias, tp)
+        self.num_heads = self.qkv_proj.heads.num_heads
+        self.num_kv_heads = self.qkv_proj.heads.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        getattr(config, "attention_bias", False), tp)
         self.rotary = rotary
         self.backend = backend
 
@@ -64,11 +70,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallel):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias, tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, tp)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act!r} (Llama-family models use silu)")
 
@@ -78,10 +84,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 tp: TensorParallel):
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, backend, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -93,10 +100,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, backend)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, backend, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -108,19 +116,21 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, rotary, backend)
+        self.model = LlamaModel(config, rotary, backend, tp)
         # Tied models read the embedding matrix directly instead of holding a second, aliased parameter.
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        """Full [T, vocab] logits on every rank."""
+        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return head.logits(hidden)

@@ -1,6 +1,8 @@
 """Loads an HF model folder (config.json + *.safetensors) into our model, tensor by tensor.
 
-safetensors opens each file lazily, so at most one checkpoint tensor is materialized beyond the model itself.
+Each checkpoint tensor is opened as a lazy safetensors slice and handed to the owning layer's `weight_loader`,
+which reads only the rows or columns its rank holds: a tensor-parallel rank never materializes more than its own
+shard of any tensor, and at most one such shard beyond the model itself.
 """
 
 from pathlib import Path
@@ -10,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from workers.engine.layers.weights import WeightSource, default_weight_loader
 from workers.engine.models.llama import PACKED_MODULES
 
 # Checkpoint tensors that have no counterpart in our model: rotary tables we compute ourselves.
@@ -28,7 +31,7 @@ def load_weights(model: nn.Module, model_dir: Path, progress: bool = False) -> N
                     continue
                 # A tied checkpoint may store the shared matrix under either name (or both, equal).
                 target, shard = _target("model.embed_tokens.weight" if tied and name == "lm_head.weight" else name)
-                _copy(model, params, target, f.get_tensor(name), shard)
+                _copy(model, params, target, f.get_slice(name), shard)
                 loaded.add(target)
     missing = set(params) - loaded
     if missing:
@@ -42,15 +45,19 @@ def _target(name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def _copy(model: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
+def _copy(model: nn.Module, params: dict[str, nn.Parameter], name: str, source: WeightSource,
           shard: int | None) -> None:
     param = params.get(name)
     if param is None:
         raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the model")
-    with torch.no_grad():
-        if shard is None:
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-            param.copy_(tensor)
-        else:
-            model.get_submodule(name.rpartition(".")[0]).weight_loader(param, tensor, shard)
+    # Parameters carry no loader of their own (materializing the meta-device model replaces them), so the
+    # owning module provides it; modules that do not shard (norms) take the whole tensor.
+    loader = getattr(model.get_submodule(name.rpartition(".")[0]), "weight_loader", default_weight_loader)
+    try:
+        with torch.no_grad():
+            if shard is None:
+                loader(param, source)
+            else:
+                loader(param, source, shard)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e

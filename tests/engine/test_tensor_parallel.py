@@ -1,0 +1,112 @@
+"""Tensor-parallel ranks together produce HF's greedy tokens, and every rank samples the same ones.
+
+Each case spawns `size` processes that share a gloo group (rendezvous through a TCPStore this process hosts on
+a port the OS picks). Every rank builds its own LLMEngine with its TensorParallel and runs the same requests:
+the scheduler is deterministic, so the ranks stay in lockstep with no broadcast, and since each ends a step
+with the full logits, all of them must return identical tokens.
+"""
+
+import datetime
+import queue
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.engine.test_parity import SMOLLM2_QUESTIONS, random_prompts
+from tests.hf_reference import hf_greedy
+from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.parallel import TensorParallel, shard_heads
+from workers.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+_TIMEOUT_S = 120
+
+
+def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]], new_tokens: int,
+               results: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
+        tp = TensorParallel(rank, size, dist.ProcessGroupGloo(store, rank, size))
+        config = EngineConfig(model=ModelConfig(model), cache=CacheConfig(num_kv_blocks=64))
+        engine = LLMEngine(config, tp=tp)
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts]
+        done: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        results.put((rank, [done[i] for i in ids]))
+    except Exception as e:  # the parent reports it; a silent child would leave it waiting for the timeout
+        results.put((rank, repr(e)))
+
+
+def generate_tp(model: str, size: int, prompts: list[list[int]], new_tokens: int) -> list[list[list[int]]]:
+    """Greedy tokens per rank, in rank order."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, new_tokens, results))
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        outs = dict(results.get(timeout=_TIMEOUT_S) for _ in procs)
+    except queue.Empty:
+        pytest.fail(f"tensor parallel ranks did not finish within {_TIMEOUT_S} s")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = {r: o for r, o in outs.items() if isinstance(o, str)}
+    assert not errors, errors
+    return [outs[r] for r in range(size)]
+
+
+def assert_matches_hf(path, size: int, prompts: list[list[int]], new_tokens: int) -> None:
+    per_rank = generate_tp(str(path), size, prompts, new_tokens)
+    expected = [hf_greedy(path, p, new_tokens) for p in prompts]
+    for rank, tokens in enumerate(per_rank):
+        assert tokens == expected, f"rank {rank} of {size}"
+
+
+@pytest.mark.parametrize(("arch", "size"), [("llama", 2), ("qwen2", 2), ("llama", 4)])
+def test_tiny_models_match_hf(arch, size, tiny_model_factory):
+    """llama: untied head, 2 KV heads split over 2 ranks or replicated over 4; qwen2: qkv bias, tied embedding."""
+    # 70 tokens spans several KV blocks and a chunk longer than 64.
+    assert_matches_hf(tiny_model_factory(arch), size, random_prompts(3, [5, 23, 70]), 24)
+
+
+def test_smollm2_three_ranks_match_hf(smollm2_path):
+    """9 query heads and 3 KV heads: three ranks of 3 query heads and 1 KV head each."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    chats = [[{"role": "user", "content": q}] for q in SMOLLM2_QUESTIONS[:2]]
+    prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for c in chats]
+    assert_matches_hf(smollm2_path, 3, prompts, 16)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "size", "expected"), [
+    (4, 2, 2, [(2, 1, 0, 0), (2, 1, 2, 1)]),
+    (4, 2, 4, [(1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 2, 1), (1, 1, 3, 1)]),
+    (9, 3, 3, [(3, 1, 0, 0), (3, 1, 3, 1), (3, 1, 6, 2)]),
+])
+def test_heads_split_or_replicate(heads, kv_heads, size, expected):
+    got = [shard_heads(heads, kv_heads, TensorParallel(r, size, _FakeGroup())) for r in range(size)]
+    assert [(h.num_heads, h.num_kv_heads, h.first_head, h.first_kv_head) for h in got] == expected
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "size"), [(9, 3, 2), (4, 2, 3), (6, 4, 3), (12, 4, 6)])
+def test_heads_that_do_not_divide_are_rejected(heads, kv_heads, size):
+    with pytest.raises(ValueError, match="tensor parallel size"):
+        shard_heads(heads, kv_heads, TensorParallel(0, size, _FakeGroup()))
+
+
+class _FakeGroup:
+    """Stands in for a process group where no collective runs."""
