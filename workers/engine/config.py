@@ -31,6 +31,8 @@ class CacheConfig:
     kv_cache_memory_gb: float = 2.0
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
+    # How long a prefill group keeps a finished prompt's blocks pinned for a decode group to fetch.
+    kv_lease_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -31,3 +31,7 @@ class ModelNotFoundError(ValueError):
 
 class DuplicateRequestError(ValueError):
     """A request id is already in flight; ids must be unique among running requests."""
+
+
+class KVCacheFullError(RuntimeError):
+    """No free KV blocks for a request that must be placed now (KV arriving from a prefill group)."""

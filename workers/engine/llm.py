@@ -23,12 +23,12 @@ class LLM:
                  max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, enable_chunked_prefill: bool = True,
-                 progress: bool = True):
+                 kv_lease_s: float = 30.0, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                 enable_chunked_prefill: bool = True, progress: bool = True):
         config = EngineConfig(
             model=ModelConfig(model, device, dtype, max_model_len, seed),
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
-                              enable_prefix_caching),
+                              enable_prefix_caching, kv_lease_s),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
         )
         self.engine = LLMEngine(config, progress=progress)

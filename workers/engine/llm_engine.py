@@ -14,7 +14,8 @@ from transformers import AutoTokenizer, GenerationConfig
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError
+from workers.engine.errors import DuplicateRequestError, InvalidRequestError, KVCacheFullError, PromptTooLongError
+from workers.engine.handoff import KVHandoff, ReceivePlan
 from workers.engine.model_runner import ModelRunner, SampledToken, load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -36,6 +37,7 @@ class _Request:
     metrics: RequestMetrics
     released_text: str = ""
     num_released_tokens: int = 0
+    prefill_only: bool = False
 
 
 class LLMEngine:
@@ -59,6 +61,10 @@ class LLMEngine:
         # A sequence may never outgrow the whole cache: alone, it must always fit.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)
         self.requests: dict[str, _Request] = {}
+        # Prefill role: finished prompts whose blocks stay pinned until a decode group has them (or the lease ends).
+        self.pinned: dict[str, tuple[Sequence, float]] = {}
+        # Decode role: requests whose blocks are allocated and whose KV is on its way from a prefill group.
+        self.receiving: dict[str, Sequence] = {}
         self._ids = count()
         logger.info("engine ready: %s, %d KV blocks, context %d", model_dir.name, self.runner.num_kv_blocks,
                     self.max_model_len)
@@ -66,23 +72,86 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str | None = None) -> str:
+                    request_id: str | None = None, cache_salt: str | None = None,
+                    prefill_only: bool = False) -> str:
+        """Queues a request. With `prefill_only` (the prefill role) it ends after its first token with reason
+        "prefilled", and its blocks stay pinned for `handoff` until `release_pinned` or the lease runs out."""
+        req = self._new_request(prompt, params, request_id, cache_salt)
+        req.prefill_only = prefill_only
+        self.scheduler.add(req.seq)
+        return req.seq.request_id
+
+    def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
+                     cache_salt: str | None) -> _Request:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.pinned:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         prompt_text, token_ids = self._tokenize(prompt)
         self._validate(token_ids, params)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
-        self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
+        req = self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
+        return req
+
+    # -- prefill role -----------------------------------------------------------------------------------------
+
+    def handoff(self, request_id: str) -> KVHandoff:
+        """What a decode group needs to continue a prefilled request, blocks included by id."""
+        seq, expiry = self.pinned[request_id]
+        num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
+        return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[seq.num_prompt_tokens],
+                         seq.block_table[:num_prompt_blocks], seq.block_hashes[:seq.num_prompt_tokens // self.block_size],
+                         seq.cache_salt, expiry)
+
+    def release_pinned(self, request_id: str) -> None:
+        """The decode group has the KV (or the request was aborted): unpin and free the blocks."""
+        pinned = self.pinned.pop(request_id, None)
+        if pinned is not None:
+            self.block_manager.free(pinned[0])
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for request_id in [rid for rid, (_, expiry) in self.pinned.items() if expiry <= now]:
+            logger.warning("lease on %s expired before a decode group fetched its KV; freeing its blocks",
+                           request_id)
+            self.release_pinned(request_id)
+
+    # -- decode role ------------------------------------------------------------------------------------------
+
+    def add_prefilled_request(self, handoff: KVHandoff, params: SamplingParams | None = None) -> ReceivePlan:
+        """Allocates blocks for a prompt whose KV comes from a prefill group and says which blocks to receive:
+        prompt blocks this group already holds in its prefix cache are shared, not sent again."""
+        req = self._new_request(handoff.prompt_token_ids, params, handoff.request_id, handoff.cache_salt)
+        seq = req.seq
+        hits = self.block_manager.get_computed_blocks(seq)
+        if not self.block_manager.allocate_slots(seq, seq.num_tokens - len(hits) * self.block_size, hits):
+            del self.requests[seq.request_id]
+            raise KVCacheFullError(f"no free KV blocks for the {seq.num_tokens}-token prompt of {seq.request_id}")
+        seq.num_cached_tokens = len(hits) * self.block_size
+        self.receiving[seq.request_id] = seq
+        return ReceivePlan(seq.request_id, len(hits), handoff.block_ids[len(hits):], seq.block_table[len(hits):])
+
+    def start_prefilled_request(self, request_id: str, first_token: int) -> RequestOutput:
+        """The KV has arrived: the request joins the running batch with its whole prompt computed."""
+        seq = self.receiving.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)
+        self.scheduler.add_running(seq)
+        return self._process(SampledToken(seq, first_token, None))
+
+    def recompute_prefilled_request(self, request_id: str) -> None:
+        """The transfer failed: drop what arrived and compute the prompt here instead (same output)."""
+        seq = self.receiving.pop(request_id)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
         self.scheduler.add(seq)
-        return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; returns its final output, None if unknown."""
         req = self.requests.get(request_id)
         if req is None:
+            self.release_pinned(request_id)
             return None
         return self._finish(req, FinishReason.ABORT)
 
@@ -99,6 +168,7 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self._expire_leases()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
@@ -116,6 +186,8 @@ class LLMEngine:
         seq.append_token(token_id)
         if sampled.logprobs is not None:
             seq.logprobs.append(sampled.logprobs)
+        if req.prefill_only:
+            return self._finish(req, FinishReason.PREFILLED)
         params = seq.sampling_params
         # An EOS or stop token ends the request before it reaches the text, as in vLLM.
         if token_id in self.eos_token_ids and not params.ignore_eos:
@@ -131,7 +203,11 @@ class LLMEngine:
         return self._output(req, finished=False)
 
     def _finish(self, req: _Request, reason: FinishReason, stop_reason: str | int | None = None) -> RequestOutput:
-        self.scheduler.finish(req.seq, reason)
+        keep_blocks = reason is FinishReason.PREFILLED
+        self.scheduler.finish(req.seq, reason, free_blocks=not keep_blocks)
+        self.receiving.pop(req.seq.request_id, None)
+        if keep_blocks:
+            self.pinned[req.seq.request_id] = (req.seq, time.monotonic() + self.config.cache.kv_lease_s)
         req.seq.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
         self.runner.release(req.seq.request_id)

@@ -91,12 +91,20 @@ class Scheduler:
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a sequence wherever it is (waiting or running) and free its blocks."""
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose blocks are allocated and whose KV is already computed (it came from a prefill
+        group), so it decodes from the next step on."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason, free_blocks: bool = True) -> None:
+        """End a sequence wherever it is (waiting or running); its blocks are freed unless the caller keeps them
+        pinned (a prefill group holding KV for a decode group)."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq in self.waiting:  # a sequence still receiving its KV is waiting but not queued
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if free_blocks:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -23,6 +23,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # the client cancelled or the request failed
+    PREFILLED = "prefilled"  # a prefill-only request has its first token; its KV waits for a decode group
 
 
 _arrival = itertools.count()

@@ -1,0 +1,134 @@
+"""Prefill and decode roles of the same engine: a prefill engine computes the prompt and pins its blocks, a decode
+engine receives only the blocks it lacks and continues; the tokens equal a unified engine's. The KV moves here by
+a direct copy between the two engines' caches; moving it across processes is tests/workers/test_kv_transfer.py."""
+
+import random
+import time
+
+import pytest
+import torch
+
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+def engine(path, **kw):
+    return LLM(str(path), num_kv_blocks=64, progress=False, **kw).engine
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(49152) for _ in range(n)]
+
+
+def prefill(p, tokens, request_id):
+    p.add_request(tokens, GREEDY, request_id=request_id, prefill_only=True)
+    while True:
+        for out in p.step():
+            if out.request_id == request_id:
+                assert out.finished and out.outputs[0].finish_reason == "prefilled"
+                return p.handoff(request_id)
+
+
+def move(p, d, plan):
+    for (pk, pv), (dk, dv) in zip(p.runner.kv_caches, d.runner.kv_caches):
+        dk[plan.dst_block_ids] = pk[plan.src_block_ids]
+        dv[plan.dst_block_ids] = pv[plan.src_block_ids]
+
+
+def disaggregated(p, d, tokens, request_id):
+    handoff = prefill(p, tokens, request_id)
+    plan = d.add_prefilled_request(handoff, GREEDY)
+    move(p, d, plan)
+    first = d.start_prefilled_request(request_id, handoff.first_token)
+    p.release_pinned(request_id)
+    return plan, run_until_finished(d, request_id, first)
+
+
+def run_until_finished(d, request_id, out):
+    while not out.finished:
+        for o in d.step():
+            if o.request_id == request_id:
+                out = o
+    return out.outputs[0].token_ids
+
+
+def unified(path, tokens):
+    return LLM(str(path), num_kv_blocks=64, progress=False).generate(tokens, GREEDY)[0].outputs[0].token_ids
+
+
+def test_prefill_then_decode_gives_the_unified_tokens_and_frees_everything(path):
+    p, d = engine(path), engine(path)
+    for i, n in enumerate([5, 16, 40, 77]):
+        tokens = prompt(i, n)
+        plan, out = disaggregated(p, d, tokens, f"r{i}")
+        assert out == unified(path, tokens)
+        assert plan.num_cached_blocks == 0 and len(plan.src_block_ids) == -(-n // 16)
+    assert not p.pinned and p.block_manager.num_free_blocks == 64
+    assert not d.has_unfinished_requests() and d.block_manager.num_free_blocks == 64
+
+
+def test_decode_group_receives_only_the_blocks_its_prefix_cache_lacks(path):
+    p, d = engine(path), engine(path)
+    shared = prompt(10, 48)
+    disaggregated(p, d, shared + prompt(11, 9), "first")
+    second = shared + prompt(12, 20)
+    plan, out = disaggregated(p, d, second, "second")
+    assert plan.num_cached_blocks == 3  # the three shared 16-token blocks stay home
+    assert len(plan.src_block_ids) == 2
+    assert out == unified(path, second)
+
+
+def test_received_kv_is_bit_identical_to_what_the_decode_group_computes_itself(path):
+    p, d, own = engine(path), engine(path), engine(path)
+    tokens = prompt(20, 50)  # three full blocks and two tokens in the fourth
+    handoff = prefill(p, tokens, "x")
+    plan = d.add_prefilled_request(handoff, GREEDY)
+    move(p, d, plan)
+    prefill(own, tokens, "x")
+    own_blocks = own.pinned["x"][0].block_table
+    for received, computed in zip(d.runner.kv_caches, own.runner.kv_caches):
+        for r, c in zip(received, computed):  # K, then V
+            r = r[plan.dst_block_ids].flatten(0, 1)[:50]
+            c = c[own_blocks].flatten(0, 1)[:50]
+            assert torch.equal(r, c)
+
+
+def test_failed_transfer_falls_back_to_recompute_with_the_same_tokens(path):
+    p, d = engine(path), engine(path)
+    tokens = prompt(30, 35)
+    handoff = prefill(p, tokens, "lost")
+    d.add_prefilled_request(handoff, GREEDY)
+    p.release_pinned("lost")  # as on abort: the prefill side lets go
+    d.recompute_prefilled_request("lost")  # nothing arrived; the decode side computes the prompt itself
+    out = None
+    while d.has_unfinished_requests():
+        for o in d.step():
+            out = o
+    assert out.finished and out.outputs[0].token_ids == unified(path, tokens)
+    assert d.block_manager.num_free_blocks == 64 and p.block_manager.num_free_blocks == 64
+
+
+def test_an_expired_lease_frees_the_pinned_blocks(path):
+    p = LLM(str(path), num_kv_blocks=64, kv_lease_s=0.0, progress=False).engine
+    prefill(p, prompt(40, 30), "late")
+    time.sleep(0.01)
+    p.step()
+    assert not p.pinned and p.block_manager.num_free_blocks == 64
+
+
+def test_aborts_while_pinned_or_receiving_free_every_block(path):
+    p, d = engine(path), engine(path)
+    handoff = prefill(p, prompt(50, 33), "gone")
+    d.add_prefilled_request(handoff, GREEDY)
+    assert p.abort_request("gone") is None and not p.pinned
+    assert d.abort_request("gone").outputs[0].finish_reason == "abort"
+    assert not d.receiving
+    assert p.block_manager.num_free_blocks == d.block_manager.num_free_blocks == 64

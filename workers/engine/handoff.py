@@ -1,0 +1,28 @@
+"""What a prefill group hands a decode group: everything to continue a request except the KV tensors themselves,
+which travel separately over a KV channel (workers/kv_transfer.py)."""
+
+from dataclasses import dataclass
+
+from workers.kv.hashing import BlockHash
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token: int
+    block_ids: list[int]  # the prefill group's blocks holding the prompt's KV, in order
+    block_hashes: list[BlockHash]  # hashes of the full blocks among them, so the receiver can skip what it has
+    cache_salt: str | None
+    lease_expiry: float  # time.monotonic() on the prefill side after which it frees the blocks by itself
+
+
+@dataclass(frozen=True)
+class ReceivePlan:
+    """Which of the handoff's blocks the decode group must receive, and into which of its own blocks; the first
+    `num_cached_blocks` prompt blocks it already holds in its prefix cache and are not sent."""
+
+    request_id: str
+    num_cached_blocks: int
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
