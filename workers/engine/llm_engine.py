@@ -100,9 +100,10 @@ class LLMEngine:
         """What a decode group needs to continue a prefilled request, blocks included by id."""
         seq, expiry = self.pinned[request_id]
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
+        num_full_blocks = seq.num_prompt_tokens // self.block_size
         return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[seq.num_prompt_tokens],
-                         seq.block_table[:num_prompt_blocks], seq.block_hashes[:seq.num_prompt_tokens // self.block_size],
-                         seq.cache_salt, expiry)
+                         seq.block_table[:num_prompt_blocks], seq.block_hashes[:num_full_blocks], seq.cache_salt,
+                         expiry)
 
     def release_pinned(self, request_id: str) -> None:
         """The decode group has the KV (or the request was aborted): unpin and free the blocks."""
@@ -144,7 +145,8 @@ class LLMEngine:
         """The transfer failed: drop what arrived and compute the prompt here instead (same output)."""
         seq = self.receiving.pop(request_id)
         self.block_manager.free(seq)
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.reset_for_recompute()
+        seq.num_cached_tokens = 0
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -223,7 +225,8 @@ class LLMEngine:
         completion = CompletionOutput(
             index=0, text=req.released_text, token_ids=list(seq.output_token_ids),
             finish_reason=seq.finish_reason.value if finished and seq.finish_reason else None,
-            stop_reason=seq.stop_reason, logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
+            stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
             delta_text=delta, delta_token_ids=new_ids)
         return RequestOutput(seq.request_id, req.prompt, seq.prompt_token_ids, [completion], finished,
                              seq.num_cached_tokens, req.metrics)
