@@ -3,6 +3,11 @@
 Only the engine thread touches the engine. Callers send it small commands (add, abort) through a queue and get
 outputs back on per-request asyncio queues, so a slow client never stalls a step, and a client that goes away
 (its generator is closed or cancelled) aborts its request and frees its blocks.
+
+This is the one interface servers use, whatever the engine's shape: in process here, or a tensor-parallel group
+on Ray (workers/group.py) with the same methods. Both roles of disaggregation are methods too: `prefill` on a
+prefill group returns a handoff, and `generate_prefilled` on a decode group moves the KV from the prefill group
+named in it and streams the rest of the request.
 """
 
 import asyncio
@@ -10,16 +15,29 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 from workers.engine.config import EngineConfig
+from workers.engine.errors import RequestFailedError
+from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
+from workers.kv_transfer import DropChannel, TransferCommand
 
 logger = logging.getLogger(__name__)
+
+
+class KVSource(Protocol):
+    """What a decode group needs of the prefill group that holds a request's KV."""
+
+    def send_kv(self, command: TransferCommand) -> Awaitable[int]: ...
+
+    def release(self, request_id: str) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True)
@@ -28,6 +46,9 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_blocks: int
+    num_pinned: int = 0  # prefill role: requests whose blocks wait for a decode group
+    num_receiving: int = 0  # decode role: requests whose KV is on its way
+    num_kv_channels: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -39,6 +60,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._transfer_locks: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
@@ -53,20 +75,93 @@ class AsyncLLMEngine:
 
         Bad input raises (a ValueError subclass) before anything is yielded.
         """
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt))
+        async for out in self._stream(rid, outputs):
+            yield out
+
+    async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None, cache_salt: str | None = None) -> KVHandoff:
+        """The prefill role: computes the prompt's KV and first token, and pins the blocks under a lease for a
+        decode group; the handoff says where they are. Raises RequestFailedError if the request ends otherwise."""
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt,
+                                                                            prefill_only=True))
+        async for out in self._stream(rid, outputs):
+            if out.finished and out.outputs[0].finish_reason != "prefilled":
+                raise RequestFailedError(out.error or f"request {rid} was aborted during prefill")
+        return await self._call(lambda: self.engine.handoff(rid))
+
+    async def send_kv(self, command: TransferCommand) -> int:
+        """The prefill group's half of a transfer: starts sending and returns (the decode group receives)."""
+        return await self._call(lambda: self.engine.transfer_kv(command))
+
+    async def release(self, request_id: str) -> None:
+        """The decode group has the KV, or gave up on it: unpin the blocks."""
+        await self._call(lambda: self.engine.release_pinned(request_id))
+
+    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
+                                 prefill: KVSource) -> AsyncIterator[RequestOutput]:
+        """The decode role: allocates blocks, moves the KV this group lacks from `prefill` (both halves started
+        here, one transfer at a time per prefill group, so their order agrees on both sides), then streams the
+        rest of the request. If the transfer fails the prompt is recomputed here, with the same result."""
+        rid = handoff.request_id
+        async with self._transfer_lock(handoff.source):
+            try:
+                outputs, commands = await self._start(rid, lambda: self._prepare_receive(handoff, params))
+                moved = commands is None or await self._move_kv(prefill, rid, *commands)
+                await self._call(lambda: self._start_prefilled(rid, handoff.first_token, moved))
+            except BaseException:
+                self._commands.put(lambda: self._abort(rid))
+                raise
+            finally:
+                await _release_quietly(prefill, rid)
+        async for out in self._stream(rid, outputs):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(lambda: self._abort(request_id))
+
+    async def stats(self) -> EngineStats:
+        def read() -> EngineStats:
+            eng = self.engine
+            sched, bm = eng.scheduler, eng.block_manager
+            return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
+                               len(eng.pinned), len(eng.receiving), len(eng.kv.channels))
+
+        return await self._call(read)
+
+    def shutdown(self) -> None:
+        """Stops the engine thread after it releases the group's other ranks and closes its KV channels."""
+        def stop() -> None:
+            self._stopped = True
+            self.engine.shutdown()
+
+        self._commands.put(stop)
+        self._thread.join(timeout=10)
+
+    # -- inside the engine thread, and the plumbing to reach it ----------------------------------------------
+
+    async def _start(self, request_id: str, add: Callable) -> tuple[asyncio.Queue, object]:
+        """Runs `add` on the engine thread and opens the request's output stream in the same command, so no
+        output can come before the stream. Returns the stream's queue and what `add` returned."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = request_id if request_id is not None else uuid.uuid4().hex
 
-        def add() -> None:
-            self.engine.add_request(prompt, params, rid, cache_salt)
-            self._streams[rid] = (loop, outputs)
+        def run():
+            result = add()
+            self._streams[request_id] = (loop, outputs)
+            return result
 
         try:
-            await self._call(add)
+            result = await self._call(run)
         except asyncio.CancelledError:
             # Commands run in order, so this abort lands after the add it races with.
-            self._commands.put(lambda: self._abort(rid))
+            self._commands.put(lambda: self._abort(request_id))
             raise
+        return outputs, result
+
+    async def _stream(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -75,22 +170,45 @@ class AsyncLLMEngine:
                 yield out
         finally:
             if not finished:
-                self._commands.put(lambda: self._abort(rid))
+                self._commands.put(lambda: self._abort(request_id))
 
-    async def abort(self, request_id: str) -> None:
-        await self._call(lambda: self._abort(request_id))
+    def _prepare_receive(self, handoff: KVHandoff, params: SamplingParams | None):
+        plan = self.engine.add_prefilled_request(handoff, params)
+        return self.engine.plan_transfer(handoff, plan) if plan.src_block_ids else None
 
-    async def stats(self) -> EngineStats:
-        def read() -> EngineStats:
-            sched, bm = self.engine.scheduler, self.engine.block_manager
-            return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks)
+    def _transfer_lock(self, source: object) -> asyncio.Lock:
+        # asyncio locks belong to one event loop; servers have one, tests may run several in turn.
+        return self._transfer_locks[(asyncio.get_running_loop(), source)]
 
-        return await self._call(read)
+    async def _move_kv(self, prefill: KVSource, request_id: str, send: TransferCommand,
+                       recv: TransferCommand) -> bool:
+        """True when the KV arrived. An open channel carries the transfer in order: start the send, then receive
+        (the sender never waits). A new channel is a rendezvous, so both halves must be started together."""
+        receive = lambda: self._call(lambda: self.engine.transfer_kv(recv))  # noqa: E731
+        if send.open:
+            results = await asyncio.gather(prefill.send_kv(send), receive(), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+        else:
+            try:
+                await prefill.send_kv(send)
+                await receive()
+                errors = []
+            except Exception as e:  # a TransferError, or the prefill group is gone
+                errors = [e]
+        if not errors:
+            return True
+        logger.warning("KV transfer of %s from %s failed (%s); recomputing its prompt here", request_id,
+                       recv.peer, "; ".join(f"{type(e).__name__}: {e}" for e in errors))
+        await self._call(lambda: self.engine.transfer_kv(DropChannel(recv.peer)))
+        return False
 
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._commands.put(lambda: None)
-        self._thread.join(timeout=10)
+    def _start_prefilled(self, request_id: str, first_token: int, moved: bool) -> None:
+        if request_id not in self.engine.receiving:
+            return  # aborted while the KV was moving
+        if moved:
+            self._deliver(self.engine.start_prefilled_request(request_id, first_token))
+        else:
+            self.engine.recompute_prefilled_request(request_id)
 
     async def _call(self, fn: Callable):
         future: Future = Future()
@@ -152,3 +270,11 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
         except RuntimeError:  # the caller's event loop is gone: nobody is listening, drop the request
             self.engine.abort_request(out.request_id)
+
+
+async def _release_quietly(prefill: KVSource, request_id: str) -> None:
+    """Unpin on the prefill side; if that group is gone, its lease or its death freed the blocks anyway."""
+    try:
+        await prefill.release(request_id)
+    except Exception as e:
+        logger.warning("could not release %s on its prefill group: %s", request_id, e)

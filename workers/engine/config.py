@@ -33,6 +33,10 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # How long a prefill group keeps a finished prompt's blocks pinned for a decode group to fetch.
     kv_lease_s: float = 30.0
+    # A KV transfer (or opening a channel) that takes longer fails, and the decode group recomputes the prompt.
+    kv_transfer_timeout_s: float = 30.0
+    # Open KV channels per rank (one per peer group); opening one more closes the least recently used.
+    max_kv_channels: int = 8
 
 
 @dataclass(frozen=True)

@@ -35,3 +35,7 @@ class DuplicateRequestError(ValueError):
 
 class KVCacheFullError(RuntimeError):
     """No free KV blocks for a request that must be placed now (KV arriving from a prefill group)."""
+
+
+class RequestFailedError(RuntimeError):
+    """A request ended without its result: aborted, or its engine step failed."""

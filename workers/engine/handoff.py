@@ -4,6 +4,7 @@ which travel separately over a KV channel (workers/kv_transfer.py)."""
 from dataclasses import dataclass
 
 from workers.kv.hashing import BlockHash
+from workers.kv_transfer import ChannelAddress
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class KVHandoff:
     block_hashes: list[BlockHash]  # hashes of the full blocks among them, so the receiver can skip what it has
     cache_salt: str | None
     lease_expiry: float  # time.monotonic() on the prefill side after which it frees the blocks by itself
+    source: ChannelAddress  # where the decode group rendezvous with the prefill group to open a KV channel
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.errors import DuplicateRequestError, InvalidRequestError, KVCacheFullError, PromptTooLongError
 from workers.engine.handoff import KVHandoff, ReceivePlan
-from workers.engine.model_runner import ModelRunner, SampledToken, load_hf_config
-from workers.engine.model_store import resolve_model
+from workers.engine.model_runner import ModelRunner, SampledToken
 from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
+from workers.engine.step_plan import Stop
+from workers.kv_transfer import DropChannel, KVEndpoint, TransferCommand, run_transfer
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +43,18 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = False, tp: TensorParallel = TensorParallel()):
-        """Under tensor parallelism each rank builds its own engine with its `tp`: every rank runs this same
-        deterministic scheduler on the same requests, so the ranks stay in lockstep without exchanging batches."""
+        """Under tensor parallelism this is rank 0's engine: it schedules for the whole group and its runner
+        drives the other ranks, which run workers/engine/follower.py."""
         self.config = config
-        model_dir = resolve_model(config.model.model)
-        hf_config = load_hf_config(model_dir)
-        self.max_model_len = min(config.model.max_model_len or hf_config.max_position_embeddings,
-                                 hf_config.max_position_embeddings)
-        self.vocab_size = hf_config.vocab_size
+        self.tp = tp
+        self.runner = ModelRunner(config, progress, tp)
+        model_dir = self.runner.model_dir
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.hf_config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
-        self.runner = ModelRunner(config.model, config.cache, model_dir, hf_config, self.max_model_len, progress,
-                                  tp)
+        self.kv = KVEndpoint(tp.rank, self.runner.device, config.cache.max_kv_channels,
+                             config.cache.kv_transfer_timeout_s)
         self.block_size = config.cache.block_size
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.block_size,
                                           config.cache.enable_prefix_caching)
@@ -103,7 +104,7 @@ class LLMEngine:
         num_full_blocks = seq.num_prompt_tokens // self.block_size
         return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[seq.num_prompt_tokens],
                          seq.block_table[:num_prompt_blocks], seq.block_hashes[:num_full_blocks], seq.cache_salt,
-                         expiry)
+                         expiry, self.kv.address())
 
     def release_pinned(self, request_id: str) -> None:
         """The decode group has the KV (or the request was aborted): unpin and free the blocks."""
@@ -132,6 +133,21 @@ class LLMEngine:
         seq.num_cached_tokens = len(hits) * self.block_size
         self.receiving[seq.request_id] = seq
         return ReceivePlan(seq.request_id, len(hits), handoff.block_ids[len(hits):], seq.block_table[len(hits):])
+
+    def plan_transfer(self, handoff: KVHandoff, plan: ReceivePlan) -> tuple[TransferCommand, TransferCommand]:
+        """The prefill group's and this group's halves of moving `plan`'s blocks, over the open channel to the
+        prefill group or a new one (both halves then open it)."""
+        peer = f"{handoff.source.host}:{handoff.source.port}"
+        name, open_channel = self.kv.channel_for(peer)
+        return (TransferCommand("send", self.kv.id, handoff.source, name, open_channel, plan.src_block_ids),
+                TransferCommand("recv", peer, handoff.source, name, open_channel, plan.dst_block_ids))
+
+    def transfer_kv(self, command: TransferCommand | DropChannel) -> int:
+        """Runs one half of a transfer on every rank of the group (rank r pairs with the peer's rank r); returns
+        this rank's bytes. Raises TransferError, with the channel dropped on every rank, if any rank failed."""
+        if self.runner.followers is not None:
+            self.runner.followers.send(command)
+        return run_transfer(self.kv, command, self.runner.kv_caches, self.tp)
 
     def start_prefilled_request(self, request_id: str, first_token: int) -> RequestOutput:
         """The KV has arrived: the request joins the running batch with its whole prompt computed."""
@@ -163,6 +179,12 @@ class LLMEngine:
         if out is not None:
             out.error = error
         return out
+
+    def shutdown(self) -> None:
+        """Releases the follower ranks (they leave their loop) and closes KV channels."""
+        if self.runner.followers is not None:
+            self.runner.followers.send(Stop())
+        self.kv.close()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

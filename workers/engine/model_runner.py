@@ -3,8 +3,9 @@
 Each step it turns the scheduler's (sequence, number of new tokens) pairs into flat input tensors, runs one
 forward pass over all of them, and samples a token for every sequence whose new tokens reach its end.
 
-Under tensor parallelism every rank holds one runner with its shard of the weights and of the KV heads; the
-ranks are fed the same batches in the same order and all end with the full logits, so they sample alike.
+Under tensor parallelism every rank holds one runner with its shard of the weights and of the KV heads. Rank 0's
+runner sends each batch to the others as a step plan (step_plan.py) before running it; the followers run the same
+forward pass on their mirrors of the requests and join the collectives, but only rank 0 samples.
 """
 
 import logging
@@ -17,13 +18,15 @@ from transformers import AutoConfig, PretrainedConfig
 
 from workers.engine.attention.backend import get_attention_backend
 from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
-from workers.engine.config import CacheConfig, ModelConfig
+from workers.engine.config import CacheConfig, EngineConfig
 from workers.engine.layers.rotary import RotaryEmbedding
+from workers.engine.model_store import resolve_model
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, make_generator
 from workers.engine.sequence import Sequence
+from workers.engine.step_plan import PlanWriter
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +59,18 @@ def load_hf_config(model_dir: Path) -> PretrainedConfig:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_dir: Path,
-                 hf_config: PretrainedConfig, max_model_len: int, progress: bool = False,
-                 tp: TensorParallel = TensorParallel()):
+    def __init__(self, config: EngineConfig, progress: bool = False, tp: TensorParallel = TensorParallel()):
+        model_config, cache_config = config.model, config.cache
+        self.model_dir = model_dir = resolve_model(model_config.model)
+        self.hf_config = hf_config = load_hf_config(model_dir)
+        self.max_model_len = max_model_len = min(model_config.max_model_len or hf_config.max_position_embeddings,
+                                                 hf_config.max_position_embeddings)
         self.device = torch.device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
-        self.hf_config = hf_config
         self.tp = tp
+        # Rank 0 of a group drives the others; a follower's runner is driven.
+        self.followers = PlanWriter(tp) if tp.size > 1 and tp.is_driver else None
         self.num_kv_heads = shard_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp).num_kv_heads
         backend = get_attention_backend("torch", head_dim_of(hf_config) ** -0.5, sliding_window_of(hf_config))
         rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_model_len, self.device)
@@ -104,11 +111,17 @@ class ModelRunner:
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's random generator."""
+        """Forget a finished request's random generator (and, on rank 0, the followers' mirror of it)."""
         self.generators.pop(request_id, None)
+        if self.followers is not None:
+            self.followers.finish(request_id)
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]]) -> list[SampledToken]:
+    def execute(self, batch: list[tuple[Sequence, int]], sample: bool = True) -> list[SampledToken]:
+        """Runs one forward pass. A follower passes its mirrors and sample=False: it computes the logits (the
+        vocab-parallel head gathers across ranks) but leaves the choice of tokens to rank 0."""
+        if self.followers is not None:
+            self.followers.step(batch)
         # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
         # attention backend can batch decodes of similar length together.
         batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
@@ -118,6 +131,8 @@ class ModelRunner:
             return []
         rows, seqs = zip(*sample_rows)
         logits = self.model.compute_logits(hidden[list(rows)])
+        if not sample:
+            return []
         params = [seq.sampling_params for seq in seqs]
         generators = [self._generator(seq) for seq in seqs]
         out = self.sampler(logits, params, generators)

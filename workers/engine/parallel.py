@@ -18,12 +18,22 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: ProcessGroup | None = None
+    # Host-side messages (step plans, agreement on a transfer). On CPU it is `group` itself; on GPU a gloo group
+    # beside the NCCL one, since NCCL only moves device memory.
+    cpu_group: ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise ValueError(f"tensor parallel rank {self.rank} is not in [0, {self.size})")
         if self.size > 1 and self.group is None:
             raise ValueError(f"tensor parallel size {self.size} needs a process group shared by its ranks")
+        if self.cpu_group is None:
+            object.__setattr__(self, "cpu_group", self.group)
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 runs the scheduler and drives the others."""
+        return self.rank == 0
 
 
 @dataclass(frozen=True)
@@ -71,3 +81,12 @@ def all_gather_last_dim(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(tp.size)]
     tp.group.allgather([parts], [x]).wait()
     return torch.cat(parts, dim=-1)
+
+
+def all_ranks_ok(ok: bool, tp: TensorParallel) -> bool:
+    """True on every rank if it is true on every rank."""
+    if tp.size == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.long)
+    tp.cpu_group.allreduce([flag], dist.ReduceOp.MIN).wait()
+    return bool(flag.item())

@@ -1,0 +1,138 @@
+"""Rank 0 of a tensor-parallel group drives the others: one small typed message per step, not a scheduler each.
+
+Only rank 0 runs the scheduler, the block manager and the sampler. Before each forward pass it broadcasts a
+`StepPlan` over the group's CPU process group: for each scheduled request, how many tokens are computed and how
+many are new, the token ids and block ids the follower has not seen yet (the whole prompt the first time, one
+token and rarely a block afterwards), and the requests that ended. Followers keep a mirror of each request (its
+tokens and block table) and run the same forward pass on it; they never sample, since rank 0 alone decides.
+
+Other commands (a KV transfer, stop) travel the same way, so a follower does everything in the order rank 0
+did it. Messages are pickled dataclasses: this is the control plane, a few hundred bytes per step; KV tensors
+never go through it.
+"""
+
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from workers.engine.parallel import TensorParallel
+from workers.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request_id: str
+    num_computed_tokens: int
+    num_new_tokens: int
+    new_token_ids: list[int]  # tokens the follower has not seen yet (all of them: it must know where each ends)
+    new_block_ids: list[int]  # blocks appended to the table since the follower last saw it
+    reset_blocks: bool = False  # the table was rebuilt (preemption): replace it with new_block_ids
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: list[ScheduledChunk]
+    finished: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The group is shutting down: followers leave their loop."""
+
+
+@dataclass
+class MirroredRequest:
+    """A follower's copy of what the model runner reads from a Sequence."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class PlanWriter:
+    """Rank 0's side: remembers what each follower has seen of each request, and sends only the difference."""
+
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
+        self._sent: dict[str, tuple[int, list[int]]] = {}  # request id -> (tokens sent, block table sent)
+        self._finished: list[str] = []
+        self.bytes_sent = 0
+        self.num_messages = 0
+
+    def step(self, batch: list[tuple[Sequence, int]]) -> None:
+        chunks = []
+        for seq, num_new in batch:
+            num_tokens_sent, blocks_sent = self._sent.get(seq.request_id, (0, []))
+            table = seq.block_table
+            reset = table[:len(blocks_sent)] != blocks_sent
+            new_blocks = list(table) if reset else table[len(blocks_sent):]
+            chunks.append(ScheduledChunk(seq.request_id, seq.num_computed_tokens, num_new,
+                                         seq.token_ids[num_tokens_sent:], new_blocks, reset))
+            self._sent[seq.request_id] = (seq.num_tokens, list(table))
+        self.send(StepPlan(chunks, self._finished))
+        self._finished = []
+
+    def finish(self, request_id: str) -> None:
+        """The request ended on rank 0; followers drop their mirror with the next plan."""
+        if self._sent.pop(request_id, None) is not None:
+            self._finished.append(request_id)
+
+    def send(self, message: object) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        broadcast_bytes(data, self.tp)
+        self.bytes_sent += len(data)
+        self.num_messages += 1
+
+
+class PlanReader:
+    """A follower's side: receives messages and applies step plans to its mirrors."""
+
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
+        self.requests: dict[str, MirroredRequest] = {}
+
+    def receive(self) -> object:
+        return pickle.loads(broadcast_bytes(None, self.tp))
+
+    def apply(self, plan: StepPlan) -> list[tuple[MirroredRequest, int]]:
+        """Brings the mirrors up to date and returns the batch exactly as rank 0 scheduled it."""
+        for request_id in plan.finished:
+            self.requests.pop(request_id, None)
+        batch = []
+        for chunk in plan.chunks:
+            mirror = self.requests.setdefault(chunk.request_id, MirroredRequest(chunk.request_id))
+            mirror.token_ids.extend(chunk.new_token_ids)
+            if chunk.reset_blocks:
+                mirror.block_table = list(chunk.new_block_ids)
+            else:
+                mirror.block_table.extend(chunk.new_block_ids)
+            mirror.num_computed_tokens = chunk.num_computed_tokens
+            batch.append((mirror, chunk.num_new_tokens))
+        return batch
+
+
+def broadcast_bytes(data: bytes | None, tp: TensorParallel) -> bytes:
+    """Rank 0 passes the bytes, the others None; every rank returns them. Two broadcasts: the length, then the
+    payload, both over the CPU group (on GPU the tensor group is NCCL, which cannot carry host memory)."""
+    group = tp.cpu_group
+    length = torch.tensor([0 if data is None else len(data)], dtype=torch.long)
+    group.broadcast([length], _root()).wait()
+    if data is not None:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        payload = torch.empty(int(length), dtype=torch.uint8)
+    group.broadcast([payload], _root()).wait()
+    return data if data is not None else payload.numpy().tobytes()
+
+
+def _root() -> dist.BroadcastOptions:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    return options
