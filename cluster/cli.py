@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import chat
 
             return chat.run(args)
-        from cluster.bench import engine as bench_engine, transfer as bench_transfer
+        from cluster.bench import engine as bench_engine
+        from cluster.bench import transfer as bench_transfer
 
         return (bench_engine if args.bench == "engine" else bench_transfer).run(args)
     except (ModelNotFoundError, InvalidRequestError) as e:

@@ -8,12 +8,15 @@ and both sides then construct the group concurrently (the constructor is a rende
 
 import datetime
 import socket
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from workers.engine.parallel import TensorParallel, all_ranks_ok
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,8 +46,9 @@ def listen(host: str | None = None, timeout: float = 30.0) -> tuple[dist.TCPStor
 class KVChannel:
     """One direction of KV traffic between exactly two ranks; rank 0 sends, rank 1 receives."""
 
-    def __init__(self, store: dist.Store, rank: int, device: torch.device, timeout: float = 30.0):
+    def __init__(self, store: dist.Store, rank: int, device: torch.device, timeout: float = 30.0, name: str = ""):
         self.rank = rank
+        self.name = name
         self.device = torch.device(device)
         self._store = store
         delta = datetime.timedelta(seconds=timeout)
@@ -68,17 +72,19 @@ class KVChannel:
             raise TransferError(f"could not reach the KV channel at {address.host}:{address.port}: {e}") from e
         return cls(store, _RECEIVER, device, timeout)
 
-    def send(self, kv_caches: KVCaches, block_ids: list[int]) -> int:
-        """Sends the listed blocks of every layer; returns the payload size in bytes."""
+    def send(self, kv_caches: KVCaches, block_ids: list[int]) -> "PendingSend":
+        """Starts sending the listed blocks of every layer and returns at once: the sends complete when the peer
+        receives them, so a sender never waits on its peer (only a receiver waits, on a sender that is moving)."""
         self._expect(_SENDER)
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        self._run(self._group.send, [_header(kv_caches, len(block_ids))], _HEADER_TAG)
+        header = _header(kv_caches, len(block_ids))
         payload = _staging(kv_caches, len(block_ids))
         for layer, (k, v) in enumerate(kv_caches):
             torch.index_select(k, 0, ids, out=payload[layer, 0])
             torch.index_select(v, 0, ids, out=payload[layer, 1])
-        self._run(self._group.send, [payload], _PAYLOAD_TAG)
-        return _payload_bytes(kv_caches, len(block_ids))
+        works = [self._start(self._group.send, [header], _HEADER_TAG),
+                 self._start(self._group.send, [payload], _PAYLOAD_TAG)]
+        return PendingSend(works, (header, payload), _payload_bytes(kv_caches, len(block_ids)))
 
     def recv(self, kv_caches: KVCaches, block_ids: list[int]) -> int:
         """Receives blocks into the listed block ids (the peer's ids may differ); returns the payload bytes."""
@@ -108,16 +114,43 @@ class KVChannel:
         if self.rank != rank:
             raise TransferError(f"rank {self.rank} of a channel cannot {'send' if rank == _SENDER else 'receive'}")
 
-    def _run(self, op: Callable, tensors: list[torch.Tensor], tag: int) -> None:
+    def _start(self, op: Callable, tensors: list[torch.Tensor], tag: int) -> dist.Work:
         peer = _RECEIVER if self.rank == _SENDER else _SENDER
         try:
-            op(tensors, peer, tag).wait()
+            return op(tensors, peer, tag)
+        except RuntimeError as e:
+            raise TransferError(f"KV transfer failed: {e}") from e
+
+    def _run(self, op: Callable, tensors: list[torch.Tensor], tag: int) -> None:
+        work = self._start(op, tensors, tag)
+        try:
+            work.wait()
         except RuntimeError as e:  # gloo and NCCL report timeouts and dead peers as RuntimeError
             raise TransferError(f"KV transfer failed: {e}") from e
 
 
+@dataclass
+class PendingSend:
+    """Sends in flight, holding their buffers until the peer has them."""
+
+    works: list[dist.Work]
+    buffers: tuple[torch.Tensor, ...]
+    nbytes: int
+
+    def done(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> int:
+        try:
+            for w in self.works:
+                w.wait()
+        except RuntimeError as e:
+            raise TransferError(f"KV transfer failed: {e}") from e
+        return self.nbytes
+
+
 class ChannelCache:
-    """Open channels keyed by peer, at most `capacity`; opening one more closes the least recently used."""
+    """Open channels keyed by peer, at most `capacity`; adding one more closes the least recently used."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -126,21 +159,130 @@ class ChannelCache:
     def __len__(self) -> int:
         return len(self._channels)
 
-    def get(self, key: object, open_channel: Callable[[], KVChannel]) -> KVChannel:
-        if key in self._channels:
+    def get(self, key: object) -> KVChannel | None:
+        channel = self._channels.get(key)
+        if channel is not None:
             self._channels.move_to_end(key)
-            return self._channels[key]
+        return channel
+
+    def put(self, key: object, channel: KVChannel) -> None:
+        self.drop(key)
         while len(self._channels) >= self.capacity:
             _, oldest = self._channels.popitem(last=False)
             oldest.close()
-        channel = self._channels[key] = open_channel()
-        return channel
+        self._channels[key] = channel
 
     def drop(self, key: object) -> None:
         """Forget a channel after a failure so the next transfer rebuilds it."""
         channel = self._channels.pop(key, None)
         if channel is not None:
             channel.close()
+
+    def clear(self) -> None:
+        for key in list(self._channels):
+            self.drop(key)
+
+
+@dataclass(frozen=True)
+class TransferCommand:
+    """One group's half of a transfer. Every rank of the group runs the same command on its own KV heads, rank r
+    of the sending group pairing with rank r of the receiving group."""
+
+    direction: str  # "send" or "recv"
+    peer: str  # the other group: channels are cached per peer
+    store: ChannelAddress  # the rendezvous store of the sending group, hosted by its rank 0
+    channel: str  # the channel's name, chosen by the receiving group; a new name means a new channel
+    open: bool  # build the channel first: the peer builds its half at the same time
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class DropChannel:
+    """Close the channel to a peer (its transfer failed on the other side); the next transfer opens a new one."""
+
+    peer: str
+
+
+class KVEndpoint:
+    """One rank's channels to other groups. Every rank of a group applies the same commands in the same order,
+    so their caches stay identical and rank 0 can decide for all of them whether a channel must be opened."""
+
+    def __init__(self, rank: int, device: torch.device, capacity: int = 8, timeout_s: float = 30.0):
+        self.id = uuid.uuid4().hex  # how peers name this group (rank 0's id is the one that counts)
+        self.rank = rank
+        self.device = torch.device(device)
+        self.timeout_s = timeout_s
+        self.channels = ChannelCache(capacity)
+        self._listening: tuple[dist.TCPStore, ChannelAddress] | None = None
+        self._pending: list[PendingSend] = []
+
+    def address(self) -> ChannelAddress:
+        """Where peers rendezvous with this group (called on rank 0, which hosts the store for its group)."""
+        if self._listening is None:
+            self._listening = listen(timeout=self.timeout_s)
+        return self._listening[1]
+
+    def channel_for(self, peer: str) -> tuple[str, bool]:
+        """The receiving side's choice: the open channel's name, or a new name and open=True."""
+        channel = self.channels.get(peer)
+        return (channel.name, False) if channel is not None else (uuid.uuid4().hex, True)
+
+    def run(self, command: "TransferCommand | DropChannel", kv_caches: KVCaches) -> int:
+        """Applies one command; returns the bytes moved. A send only starts (see KVChannel.send)."""
+        self._pending = [p for p in self._pending if not p.done()]
+        if isinstance(command, DropChannel):
+            self.channels.drop(command.peer)
+            return 0
+        channel = self._open(command) if command.open else self.channels.get(command.peer)
+        if channel is None or channel.name != command.channel:
+            raise TransferError(f"no open KV channel {command.channel!r} to {command.peer}")
+        if command.direction == "send":
+            pending = channel.send(kv_caches, command.block_ids)
+            self._pending.append(pending)
+            return pending.nbytes
+        return channel.recv(kv_caches, command.block_ids)
+
+    @property
+    def num_pending_sends(self) -> int:
+        self._pending = [p for p in self._pending if not p.done()]
+        return len(self._pending)
+
+    def close(self) -> None:
+        self.channels.clear()
+        self._pending = []
+        self._listening = None
+
+    def _open(self, command: TransferCommand) -> KVChannel:
+        self.channels.drop(command.peer)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        if self._listening is not None and self._listening[1] == command.store:
+            store = self._listening[0]
+        else:
+            try:
+                store = dist.TCPStore(command.store.host, command.store.port, is_master=False, timeout=timeout)
+            except RuntimeError as e:
+                raise TransferError(f"could not reach the KV store at {command.store}: {e}") from e
+        prefixed = dist.PrefixStore(f"{command.channel}/{self.rank}", store)
+        role = _SENDER if command.direction == "send" else _RECEIVER
+        channel = KVChannel(prefixed, role, self.device, self.timeout_s, name=command.channel)
+        self.channels.put(command.peer, channel)
+        return channel
+
+
+def run_transfer(endpoint: KVEndpoint, command: "TransferCommand | DropChannel", kv_caches: KVCaches,
+                 tp: TensorParallel) -> int:
+    """Runs a command on this rank, then agrees with the other ranks of the group: if any rank failed, every rank
+    drops the channel (so all of them rebuild it together) and the transfer fails as a whole."""
+    error: TransferError | None = None
+    nbytes = 0
+    try:
+        nbytes = endpoint.run(command, kv_caches)
+    except TransferError as e:
+        error = e
+    if not all_ranks_ok(error is None, tp):
+        endpoint.channels.drop(command.peer)
+        raise error or TransferError("another rank of the group failed its part of the KV transfer")
+    return nbytes
 
 
 def _header(kv_caches: KVCaches, num_blocks: int) -> torch.Tensor:

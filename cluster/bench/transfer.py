@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         num_blocks, times, nbytes = -(-n // 16), [], 0
         for i in range(args.repeats + 1):
             start = time.perf_counter()
-            nbytes = channel.send(caches, list(range(num_blocks)))
+            nbytes = channel.send(caches, list(range(num_blocks))).wait()
             acks.get()
             if i:
                 times.append(time.perf_counter() - start)

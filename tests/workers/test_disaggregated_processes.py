@@ -37,7 +37,7 @@ def _prefill_side(model: str, addresses, handoffs, plans) -> None:
             engine.step()
         handoffs.put(engine.handoff(f"r{i}"))
         plan = plans.get(timeout=60)
-        channel.send(engine.runner.kv_caches, plan.src_block_ids)
+        channel.send(engine.runner.kv_caches, plan.src_block_ids).wait()
         engine.release_pinned(plan.request_id)
     handoffs.put(engine.block_manager.num_free_blocks)
 

@@ -27,7 +27,7 @@ def _sender(addresses: mp.Queue, results: mp.Queue, dtype_name: str) -> None:
     addresses.put(address)
     channel = KVChannel(store, 0, torch.device("cpu"), timeout=20)
     try:
-        results.put(("sent", channel.send(caches(0, getattr(torch, dtype_name)), SRC_IDS)))
+        results.put(("sent", channel.send(caches(0, getattr(torch, dtype_name)), SRC_IDS).wait()))
     except TransferError as e:
         results.put(("send-error", str(e)))
 
@@ -94,10 +94,18 @@ class FakeChannel:
 def test_channel_cache_closes_the_least_recently_used_channel_first():
     cache = ChannelCache(capacity=2)
     a, b, c = FakeChannel(), FakeChannel(), FakeChannel()
-    cache.get("a", lambda: a)
-    cache.get("b", lambda: b)
-    assert cache.get("a", lambda: FakeChannel()) is a  # a is now the most recently used
-    cache.get("c", lambda: c)
-    assert b.closed and not a.closed and len(cache) == 2
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # a is now the most recently used
+    cache.put("c", c)
+    assert b.closed and not a.closed and len(cache) == 2 and cache.get("b") is None
     cache.drop("a")
     assert a.closed and len(cache) == 1
+
+
+def test_replacing_a_peers_channel_closes_the_old_one():
+    cache = ChannelCache(capacity=2)
+    old, new = FakeChannel(), FakeChannel()
+    cache.put("a", old)
+    cache.put("a", new)
+    assert old.closed and cache.get("a") is new and len(cache) == 1

@@ -1,0 +1,239 @@
+"""A tensor-parallel worker group on Ray: one actor per rank, packed into one placement group.
+
+    group = WorkerGroup.start(EngineConfig(...), tensor_parallel_size=2)
+    async for out in group.generate("Hello", SamplingParams(max_tokens=16)):
+        ...
+
+Starting a group: reserve one bundle per rank (STRICT_PACK: one node, so the ranks' collectives stay local; one
+GPU per rank on GPU, a fraction of a CPU on CPU), start the rank actors in their bundles, let rank 0 open a
+TCPStore on a port the OS picks and hand its address to the others, and build the process group from it: gloo on
+CPU; on GPU NCCL for the model's collectives plus gloo for rank 0's step plans. Rank 0 then runs the engine
+(scheduler, sampler, AsyncLLMEngine); the other ranks run their follower loop until rank 0 stops them.
+
+`WorkerGroup` has AsyncLLMEngine's methods, so servers use a group exactly like an in-process engine, and it is
+small and picklable: a decode group's rank 0 receives the prefill group as an argument and pulls KV from it.
+"""
+
+import asyncio
+import datetime
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import ray
+import torch.distributed as dist
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from workers.engine.async_engine import AsyncLLMEngine, EngineStats
+from workers.engine.config import EngineConfig
+from workers.engine.follower import Follower
+from workers.engine.handoff import KVHandoff
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.outputs import RequestOutput
+from workers.engine.parallel import TensorParallel
+from workers.engine.sampling_params import SamplingParams
+from workers.kv_transfer import ChannelAddress, TransferCommand
+
+logger = logging.getLogger(__name__)
+
+_RENDEZVOUS_TIMEOUT_S = 300  # covers the slowest rank's model load: ranks join the group only after loading
+
+
+class RankWorker:
+    """One rank's process. Its async methods run on the actor's event loop; blocking work goes to a thread."""
+
+    def __init__(self, config: EngineConfig, rank: int, size: int, progress: bool):
+        self.config = config
+        self.rank = rank
+        self.size = size
+        self.progress = progress
+        self._store: dist.TCPStore | None = None
+        self.engine: AsyncLLMEngine | None = None
+        self.follower: Follower | None = None
+
+    def rendezvous_address(self) -> ChannelAddress:
+        """Rank 0 hosts the group's store; the others connect to it."""
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(host, 0, self.size, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S))
+        return ChannelAddress(host, self._store.port)
+
+    async def start(self, address: ChannelAddress) -> None:
+        await asyncio.to_thread(self._start, address)
+
+    def _start(self, address: ChannelAddress) -> None:
+        timeout = datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
+        store = self._store or dist.TCPStore(address.host, address.port, self.size, is_master=False,
+                                             timeout=timeout)
+        tp = TensorParallel()
+        if self.size > 1:
+            cpu_group = dist.ProcessGroupGloo(dist.PrefixStore("tp-gloo", store), self.rank, self.size, timeout)
+            group = cpu_group
+            if self.config.model.device.startswith("cuda"):
+                group = dist.ProcessGroupNCCL(dist.PrefixStore("tp-nccl", store), self.rank, self.size)
+            tp = TensorParallel(self.rank, self.size, group, cpu_group)
+        if tp.is_driver:
+            self.engine = AsyncLLMEngine(LLMEngine(self.config, self.progress, tp))
+        else:
+            self.follower = Follower(self.config, tp, self.progress)
+
+    async def follow(self) -> None:
+        """A follower's loop; returns when rank 0 stops the group (and raises if the group breaks)."""
+        await asyncio.to_thread(self.follower.run)
+
+    # -- rank 0: the engine's interface ---------------------------------------------------------------------
+
+    async def generate(self, prompt, params, request_id, cache_salt) -> AsyncIterator[RequestOutput]:
+        async for out in self.engine.generate(prompt, params, request_id, cache_salt):
+            yield out
+
+    async def prefill(self, prompt, params, request_id, cache_salt) -> KVHandoff:
+        return await self.engine.prefill(prompt, params, request_id, cache_salt)
+
+    async def send_kv(self, command: TransferCommand) -> int:
+        return await self.engine.send_kv(command)
+
+    async def release(self, request_id: str) -> None:
+        await self.engine.release(request_id)
+
+    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
+                                 prefill: "WorkerGroup") -> AsyncIterator[RequestOutput]:
+        async for out in self.engine.generate_prefilled(handoff, params, prefill):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return await self.engine.stats()
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.engine.shutdown)
+
+
+class WorkerGroup:
+    def __init__(self, ranks: list, follower_loops: list, own_placement_group: PlacementGroup | None):
+        self.ranks = ranks
+        self._follower_loops = follower_loops
+        self._own_placement_group = own_placement_group
+
+    @classmethod
+    def start(cls, config: EngineConfig, tensor_parallel_size: int = 1, num_cpus_per_rank: float = 1.0,
+              progress: bool = False) -> "WorkerGroup":
+        """Reserves the ranks' resources, starts them and waits until the model is loaded on every rank.
+
+        Inside a Serve replica whose deployment declares placement_group_bundles, the ranks take bundles 1..N of
+        the replica's own placement group (bundle 0 is the replica); otherwise the group reserves its own."""
+        size = tensor_parallel_size
+        gpu = config.model.device.startswith("cuda")
+        bundle = {"CPU": num_cpus_per_rank, **({"GPU": 1} if gpu else {})}
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) > size:
+            pg, first_bundle, own = current, 1, None
+        else:
+            pg = own = placement_group([bundle] * size, strategy="STRICT_PACK")
+            first_bundle = 0
+            ray.get(pg.ready(), timeout=_RENDEZVOUS_TIMEOUT_S)
+        actor = ray.remote(RankWorker)
+        ranks = [actor.options(
+            num_cpus=num_cpus_per_rank, num_gpus=1 if gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, first_bundle + rank)
+        ).remote(config, rank, size, progress and rank == 0) for rank in range(size)]
+        try:
+            address = ray.get(ranks[0].rendezvous_address.remote())
+            ray.get([r.start.remote(address) for r in ranks])
+        except Exception:
+            for r in ranks:
+                ray.kill(r)
+            if own is not None:
+                remove_placement_group(own)
+            raise
+        loops = [r.follow.remote() for r in ranks[1:]]
+        logger.info("worker group up: %d rank(s) of %s on %s", size, config.model.model, config.model.device)
+        return cls(ranks, loops, own)
+
+    @property
+    def _driver(self):
+        return self.ranks[0]
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        stream = self._driver.generate.options(num_returns="streaming").remote(prompt, params, request_id,
+                                                                               cache_salt)
+        async for out in self._stream(stream, request_id):
+            yield out
+
+    async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None, cache_salt: str | None = None) -> KVHandoff:
+        return await _unwrap(self._driver.prefill.remote(prompt, params, request_id, cache_salt))
+
+    async def send_kv(self, command: TransferCommand) -> int:
+        return await _unwrap(self._driver.send_kv.remote(command))
+
+    async def release(self, request_id: str) -> None:
+        await _unwrap(self._driver.release.remote(request_id))
+
+    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
+                                 prefill: "WorkerGroup") -> AsyncIterator[RequestOutput]:
+        stream = self._driver.generate_prefilled.options(num_returns="streaming").remote(handoff, params, prefill)
+        async for out in self._stream(stream, handoff.request_id):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        await _unwrap(self._driver.abort.remote(request_id))
+
+    async def stats(self) -> EngineStats:
+        return await _unwrap(self._driver.stats.remote())
+
+    async def check_health(self) -> None:
+        """Raises unless rank 0 answers and every follower is still in its loop."""
+        ended = []
+        if self._follower_loops:
+            ended, _ = ray.wait(self._follower_loops, num_returns=len(self._follower_loops), timeout=0)
+        if ended:
+            await _unwrap(ended[0])  # raises the follower's error
+            raise RuntimeError("a follower rank left its loop")
+        await self.stats()
+
+    def shutdown(self) -> None:
+        """Stops the followers through rank 0, then ends the actors and frees the reserved resources."""
+        try:
+            ray.get(self._driver.shutdown.remote(), timeout=30)
+            ray.get(self._follower_loops, timeout=30)
+        except Exception as e:  # a broken group still has to give its resources back
+            logger.warning("worker group did not stop cleanly: %s", e)
+        for r in self.ranks:
+            ray.kill(r)
+        if self._own_placement_group is not None:
+            remove_placement_group(self._own_placement_group)
+
+    async def _stream(self, stream, request_id: str) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            async for ref in stream:
+                out = await _unwrap(ref)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the caller went away, or the stream broke: free the request's blocks
+                try:
+                    self._driver.abort.remote(request_id)
+                except Exception as e:
+                    logger.warning("could not abort %s: %s", request_id, e)
+
+
+async def _unwrap(ref):
+    """Awaits a Ray result, raising the engine's own exception (InvalidRequestError, ...) rather than Ray's
+    wrapper, so callers map errors the same way for a group as for an in-process engine."""
+    try:
+        return await ref
+    except RayTaskError as e:
+        raise e.cause from None
