@@ -104,3 +104,14 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_path: P
         return built[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray instance for the tests that start worker groups or Serve apps. More logical CPUs than
+    the machine has: rank actors take fractions and mostly wait, and a 2-core CI machine must fit several."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -189,6 +189,7 @@ class TransferCommand:
     of the sending group pairing with rank r of the receiving group."""
 
     direction: str  # "send" or "recv"
+    request_id: str
     peer: str  # the other group: channels are cached per peer
     store: ChannelAddress  # the rendezvous store of the sending group, hosted by its rank 0
     channel: str  # the channel's name, chosen by the receiving group; a new name means a new channel
@@ -213,6 +214,9 @@ class KVEndpoint:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.channels = ChannelCache(capacity)
+        # Running totals of the bytes this rank moved, exported as metrics.
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self._listening: tuple[dist.TCPStore, ChannelAddress] | None = None
         self._pending: list[PendingSend] = []
 
@@ -239,8 +243,11 @@ class KVEndpoint:
         if command.direction == "send":
             pending = channel.send(kv_caches, command.block_ids)
             self._pending.append(pending)
+            self.bytes_sent += pending.nbytes
             return pending.nbytes
-        return channel.recv(kv_caches, command.block_ids)
+        nbytes = channel.recv(kv_caches, command.block_ids)
+        self.bytes_received += nbytes
+        return nbytes
 
     @property
     def num_pending_sends(self) -> int:

@@ -4,7 +4,11 @@ import math
 
 import pytest
 
-from workers.engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from workers.engine.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    PromptTooLongError,
+)
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 

@@ -15,7 +15,12 @@ import torch.multiprocessing as mp
 
 from tests.engine.test_parity import SMOLLM2_QUESTIONS, random_prompts
 from tests.hf_reference import hf_greedy
-from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from workers.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from workers.engine.follower import Follower
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.parallel import TensorParallel, shard_heads

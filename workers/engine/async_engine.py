@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,9 @@ class EngineStats:
     num_pinned: int = 0  # prefill role: requests whose blocks wait for a decode group
     num_receiving: int = 0  # decode role: requests whose KV is on its way
     num_kv_channels: int = 0
+    kv_bytes_sent: int = 0  # running totals of rank 0's share of the KV this group moved
+    kv_bytes_received: int = 0
+    num_kv_transfer_failures: int = 0  # decode role: prompts recomputed because their KV did not arrive
 
     @property
     def kv_usage(self) -> float:
@@ -90,7 +94,11 @@ class AsyncLLMEngine:
         async for out in self._stream(rid, outputs):
             if out.finished and out.outputs[0].finish_reason != "prefilled":
                 raise RequestFailedError(out.error or f"request {rid} was aborted during prefill")
-        return await self._call(lambda: self.engine.handoff(rid))
+        try:
+            return await self._call(lambda: self.engine.handoff(rid))
+        except asyncio.CancelledError:
+            self._commands.put(lambda: self.engine.release_pinned(rid))
+            raise
 
     async def send_kv(self, command: TransferCommand) -> int:
         """The prefill group's half of a transfer: starts sending and returns (the decode group receives)."""
@@ -106,16 +114,16 @@ class AsyncLLMEngine:
         here, one transfer at a time per prefill group, so their order agrees on both sides), then streams the
         rest of the request. If the transfer fails the prompt is recomputed here, with the same result."""
         rid = handoff.request_id
-        async with self._transfer_lock(handoff.source):
-            try:
+        try:
+            async with self._transfer_lock(handoff.source):
                 outputs, commands = await self._start(rid, lambda: self._prepare_receive(handoff, params))
                 moved = commands is None or await self._move_kv(prefill, rid, *commands)
                 await self._call(lambda: self._start_prefilled(rid, handoff.first_token, moved))
-            except BaseException:
-                self._commands.put(lambda: self._abort(rid))
-                raise
-            finally:
-                await _release_quietly(prefill, rid)
+        except BaseException:
+            self._commands.put(lambda: self._abort(rid))
+            raise
+        finally:
+            await release_quietly(prefill, rid)
         async for out in self._stream(rid, outputs):
             yield out
 
@@ -127,7 +135,8 @@ class AsyncLLMEngine:
             eng = self.engine
             sched, bm = eng.scheduler, eng.block_manager
             return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
-                               len(eng.pinned), len(eng.receiving), len(eng.kv.channels))
+                               len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
+                               eng.kv.bytes_received, eng.num_transfer_failures)
 
         return await self._call(read)
 
@@ -231,9 +240,8 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         while not self._stopped:
-            idle = not self.engine.has_unfinished_requests()
             try:
-                command = self._commands.get(block=idle)
+                command = self._commands.get(timeout=self._idle_timeout())
             except queue.Empty:
                 command = None
             while command is not None:
@@ -245,8 +253,17 @@ class AsyncLLMEngine:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
+            self.engine.expire_leases()
             if self.engine.has_unfinished_requests():
                 self._step()
+
+    def _idle_timeout(self) -> float | None:
+        """How long to wait for a command: not at all while requests run, until the next lease ends while blocks
+        are pinned (so an unclaimed lease frees its blocks on time even on an idle engine), else forever."""
+        if self.engine.has_unfinished_requests():
+            return 0
+        expiry = self.engine.next_lease_expiry()
+        return None if expiry is None else max(0.0, expiry - time.monotonic())
 
     def _step(self) -> None:
         try:
@@ -272,7 +289,7 @@ class AsyncLLMEngine:
             self.engine.abort_request(out.request_id)
 
 
-async def _release_quietly(prefill: KVSource, request_id: str) -> None:
+async def release_quietly(prefill: KVSource, request_id: str) -> None:
     """Unpin on the prefill side; if that group is gone, its lease or its death freed the blocks anyway."""
     try:
         await prefill.release(request_id)

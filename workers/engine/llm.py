@@ -9,7 +9,12 @@ from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from workers.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams

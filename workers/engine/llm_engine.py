@@ -14,7 +14,12 @@ from transformers import AutoTokenizer, GenerationConfig
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.errors import DuplicateRequestError, InvalidRequestError, KVCacheFullError, PromptTooLongError
+from workers.engine.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    KVCacheFullError,
+    PromptTooLongError,
+)
 from workers.engine.handoff import KVHandoff, ReceivePlan
 from workers.engine.model_runner import ModelRunner, SampledToken
 from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -23,7 +28,13 @@ from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
-from workers.kv_transfer import DropChannel, KVEndpoint, TransferCommand, run_transfer
+from workers.kv_transfer import (
+    DropChannel,
+    KVEndpoint,
+    TransferCommand,
+    TransferError,
+    run_transfer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +77,7 @@ class LLMEngine:
         self.pinned: dict[str, tuple[Sequence, float]] = {}
         # Decode role: requests whose blocks are allocated and whose KV is on its way from a prefill group.
         self.receiving: dict[str, Sequence] = {}
+        self.num_transfer_failures = 0  # decode role: prompts recomputed because their KV did not arrive
         self._ids = count()
         logger.info("engine ready: %s, %d KV blocks, context %d", model_dir.name, self.runner.num_kv_blocks,
                     self.max_model_len)
@@ -112,7 +124,11 @@ class LLMEngine:
         if pinned is not None:
             self.block_manager.free(pinned[0])
 
-    def _expire_leases(self) -> None:
+    def next_lease_expiry(self) -> float | None:
+        """When the earliest pinned request's lease ends (time.monotonic()), None if nothing is pinned."""
+        return min((expiry for _, expiry in self.pinned.values()), default=None)
+
+    def expire_leases(self) -> None:
         now = time.monotonic()
         for request_id in [rid for rid, (_, expiry) in self.pinned.items() if expiry <= now]:
             logger.warning("lease on %s expired before a decode group fetched its KV; freeing its blocks",
@@ -139,12 +155,18 @@ class LLMEngine:
         prefill group or a new one (both halves then open it)."""
         peer = f"{handoff.source.host}:{handoff.source.port}"
         name, open_channel = self.kv.channel_for(peer)
-        return (TransferCommand("send", self.kv.id, handoff.source, name, open_channel, plan.src_block_ids),
-                TransferCommand("recv", peer, handoff.source, name, open_channel, plan.dst_block_ids))
+        rid = handoff.request_id
+        return (TransferCommand("send", rid, self.kv.id, handoff.source, name, open_channel, plan.src_block_ids),
+                TransferCommand("recv", rid, peer, handoff.source, name, open_channel, plan.dst_block_ids))
 
     def transfer_kv(self, command: TransferCommand | DropChannel) -> int:
         """Runs one half of a transfer on every rank of the group (rank r pairs with the peer's rank r); returns
         this rank's bytes. Raises TransferError, with the channel dropped on every rank, if any rank failed."""
+        if isinstance(command, TransferCommand) and command.direction == "send" \
+                and command.request_id not in self.pinned:
+            # Refused before any rank starts: the blocks may already hold another request's KV.
+            raise TransferError(f"{command.request_id} holds no pinned KV here (its lease expired or it was "
+                                "aborted)")
         if self.runner.followers is not None:
             self.runner.followers.send(command)
         return run_transfer(self.kv, command, self.runner.kv_caches, self.tp)
@@ -160,6 +182,7 @@ class LLMEngine:
     def recompute_prefilled_request(self, request_id: str) -> None:
         """The transfer failed: drop what arrived and compute the prompt here instead (same output)."""
         seq = self.receiving.pop(request_id)
+        self.num_transfer_failures += 1
         self.block_manager.free(seq)
         seq.reset_for_recompute()
         seq.num_cached_tokens = 0
@@ -192,7 +215,7 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._expire_leases()
+        self.expire_leases()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []

@@ -17,7 +17,11 @@ import torch.distributed as dist
 from transformers import AutoConfig, PretrainedConfig
 
 from workers.engine.attention.backend import get_attention_backend
-from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
+from workers.engine.attention.metadata import (
+    AttentionMetadata,
+    PrefillMeta,
+    decode_buckets,
+)
 from workers.engine.config import CacheConfig, EngineConfig
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.model_store import resolve_model

@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.engine.layers.weights import WeightSource, check_shape, default_weight_loader
+from workers.engine.layers.weights import (
+    WeightSource,
+    check_shape,
+    default_weight_loader,
+)
 from workers.engine.parallel import TensorParallel, all_reduce, divide, shard_heads
 
 

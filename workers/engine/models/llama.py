@@ -14,7 +14,11 @@ from transformers import PretrainedConfig
 from workers.engine.attention.backend import AttentionBackend
 from workers.engine.attention.metadata import AttentionMetadata
 from workers.engine.layers.embedding import VocabParallelEmbedding
-from workers.engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from workers.engine.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from workers.engine.layers.norm import RMSNorm
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.parallel import TensorParallel

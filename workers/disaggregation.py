@@ -1,0 +1,30 @@
+"""One request through a prefill group and a decode group: the whole disaggregated path, top to bottom.
+
+    async for out in generate_disaggregated(prefill, decode, "Hello", SamplingParams(max_tokens=16)):
+        ...
+
+The prefill group computes the prompt's KV and first token and pins the blocks; the decode group takes the
+handoff, pulls the blocks it lacks from the prefill group (or recomputes the prompt if that fails) and streams
+the rest. Both groups are anything with AsyncLLMEngine's interface: in-process engines or Ray worker groups.
+"""
+
+from collections.abc import AsyncIterator
+
+from workers.engine.async_engine import AsyncLLMEngine, release_quietly
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+
+
+async def generate_disaggregated(prefill: AsyncLLMEngine, decode: AsyncLLMEngine, prompt: str | list[int],
+                                 params: SamplingParams | None = None, request_id: str | None = None,
+                                 cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    handoff = await prefill.prefill(prompt, params, request_id, cache_salt)
+    finished = False
+    try:
+        async for out in decode.generate_prefilled(handoff, params, prefill):
+            finished = out.finished
+            yield out
+    finally:
+        if not finished:
+            # The caller left before the decode group took the KV: don't make the blocks wait out their lease.
+            await release_quietly(prefill, handoff.request_id)
