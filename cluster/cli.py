@@ -2,6 +2,7 @@
 
     tandem generate --prompt "Once upon a time"            # stream a completion from the embedded model
     tandem generate --chat --prompt "What is 2+2?" --json  # chat template applied, one JSON object out
+    tandem generate --prompt "Hi" -tp 3 --disaggregate     # prefill and decode worker groups of 3 ranks on Ray
     tandem chat                                            # interactive conversation
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
 """
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, token ids, finish reason, usage, ttft) instead of a stream")
     _engine_args(gen)
+    g = gen.add_argument_group("parallelism (these start a local Ray and run the engine in worker groups)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks per worker group, each holding a slice of every layer (default 1); the model's "
+                        "attention heads must divide by it")
+    g.add_argument("--disaggregate", action="store_true",
+                   help="run a prefill group and a decode group and move the prompt's KV cache between them")
     _sampling_args(gen)
 
     chat = sub.add_parser("chat", help="talk to the model interactively (one line a turn; Ctrl-D ends)",

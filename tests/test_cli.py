@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from transformers import AutoTokenizer
+
+from tests.hf_reference import hf_greedy
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +52,15 @@ def test_unknown_model_fails_clearly(tmp_path):
     out = tandem("generate", "--prompt", "hi", "--model", str(tmp_path / "missing"))
     assert out.returncode == 2
     assert "not found" in out.stderr and "smollm2" in out.stderr
+
+
+@pytest.mark.slow
+def test_generate_on_disaggregated_tensor_parallel_groups_gives_hfs_tokens(tiny_model_factory):
+    """-tp 2 --disaggregate: a local Ray, a prefill and a decode group of two ranks each, the KV moved between."""
+    model = tiny_model_factory("llama")
+    prompt = "The quick brown fox jumps over the lazy dog"
+    out = tandem("generate", "--model", str(model), "--prompt", prompt, "--max-tokens", "8", "--ignore-eos",
+                 "--json", "--tensor-parallel-size", "2", "--disaggregate")
+    assert out.returncode == 0, out.stderr
+    prompt_ids = AutoTokenizer.from_pretrained(model).encode(prompt)
+    assert json.loads(out.stdout)["token_ids"] == hf_greedy(model, prompt_ids, 8)

@@ -1,25 +1,38 @@
-"""`tandem generate`: one prompt, streamed to stdout (or one JSON object with --json)."""
+"""`tandem generate`: one prompt, streamed to stdout (or one JSON object with --json).
+
+With --tensor-parallel-size N or --disaggregate the request runs on Ray worker groups started on a local Ray
+(a prefill group and a decode group with --disaggregate, the KV moving between them), else in this process.
+"""
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 
 from cluster.cli import engine_kwargs, sampling_params
-from workers.engine.llm import LLM
+from workers.engine.llm import LLM, engine_config
 from workers.engine.outputs import RequestOutput
 
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad sampling flags fail before the model loads
-    llm = LLM(**engine_kwargs(args))
-    prompt = args.prompt
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])
-    final = stream(llm, prompt, params, echo=not args.json)
+    if args.tensor_parallel_size > 1 or args.disaggregate:
+        final = asyncio.run(_run_on_groups(args, params))
+    else:
+        llm = LLM(**engine_kwargs(args))
+        prompt = chat_prompt(llm.tokenizer, args) if args.chat else args.prompt
+        final = stream(llm, prompt, params, echo=not args.json)
     if args.json:
         print(json.dumps(to_json(final), ensure_ascii=False))
     return 0
+
+
+def chat_prompt(tokenizer, args: argparse.Namespace) -> list[int]:
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
 
 
 def stream(llm: LLM, prompt, params, echo: bool) -> RequestOutput:
@@ -30,13 +43,50 @@ def stream(llm: LLM, prompt, params, echo: bool) -> RequestOutput:
         for out in engine.step():
             if out.request_id != request_id:
                 continue
-            if echo:
-                sys.stdout.write(out.outputs[0].delta_text)
-                sys.stdout.flush()
+            _echo(out, echo)
             if out.finished:
-                if echo:
-                    sys.stdout.write("\n")
                 return out
+
+
+async def _run_on_groups(args: argparse.Namespace, params) -> RequestOutput:
+    import ray
+    from transformers import AutoTokenizer
+
+    from workers.disaggregation import generate_disaggregated
+    from workers.group import WorkerGroup
+
+    kwargs = engine_kwargs(args)
+    config = engine_config(**kwargs)
+    prompt = chat_prompt(AutoTokenizer.from_pretrained(kwargs["model"]), args) if args.chat else args.prompt
+    tp, num_groups = args.tensor_parallel_size, 2 if args.disaggregate else 1
+    roles = "a prefill group and a decode group" if args.disaggregate else "one worker group"
+    print(f"tandem: starting {roles} of tensor parallel size {tp} on a local Ray", file=sys.stderr)
+    # One logical CPU per rank: Ray then gives each rank actor one torch thread.
+    ray.init(num_cpus=max(tp * num_groups, os.cpu_count() or 1), include_dashboard=False,
+             logging_level="WARNING", log_to_driver=args.verbose)
+    groups = []
+    try:
+        for _ in range(num_groups):
+            groups.append(WorkerGroup.start(config, tp, progress=True))
+        if args.disaggregate:
+            outputs = generate_disaggregated(groups[0], groups[1], prompt, params)
+        else:
+            outputs = groups[0].generate(prompt, params)
+        async for out in outputs:
+            _echo(out, not args.json)
+            final = out
+        return final
+    finally:
+        for group in groups:
+            group.shutdown()
+        ray.shutdown()
+
+
+def _echo(out: RequestOutput, echo: bool) -> None:
+    if not echo:
+        return
+    sys.stdout.write(out.outputs[0].delta_text + ("\n" if out.finished else ""))
+    sys.stdout.flush()
 
 
 def to_json(out: RequestOutput) -> dict:

@@ -23,20 +23,25 @@ Prompt = str | list[int]
 Message = dict[str, str]
 
 
+def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
+                  max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
+                  num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 2.0,
+                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
+                  kv_lease_s: float = 30.0, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                  enable_chunked_prefill: bool = True) -> EngineConfig:
+    """The nested EngineConfig from flat keyword arguments, as LLM(...) and the command line take them."""
+    return EngineConfig(
+        model=ModelConfig(model, device, dtype, max_model_len, seed),
+        cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
+                          enable_prefix_caching, kv_lease_s),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+    )
+
+
 class LLM:
-    def __init__(self, model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 2.0,
-                 gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
-                 kv_lease_s: float = 30.0, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                 enable_chunked_prefill: bool = True, progress: bool = True):
-        config = EngineConfig(
-            model=ModelConfig(model, device, dtype, max_model_len, seed),
-            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
-                              enable_prefix_caching, kv_lease_s),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
-        )
-        self.engine = LLMEngine(config, progress=progress)
+    def __init__(self, model: str = "smollm2", *, progress: bool = True, **engine_args):
+        """`engine_args` are engine_config's: device, dtype, num_kv_blocks, max_num_seqs, ..."""
+        self.engine = LLMEngine(engine_config(model, **engine_args), progress=progress)
 
     @property
     def tokenizer(self):
