@@ -61,4 +61,7 @@ def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsy
     assert doc["kv_shape"] == {"layers": 30, "kv_heads": 3, "head_dim": 64, "block_size": 16, "dtype": "float32"}
     assert [(r["prompt_tokens"], r["blocks"]) for r in doc["results"]] == [(16, 1), (40, 3)]
     assert all(r["bytes"] == r["blocks"] * 16 * 2 * 30 * 3 * 64 * 4 and r["gb_per_s"] > 0 for r in doc["results"])
-    assert "added latency ms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "added latency ms" in out and "share of step" in out
+    tp = doc["tp_step_overhead"]
+    assert tp["tensor_parallel_size"] == 3 and tp["steps"] > 0 and 0 < tp["share"] < 1 and tp["plan_bytes"] > 0

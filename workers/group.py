@@ -39,7 +39,7 @@ from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
-from workers.kv_transfer import ChannelAddress, TransferCommand
+from workers.kv_transfer import ChannelAddress, KVCommand
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class RankWorker:
     async def prefill(self, prompt, params, request_id, cache_salt) -> KVHandoff:
         return await self.engine.prefill(prompt, params, request_id, cache_salt)
 
-    async def send_kv(self, command: TransferCommand) -> int:
+    async def send_kv(self, command: KVCommand) -> int:
         return await self.engine.send_kv(command)
 
     async def release(self, request_id: str) -> None:
@@ -173,9 +173,15 @@ class WorkerGroup:
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None, cache_salt: str | None = None) -> KVHandoff:
-        return await _unwrap(self._driver.prefill.remote(prompt, params, request_id, cache_salt))
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        try:
+            return await _unwrap(self._driver.prefill.remote(prompt, params, request_id, cache_salt))
+        except asyncio.CancelledError:
+            # Leaving an actor call does not stop it: abort it there, or its blocks stay pinned for the lease.
+            self._driver.abort.remote(request_id)
+            raise
 
-    async def send_kv(self, command: TransferCommand) -> int:
+    async def send_kv(self, command: KVCommand) -> int:
         return await _unwrap(self._driver.send_kv.remote(command))
 
     async def release(self, request_id: str) -> None:

@@ -1,9 +1,15 @@
 """KV blocks from a prefill rank to a decode rank over a 2-rank torch.distributed group (gloo on CPU, NCCL on GPU).
 
 Only raw tensors cross a channel: a small int64 header that both sides check, then the listed blocks of every
-layer's K and V gathered into one contiguous buffer. Nothing is pickled. A channel is built on demand: the sending
-side listens on a TCPStore at a port the OS picks, hands that address to its peer through the control plane,
-and both sides then construct the group concurrently (the constructor is a rendezvous).
+layer's K and V gathered into one contiguous buffer. Nothing is pickled.
+
+Between groups: rank 0 of every group hosts a TCPStore on a port the OS picks; its address travels in the
+handoff. The receiving group decides everything about a channel (a new name when it has none to that peer, one
+transfer at a time per peer), and each of its commands runs on every rank of both groups, rank r pairing with
+rank r. Opening a channel is a rendezvous, so both halves start together; a send then only starts (the payload
+goes when the peer receives it), so a sender never blocks its engine on a slow receiver. Every rank of a group
+applies the same commands in the same order, so their channel caches stay identical; when any rank fails, all
+of them drop the channel, and the next transfer opens a new one.
 """
 
 import datetime
@@ -27,6 +33,10 @@ _SENDER, _RECEIVER = 0, 1
 
 class TransferError(RuntimeError):
     """The peer's KV layout differs, or the channel failed or timed out; the channel must be rebuilt."""
+
+
+class TransferRefused(TransferError):
+    """The sender refused before starting (the request's blocks are no longer pinned); the channel is intact."""
 
 
 @dataclass(frozen=True)
@@ -184,16 +194,25 @@ class ChannelCache:
 
 
 @dataclass(frozen=True)
+class OpenChannel:
+    """Build a channel to a peer group, replacing any channel to it. Both groups run their half at the same time
+    (building a process group is a rendezvous); rank r of the sending group pairs with rank r of the receiver."""
+
+    role: str  # "send" or "recv"
+    peer: str  # the other group: channels are cached per peer
+    store: ChannelAddress  # the rendezvous store of the sending group, hosted by its rank 0
+    channel: str  # the channel's name, chosen by the receiving group
+
+
+@dataclass(frozen=True)
 class TransferCommand:
-    """One group's half of a transfer. Every rank of the group runs the same command on its own KV heads, rank r
-    of the sending group pairing with rank r of the receiving group."""
+    """One group's half of a transfer over an open channel. Every rank of the group runs the same command on its
+    own KV heads."""
 
     direction: str  # "send" or "recv"
     request_id: str
-    peer: str  # the other group: channels are cached per peer
-    store: ChannelAddress  # the rendezvous store of the sending group, hosted by its rank 0
-    channel: str  # the channel's name, chosen by the receiving group; a new name means a new channel
-    open: bool  # build the channel first: the peer builds its half at the same time
+    peer: str
+    channel: str  # must name the open channel: a stale name means the peer rebuilt it, and the transfer fails
     block_ids: list[int]
 
 
@@ -202,6 +221,20 @@ class DropChannel:
     """Close the channel to a peer (its transfer failed on the other side); the next transfer opens a new one."""
 
     peer: str
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Both halves of moving one request's blocks, as the receiving group decided them: the channel to open
+    first if there is none, then the send and the receive."""
+
+    send: TransferCommand
+    recv: TransferCommand
+    open_send: OpenChannel | None = None
+    open_recv: OpenChannel | None = None
+
+
+KVCommand = OpenChannel | TransferCommand | DropChannel
 
 
 class KVEndpoint:
@@ -227,17 +260,20 @@ class KVEndpoint:
         return self._listening[1]
 
     def channel_for(self, peer: str) -> tuple[str, bool]:
-        """The receiving side's choice: the open channel's name, or a new name and open=True."""
+        """The receiving side's choice: the open channel's name, or a new name and whether it must be opened."""
         channel = self.channels.get(peer)
         return (channel.name, False) if channel is not None else (uuid.uuid4().hex, True)
 
-    def run(self, command: "TransferCommand | DropChannel", kv_caches: KVCaches) -> int:
+    def run(self, command: KVCommand, kv_caches: KVCaches) -> int:
         """Applies one command; returns the bytes moved. A send only starts (see KVChannel.send)."""
         self._pending = [p for p in self._pending if not p.done()]
         if isinstance(command, DropChannel):
             self.channels.drop(command.peer)
             return 0
-        channel = self._open(command) if command.open else self.channels.get(command.peer)
+        if isinstance(command, OpenChannel):
+            self._open(command)
+            return 0
+        channel = self.channels.get(command.peer)
         if channel is None or channel.name != command.channel:
             raise TransferError(f"no open KV channel {command.channel!r} to {command.peer}")
         if command.direction == "send":
@@ -259,7 +295,7 @@ class KVEndpoint:
         self._pending = []
         self._listening = None
 
-    def _open(self, command: TransferCommand) -> KVChannel:
+    def _open(self, command: OpenChannel) -> KVChannel:
         self.channels.drop(command.peer)
         timeout = datetime.timedelta(seconds=self.timeout_s)
         if self._listening is not None and self._listening[1] == command.store:
@@ -270,13 +306,13 @@ class KVEndpoint:
             except RuntimeError as e:
                 raise TransferError(f"could not reach the KV store at {command.store}: {e}") from e
         prefixed = dist.PrefixStore(f"{command.channel}/{self.rank}", store)
-        role = _SENDER if command.direction == "send" else _RECEIVER
+        role = _SENDER if command.role == "send" else _RECEIVER
         channel = KVChannel(prefixed, role, self.device, self.timeout_s, name=command.channel)
         self.channels.put(command.peer, channel)
         return channel
 
 
-def run_transfer(endpoint: KVEndpoint, command: "TransferCommand | DropChannel", kv_caches: KVCaches,
+def run_transfer(endpoint: KVEndpoint, command: KVCommand, kv_caches: KVCaches,
                  tp: TensorParallel) -> int:
     """Runs a command on this rank, then agrees with the other ranks of the group: if any rank failed, every rank
     drops the channel (so all of them rebuild it together) and the transfer fails as a whole."""

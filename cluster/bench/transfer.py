@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(_LENGTHS),
                         help="prompt lengths in tokens (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="transfers per length; the median is reported")
+    parser.add_argument("--tensor-parallel-size", type=int, default=3,
+                        help="ranks for the step-overhead measurement; the model's heads must divide by it "
+                             "(default 3, as SmolLM2's 9 heads and 3 KV heads need); 1 skips it")
     parser.add_argument("--json", default="bench-results/transfer.json", help="where to write the figures")
 
 
@@ -87,11 +90,21 @@ def run(args: argparse.Namespace) -> int:
         rows.append(dict(prompt_tokens=n, blocks=num_blocks, bytes=nbytes, seconds=median, gb_per_s=nbytes / median / 1e9))
     peer.join(timeout=30)
     print(_table(rows, layers, heads, dim))
+    tp_row = None
+    if args.tensor_parallel_size > 1:
+        from cluster.bench import tp_step
+        from cluster.config import cache_dir
+        from workers.engine.model_store import resolve_model
+
+        tp_row = tp_step.measure(str(resolve_model(args.model, cache_dir())), args.tensor_parallel_size)
+        print()
+        print(tp_step.table(tp_row))
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(model=args.model, kv_shape=dict(layers=layers, kv_heads=heads, head_dim=dim,
                                                                      block_size=16, dtype="float32"),
-                                    backend="gloo", machine=machine_info(), results=rows), indent=2) + "\n")
+                                    backend="gloo", machine=machine_info(), results=rows,
+                                    tp_step_overhead=tp_row), indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

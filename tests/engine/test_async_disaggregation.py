@@ -4,6 +4,7 @@ Ray actors). Whatever goes wrong with a transfer, every request ends, with the s
 where it completes, and both sides end with every block free and nothing pinned."""
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
 from workers.engine.errors import RequestFailedError
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
+from workers.kv_transfer import TransferCommand
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 NUM_BLOCKS = 256
@@ -73,7 +75,9 @@ class TruncatingSource:
         self.prefill = prefill
 
     async def send_kv(self, command):
-        return await self.prefill.send_kv(type(command)(**{**command.__dict__, "block_ids": command.block_ids[1:]}))
+        if isinstance(command, TransferCommand):
+            command = dataclasses.replace(command, block_ids=command.block_ids[1:])
+        return await self.prefill.send_kv(command)
 
     async def release(self, request_id):
         await self.prefill.release(request_id)
@@ -137,6 +141,7 @@ def test_a_prefill_group_that_is_gone_makes_the_decode_side_recompute(pair, mode
     tokens = prompts(1, seed=2)[0]
 
     async def run():
+        await disaggregated(prefill, decode, tokens, "healthy")  # the channel is open when the group goes
         out = await disaggregated(prefill, decode, tokens, "orphan", GoneSource(prefill))
         return out, await decode.stats()
 

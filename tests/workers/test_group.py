@@ -77,6 +77,7 @@ def test_killing_the_prefill_actor_after_prefill_makes_the_decode_group_recomput
     tokens = prompts(1, seed=7)[0]
     try:
         async def run():
+            await tokens_of(generate_disaggregated(prefill, decode, tokens, GREEDY))  # the channel is open
             handoff = await prefill.prefill(tokens, GREEDY)
             ray.kill(prefill.ranks[0])
             out = await tokens_of(decode.generate_prefilled(handoff, GREEDY, prefill))
@@ -109,3 +110,42 @@ async def _wait_unhealthy(group: WorkerGroup) -> None:
     for _ in range(50):
         await group.check_health()
         await asyncio.sleep(0.1)
+
+
+def test_32_concurrent_requests_across_groups_with_random_cancels_leak_nothing(model):
+    """Real processes on both sides: cancelled streams abort on whichever group holds the request."""
+    prefill, decode = start(model, 1), start(model, 1)
+    batch = prompts(32, seed=11)
+    rng = random.Random(12)
+    delays = [rng.choice([None, None, 0.0, 0.1, 0.3, 0.6]) for _ in batch]
+
+    async def one(tokens, delay):
+        task = asyncio.create_task(tokens_of(generate_disaggregated(prefill, decode, tokens, GREEDY)))
+        if delay is not None:
+            await asyncio.sleep(delay)
+            task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return None
+
+    async def run():
+        results = await asyncio.gather(*(one(p, d) for p, d in zip(batch, delays)))
+        for _ in range(50):  # aborts of cancelled streams are fire-and-forget: wait until both groups are idle
+            p_stats, d_stats = await prefill.stats(), await decode.stats()
+            if p_stats.num_free_blocks == p_stats.num_blocks and d_stats.num_free_blocks == d_stats.num_blocks:
+                break
+            await asyncio.sleep(0.1)
+        return results, p_stats, d_stats
+
+    try:
+        results, p_stats, d_stats = asyncio.run(run())
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+    done = [i for i, r in enumerate(results) if r is not None]
+    assert len(done) >= sum(d is None for d in delays)
+    assert [results[i] for i in done] == [hf_greedy(model, batch[i], GREEDY.max_tokens) for i in done]
+    assert_all_free(p_stats)
+    assert_all_free(d_stats)
+    assert p_stats.num_kv_channels == d_stats.num_kv_channels == 1

@@ -28,7 +28,7 @@ from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.kv_transfer import DropChannel, TransferCommand
+from workers.kv_transfer import DropChannel, KVCommand, TransferPlan, TransferRefused
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 class KVSource(Protocol):
     """What a decode group needs of the prefill group that holds a request's KV."""
 
-    def send_kv(self, command: TransferCommand) -> Awaitable[int]: ...
+    def send_kv(self, command: KVCommand) -> Awaitable[int]: ...
 
     def release(self, request_id: str) -> Awaitable[None]: ...
 
@@ -100,8 +100,9 @@ class AsyncLLMEngine:
             self._commands.put(lambda: self.engine.release_pinned(rid))
             raise
 
-    async def send_kv(self, command: TransferCommand) -> int:
-        """The prefill group's half of a transfer: starts sending and returns (the decode group receives)."""
+    async def send_kv(self, command: KVCommand) -> int:
+        """The prefill group's half of a transfer (or of opening its channel): a send starts and returns at once;
+        the decode group receives."""
         return await self._call(lambda: self.engine.transfer_kv(command))
 
     async def release(self, request_id: str) -> None:
@@ -114,18 +115,27 @@ class AsyncLLMEngine:
         here, one transfer at a time per prefill group, so their order agrees on both sides), then streams the
         rest of the request. If the transfer fails the prompt is recomputed here, with the same result."""
         rid = handoff.request_id
+        receive = asyncio.ensure_future(self._receive(handoff, params, prefill))
+        try:
+            # A transfer is never cut short: a send the peer has started must be received, or the channel's
+            # next message would be this one. If the caller leaves, it completes and then the request is aborted.
+            outputs = await asyncio.shield(receive)
+        except BaseException:
+            receive.add_done_callback(lambda _: self._commands.put(lambda: self._abort(rid)))
+            raise
+        async for out in self._stream(rid, outputs):
+            yield out
+
+    async def _receive(self, handoff: KVHandoff, params: SamplingParams | None, prefill: KVSource) -> asyncio.Queue:
+        rid = handoff.request_id
         try:
             async with self._transfer_lock(handoff.source):
                 outputs, commands = await self._start(rid, lambda: self._prepare_receive(handoff, params))
-                moved = commands is None or await self._move_kv(prefill, rid, *commands)
+                moved = commands is None or await self._move_kv(prefill, rid, commands)
                 await self._call(lambda: self._start_prefilled(rid, handoff.first_token, moved))
-        except BaseException:
-            self._commands.put(lambda: self._abort(rid))
-            raise
+            return outputs
         finally:
             await release_quietly(prefill, rid)
-        async for out in self._stream(rid, outputs):
-            yield out
 
     async def abort(self, request_id: str) -> None:
         await self._call(lambda: self._abort(request_id))
@@ -189,27 +199,29 @@ class AsyncLLMEngine:
         # asyncio locks belong to one event loop; servers have one, tests may run several in turn.
         return self._transfer_locks[(asyncio.get_running_loop(), source)]
 
-    async def _move_kv(self, prefill: KVSource, request_id: str, send: TransferCommand,
-                       recv: TransferCommand) -> bool:
-        """True when the KV arrived. An open channel carries the transfer in order: start the send, then receive
-        (the sender never waits). A new channel is a rendezvous, so both halves must be started together."""
-        receive = lambda: self._call(lambda: self.engine.transfer_kv(recv))  # noqa: E731
-        if send.open:
-            results = await asyncio.gather(prefill.send_kv(send), receive(), return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-        else:
-            try:
-                await prefill.send_kv(send)
-                await receive()
-                errors = []
-            except Exception as e:  # a TransferError, or the prefill group is gone
-                errors = [e]
-        if not errors:
+    async def _move_kv(self, prefill: KVSource, request_id: str, plan: TransferPlan) -> bool:
+        """True when the KV arrived. Opening a channel is a rendezvous, so both halves start together; on an open
+        channel the transfer goes in order: start the send (the sender never waits), then receive."""
+        try:
+            if plan.open_send is not None:
+                results = await asyncio.gather(prefill.send_kv(plan.open_send), self._run(plan.open_recv),
+                                               return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+            await prefill.send_kv(plan.send)
+            await self._run(plan.recv)
             return True
-        logger.warning("KV transfer of %s from %s failed (%s); recomputing its prompt here", request_id,
-                       recv.peer, "; ".join(f"{type(e).__name__}: {e}" for e in errors))
-        await self._call(lambda: self.engine.transfer_kv(DropChannel(recv.peer)))
+        except TransferRefused as e:  # nothing was sent: the channel is fine
+            logger.warning("prefill group refused the KV of %s (%s); recomputing its prompt here", request_id, e)
+        except Exception as e:  # a TransferError, or the prefill group is gone
+            logger.warning("KV transfer of %s from %s failed (%s: %s); recomputing its prompt here", request_id,
+                           plan.recv.peer, type(e).__name__, e)
+            await self._run(DropChannel(plan.recv.peer))
         return False
+
+    def _run(self, command: KVCommand) -> Awaitable[int]:
+        return self._call(lambda: self.engine.transfer_kv(command))
 
     def _start_prefilled(self, request_id: str, first_token: int, moved: bool) -> None:
         if request_id not in self.engine.receiving:

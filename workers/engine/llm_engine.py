@@ -29,10 +29,12 @@ from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
 from workers.kv_transfer import (
-    DropChannel,
+    KVCommand,
     KVEndpoint,
+    OpenChannel,
     TransferCommand,
-    TransferError,
+    TransferPlan,
+    TransferRefused,
     run_transfer,
 )
 
@@ -150,22 +152,26 @@ class LLMEngine:
         self.receiving[seq.request_id] = seq
         return ReceivePlan(seq.request_id, len(hits), handoff.block_ids[len(hits):], seq.block_table[len(hits):])
 
-    def plan_transfer(self, handoff: KVHandoff, plan: ReceivePlan) -> tuple[TransferCommand, TransferCommand]:
+    def plan_transfer(self, handoff: KVHandoff, plan: ReceivePlan) -> TransferPlan:
         """The prefill group's and this group's halves of moving `plan`'s blocks, over the open channel to the
-        prefill group or a new one (both halves then open it)."""
+        prefill group or, first, a new one."""
         peer = f"{handoff.source.host}:{handoff.source.port}"
-        name, open_channel = self.kv.channel_for(peer)
+        name, must_open = self.kv.channel_for(peer)
         rid = handoff.request_id
-        return (TransferCommand("send", rid, self.kv.id, handoff.source, name, open_channel, plan.src_block_ids),
-                TransferCommand("recv", rid, peer, handoff.source, name, open_channel, plan.dst_block_ids))
+        send = TransferCommand("send", rid, self.kv.id, name, plan.src_block_ids)
+        recv = TransferCommand("recv", rid, peer, name, plan.dst_block_ids)
+        if not must_open:
+            return TransferPlan(send, recv)
+        return TransferPlan(send, recv, OpenChannel("send", self.kv.id, handoff.source, name),
+                            OpenChannel("recv", peer, handoff.source, name))
 
-    def transfer_kv(self, command: TransferCommand | DropChannel) -> int:
+    def transfer_kv(self, command: KVCommand) -> int:
         """Runs one half of a transfer on every rank of the group (rank r pairs with the peer's rank r); returns
         this rank's bytes. Raises TransferError, with the channel dropped on every rank, if any rank failed."""
         if isinstance(command, TransferCommand) and command.direction == "send" \
                 and command.request_id not in self.pinned:
             # Refused before any rank starts: the blocks may already hold another request's KV.
-            raise TransferError(f"{command.request_id} holds no pinned KV here (its lease expired or it was "
+            raise TransferRefused(f"{command.request_id} holds no pinned KV here (its lease expired or it was "
                                 "aborted)")
         if self.runner.followers is not None:
             self.runner.followers.send(command)

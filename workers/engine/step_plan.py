@@ -12,6 +12,7 @@ never go through it.
 """
 
 import pickle
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +64,10 @@ class PlanWriter:
         self.tp = tp
         self._sent: dict[str, tuple[int, list[int]]] = {}  # request id -> (tokens sent, block table sent)
         self._finished: list[str] = []
+        # Running totals of what driving the followers costs rank 0 (serialising and broadcasting plans).
         self.bytes_sent = 0
         self.num_messages = 0
+        self.seconds = 0.0
 
     def step(self, batch: list[tuple[Sequence, int]]) -> None:
         chunks = []
@@ -85,8 +88,10 @@ class PlanWriter:
             self._finished.append(request_id)
 
     def send(self, message: object) -> None:
+        start = time.perf_counter()
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         broadcast_bytes(data, self.tp)
+        self.seconds += time.perf_counter() - start
         self.bytes_sent += len(data)
         self.num_messages += 1
 
@@ -118,18 +123,30 @@ class PlanReader:
         return batch
 
 
+_FRAME = 16384  # one broadcast carries a plan up to this size (a step of a few dozen requests); larger ones take two
+_LENGTH = 8
+
+
 def broadcast_bytes(data: bytes | None, tp: TensorParallel) -> bytes:
-    """Rank 0 passes the bytes, the others None; every rank returns them. Two broadcasts: the length, then the
-    payload, both over the CPU group (on GPU the tensor group is NCCL, which cannot carry host memory)."""
+    """Rank 0 passes the bytes, the others None; every rank returns them. Over the CPU group (on GPU the tensor
+    group is NCCL, which cannot carry host memory). A fixed-size frame holds the length and the first bytes, so
+    a usual plan is one broadcast, one round of latency, rather than a length and then a payload."""
     group = tp.cpu_group
-    length = torch.tensor([0 if data is None else len(data)], dtype=torch.long)
-    group.broadcast([length], _root()).wait()
+    frame = torch.zeros(_FRAME, dtype=torch.uint8)
     if data is not None:
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    else:
-        payload = torch.empty(int(length), dtype=torch.uint8)
-    group.broadcast([payload], _root()).wait()
-    return data if data is not None else payload.numpy().tobytes()
+        head = data[:_FRAME - _LENGTH]
+        frame[:_LENGTH] = torch.frombuffer(bytearray(len(data).to_bytes(_LENGTH, "little")), dtype=torch.uint8)
+        frame[_LENGTH:_LENGTH + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    group.broadcast([frame], _root()).wait()
+    length = int.from_bytes(frame[:_LENGTH].numpy().tobytes(), "little")
+    rest = length - (_FRAME - _LENGTH)
+    if rest > 0:
+        tail = torch.frombuffer(bytearray(data[-rest:]), dtype=torch.uint8) if data is not None else \
+            torch.empty(rest, dtype=torch.uint8)
+        group.broadcast([tail], _root()).wait()
+        if data is None:
+            return frame[_LENGTH:].numpy().tobytes() + tail.numpy().tobytes()
+    return data if data is not None else frame[_LENGTH:_LENGTH + length].numpy().tobytes()
 
 
 def _root() -> dist.BroadcastOptions:
