@@ -116,6 +116,25 @@ def test_streamed_tokens_equal_unified_and_both_sides_end_clean(pair, model):
     assert d_stats.num_kv_transfer_failures == 0
 
 
+def test_seeded_sampling_and_logprobs_continue_across_the_handoff_as_in_one_engine(pair, model):
+    """The first token (and its logprobs) comes from the prefill group, the rest from the decode group, whose
+    generator skips the draw the prefill group made."""
+    prefill, decode = pair
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=42, logprobs=3, ignore_eos=True)
+    tokens = prompts(1, seed=9)[0]
+
+    async def run():
+        return [o async for o in generate_disaggregated(prefill, decode, tokens, params, "seeded")][-1]
+
+    split = asyncio.run(run()).outputs[0]
+    whole = LLM(model, num_kv_blocks=NUM_BLOCKS, progress=False).generate([tokens], params)[0].outputs[0]
+    assert split.token_ids == whole.token_ids
+    assert len(split.logprobs) == len(whole.logprobs) == 12
+    for got, want in zip(split.logprobs, whole.logprobs):
+        assert got.keys() == want.keys()
+        assert all(abs(got[t] - want[t]) < 1e-4 for t in want)
+
+
 def test_a_transfer_cut_short_is_recomputed_and_the_next_one_uses_a_rebuilt_channel(pair, model):
     prefill, decode = pair
     batch = prompts(2, seed=1)

@@ -47,7 +47,7 @@ def disaggregated(p, d, tokens, request_id):
     handoff = prefill(p, tokens, request_id)
     plan = d.add_prefilled_request(handoff, GREEDY)
     move(p, d, plan)
-    first = d.start_prefilled_request(request_id, handoff.first_token)
+    first = d.start_prefilled_request(handoff)
     p.release_pinned(request_id)
     return plan, run_until_finished(d, request_id, first)
 

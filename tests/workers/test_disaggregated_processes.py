@@ -53,7 +53,7 @@ def _decode_side(model: str, addresses, handoffs, plans, results) -> None:
         plan = engine.add_prefilled_request(handoff, GREEDY)
         plans.put(plan)
         channel.recv(engine.runner.kv_caches, plan.dst_block_ids)
-        out = engine.start_prefilled_request(handoff.request_id, handoff.first_token)
+        out = engine.start_prefilled_request(handoff)
         while not out.finished:
             out = next((o for o in engine.step() if o.request_id == handoff.request_id), out)
         results.put((handoff.request_id, out.outputs[0].token_ids, len(plan.src_block_ids)))

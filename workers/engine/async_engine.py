@@ -132,7 +132,7 @@ class AsyncLLMEngine:
             async with self._transfer_lock(handoff.source):
                 outputs, commands = await self._start(rid, lambda: self._prepare_receive(handoff, params))
                 moved = commands is None or await self._move_kv(prefill, rid, commands)
-                await self._call(lambda: self._start_prefilled(rid, handoff.first_token, moved))
+                await self._call(lambda: self._start_prefilled(handoff, moved))
             return outputs
         finally:
             await release_quietly(prefill, rid)
@@ -223,11 +223,12 @@ class AsyncLLMEngine:
     def _run(self, command: KVCommand) -> Awaitable[int]:
         return self._call(lambda: self.engine.transfer_kv(command))
 
-    def _start_prefilled(self, request_id: str, first_token: int, moved: bool) -> None:
+    def _start_prefilled(self, handoff: KVHandoff, moved: bool) -> None:
+        request_id = handoff.request_id
         if request_id not in self.engine.receiving:
             return  # aborted while the KV was moving
         if moved:
-            self._deliver(self.engine.start_prefilled_request(request_id, first_token))
+            self._deliver(self.engine.start_prefilled_request(handoff))
         else:
             self.engine.recompute_prefilled_request(request_id)
 

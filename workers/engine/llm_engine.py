@@ -117,7 +117,7 @@ class LLMEngine:
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
         num_full_blocks = seq.num_prompt_tokens // self.block_size
         return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[seq.num_prompt_tokens],
-                         seq.block_table[:num_prompt_blocks], seq.block_hashes[:num_full_blocks], seq.cache_salt,
+                         seq.logprobs[0] if seq.logprobs else None, seq.block_table[:num_prompt_blocks], seq.block_hashes[:num_full_blocks], seq.cache_salt,
                          expiry, self.kv.address())
 
     def release_pinned(self, request_id: str) -> None:
@@ -177,13 +177,16 @@ class LLMEngine:
             self.runner.followers.send(command)
         return run_transfer(self.kv, command, self.runner.kv_caches, self.tp)
 
-    def start_prefilled_request(self, request_id: str, first_token: int) -> RequestOutput:
-        """The KV has arrived: the request joins the running batch with its whole prompt computed."""
-        seq = self.receiving.pop(request_id)
+    def start_prefilled_request(self, handoff: KVHandoff) -> RequestOutput:
+        """The KV has arrived: the request joins the running batch with its whole prompt computed, and its first
+        token, sampled by the prefill group, is emitted here as if this group had sampled it."""
+        seq = self.receiving.pop(handoff.request_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_full_blocks(seq)
         self.scheduler.add_running(seq)
-        return self._process(SampledToken(seq, first_token, None))
+        # A seeded request's next token must come from its generator's second draw, as in one engine.
+        self.runner.skip_draw(seq)
+        return self._process(SampledToken(seq, handoff.first_token, handoff.first_logprobs))
 
     def recompute_prefilled_request(self, request_id: str) -> None:
         """The transfer failed: drop what arrived and compute the prompt here instead (same output)."""

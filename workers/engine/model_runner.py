@@ -142,6 +142,14 @@ class ModelRunner:
         out = self.sampler(logits, params, generators)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
+    def skip_draw(self, seq: Sequence) -> None:
+        """Advances a seeded, sampled request's generator past one token's draw (one that another group made)."""
+        if seq.sampling_params.greedy:
+            return
+        generator = self._generator(seq)
+        if generator is not None:
+            self.sampler.skip_draw(self.hf_config.vocab_size, generator)
+
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.sampling_params.seed
         if seed is None:

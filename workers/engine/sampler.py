@@ -105,6 +105,11 @@ class Sampler:
         noise = self._noise(num_rows, vocab_size, device, generators)
         return (probs / noise).argmax(dim=-1)
 
+    @staticmethod
+    def skip_draw(vocab_size: int, generator: torch.Generator) -> None:
+        """Consumes the noise of one sampled token from a seeded request's generator, as `_noise` draws it."""
+        torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+
     def _noise(
         self, num_rows: int, vocab_size: int, device: torch.device, generators: list[torch.Generator | None]
     ) -> torch.Tensor:

@@ -16,10 +16,9 @@ class VocabParallelEmbedding(nn.Module):
     """`forward` embeds token ids; `logits` projects hidden states back onto the vocabulary.
 
     Embedding: a rank looks up only the ids in its slice, writes zeros for the rest, and an all-reduce sums the
-    one non-zero row per token. LM head: a rank computes its slice of the logits and an all-gather gives the
-    full logits to every rank, not just rank 0, because every rank runs the same scheduler and sampler in
-    lockstep and so needs the sampled token; gathering the few sampled rows costs one collective, where
-    gathering to rank 0 and broadcasting tokens back would cost two. A tied model calls its embedding's
+    one non-zero row per token. LM head: a rank computes its slice of the logits and an all-gather assembles
+    them; only rank 0 samples from them. For the few sampled rows of a step the collective's latency, not its
+    bytes, is the cost, so a gather to rank 0 alone would save nothing. A tied model calls its embedding's
     `logits`; an untied one holds a second instance as its lm_head.
     """
 
