@@ -140,7 +140,13 @@ class WorkerGroup:
         else:
             pg = own = placement_group([bundle] * size, strategy="STRICT_PACK")
             first_bundle = 0
-            ray.get(pg.ready(), timeout=_RENDEZVOUS_TIMEOUT_S)
+            try:
+                ray.get(pg.ready(), timeout=_RENDEZVOUS_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(pg)
+                raise RuntimeError(f"could not reserve {size} x {bundle} on one node within "
+                                   f"{_RENDEZVOUS_TIMEOUT_S} s (Ray has {ray.available_resources()} free); lower "
+                                   "num_cpus_per_rank or start Ray with more CPUs") from None
         actor = ray.remote(RankWorker)
         ranks = [actor.options(
             num_cpus=num_cpus_per_rank, num_gpus=1 if gpu else 0,
