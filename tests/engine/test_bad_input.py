@@ -1,6 +1,7 @@
 """Bad input is a typed error with a message naming the field, and the engine keeps serving everyone else."""
 
 import math
+import pickle
 
 import pytest
 
@@ -102,3 +103,11 @@ def test_abort_at_every_phase_frees_every_block(llm):
     assert final.finished and final.outputs[0].finish_reason == "abort"
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("error", [InvalidRequestError("temperature", "must be >= 0, got -1"),
+                                   PromptTooLongError(2049, 2047, "the KV cache capacity")])
+def test_errors_cross_process_boundaries_intact(error):
+    """Ray and Serve pickle an exception to hand it to the caller, who maps its class and field to a status."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error) and copy.field == error.field

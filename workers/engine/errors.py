@@ -14,6 +14,11 @@ class InvalidRequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self):
+        # Errors cross process boundaries (Ray actors, Serve replicas) by pickle, which rebuilds from these.
+        return type(self), (self.field, self.message)
 
 
 class PromptTooLongError(InvalidRequestError):
@@ -23,6 +28,10 @@ class PromptTooLongError(InvalidRequestError):
         super().__init__("prompt", f"{num_tokens} tokens exceed {what} ({limit}); shorten the prompt")
         self.num_tokens = num_tokens
         self.limit = limit
+        self.what = what
+
+    def __reduce__(self):
+        return type(self), (self.num_tokens, self.limit, self.what)
 
 
 class ModelNotFoundError(ValueError):

@@ -13,6 +13,7 @@ class KVHandoff:
     prompt_token_ids: list[int]
     first_token: int
     first_logprobs: dict[int, float] | None  # the first token's top-N logprobs, when the request asked for them
+    num_cached_tokens: int  # prompt tokens the prefill group took from its prefix cache
     block_ids: list[int]  # the prefill group's blocks holding the prompt's KV, in order
     block_hashes: list[BlockHash]  # hashes of the full blocks among them, so the receiver can skip what it has
     cache_salt: str | None

@@ -116,9 +116,12 @@ class LLMEngine:
         seq, expiry = self.pinned[request_id]
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
         num_full_blocks = seq.num_prompt_tokens // self.block_size
-        return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[seq.num_prompt_tokens],
-                         seq.logprobs[0] if seq.logprobs else None, seq.block_table[:num_prompt_blocks], seq.block_hashes[:num_full_blocks], seq.cache_salt,
-                         expiry, self.kv.address())
+        return KVHandoff(
+            request_id=request_id, prompt_token_ids=list(seq.prompt_token_ids),
+            first_token=seq.token_ids[seq.num_prompt_tokens],
+            first_logprobs=seq.logprobs[0] if seq.logprobs else None, num_cached_tokens=seq.num_cached_tokens,
+            block_ids=seq.block_table[:num_prompt_blocks], block_hashes=seq.block_hashes[:num_full_blocks],
+            cache_salt=seq.cache_salt, lease_expiry=expiry, source=self.kv.address())
 
     def release_pinned(self, request_id: str) -> None:
         """The decode group has the KV (or the request was aborted): unpin and free the blocks."""
@@ -148,7 +151,9 @@ class LLMEngine:
         if not self.block_manager.allocate_slots(seq, seq.num_tokens - len(hits) * self.block_size, hits):
             del self.requests[seq.request_id]
             raise KVCacheFullError(f"no free KV blocks for the {seq.num_tokens}-token prompt of {seq.request_id}")
-        seq.num_cached_tokens = len(hits) * self.block_size
+        # Usage reports the prompt tokens the cluster did not compute: the prefill group's cache hits, or the
+        # blocks this group already held if it had more.
+        seq.num_cached_tokens = max(len(hits) * self.block_size, handoff.num_cached_tokens)
         self.receiving[seq.request_id] = seq
         return ReceivePlan(seq.request_id, len(hits), handoff.block_ids[len(hits):], seq.block_table[len(hits):])
 
