@@ -4,6 +4,7 @@
     tandem generate --chat --prompt "What is 2+2?" --json  # chat template applied, one JSON object out
     tandem generate --prompt "Hi" -tp 3 --disaggregate     # prefill and decode worker groups of 3 ranks on Ray
     tandem chat                                            # interactive conversation
+    tandem serve                                           # the cluster: ingress, prefill and decode pools
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
 """
 
@@ -11,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from cluster.config import cache_dir
+from cluster.config import ConfigError, cache_dir
 from workers.engine.errors import InvalidRequestError, ModelNotFoundError
 
 
@@ -73,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
 
+    serve_parser = sub.add_parser(
+        "serve", help="start the cluster: a local Ray, Redis, and prefill/decode pools behind an ingress",
+        description="Starts a local Ray, a local redis-server (unless --redis-url), and the Serve application: "
+                    "an ingress in front of a prefill pool and a decode pool of worker groups. Every setting is a "
+                    "flag or a key of the --config YAML file (deploy/tandem.yaml documents them); flags win.")
+    from cluster.config import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(serve_parser)
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from cluster.bench import engine, transfer
@@ -99,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import chat
 
             return chat.run(args)
+        if args.command == "serve":
+            from cluster.commands import serve
+
+            return serve.run(args)
         from cluster.bench import engine as bench_engine
         from cluster.bench import transfer as bench_transfer
 
         return (bench_engine if args.bench == "engine" else bench_transfer).run(args)
-    except (ModelNotFoundError, InvalidRequestError) as e:
+    except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
 

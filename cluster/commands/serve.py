@@ -1,0 +1,43 @@
+"""`tandem serve`: a local Ray, a local redis-server unless one is configured, and the Serve application, until
+Ctrl-C, which shuts everything down in reverse order."""
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from cluster.config import from_args
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app, required_cpus
+    from cluster.redis_server import LocalRedis
+
+    config = from_args(args)  # a bad flag or file fails before anything starts
+    redis = LocalRedis() if config.redis_url is None else None
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        # Logical CPUs: ranks mostly wait on each other, so a laptop may reserve more than it has cores.
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1), include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=args.verbose)
+        serve.start(http_options={"host": config.host, "port": config.http_port})
+        pools = "a prefill pool and a decode pool" if config.disaggregate else "a decode pool (unified mode)"
+        print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size})",
+              file=sys.stderr)
+        serve.run(build_app(config), name="tandem", route_prefix="/")
+        print(f"tandem: serving on http://{config.host}:{config.http_port} (POST /generate); "
+              f"KV events in {config.redis_url or redis.url}; Ctrl-C stops", file=sys.stderr, flush=True)
+        stop.wait()
+        print("tandem: shutting down", file=sys.stderr)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        if redis is not None:
+            redis.stop()
+    return 0

@@ -1,0 +1,90 @@
+"""The Serve application end to end: a real Ray, real Serve deployments (an ingress, a prefill pool and a decode
+pool, each replica a worker group), requests through the ingress's handle. The disaggregated cluster's greedy
+tokens equal HF's, and a stream the caller abandons frees every block on both pools."""
+
+import asyncio
+
+import pytest
+from ray import serve
+
+from cluster.app import build_app
+from cluster.config import ClusterConfig
+from router.ingress import GenerateRequest
+from tests.hf_reference import hf_greedy
+from workers.engine.errors import InvalidRequestError
+from workers.engine.sampling_params import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory):
+    return str(tiny_model_factory("llama"))
+
+
+@pytest.fixture(scope="module")
+def ingress(model):
+    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10)
+    handle = serve.run(build_app(config), name="tandem-test", route_prefix=None)
+    yield handle
+    serve.delete("tandem-test")
+
+
+def pool(name: str):
+    return serve.get_deployment_handle(name, app_name="tandem-test")
+
+
+async def tokens(ingress, request: GenerateRequest) -> list[int]:
+    outs = [o async for o in ingress.options(stream=True).generate.remote(request)]
+    assert outs[-1].finished
+    return outs[-1].outputs[0].token_ids
+
+
+def test_disaggregated_cluster_gives_hfs_greedy_tokens(ingress, model):
+    prompts = [[(7 * i + j) % 49152 for j in range(20 + 9 * i)] for i in range(4)]
+
+    async def run():
+        return await asyncio.gather(*(tokens(ingress, GenerateRequest(prompt_token_ids=p, params=GREEDY))
+                                      for p in prompts))
+
+    assert asyncio.run(run()) == [hf_greedy(model, p, GREEDY.max_tokens) for p in prompts]
+
+
+def test_chat_messages_are_rendered_with_the_models_template(ingress, model):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = AutoTokenizer.from_pretrained(model).apply_chat_template(messages, add_generation_prompt=True,
+                                                                      tokenize=True, return_dict=False)
+    got = asyncio.run(tokens(ingress, GenerateRequest(messages=messages, params=GREEDY)))
+    assert got == hf_greedy(model, list(prompt), GREEDY.max_tokens)
+
+
+def test_bad_input_is_refused_with_the_field_named(ingress):
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        asyncio.run(tokens(ingress, GenerateRequest(prompt="")))
+    with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
+        asyncio.run(tokens(ingress, GenerateRequest(prompt_token_ids=[49152])))
+
+
+def test_an_abandoned_stream_frees_every_block_on_both_pools(ingress):
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        stream = ingress.options(stream=True).generate.remote(
+            GenerateRequest(prompt_token_ids=list(range(100, 140)), params=long))
+        async for _ in stream:
+            break  # the first token arrived: the request is decoding, its KV moved
+        stream.cancel()
+        for _ in range(100):
+            stats = [await pool(name).stats.remote() for name in ("prefill", "decode")]
+            if all(s.num_free_blocks == s.num_blocks and s.num_running == 0 for s in stats):
+                return stats
+            await asyncio.sleep(0.1)
+        return stats
+
+    for stats in asyncio.run(run()):
+        assert (stats.num_running, stats.num_waiting, stats.num_pinned, stats.num_receiving) == (0, 0, 0, 0)
+        assert stats.num_free_blocks == stats.num_blocks

@@ -1,0 +1,68 @@
+"""A pool replica: one Serve replica owns one tensor-parallel worker group.
+
+The same class serves both pools (one engine, two roles): the prefill pool's replicas answer `prefill`, the
+decode pool's answer `generate_prefilled` (and `generate` in unified mode). The group's ranks live in the
+replica's own placement group, so Serve reserves a replica's GPUs together, and they go when the replica goes.
+
+Only requests travel through Serve. KV blocks move between the groups' ranks over their own channels, and the
+decode group reaches the prefill group that holds a request's KV through that group's handle, which `prefill`
+returns with the handoff, so Serve never routes a transfer to the wrong replica.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from workers.engine.config import EngineConfig
+from workers.engine.handoff import KVHandoff
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+from workers.group import WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """What a prefill replica returns: the handoff and the group that holds the KV under its lease."""
+
+    handoff: KVHandoff
+    source: WorkerGroup
+
+
+class EngineServer:
+    def __init__(self, config: EngineConfig, tensor_parallel_size: int = 1, num_cpus_per_rank: float = 1.0,
+                 role: str = "decode"):
+        self.role = role
+        self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank)
+        logger.info("%s replica ready: tensor parallel size %d", role, tensor_parallel_size)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        async for out in self.group.generate(prompt, params, request_id, cache_salt):
+            yield out
+
+    async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None, cache_salt: str | None = None) -> Prefilled:
+        return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt), self.group)
+
+    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
+                                 source: WorkerGroup) -> AsyncIterator[RequestOutput]:
+        async for out in self.group.generate_prefilled(handoff, params, source):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self.group.abort(request_id)
+
+    async def stats(self):
+        return await self.group.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health probe reaches the group: rank 0 must answer and every follower be in its loop."""
+        await self.group.check_health()
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown, after in-flight requests drained: give the ranks back.
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()
