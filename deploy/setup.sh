@@ -9,6 +9,18 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
+# redis-server holds the KV-event feed; the tests start their own (tests/redis_fixture.py). Checked before the
+# stamp because it lives outside the .venv: a machine can keep the .venv and still lack it.
+if ! command -v redis-server > /dev/null; then
+    echo "setup: installing redis-server" >&2
+    sudo=()
+    if [[ "$(id -u)" != 0 ]]; then
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server > /dev/null
+fi
+
 venv=.venv
 python_bin="${PYTHON:-python3}"
 stamp="$venv/.setup-stamp"

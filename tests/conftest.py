@@ -26,6 +26,8 @@ from transformers import (
 
 from workers.engine.model_store import resolve_model
 
+pytest_plugins = ["tests.redis_fixture"]
+
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 _TINY_SEED = 1234

@@ -3,10 +3,14 @@
 Torch-free on purpose: this is the part that must be exact, so it is tested exactly (block ids, ref counts,
 eviction order). A free block keeps its contents and its hash until it is handed out again, which is what makes
 automatic prefix caching free: a later request with the same block hash picks it up off the free queue.
+
+The set of hashes in `cached` is exactly what the router's KV index must know about this group, so every change to
+it is reported to an optional `KVEventSink` (workers/kv_events.py publishes them to Redis).
 """
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from workers.engine.sequence import Sequence
 from workers.kv.hashing import BlockHash
@@ -19,6 +23,20 @@ class Block:
     block_hash: BlockHash | None = None
 
 
+class KVEventSink(Protocol):
+    """Told, in order, every change to the set of cached block hashes. Called on the engine thread, so it must
+    not block (workers/kv_events.py only enqueues)."""
+
+    def blocks_stored(self, block_hashes: list[BlockHash], parent_hash: BlockHash | None) -> None:
+        """`block_hashes` are consecutive blocks of one sequence; `parent_hash` is the block before the first."""
+
+    def blocks_removed(self, block_hashes: list[BlockHash]) -> None:
+        """The blocks were evicted: their physical blocks now hold other content."""
+
+    def cache_cleared(self) -> None:
+        """Every cached hash was forgotten at once."""
+
+
 class BlockManager:
     """Allocates KV blocks to sequences with automatic prefix caching.
 
@@ -27,11 +45,13 @@ class BlockManager:
     block that is hit while free leaves the queue from the middle, also in O(1).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 kv_events: KVEventSink | None = None):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.kv_events = kv_events
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[BlockHash, int] = {}
@@ -80,7 +100,10 @@ class BlockManager:
         for block_id in new_computed_blocks:
             self._touch(block_id)
         seq.block_table.extend(new_computed_blocks)
-        seq.block_table.extend(self._pop_free() for _ in range(num_to_allocate))
+        evicted: list[BlockHash] = []
+        seq.block_table.extend(self._pop_free(evicted) for _ in range(num_to_allocate))
+        if evicted and self.kv_events is not None:
+            self.kv_events.blocks_removed(evicted)
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -88,7 +111,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
-        for block_id, block_hash in zip(seq.block_table[:num_full], seq.block_hashes[:num_full]):
+        stored: list[int] = []
+        for index, (block_id, block_hash) in enumerate(zip(seq.block_table[:num_full], seq.block_hashes[:num_full])):
             block = self.blocks[block_id]
             if block.block_hash is not None:
                 continue
@@ -97,6 +121,9 @@ class BlockManager:
                 continue
             block.block_hash = block_hash
             self.cached[block_hash] = block_id
+            stored.append(index)
+        if stored and self.kv_events is not None:
+            self._report_stored(seq.block_hashes, stored)
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks, tail first, so a prefix outlives its own suffix in the cache."""
@@ -114,6 +141,8 @@ class BlockManager:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        if self.kv_events is not None:
+            self.kv_events.cache_cleared()
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -121,11 +150,23 @@ class BlockManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
-    def _pop_free(self) -> int:
+    def _pop_free(self, evicted: list[BlockHash]) -> int:
+        """The front free block, its cached hash (if any) dropped and appended to `evicted`."""
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None:
             del self.cached[block.block_hash]
+            evicted.append(block.block_hash)
             block.block_hash = None
         block.ref_count = 1
         return block_id
+
+    def _report_stored(self, block_hashes: list[BlockHash], indices: list[int]) -> None:
+        """One event per run of consecutive blocks, so each event's parent hash is the block right before it."""
+        start = 0
+        for end in range(1, len(indices) + 1):
+            if end == len(indices) or indices[end] != indices[end - 1] + 1:
+                first, last = indices[start], indices[end - 1]
+                parent = block_hashes[first - 1] if first else None
+                self.kv_events.blocks_stored(block_hashes[first:last + 1], parent)
+                start = end
