@@ -6,11 +6,15 @@ per rank (a GPU each on GPU), packed on one node, so Serve reserves, starts, hea
 a group as one unit.
 """
 
+from dataclasses import asdict
+
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, cache_dir
 from router.ingress import Ingress
+from router.request_router import PrefixCacheRouter
 from workers.engine.model_store import resolve_model
 from workers.server import EngineServer
 
@@ -26,23 +30,33 @@ def required_cpus(config: ClusterConfig) -> float:
 
 
 def build_app(config: ClusterConfig) -> Application:
+    """`config.redis_url` must be set: the groups publish KV events there and the prefill router reads them."""
+    if config.redis_url is None:
+        raise ValueError("build_app needs config.redis_url (tandem serve starts a local redis-server for it)")
     model_dir = str(resolve_model(config.model, cache_dir()))  # converted once here, not on every rank
     engine = config.to_engine_config(model_dir)
     tp = config.tensor_parallel_size
     rank = {"CPU": config.num_cpus_per_rank, **({"GPU": 1} if config.device == "cuda" else {})}
 
-    def pool(name: str, pool_config) -> Application:
+    def pool(name: str, pool_config, **options) -> Application:
         return serve.deployment(EngineServer, name=name).options(
-            **pool_config.serve_options(),
+            **pool_config.serve_options(), **options,
             ray_actor_options={"num_cpus": REPLICA_CPUS},
             placement_group_bundles=[{"CPU": REPLICA_CPUS}] + [rank] * tp,
             placement_group_strategy="STRICT_PACK",
             health_check_period_s=10, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=30,
-        ).bind(engine, tp, config.num_cpus_per_rank, name)
+        ).bind(engine, tp, config.num_cpus_per_rank, name, config.redis_url)
 
-    prefill = pool("prefill", config.prefill) if config.disaggregate else None
-    decode = pool("decode", config.decode)
+    def router(role: str) -> RequestRouterConfig:
+        return RequestRouterConfig(
+            request_router_class=PrefixCacheRouter, request_routing_stats_period_s=1,
+            request_router_kwargs=dict(redis_url=config.redis_url, role=role, block_size=config.block_size,
+                                       weights=asdict(config.routing)))
+
+    prefill = pool("prefill", config.prefill, request_router_config=router("prefill")) \
+        if config.disaggregate else None
+    decode = pool("decode", config.decode, request_router_config=router("decode"))
     return serve.deployment(Ingress, name="ingress").options(
         **config.ingress.serve_options(), ray_actor_options={"num_cpus": REPLICA_CPUS},
-    ).bind(prefill, decode, model_dir)
+    ).bind(prefill, decode, model_dir, config.block_size)

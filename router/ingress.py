@@ -1,9 +1,11 @@
 """The ingress: a request's path through the cluster, top to bottom.
 
-validate and tokenize (the chat template for chat requests) -> prefill on a prefill replica, which pins the
-prompt's KV -> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the
-caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away cancels the
-stream, which aborts the request on whichever group holds it, so every block is freed.
+validate and tokenize (the chat template for chat requests) -> hash the prompt's blocks (salted by cache_salt)
+for the request router, which picks the prefill replica holding the longest prefix for the least work
+(router/request_router.py) -> prefill on that replica, which pins the prompt's KV -> a decode replica pulls the
+KV it lacks from that group and streams the tokens -> back to the caller. In unified mode (no prefill pool) the
+decode replica does all of it. A caller that goes away cancels the stream, which aborts the request on whichever
+group holds it, so every block is freed.
 
 The ingress is stateless: any number of replicas serve the same pools.
 """
@@ -18,11 +20,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from transformers import AutoConfig, AutoTokenizer
 
+from router.request_router import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import InvalidRequestError, PromptTooLongError
 from workers.engine.model_store import resolve_model
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.hashing import hash_full_blocks
 from workers.server import Prefilled
 
 logger = logging.getLogger(__name__)
@@ -43,9 +47,10 @@ class GenerateRequest:
 
 
 class Ingress:
-    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: str):
+    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: str, block_size: int = 16):
         self.prefill = prefill
         self.decode = decode
+        self.block_size = block_size
         model_dir = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf_config = AutoConfig.from_pretrained(model_dir)
@@ -56,14 +61,16 @@ class Ingress:
         token_ids = self.tokenize(request)
         request_id = request.request_id or uuid.uuid4().hex
         params, salt = request.params, request.cache_salt
+        hint = RoutingHint(len(token_ids), hash_full_blocks(token_ids, self.block_size, salt))
         if self.prefill is None:
-            outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt)
+            outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
+                                                                       routing=hint)
             async for out in outputs:
                 yield out
             return
-        prefilled: Prefilled = await self.prefill.prefill.remote(token_ids, params, request_id, salt)
+        prefilled: Prefilled = await self.prefill.prefill.remote(token_ids, params, request_id, salt, routing=hint)
         outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
-                                                                             prefilled.source)
+                                                                             prefilled.source, routing=hint)
         finished = False
         try:
             async for out in outputs:

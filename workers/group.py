@@ -19,6 +19,7 @@ import datetime
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import ray
 import torch.distributed as dist
@@ -39,6 +40,7 @@ from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
+from workers.kv_events import KVEventPublisher
 from workers.kv_transfer import ChannelAddress, KVCommand
 
 logger = logging.getLogger(__name__)
@@ -46,14 +48,24 @@ logger = logging.getLogger(__name__)
 _RENDEZVOUS_TIMEOUT_S = 300  # covers the slowest rank's model load: ranks join the group only after loading
 
 
+@dataclass(frozen=True)
+class KVEventsTarget:
+    """Where a group publishes its KV events, and the id routers know it by (its Serve replica's id)."""
+
+    redis_url: str
+    group_id: str
+
+
 class RankWorker:
     """One rank's process. Its async methods run on the actor's event loop; blocking work goes to a thread."""
 
-    def __init__(self, config: EngineConfig, rank: int, size: int, progress: bool):
+    def __init__(self, config: EngineConfig, rank: int, size: int, progress: bool, kv_events: KVEventsTarget | None):
         self.config = config
         self.rank = rank
         self.size = size
         self.progress = progress
+        self.kv_events = kv_events
+        self._publisher: KVEventPublisher | None = None
         self._store: dist.TCPStore | None = None
         self.engine: AsyncLLMEngine | None = None
         self.follower: Follower | None = None
@@ -80,7 +92,10 @@ class RankWorker:
                 group = dist.ProcessGroupNCCL(dist.PrefixStore("tp-nccl", store), self.rank, self.size)
             tp = TensorParallel(self.rank, self.size, group, cpu_group)
         if tp.is_driver:
-            self.engine = AsyncLLMEngine(LLMEngine(self.config, self.progress, tp))
+            if self.kv_events is not None:
+                self._publisher = KVEventPublisher(self.kv_events.redis_url, self.kv_events.group_id)
+                self._publisher.start()
+            self.engine = AsyncLLMEngine(LLMEngine(self.config, self.progress, tp, self._publisher))
         else:
             self.follower = Follower(self.config, tp, self.progress)
 
@@ -116,6 +131,8 @@ class RankWorker:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.engine.shutdown)
+        if self._publisher is not None:
+            await asyncio.to_thread(self._publisher.close)
 
 
 class WorkerGroup:
@@ -126,8 +143,9 @@ class WorkerGroup:
 
     @classmethod
     def start(cls, config: EngineConfig, tensor_parallel_size: int = 1, num_cpus_per_rank: float = 1.0,
-              progress: bool = False) -> "WorkerGroup":
-        """Reserves the ranks' resources, starts them and waits until the model is loaded on every rank.
+              progress: bool = False, kv_events: KVEventsTarget | None = None) -> "WorkerGroup":
+        """Reserves the ranks' resources, starts them and waits until the model is loaded on every rank. With
+        `kv_events`, rank 0 publishes the group's prefix-cache changes to Redis under that group id.
 
         Inside a Serve replica whose deployment declares placement_group_bundles, the ranks take bundles 1..N of
         the replica's own placement group (bundle 0 is the replica); otherwise the group reserves its own."""
@@ -151,7 +169,7 @@ class WorkerGroup:
         ranks = [actor.options(
             num_cpus=num_cpus_per_rank, num_gpus=1 if gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, first_bundle + rank)
-        ).remote(config, rank, size, progress and rank == 0) for rank in range(size)]
+        ).remote(config, rank, size, progress and rank == 0, kv_events) for rank in range(size)]
         try:
             address = ray.get(ranks[0].rendezvous_address.remote())
             ray.get([r.start.remote(address) for r in ranks])

@@ -13,11 +13,13 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ray import serve
+
 from workers.engine.config import EngineConfig
 from workers.engine.handoff import KVHandoff
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.group import WorkerGroup
+from workers.group import KVEventsTarget, WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +34,30 @@ class Prefilled:
 
 class EngineServer:
     def __init__(self, config: EngineConfig, tensor_parallel_size: int = 1, num_cpus_per_rank: float = 1.0,
-                 role: str = "decode"):
+                 role: str = "decode", redis_url: str | None = None):
+        """With `redis_url` the group publishes its KV events under this replica's id, the id the request
+        router sees the replica by."""
         self.role = role
-        self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank)
-        logger.info("%s replica ready: tensor parallel size %d", role, tensor_parallel_size)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        kv_events = KVEventsTarget(redis_url, replica_id) if redis_url else None
+        self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank, kv_events=kv_events)
+        logger.info("%s replica %s ready: tensor parallel size %d", role, replica_id, tensor_parallel_size)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, cache_salt: str | None = None,
+                       routing: object = None) -> AsyncIterator[RequestOutput]:
         async for out in self.group.generate(prompt, params, request_id, cache_salt):
             yield out
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
-                      request_id: str | None = None, cache_salt: str | None = None) -> Prefilled:
+                      request_id: str | None = None, cache_salt: str | None = None,
+                      routing: object = None) -> Prefilled:
+        """`routing`, here and below, is the request router's hint (router/request_router.py); the replica has
+        no use for it."""
         return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt), self.group)
 
-    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
-                                 source: WorkerGroup) -> AsyncIterator[RequestOutput]:
+    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None, source: WorkerGroup,
+                                 routing: object = None) -> AsyncIterator[RequestOutput]:
         async for out in self.group.generate_prefilled(handoff, params, source):
             yield out
 
@@ -56,6 +66,12 @@ class EngineServer:
 
     async def stats(self):
         return await self.group.stats()
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """The load the request router weighs this replica by, polled by Serve every second."""
+        stats = await self.group.stats()
+        return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
+                "queued_prefill_tokens": stats.num_queued_prefill_tokens, "running_seqs": stats.num_running}
 
     async def check_health(self) -> None:
         """Serve's health probe reaches the group: rank 0 must answer and every follower be in its loop."""

@@ -2,6 +2,7 @@
 Ctrl-C, which shuts everything down in reverse order."""
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -19,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = from_args(args)  # a bad flag or file fails before anything starts
     redis = LocalRedis() if config.redis_url is None else None
+    if redis is not None:
+        config = dataclasses.replace(config, redis_url=redis.url)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         serve.run(build_app(config), name="tandem", route_prefix="/")
         print(f"tandem: serving on http://{config.host}:{config.http_port} (POST /generate); "
-              f"KV events in {config.redis_url or redis.url}; Ctrl-C stops", file=sys.stderr, flush=True)
+              f"KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
         stop.wait()
         print("tandem: shutting down", file=sys.stderr)
         serve.shutdown()

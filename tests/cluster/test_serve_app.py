@@ -1,6 +1,7 @@
-"""The Serve application end to end: a real Ray, real Serve deployments (an ingress, a prefill pool and a decode
-pool, each replica a worker group), requests through the ingress's handle. The disaggregated cluster's greedy
-tokens equal HF's, and a stream the caller abandons frees every block on both pools."""
+"""The Serve application end to end: a real Ray, a real redis-server, real Serve deployments (an ingress, two
+prefill replicas and a decode replica, each replica a worker group), requests through the ingress's handle. The
+disaggregated cluster's greedy tokens equal HF's, requests sharing a prefix go to the replica that holds it, and
+a stream the caller abandons frees every block on both pools."""
 
 import asyncio
 
@@ -8,7 +9,7 @@ import pytest
 from ray import serve
 
 from cluster.app import build_app
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, PoolConfig
 from router.ingress import GenerateRequest
 from tests.hf_reference import hf_greedy
 from workers.engine.errors import InvalidRequestError
@@ -25,8 +26,9 @@ def model(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
-def ingress(model):
-    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10)
+def ingress(model, redis_url):
+    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
+                           prefill=PoolConfig(replicas=2), redis_url=redis_url)
     handle = serve.run(build_app(config), name="tandem-test", route_prefix=None)
     yield handle
     serve.delete("tandem-test")
@@ -36,10 +38,14 @@ def pool(name: str):
     return serve.get_deployment_handle(name, app_name="tandem-test")
 
 
-async def tokens(ingress, request: GenerateRequest) -> list[int]:
+async def final(ingress, request: GenerateRequest):
     outs = [o async for o in ingress.options(stream=True).generate.remote(request)]
     assert outs[-1].finished
-    return outs[-1].outputs[0].token_ids
+    return outs[-1]
+
+
+async def tokens(ingress, request: GenerateRequest) -> list[int]:
+    return (await final(ingress, request)).outputs[0].token_ids
 
 
 def test_disaggregated_cluster_gives_hfs_greedy_tokens(ingress, model):
@@ -60,6 +66,36 @@ def test_chat_messages_are_rendered_with_the_models_template(ingress, model):
                                                                       tokenize=True, return_dict=False)
     got = asyncio.run(tokens(ingress, GenerateRequest(messages=messages, params=GREEDY)))
     assert got == hf_greedy(model, list(prompt), GREEDY.max_tokens)
+
+
+def test_requests_sharing_a_prefix_go_to_the_prefill_replica_that_holds_it(ingress):
+    """The first request leaves its prompt's blocks cached on one prefill replica; its KV events reach the router's
+    index through Redis, and every later request with that prefix is sent there: the prefill group reports the
+    shared blocks as cached each time. Routed blindly, four requests would all hit the holder 1 time in 16."""
+    shared = [(31 * j) % 49152 for j in range(96)]  # six full blocks
+
+    async def run():
+        first = await final(ingress, GenerateRequest(prompt_token_ids=shared + [1, 2, 3], params=GREEDY))
+        await asyncio.sleep(2.0)  # the events are published in the background and read by the router's follower
+        later = [await final(ingress, GenerateRequest(prompt_token_ids=shared + [10 + i, 7], params=GREEDY))
+                 for i in range(4)]
+        return first, later
+
+    first, later = asyncio.run(run())
+    assert first.usage.cached_tokens == 0
+    assert [out.usage.cached_tokens for out in later] == [96] * 4
+
+
+def test_a_different_cache_salt_gets_no_credit_for_anothers_prefix(ingress):
+    shared = [(37 * j) % 49152 for j in range(64)]
+
+    async def run():
+        await final(ingress, GenerateRequest(prompt_token_ids=shared + [1], params=GREEDY, cache_salt="tenant-a"))
+        await asyncio.sleep(2.0)
+        return await final(ingress, GenerateRequest(prompt_token_ids=shared + [2], params=GREEDY,
+                                                    cache_salt="tenant-b"))
+
+    assert asyncio.run(run()).usage.cached_tokens == 0
 
 
 def test_bad_input_is_refused_with_the_field_named(ingress):

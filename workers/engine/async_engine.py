@@ -53,6 +53,7 @@ class EngineStats:
     kv_bytes_sent: int = 0  # running totals of rank 0's share of the KV this group moved
     kv_bytes_received: int = 0
     num_kv_transfer_failures: int = 0  # decode role: prompts recomputed because their KV did not arrive
+    num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting whose KV is not computed yet
 
     @property
     def kv_usage(self) -> float:
@@ -144,9 +145,11 @@ class AsyncLLMEngine:
         def read() -> EngineStats:
             eng = self.engine
             sched, bm = eng.scheduler, eng.block_manager
+            queued = sum(s.num_new_tokens for s in sched.waiting) + \
+                sum(s.num_new_tokens for s in sched.running if s.num_new_tokens > 1)
             return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
                                len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
-                               eng.kv.bytes_received, eng.num_transfer_failures)
+                               eng.kv.bytes_received, eng.num_transfer_failures, queued)
 
         return await self._call(read)
 

@@ -11,7 +11,7 @@ from itertools import count
 
 from transformers import AutoTokenizer, GenerationConfig
 
-from workers.engine.block_manager import BlockManager
+from workers.engine.block_manager import BlockManager, KVEventSink
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.errors import (
@@ -55,9 +55,11 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: bool = False, tp: TensorParallel = TensorParallel()):
+    def __init__(self, config: EngineConfig, progress: bool = False, tp: TensorParallel = TensorParallel(),
+                 kv_events: KVEventSink | None = None):
         """Under tensor parallelism this is rank 0's engine: it schedules for the whole group and its runner
-        drives the other ranks, which run workers/engine/follower.py."""
+        drives the other ranks, which run workers/engine/follower.py. `kv_events` hears of every block hash the
+        prefix cache gains or loses (workers/kv_events.py publishes them for the routers)."""
         self.config = config
         self.tp = tp
         self.runner = ModelRunner(config, progress, tp)
@@ -70,7 +72,7 @@ class LLMEngine:
                              config.cache.kv_transfer_timeout_s)
         self.block_size = config.cache.block_size
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.block_size,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching, kv_events)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         # A sequence may never outgrow the whole cache: alone, it must always fit.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)

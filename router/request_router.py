@@ -1,0 +1,93 @@
+"""Serve's replica choice for both pools, by prefix-cache-aware cost (router/policy.py).
+
+Serve calls `choose_replicas` where it would otherwise pick two replicas at random, and keeps everything around
+it: queue probing, back-off when a replica is full, autoscaling awareness. We only rank the candidates: the one
+with the lowest cost first, the others after it in cost order, so a full replica falls through to the next.
+
+The inputs: the prompt's block hashes (the ingress passes a `RoutingHint`), which groups hold which of them (a
+KVIndex kept from Redis by a KVIndexFollower), and each replica's load (its `record_routing_stats`, refreshed
+every second, plus what this router sent it that has not finished yet, since the stats lag a burst). In the
+prefill pool the cost is the prompt tokens left to compute plus the queued work; in the decode pool it is the
+decode load and KV usage plus the blocks the replica would still have to receive.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from router.kv_index import KVIndexFollower
+from router.policy import GroupLoad, RoutingWeights, rank_prefill, route
+from workers.kv.hashing import BlockHash
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoutingHint:
+    """What the router needs to know of a prompt, computed once by the ingress."""
+
+    num_tokens: int
+    block_hashes: list[BlockHash]  # of the prompt's full blocks, salted by its cache_salt
+
+
+class PrefixCacheRouter(RequestRouter):
+    def initialize_state(self, redis_url: str, role: str = "prefill", block_size: int = 16,
+                         weights: dict | None = None) -> None:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        self.role = role
+        self.block_size = block_size
+        self.weights = RoutingWeights(**(weights or {}))
+        self.follower = KVIndexFollower(redis_url)
+        self._started = False
+        self._in_flight: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, uncached tokens)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        hint = _hint(pending_request)
+        if hint is None:
+            return [candidate_replicas]
+        if not self._started:
+            self._started = True
+            await self.follower.start()  # the index is warm from Redis's snapshot when this returns
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        cached = self.follower.index.match(hint.block_hashes)
+        loads = [self._load(group, replica) for group, replica in by_id.items()]
+        if self.role == "prefill":
+            ranked = rank_prefill(hint.num_tokens, self.block_size, cached, loads, self.weights)
+            logger.info("prefill ranking for %d tokens: %s", hint.num_tokens,
+                        "; ".join(cost.describe() for cost in ranked))
+        else:  # route() logs the decision
+            ranked = route(hint.num_tokens, self.block_size, cached, (), loads, self.weights).decode_costs
+        return [[by_id[cost.group_id]] for cost in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        hint = _hint(pending_request)
+        if hint is not None:
+            cached = self.follower.index.match(hint.block_hashes).get(replica_id.unique_id, 0)
+            uncached = max(1, hint.num_tokens - cached * self.block_size)
+            self._in_flight[pending_request.metadata.internal_request_id] = (replica_id.unique_id, uncached)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._in_flight.pop(internal_request_id, None)
+
+    def _load(self, group: str, replica: RunningReplica) -> GroupLoad:
+        stats = replica.routing_stats or {}
+        mine = [tokens for g, tokens in self._in_flight.values() if g == group]
+        total = int(stats.get("total_blocks", 1)) or 1
+        queued, running = int(stats.get("queued_prefill_tokens", 0)), int(stats.get("running_seqs", 0))
+        if self.role == "prefill":  # a prefill request is in flight until its first token
+            queued = max(queued, sum(mine))
+        else:  # a decode request is in flight until its last
+            running = max(running, len(mine))
+        return GroupLoad(group, free_blocks=int(stats.get("free_blocks", total)), total_blocks=total,
+                         queued_prefill_tokens=queued, running_seqs=running)
+
+
+def _hint(pending_request: PendingRequest | None) -> RoutingHint | None:
+    if pending_request is None:
+        return None
+    hint = pending_request.kwargs.get("routing")
+    return hint if isinstance(hint, RoutingHint) else None
