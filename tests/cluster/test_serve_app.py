@@ -4,16 +4,20 @@ disaggregated cluster's greedy tokens equal HF's, requests sharing a prefix go t
 a stream the caller abandons frees every block on both pools."""
 
 import asyncio
+import time
 
 import pytest
+import ray
 from ray import serve
 
 from cluster.app import build_app
 from cluster.config import ClusterConfig, PoolConfig
 from router.ingress import GenerateRequest
+from router.kv_index import KVIndexFollower
 from tests.hf_reference import hf_greedy
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.hashing import hash_full_blocks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -124,3 +128,74 @@ def test_an_abandoned_stream_frees_every_block_on_both_pools(ingress):
     for stats in asyncio.run(run()):
         assert (stats.num_running, stats.num_waiting, stats.num_pinned, stats.num_receiving) == (0, 0, 0, 0)
         assert stats.num_free_blocks == stats.num_blocks
+
+
+# The tests below restart or kill replicas, so they come last in this module.
+
+def replica_actors(deployment: str) -> dict[str, object]:
+    """The live replicas of a deployment by their unique id (the id their group publishes KV events under)."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return {n["name"].rsplit("#", 1)[-1]: ray.get_actor(n["name"], namespace=n["namespace"]) for n in names
+            if f"#{deployment}#" in n["name"] and n["name"].startswith("SERVE_REPLICA")}
+
+
+async def wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.5)
+
+
+def test_a_restarted_ingress_routes_by_the_index_it_rebuilds_from_redis(ingress):
+    shared = [(41 * j) % 49152 for j in range(80)]  # five full blocks
+
+    async def run():
+        await final(ingress, GenerateRequest(prompt_token_ids=shared + [1], params=GREEDY))
+        await asyncio.sleep(2.0)
+        [old] = replica_actors("ingress").values()
+        ray.kill(old, no_restart=True)
+        await wait_for(lambda: _has_new_ingress(old))
+        return [await final(ingress, GenerateRequest(prompt_token_ids=shared + [5 + i], params=GREEDY))
+                for i in range(4)]
+
+    assert [out.usage.cached_tokens for out in asyncio.run(run())] == [80] * 4
+
+
+async def _has_new_ingress(old) -> bool:
+    replicas = list(replica_actors("ingress").values())
+    return bool(replicas) and replicas[0] != old
+
+
+def test_a_killed_prefill_replica_leaves_the_index_and_serve_replaces_it(ingress, redis_url):
+    shared = [(43 * j) % 49152 for j in range(64)]
+    follower = KVIndexFollower(redis_url)
+
+    async def run():
+        await final(ingress, GenerateRequest(prompt_token_ids=shared + [1], params=GREEDY))
+        await follower.start()
+        await wait_for(lambda: _holders(follower, shared))
+        [holder] = set(await _holders(follower, shared)) & set(replica_actors("prefill"))  # decode holds it too
+        ray.kill(replica_actors("prefill")[holder], no_restart=True)
+        served = await final(ingress, GenerateRequest(prompt_token_ids=shared + [2], params=GREEDY))
+        await wait_for(lambda: _gone(follower, holder))  # its heartbeat expires
+        await wait_for(lambda: _two_new_prefill_replicas(holder), timeout_s=120)
+        await follower.stop()
+        return served
+
+    served = asyncio.run(run())
+    assert served.finished and served.outputs[0].finish_reason == "length"
+
+
+async def _holders(follower, tokens):
+    hashes = hash_full_blocks(tokens, 16)
+    return [group for group, blocks in follower.index.match(hashes).items() if blocks == len(hashes)]
+
+
+async def _gone(follower, group) -> bool:
+    return group not in follower.index.groups()
+
+
+async def _two_new_prefill_replicas(dead) -> bool:
+    replicas = replica_actors("prefill")
+    return len(replicas) == 2 and dead not in replicas and all(
+        s.status == "HEALTHY" for s in serve.status().applications["tandem-test"].deployments.values())
