@@ -1,20 +1,16 @@
 """KV events: the block manager reports every change to its cached hashes, and the publisher mirrors them into a
 real Redis so that the group's set always equals the engine's cache (or, after lost events, a subset of it)."""
 
-import random
 import time
 import uuid
 
 import pytest
 import redis
 
+from tests.kv.cache_traffic import BS, churn, serve
 from workers.engine.block_manager import BlockManager
-from workers.engine.sampling_params import SamplingParams
-from workers.engine.sequence import Sequence
 from workers.kv.hashing import BlockHash
 from workers.kv_events import KVEventPublisher, KVKeys, decode_entry
-
-BS = 4
 
 
 class Recorder:
@@ -44,23 +40,8 @@ class Recorder:
         return held
 
 
-def serve(bm: BlockManager, tokens: list[int], rid: str = "r") -> Sequence:
-    """Admit a prompt as the scheduler does, compute it whole, cache its full blocks and free it."""
-    seq = Sequence(rid, list(tokens), SamplingParams(), BS)
-    hits = bm.get_computed_blocks(seq)
-    assert bm.allocate_slots(seq, seq.num_tokens - len(hits) * BS, hits)
-    seq.num_computed_tokens = seq.num_tokens
-    bm.cache_full_blocks(seq)
-    bm.free(seq)
-    return seq
 
 
-def churn(bm: BlockManager, num_prompts: int, seed: int = 0) -> None:
-    """Prompts that share a few prefixes, on a cache small enough that they keep evicting each other."""
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(1000) for _ in range(8)] for _ in range(3)]
-    for i in range(num_prompts):
-        serve(bm, rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(1, 14))], f"r{i}")
 
 
 # -- the block manager's events ----------------------------------------------------------------------------------
@@ -113,14 +94,14 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def client(redis_url) -> redis.Redis:  # noqa: F811
+def client(redis_url) -> redis.Redis:
     r = redis.Redis.from_url(redis_url)
     yield r
     r.close()
 
 
 @pytest.fixture
-def publishers(redis_url, namespace):  # noqa: F811
+def publishers(redis_url, namespace):
     """`make(group_id, **options)` -> a started publisher; all are closed after the test."""
     made: list[KVEventPublisher] = []
 
@@ -188,7 +169,7 @@ def test_the_heartbeat_outlives_the_ttl_and_close_retires_the_group(publishers, 
     assert decode_entry(fields)[1].kind == "cleared"
 
 
-def test_lost_events_make_the_group_report_less_never_more(redis_url, client, namespace):  # noqa: F811
+def test_lost_events_make_the_group_report_less_never_more(redis_url, client, namespace):
     publisher = KVEventPublisher(redis_url, "g0", namespace=namespace, max_queued=2)
     bm = BlockManager(12, BS, kv_events=publisher)
     churn(bm, 50)  # before start: the queue overflows and events are dropped

@@ -14,13 +14,11 @@ import pytest
 import redis
 
 from router.kv_index import KVIndex, KVIndexFollower
+from tests.kv.cache_traffic import BS, churn, serve
 from workers.engine.block_manager import BlockManager
-from workers.engine.sampling_params import SamplingParams
-from workers.engine.sequence import Sequence
 from workers.kv.hashing import hash_full_blocks
 from workers.kv_events import KVEvent, KVEventPublisher, KVKeys
 
-BS = 4
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -98,22 +96,8 @@ def test_memory_follows_what_groups_hold_not_the_history():
 # -- fed from a real Redis ---------------------------------------------------------------------------------------
 
 
-def serve(bm: BlockManager, tokens: list[int], rid: str) -> None:
-    """Admit a prompt as the scheduler does, compute it whole, cache its full blocks and free it."""
-    seq = Sequence(rid, list(tokens), SamplingParams(), BS)
-    hits = bm.get_computed_blocks(seq)
-    assert bm.allocate_slots(seq, seq.num_tokens - len(hits) * BS, hits)
-    seq.num_computed_tokens = seq.num_tokens
-    bm.cache_full_blocks(seq)
-    bm.free(seq)
 
 
-def churn(bm: BlockManager, num_prompts: int, seed: int = 0) -> None:
-    """Prompts that share a few prefixes, on a cache small enough that they keep evicting each other."""
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(1000) for _ in range(8)] for _ in range(3)]
-    for i in range(num_prompts):
-        serve(bm, rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(1, 14))], f"r{seed}-{i}")
 
 
 @pytest.fixture
@@ -122,7 +106,7 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def group(redis_url, namespace):  # noqa: F811
+def group(redis_url, namespace):
     """`make(group_id)` -> (publisher, block manager) of a live group; all are closed after the test."""
     made: list[KVEventPublisher] = []
 
@@ -148,7 +132,7 @@ async def wait_for(condition, timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_a_router_started_after_the_events_is_warm_at_once(group, redis_url, namespace):  # noqa: F811
+def test_a_router_started_after_the_events_is_warm_at_once(group, redis_url, namespace):
     (p0, bm0), (p1, bm1) = group("g0"), group("g1")
     churn(bm0, 100)
     churn(bm1, 100, seed=1)
@@ -166,7 +150,7 @@ def test_a_router_started_after_the_events_is_warm_at_once(group, redis_url, nam
     asyncio.run(scenario())
 
 
-def test_routers_started_mid_stream_miss_nothing_and_share_one_view(group, redis_url, namespace):  # noqa: F811
+def test_routers_started_mid_stream_miss_nothing_and_share_one_view(group, redis_url, namespace):
     publisher, bm = group("g0")
 
     def engine_loop():  # about half a second of steady evictions
@@ -196,7 +180,7 @@ def test_routers_started_mid_stream_miss_nothing_and_share_one_view(group, redis
     asyncio.run(scenario())
 
 
-def test_an_event_delivered_twice_is_applied_once(group, redis_url, namespace):  # noqa: F811
+def test_an_event_delivered_twice_is_applied_once(group, redis_url, namespace):
     publisher, bm = group("g0")
     client = redis.Redis.from_url(redis_url)
     events = KVKeys(namespace).events
@@ -220,7 +204,7 @@ def test_an_event_delivered_twice_is_applied_once(group, redis_url, namespace): 
     client.close()
 
 
-def test_a_gap_in_a_groups_sequence_reloads_the_snapshot(group, redis_url, namespace):  # noqa: F811
+def test_a_gap_in_a_groups_sequence_reloads_the_snapshot(group, redis_url, namespace):
     publisher, bm = group("g0")
     client = redis.Redis.from_url(redis_url)
     phantom = b"\x07" * 32
@@ -242,7 +226,7 @@ def test_a_gap_in_a_groups_sequence_reloads_the_snapshot(group, redis_url, names
     client.close()
 
 
-def test_a_redis_that_lost_its_data_is_noticed(group, redis_url, namespace):  # noqa: F811
+def test_a_redis_that_lost_its_data_is_noticed(group, redis_url, namespace):
     publisher, bm = group("g0")
     client = redis.Redis.from_url(redis_url)
     keys = KVKeys(namespace)
@@ -266,7 +250,7 @@ def test_a_redis_that_lost_its_data_is_noticed(group, redis_url, namespace):  # 
     client.close()
 
 
-def test_a_group_that_closes_or_resets_its_cache_is_dropped(group, redis_url, namespace):  # noqa: F811
+def test_a_group_that_closes_or_resets_its_cache_is_dropped(group, redis_url, namespace):
     (p0, bm0), (p1, bm1) = group("g0"), group("g1")
 
     async def scenario():
@@ -301,7 +285,7 @@ time.sleep(60)
 """
 
 
-def test_a_group_whose_heartbeat_stops_is_dropped_by_every_router(redis_url, namespace):  # noqa: F811
+def test_a_group_whose_heartbeat_stops_is_dropped_by_every_router(redis_url, namespace):
     process = subprocess.Popen([sys.executable, "-c", _DOOMED_GROUP, redis_url, namespace], cwd=REPO,
                                stdout=subprocess.PIPE, text=True)
     try:
