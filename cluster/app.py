@@ -59,4 +59,4 @@ def build_app(config: ClusterConfig) -> Application:
     decode = pool("decode", config.decode, request_router_config=router("decode"))
     return serve.deployment(Ingress, name="ingress").options(
         **config.ingress.serve_options(), ray_actor_options={"num_cpus": REPLICA_CPUS},
-    ).bind(prefill, decode, model_dir, config.block_size)
+    ).bind(prefill, decode, model_dir, config.block_size, config.redis_url, asdict(config.routing))

@@ -1,10 +1,11 @@
 """The ingress: a request's path through the cluster, top to bottom.
 
 validate and tokenize (the chat template for chat requests) -> hash the prompt's blocks (salted by cache_salt)
-for the request router, which picks the prefill replica holding the longest prefix for the least work
-(router/request_router.py) -> prefill on that replica, which pins the prompt's KV -> a decode replica pulls the
-KV it lacks from that group and streams the tokens -> back to the caller. In unified mode (no prefill pool) the
-decode replica does all of it. A caller that goes away cancels the stream, which aborts the request on whichever
+-> decide who prefills by router/policy.route over the KV index and the groups' loads: when a decode group
+already holds most of the prompt (a conversation's next turn), it prefills the rest itself -> otherwise prefill
+on the prefill replica with the least work (router/request_router.py ranks them inside Serve), which pins the
+prompt's KV -> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the
+caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away cancels the stream, which aborts the request on whichever
 group holds it, so every block is freed.
 
 The ingress is stateless: any number of replicas serve the same pools.
@@ -20,6 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from transformers import AutoConfig, AutoTokenizer
 
+from router.kv_index import KVIndexFollower
+from router.load_view import LoadView
+from router.policy import RouteDecision, RoutingWeights, route
 from router.request_router import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import InvalidRequestError, PromptTooLongError
@@ -47,10 +51,17 @@ class GenerateRequest:
 
 
 class Ingress:
-    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: str, block_size: int = 16):
+    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: str, block_size: int = 16,
+                 redis_url: str | None = None, weights: dict | None = None):
+        """With `redis_url` (and a prefill pool) the ingress decides per request who prefills, from the KV index
+        and the groups' reported loads; without it every request takes the prefill pool."""
         self.prefill = prefill
         self.decode = decode
         self.block_size = block_size
+        self.weights = RoutingWeights(**(weights or {}))
+        self._index = KVIndexFollower(redis_url) if redis_url and prefill else None
+        self._loads = LoadView(redis_url) if redis_url and prefill else None
+        self._index_started = False
         model_dir = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf_config = AutoConfig.from_pretrained(model_dir)
@@ -61,16 +72,22 @@ class Ingress:
         token_ids = self.tokenize(request)
         request_id = request.request_id or uuid.uuid4().hex
         params, salt = request.params, request.cache_salt
-        hint = RoutingHint(len(token_ids), hash_full_blocks(token_ids, self.block_size, salt))
-        if self.prefill is None:
+        hashes = hash_full_blocks(token_ids, self.block_size, salt)
+        decision = await self._decide(len(token_ids), hashes)
+        if self.prefill is None or (decision is not None and decision.prefill_group is None):
+            # Unified mode, or the decode group holds most of the prompt: it prefills the rest itself.
+            hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
             outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
                                                                        routing=hint)
             async for out in outputs:
                 yield out
             return
-        prefilled: Prefilled = await self.prefill.prefill.remote(token_ids, params, request_id, salt, routing=hint)
+        prefill_hint = RoutingHint(len(token_ids), hashes, decision.prefill_group if decision else None)
+        decode_hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
+        prefilled: Prefilled = await self.prefill.prefill.remote(token_ids, params, request_id, salt,
+                                                                 routing=prefill_hint)
         outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
-                                                                             prefilled.source, routing=hint)
+                                                                             prefilled.source, routing=decode_hint)
         finished = False
         try:
             async for out in outputs:
@@ -79,6 +96,19 @@ class Ingress:
         finally:
             if not finished:  # left before the decode replica took the KV: don't hold the blocks for the lease
                 await release_quietly(prefilled.source, request_id)
+
+    async def _decide(self, num_tokens: int, hashes: list) -> RouteDecision | None:
+        """router/policy.route over the index and the reported loads; None until both pools have reported."""
+        if self._index is None:
+            return None
+        if not self._index_started:
+            self._index_started = True
+            await self._index.start()
+        loads = await self._loads.loads()
+        if not loads.get("decode") or not loads.get("prefill"):
+            return None
+        return route(num_tokens, self.block_size, self._index.index.match(hashes), loads["prefill"],
+                     loads["decode"], self.weights)
 
     async def __call__(self, http: Request) -> JSONResponse:
         """POST /generate with JSON {prompt | prompt_token_ids | messages, max_tokens, temperature, top_p, top_k,

@@ -29,6 +29,7 @@ class RoutingHint:
 
     num_tokens: int
     block_hashes: list[BlockHash]  # of the prompt's full blocks, salted by its cache_salt
+    preferred_group: str | None = None  # the ingress's choice (router/policy.route), tried first when available
 
 
 class PrefixCacheRouter(RequestRouter):
@@ -60,7 +61,11 @@ class PrefixCacheRouter(RequestRouter):
                         "; ".join(cost.describe() for cost in ranked))
         else:  # route() logs the decision
             ranked = route(hint.num_tokens, self.block_size, cached, (), loads, self.weights).decode_costs
-        return [[by_id[cost.group_id]] for cost in ranked]
+        order = [cost.group_id for cost in ranked]
+        if hint.preferred_group in by_id:
+            order.remove(hint.preferred_group)
+            order.insert(0, hint.preferred_group)
+        return [[by_id[group]] for group in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:

@@ -54,6 +54,7 @@ class KVEventsTarget:
 
     redis_url: str
     group_id: str
+    role: str  # "prefill" or "decode": the ingress weighs the groups' loads by role
 
 
 class RankWorker:
@@ -96,6 +97,9 @@ class RankWorker:
                 self._publisher = KVEventPublisher(self.kv_events.redis_url, self.kv_events.group_id)
                 self._publisher.start()
             self.engine = AsyncLLMEngine(LLMEngine(self.config, self.progress, tp, self._publisher))
+            if self._publisher is not None:
+                self._publisher.role = self.kv_events.role
+                self._publisher.load = self.engine.load
         else:
             self.follower = Follower(self.config, tp, self.progress)
 

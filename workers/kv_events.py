@@ -15,10 +15,12 @@ and the stream's last id in one script holds a snapshot that is exact at that id
 queue full), the publisher publishes "cleared" and goes on: the group then under-reports its cache, never over.
 """
 
+import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +36,7 @@ DEFAULT_NAMESPACE = "tandem:kv"
 HASH_LEN = 32  # SHA-256 digests (workers/kv/hashing.py)
 
 _MAX_BATCH = 512
+_LOAD_INTERVAL_S = 1.0
 _SOCKET_TIMEOUT_S = 5.0  # a hung Redis must not hang close()
 
 # KEYS: blocks, seq, events, groups, alive. ARGV: group, kind, hashes, parent, ts, max stream length, ttl ms.
@@ -110,6 +113,10 @@ class KVKeys:
     def alive(self, group_id: str) -> str:
         return f"{{{self.namespace}}}:alive:{group_id}"
 
+    def load(self, group_id: str) -> str:
+        """The group's role and load (JSON), refreshed every second, expiring with the heartbeat."""
+        return f"{{{self.namespace}}}:load:{group_id}"
+
     def retire_keys(self, group_id: str) -> list[str]:
         return [self.alive(group_id), self.blocks(group_id), self.seq, self.groups, self.events]
 
@@ -137,6 +144,10 @@ class KVEventPublisher:
     def __init__(self, redis_url: str, group_id: str, *, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = 10.0,
                  max_stream_len: int = 100_000, max_queued: int = 10_000, retry_s: float = 1.0):
         self.group_id = group_id
+        # Set by the owner once its engine runs: the role ("prefill" or "decode") and a callable returning the
+        # group's load, which the publisher then reports beside the events for the ingress's routing decisions.
+        self.role: str | None = None
+        self.load: Callable[[], dict[str, int]] | None = None
         self.keys = KVKeys(namespace)
         self.ttl_s = ttl_s
         self.max_stream_len = max_stream_len
@@ -202,7 +213,7 @@ class KVEventPublisher:
                 pass
             self._thread.join()
         try:
-            self._redis.delete(self.keys.alive(self.group_id))
+            self._redis.delete(self.keys.alive(self.group_id), self.keys.load(self.group_id))
             self._retire(keys=self.keys.retire_keys(self.group_id), args=[self.group_id, time.time()])
         except redis.RedisError as e:
             logger.warning("KV events of %s: could not retire the group (%s); its heartbeat will expire",
@@ -214,11 +225,13 @@ class KVEventPublisher:
     def _run(self) -> None:
         interval = self.ttl_s / 3
         next_beat = time.monotonic() + interval
+        next_load = time.monotonic()
         while not self._stopping.is_set():
             try:
                 if self._dirty:
                     self._resync()
-                items = self._take(max(0.0, next_beat - time.monotonic()))
+                wake = min(next_beat, next_load) if self.load is not None else next_beat
+                items = self._take(max(0.0, wake - time.monotonic()))
                 self._write([item for item in items if isinstance(item, KVEvent)])
                 for item in items:
                     if isinstance(item, threading.Event):
@@ -226,6 +239,10 @@ class KVEventPublisher:
                 if time.monotonic() >= next_beat:
                     self._redis.set(self.keys.alive(self.group_id), b"1", px=int(self.ttl_s * 1000))
                     next_beat = time.monotonic() + interval
+                if self.load is not None and time.monotonic() >= next_load:
+                    report = json.dumps({"role": self.role, **self.load()})
+                    self._redis.set(self.keys.load(self.group_id), report, px=int(self.ttl_s * 1000))
+                    next_load = time.monotonic() + _LOAD_INTERVAL_S
             except redis.RedisError as e:
                 logger.warning("KV events of %s: Redis write failed (%s); the group will republish as empty",
                                self.group_id, e)

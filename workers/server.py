@@ -39,7 +39,7 @@ class EngineServer:
         router sees the replica by."""
         self.role = role
         replica_id = serve.get_replica_context().replica_id.unique_id
-        kv_events = KVEventsTarget(redis_url, replica_id) if redis_url else None
+        kv_events = KVEventsTarget(redis_url, replica_id, role) if redis_url else None
         self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank, kv_events=kv_events)
         logger.info("%s replica %s ready: tensor parallel size %d", role, replica_id, tensor_parallel_size)
 

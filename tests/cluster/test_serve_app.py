@@ -102,6 +102,27 @@ def test_a_different_cache_salt_gets_no_credit_for_anothers_prefix(ingress):
     assert asyncio.run(run()).usage.cached_tokens == 0
 
 
+def test_a_conversations_next_turn_is_prefilled_by_the_decode_group_that_holds_it(ingress, model):
+    """Turn two repeats turn one's prompt and answer. The decode group holds both (it computed the answer), the
+    prefill groups only the prompt, so the cost has the decode group prefill the two new tokens itself: no KV
+    moves, and the tokens are still HF's."""
+    turn1 = [(53 * j) % 49152 for j in range(96)]
+
+    async def run():
+        first = await final(ingress, GenerateRequest(prompt_token_ids=turn1, params=SamplingParams(
+            max_tokens=64, temperature=0.0, ignore_eos=True)))
+        turn2 = turn1 + first.outputs[0].token_ids + [5, 6]
+        await asyncio.sleep(2.5)  # the KV events and the load reports reach Redis
+        before = await pool("decode").stats.remote()
+        second = await final(ingress, GenerateRequest(prompt_token_ids=turn2, params=GREEDY))
+        return turn2, second, before, await pool("decode").stats.remote()
+
+    turn2, second, before, after = asyncio.run(run())
+    assert after.kv_bytes_received == before.kv_bytes_received
+    assert second.usage.cached_tokens == 144  # 159 computed tokens of turn one: nine full blocks
+    assert second.outputs[0].token_ids == hf_greedy(model, turn2, GREEDY.max_tokens)
+
+
 def test_bad_input_is_refused_with_the_field_named(ingress):
     with pytest.raises(InvalidRequestError, match="prompt"):
         asyncio.run(tokens(ingress, GenerateRequest(prompt="")))

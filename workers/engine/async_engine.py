@@ -66,6 +66,8 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._transfer_locks: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._load: dict[str, int] = {}
+        self._update_load()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
@@ -142,16 +144,26 @@ class AsyncLLMEngine:
         await self._call(lambda: self._abort(request_id))
 
     async def stats(self) -> EngineStats:
-        def read() -> EngineStats:
-            eng = self.engine
-            sched, bm = eng.scheduler, eng.block_manager
-            queued = sum(s.num_new_tokens for s in sched.waiting) + \
-                sum(s.num_new_tokens for s in sched.running if s.num_new_tokens > 1)
-            return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
-                               len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
-                               eng.kv.bytes_received, eng.num_transfer_failures, queued)
+        return await self._call(self._read_stats)
 
-        return await self._call(read)
+    def load(self) -> dict[str, int]:
+        """The group's load as of its last step, readable from any thread without waiting for the engine (the
+        KV-event publisher reports it to the routers every second)."""
+        return self._load
+
+    def _read_stats(self) -> EngineStats:
+        eng = self.engine
+        sched, bm = eng.scheduler, eng.block_manager
+        queued = sum(s.num_new_tokens for s in sched.waiting) + \
+            sum(s.num_new_tokens for s in sched.running if s.num_new_tokens > 1)
+        return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
+                           len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
+                           eng.kv.bytes_received, eng.num_transfer_failures, queued)
+
+    def _update_load(self) -> None:
+        stats = self._read_stats()
+        self._load = {"running_seqs": stats.num_running, "queued_prefill_tokens": stats.num_queued_prefill_tokens,
+                      "free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks}
 
     def shutdown(self) -> None:
         """Stops the engine thread after it releases the group's other ranks and closes its KV channels."""
@@ -272,6 +284,7 @@ class AsyncLLMEngine:
             self.engine.expire_leases()
             if self.engine.has_unfinished_requests():
                 self._step()
+            self._update_load()
 
     def _idle_timeout(self) -> float | None:
         """How long to wait for a command: not at all while requests run, until the next lease ends while blocks

@@ -1,0 +1,39 @@
+"""The groups' loads as they report them through Redis (workers/kv_events.py), for the ingress's decision of who
+prefills. Groups refresh their report every second, so it is read at most once a second, without blocking."""
+
+import json
+import time
+
+import redis.asyncio
+
+from router.policy import GroupLoad
+from workers.kv_events import DEFAULT_NAMESPACE, KVKeys
+
+
+class LoadView:
+    def __init__(self, redis_url: str, namespace: str = DEFAULT_NAMESPACE, max_age_s: float = 1.0):
+        self.keys = KVKeys(namespace)
+        self.max_age_s = max_age_s
+        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._loads: dict[str, list[GroupLoad]] = {}
+        self._read_at = float("-inf")
+
+    async def loads(self) -> dict[str, list[GroupLoad]]:
+        """Live groups' loads by role ("prefill", "decode"); a group whose report expired is absent."""
+        if time.monotonic() - self._read_at < self.max_age_s:
+            return self._loads
+        groups = sorted(g.decode() for g in await self._redis.smembers(self.keys.groups))
+        reports = await self._redis.mget([self.keys.load(g) for g in groups]) if groups else []
+        loads: dict[str, list[GroupLoad]] = {}
+        for group, report in zip(groups, reports):
+            if report is None:
+                continue
+            load = json.loads(report)
+            loads.setdefault(load["role"], []).append(GroupLoad(
+                group, free_blocks=load["free_blocks"], total_blocks=load["total_blocks"],
+                queued_prefill_tokens=load["queued_prefill_tokens"], running_seqs=load["running_seqs"]))
+        self._loads, self._read_at = loads, time.monotonic()
+        return loads
+
+    async def close(self) -> None:
+        await self._redis.aclose()
