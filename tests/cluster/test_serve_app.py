@@ -123,6 +123,26 @@ def test_a_conversations_next_turn_is_prefilled_by_the_decode_group_that_holds_i
     assert second.outputs[0].token_ids == hf_greedy(model, turn2, GREEDY.max_tokens)
 
 
+def test_a_burst_on_one_prefix_spills_over_to_the_idle_replica(ingress, redis_url):
+    """The prefix holder wins while its queue costs less than the prefix saves; a burst of 40 requests on that
+    prefix makes it busy, so the router sends the rest to the idle replica, which then holds the prefix too."""
+    shared = [(59 * j) % 49152 for j in range(96)]
+    follower = KVIndexFollower(redis_url)
+
+    async def run():
+        await final(ingress, GenerateRequest(prompt_token_ids=shared + [1], params=GREEDY))
+        await asyncio.sleep(2.0)
+        await asyncio.gather(*(final(ingress, GenerateRequest(prompt_token_ids=shared + [2, i], params=GREEDY))
+                               for i in range(40)))
+        await asyncio.sleep(2.0)
+        await follower.start()
+        holders = set(await _holders(follower, shared)) & set(replica_actors("prefill"))
+        await follower.stop()
+        return holders
+
+    assert len(asyncio.run(run())) == 2
+
+
 def test_bad_input_is_refused_with_the_field_named(ingress):
     with pytest.raises(InvalidRequestError, match="prompt"):
         asyncio.run(tokens(ingress, GenerateRequest(prompt="")))
