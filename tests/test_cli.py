@@ -1,8 +1,13 @@
 """The `tandem` command line, run as a user runs it: a separate process, real model, stdout and exit codes."""
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,3 +69,50 @@ def test_generate_on_disaggregated_tensor_parallel_groups_gives_hfs_tokens(tiny_
     assert out.returncode == 0, out.stderr
     prompt_ids = AutoTokenizer.from_pretrained(model).encode(prompt)
     assert json.loads(out.stdout)["token_ids"] == hf_greedy(model, prompt_ids, 8)
+
+
+@pytest.mark.slow
+def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(tiny_model_factory, tmp_path):
+    """The README's main command: a local Ray and redis-server, the app, a request answered, Ctrl-C."""
+    port, model = _free_port(), str(tiny_model_factory("llama"))
+    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", model, "--num-kv-blocks", "64",
+                               "--num-cpus-per-rank", "0.5", "--http-port", str(port)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        answer = _post_until_answered(f"http://127.0.0.1:{port}/generate",
+                                      {"prompt_token_ids": [1, 2, 3, 4], "max_tokens": 4, "ignore_eos": True})
+        refused = _post(f"http://127.0.0.1:{port}/generate", {"prompt": "", "max_tokens": 4})
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=120)
+    assert len(answer["token_ids"]) == 4 and answer["finish_reason"] == "length"
+    assert refused == (400, {"error": "prompt: must not be empty", "field": "prompt"})
+    assert server.returncode == 0, output
+    assert "serving on" in output and "shutting down" in output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _post_until_answered(url: str, body: dict, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status, answer = _post(url, body)
+            assert status == 200, answer
+            return answer
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, "tandem serve did not answer"
+            time.sleep(1)
