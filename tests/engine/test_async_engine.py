@@ -110,3 +110,15 @@ def test_a_storm_of_cancellations_at_every_phase_leaks_no_blocks(engine):
     stats = asyncio.run(storm())
     assert stats.num_running == stats.num_waiting == 0
     assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_stats_count_prompt_tokens_and_what_the_prefix_cache_supplied(engine):
+    prompt = list(range(1000, 1040))  # two full blocks and 8 tokens
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    before = asyncio.run(engine.stats())
+    for _ in range(2):
+        asyncio.run(collect(engine, prompt, params))
+    after = asyncio.run(engine.stats())
+    assert after.num_finished - before.num_finished == 2
+    assert after.num_prompt_tokens - before.num_prompt_tokens == 80
+    assert after.num_cached_prompt_tokens - before.num_cached_prompt_tokens == 32  # the second one's two blocks

@@ -54,6 +54,9 @@ class EngineStats:
     kv_bytes_received: int = 0
     num_kv_transfer_failures: int = 0  # decode role: prompts recomputed because their KV did not arrive
     num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting whose KV is not computed yet
+    num_finished: int = 0  # running totals over finished requests
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0  # of those prompt tokens, how many the prefix cache supplied
 
     @property
     def kv_usage(self) -> float:
@@ -158,12 +161,15 @@ class AsyncLLMEngine:
             sum(s.num_new_tokens for s in sched.running if s.num_new_tokens > 1)
         return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
                            len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
-                           eng.kv.bytes_received, eng.num_transfer_failures, queued)
+                           eng.kv.bytes_received, eng.num_transfer_failures, queued, eng.num_finished,
+                           eng.num_prompt_tokens, eng.num_cached_prompt_tokens)
 
     def _update_load(self) -> None:
         stats = self._read_stats()
         self._load = {"running_seqs": stats.num_running, "queued_prefill_tokens": stats.num_queued_prefill_tokens,
-                      "free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks}
+                      "free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
+                      "finished": stats.num_finished, "prompt_tokens": stats.num_prompt_tokens,
+                      "cached_prompt_tokens": stats.num_cached_prompt_tokens}
 
     def shutdown(self) -> None:
         """Stops the engine thread after it releases the group's other ranks and closes its KV channels."""

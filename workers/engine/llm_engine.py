@@ -82,6 +82,10 @@ class LLMEngine:
         # Decode role: requests whose blocks are allocated and whose KV is on its way from a prefill group.
         self.receiving: dict[str, Sequence] = {}
         self.num_transfer_failures = 0  # decode role: prompts recomputed because their KV did not arrive
+        # Running totals over finished requests, for metrics: the prefix cache's hit rate is cached / prompt.
+        self.num_finished = 0
+        self.num_prompt_tokens = 0
+        self.num_cached_prompt_tokens = 0
         self._ids = count()
         logger.info("engine ready: %s, %d KV blocks, context %d", model_dir.name, self.runner.num_kv_blocks,
                     self.max_model_len)
@@ -273,6 +277,9 @@ class LLMEngine:
             self.pinned[req.seq.request_id] = (req.seq, time.monotonic() + self.config.cache.kv_lease_s)
         req.seq.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
+        self.num_finished += 1
+        self.num_prompt_tokens += req.seq.num_prompt_tokens
+        self.num_cached_prompt_tokens += req.seq.num_cached_tokens
         self.runner.release(req.seq.request_id)
         del self.requests[req.seq.request_id]
         return self._output(req, finished=True)
