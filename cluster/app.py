@@ -13,6 +13,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, cache_dir
+from router.baselines import PrefixTreeRouter, RoundRobinRouter, SGLangCacheAwareRouter
 from router.ingress import Ingress
 from router.request_router import PrefixCacheRouter
 from workers.engine.model_store import resolve_model
@@ -20,6 +21,14 @@ from workers.server import EngineServer
 
 # A replica only forwards requests to its group's rank 0; the ranks do the work.
 REPLICA_CPUS = 0.1
+
+# The prefill routers Tandem's is compared against (tandem bench routing), as RequestRouterConfig arguments.
+BASELINE_ROUTERS = {
+    "round-robin": dict(request_router_class=RoundRobinRouter),
+    "power-of-two": dict(),  # Serve's default
+    "prefix-tree": dict(request_router_class=PrefixTreeRouter),
+    "sglang": dict(request_router_class=SGLangCacheAwareRouter),
+}
 
 
 def required_cpus(config: ClusterConfig) -> float:
@@ -54,9 +63,13 @@ def build_app(config: ClusterConfig) -> Application:
             request_router_kwargs=dict(redis_url=config.redis_url, role=role, block_size=config.block_size,
                                        weights=asdict(config.routing)))
 
-    prefill = pool("prefill", config.prefill, request_router_config=router("prefill")) \
-        if config.disaggregate else None
+    prefill_router = router("prefill") if config.prefill_router == "prefix-cache" else \
+        RequestRouterConfig(**BASELINE_ROUTERS[config.prefill_router])
+    prefill = pool("prefill", config.prefill, request_router_config=prefill_router) if config.disaggregate else None
     decode = pool("decode", config.decode, request_router_config=router("decode"))
+    # The ingress's own decision (who prefills) is part of Tandem's routing; the baselines route without it.
+    decides = config.prefill_router == "prefix-cache" and config.conditional_disaggregation
+    ingress_redis = config.redis_url if decides else None
     return serve.deployment(Ingress, name="ingress").options(
         **config.ingress.serve_options(), ray_actor_options={"num_cpus": REPLICA_CPUS},
-    ).bind(prefill, decode, model_dir, config.block_size, config.redis_url, asdict(config.routing))
+    ).bind(prefill, decode, model_dir, config.block_size, ingress_redis, asdict(config.routing))

@@ -6,6 +6,7 @@
     tandem chat                                            # interactive conversation
     tandem serve                                           # the cluster: ingress, prefill and decode pools
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
+    tandem bench routing                                   # our router vs round-robin, power-of-two, ...
 """
 
 import argparse
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import engine, transfer
+    from cluster.bench import engine, routing, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_arguments(bench_sub.add_parser("transfer", help="KV transfer bandwidth and added latency",
                                                 description="Moves a prompt's KV blocks between two processes "
                                                             "over a real KV channel, by prompt length."))
+    routing.add_arguments(bench_sub.add_parser(
+        "routing", help="prefix-cache-aware routing vs round-robin, power-of-two, prefix tree, SGLang",
+        description="Runs the same multi-turn, multi-tenant workload (and a no-reuse control) through the cluster "
+                    "once per prefill router and compares hit rate, TTFT, throughput and load spread."))
     return parser
 
 
@@ -114,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve.run(args)
         from cluster.bench import engine as bench_engine
+        from cluster.bench import routing as bench_routing
         from cluster.bench import transfer as bench_transfer
 
-        return (bench_engine if args.bench == "engine" else bench_transfer).run(args)
+        return {"engine": bench_engine, "routing": bench_routing, "transfer": bench_transfer}[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

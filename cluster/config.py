@@ -30,6 +30,9 @@ def cache_dir() -> Path:
     return Path(os.environ["TANDEM_CACHE_DIR"]) if os.environ.get("TANDEM_CACHE_DIR") else default_cache_dir()
 
 
+PREFILL_ROUTERS = ("prefix-cache", "round-robin", "power-of-two", "prefix-tree", "sglang")
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message starts with the field's dotted path."""
 
@@ -111,6 +114,12 @@ class ClusterConfig:
     kv_transfer_timeout_s: float = _field(30.0, "a slower KV transfer fails and decode recomputes", above=0)
     max_kv_channels: int = _field(8, "open KV channels per rank", min=1)
     disaggregate: bool = _field(True, "separate prefill and decode pools; off: the decode pool does both")
+    prefill_router: str = _field("prefix-cache", "how prefill replicas are chosen: prefix-cache (Tandem's cost), or "
+                                                 "for comparison round-robin, power-of-two (Serve's default), "
+                                                 "prefix-tree (Ray's PrefixCacheAffinityRouter style), sglang",
+                                 choices=PREFILL_ROUTERS)
+    conditional_disaggregation: bool = _field(True, "with prefix-cache routing, a decode group that holds most of "
+                                                    "a prompt prefills the rest itself instead of the prefill pool")
     ingress: PoolConfig = field(default_factory=lambda: PoolConfig(max_ongoing_requests=256))
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)

@@ -5,8 +5,8 @@ validate and tokenize (the chat template for chat requests) -> hash the prompt's
 already holds most of the prompt (a conversation's next turn), it prefills the rest itself -> otherwise prefill
 on the prefill replica with the least work (router/request_router.py ranks them inside Serve), which pins the
 prompt's KV -> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the
-caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away cancels the stream, which aborts the request on whichever
-group holds it, so every block is freed.
+caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away cancels the
+stream, which aborts the request on whichever group holds it, so every block is freed.
 
 The ingress is stateless: any number of replicas serve the same pools.
 """

@@ -6,21 +6,27 @@ with the lowest cost first, the others after it in cost order, so a full replica
 
 The inputs: the prompt's block hashes (the ingress passes a `RoutingHint`), which groups hold which of them (a
 KVIndex kept from Redis by a KVIndexFollower), and each replica's load (its `record_routing_stats`, refreshed
-every second, plus what this router sent it that has not finished yet, since the stats lag a burst). In the
+every second, plus what this router sent it that has not finished yet, since the stats lag a burst). The index
+lags too (events reach Redis in batches), so the router also remembers the blocks of the prompts it sent, for
+`_ROUTED_MEMORY_S`: a burst of requests on a new prefix then follows the first one instead of scattering. In the
 prefill pool the cost is the prompt tokens left to compute plus the queued work; in the decode pool it is the
 decode load and KV usage plus the blocks the replica would still have to receive.
 """
 
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from router.kv_index import KVIndexFollower
+from router.kv_index import KVIndex, KVIndexFollower
 from router.policy import GroupLoad, RoutingWeights, rank_prefill, route
 from workers.kv.hashing import BlockHash
 
 logger = logging.getLogger(__name__)
+
+_ROUTED_MEMORY_S = 5.0  # well past the index's lag (events are written within a second and read as they come)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class PrefixCacheRouter(RequestRouter):
         self.follower = KVIndexFollower(redis_url)
         self._started = False
         self._in_flight: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, uncached tokens)
+        self._routed = KVIndex()  # the blocks of prompts sent in the last _ROUTED_MEMORY_S, by replica
+        self._routed_log: deque[tuple[float, str, list[BlockHash]]] = deque()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -53,7 +61,7 @@ class PrefixCacheRouter(RequestRouter):
             self._started = True
             await self.follower.start()  # the index is warm from Redis's snapshot when this returns
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        cached = self.follower.index.match(hint.block_hashes)
+        cached = self._match(hint.block_hashes)
         loads = [self._load(group, replica) for group, replica in by_id.items()]
         if self.role == "prefill":
             ranked = rank_prefill(hint.num_tokens, self.block_size, cached, loads, self.weights)
@@ -71,9 +79,23 @@ class PrefixCacheRouter(RequestRouter):
                           result: ReplicaResult) -> None:
         hint = _hint(pending_request)
         if hint is not None:
-            cached = self.follower.index.match(hint.block_hashes).get(replica_id.unique_id, 0)
+            group = replica_id.unique_id
+            cached = self._match(hint.block_hashes).get(group, 0)
             uncached = max(1, hint.num_tokens - cached * self.block_size)
-            self._in_flight[pending_request.metadata.internal_request_id] = (replica_id.unique_id, uncached)
+            self._in_flight[pending_request.metadata.internal_request_id] = (group, uncached)
+            self._routed.add(group, hint.block_hashes)
+            self._routed_log.append((time.monotonic() + _ROUTED_MEMORY_S, group, hint.block_hashes))
+
+    def _match(self, block_hashes: list[BlockHash]) -> dict[str, int]:
+        """Each group's cached prefix: what the index knows, or what this router sent it lately, if longer."""
+        now = time.monotonic()
+        while self._routed_log and self._routed_log[0][0] <= now:
+            _, group, hashes = self._routed_log.popleft()
+            self._routed.remove(group, hashes)
+        known = self.follower.index.match(block_hashes)
+        for group, blocks in self._routed.match(block_hashes).items():
+            known[group] = max(known.get(group, 0), blocks)
+        return known
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._in_flight.pop(internal_request_id, None)

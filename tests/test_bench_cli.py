@@ -2,6 +2,10 @@
 
 import json
 import random
+import subprocess
+import sys
+
+import pytest
 
 from cluster.bench import workloads
 from cluster.cli import main
@@ -65,3 +69,22 @@ def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsy
     assert "added latency ms" in out and "share of step" in out
     tp = doc["tp_step_overhead"]
     assert tp["tensor_parallel_size"] == 3 and tp["steps"] > 0 and 0 < tp["share"] < 1 and tp["plan_bytes"] > 0
+
+
+
+@pytest.mark.slow
+def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_model_factory):
+    """In its own process: the bench starts and stops a Ray of its own."""
+    path = tmp_path / "routing.json"
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "routing", "--model",
+                          str(tiny_model_factory("llama")), "--prefill-replicas", "2", "--system-prompts", "2",
+                          "--users", "1", "--turns", "2", "--system-tokens", "48", "--think-s", "0.1",
+                          "--max-tokens", "4", "--routers", "prefix-cache", "round-robin", "--workloads", "shared",
+                          "--json", str(path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads(path.read_text())
+    assert [(r["workload"], r["router"], r["requests"]) for r in doc["results"]] == [
+        ("shared", "prefix-cache", 4), ("shared", "round-robin", 4)]
+    assert all(0 <= r["hit_rate"] <= 1 and r["oracle_hit_rate"] > 0 and r["output_tokens_per_s"] > 0
+               for r in doc["results"])
+    assert "of oracle" in out.stdout
