@@ -27,6 +27,7 @@ from router.policy import RouteDecision, RoutingWeights, route
 from router.request_router import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import InvalidRequestError, PromptTooLongError
+from workers.engine.llm import chat_token_ids
 from workers.engine.model_store import resolve_model
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
@@ -139,8 +140,7 @@ class Ingress:
         if request.messages is not None:
             if not request.messages:
                 raise InvalidRequestError("messages", "must not be empty")
-            token_ids = list(self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
-                                                                tokenize=True, return_dict=False))
+            token_ids = chat_token_ids(self.tokenizer, request.messages)
         elif request.prompt is not None:
             if not request.prompt:
                 raise InvalidRequestError("prompt", "must not be empty")

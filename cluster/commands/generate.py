@@ -11,7 +11,7 @@ import os
 import sys
 
 from cluster.cli import engine_kwargs, sampling_params
-from workers.engine.llm import LLM, engine_config
+from workers.engine.llm import LLM, chat_token_ids, engine_config
 from workers.engine.outputs import RequestOutput
 
 
@@ -31,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
 def chat_prompt(tokenizer, args: argparse.Namespace) -> list[int]:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
+    return chat_token_ids(tokenizer, messages)
 
 
 def stream(llm: LLM, prompt, params, echo: bool) -> RequestOutput:

@@ -23,6 +23,11 @@ Prompt = str | list[int]
 Message = dict[str, str]
 
 
+def chat_token_ids(tokenizer, messages: list[Message]) -> list[int]:
+    """A conversation rendered with the model's chat template, the assistant's turn opened, as token ids."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
                   max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                   num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 2.0,
@@ -76,8 +81,7 @@ class LLM:
         return self.generate(prompts, sampling_params, cache_salt=cache_salt, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return chat_token_ids(self.tokenizer, messages)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
