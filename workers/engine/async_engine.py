@@ -137,8 +137,10 @@ class AsyncLLMEngine:
         try:
             async with self._transfer_lock(handoff.source):
                 outputs, commands = await self._start(rid, lambda: self._prepare_receive(handoff, params))
-                moved = commands is None or await self._move_kv(prefill, rid, commands)
-                await self._call(lambda: self._start_prefilled(handoff, moved))
+                started = time.monotonic()
+                received = 0 if commands is None else await self._move_kv(prefill, rid, commands)
+                took = time.monotonic() - started
+                await self._call(lambda: self._start_prefilled(handoff, received, took))
             return outputs
         finally:
             await release_quietly(prefill, rid)
@@ -168,8 +170,10 @@ class AsyncLLMEngine:
         stats = self._read_stats()
         self._load = {"running_seqs": stats.num_running, "queued_prefill_tokens": stats.num_queued_prefill_tokens,
                       "free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
-                      "finished": stats.num_finished, "prompt_tokens": stats.num_prompt_tokens,
-                      "cached_prompt_tokens": stats.num_cached_prompt_tokens}
+                      "waiting_seqs": stats.num_waiting, "finished": stats.num_finished,
+                      "prompt_tokens": stats.num_prompt_tokens, "cached_prompt_tokens": stats.num_cached_prompt_tokens,
+                      "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
+                      "kv_transfer_failures": stats.num_kv_transfer_failures}
 
     def shutdown(self) -> None:
         """Stops the engine thread after it releases the group's other ranks and closes its KV channels."""
@@ -220,9 +224,10 @@ class AsyncLLMEngine:
         # asyncio locks belong to one event loop; servers have one, tests may run several in turn.
         return self._transfer_locks[(asyncio.get_running_loop(), source)]
 
-    async def _move_kv(self, prefill: KVSource, request_id: str, plan: TransferPlan) -> bool:
-        """True when the KV arrived. Opening a channel is a rendezvous, so both halves start together; on an open
-        channel the transfer goes in order: start the send (the sender never waits), then receive."""
+    async def _move_kv(self, prefill: KVSource, request_id: str, plan: TransferPlan) -> int | None:
+        """Rank 0's bytes received, or None when the KV did not arrive. Opening a channel is a rendezvous, so both
+        halves start together; on an open channel the transfer goes in order: start the send (the sender never
+        waits), then receive."""
         try:
             if plan.open_send is not None:
                 results = await asyncio.gather(prefill.send_kv(plan.open_send), self._run(plan.open_recv),
@@ -231,24 +236,27 @@ class AsyncLLMEngine:
                     if isinstance(result, BaseException):
                         raise result
             await prefill.send_kv(plan.send)
-            await self._run(plan.recv)
-            return True
+            return await self._run(plan.recv)
         except TransferRefused as e:  # nothing was sent: the channel is fine
             logger.warning("prefill group refused the KV of %s (%s); recomputing its prompt here", request_id, e)
         except Exception as e:  # a TransferError, or the prefill group is gone
             logger.warning("KV transfer of %s from %s failed (%s: %s); recomputing its prompt here", request_id,
                            plan.recv.peer, type(e).__name__, e)
             await self._run(DropChannel(plan.recv.peer))
-        return False
+        return None
 
     def _run(self, command: KVCommand) -> Awaitable[int]:
         return self._call(lambda: self.engine.transfer_kv(command))
 
-    def _start_prefilled(self, handoff: KVHandoff, moved: bool) -> None:
+    def _start_prefilled(self, handoff: KVHandoff, received: int | None, transfer_s: float) -> None:
+        """`received`: the bytes that arrived (0 when this group held the whole prompt), None if the KV did not."""
         request_id = handoff.request_id
         if request_id not in self.engine.receiving:
             return  # aborted while the KV was moving
-        if moved:
+        metrics = self.engine.requests[request_id].metrics
+        # Rank 0's bytes; every rank moves an equal shard of the blocks.
+        metrics.kv_transfer_s, metrics.kv_transfer_bytes = transfer_s, (received or 0) * self.engine.tp.size
+        if received is not None:
             self._deliver(self.engine.start_prefilled_request(handoff))
         else:
             self.engine.recompute_prefilled_request(request_id)

@@ -19,6 +19,8 @@ class KVHandoff:
     cache_salt: str | None
     lease_expiry: float  # time.monotonic() on the prefill side after which it frees the blocks by itself
     source: ChannelAddress  # where the decode group rendezvous with the prefill group to open a KV channel
+    prefill_queue_s: float = 0.0  # the request's wait in the prefill group's scheduler, for its TTFT breakdown
+    prefill_compute_s: float = 0.0  # its prompt's chunks and first token there
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.errors import (
     DuplicateRequestError,
-    InvalidRequestError,
     KVCacheFullError,
     PromptTooLongError,
 )
@@ -28,6 +27,7 @@ from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
+from workers.engine.validation import check_request, prompt_token_ids
 from workers.kv_transfer import (
     KVCommand,
     KVEndpoint,
@@ -39,8 +39,6 @@ from workers.kv_transfer import (
 )
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -78,7 +76,7 @@ class LLMEngine:
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)
         self.requests: dict[str, _Request] = {}
         # Prefill role: finished prompts whose blocks stay pinned until a decode group has them (or the lease ends).
-        self.pinned: dict[str, tuple[Sequence, float]] = {}
+        self.pinned: dict[str, tuple[Sequence, float, RequestMetrics]] = {}  # with each lease's expiry
         # Decode role: requests whose blocks are allocated and whose KV is on its way from a prefill group.
         self.receiving: dict[str, Sequence] = {}
         self.num_transfer_failures = 0  # decode role: prompts recomputed because their KV did not arrive
@@ -108,7 +106,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.pinned:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
-        prompt_text, token_ids = self._tokenize(prompt)
+        prompt_text, token_ids = prompt_token_ids(self.tokenizer, prompt, self.vocab_size)
         self._validate(token_ids, params)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
@@ -119,7 +117,7 @@ class LLMEngine:
 
     def handoff(self, request_id: str) -> KVHandoff:
         """What a decode group needs to continue a prefilled request, blocks included by id."""
-        seq, expiry = self.pinned[request_id]
+        seq, expiry, metrics = self.pinned[request_id]
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
         num_full_blocks = seq.num_prompt_tokens // self.block_size
         return KVHandoff(
@@ -127,7 +125,9 @@ class LLMEngine:
             first_token=seq.token_ids[seq.num_prompt_tokens],
             first_logprobs=seq.logprobs[0] if seq.logprobs else None, num_cached_tokens=seq.num_cached_tokens,
             block_ids=seq.block_table[:num_prompt_blocks], block_hashes=seq.block_hashes[:num_full_blocks],
-            cache_salt=seq.cache_salt, lease_expiry=expiry, source=self.kv.address())
+            cache_salt=seq.cache_salt, lease_expiry=expiry, source=self.kv.address(),
+            prefill_queue_s=metrics.first_scheduled_time - metrics.arrival_time,
+            prefill_compute_s=metrics.first_token_time - metrics.first_scheduled_time)
 
     def release_pinned(self, request_id: str) -> None:
         """The decode group has the KV (or the request was aborted): unpin and free the blocks."""
@@ -137,11 +137,11 @@ class LLMEngine:
 
     def next_lease_expiry(self) -> float | None:
         """When the earliest pinned request's lease ends (time.monotonic()), None if nothing is pinned."""
-        return min((expiry for _, expiry in self.pinned.values()), default=None)
+        return min((expiry for _, expiry, _ in self.pinned.values()), default=None)
 
     def expire_leases(self) -> None:
         now = time.monotonic()
-        for request_id in [rid for rid, (_, expiry) in self.pinned.items() if expiry <= now]:
+        for request_id in [rid for rid, (_, expiry, _) in self.pinned.items() if expiry <= now]:
             logger.warning("lease on %s expired before a decode group fetched its KV; freeing its blocks",
                            request_id)
             self.release_pinned(request_id)
@@ -192,6 +192,8 @@ class LLMEngine:
         """The KV has arrived: the request joins the running batch with its whole prompt computed, and its first
         token, sampled by the prefill group, is emitted here as if this group had sampled it."""
         seq = self.receiving.pop(handoff.request_id)
+        metrics = self.requests[seq.request_id].metrics
+        metrics.prefill_queue_s, metrics.prefill_compute_s = handoff.prefill_queue_s, handoff.prefill_compute_s
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_full_blocks(seq)
         self.scheduler.add_running(seq)
@@ -239,6 +241,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
+        now = time.monotonic()
+        for seq, _ in sched.scheduled:
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         sampled = self.runner.execute(sched.scheduled)
         for seq, num_new in sched.scheduled:
             seq.num_computed_tokens += num_new
@@ -274,7 +281,7 @@ class LLMEngine:
         self.scheduler.finish(req.seq, reason, free_blocks=not keep_blocks)
         self.receiving.pop(req.seq.request_id, None)
         if keep_blocks:
-            self.pinned[req.seq.request_id] = (req.seq, time.monotonic() + self.config.cache.kv_lease_s)
+            self.pinned[req.seq.request_id] = (req.seq, time.monotonic() + self.config.cache.kv_lease_s, req.metrics)
         req.seq.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
         self.num_finished += 1
@@ -301,31 +308,10 @@ class LLMEngine:
 
     # -- input checks -----------------------------------------------------------------------------------------
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", "must not be empty")
-            return prompt, self.tokenizer.encode(prompt)
-        token_ids = list(prompt)
-        if not token_ids:
-            raise InvalidRequestError("prompt_token_ids", "must not be empty")
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise InvalidRequestError("prompt_token_ids", f"token id {t!r} is outside the vocabulary "
-                                                              f"[0, {self.vocab_size})")
-        return None, token_ids
-
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if len(token_ids) >= self.max_model_len:
-            raise PromptTooLongError(len(token_ids), self.max_model_len - 1, "the model's context length minus "
-                                                                            "one generated token")
+        check_request(token_ids, params, self.vocab_size, self.max_model_len)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(len(token_ids), self.max_seq_len - 1, "the KV cache capacity")
-        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-            raise InvalidRequestError("logprobs", f"at most {MAX_LOGPROBS}, got {params.logprobs}")
-        for t in params.stop_token_ids:
-            if t >= self.vocab_size:
-                raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary")
 
 
 def _eos_token_ids(model_dir, tokenizer) -> set[int]:

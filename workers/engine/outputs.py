@@ -24,13 +24,48 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """When a request passed each stage in the engine that served it (time.monotonic() of that process, so only
+    differences mean anything across processes)."""
+
     arrival_time: float
+    first_scheduled_time: float | None = None  # its first prompt chunk ran
     first_token_time: float | None = None
     finished_time: float | None = None
+    # A request prefilled by another group (disaggregated): that group's stages, and the KV's move here.
+    prefill_queue_s: float | None = None
+    prefill_compute_s: float | None = None
+    kv_transfer_s: float = 0.0
+    kv_transfer_bytes: int = 0
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class TimeToFirstToken:
+    """Where a request's time to first token went, in seconds, as the ingress reports it to the client."""
+
+    total_s: float  # request received to first token, at the ingress
+    router_queue_s: float  # the rest of total_s: validation, routing, Serve's queues and the hops between
+    prefill_queue_s: float  # waiting in the prefilling group's scheduler
+    prefill_compute_s: float  # the prompt's chunks and the first token
+    kv_transfer_s: float = 0.0
+    kv_transfer_bytes: int = 0
+    first_decode_step_s: float = 0.0  # the decode group holding the KV to its first token leaving it
+
+    @classmethod
+    def of(cls, metrics: RequestMetrics, total_s: float) -> "TimeToFirstToken":
+        first_token = metrics.first_token_time if metrics.first_token_time is not None else metrics.arrival_time
+        if metrics.prefill_queue_s is None:  # this group prefilled the request itself
+            scheduled = metrics.first_scheduled_time if metrics.first_scheduled_time is not None else first_token
+            stages = dict(prefill_queue_s=scheduled - metrics.arrival_time, prefill_compute_s=first_token - scheduled)
+        else:
+            stages = dict(prefill_queue_s=metrics.prefill_queue_s, prefill_compute_s=metrics.prefill_compute_s,
+                          kv_transfer_s=metrics.kv_transfer_s, kv_transfer_bytes=metrics.kv_transfer_bytes,
+                          first_decode_step_s=max(0.0, first_token - metrics.arrival_time - metrics.kv_transfer_s))
+        accounted = sum(v for k, v in stages.items() if k.endswith("_s"))
+        return cls(total_s=total_s, router_queue_s=max(0.0, total_s - accounted), **stages)
 
 
 @dataclass
@@ -43,6 +78,7 @@ class RequestOutput:
     num_cached_tokens: int
     metrics: RequestMetrics
     error: str | None = None  # set when the request failed inside the engine rather than finishing
+    ttft: TimeToFirstToken | None = None  # set by the cluster's ingress on a request's first output
 
     @property
     def usage(self) -> Usage:

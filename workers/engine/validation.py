@@ -1,0 +1,35 @@
+"""The input checks a request must pass, shared by the engine and the cluster's ingress so that a bad request is
+refused at the front door with the same message the engine would give."""
+
+from workers.engine.errors import InvalidRequestError, PromptTooLongError
+from workers.engine.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; more is rarely useful and costs a top-k per token
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> tuple[str | None, list[int]]:
+    """The prompt's text (None when given as ids) and token ids; an empty prompt or an id outside the
+    vocabulary is refused."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        return prompt, tokenizer.encode(prompt)
+    token_ids = list(prompt)
+    if not token_ids:
+        raise InvalidRequestError("prompt_token_ids", "must not be empty")
+    for t in token_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise InvalidRequestError("prompt_token_ids", f"token id {t!r} is outside the vocabulary [0, {vocab_size})")
+    return None, token_ids
+
+
+def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """The prompt leaves room for at least one generated token; the params fit the model."""
+    if len(token_ids) >= max_model_len:
+        raise PromptTooLongError(len(token_ids), max_model_len - 1, "the model's context length minus one "
+                                                                    "generated token")
+    if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+        raise InvalidRequestError("logprobs", f"at most {MAX_LOGPROBS}, got {params.logprobs}")
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})")
