@@ -7,15 +7,17 @@ a group as one unit.
 """
 
 from dataclasses import asdict
+from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import ClusterConfig, cache_dir
+from cluster.config import ClusterConfig, cache_dir, config_from_mapping
 from router.baselines import PrefixTreeRouter, RoundRobinRouter, SGLangCacheAwareRouter
-from router.ingress import Ingress
+from router.ingress import Ingress, ServedModel
 from router.request_router import PrefixCacheRouter
+from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.server import EngineServer
 
@@ -36,6 +38,12 @@ def required_cpus(config: ClusterConfig) -> float:
     group = REPLICA_CPUS + config.tensor_parallel_size * config.num_cpus_per_rank
     pools = [config.decode] + ([config.prefill] if config.disaggregate else [])
     return REPLICA_CPUS * config.ingress.replicas + group * sum(p.max_replicas or p.replicas for p in pools)
+
+
+def app_builder(args: dict) -> Application:
+    """The application for `serve run` / `serve deploy` / KubeRay (import path `cluster.app:app_builder`): its
+    `args` are the cluster config, with the keys of deploy/tandem.yaml."""
+    return build_app(config_from_mapping(args))
 
 
 def build_app(config: ClusterConfig) -> Application:
@@ -69,7 +77,16 @@ def build_app(config: ClusterConfig) -> Application:
     decode = pool("decode", config.decode, request_router_config=router("decode"))
     # The ingress's own decision (who prefills) is part of Tandem's routing; the baselines route without it.
     decides = config.prefill_router == "prefix-cache" and config.conditional_disaggregation
-    ingress_redis = config.redis_url if decides else None
-    return serve.deployment(Ingress, name="ingress").options(
+    # The ingress serves HTTP through Serve's proxy (serve.ingress) and gRPC on its own port.
+    return serve.deployment(serve.ingress()(Ingress), name="ingress").options(
         **config.ingress.serve_options(), ray_actor_options={"num_cpus": REPLICA_CPUS},
-    ).bind(prefill, decode, model_dir, config.block_size, ingress_redis, asdict(config.routing))
+    ).bind(prefill, decode, served_model(config, model_dir), config.api, config.redis_url, asdict(config.routing),
+           config.host, config.grpc_port, decides)
+
+
+def served_model(config: ClusterConfig, model_dir: str) -> ServedModel:
+    """The model as clients name it: the configured name ('smollm2') or the folder's name, not a local path."""
+    hf_config = load_hf_config(model_dir)
+    max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
+    return ServedModel(name=Path(config.model).name, path=model_dir, max_model_len=max_len,
+                       vocab_size=hf_config.vocab_size, block_size=config.block_size)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from router.api_config import ApiConfig
 from router.policy import RoutingWeights
 from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from workers.engine.model_store import default_cache_dir
@@ -127,7 +128,8 @@ class ClusterConfig:
     redis_url: str | None = _field(None, "Redis for KV events (null: start a local redis-server)")
     host: str = _field("0.0.0.0", "address the gRPC and HTTP endpoints listen on")
     grpc_port: int = _field(50051, "gRPC port", min=1, max=65535)
-    http_port: int = _field(8000, "Serve's HTTP port (health, metrics)", min=1, max=65535)
+    http_port: int = _field(8000, "HTTP port: the OpenAI-compatible API, /health and /metrics", min=1, max=65535)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -165,6 +167,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
                 raise ConfigError(f"{section} must be a mapping of keys to values (got {target!r})")
         target[name] = value
     return _build(ClusterConfig, data, "")
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> ClusterConfig:
+    """The config from nested plain data with tandem.yaml's keys (a Serve config's application `args`)."""
+    return _build(ClusterConfig, dict(data), "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

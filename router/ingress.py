@@ -5,38 +5,40 @@ validate and tokenize (the chat template for chat requests) -> hash the prompt's
 already holds most of the prompt (a conversation's next turn), it prefills the rest itself -> otherwise prefill
 on the prefill replica with the least work (router/request_router.py ranks them inside Serve), which pins the
 prompt's KV -> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the
-caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away cancels the
-stream, which aborts the request on whichever group holds it, so every block is freed.
+caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away (or whose
+deadline passes) cancels the stream, which cancels the call on whichever group holds the request, so every
+block is freed.
 
-The ingress is stateless: any number of replicas serve the same pools.
+Each replica is also the cluster's front door: it serves the gRPC API (router/grpc_api.py) on its own port and
+the OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP proxy. The ingress is stateless: any
+number of replicas serve the same pools.
 """
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
+from router.api_config import ApiConfig
+from router.errors import ApiError, Kind, classify, invalid
 from router.kv_index import KVIndexFollower
 from router.load_view import LoadView
+from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
 from router.request_router import RoutingHint
 from workers.engine.async_engine import release_quietly
-from workers.engine.errors import InvalidRequestError, PromptTooLongError
 from workers.engine.llm import chat_token_ids
-from workers.engine.model_store import resolve_model
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.validation import check_request, prompt_token_ids
 from workers.kv.hashing import hash_full_blocks
-from workers.server import Prefilled
 
 logger = logging.getLogger(__name__)
-
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
 @dataclass(frozen=True)
@@ -49,54 +51,103 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
     cache_salt: str | None = None
+    model: str | None = None  # None or "": the served model
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the ingress serves, as ListModels and /v1/models show it."""
+
+    name: str
+    path: str  # the local HF folder the groups load
+    max_model_len: int
+    vocab_size: int
+    block_size: int
 
 
 class Ingress:
-    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: str, block_size: int = 16,
-                 redis_url: str | None = None, weights: dict | None = None):
-        """With `redis_url` (and a prefill pool) the ingress decides per request who prefills, from the KV index
-        and the groups' reported loads; without it every request takes the prefill pool."""
+    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: ServedModel,
+                 api: ApiConfig | None = None, redis_url: str | None = None, weights: dict | None = None,
+                 host: str = "0.0.0.0", grpc_port: int | None = None, decide: bool = True):
+        """With `redis_url` the ingress reads the groups' load reports (for /metrics) and, with `decide` and a
+        prefill pool, decides per request who prefills from the KV index and those loads; otherwise every
+        request takes the prefill pool. With `grpc_port` the replica serves the gRPC API there once Serve has
+        built it."""
         self.prefill = prefill
         self.decode = decode
-        self.block_size = block_size
+        self.model = model
+        self.api = api or ApiConfig()
         self.weights = RoutingWeights(**(weights or {}))
-        self._index = KVIndexFollower(redis_url) if redis_url and prefill else None
-        self._loads = LoadView(redis_url) if redis_url and prefill else None
+        self._index = KVIndexFollower(redis_url) if redis_url and prefill and decide else None
+        self._loads = LoadView(redis_url) if redis_url else None
+        self.metrics = IngressMetrics(self._loads)
+        self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
         self._index_started = False
-        model_dir = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        self.vocab_size = hf_config.vocab_size
-        self.max_model_len = hf_config.max_position_embeddings
+        self._grpc_address = (host, grpc_port) if grpc_port is not None else None
+        self._grpc = None
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        token_ids = self.tokenize(request)
+        """Streams the request's outputs; the first carries its time-to-first-token breakdown. Bad input raises
+        before anything runs (an ApiError or an InvalidRequestError naming the field)."""
+        received = time.monotonic()
+        limit = self.api.max_concurrent_requests
+        if limit is not None and self._active >= limit:
+            self.metrics.request_refused(Kind.RESOURCE_EXHAUSTED.name.lower())
+            raise ApiError(Kind.RESOURCE_EXHAUSTED, f"this ingress replica is serving its limit of {limit} "
+                                                    "requests; retry later")
+        self._active += 1
+        self.metrics.request_started()
+        outcome, ttft, token_times, usage = Kind.INTERNAL, None, [], None
+        try:
+            async for out in self._generate(request, received):
+                if out.ttft is not None:
+                    ttft = out.ttft
+                if out.outputs[0].delta_token_ids:
+                    token_times.append(time.monotonic())
+                usage = out.usage
+                yield out
+            outcome = Kind.OK
+        except BaseException as e:
+            outcome = classify(e).kind if not isinstance(e, GeneratorExit) else Kind.CANCELLED
+            raise
+        finally:
+            self._active -= 1
+            self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage)
+
+    async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
+        token_ids = self.validate(request)
         request_id = request.request_id or uuid.uuid4().hex
         params, salt = request.params, request.cache_salt
-        hashes = hash_full_blocks(token_ids, self.block_size, salt)
+        hashes = hash_full_blocks(token_ids, self.model.block_size, salt)
         decision = await self._decide(len(token_ids), hashes)
+        first, prefilled = True, None
         if self.prefill is None or (decision is not None and decision.prefill_group is None):
             # Unified mode, or the decode group holds most of the prompt: it prefills the rest itself.
             hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
             outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
                                                                        routing=hint)
-            async for out in outputs:
-                yield out
-            return
-        prefill_hint = RoutingHint(len(token_ids), hashes, decision.prefill_group if decision else None)
-        decode_hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
-        prefilled: Prefilled = await self.prefill.prefill.remote(token_ids, params, request_id, salt,
-                                                                 routing=prefill_hint)
-        outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
-                                                                             prefilled.source, routing=decode_hint)
+        else:
+            prefill_hint = RoutingHint(len(token_ids), hashes, decision.prefill_group if decision else None)
+            prefilled = await _cancelling(self.prefill.prefill.remote(token_ids, params, request_id,
+                                                                                 salt, routing=prefill_hint))
+            decode_hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
+            outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
+                                                                                 prefilled.source, routing=decode_hint)
         finished = False
         try:
             async for out in outputs:
+                if first:
+                    out.ttft, first = TimeToFirstToken.of(out.metrics, time.monotonic() - received), False
                 finished = out.finished
                 yield out
         finally:
-            if not finished:  # left before the decode replica took the KV: don't hold the blocks for the lease
-                await release_quietly(prefilled.source, request_id)
+            if not finished:
+                # The caller left (cancelled, deadline, disconnect): stop the request wherever it is, and don't
+                # let the prefill group hold its blocks for the whole lease.
+                outputs.cancel()
+                if prefilled is not None:
+                    await release_quietly(prefilled.source, request_id)
 
     async def _decide(self, num_tokens: int, hashes: list) -> RouteDecision | None:
         """router/policy.route over the index and the reported loads; None until both pools have reported."""
@@ -108,49 +159,71 @@ class Ingress:
         loads = await self._loads.loads()
         if not loads.get("decode") or not loads.get("prefill"):
             return None
-        return route(num_tokens, self.block_size, self._index.index.match(hashes), loads["prefill"],
+        return route(num_tokens, self.model.block_size, self._index.index.match(hashes), loads["prefill"],
                      loads["decode"], self.weights)
 
-    async def __call__(self, http: Request) -> JSONResponse:
-        """POST /generate with JSON {prompt | prompt_token_ids | messages, max_tokens, temperature, top_p, top_k,
-        seed, stop, cache_salt}: the whole completion as one JSON object. Bad input is a 400 naming the field."""
-        if http.method != "POST" or http.url.path.rstrip("/") != "/generate":
-            return JSONResponse({"error": "POST /generate"}, status_code=404)
-        try:
-            body = await http.json()
-            sampling = {k: body.pop(k) for k in list(body) if k in _SAMPLING_FIELDS}
-            if "stop" in sampling:
-                sampling["stop"] = tuple(sampling["stop"])
-            request = GenerateRequest(**body, params=SamplingParams(**sampling))
-            outs = [out async for out in self.generate(request)]
-        except (ValueError, TypeError) as e:
-            field_name = getattr(e, "field", None)
-            return JSONResponse({"error": str(e), "field": field_name}, status_code=400)
-        out = outs[-1]
-        completion = out.outputs[0]
-        return JSONResponse({"request_id": out.request_id, "text": completion.text,
-                             "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
-                             "usage": vars(out.usage)})
-
-    def tokenize(self, request: GenerateRequest) -> list[int]:
+    def validate(self, request: GenerateRequest) -> list[int]:
+        """The prompt's token ids, after every check the engine would make plus the API's limits."""
+        if request.model and request.model != self.model.name:
+            raise ApiError(Kind.NOT_FOUND, f"model: {request.model!r} is not served here; this cluster serves "
+                                           f"{self.model.name!r}", "model")
         given = [name for name in ("prompt", "prompt_token_ids", "messages") if getattr(request, name) is not None]
         if len(given) != 1:
-            raise InvalidRequestError("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
-                                                f"{given or 'none'}")
+            raise invalid("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
+                                    f"{given or 'none'}")
         if request.messages is not None:
-            if not request.messages:
-                raise InvalidRequestError("messages", "must not be empty")
-            token_ids = chat_token_ids(self.tokenizer, request.messages)
-        elif request.prompt is not None:
-            if not request.prompt:
-                raise InvalidRequestError("prompt", "must not be empty")
-            token_ids = self.tokenizer.encode(request.prompt)
+            token_ids = self._chat_token_ids(request.messages)
         else:
-            token_ids = list(request.prompt_token_ids)
-            bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-            if not token_ids or bad is not None:
-                raise InvalidRequestError("prompt_token_ids", "must be a non-empty list of ids in "
-                                                              f"[0, {self.vocab_size}), got {bad!r}")
-        if len(token_ids) >= self.max_model_len:
-            raise PromptTooLongError(len(token_ids), self.max_model_len - 1)
+            _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
+                                            else request.prompt_token_ids, self.model.vocab_size)
+        params, api = request.params, self.api
+        check_request(token_ids, params, self.model.vocab_size, self.model.max_model_len)
+        max_tokens = min(api.max_tokens or self.model.max_model_len, self.model.max_model_len)
+        if params.max_tokens > max_tokens:
+            raise invalid("max_tokens", f"at most {max_tokens}, got {params.max_tokens}")
+        if len(params.stop) > api.max_stop_strings:
+            raise invalid("stop", f"at most {api.max_stop_strings} stop strings, got {len(params.stop)}")
+        if request.cache_salt is not None and len(request.cache_salt) > api.max_cache_salt_chars:
+            raise invalid("cache_salt", f"at most {api.max_cache_salt_chars} characters, got "
+                                        f"{len(request.cache_salt)}")
         return token_ids
+
+    def _chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not messages:
+            raise invalid("messages", "must not be empty")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                    or not isinstance(message.get("content"), str):
+                raise invalid(f"messages[{i}]", "must have a string role and a string content")
+            if message["role"] not in ("system", "user", "assistant"):
+                raise invalid(f"messages[{i}].role", f"must be system, user or assistant, got {message['role']!r}")
+        return chat_token_ids(self.tokenizer, messages)
+
+    async def __serve_build_asgi_app__(self):
+        """Serve calls this once the replica is constructed: open the gRPC port here, on the replica's event
+        loop, and hand Serve the HTTP app."""
+        from router.grpc_api import start_grpc_server
+        from router.openai_api import build_http_app
+
+        if self._grpc_address is not None:
+            self._grpc = await start_grpc_server(self, *self._grpc_address)
+        return build_http_app(self)
+
+    async def check_health(self) -> None:
+        if self._grpc is not None:
+            self._grpc.check_health()
+
+    async def __del__(self):
+        """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish."""
+        if self._grpc is not None:
+            await self._grpc.drain()
+
+
+async def _cancelling(response):
+    """Awaits a Serve call; if the caller is cancelled meanwhile, the call is cancelled too (Serve only does
+    that by itself for calls made while handling a Serve request, and gRPC calls are not)."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise

@@ -22,18 +22,20 @@ class LoadView:
         """Live groups' loads by role ("prefill", "decode"); a group whose report expired is absent."""
         if time.monotonic() - self._read_at < self.max_age_s:
             return self._loads
-        groups = sorted(g.decode() for g in await self._redis.smembers(self.keys.groups))
-        reports = await self._redis.mget([self.keys.load(g) for g in groups]) if groups else []
         loads: dict[str, list[GroupLoad]] = {}
-        for group, report in zip(groups, reports):
-            if report is None:
-                continue
-            load = json.loads(report)
+        for group, load in (await self.reports()).items():
             loads.setdefault(load["role"], []).append(GroupLoad(
                 group, free_blocks=load["free_blocks"], total_blocks=load["total_blocks"],
                 queued_prefill_tokens=load["queued_prefill_tokens"], running_seqs=load["running_seqs"]))
         self._loads, self._read_at = loads, time.monotonic()
         return loads
+
+    async def reports(self) -> dict[str, dict]:
+        """Every live group's last report as it wrote it (group id -> the JSON's dict), read now, uncached: the
+        metrics endpoint shows one fresh snapshot per scrape."""
+        groups = sorted(g.decode() for g in await self._redis.smembers(self.keys.groups))
+        raw = await self._redis.mget([self.keys.load(g) for g in groups]) if groups else []
+        return {group: json.loads(report) for group, report in zip(groups, raw) if report is not None}
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -10,9 +10,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 from transformers import AutoTokenizer
 
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
 from tests.hf_reference import hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,23 +75,26 @@ def test_generate_on_disaggregated_tensor_parallel_groups_gives_hfs_tokens(tiny_
 
 
 @pytest.mark.slow
-def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(tiny_model_factory, tmp_path):
-    """The README's main command: a local Ray and redis-server, the app, a request answered, Ctrl-C."""
-    port, model = _free_port(), str(tiny_model_factory("llama"))
+def test_serve_answers_over_grpc_and_http_and_stops_cleanly_on_ctrl_c(tiny_model_factory, tmp_path):
+    """The README's main command: a local Ray and redis-server, the app, requests answered, Ctrl-C."""
+    http_port, grpc_port, model = _free_port(), _free_port(), str(tiny_model_factory("llama"))
     server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", model, "--num-kv-blocks", "64",
-                               "--num-cpus-per-rank", "0.5", "--http-port", str(port)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--num-cpus-per-rank", "0.5", "--http-port", str(http_port), "--grpc-port",
+                               str(grpc_port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        answer = _post_until_answered(f"http://127.0.0.1:{port}/generate",
-                                      {"prompt_token_ids": [1, 2, 3, 4], "max_tokens": 4, "ignore_eos": True})
-        refused = _post(f"http://127.0.0.1:{port}/generate", {"prompt": "", "max_tokens": 4})
+        answer = _post_until_answered(f"http://127.0.0.1:{http_port}/v1/completions",
+                                      {"prompt": [1, 2, 3, 4], "max_tokens": 4, "ignore_eos": True})
+        refused = _post(f"http://127.0.0.1:{http_port}/v1/completions", {"prompt": "", "max_tokens": 4})
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            models = tandem_pb2_grpc.GenerationStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=120)
-    assert len(answer["token_ids"]) == 4 and answer["finish_reason"] == "length"
-    assert refused == (400, {"error": "prompt: must not be empty", "field": "prompt"})
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 4
+    assert refused[0] == 400 and refused[1]["error"]["param"] == "prompt"
+    assert [m.id for m in models.models] == [Path(model).name]
     assert server.returncode == 0, output
-    assert "serving on" in output and "shutting down" in output
+    assert f"serving gRPC on 0.0.0.0:{grpc_port}" in output and "shutting down" in output
 
 
 def _free_port() -> int:
@@ -113,6 +119,6 @@ def _post_until_answered(url: str, body: dict, timeout_s: float = 600) -> dict:
             status, answer = _post(url, body)
             assert status == 200, answer
             return answer
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):  # not up yet, or Serve's own 404/503
             assert time.monotonic() < deadline, "tandem serve did not answer"
             time.sleep(1)

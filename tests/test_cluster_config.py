@@ -8,9 +8,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ClusterConfig, ConfigError, PoolConfig, add_arguments, cache_dir, from_args, load_config
+from cluster.config import (
+    ClusterConfig,
+    ConfigError,
+    PoolConfig,
+    add_arguments,
+    cache_dir,
+    from_args,
+    load_config,
+)
+from router.api_config import ApiConfig
 from router.policy import RoutingWeights
-from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from workers.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from workers.engine.llm import engine_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "tandem.yaml"
@@ -167,8 +181,10 @@ def test_every_field_has_a_flag_and_a_string_stays_a_string():
     add_arguments(parser)
     flags = {option for action in parser._actions for option in action.option_strings}
     assert {"--model", "--block-size", "--disaggregate", "--no-disaggregate", "--ingress-max-ongoing-requests",
-            "--decode-min-replicas", "--routing-local-compute-token", "--grpc-port", "--http-port"} <= flags
-    assert len([a for a in parser._actions if a.dest != "help"]) == 1 + len(TOP_KEYS) - 4 + 3 * len(POOL_KEYS) + 6
+            "--decode-min-replicas", "--routing-local-compute-token", "--grpc-port", "--http-port", "--api-max-tokens",
+            "--api-tls-cert-file"} <= flags
+    sections = 3 * len(POOL_KEYS) + len(fields(RoutingWeights)) + len(fields(ApiConfig))
+    assert len([a for a in parser._actions if a.dest != "help"]) == 1 + len(TOP_KEYS) - 5 + sections
     assert parse("--model", "yes").model == "yes"
 
 

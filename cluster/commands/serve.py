@@ -34,8 +34,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size})",
               file=sys.stderr)
         serve.run(build_app(config), name="tandem", route_prefix="/")
-        print(f"tandem: serving on http://{config.host}:{config.http_port} (POST /generate); "
-              f"KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
+        tls = "TLS" if config.api.tls_cert_file else "plaintext"
+        key = ", API key required" if config.api.key else ""
+        print(f"tandem: serving gRPC on {config.host}:{config.grpc_port} (tandem.v1.Generation, health, reflection; "
+              f"{tls}{key}) and HTTP on http://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
+              f"/metrics); KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
         stop.wait()
         print("tandem: shutting down", file=sys.stderr)
         serve.shutdown()

@@ -1,0 +1,49 @@
+"""The public API's limits and security, one section (`api:`) of the cluster config.
+
+Every limit has a clear error when exceeded (INVALID_ARGUMENT / HTTP 400 naming the field, or
+RESOURCE_EXHAUSTED / 429 for size and concurrency), so a client learns what to change instead of timing out.
+Security is off by default for the local quick start and on in the Helm chart.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+
+def _field(default, doc: str):
+    return field(default=default, metadata={"help": doc})
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    max_request_bytes: int = _field(4 * 1024 * 1024, "largest request message or HTTP body, in bytes")
+    max_tokens: int | None = _field(None, "largest max_tokens a request may ask for (null: the context length)")
+    max_stop_strings: int = _field(16, "most stop strings per request")
+    max_cache_salt_chars: int = _field(256, "longest cache_salt")
+    max_concurrent_requests: int | None = _field(None, "requests one ingress replica serves at once; more get "
+                                                       "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
+    api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
+                                       "(null: $TANDEM_API_KEY when set, else no key)")
+    tls_cert_file: str | None = _field(None, "PEM server certificate: the gRPC endpoint speaks TLS")
+    tls_key_file: str | None = _field(None, "PEM private key of tls_cert_file")
+    tls_client_ca_file: str | None = _field(None, "PEM CA bundle: clients must present a certificate it signed "
+                                                  "(mutual TLS)")
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_tokens", "max_stop_strings", "max_cache_salt_chars",
+                     "max_concurrent_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value!r})")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path!r}")
+
+    @property
+    def key(self) -> str | None:
+        """The API key in force: the configured one, else $TANDEM_API_KEY (how a Kubernetes Secret arrives)."""
+        return self.api_key or os.environ.get("TANDEM_API_KEY") or None

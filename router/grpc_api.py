@@ -1,0 +1,292 @@
+"""The gRPC API (proto/tandem/v1/tandem.proto) on a grpc.aio server inside each ingress replica.
+
+Why not Serve's gRPC proxy: it serves neither the standard grpc.health.v1 service nor plain server reflection
+(grpcurl), has no TLS or per-call authentication, and reports a deployment's exception as one status code. Our own
+server on the replica's event loop calls the ingress directly, so a cancelled or expired call cancels the request
+on the spot (freeing its KV blocks), and every error gets its documented status (router/errors.py). Several
+ingress replicas on one node share the port: gRPC binds it with SO_REUSEPORT and the kernel spreads connections.
+
+A request's path here: decode the message (undecodable bytes, e.g. invalid UTF-8, are INVALID_ARGUMENT, not
+INTERNAL) -> refuse unknown fields -> check the API key -> build the engine's request -> stream the ingress's
+outputs as GenerateResponse deltas.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from router.api_config import ApiConfig
+from router.errors import ApiError, Kind, classify, invalid
+from router.ingress import GenerateRequest, Ingress
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Open to every caller, with or without an API key: probes and tooling.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class Undecodable:
+    """Stands in for a request message whose bytes do not parse, so the handler can say INVALID_ARGUMENT."""
+
+    def __init__(self, message_type: type[Message], error: Exception):
+        self.reason = f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {error}"
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message_type, e)
+    return parse
+
+
+class GenerationServicer:
+    def __init__(self, ingress: Ingress):
+        self.ingress = ingress
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        async for response in self._stream(request, context, self._generate_request):
+            yield response
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[pb.GenerateResponse]:
+        async for response in self._stream(request, context, self._chat_request):
+            yield response
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            self._check(request)
+            ids = self.ingress.tokenizer.encode(request.text, add_special_tokens=False)
+            return pb.TokenizeResponse(token_ids=ids)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.DetokenizeResponse:
+        try:
+            self._check(request)
+            vocab = self.ingress.model.vocab_size
+            bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise invalid("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
+            text = self.ingress.tokenizer.decode(list(request.token_ids),
+                                                 skip_special_tokens=request.skip_special_tokens)
+            return pb.DetokenizeResponse(text=text)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        model = self.ingress.model
+        return pb.ListModelsResponse(models=[pb.Model(id=model.name, max_model_len=model.max_model_len,
+                                                      block_size=model.block_size)])
+
+    async def _stream(self, request, context: grpc.aio.ServicerContext,
+                      build: Callable[[Message], GenerateRequest]) -> AsyncIterator[pb.GenerateResponse]:
+        outputs = None
+        try:
+            self._check(request)
+            outputs = self.ingress.generate(build(request))
+            async for out in outputs:
+                yield _response(out)
+        except asyncio.CancelledError:
+            # The client cancelled, disconnected or its deadline passed: gRPC has already told it so; closing
+            # the stream (finally, below) cancels the request in the cluster.
+            logger.info("gRPC call %s ended by the client (%s)", getattr(request, "request_id", ""),
+                        "deadline" if context.time_remaining() is not None and context.time_remaining() <= 0
+                        else "cancelled")
+            raise
+        except Exception as e:
+            if outputs is None:  # refused before reaching the ingress, which counts the rest
+                self.ingress.metrics.request_refused(classify(e).kind.name.lower())
+            await _abort(context, e)
+        finally:
+            if outputs is not None:
+                await outputs.aclose()
+
+    def _check(self, request) -> None:
+        """Undecodable or unknown input is refused before anything runs."""
+        if isinstance(request, Undecodable):
+            raise ApiError(Kind.INVALID_ARGUMENT, request.reason)
+        unknown = _unknown_field(request)
+        if unknown:
+            raise invalid(unknown, "unknown field (not in tandem.v1): this server does not know what it means")
+        model = getattr(request, "model", "")
+        if model and model != self.ingress.model.name:
+            raise ApiError(Kind.NOT_FOUND, f"model: {model!r} is not served here; this cluster serves "
+                                           f"{self.ingress.model.name!r}", "model")
+
+    def _generate_request(self, request: pb.GenerateRequest) -> GenerateRequest:
+        which = request.WhichOneof("prompt")
+        if which is None:
+            raise invalid("prompt", "give text or token_ids")
+        return GenerateRequest(prompt=request.text if which == "text" else None,
+                               prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
+                               params=_sampling(request.sampling), request_id=request.request_id or None,
+                               cache_salt=request.cache_salt or None, model=request.model or None)
+
+    def _chat_request(self, request: pb.ChatRequest) -> GenerateRequest:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        return GenerateRequest(messages=messages, params=_sampling(request.sampling),
+                               request_id=request.request_id or None, cache_salt=request.cache_salt or None,
+                               model=request.model or None)
+
+
+def _sampling(s: pb.SamplingParams) -> SamplingParams:
+    """The engine's params from the message: unset optional fields keep the engine's defaults."""
+    given = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+             if s.HasField(name)}
+    return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                          ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output)
+
+
+def _unknown_field(message: Message, path: str = "") -> str | None:
+    """The dotted path of a field this server's tandem.v1 does not define, if the message carries one."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        return f"{path}#{unknown[0].field_number}"
+    for field, value in message.ListFields():
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            repeated = field.is_repeated
+            for i, item in enumerate(value if repeated else [value]):
+                found = _unknown_field(item, f"{path}{field.name}{f'[{i}]' if repeated else ''}.")
+                if found:
+                    return found
+    return None
+
+
+def _response(out: RequestOutput) -> pb.GenerateResponse:
+    completion = out.outputs[0]
+    response = pb.GenerateResponse(request_id=out.request_id, token_ids=completion.delta_token_ids,
+                                   text=completion.delta_text)
+    if completion.logprobs is not None and completion.delta_token_ids:
+        for entry in completion.logprobs[-len(completion.delta_token_ids):]:
+            response.logprobs.add(logprobs=entry)
+    if out.finished:
+        response.finish_reason = completion.finish_reason or ""
+        if isinstance(completion.stop_reason, str):
+            response.stop_string = completion.stop_reason
+        elif isinstance(completion.stop_reason, int):
+            response.stop_token_id = completion.stop_reason
+        usage = out.usage
+        response.usage.CopyFrom(pb.Usage(prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                                         completion_tokens=usage.generated_tokens))
+    if out.ttft is not None:
+        response.ttft.CopyFrom(pb.TimeToFirstToken(**vars(out.ttft)))
+    return response
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    api_error = classify(error)
+    if api_error.kind is Kind.INTERNAL:
+        logger.exception("gRPC call failed", exc_info=error)
+    await context.abort(api_error.kind.grpc_code, api_error.message)
+
+
+class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health and reflection needs metadata 'authorization: Bearer <key>'."""
+
+    def __init__(self, key: str):
+        self._expected = f"Bearer {key}"
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_PREFIXES):
+            return handler
+        sent = dict(details.invocation_metadata or ()).get("authorization")
+        if sent == self._expected:
+            return handler
+        message = "missing API key: send metadata 'authorization: Bearer <key>'" if sent is None \
+            else "wrong API key"
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def refuse_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # an async generator, as a server-streaming handler must be
+
+        kind = grpc.unary_stream_rpc_method_handler if handler.response_streaming \
+            else grpc.unary_unary_rpc_method_handler
+        return kind(refuse_stream if handler.response_streaming else refuse,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+def _generic_handler(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
+    methods = pb.DESCRIPTOR.services_by_name["Generation"].methods_by_name
+    handlers = {}
+    for name, method in methods.items():
+        request_type = getattr(pb, method.input_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[name] = make(getattr(servicer, name), request_deserializer=_lenient(request_type),
+                              response_serializer=lambda message: message.SerializeToString())
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class GrpcServer:
+    """The running server, with the health service it flips when the replica drains."""
+
+    def __init__(self, server: grpc.aio.Server, health: health_aio.HealthServicer, port: int):
+        self.server = server
+        self.health = health
+        self.port = port
+        self.draining = False
+
+    def check_health(self) -> None:
+        if self.draining:
+            raise RuntimeError("the gRPC server is draining")
+
+    async def drain(self, grace_s: float = 20.0) -> None:
+        """Health turns NOT_SERVING, new calls get UNAVAILABLE, running calls get `grace_s` to finish."""
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(ingress: Ingress, host: str, port: int) -> GrpcServer:
+    api: ApiConfig = ingress.api
+    options = [("grpc.max_receive_message_length", api.max_request_bytes), ("grpc.so_reuseport", 1)]
+    interceptors = [_ApiKeyInterceptor(api.key)] if api.key else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    server.add_generic_rpc_handlers((_generic_handler(GenerationServicer(ingress)),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    if api.tls_cert_file:
+        bound = server.add_secure_port(address, _credentials(api))
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"cannot listen for gRPC on {address}")
+    await server.start()
+    for service in ("", SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("gRPC API on %s (%s%s)", address, "TLS" if api.tls_cert_file else "plaintext",
+                ", API key required" if api.key else "")
+    return GrpcServer(server, health, bound)
+
+
+def _credentials(api: ApiConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    client_ca = read(api.tls_client_ca_file) if api.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(read(api.tls_key_file), read(api.tls_cert_file))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)

@@ -1,0 +1,388 @@
+"""The gRPC API end to end: a real Serve app (a prefill and a decode group on a tiny random Llama), a real gRPC
+server inside the ingress and real clients over a socket. Every RPC answers; streamed deltas make up the whole
+completion, which equals the engine's own offline output; every bad input gets its documented status and leaves
+the server healthy with no block leaked; cancelling or letting the deadline pass frees the blocks on both
+pools; and a second, secured app checks TLS, the API key and back-pressure."""
+
+import asyncio
+import datetime
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from ray import serve
+
+from cluster.app import build_app
+from cluster.config import ClusterConfig
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
+from router.api_config import ApiConfig
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+PORT, SECURE_PORT = 16051, 16052
+APP, SECURE_APP = "tandem-grpc", "tandem-grpc-secure"
+VOCAB, CONTEXT = 49152, 1024
+GREEDY = pb.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory) -> str:
+    return str(tiny_model_factory("llama"))
+
+
+@pytest.fixture(scope="module")
+def cluster(model, redis_url):
+    config = ClusterConfig(model=model, num_kv_blocks=128, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
+                           redis_url=redis_url, grpc_port=PORT, api=ApiConfig(max_tokens=512, max_stop_strings=4))
+    serve.run(build_app(config), name=APP, route_prefix=None)
+    yield
+    serve.delete(APP)
+
+
+@pytest.fixture
+def stub(cluster):
+    with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield tandem_pb2_grpc.GenerationStub(channel)
+
+
+def pool(name: str, app: str = APP):
+    return serve.get_deployment_handle(name, app_name=app)
+
+
+async def idle_pools(app: str = APP, names=("prefill", "decode"), timeout_s: float = 20.0):
+    """Both pools' stats once nothing runs and every block is free (or whatever they are at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = [await pool(name, app).stats.remote() for name in names]
+        if all(s.num_free_blocks == s.num_blocks and s.num_running + s.num_waiting + s.num_pinned
+               + s.num_receiving == 0 for s in stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.1)
+
+
+def assert_no_blocks_held(app: str = APP, names=("prefill", "decode")):
+    for stats in asyncio.run(idle_pools(app, names)):
+        assert (stats.num_running, stats.num_waiting, stats.num_pinned, stats.num_receiving) == (0, 0, 0, 0)
+        assert stats.num_free_blocks == stats.num_blocks
+
+
+def generate(stub, **fields) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(**fields), timeout=60))
+
+
+# -- every RPC ------------------------------------------------------------------------------------------------
+
+def test_generate_streams_deltas_that_make_up_the_engines_offline_completion(stub, model):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    responses = generate(stub, text=prompt, sampling=GREEDY)
+    offline = LLM(model, progress=False, num_kv_blocks=64).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    assert [t for r in responses for t in r.token_ids] == offline.token_ids
+    assert "".join(r.text for r in responses) == offline.text
+    assert len(responses) > 1 and all(not r.finish_reason for r in responses[:-1])
+    last = responses[-1]
+    assert last.finish_reason == "length" and last.request_id == responses[0].request_id
+    assert last.usage.completion_tokens == 12 and last.usage.prompt_tokens == len(stub.Tokenize(
+        pb.TokenizeRequest(text=prompt)).token_ids)
+
+
+def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
+    ttft = generate(stub, token_ids=pb.TokenIds(ids=list(range(300, 400))), sampling=GREEDY)[0].ttft
+    stages = [ttft.router_queue_s, ttft.prefill_queue_s, ttft.prefill_compute_s, ttft.kv_transfer_s,
+              ttft.first_decode_step_s]
+    assert all(s >= 0 for s in stages) and ttft.prefill_compute_s > 0 and ttft.total_s > 0
+    assert sum(stages) == pytest.approx(ttft.total_s, rel=1e-6)
+    # 100 prompt tokens = 6 full blocks and a partial one moved from the prefill group to the decode group.
+    assert ttft.kv_transfer_s > 0 and ttft.kv_transfer_bytes > 0
+
+
+def test_a_repeated_prompt_reports_cached_tokens(stub):
+    ids = pb.TokenIds(ids=[(11 * i) % VOCAB for i in range(80)])
+    first = generate(stub, token_ids=ids, sampling=GREEDY)[-1].usage
+    second = generate(stub, token_ids=ids, sampling=GREEDY)[-1].usage
+    assert first.prompt_tokens == second.prompt_tokens == 80
+    assert second.cached_tokens >= 64 > first.cached_tokens
+
+
+def test_chat_renders_the_template_and_salted_requests_share_nothing(stub):
+    messages = [pb.ChatMessage(role="user", content="What is the capital of France?")]
+    plain = list(stub.Chat(pb.ChatRequest(messages=messages, sampling=GREEDY), timeout=60))
+    salted = list(stub.Chat(pb.ChatRequest(messages=messages, sampling=GREEDY, cache_salt="tenant-b"), timeout=60))
+    assert "".join(r.text for r in plain) == "".join(r.text for r in salted)
+    assert plain[-1].usage.prompt_tokens > 10 and salted[-1].usage.cached_tokens == 0
+
+
+def test_stop_strings_logprobs_and_request_ids_come_back(stub):
+    free = "".join(r.text for r in generate(stub, text="a b c", sampling=GREEDY))
+    stop = free[3:6]
+    responses = generate(stub, text="a b c", request_id="mine-1", sampling=pb.SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop], logprobs=2))
+    assert {r.request_id for r in responses} == {"mine-1"}
+    assert responses[-1].finish_reason == "stop" and responses[-1].stop_string == stop
+    assert "".join(r.text for r in responses) == free[:free.index(stop)]
+    assert all(len(r.logprobs) == len(r.token_ids) for r in responses)
+    assert all(2 <= len(entry.logprobs) <= 3 for r in responses for entry in r.logprobs)
+
+
+def test_tokenize_detokenize_and_list_models(stub, model):
+    ids = stub.Tokenize(pb.TokenizeRequest(text="Hello world")).token_ids
+    assert stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == "Hello world"
+    [served] = stub.ListModels(pb.ListModelsRequest()).models
+    assert (served.id, served.max_model_len, served.block_size) == (Path(model).name, CONTEXT, 16)
+    assert stub.Tokenize(pb.TokenizeRequest(model=served.id, text="x")).token_ids
+
+
+def test_health_and_reflection_are_served(cluster):
+    with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tandem.v1.Generation"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [answer] = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"tandem.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+INVALID, NOT_FOUND, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, \
+    grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def sampling(**fields) -> pb.SamplingParams:
+    return pb.SamplingParams(**{"max_tokens": 4, **fields})
+
+
+BAD_GENERATE = {
+    "no prompt": (dict(sampling=sampling()), INVALID, "prompt"),
+    "empty prompt": (dict(text=""), INVALID, "prompt"),
+    "empty token ids": (dict(token_ids=pb.TokenIds(ids=[])), INVALID, "prompt_token_ids"),
+    "token id -1": (dict(token_ids=pb.TokenIds(ids=[5, -1])), INVALID, "prompt_token_ids"),
+    "token id = vocab": (dict(token_ids=pb.TokenIds(ids=[VOCAB])), INVALID, "prompt_token_ids"),
+    "prompt at the context": (dict(token_ids=pb.TokenIds(ids=[7] * CONTEXT)), INVALID, "prompt"),
+    "prompt over the context by one": (dict(token_ids=pb.TokenIds(ids=[7] * (CONTEXT + 1))), INVALID, "prompt"),
+    "max_tokens 0": (dict(text="hi", sampling=sampling(max_tokens=0)), INVALID, "max_tokens"),
+    "max_tokens -1": (dict(text="hi", sampling=sampling(max_tokens=-1)), INVALID, "max_tokens"),
+    "max_tokens 10^9": (dict(text="hi", sampling=sampling(max_tokens=10**9)), INVALID, "max_tokens"),
+    "max_tokens over the cap": (dict(text="hi", sampling=sampling(max_tokens=513)), INVALID, "max_tokens"),
+    "temperature -1": (dict(text="hi", sampling=sampling(temperature=-1)), INVALID, "temperature"),
+    "temperature NaN": (dict(text="hi", sampling=sampling(temperature=float("nan"))), INVALID, "temperature"),
+    "temperature inf": (dict(text="hi", sampling=sampling(temperature=float("inf"))), INVALID, "temperature"),
+    "top_p 0": (dict(text="hi", sampling=sampling(top_p=0)), INVALID, "top_p"),
+    "top_p 1.5": (dict(text="hi", sampling=sampling(top_p=1.5)), INVALID, "top_p"),
+    "top_p NaN": (dict(text="hi", sampling=sampling(top_p=float("nan"))), INVALID, "top_p"),
+    "top_k -2": (dict(text="hi", sampling=sampling(top_k=-2)), INVALID, "top_k"),
+    "logprobs -1": (dict(text="hi", sampling=sampling(logprobs=-1)), INVALID, "logprobs"),
+    "logprobs 21": (dict(text="hi", sampling=sampling(logprobs=21)), INVALID, "logprobs"),
+    "empty stop string": (dict(text="hi", sampling=sampling(stop=[""])), INVALID, "stop"),
+    "too many stop strings": (dict(text="hi", sampling=sampling(stop=["x"] * 5)), INVALID, "stop"),
+    "10^4 stop strings": (dict(text="hi", sampling=sampling(stop=[f"s{i}" for i in range(10**4)])), INVALID,
+                          "stop"),
+    "stop token -1": (dict(text="hi", sampling=sampling(stop_token_ids=[-1])), INVALID, "stop_token_ids"),
+    "stop token = vocab": (dict(text="hi", sampling=sampling(stop_token_ids=[VOCAB])), INVALID, "stop_token_ids"),
+    "oversized cache_salt": (dict(text="hi", cache_salt="s" * 257), INVALID, "cache_salt"),
+    "unknown model": (dict(text="hi", model="gpt-9"), NOT_FOUND, "model"),
+    "10 MB prompt": (dict(text="x" * 10_000_000), EXHAUSTED, "larger than max"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE), ids=list(BAD_GENERATE))
+def test_bad_generate_requests_get_their_documented_status(stub, case):
+    fields, code, mentions = BAD_GENERATE[case]
+    with pytest.raises(grpc.RpcError) as raised:
+        generate(stub, **fields)
+    assert raised.value.code() == code, raised.value.details()
+    assert mentions in raised.value.details()
+
+
+BAD_OTHER = {
+    "chat without messages": ("Chat", pb.ChatRequest(sampling=sampling()), INVALID, "messages"),
+    "chat with an unknown role": ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="robot", content="x")]),
+                                  INVALID, "role"),
+    "chat for an unknown model": ("Chat", pb.ChatRequest(model="nope", messages=[pb.ChatMessage(
+        role="user", content="x")]), NOT_FOUND, "model"),
+    "detokenize id = vocab": ("Detokenize", pb.DetokenizeRequest(token_ids=[VOCAB]), INVALID, "token_ids"),
+    "tokenize for an unknown model": ("Tokenize", pb.TokenizeRequest(model="nope", text="x"), NOT_FOUND, "model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OTHER), ids=list(BAD_OTHER))
+def test_bad_requests_to_the_other_rpcs_get_their_documented_status(stub, case):
+    method, request, code, mentions = BAD_OTHER[case]
+    with pytest.raises(grpc.RpcError) as raised:
+        call = getattr(stub, method)(request, timeout=30)
+        list(call) if method == "Chat" else call
+    assert raised.value.code() == code, raised.value.details()
+    assert mentions in raised.value.details()
+
+
+def raw_generate(channel: grpc.Channel, payload: bytes) -> grpc.RpcError:
+    call = channel.unary_stream("/tandem.v1.Generation/Generate", request_serializer=lambda b: b,
+                                response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call(payload, timeout=30))
+    return raised.value
+
+
+def test_undecodable_bytes_and_unknown_fields_are_invalid_arguments_not_internal_errors(cluster):
+    valid = pb.GenerateRequest(text="hi", sampling=sampling()).SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        bad_utf8 = raw_generate(channel, bytes([0x12, 0x02, 0xff, 0xfe]))  # field 2 (text): invalid UTF-8
+        unknown = raw_generate(channel, valid + bytes([0xa0, 0x06, 0x01]))  # field 100: not in tandem.v1
+        unknown_nested = raw_generate(channel, pb.GenerateRequest(text="hi").SerializeToString()
+                                      + bytes([0x22, 0x03, 0xa0, 0x06, 0x01]))  # sampling.#100
+    assert bad_utf8.code() == INVALID and "UTF-8" in bad_utf8.details()
+    assert unknown.code() == INVALID and "#100" in unknown.details()
+    assert unknown_nested.code() == INVALID and "sampling.#100" in unknown_nested.details()
+
+
+def test_after_the_bad_input_the_server_is_healthy_and_no_block_is_leaked(stub):
+    """Runs after the corpus above (tests run in file order)."""
+    with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert generate(stub, text="a probe", sampling=GREEDY)[-1].finish_reason == "length"
+    assert_no_blocks_held()
+
+
+# -- cancellation and deadlines -------------------------------------------------------------------------------
+
+LONG = pb.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+
+def test_cancelling_mid_stream_frees_every_block_on_both_pools(stub):
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(500, 560))), sampling=LONG),
+                         timeout=60)
+    next(call)
+    next(call)  # decoding on the decode group, the KV moved
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call)
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    assert_no_blocks_held()
+
+
+def test_a_passed_deadline_aborts_the_request_and_frees_its_blocks(stub):
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(600, 660))), sampling=LONG),
+                           timeout=1.5))
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_no_blocks_held()
+
+
+# -- the secured app: TLS with client certificates, an API key, back-pressure ---------------------------------
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost and a client certificate, all signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name: str, issuer_key=None, issuer_name=None, ca: bool = False, san: bool = False):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        return key, cert
+
+    ca_key, ca_cert = issue("tandem-test-ca", ca=True)
+    files = {}
+    for name, (key, cert) in {"ca": (ca_key, ca_cert),
+                              "server": issue("localhost", ca_key, ca_cert.subject, san=True),
+                              "client": issue("client", ca_key, ca_cert.subject)}.items():
+        files[f"{name}.key"] = folder / f"{name}.key"
+        files[f"{name}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        files[f"{name}.pem"] = folder / f"{name}.pem"
+        files[f"{name}.pem"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+@pytest.fixture(scope="module")
+def secured(model, redis_url, tmp_path_factory):
+    certs = _certificates(tmp_path_factory.mktemp("certs"))
+    api = ApiConfig(api_key="sesame", max_concurrent_requests=2, tls_cert_file=str(certs["server.pem"]),
+                    tls_key_file=str(certs["server.key"]), tls_client_ca_file=str(certs["ca.pem"]))
+    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
+                           redis_url=redis_url, grpc_port=SECURE_PORT, api=api)
+    serve.run(build_app(config), name=SECURE_APP, route_prefix=None)
+    yield certs
+    serve.delete(SECURE_APP)
+
+
+def secure_channel(certs: dict[str, Path], client_cert: bool = True) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs["ca.pem"].read_bytes(),
+        private_key=certs["client.key"].read_bytes() if client_cert else None,
+        certificate_chain=certs["client.pem"].read_bytes() if client_cert else None)
+    return grpc.secure_channel(f"localhost:{SECURE_PORT}", credentials)
+
+
+KEY = (("authorization", "Bearer sesame"),)
+
+
+def test_tls_with_a_client_certificate_and_the_api_key_is_served(secured):
+    with secure_channel(secured) as channel:
+        responses = list(tandem_pb2_grpc.GenerationStub(channel).Generate(
+            pb.GenerateRequest(text="hello", sampling=GREEDY), metadata=KEY, timeout=60))
+    assert responses[-1].finish_reason == "length"
+
+
+def test_a_missing_or_wrong_api_key_is_unauthenticated_but_health_stays_open(secured):
+    with secure_channel(secured) as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.Generate(pb.GenerateRequest(text="hello", sampling=GREEDY), metadata=metadata, timeout=30))
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ListModels(pb.ListModelsRequest(), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_plaintext_and_certificateless_clients_are_refused(secured):
+    for channel in (grpc.insecure_channel(f"localhost:{SECURE_PORT}"), secure_channel(secured, client_cert=False)):
+        with channel, pytest.raises(grpc.RpcError) as raised:
+            tandem_pb2_grpc.GenerationStub(channel).ListModels(pb.ListModelsRequest(), metadata=KEY, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_requests_beyond_the_concurrency_limit_are_refused_at_once(secured):
+    """Limit 2: with two long streams running, each of 3 more calls gets RESOURCE_EXHAUSTED; then the two
+    finish normally and a new call is served."""
+    with secure_channel(secured) as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        long = pb.SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        running = [stub.Generate(pb.GenerateRequest(text=f"stream {i}", sampling=long), metadata=KEY, timeout=120)
+                   for i in range(2)]
+        firsts = [next(call) for call in running]  # both admitted and decoding
+        refused = []
+        for i in range(3):
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.Generate(pb.GenerateRequest(text=f"extra {i}", sampling=GREEDY), metadata=KEY, timeout=30))
+            refused.append(raised.value.code())
+        finished = [[first, *call][-1].finish_reason for first, call in zip(firsts, running)]
+        after = list(stub.Generate(pb.GenerateRequest(text="after", sampling=GREEDY), metadata=KEY, timeout=60))
+    assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert finished == ["length", "length"] and after[-1].finish_reason == "length"
+    assert_no_blocks_held(SECURE_APP, names=("decode",))

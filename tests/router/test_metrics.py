@@ -1,0 +1,150 @@
+"""IngressMetrics: what the ingress reports per request shows up in the Prometheus text as the right samples, and
+each live worker group's Redis load report becomes one set of per-group samples, read fresh on every scrape."""
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.load_view import LoadView
+from router.metrics import CONTENT_TYPE, IngressMetrics
+from workers.engine.outputs import TimeToFirstToken, Usage
+from workers.kv_events import KVKeys
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+def render(metrics: IngressMetrics) -> dict[tuple[str, tuple], float]:
+    return samples(asyncio.run(metrics.render()))
+
+
+def ttft(total_s: float, kv_transfer_s: float = 0.0, kv_transfer_bytes: int = 0) -> TimeToFirstToken:
+    return TimeToFirstToken(total_s=total_s, router_queue_s=0.01, prefill_queue_s=0.0, prefill_compute_s=0.1,
+                            kv_transfer_s=kv_transfer_s, kv_transfer_bytes=kv_transfer_bytes)
+
+
+def test_a_finished_request_is_counted_in_every_request_metric():
+    metrics = IngressMetrics()
+    metrics.request_started()
+    metrics.request_started()
+    assert render(metrics)[("tandem_requests_running", ())] == 2
+    metrics.request_finished("ok", ttft(0.25, kv_transfer_s=0.05, kv_transfer_bytes=4096), [10.0, 10.5, 11.25],
+                             Usage(prompt_tokens=40, cached_tokens=32, generated_tokens=3))
+    got = render(metrics)
+    assert got[("tandem_requests_running", ())] == 1
+    assert got[("tandem_requests_total", (("outcome", "ok"),))] == 1
+    assert got[("tandem_requests_total", (("outcome", "cancelled"),))] == 0  # every outcome exists from the start
+    assert got[("tandem_time_to_first_token_seconds_count", ())] == 1
+    assert got[("tandem_time_to_first_token_seconds_sum", ())] == 0.25
+    assert got[("tandem_time_to_first_token_seconds_bucket", (("le", "0.3"),))] == 1
+    assert got[("tandem_time_to_first_token_seconds_bucket", (("le", "0.2"),))] == 0
+    assert got[("tandem_inter_token_latency_seconds_count", ())] == 2  # three token outputs, two gaps
+    assert got[("tandem_inter_token_latency_seconds_sum", ())] == 1.25
+    assert got[("tandem_e2e_request_latency_seconds_sum", ())] == 0.25 + 1.25  # first token, then to the last
+    assert got[("tandem_kv_transfer_seconds_count", ())] == 1
+    assert got[("tandem_kv_transfer_seconds_sum", ())] == 0.05
+    assert got[("tandem_kv_transfer_bytes_total", ())] == 4096
+    assert got[("tandem_prompt_tokens_total", ())] == 40
+    assert got[("tandem_cached_prompt_tokens_total", ())] == 32
+    assert got[("tandem_generation_tokens_total", ())] == 3
+
+
+def test_a_failed_request_counts_its_outcome_but_no_latency():
+    metrics = IngressMetrics()
+    metrics.request_started()
+    metrics.request_finished("invalid_argument", None, [], None)
+    metrics.request_started()
+    metrics.request_finished("cancelled", ttft(0.1), [5.0, 5.2], Usage(10, 0, 2))  # left after two tokens
+    got = render(metrics)
+    assert got[("tandem_requests_total", (("outcome", "invalid_argument"),))] == 1
+    assert got[("tandem_requests_total", (("outcome", "cancelled"),))] == 1
+    assert got[("tandem_requests_running", ())] == 0
+    assert got[("tandem_time_to_first_token_seconds_count", ())] == 1  # its first token did come
+    assert got[("tandem_e2e_request_latency_seconds_count", ())] == 0  # only finished requests
+    assert got[("tandem_kv_transfer_seconds_count", ())] == 0  # unified: no KV moved
+    assert got[("tandem_generation_tokens_total", ())] == 2
+
+
+def test_each_instance_has_its_own_registry():
+    first, second = IngressMetrics(), IngressMetrics()
+    first.request_started()
+    assert render(second)[("tandem_requests_running", ())] == 0
+
+
+def report(role: str, **overrides) -> dict:
+    load = dict(role=role, running_seqs=3, queued_prefill_tokens=120, free_blocks=48, total_blocks=64,
+                waiting_seqs=2, finished=10, prompt_tokens=400, cached_prompt_tokens=100, kv_bytes_sent=0,
+                kv_bytes_received=0, kv_transfer_failures=0)
+    return {**load, **overrides}
+
+
+def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
+    import redis
+
+    keys = KVKeys(f"test-metrics-{uuid.uuid4().hex}")
+    client = redis.Redis.from_url(redis_url)
+    client.sadd(keys.groups, "p1", "d1", "gone")  # "gone": its report expired with its heartbeat
+    client.set(keys.load("p1"), json.dumps(report("prefill", kv_bytes_sent=8192)))
+    client.set(keys.load("d1"), json.dumps(report("decode", free_blocks=16, kv_bytes_received=8192,
+                                                  kv_transfer_failures=1)))
+
+    async def scrape():
+        view = LoadView(redis_url, namespace=keys.namespace)
+        try:
+            metrics = IngressMetrics(view)
+            first = samples(await metrics.render())
+            client.set(keys.load("d1"), json.dumps(report("decode", running_seqs=7)))
+            return first, samples(await metrics.render())
+        finally:
+            await view.close()
+
+    got, later = asyncio.run(scrape())
+    p1, d1 = (("group", "p1"), ("pool", "prefill")), (("group", "d1"), ("pool", "decode"))
+    assert got[("tandem_group_queued_prefill_tokens", p1)] == 120
+    assert got[("tandem_group_running_seqs", p1)] == 3
+    assert got[("tandem_group_waiting_seqs", p1)] == 2
+    assert got[("tandem_group_kv_cache_usage_ratio", p1)] == 0.25
+    assert got[("tandem_group_kv_cache_usage_ratio", d1)] == 0.75
+    assert got[("tandem_group_prefix_cache_hit_rate", p1)] == 0.25
+    assert got[("tandem_group_kv_sent_bytes_total", p1)] == 8192
+    assert got[("tandem_group_kv_received_bytes_total", d1)] == 8192
+    assert got[("tandem_group_kv_transfer_failures_total", d1)] == 1
+    assert not any(dict(labels).get("group") == "gone" for _, labels in got)
+    assert later[("tandem_group_running_seqs", d1)] == 7  # read again for the next scrape
+
+
+def test_without_redis_the_request_metrics_are_still_served():
+    metrics = IngressMetrics(LoadView("redis://127.0.0.1:1"))  # nothing listens there
+    text = asyncio.run(metrics.render())
+    assert b"tandem_requests_running 0.0" in text
+    assert CONTENT_TYPE.startswith("text/plain")
+
+
+@pytest.mark.parametrize("missing, metric", [("waiting_seqs", "tandem_group_waiting_seqs"),
+                                             ("kv_bytes_sent", "tandem_group_kv_sent_bytes_total")])
+def test_a_report_without_a_newer_key_just_lacks_that_sample(redis_url, missing, metric):
+    import redis
+
+    keys = KVKeys(f"test-metrics-{uuid.uuid4().hex}")
+    client = redis.Redis.from_url(redis_url)
+    load = report("decode")
+    del load[missing]
+    client.sadd(keys.groups, "d1")
+    client.set(keys.load("d1"), json.dumps(load))
+
+    async def scrape():
+        view = LoadView(redis_url, namespace=keys.namespace)
+        try:
+            return samples(await IngressMetrics(view).render())
+        finally:
+            await view.close()
+
+    names = {name for name, _ in asyncio.run(scrape())}
+    assert "tandem_group_running_seqs" in names
+    assert metric not in names

@@ -1,0 +1,255 @@
+"""The OpenAI-compatible HTTP API end to end: a real unified cluster (an ingress and one decode group of a tiny
+Llama) behind Serve's HTTP proxy, called with the real `openai` client. Streamed and whole answers agree, usage
+counts what the engine did, errors have OpenAI's shape with the right status and field, the API key guards /v1,
+and a client that hangs up mid-stream leaves no KV block in use."""
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from ray import serve
+from transformers import AutoTokenizer
+
+from cluster.app import build_app
+from cluster.config import ClusterConfig
+from router.api_config import ApiConfig
+
+pytestmark = pytest.mark.slow
+
+APP = "tandem-openai"
+HTTP_PORT, GRPC_PORT = 18000, 15051  # not the defaults, so another cluster on this machine does not collide
+KEY = "test-key"
+MAX_REQUEST_BYTES = 64 * 1024
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, tiny_model_factory, redis_url):
+    model = str(tiny_model_factory("llama"))
+    serve.shutdown()  # a Serve instance an earlier module started listens on the default port; ours gets its own
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
+                           redis_url=redis_url, http_port=HTTP_PORT, grpc_port=GRPC_PORT,
+                           api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES))
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    yield model
+    serve.delete(APP)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_url(cluster) -> str:
+    return f"http://127.0.0.1:{HTTP_PORT}"
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_name(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cluster):
+    return AutoTokenizer.from_pretrained(cluster)
+
+
+def get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET without credentials."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers["content-type"], response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["content-type"], e.read().decode()
+
+
+def metric(base_url: str, sample: str) -> float:
+    lines = [line for line in get(f"{base_url}/metrics")[2].splitlines() if line.startswith(sample + " ")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_models_lists_the_served_model(client, cluster):
+    [model] = client.models.list().data
+    assert (model.id, model.object, model.owned_by) == (Path(cluster).name, "model", "tandem")
+    assert model.max_model_len == 1024  # the tiny model's context
+
+
+def test_a_streamed_completion_adds_up_to_the_whole_one(client, model_name, tokenizer):
+    whole = client.completions.create(model=model_name, prompt=PROMPT, **GREEDY)
+    chunks = list(client.completions.create(model=model_name, prompt=PROMPT, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    [choice] = whole.choices
+    assert whole.object == "text_completion" and choice.finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12  # include_usage: a last chunk
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    prompt_tokens = len(tokenizer.encode(PROMPT))
+    usage = whole.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt_tokens, 12,
+                                                                                   prompt_tokens + 12)
+
+
+def test_a_streamed_chat_completion_adds_up_to_the_whole_one(client, model_name):
+    whole = client.chat.completions.create(model=model_name, messages=MESSAGES, **GREEDY)
+    chunks = list(client.chat.completions.create(model=model_name, messages=MESSAGES, stream=True, **GREEDY))
+    [choice] = whole.choices
+    assert whole.object == "chat.completion" and choice.message.role == "assistant"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason == "length"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert whole.usage.completion_tokens == 12
+
+
+def test_max_completion_tokens_and_a_token_id_prompt(client, model_name, tokenizer):
+    chat = client.chat.completions.create(model=model_name, messages=MESSAGES, max_completion_tokens=3,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    ids = tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model=model_name, prompt=ids, **GREEDY)
+    by_text = client.completions.create(model=model_name, prompt=[PROMPT], **GREEDY)  # a batch of one
+    assert chat.usage.completion_tokens == 3
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, model_name):
+    prompt = "A long shared system prompt that many requests repeat word for word. " * 4
+    first = client.completions.create(model=model_name, prompt=prompt + "One", **GREEDY)
+    second = client.completions.create(model=model_name, prompt=prompt + "Two", **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 16 == 0  # whole KV blocks
+
+
+def test_logprobs_come_in_openais_shapes(client, model_name):
+    completion = client.completions.create(model=model_name, prompt=PROMPT, logprobs=2, **GREEDY)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 12
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
+    # Greedy: the chosen token is the most likely one.
+    assert all(lp == max(top.values()) for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs))
+    chat = client.chat.completions.create(model=model_name, messages=MESSAGES, logprobs=True, top_logprobs=2,
+                                          **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 12 and all(len(entry.top_logprobs) == 2 for entry in content)
+    assert all(entry.token == entry.top_logprobs[0].token for entry in content)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-1), "temperature"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt=["one", "two"]), "prompt"),
+    (dict(n=2), "n"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(extra_body={"top_k": "many"}), "top_k"),  # a wrong JSON type: 400, not FastAPI's 422
+    (dict(temperature=-1, stream=True), "temperature"),  # an ordinary JSON error, not a broken stream
+])
+def test_bad_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
+    request = dict(model=model_name, prompt="Hello", max_tokens=4) | kwargs
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(**request)
+    error = refused.value
+    assert (error.status_code, error.body["code"], error.type) == (400, 400, "invalid_request_error")
+    assert error.param == param
+    assert error.body["message"].startswith(param)
+
+
+def test_chat_errors_name_the_chat_fields(client, model_name):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model_name, messages=MESSAGES, max_completion_tokens=0)
+    assert refused.value.param == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model_name, messages=[{"role": "robot", "content": "hi"}])
+    assert refused.value.param == "messages[0].role"
+
+
+def test_unknown_fields_are_ignored(client, model_name):
+    answer = client.completions.create(model=model_name, prompt="Hello", max_tokens=2,
+                                       extra_body={"frobnicate": True, "user": "someone"})
+    assert answer.usage.completion_tokens <= 2
+
+
+def test_an_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.completions.create(model="gpt-5", prompt="Hello", max_tokens=2)
+    assert (refused.value.param, refused.value.body["code"]) == ("model", 404)
+
+
+def test_an_oversized_body_is_a_413(client, model_name):
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=model_name, prompt="x" * MAX_REQUEST_BYTES, max_tokens=2)
+    assert refused.value.status_code == 413 and refused.value.body["code"] == 413
+
+
+def test_v1_needs_the_api_key_and_health_and_metrics_do_not(base_url, model_name):
+    stranger = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        stranger.completions.create(model=model_name, prompt="Hello", max_tokens=2)
+    assert refused.value.status_code == 401 and refused.value.type == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    status, _, body = get(f"{base_url}/v1/models")  # no authorization header at all
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    assert get(f"{base_url}/health")[::2] == (200, "ok")
+    status, content_type, _ = get(f"{base_url}/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+
+
+def test_raw_server_sent_events_end_with_done(base_url, model_name):
+    body = json.dumps({"model": model_name, "messages": MESSAGES, "max_tokens": 3, "stream": True}).encode()
+    request = urllib.request.Request(f"{base_url}/v1/chat/completions", body, headers={
+        "authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.read().decode().split("\n\n") if line]
+    assert all(event.startswith("data: ") for event in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_metrics_show_the_requests_served(base_url):
+    deadline = time.monotonic() + 10
+    while True:  # the decode group's load report reaches Redis within a second
+        text = get(f"{base_url}/metrics")[2]
+        if 'tandem_group_kv_cache_usage_ratio{group="' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for name in ("tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_bucket",
+                 "tandem_e2e_request_latency_seconds_bucket", "tandem_prompt_tokens_total",
+                 "tandem_cached_prompt_tokens_total", "tandem_generation_tokens_total", "tandem_requests_running",
+                 'tandem_group_kv_cache_usage_ratio{group="', 'tandem_group_prefix_cache_hit_rate{group="'):
+        assert name in text, name
+    assert metric(base_url, 'tandem_requests_total{outcome="ok"}') >= 10
+    assert metric(base_url, 'tandem_requests_total{outcome="invalid_argument"}') >= 11  # the HTTP API refused most
+    assert metric(base_url, 'tandem_requests_total{outcome="unauthenticated"}') >= 1  # generation requests only
+    assert metric(base_url, 'tandem_requests_total{outcome="not_found"}') >= 1
+    assert metric(base_url, "tandem_cached_prompt_tokens_total") > 0
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_every_block(client, model_name, base_url):
+    cancelled = metric(base_url, 'tandem_requests_total{outcome="cancelled"}')
+    stream = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=1000, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))  # the first token arrived: the request holds KV blocks and is decoding
+    stream.close()
+    decode = serve.get_deployment_handle("decode", app_name=APP)
+    deadline = time.monotonic() + 30
+    while True:
+        stats = decode.stats.remote().result()
+        idle = stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_blocks
+        if idle and metric(base_url, 'tandem_requests_total{outcome="cancelled"}') > cancelled:
+            break
+        assert time.monotonic() < deadline, f"still busy: {stats}"
+        time.sleep(0.2)
+    assert metric(base_url, "tandem_requests_running") == 0
