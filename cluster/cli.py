@@ -4,6 +4,7 @@
     tandem generate --chat --prompt "What is 2+2?" --json  # chat template applied, one JSON object out
     tandem generate --prompt "Hi" -tp 3 --disaggregate     # prefill and decode worker groups of 3 ranks on Ray
     tandem chat                                            # interactive conversation
+    tandem generate --url localhost:50051 --prompt "Hi"    # ask a running cluster over gRPC instead
     tandem serve                                           # the cluster: ingress, prefill and decode pools
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
     tandem bench routing                                   # our router vs round-robin, power-of-two, ...
@@ -11,17 +12,20 @@
 
 import argparse
 import logging
+import os
 import sys
 
+from cluster.client import TandemClient, TandemError
 from cluster.config import ConfigError, cache_dir
 from workers.engine.errors import InvalidRequestError, ModelNotFoundError
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2",
+    g.add_argument("--model", default=None,
                    help="'smollm2' (the embedded SmolLM2-135M-Instruct, the default) or the path of a local "
-                        "Hugging Face folder with config.json, *.safetensors and tokenizer files")
+                        "Hugging Face folder with config.json, *.safetensors and tokenizer files; with --url, the "
+                        "served model's name (default: the cluster's model)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV precision; auto = float32 on CPU, bfloat16 on GPU")
@@ -32,6 +36,21 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="per-step token budget; longer prompts are prefilled in chunks")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+
+
+def _remote_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote cluster (instead of loading the model here)")
+    g.add_argument("--url", metavar="HOST:PORT", default=None,
+                   help="send the request to a running Tandem cluster's gRPC API at HOST:PORT (e.g. "
+                        "localhost:50051, where `tandem serve` listens by default) instead of loading the model in "
+                        "this process; the engine flags other than --model are then unused")
+    g.add_argument("--api-key", default=None,
+                   help="API key for the cluster, sent as 'authorization: Bearer <key>' (default: $TANDEM_API_KEY)")
+    g.add_argument("--tls-ca", metavar="FILE", default=None,
+                   help="PEM CA certificate to verify the cluster's TLS certificate with (turns TLS on)")
+    g.add_argument("--tls", action="store_true", help="use TLS, verified with the system's root certificates")
+    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="deadline of each request to the cluster (default: none)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt and stream it to stdout",
-                         description="Generate text for one prompt, streaming tokens as they are produced.")
+                         description="Generate text for one prompt, streaming tokens as they are produced: in this "
+                                     "process, or with --url on a running cluster.")
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, token ids, finish reason, usage, ttft) instead of a stream")
+    _remote_args(gen)
     _engine_args(gen)
     g = gen.add_argument_group("parallelism (these start a local Ray and run the engine in worker groups)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -69,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen)
 
     chat = sub.add_parser("chat", help="talk to the model interactively (one line a turn; Ctrl-D ends)",
-                          description="An interactive conversation; the whole history is re-sent each turn, "
-                                      "so the prefix cache makes later turns start fast.")
+                          description="An interactive conversation, in this process or with --url on a running "
+                                      "cluster; the whole history is re-sent each turn, so the prefix cache makes "
+                                      "later turns start fast.")
     chat.add_argument("--system", default=None, help="system message")
+    _remote_args(chat)
     _engine_args(chat)
     _sampling_args(chat)
 
@@ -126,13 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
+    except TandemError as e:  # the cluster refused or failed the request (--url)
+        print(f"tandem: {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """LLM(...) keyword arguments from the shared engine flags."""
     from workers.engine.model_store import resolve_model
 
-    return dict(model=str(resolve_model(args.model, cache_dir())), device=args.device, dtype=args.dtype,
+    return dict(model=str(resolve_model(args.model or "smollm2", cache_dir())), device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
@@ -145,6 +171,21 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
                           logprobs=args.logprobs)
+
+
+def connect(args: argparse.Namespace) -> TandemClient:
+    """A client for the cluster at --url, with the API key and TLS flags."""
+    if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
+        raise ConfigError(f"--tls-ca: no such file {args.tls_ca!r}")
+    return TandemClient(args.url, api_key=args.api_key or os.environ.get("TANDEM_API_KEY"), tls=args.tls,
+                        root_certificates=args.tls_ca, timeout=args.timeout)
+
+
+def remote_options(args: argparse.Namespace) -> dict:
+    """The sampling flags as request options for the cluster, which validates them (INVALID_ARGUMENT)."""
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                model=args.model)
 
 
 if __name__ == "__main__":

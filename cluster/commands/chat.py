@@ -1,16 +1,29 @@
-"""`tandem chat`: an interactive conversation on the engine, one line a turn."""
+"""`tandem chat`: an interactive conversation, one line a turn: on the engine in this process, or with
+--url HOST:PORT on a running cluster (the Chat RPC each turn, the whole conversation re-sent)."""
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from cluster.cli import engine_kwargs, sampling_params
-from cluster.commands.generate import stream
+from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
+from cluster.commands.generate import echo_chunks, stream
 from workers.engine.llm import LLM
+
+Reply = Callable[[list[dict[str, str]]], str]  # streams the reply to the conversation so far, returns its text
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.url:
+        with connect(args) as client:
+            options = remote_options(args)
+            return converse(args, lambda messages: echo_chunks(client.chat_stream(messages, **options), True).text)
     params = sampling_params(args)
     llm = LLM(**engine_kwargs(args))
+    return converse(args, lambda messages: stream(llm, llm.apply_chat_template(messages), params,
+                                                  echo=True).outputs[0].text)
+
+
+def converse(args: argparse.Namespace, reply: Reply) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -22,5 +35,4 @@ def run(args: argparse.Namespace) -> int:
         if not line.strip():
             return 0
         messages.append({"role": "user", "content": line.strip()})
-        out = stream(llm, llm.apply_chat_template(messages), params, echo=True)
-        messages.append({"role": "assistant", "content": out.outputs[0].text})
+        messages.append({"role": "assistant", "content": reply(messages)})

@@ -1,7 +1,8 @@
 """`tandem generate`: one prompt, streamed to stdout (or one JSON object with --json).
 
-With --tensor-parallel-size N or --disaggregate the request runs on Ray worker groups started on a local Ray
-(a prefill group and a decode group with --disaggregate, the KV moving between them), else in this process.
+With --url HOST:PORT the request goes to a running cluster's gRPC API (the Chat RPC with --chat). With
+--tensor-parallel-size N or --disaggregate it runs on Ray worker groups started on a local Ray (a prefill group
+and a decode group with --disaggregate, the KV moving between them), else in this process.
 """
 
 import argparse
@@ -9,13 +10,17 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import asdict
 
-from cluster.cli import engine_kwargs, sampling_params
+from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
+from cluster.client import Completion, Stream
 from workers.engine.llm import LLM, chat_token_ids, engine_config
 from workers.engine.outputs import RequestOutput
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.url:
+        return _run_remote(args)
     params = sampling_params(args)  # bad sampling flags fail before the model loads
     if args.tensor_parallel_size > 1 or args.disaggregate:
         final = asyncio.run(_run_on_groups(args, params))
@@ -29,9 +34,42 @@ def run(args: argparse.Namespace) -> int:
 
 
 def chat_prompt(tokenizer, args: argparse.Namespace) -> list[int]:
+    return chat_token_ids(tokenizer, chat_messages(args))
+
+
+def chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
-    return chat_token_ids(tokenizer, messages)
+    return messages
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    if args.tensor_parallel_size > 1 or args.disaggregate:
+        print("tandem: error: --url sends the request to a running cluster; --tensor-parallel-size and "
+              "--disaggregate are the cluster's settings there (tandem serve)", file=sys.stderr)
+        return 2
+    with connect(args) as client:
+        options = remote_options(args)
+        chunks = client.chat_stream(chat_messages(args), **options) if args.chat \
+            else client.stream(args.prompt, **options)
+        completion = echo_chunks(chunks, echo=not args.json)
+    if args.json:
+        print(json.dumps(completion_json(completion), ensure_ascii=False))
+    return 0
+
+
+def echo_chunks(chunks: Stream, echo: bool) -> Completion:
+    """A cluster's streamed answer, printing each text delta as it arrives."""
+    completion = Completion()
+    with chunks:
+        for chunk in chunks:
+            completion.add(chunk)
+            if echo:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    if echo:
+        sys.stdout.write("\n")
+    return completion
 
 
 def stream(llm: LLM, prompt, params, echo: bool) -> RequestOutput:
@@ -99,4 +137,22 @@ def to_json(out: RequestOutput) -> dict:
         "logprobs": [{str(k): v for k, v in lp.items()} for lp in completion.logprobs] if completion.logprobs else None,
         "usage": vars(out.usage),
         "ttft_s": out.metrics.ttft,
+    }
+
+
+def completion_json(completion: Completion) -> dict:
+    """A cluster's completion in to_json's shape (plus the time-to-first-token breakdown)."""
+    usage = completion.usage
+    ttft = completion.ttft
+    return {
+        "request_id": completion.request_id,
+        "text": completion.text,
+        "token_ids": completion.token_ids,
+        "finish_reason": completion.finish_reason,
+        "stop_reason": completion.stop_reason,
+        "logprobs": [{str(k): v for k, v in lp.items()} for lp in completion.logprobs] if completion.logprobs else None,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
+                  "generated_tokens": usage.completion_tokens} if usage else None,
+        "ttft_s": ttft.total_s if ttft else None,
+        "ttft": asdict(ttft) if ttft else None,
     }
