@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cluster_arguments(serve_parser)
 
+    from cluster.commands import config as config_command
+
+    config_command.add_arguments(sub.add_parser("config", help=config_command.HELP))
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from cluster.bench import engine, routing, transfer
@@ -137,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import chat
 
             return chat.run(args)
+        if args.command == "config":
+            from cluster.commands import config as config_command
+
+            return config_command.run(args)
         if args.command == "serve":
             from cluster.commands import serve
 

@@ -23,10 +23,11 @@ class ApiConfig:
                                                        "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
                                        "(null: $TANDEM_API_KEY when set, else no key)")
-    tls_cert_file: str | None = _field(None, "PEM server certificate: the gRPC endpoint speaks TLS")
+    tls_cert_file: str | None = _field(None, "PEM server certificate: gRPC and HTTP speak TLS (read where the "
+                                             "server runs)")
     tls_key_file: str | None = _field(None, "PEM private key of tls_cert_file")
-    tls_client_ca_file: str | None = _field(None, "PEM CA bundle: clients must present a certificate it signed "
-                                                  "(mutual TLS)")
+    tls_client_ca_file: str | None = _field(None, "PEM CA bundle: gRPC clients must present a certificate it "
+                                                  "signed (mutual TLS)")
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens", "max_stop_strings", "max_cache_salt_chars",
@@ -38,10 +39,6 @@ class ApiConfig:
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
-            path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                raise ValueError(f"{name}: no such file {path!r}")
 
     @property
     def key(self) -> str | None:

@@ -283,10 +283,16 @@ async def start_grpc_server(ingress: Ingress, host: str, port: int) -> GrpcServe
 
 
 def _credentials(api: ApiConfig) -> grpc.ServerCredentials:
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+    """The files are read here, where the server runs (in a pod, the mounted secret), not where the config was
+    written."""
+    def read(name: str) -> bytes:
+        path = getattr(api, name)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise RuntimeError(f"api.{name}: cannot read {path!r}: {e.strerror}") from None
 
-    client_ca = read(api.tls_client_ca_file) if api.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(read(api.tls_key_file), read(api.tls_cert_file))],
+    client_ca = read("tls_client_ca_file") if api.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(read("tls_key_file"), read("tls_cert_file"))],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
