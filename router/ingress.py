@@ -30,7 +30,7 @@ from router.kv_index import KVIndexFollower
 from router.load_view import LoadView
 from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
-from router.request_router import RoutingHint
+from router.routing_hint import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.llm import chat_token_ids
 from workers.engine.outputs import RequestOutput, TimeToFirstToken

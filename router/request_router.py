@@ -7,8 +7,10 @@ with the lowest cost first, the others after it in cost order, so a full replica
 The inputs: the prompt's block hashes (the ingress passes a `RoutingHint`), which groups hold which of them (a
 KVIndex kept from Redis by a KVIndexFollower), and each replica's load (its `record_routing_stats`, refreshed
 every second, plus what this router sent it that has not finished yet, since the stats lag a burst). The index
-lags too (events reach Redis in batches), so the router also remembers the blocks of the prompts it sent, for
-`_ROUTED_MEMORY_S`: a burst of requests on a new prefix then follows the first one instead of scattering. In the
+lags too: a prompt's blocks reach it only after the replica has computed them, which under load can be many
+seconds after the request was routed. So the router also remembers the blocks of the prompts it sent, until each
+request completes and then `_ROUTED_MEMORY_S` longer: a burst of requests on a new prefix, however long the queue
+it waits in, follows the first one instead of scattering. In the
 prefill pool the cost is the prompt tokens left to compute plus the queued work; in the decode pool it is the
 decode load and KV usage plus the blocks the replica would still have to receive.
 """
@@ -16,26 +18,17 @@ decode load and KV usage plus the blocks the replica would still have to receive
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from router.kv_index import KVIndex, KVIndexFollower
 from router.policy import GroupLoad, RoutingWeights, rank_prefill, route
+from router.routing_hint import RoutingHint
 from workers.kv.hashing import BlockHash
 
 logger = logging.getLogger(__name__)
 
-_ROUTED_MEMORY_S = 5.0  # well past the index's lag (events are written within a second and read as they come)
-
-
-@dataclass(frozen=True)
-class RoutingHint:
-    """What the router needs to know of a prompt, computed once by the ingress."""
-
-    num_tokens: int
-    block_hashes: list[BlockHash]  # of the prompt's full blocks, salted by its cache_salt
-    preferred_group: str | None = None  # the ingress's choice (router/policy.route), tried first when available
+_ROUTED_MEMORY_S = 5.0  # after completion: well past the index's lag (events reach Redis within a second)
 
 
 class PrefixCacheRouter(RequestRouter):
@@ -49,8 +42,9 @@ class PrefixCacheRouter(RequestRouter):
         self.follower = KVIndexFollower(redis_url)
         self._started = False
         self._in_flight: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, uncached tokens)
-        self._routed = KVIndex()  # the blocks of prompts sent in the last _ROUTED_MEMORY_S, by replica
-        self._routed_log: deque[tuple[float, str, list[BlockHash]]] = deque()
+        self._routed = KVIndex()  # the blocks of prompts in flight or completed in the last _ROUTED_MEMORY_S
+        self._routed_in_flight: dict[str, tuple[str, list[BlockHash]]] = {}  # request id -> (replica, hashes)
+        self._routed_log: deque[tuple[float, str, list[BlockHash]]] = deque()  # (forget at, replica, hashes)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -82,9 +76,10 @@ class PrefixCacheRouter(RequestRouter):
             group = replica_id.unique_id
             cached = self._match(hint.block_hashes).get(group, 0)
             uncached = max(1, hint.num_tokens - cached * self.block_size)
-            self._in_flight[pending_request.metadata.internal_request_id] = (group, uncached)
+            request_id = pending_request.metadata.internal_request_id
+            self._in_flight[request_id] = (group, uncached)
             self._routed.add(group, hint.block_hashes)
-            self._routed_log.append((time.monotonic() + _ROUTED_MEMORY_S, group, hint.block_hashes))
+            self._routed_in_flight[request_id] = (group, hint.block_hashes)
 
     def _match(self, block_hashes: list[BlockHash]) -> dict[str, int]:
         """Each group's cached prefix: what the index knows, or what this router sent it lately, if longer."""
@@ -98,7 +93,11 @@ class PrefixCacheRouter(RequestRouter):
         return known
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Serve calls this exactly once per routed request, however it ended."""
         self._in_flight.pop(internal_request_id, None)
+        routed = self._routed_in_flight.pop(internal_request_id, None)
+        if routed is not None:
+            self._routed_log.append((time.monotonic() + _ROUTED_MEMORY_S, *routed))
 
     def _load(self, group: str, replica: RunningReplica) -> GroupLoad:
         stats = replica.routing_stats or {}

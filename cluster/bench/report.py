@@ -44,7 +44,8 @@ class SystemResult:
         return dict(workload=self.workload, system=self.system, requests=self.requests,
                     output_tokens=self.output_tokens, wall_s=self.wall_s, output_tokens_per_s=self.tokens_per_s,
                     ttft_p50_s=self.ttft_p50_s, ttft_p99_s=self.ttft_p99_s, rss_start_mib=self.rss_start_mib,
-                    rss_peak_mib=self.rss_peak_mib, match_pct=self.match_pct, is_reference=self.is_reference, cached_tokens=self.cached_tokens,
+                    rss_peak_mib=self.rss_peak_mib, match_pct=self.match_pct, is_reference=self.is_reference,
+                    cached_tokens=self.cached_tokens,
                     ttft_s=self.ttft_s)
 
 

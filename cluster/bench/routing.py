@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", nargs="+", default=["shared", "random"], choices=["shared", "random"])
     parser.add_argument("--num-cpus-per-rank", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
+                        help="a routing weight for Tandem's router (router/policy.py RoutingWeights), e.g. "
+                             "queued_token=0.5; repeatable")
     parser.add_argument("--json", default="bench-results/routing.json", help="where to write the figures")
 
 
@@ -96,11 +99,13 @@ def _run_one(args: argparse.Namespace, workload: str, router: str, redis_url: st
 
     from cluster.app import build_app
     from cluster.config import ClusterConfig, PoolConfig
+    from router.policy import RoutingWeights
 
     config = ClusterConfig(model=args.model, num_cpus_per_rank=args.num_cpus_per_rank, kv_cache_memory_gb=0.5,
                            prefill=PoolConfig(replicas=args.prefill_replicas, max_ongoing_requests=256),
                            decode=PoolConfig(max_ongoing_requests=256), prefill_router=router,
-                           conditional_disaggregation=False, redis_url=redis_url)
+                           conditional_disaggregation=False, redis_url=redis_url,
+                           routing=RoutingWeights(**_weights(args.weight)))
     ingress = serve.run(build_app(config), name="bench-routing", route_prefix=None)
     try:
         oracle, ttfts, tokens, wall = asyncio.run(_drive(ingress, args, workload))
@@ -175,6 +180,16 @@ async def _prefill_counters(redis_url: str) -> list[dict]:
         await client.aclose()
     loads = [json.loads(r) for r in reports if r is not None]
     return [load for load in loads if load["role"] == "prefill"]
+
+
+def _weights(pairs: list[str]) -> dict[str, float]:
+    weights = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--weight takes NAME=VALUE, got {pair!r}")
+        weights[name] = float(value)
+    return weights
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             if i:
                 times.append(time.perf_counter() - start)
         median = statistics.median(times)
-        rows.append(dict(prompt_tokens=n, blocks=num_blocks, bytes=nbytes, seconds=median, gb_per_s=nbytes / median / 1e9))
+        rows.append(dict(prompt_tokens=n, blocks=num_blocks, bytes=nbytes, seconds=median,
+                         gb_per_s=nbytes / median / 1e9))
     peer.join(timeout=30)
     print(_table(rows, layers, heads, dim))
     tp_row = None
