@@ -57,7 +57,7 @@ def build_app(config: ClusterConfig) -> Application:
 
     def pool(name: str, pool_config, **options) -> Application:
         return serve.deployment(EngineServer, name=name).options(
-            **pool_config.serve_options(), **options,
+            **pool_config.serve_options(config.autoscaling), **options,
             ray_actor_options={"num_cpus": REPLICA_CPUS},
             placement_group_bundles=[{"CPU": REPLICA_CPUS}] + [rank] * tp,
             placement_group_strategy="STRICT_PACK",

@@ -14,12 +14,13 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import Field, dataclass, field, fields, is_dataclass
+from dataclasses import Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cluster.autoscaling import AUTOSCALING_POLICY, AutoscalingTargets
 from router.api_config import ApiConfig
 from router.policy import RoutingWeights
 from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -79,16 +80,22 @@ class PoolConfig:
             raise ConfigError(f"replicas must be between min_replicas={self.min_replicas} and "
                               f"max_replicas={self.max_replicas} (got {self.replicas!r})")
 
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for `serve.deployment(...)`: a fixed replica count, or Serve's autoscaling."""
+    def serve_options(self, autoscaling: AutoscalingTargets | None = None) -> dict[str, Any]:
+        """Keyword arguments for `serve.deployment(...)`: a fixed replica count, or Serve's autoscaling; with
+        `autoscaling`, by the pools' policy (cluster/autoscaling.py) instead of Serve's request count."""
         options: dict[str, Any] = dict(max_ongoing_requests=self.max_ongoing_requests,
                                        max_queued_requests=-1 if self.max_queued_requests is None
                                        else self.max_queued_requests)
         if self.min_replicas is None:
             return {**options, "num_replicas": self.replicas}
-        return {**options, "autoscaling_config": dict(min_replicas=self.min_replicas, initial_replicas=self.replicas,
-                                                      max_replicas=self.max_replicas,
-                                                      target_ongoing_requests=self.target_ongoing_requests)}
+        scaling = dict(min_replicas=self.min_replicas, initial_replicas=self.replicas, max_replicas=self.max_replicas,
+                       target_ongoing_requests=self.target_ongoing_requests)
+        if autoscaling is not None:
+            # The pools' policy smooths its own decisions, so Serve's delays on top are off.
+            scaling.update(metrics_interval_s=autoscaling.metrics_interval_s,
+                           look_back_period_s=autoscaling.look_back_s, upscale_delay_s=0.0, downscale_delay_s=0.0,
+                           policy=dict(policy_function=AUTOSCALING_POLICY, policy_kwargs=asdict(autoscaling)))
+        return {**options, "autoscaling_config": scaling}
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class ClusterConfig:
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
     routing: RoutingWeights = field(default_factory=RoutingWeights)
+    autoscaling: AutoscalingTargets = field(default_factory=AutoscalingTargets)
     redis_url: str | None = _field(None, "Redis for KV events (null: start a local redis-server)")
     host: str = _field("0.0.0.0", "address the gRPC and HTTP endpoints listen on")
     grpc_port: int = _field(50051, "gRPC port", min=1, max=65535)

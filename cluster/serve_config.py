@@ -1,9 +1,12 @@
 """The Ray Serve config of a cluster config: what `serve deploy` and KubeRay's `serveConfigV2` take.
 
 One application, `tandem`, at route prefix "/", built by `cluster.app:app_builder` from its `args`: the whole
-cluster config as nested plain data with deploy/tandem.yaml's keys. `http_options` carry the HTTP endpoint (host,
-http_port) and, when api.tls_cert_file is set, the same certificate and key, so both endpoints speak TLS; Serve's
-HTTP proxy does not ask clients for certificates, so mutual TLS (api.tls_client_ca_file) covers gRPC only.
+cluster config as nested plain data with deploy/tandem.yaml's keys. When a pool autoscales, the application's
+`autoscaling_policy` is cluster/autoscaling.py's, with the config's `autoscaling:` targets as its arguments (Serve
+takes an application-level policy only from a config like this one, not from `serve.run`). `http_options` carry
+the HTTP endpoint (host, http_port) and, when api.tls_cert_file is set, the same certificate and key, so both
+endpoints speak TLS; Serve's HTTP proxy does not ask clients for certificates, so mutual TLS
+(api.tls_client_ca_file) covers gRPC only.
 
     tandem config render --config deploy/tandem.yaml --redis-url redis://redis:6379/0 > serve.yaml
     serve deploy serve.yaml
@@ -25,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from cluster.autoscaling import AUTOSCALING_POLICY
 from cluster.config import ClusterConfig
 
 APP_NAME = "tandem"
@@ -33,6 +37,12 @@ IMPORT_PATH = "cluster.app:app_builder"
 # two equal). The kuberay layout restates the placement group bundles app.py builds, with a custom resource added.
 REPLICA_CPUS = 0.1
 INGRESS_RESOURCE = "tandem_ingress"
+
+
+def autoscales(config: ClusterConfig) -> bool:
+    """Whether any deployed pool has min/max replicas, and so the application needs the autoscaling policy."""
+    pools = [config.ingress, config.decode] + ([config.prefill] if config.disaggregate else [])
+    return any(pool.min_replicas is not None for pool in pools)
 
 
 def pool_resource(pool: str) -> str:
@@ -47,6 +57,9 @@ def render_serve_config(config: ClusterConfig, *, kuberay: bool = False) -> dict
         http_options.update(ssl_certfile=config.api.tls_cert_file, ssl_keyfile=config.api.tls_key_file)
     application: dict[str, Any] = {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
                                    "args": asdict(config)}
+    if autoscales(config):
+        application["autoscaling_policy"] = {"policy_function": AUTOSCALING_POLICY,
+                                             "policy_kwargs": asdict(config.autoscaling)}
     serve_config: dict[str, Any] = {"http_options": http_options, "applications": [application]}
     if kuberay:
         serve_config = {"proxy_location": "HeadOnly", **serve_config}

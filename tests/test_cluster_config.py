@@ -2,12 +2,13 @@
 reported as a ConfigError that names the field by its dotted path and shows the bad value."""
 
 import argparse
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cluster.autoscaling import AutoscalingTargets
 from cluster.config import (
     ClusterConfig,
     ConfigError,
@@ -183,8 +184,8 @@ def test_every_field_has_a_flag_and_a_string_stays_a_string():
     assert {"--model", "--block-size", "--disaggregate", "--no-disaggregate", "--ingress-max-ongoing-requests",
             "--decode-min-replicas", "--routing-local-compute-token", "--grpc-port", "--http-port", "--api-max-tokens",
             "--api-tls-cert-file"} <= flags
-    sections = 3 * len(POOL_KEYS) + len(fields(RoutingWeights)) + len(fields(ApiConfig))
-    assert len([a for a in parser._actions if a.dest != "help"]) == 1 + len(TOP_KEYS) - 5 + sections
+    sections = 3 * len(POOL_KEYS) + sum(len(fields(c)) for c in (RoutingWeights, AutoscalingTargets, ApiConfig))
+    assert len([a for a in parser._actions if a.dest != "help"]) == 1 + len(TOP_KEYS) - 6 + sections
     assert parse("--model", "yes").model == "yes"
 
 
@@ -202,6 +203,11 @@ def test_a_pool_becomes_serve_deployment_options():
     assert PoolConfig(replicas=2, min_replicas=1, max_replicas=4, max_queued_requests=16).serve_options() == dict(
         max_ongoing_requests=64, max_queued_requests=16,
         autoscaling_config=dict(min_replicas=1, initial_replicas=2, max_replicas=4, target_ongoing_requests=32.0))
+    targets = AutoscalingTargets(metrics_interval_s=0.5, look_back_s=3)
+    assert PoolConfig(min_replicas=1, max_replicas=2).serve_options(targets)["autoscaling_config"] == dict(
+        min_replicas=1, initial_replicas=1, max_replicas=2, target_ongoing_requests=32.0, metrics_interval_s=0.5,
+        look_back_period_s=3, upscale_delay_s=0.0, downscale_delay_s=0.0,
+        policy=dict(policy_function="cluster.autoscaling:PoolAutoscaler", policy_kwargs=asdict(targets)))
 
 
 def test_the_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from workers.engine.async_engine import EngineStats
 from workers.engine.config import EngineConfig
 from workers.engine.handoff import KVHandoff
 from workers.engine.outputs import RequestOutput
@@ -22,6 +23,34 @@ from workers.engine.sampling_params import SamplingParams
 from workers.group import KVEventsTarget, WorkerGroup
 
 logger = logging.getLogger(__name__)
+
+
+class AutoscalingSignals:
+    """A replica's load as rates over the time since the previous report: its prefill speed is measured, not
+    configured, so the autoscaler turns queued tokens into seconds of backlog on this hardware and model."""
+
+    def __init__(self):
+        self._previous: EngineStats | None = None
+        self.prefill_tokens_per_s: float | None = None  # while busy; kept from the last interval that computed any
+        self.step_s: float | None = None  # mean step time: the inter-token latency of its decoding requests
+
+    def update(self, stats: EngineStats) -> dict[str, float]:
+        if self._previous is not None:
+            busy = stats.step_seconds - self._previous.step_seconds
+            computed = stats.num_computed_prompt_tokens - self._previous.num_computed_prompt_tokens
+            steps = stats.num_steps - self._previous.num_steps
+            if busy > 0 and computed > 0:
+                self.prefill_tokens_per_s = computed / busy
+            if steps > 0:
+                self.step_s = busy / steps
+        self._previous = stats
+        signals = {"queued_prefill_tokens": float(stats.num_queued_prefill_tokens), "kv_usage": stats.kv_usage,
+                   "running_seqs": float(stats.num_running + stats.num_waiting)}
+        if self.prefill_tokens_per_s is not None:
+            signals["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        if self.step_s is not None:
+            signals["step_s"] = self.step_s
+        return signals
 
 
 @dataclass(frozen=True)
@@ -41,6 +70,7 @@ class EngineServer:
         replica_id = serve.get_replica_context().replica_id.unique_id
         kv_events = KVEventsTarget(redis_url, replica_id, role) if redis_url else None
         self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank, kv_events=kv_events)
+        self._signals = AutoscalingSignals()
         logger.info("%s replica %s ready: tensor parallel size %d", role, replica_id, tensor_parallel_size)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -72,6 +102,11 @@ class EngineServer:
         stats = await self.group.stats()
         return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
                 "queued_prefill_tokens": stats.num_queued_prefill_tokens, "running_seqs": stats.num_running}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The signals cluster/autoscaling.py scales the pools by, polled by Serve; it averages each over its
+        look-back window."""
+        return self._signals.update(await self.group.stats())
 
     async def check_health(self) -> None:
         """Serve's health probe reaches the group: rank 0 must answer and every follower be in its loop."""

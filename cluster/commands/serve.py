@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import build_app, required_cpus
+    from cluster.app import required_cpus
+    from cluster.deploy import DeployError, deploy
     from cluster.redis_server import LocalRedis
 
     config = from_args(args)  # a bad flag or file fails before anything starts
@@ -29,11 +30,14 @@ def run(args: argparse.Namespace) -> int:
         # Logical CPUs: ranks mostly wait on each other, so a laptop may reserve more than it has cores.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1), include_dashboard=False,
                  logging_level="WARNING", log_to_driver=args.verbose)
-        serve.start(http_options={"host": config.host, "port": config.http_port})
         pools = "a prefill pool and a decode pool" if config.disaggregate else "a decode pool (unified mode)"
         print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size})",
               file=sys.stderr)
-        serve.run(build_app(config), name="tandem", route_prefix="/")
+        try:
+            deploy(config)
+        except DeployError as e:
+            print(f"tandem: {e}", file=sys.stderr)
+            return 1
         tls = "TLS" if config.api.tls_cert_file else "plaintext"
         key = ", API key required" if config.api.key else ""
         print(f"tandem: serving gRPC on {config.host}:{config.grpc_port} (tandem.v1.Generation, health, reflection; "

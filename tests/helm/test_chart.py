@@ -196,7 +196,7 @@ def test_serve_config_is_valid_and_is_what_tandem_renders_for_its_args(values):
     config = config_from_mapping(args)  # Tandem's own checks, field by field
     expected = render_serve_config(config, kuberay=True)
     # Every value the chart sets reads back unchanged; a config key added later (which the chart reaches through
-    # extraConfig or autoscaling.policy until it names it) keeps its default.
+    # extraConfig until it names it) keeps its default.
     assert args == chart_keys_of(expected["applications"][0].pop("args"), args)
     rendered["applications"][0].pop("args")
     assert rendered == expected
@@ -411,8 +411,7 @@ BAD_VALUES = {
     "latest-tag": ({"image": {"tag": "latest"}}, r"image.tag: use a fixed tag, not latest"),
     "extra-config-owned-key": ({"extraConfig": {"tensor_parallel_size": 4}},
                                r"extraConfig.tensor_parallel_size: the chart sets tensor_parallel_size"),
-    "policy-owned-key": ({"decode": {"autoscaling": {"policy": {"max_replicas": 9}}}},
-                         r"decode.autoscaling.policy.max_replicas: the chart sets decode.max_replicas"),
+    "autoscaling-policy-kv-usage-over-1": ({"autoscalingPolicy": {"decodeKvUsage": 1.5}}, r"decodeKvUsage"),
 }
 
 
@@ -423,15 +422,23 @@ def test_bad_values_are_refused_with_a_clear_message(bad, message):
     assert re.search(message, str(info.value)), str(info.value)
 
 
-def test_policy_knobs_and_extra_config_reach_the_config_where_tandem_checks_them():
-    """autoscaling.policy (the autoscaling policy's seam) and extraConfig land verbatim in the args, so a key Tandem
-    does not know is refused by Tandem's loader when the application starts, never silently dropped."""
-    values = {"prefill": {"autoscaling": {"policy": {"upscale_delay_s": 5}}},
-              "extraConfig": {"future_knob": 1, "api": {"future_limit": 3}}}
+def test_extra_config_reaches_the_config_where_tandem_checks_it():
+    """extraConfig lands verbatim in the args, so a key Tandem does not know is refused by Tandem's loader when the
+    application starts, never silently dropped."""
+    values = {"extraConfig": {"future_knob": 1, "api": {"future_limit": 3}}}
     args = serve_config(objects(values))["applications"][0]["args"]
-    assert (args["prefill"]["upscale_delay_s"], args["future_knob"], args["api"]["future_limit"]) == (5, 1, 3)
+    assert (args["future_knob"], args["api"]["future_limit"]) == (1, 3)
     with pytest.raises(ValueError, match="unknown key future_knob"):
         config_from_mapping(args)
+
+
+def test_an_autoscaling_pool_brings_the_pools_policy_with_the_charts_targets():
+    values = {"decode": {"autoscaling": {"enabled": True}}, "autoscalingPolicy": {"prefillBacklogS": 0.5}}
+    app = serve_config(objects(values))["applications"][0]
+    assert app["autoscaling_policy"]["policy_function"] == "cluster.autoscaling:PoolAutoscaler"
+    assert app["autoscaling_policy"]["policy_kwargs"] == app["args"]["autoscaling"]
+    assert app["args"]["autoscaling"]["prefill_backlog_s"] == 0.5
+    assert "autoscaling_policy" not in serve_config(objects({}))["applications"][0]
 
 
 # The image the chart runs (deploy/Dockerfile; no Docker engine here, so it is linted, not built)

@@ -38,4 +38,5 @@ def test_the_hash_is_sha256_of_parent_or_root_and_little_endian_uint32_tokens():
     second = hash_block_tokens(first, list(range(16, 32)))
     assert second == hashlib.sha256(first + struct.pack("<16I", *range(16, 32))).digest()
     salted = hash_block_tokens(None, [7] * 16, "ab")
-    assert salted == hashlib.sha256(b"tandem-kv-v1" + struct.pack("<I", 2) + b"ab" + struct.pack("<16I", *[7] * 16)).digest()
+    assert salted == hashlib.sha256(b"tandem-kv-v1" + struct.pack("<I", 2) + b"ab"
+                                    + struct.pack("<16I", *[7] * 16)).digest()

@@ -57,6 +57,9 @@ class EngineStats:
     num_finished: int = 0  # running totals over finished requests
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # of those prompt tokens, how many the prefix cache supplied
+    num_computed_prompt_tokens: int = 0  # running totals over steps: prompt tokens computed, steps, their seconds
+    num_steps: int = 0
+    step_seconds: float = 0.0
 
     @property
     def kv_usage(self) -> float:
@@ -164,7 +167,8 @@ class AsyncLLMEngine:
         return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
                            len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
                            eng.kv.bytes_received, eng.num_transfer_failures, queued, eng.num_finished,
-                           eng.num_prompt_tokens, eng.num_cached_prompt_tokens)
+                           eng.num_prompt_tokens, eng.num_cached_prompt_tokens, eng.num_computed_prompt_tokens,
+                           eng.num_steps, eng.step_seconds)
 
     def _update_load(self) -> None:
         stats = self._read_stats()

@@ -52,8 +52,9 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, cache_salt: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 cache_salt: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Runs every prompt to completion in one continuous batch; outputs come back in input order.
 
         A prompt is text or a list of token ids. All prompts are validated before any runs, so one bad prompt

@@ -84,6 +84,11 @@ class LLMEngine:
         self.num_finished = 0
         self.num_prompt_tokens = 0
         self.num_cached_prompt_tokens = 0
+        # Running totals over steps, for the autoscaler: prompt tokens computed (chunks, not cache hits), the
+        # steps run and the seconds they took.
+        self.num_computed_prompt_tokens = 0
+        self.num_steps = 0
+        self.step_seconds = 0.0
         self._ids = count()
         logger.info("engine ready: %s, %d KV blocks, context %d", model_dir.name, self.runner.num_kv_blocks,
                     self.max_model_len)
@@ -242,15 +247,19 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         now = time.monotonic()
-        for seq, _ in sched.scheduled:
+        for seq, num_new in sched.scheduled:
             metrics = self.requests[seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
+            self.num_computed_prompt_tokens += max(0, min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens))
         sampled = self.runner.execute(sched.scheduled)
         for seq, num_new in sched.scheduled:
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
-        return [self._process(s) for s in sampled]
+        outputs = [self._process(s) for s in sampled]
+        self.num_steps += 1
+        self.step_seconds += time.monotonic() - now
+        return outputs
 
     def _process(self, sampled: SampledToken) -> RequestOutput:
         seq, token_id = sampled.seq, sampled.token_id

@@ -188,7 +188,8 @@ class ModelRunner:
             slot_mapping=torch.cat(slots).to(self.device),
             prefills=prefills,
             num_prefill_tokens=num_prefill_tokens,
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=self.device).view(len(decodes), max_blocks),
+            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=self.device).view(len(decodes),
+                                                                                               max_blocks),
             decode_context_lens=torch.tensor(context_lens, dtype=torch.long, device=self.device),
             decode_buckets=decode_buckets(context_lens),
         )

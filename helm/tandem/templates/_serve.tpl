@@ -17,12 +17,6 @@ checks the two agree, and that Tandem's own config loader accepts the args).
 {{- $_ := set $args "min_replicas" $auto.minReplicas -}}
 {{- $_ := set $args "max_replicas" $auto.maxReplicas -}}
 {{- end -}}
-{{- range $key, $value := $auto.policy -}}
-{{- if hasKey $args $key -}}
-{{- fail (printf "%s.autoscaling.policy.%s: the chart sets %s.%s from %s's own values (replicas, maxOngoingRequests, maxQueuedRequests, autoscaling.minReplicas/maxReplicas/targetOngoingRequests); set it there" $name $key $name $key $name) -}}
-{{- end -}}
-{{- $_ := set $args $key $value -}}
-{{- end -}}
 {{- toJson $args -}}
 {{- end -}}
 
@@ -44,6 +38,10 @@ checks the two agree, and that Tandem's own config loader accepts the args).
 {{- $routing := dict "compute_token" $v.routing.computeToken "queued_token" $v.routing.queuedToken
       "running_seq" $v.routing.runningSeq "transfer_block" $v.routing.transferBlock
       "local_compute_token" $v.routing.localComputeToken "kv_usage" $v.routing.kvUsage -}}
+{{- $a := $v.autoscalingPolicy -}}
+{{- $autoscaling := dict "prefill_backlog_s" $a.prefillBacklogS "decode_kv_usage" $a.decodeKvUsage
+      "decode_step_s" $a.decodeStepS "downscale_delay_s" $a.downscaleDelayS
+      "metrics_interval_s" $a.metricsIntervalS "look_back_s" $a.lookBackS -}}
 {{- $config := dict
       "model" $v.model.path "device" $e.device "dtype" $e.dtype "max_model_len" $e.maxModelLen "seed" $e.seed
       "tensor_parallel_size" $e.tensorParallelSize "num_cpus_per_rank" $e.numCpusPerRank
@@ -57,7 +55,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "ingress" (include "tandem.poolArgs" (list . "ingress") | fromJson)
       "prefill" (include "tandem.poolArgs" (list . "prefill") | fromJson)
       "decode" (include "tandem.poolArgs" (list . "decode") | fromJson)
-      "routing" $routing "redis_url" (include "tandem.redisUrl" .) "host" "0.0.0.0"
+      "routing" $routing "autoscaling" $autoscaling "redis_url" (include "tandem.redisUrl" .) "host" "0.0.0.0"
       "grpc_port" $v.api.grpcPort "http_port" $v.api.httpPort "api" $api -}}
 {{- range $key, $value := $v.extraConfig -}}
 {{- if not (hasKey $config $key) -}}
@@ -103,8 +101,18 @@ cluster/app.py's: 0.1 CPU per replica, then one bundle per rank.
 {{- $_ := set $http "ssl_certfile" (printf "%s/tls.crt" (include "tandem.tlsDir" .)) -}}
 {{- $_ := set $http "ssl_keyfile" (printf "%s/tls.key" (include "tandem.tlsDir" .)) -}}
 {{- end -}}
+{{- $args := include "tandem.clusterConfig" . | fromJson -}}
 {{- $app := dict "name" "tandem" "route_prefix" "/" "import_path" "cluster.app:app_builder"
-      "args" (include "tandem.clusterConfig" . | fromJson)
-      "deployments" (include "tandem.deployments" . | fromJsonArray) -}}
+      "args" $args "deployments" (include "tandem.deployments" . | fromJsonArray) -}}
+{{- $pools := list "ingress" "decode" -}}
+{{- if .Values.disaggregate -}}{{- $pools = append $pools "prefill" -}}{{- end -}}
+{{- $autoscales := false -}}
+{{- range $pool := $pools -}}
+{{- if (index $.Values $pool).autoscaling.enabled -}}{{- $autoscales = true -}}{{- end -}}
+{{- end -}}
+{{- if $autoscales -}}
+{{- $_ := set $app "autoscaling_policy" (dict "policy_function" "cluster.autoscaling:PoolAutoscaler"
+      "policy_kwargs" $args.autoscaling) -}}
+{{- end -}}
 {{- dict "proxy_location" "HeadOnly" "http_options" $http "applications" (list $app) | toYaml -}}
 {{- end -}}

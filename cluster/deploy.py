@@ -1,0 +1,38 @@
+"""Deploying a cluster config as its Serve config (cluster/serve_config.py), the way `serve deploy` and KubeRay's
+serveConfigV2 do, so `tandem serve` on a laptop runs exactly what the Helm chart runs on Kubernetes.
+
+It is also the only way to hand Serve an application-level autoscaling policy: `serve.run` takes deployments'
+options but not the application's policy. Serve's own `serve run CONFIG` does the same two steps: start Serve
+with the config's HTTP options, then apply the config on the controller.
+"""
+
+import time
+
+from cluster.config import ClusterConfig
+from cluster.serve_config import APP_NAME, render_serve_config
+
+
+class DeployError(RuntimeError):
+    """The application did not come up: Serve's own message says why."""
+
+
+def deploy(config: ClusterConfig, timeout_s: float = 900.0) -> None:
+    """Deploys the application and waits until Serve reports it running (models load, groups start)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(render_serve_config(config))
+    serve.start(http_options=schema.http_options.model_dump())
+    _get_global_client().deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise DeployError(f"the application failed to deploy: {app.message}")
+        if time.monotonic() > deadline:
+            raise DeployError(f"the application is not running after {timeout_s:.0f} s "
+                              f"({app.status if app else 'not created'}: {app.message if app else ''})")
+        time.sleep(1)
