@@ -121,19 +121,17 @@ class Ingress:
         params, salt = request.params, request.cache_salt
         hashes = hash_full_blocks(token_ids, self.model.block_size, salt)
         decision = await self._decide(len(token_ids), hashes)
+        hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
         first, prefilled = True, None
         if self.prefill is None or (decision is not None and decision.prefill_group is None):
             # Unified mode, or the decode group holds most of the prompt: it prefills the rest itself.
-            hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
             outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
                                                                        routing=hint)
         else:
-            prefill_hint = RoutingHint(len(token_ids), hashes, decision.prefill_group if decision else None)
-            prefilled = await _cancelling(self.prefill.prefill.remote(token_ids, params, request_id,
-                                                                                 salt, routing=prefill_hint))
-            decode_hint = RoutingHint(len(token_ids), hashes, decision.decode_group if decision else None)
+            prefilled = await _cancelling(self.prefill.prefill.remote(token_ids, params, request_id, salt,
+                                                                      routing=hint))
             outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
-                                                                                 prefilled.source, routing=decode_hint)
+                                                                                 prefilled.source, routing=hint)
         finished = False
         try:
             async for out in outputs:
@@ -150,7 +148,9 @@ class Ingress:
                     await release_quietly(prefilled.source, request_id)
 
     async def _decide(self, num_tokens: int, hashes: list) -> RouteDecision | None:
-        """router/policy.route over the index and the reported loads; None until both pools have reported."""
+        """router/policy.route over the index and the reported loads, for the one choice the ingress makes: who
+        prefills. The replicas themselves are then chosen by each pool's request router, which also counts the
+        requests in flight that the once-a-second load reports miss. None until both pools have reported."""
         if self._index is None:
             return None
         if not self._index_started:

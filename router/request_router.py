@@ -6,7 +6,8 @@ with the lowest cost first, the others after it in cost order, so a full replica
 
 The inputs: the prompt's block hashes (the ingress passes a `RoutingHint`), which groups hold which of them (a
 KVIndex kept from Redis by a KVIndexFollower), and each replica's load (its `record_routing_stats`, refreshed
-every second, plus what this router sent it that has not finished yet, since the stats lag a burst). The index
+every second, plus what this router sent it, or ranked it first for, that has not finished yet, since the stats
+lag a burst). The index
 lags too: a prompt's blocks reach it only after the replica has computed them, which under load can be many
 seconds after the request was routed. So the router also remembers the blocks of the prompts it sent, until each
 request completes and then `_ROUTED_MEMORY_S` longer: a burst of requests on a new prefix, however long the queue
@@ -29,6 +30,9 @@ from workers.kv.hashing import BlockHash
 logger = logging.getLogger(__name__)
 
 _ROUTED_MEMORY_S = 5.0  # after completion: well past the index's lag (events reach Redis within a second)
+# Serve ranks a burst of pending requests before it assigns any; a choice counts as load on its replica until the
+# request is assigned (or this long, if it never is).
+_CHOSEN_MEMORY_S = 10.0
 
 
 class PrefixCacheRouter(RequestRouter):
@@ -42,6 +46,7 @@ class PrefixCacheRouter(RequestRouter):
         self.follower = KVIndexFollower(redis_url)
         self._started = False
         self._in_flight: dict[str, tuple[str, int]] = {}  # internal request id -> (replica, uncached tokens)
+        self._chosen: dict[str, tuple[str, int, float]] = {}  # ranked, not yet assigned: (replica, tokens, until)
         self._routed = KVIndex()  # the blocks of prompts in flight or completed in the last _ROUTED_MEMORY_S
         self._routed_in_flight: dict[str, tuple[str, list[BlockHash]]] = {}  # request id -> (replica, hashes)
         self._routed_log: deque[tuple[float, str, list[BlockHash]]] = deque()  # (forget at, replica, hashes)
@@ -63,11 +68,11 @@ class PrefixCacheRouter(RequestRouter):
                         "; ".join(cost.describe() for cost in ranked))
         else:  # route() logs the decision
             ranked = route(hint.num_tokens, self.block_size, cached, (), loads, self.weights).decode_costs
-        order = [cost.group_id for cost in ranked]
-        if hint.preferred_group in by_id:
-            order.remove(hint.preferred_group)
-            order.insert(0, hint.preferred_group)
-        return [[by_id[group]] for group in order]
+        best = ranked[0]
+        self._chosen[pending_request.metadata.internal_request_id] = (
+            best.group_id, max(1, hint.num_tokens - best.cached_blocks * self.block_size),
+            time.monotonic() + _CHOSEN_MEMORY_S)
+        return [[by_id[cost.group_id]] for cost in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
@@ -77,6 +82,7 @@ class PrefixCacheRouter(RequestRouter):
             cached = self._match(hint.block_hashes).get(group, 0)
             uncached = max(1, hint.num_tokens - cached * self.block_size)
             request_id = pending_request.metadata.internal_request_id
+            self._chosen.pop(request_id, None)
             self._in_flight[request_id] = (group, uncached)
             self._routed.add(group, hint.block_hashes)
             self._routed_in_flight[request_id] = (group, hint.block_hashes)
@@ -101,13 +107,18 @@ class PrefixCacheRouter(RequestRouter):
 
     def _load(self, group: str, replica: RunningReplica) -> GroupLoad:
         stats = replica.routing_stats or {}
+        now = time.monotonic()
+        for request_id in [r for r, (_, _, until) in self._chosen.items() if until <= now]:
+            del self._chosen[request_id]
         mine = [tokens for g, tokens in self._in_flight.values() if g == group]
+        mine += [tokens for g, tokens, _ in self._chosen.values() if g == group]
         total = int(stats.get("total_blocks", 1)) or 1
         queued, running = int(stats.get("queued_prefill_tokens", 0)), int(stats.get("running_seqs", 0))
-        if self.role == "prefill":  # a prefill request is in flight until its first token
+        # A request is in flight until its prefill ends (prefill pool) or its last token (decode pool); meanwhile it
+        # holds a slot in the replica's batch, and in the prefill pool its uncached tokens are queued work.
+        running = max(running, len(mine))
+        if self.role == "prefill":
             queued = max(queued, sum(mine))
-        else:  # a decode request is in flight until its last
-            running = max(running, len(mine))
         return GroupLoad(group, free_blocks=int(stats.get("free_blocks", total)), total_blocks=total,
                          queued_prefill_tokens=queued, running_seqs=running)
 

@@ -15,4 +15,3 @@ from workers.kv.hashing import BlockHash
 class RoutingHint:
     num_tokens: int
     block_hashes: list[BlockHash]  # of the prompt's full blocks, salted by its cache_salt
-    preferred_group: str | None = None  # the ingress's choice (router/policy.route), tried first when available

@@ -124,15 +124,19 @@ def test_a_conversations_next_turn_is_prefilled_by_the_decode_group_that_holds_i
 
 
 def test_a_burst_on_one_prefix_spills_over_to_the_idle_replica(ingress, redis_url):
-    """The prefix holder wins while its queue costs less than the prefix saves; a burst of 40 requests on that
-    prefix makes it busy, so the router sends the rest to the idle replica, which then holds the prefix too."""
+    """The prefix holder wins while its load costs less than the prefix saves; a burst of 40 requests, each with
+    a long suffix of its own after that prefix, loads it with more work than the prefix saves (each request in
+    flight there counts), so the router sends the rest to the idle replica, which then holds the prefix too."""
     shared = [(59 * j) % 49152 for j in range(96)]
     follower = KVIndexFollower(redis_url)
+
+    def suffix(i: int) -> list[int]:
+        return [(1000 + 7 * i + j) % 49152 for j in range(48)]
 
     async def run():
         await final(ingress, GenerateRequest(prompt_token_ids=shared + [1], params=GREEDY))
         await asyncio.sleep(2.0)
-        await asyncio.gather(*(final(ingress, GenerateRequest(prompt_token_ids=shared + [2, i], params=GREEDY))
+        await asyncio.gather(*(final(ingress, GenerateRequest(prompt_token_ids=shared + suffix(i), params=GREEDY))
                                for i in range(40)))
         await asyncio.sleep(2.0)
         await follower.start()

@@ -21,7 +21,7 @@ from ray import cloudpickle
 from router.routing_hint import RoutingHint  # what the ingress imports and sends
 
 shipped = cloudpickle.loads(open(sys.argv[1], "rb").read())
-hint = RoutingHint(num_tokens=40, block_hashes=[b"h1", b"h2"], preferred_group="g")
+hint = RoutingHint(num_tokens=40, block_hashes=[b"h1", b"h2"])
 print(shipped.choose_replicas.__globals__["_hint"](SimpleNamespace(args=(), kwargs={"routing": hint})) == hint)
 """
 
