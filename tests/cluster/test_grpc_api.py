@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ray import serve
 
 from cluster.app import build_app
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, PoolConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.api_config import ApiConfig
@@ -386,3 +386,35 @@ def test_requests_beyond_the_concurrency_limit_are_refused_at_once(secured):
     assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
     assert finished == ["length", "length"] and after[-1].finish_reason == "length"
     assert_no_blocks_held(SECURE_APP, names=("decode",))
+
+
+# -- Serve's back-pressure: a pool whose queue is full refuses at once ------------------------------------------
+
+QUEUE_PORT, QUEUE_APP = 16053, "tandem-grpc-queue"
+
+
+@pytest.fixture(scope="module")
+def one_slot(model, redis_url):
+    """A unified pool whose only replica serves one request at a time and queues one more."""
+    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
+                           redis_url=redis_url, grpc_port=QUEUE_PORT,
+                           decode=PoolConfig(max_ongoing_requests=1, max_queued_requests=1))
+    serve.run(build_app(config), name=QUEUE_APP, route_prefix=None)
+    yield
+    serve.delete(QUEUE_APP)
+
+
+def test_a_full_pool_queue_is_resource_exhausted_and_the_admitted_requests_finish(one_slot):
+    with grpc.insecure_channel(f"127.0.0.1:{QUEUE_PORT}") as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        long = pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)  # seconds of decoding
+        running = stub.Generate(pb.GenerateRequest(text="the one running", sampling=long), timeout=120)
+        first = next(running)  # on the replica, decoding
+        waiting = stub.Generate(pb.GenerateRequest(text="the one queued", sampling=GREEDY), timeout=120)
+        time.sleep(1.0)  # it reaches the ingress's queue for the pool
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(pb.GenerateRequest(text="one too many", sampling=GREEDY), timeout=30))
+        finished = [[first, *running][-1].finish_reason, list(waiting)[-1].finish_reason]
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert finished == ["length", "length"]
+    assert_no_blocks_held(QUEUE_APP, names=("decode",))
