@@ -2,15 +2,27 @@
 plan carries only what changed (the whole prompt once, then a token and now and then a block)."""
 
 import datetime
+import pickle
 import random
 import threading
 
+import pytest
 import torch.distributed as dist
 
 from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.sequence import Sequence
-from workers.engine.step_plan import PlanReader, PlanWriter, broadcast_bytes
+from workers.engine.step_plan import (
+    PlanReader,
+    PlanWriter,
+    ScheduledChunk,
+    StepPlan,
+    Stop,
+    broadcast_bytes,
+    decode,
+    encode,
+)
+from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand
 
 
 def two_ranks(rank0, rank1):
@@ -95,3 +107,18 @@ def test_a_decode_plan_carries_only_the_new_token_and_the_new_block():
     assert first.new_token_ids == list(range(31)) and first.new_block_ids == [1, 2]
     assert second.new_token_ids == [500] and second.new_block_ids == [4] and not second.reset_blocks
     assert (second.num_computed_tokens, second.num_new_tokens) == (31, 1)
+
+
+def test_control_messages_round_trip_and_nothing_else_is_rebuilt():
+    """The group's process group listens on the network: a follower rebuilds the control message types and
+    nothing else, so bytes crafted as a pickle or naming another type are refused, never executed."""
+    messages = [StepPlan([ScheduledChunk("r1", 16, 1, [5], [3]), ScheduledChunk("r2", 0, 40, list(range(40)),
+                                                                             [1, 2, 3], reset_blocks=True)], ["x"]),
+                Stop(), OpenChannel("send", "peer", ChannelAddress("10.0.0.2", 29500), "c1"),
+                TransferCommand("recv", "r1", "peer", "c1", [4, 5]), DropChannel("peer")]
+    assert [decode(encode(m)) for m in messages] == messages
+    for hostile in (pickle.dumps(Stop()), b'{"os.system": ["true"]}', b'{"Stop": [1]}', b'{"Stop": {}}',
+                    b'{"StepPlan": [[], []], "Stop": []}', b'{}',
+                    b'[1, 2]', b'{"ChannelAddress": ["h", 1]}'):
+        with pytest.raises(ValueError):
+            decode(hostile)

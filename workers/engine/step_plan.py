@@ -7,19 +7,22 @@ token and rarely a block afterwards), and the requests that ended. Followers kee
 tokens and block table) and run the same forward pass on it; they never sample, since rank 0 alone decides.
 
 Other commands (a KV transfer, stop) travel the same way, so a follower does everything in the order rank 0
-did it. Messages are pickled dataclasses: this is the control plane, a few hundred bytes per step; KV tensors
-never go through it.
+did it. Messages travel as JSON with a type name per dataclass, and a follower rebuilds only the message types
+listed in `_MESSAGES`: the group's process group listens on the network, and unpickling what arrives there would
+run whatever a sender put in it. This is the control plane, a few hundred bytes per step; KV tensors never go
+through it.
 """
 
-import pickle
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 import torch.distributed as dist
 
 from workers.engine.parallel import TensorParallel
 from workers.engine.sequence import Sequence
+from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class PlanWriter:
 
     def send(self, message: object) -> None:
         start = time.perf_counter()
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(message)
         broadcast_bytes(data, self.tp)
         self.seconds += time.perf_counter() - start
         self.bytes_sent += len(data)
@@ -104,7 +107,7 @@ class PlanReader:
         self.requests: dict[str, MirroredRequest] = {}
 
     def receive(self) -> object:
-        return pickle.loads(broadcast_bytes(None, self.tp))
+        return decode(broadcast_bytes(None, self.tp))
 
     def apply(self, plan: StepPlan) -> list[tuple[MirroredRequest, int]]:
         """Brings the mirrors up to date and returns the batch exactly as rank 0 scheduled it."""
@@ -121,6 +124,38 @@ class PlanReader:
             mirror.num_computed_tokens = chunk.num_computed_tokens
             batch.append((mirror, chunk.num_new_tokens))
         return batch
+
+
+def encode(message: object) -> bytes:
+    """JSON, each dataclass as {type name: [field values in order]}: about 70 bytes per decoding request."""
+    return json.dumps(_tagged(message), separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> object:
+    """The message `encode` made; anything else (a type not in _MESSAGES, the wrong fields) is a ValueError."""
+    try:
+        message = json.loads(data, object_hook=_untagged)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"not a control message: {e}") from None
+    if not isinstance(message, (StepPlan, Stop, OpenChannel, TransferCommand, DropChannel)):
+        raise ValueError(f"not a control message: {type(message).__name__}")
+    return message
+
+
+def _tagged(value: object) -> object:
+    if is_dataclass(value):
+        return {type(value).__name__: [_tagged(getattr(value, f.name)) for f in fields(value)]}
+    if isinstance(value, (list, tuple)):
+        return [_tagged(item) for item in value]
+    return value
+
+
+def _untagged(obj: dict) -> object:
+    [(name, values)] = obj.items() if len(obj) == 1 else [(None, None)]
+    cls = _MESSAGES[name]
+    if not isinstance(values, list) or len(values) != len(fields(cls)):
+        raise TypeError(f"{name} takes {len(fields(cls))} fields")
+    return cls(*values)
 
 
 _FRAME = 16384  # one broadcast carries a plan up to this size (a step of a few dozen requests); larger ones take two
@@ -153,3 +188,8 @@ def _root() -> dist.BroadcastOptions:
     options = dist.BroadcastOptions()
     options.rootRank = 0
     return options
+
+
+# Every type a control message may be built from: step plans, stop, and the KV transfer commands.
+_MESSAGES = {cls.__name__: cls for cls in (StepPlan, ScheduledChunk, Stop, OpenChannel, TransferCommand, DropChannel,
+                                           ChannelAddress)}
