@@ -14,15 +14,13 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, cache_dir, config_from_mapping
+from cluster.serve_config import REPLICA_CPUS, group_bundles
 from router.baselines import PrefixTreeRouter, RoundRobinRouter, SGLangCacheAwareRouter
 from router.ingress import Ingress, ServedModel
 from router.request_router import PrefixCacheRouter
 from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.server import EngineServer
-
-# A replica only forwards requests to its group's rank 0; the ranks do the work.
-REPLICA_CPUS = 0.1
 
 # The prefill routers Tandem's is compared against (tandem bench routing), as RequestRouterConfig arguments.
 BASELINE_ROUTERS = {
@@ -53,13 +51,12 @@ def build_app(config: ClusterConfig) -> Application:
     model_dir = str(resolve_model(config.model, cache_dir()))  # converted once here, not on every rank
     engine = config.to_engine_config(model_dir)
     tp = config.tensor_parallel_size
-    rank = {"CPU": config.num_cpus_per_rank, **({"GPU": 1} if config.device == "cuda" else {})}
 
     def pool(name: str, pool_config, **options) -> Application:
         return serve.deployment(EngineServer, name=name).options(
             **pool_config.serve_options(config.autoscaling), **options,
             ray_actor_options={"num_cpus": REPLICA_CPUS},
-            placement_group_bundles=[{"CPU": REPLICA_CPUS}] + [rank] * tp,
+            placement_group_bundles=group_bundles(config),
             placement_group_strategy="STRICT_PACK",
             health_check_period_s=10, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=30,

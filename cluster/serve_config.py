@@ -33,10 +33,16 @@ from cluster.config import ClusterConfig
 
 APP_NAME = "tandem"
 IMPORT_PATH = "cluster.app:app_builder"
-# cluster/app.py's REPLICA_CPUS: importing cluster.app here would pull in torch for a YAML render (a test keeps the
-# two equal). The kuberay layout restates the placement group bundles app.py builds, with a custom resource added.
+# A replica only forwards requests to its group's rank 0; the ranks do the work.
 REPLICA_CPUS = 0.1
 INGRESS_RESOURCE = "tandem_ingress"
+
+
+def group_bundles(config: ClusterConfig) -> list[dict[str, float]]:
+    """A pool replica's placement group: one small bundle for the replica, one per rank (a GPU each on GPU).
+    Defined here, without torch, for both cluster/app.py and the KubeRay overrides below."""
+    rank = {"CPU": config.num_cpus_per_rank, **({"GPU": 1} if config.device == "cuda" else {})}
+    return [{"CPU": REPLICA_CPUS}] + [dict(rank) for _ in range(config.tensor_parallel_size)]
 
 
 def autoscales(config: ClusterConfig) -> bool:
@@ -70,16 +76,16 @@ def render_serve_config(config: ClusterConfig, *, kuberay: bool = False) -> dict
 def _pinned_deployments(config: ClusterConfig) -> list[dict[str, Any]]:
     """Deployment overrides that pin the ingress to the head pod and each pool to its worker group.
 
-    Serve replaces a deployment's ray_actor_options and placement_group_bundles with the config's, so these restate
-    cluster/app.py's values (REPLICA_CPUS per replica, one bundle per rank) with the custom resource added."""
-    rank = {"CPU": config.num_cpus_per_rank, **({"GPU": 1} if config.device == "cuda" else {})}
+    Serve replaces a deployment's ray_actor_options and placement_group_bundles with the config's, so these are
+    cluster/app.py's (the same group_bundles) with the custom resource added to the replica's bundle."""
     pools = (["prefill"] if config.disaggregate else []) + ["decode"]
     ingress = {"name": "ingress",
                "ray_actor_options": {"num_cpus": REPLICA_CPUS, "resources": {INGRESS_RESOURCE: 1}}}
-    return [ingress] + [{"name": pool,
-                         "placement_group_bundles": [{"CPU": REPLICA_CPUS, pool_resource(pool): 1}]
-                         + [dict(rank) for _ in range(config.tensor_parallel_size)]}
-                        for pool in pools]
+    pinned = []
+    for pool in pools:
+        replica, *ranks = group_bundles(config)
+        pinned.append({"name": pool, "placement_group_bundles": [{**replica, pool_resource(pool): 1}, *ranks]})
+    return [ingress] + pinned
 
 
 def render_yaml(config: ClusterConfig, *, kuberay: bool = False) -> str:

@@ -7,7 +7,6 @@ deploy/serve-config.yaml is its output for the defaults.
 """
 
 import argparse
-import ast
 import io
 from contextlib import redirect_stdout
 from dataclasses import asdict, replace
@@ -19,7 +18,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from cluster.commands import config as config_command
 from cluster.config import ClusterConfig, ConfigError, config_from_mapping, load_config
-from cluster.serve_config import REPLICA_CPUS, render_serve_config, render_yaml
+from cluster.serve_config import REPLICA_CPUS, group_bundles, render_serve_config, render_yaml
 from router.api_config import ApiConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,12 +105,14 @@ def test_kuberay_unified_mode_overrides_no_prefill_deployment_and_cpu_ranks_ask_
     assert deployments[1]["placement_group_bundles"] == [{"CPU": REPLICA_CPUS, "tandem_decode": 1}, {"CPU": 1.0}]
 
 
-def test_replica_cpus_restate_the_application_builders():
-    """The KubeRay overrides replace cluster/app.py's bundles, so they must use its per-replica CPUs."""
-    tree = ast.parse((ROOT / "cluster" / "app.py").read_text())
-    values = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
-              and any(isinstance(t, ast.Name) and t.id == "REPLICA_CPUS" for t in node.targets)]
-    assert values == [REPLICA_CPUS]
+def test_the_kuberay_overrides_are_the_application_builders_bundles_pinned_to_their_group():
+    """Serve replaces cluster/app.py's bundles with the overrides: they may only add the pool's custom resource."""
+    config = ClusterConfig(tensor_parallel_size=2, device="cuda")
+    for deployment in render_serve_config(config, kuberay=True)["applications"][0]["deployments"][1:]:
+        replica, *ranks = deployment["placement_group_bundles"]
+        resource = f"tandem_{deployment['name']}"
+        assert replica.pop(resource) == 1
+        assert [replica, *ranks] == group_bundles(config)
 
 
 # `tandem config render` and the checked-in file
