@@ -7,7 +7,7 @@ import pytest
 
 from workers.engine.async_engine import AsyncLLMEngine
 from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
-from workers.engine.errors import InvalidRequestError
+from workers.engine.errors import InvalidRequestError, RequestFailedError
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
@@ -82,6 +82,22 @@ def test_explicit_abort_ends_the_stream_with_reason_abort(engine):
     outs = asyncio.run(abort_after_first_token())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 500
+
+
+def test_an_abort_that_overtakes_its_request_keeps_the_request_from_starting(engine):
+    """A caller that leaves sends its abort as a separate call, which can reach the engine first: the request
+    must then never start, or its blocks would stay pinned for a whole lease."""
+    async def abort_then_prefill():
+        await engine.abort("overtaken")
+        with pytest.raises(RequestFailedError, match="cancelled before it started"):
+            await engine.prefill("Once upon a time", SamplingParams(max_tokens=4), request_id="overtaken")
+        # Remembered once: the same id can be used again afterwards.
+        handoff = await engine.prefill("Once upon a time", SamplingParams(max_tokens=4), request_id="overtaken")
+        await engine.release(handoff.request_id)
+        return await engine.stats()
+
+    stats = asyncio.run(abort_then_prefill())
+    assert stats.num_pinned == 0 and stats.num_free_blocks == stats.num_blocks
 
 
 def test_a_storm_of_cancellations_at_every_phase_leaks_no_blocks(engine):

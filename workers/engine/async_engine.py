@@ -32,6 +32,11 @@ from workers.kv_transfer import DropChannel, KVCommand, TransferPlan, TransferRe
 
 logger = logging.getLogger(__name__)
 
+# How long an abort for a request the engine has not seen yet is remembered: an abort sent when a caller leaves
+# can overtake the call that adds the request (separate actor calls on a TP group's rank 0), and the request must
+# then never start. Far longer than any such race; short enough that the set stays small.
+_EARLY_ABORT_TTL_S = 60.0
+
 
 class KVSource(Protocol):
     """What a decode group needs of the prefill group that holds a request's KV."""
@@ -73,6 +78,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._transfer_locks: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._load: dict[str, int] = {}
+        self._early_aborts: dict[str, float] = {}  # request id -> when its abort arrived before the request
         self._update_load()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
@@ -197,6 +203,8 @@ class AsyncLLMEngine:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def run():
+            if self._early_aborts.pop(request_id, None) is not None:
+                raise RequestFailedError(f"request {request_id} was cancelled before it started")
             result = add()
             self._streams[request_id] = (loop, outputs)
             return result
@@ -280,9 +288,17 @@ class AsyncLLMEngine:
         return await asyncio.wrap_future(future)
 
     def _abort(self, request_id: str) -> None:
+        if request_id not in self.engine.requests and request_id not in self.engine.pinned:
+            self._remember_early_abort(request_id)
         out = self.engine.abort_request(request_id)
         if out is not None:
             self._deliver(out)
+
+    def _remember_early_abort(self, request_id: str) -> None:
+        now = time.monotonic()
+        for rid in [rid for rid, at in self._early_aborts.items() if now - at > _EARLY_ABORT_TTL_S]:
+            del self._early_aborts[rid]
+        self._early_aborts[request_id] = now
 
     def _loop(self) -> None:
         while not self._stopped:
