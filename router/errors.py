@@ -13,7 +13,13 @@ import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from workers.engine.errors import DuplicateRequestError, InvalidRequestError, KVCacheFullError, ModelNotFoundError
+from workers.engine.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    KVCacheFullError,
+    ModelNotFoundError,
+    RequestFailedError,
+)
 
 
 class Kind(enum.Enum):
@@ -73,6 +79,9 @@ def classify(error: BaseException) -> ApiError:
     if isinstance(error, (DeploymentUnavailableError, ReplicaUnavailableError, ActorDiedError,
                           ActorUnavailableError, RayActorError)):
         return ApiError(Kind.UNAVAILABLE, f"no healthy worker group could take the request ({_first_line(error)})")
+    if isinstance(error, RequestFailedError):
+        return ApiError(Kind.UNAVAILABLE, f"the worker group failed while running the request; retry "
+                                          f"({_first_line(error)})")
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return ApiError(Kind.DEADLINE_EXCEEDED, "the request's deadline passed; it was aborted")
     if isinstance(error, asyncio.CancelledError):

@@ -17,6 +17,7 @@ small and picklable: a decode group's rank 0 receives the prefill group as an ar
 import asyncio
 import datetime
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -104,8 +105,14 @@ class RankWorker:
             self.follower = Follower(self.config, tp, self.progress)
 
     async def follow(self) -> None:
-        """A follower's loop; returns when rank 0 stops the group (and raises if the group breaks)."""
-        await asyncio.to_thread(self.follower.run)
+        """A follower's loop; returns when rank 0 stops the group. A follower that fails ends its process: rank 0
+        would otherwise wait on it in a collective until the group's timeout, while its peers' sockets closing
+        makes rank 0's step fail at once, which fails the group's requests and its health check."""
+        try:
+            await asyncio.to_thread(self.follower.run)
+        except Exception:
+            logger.exception("rank %d failed; ending its process so the group fails fast", self.rank)
+            os._exit(1)
 
     # -- rank 0: the engine's interface ---------------------------------------------------------------------
 
@@ -132,6 +139,9 @@ class RankWorker:
 
     async def stats(self) -> EngineStats:
         return await self.engine.stats()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.engine.shutdown)
@@ -228,14 +238,14 @@ class WorkerGroup:
         return await _unwrap(self._driver.stats.remote())
 
     async def check_health(self) -> None:
-        """Raises unless rank 0 answers and every follower is still in its loop."""
+        """Raises unless rank 0 answers, the group is not broken and every follower is still in its loop."""
         ended = []
         if self._follower_loops:
             ended, _ = ray.wait(self._follower_loops, num_returns=len(self._follower_loops), timeout=0)
         if ended:
             await _unwrap(ended[0])  # raises the follower's error
             raise RuntimeError("a follower rank left its loop")
-        await self.stats()
+        await _unwrap(self._driver.check_health.remote())
 
     def shutdown(self) -> None:
         """Stops the followers through rank 0, then ends the actors and frees the reserved resources."""

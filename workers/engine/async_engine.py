@@ -79,6 +79,10 @@ class AsyncLLMEngine:
         self._transfer_locks: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._load: dict[str, int] = {}
         self._early_aborts: dict[str, float] = {}  # request id -> when its abort arrived before the request
+        # Why this tensor-parallel group can no longer step, once a rank failed mid-step: its ranks' collectives
+        # are out of step, so it fails what it holds, refuses new work and fails its health check until Serve
+        # replaces it.
+        self.broken: str | None = None
         self._update_load()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
@@ -108,7 +112,7 @@ class AsyncLLMEngine:
                                                                             prefill_only=True))
         async for out in self._stream(rid, outputs):
             if out.finished and out.outputs[0].finish_reason != "prefilled":
-                raise RequestFailedError(out.error or f"request {rid} was aborted during prefill")
+                raise RequestFailedError(f"request {rid} was aborted during prefill")
         try:
             return await self._call(lambda: self.engine.handoff(rid))
         except asyncio.CancelledError:
@@ -118,7 +122,12 @@ class AsyncLLMEngine:
     async def send_kv(self, command: KVCommand) -> int:
         """The prefill group's half of a transfer (or of opening its channel): a send starts and returns at once;
         the decode group receives."""
-        return await self._call(lambda: self.engine.transfer_kv(command))
+        def send() -> int:
+            if self.broken is not None:
+                raise TransferRefused(f"the prefill group is out of service ({self.broken})")
+            return self.engine.transfer_kv(command)
+
+        return await self._call(send)
 
     async def release(self, request_id: str) -> None:
         """The decode group has the KV, or gave up on it: unpin the blocks."""
@@ -159,6 +168,12 @@ class AsyncLLMEngine:
 
     async def stats(self) -> EngineStats:
         return await self._call(self._read_stats)
+
+    async def check_health(self) -> None:
+        """Raises once the group is broken; an answer at all shows the engine thread is alive."""
+        await self._call(lambda: None)
+        if self.broken is not None:
+            raise RuntimeError(f"worker group out of service: {self.broken}")
 
     def load(self) -> dict[str, int]:
         """The group's load as of its last step, readable from any thread without waiting for the engine (the
@@ -205,6 +220,8 @@ class AsyncLLMEngine:
         def run():
             if self._early_aborts.pop(request_id, None) is not None:
                 raise RequestFailedError(f"request {request_id} was cancelled before it started")
+            if self.broken is not None:
+                raise RequestFailedError(f"this worker group is out of service ({self.broken}); retry elsewhere")
             result = add()
             self._streams[request_id] = (loop, outputs)
             return result
@@ -223,6 +240,8 @@ class AsyncLLMEngine:
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
+                if out.error is not None:  # its step failed: the caller gets an error, not a short completion
+                    raise RequestFailedError(out.error)
                 yield out
         finally:
             if not finished:
@@ -316,7 +335,7 @@ class AsyncLLMEngine:
                 except queue.Empty:
                     command = None
             self.engine.expire_leases()
-            if self.engine.has_unfinished_requests():
+            if self.engine.has_unfinished_requests() and self.broken is None:
                 self._step()
             self._update_load()
 
@@ -332,10 +351,18 @@ class AsyncLLMEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # A step that raises fails the requests it was running; everyone else keeps being served.
-            logger.exception("engine step failed; failing the running requests")
-            outputs = [self.engine.fail_request(s.request_id, f"{type(e).__name__}: {e}")
-                       for s in list(self.engine.scheduler.running)]
+            error = f"{type(e).__name__}: {e}"
+            if self.engine.tp.size == 1:
+                # A step that raises fails the requests it was running; everyone else keeps being served.
+                logger.exception("engine step failed; failing the running requests")
+                failed = [s.request_id for s in self.engine.scheduler.running]
+            else:
+                # A rank that fails mid-step (or a peer that died) leaves the group's collectives out of step:
+                # no later step can be trusted, so everything it holds fails and Serve replaces the group.
+                logger.exception("a step of this tensor-parallel group failed; the group is out of service")
+                self.broken = error
+                failed = list(self.engine.requests)
+            outputs = [self.engine.fail_request(rid, error) for rid in failed]
         for out in outputs:
             self._deliver(out)
 
