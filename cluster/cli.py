@@ -8,6 +8,7 @@
     tandem serve                                           # the cluster: ingress, prefill and decode pools
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
     tandem bench routing                                   # our router vs round-robin, power-of-two, ...
+    tandem bench kernels                                   # Triton attention kernels vs torch vs the roofline
 """
 
 import argparse
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import engine, routing, transfer
+    from cluster.bench import engine, kernels, routing, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         "routing", help="prefix-cache-aware routing vs round-robin, power-of-two, prefix tree, SGLang",
         description="Runs the same multi-turn, multi-tenant workload (and a no-reuse control) through the cluster "
                     "once per prefill router and compares hit rate, TTFT, throughput and load spread."))
+    kernels.add_arguments(bench_sub.add_parser(
+        "kernels", help="decode attention step time: Triton kernels vs the torch backend vs the roofline",
+        description="Times one layer's decode attention and KV write at several batch sizes and context lengths "
+                    "for Llama-3.1-8B's attention shape on CUDA (a tiny shape under Triton's interpreter without)."))
     return parser
 
 
@@ -150,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve.run(args)
         from cluster.bench import engine as bench_engine
+        from cluster.bench import kernels as bench_kernels
         from cluster.bench import routing as bench_routing
         from cluster.bench import transfer as bench_transfer
 
-        return {"engine": bench_engine, "routing": bench_routing, "transfer": bench_transfer}[args.bench].run(args)
+        benches = {"engine": bench_engine, "kernels": bench_kernels, "routing": bench_routing,
+                   "transfer": bench_transfer}
+        return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

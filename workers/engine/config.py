@@ -18,6 +18,8 @@ class ModelConfig:
     # None: the model's own max_position_embeddings.
     max_model_len: int | None = None
     seed: int = 0
+    # "torch" (CPU and GPU) or "triton" (GPU kernels; on CPU only under TRITON_INTERPRET=1, for tests).
+    attention_backend: str = "torch"
 
 
 @dataclass(frozen=True)

@@ -21,4 +21,8 @@ def get_attention_backend(name: str, scale: float, sliding_window: int | None) -
         from workers.engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend(scale, sliding_window)
-    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+    if name == "triton":
+        from workers.engine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(scale, sliding_window)
+    raise ValueError(f"unknown attention backend {name!r} (available: torch, triton)")

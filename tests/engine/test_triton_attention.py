@@ -1,0 +1,236 @@
+"""The Triton attention backend gives the torch reference backend's results: the KV write, paged decode with and
+without split-K, chunked prefill over a cached prefix, sliding windows, a mixed batch through the seam, and whole
+engine runs that greedily match HF transformers.
+
+With CUDA the kernels run compiled, and the `gpu` test adds the full grid (contexts up to 8k, batch 33, GQA up to
+8, bfloat16). Without CUDA they run under Triton's CPU interpreter on small shapes, in float32 only: Triton 3.9's
+interpreter computes tl.dot on bfloat16 wrongly.
+
+Tolerances against the torch backend, elementwise |a - b| <= atol + rtol * |b|: float32 atol = rtol = 1e-4 (the
+interpreter agrees to ~1e-6; a 1% error in the scale moves outputs by ~1e-3), bfloat16 atol = rtol = 2e-2 (a few
+bfloat16 ulps of outputs of magnitude ~1). The KV write is a copy and must be exact.
+"""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from tests.hf_reference import hf_greedy
+from workers.engine.attention import triton_backend, triton_kernels
+from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
+from workers.engine.attention.torch_backend import TorchAttentionBackend
+from workers.engine.attention.triton_backend import TritonAttentionBackend
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+BLOCK_SIZE = 16
+NUM_KV_HEADS = 2
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+runs_kernels = pytest.mark.skipif(not (CUDA or triton_kernels.INTERPRETED),
+                                  reason="no CUDA and no interpreter here: run in a child process by "
+                                         "test_every_case_under_the_interpreter")
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="the kernels run in this process")
+def test_every_case_under_the_interpreter():
+    """Without CUDA the kernels need TRITON_INTERPRET=1 from before triton is first imported, and in a pytest
+    process triton is already in (tests/conftest.py imports transformers, whose torch._dynamo imports triton). So
+    this file runs again in a child pytest started with it, and fails with the child's report."""
+    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                           cwd=Path(__file__).parents[2], env=dict(os.environ, TRITON_INTERPRET="1"),
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-8000:] + child.stderr[-2000:]
+
+
+@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
+def test_kernels_compile_for_hopper_in_bfloat16():
+    """What the interpreter only emulates, Triton still compiles without a GPU (to a cubin, with the ptxas it
+    ships): tl.dot's minimum tile sizes, loop and pointer types, and shared memory within an H100's 227 KiB."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {"qk_scale": "fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "slot_ptr": "*i64",
+             "tables_ptr": "*i64", "table_ptr": "*i64", "context_lens_ptr": "*i64"}
+    kernels = [(triton_kernels._write_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
+               (triton_kernels._decode_kernel, dict(SPLIT=True, WINDOW=4096, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128)),
+               (triton_kernels._reduce_kernel, dict(BLOCK_P=16, BLOCK_D=128)),
+               (triton_kernels._prefill_kernel, dict(WINDOW=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128))]
+    for kernel, constexprs in kernels:
+        signature = {name: "constexpr" if name in constexprs else
+                     types.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(enable_fp_fusion=True))  # the default; set so Triton 3.9 does not warn
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024, kernel
+
+
+def test_the_torch_backend_never_loads_the_triton_modules():
+    code = ("import sys; from workers.engine.attention.backend import get_attention_backend; "
+            "get_attention_backend('torch', 0.125, None); "
+            "print(sorted(m for m in sys.modules if m.startswith(('triton', 'workers.engine.attention.triton'))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def block_tables(context_lens: list[int], rng: random.Random) -> tuple[list[list[int]], int]:
+    """Each sequence's blocks, drawn from a shuffled pool with an unused block after every sequence: a kernel that
+    reads blocks in order, or past a table's end, reads another sequence's K/V or garbage. Returns the tables and
+    the number of blocks in the pool."""
+    needed = [-(-n // BLOCK_SIZE) for n in context_lens]
+    ids = list(range(2 * sum(needed) + len(needed)))
+    rng.shuffle(ids)
+    tables, used = [], 0
+    for n in needed:
+        tables.append(ids[used:used + n])
+        used += n + 1
+    return tables, len(ids)
+
+
+def metadata(chunks: list[tuple[int, int]], tables: list[list[int]]) -> AttentionMetadata:
+    """The runner's layout for sequences computing (query_len, context_len): multi-token chunks first, then the
+    decodes, ascending by context length (the caller orders `chunks` so)."""
+    slots, prefills, start = [], [], 0
+    for (n, context_len), table in zip(chunks, tables):
+        blocks = torch.tensor(table, device=DEVICE)
+        pos = torch.arange(context_len - n, context_len, device=DEVICE)
+        slots.append(blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
+        if n > 1:
+            prefills.append(PrefillMeta(start, n, context_len, blocks))
+        start += n
+    decodes = [(context_len, table) for (n, context_len), table in zip(chunks, tables) if n == 1]
+    width = max((len(table) for _, table in decodes), default=0)
+    padded = [table + [0] * (width - len(table)) for _, table in decodes]
+    lens = [context_len for context_len, _ in decodes]
+    return AttentionMetadata(
+        slot_mapping=torch.cat(slots), prefills=prefills, num_prefill_tokens=sum(p.query_len for p in prefills),
+        decode_block_tables=torch.tensor(padded, dtype=torch.long, device=DEVICE).view(len(decodes), width),
+        decode_context_lens=torch.tensor(lens, dtype=torch.long, device=DEVICE), decode_buckets=decode_buckets(lens))
+
+
+def make_batch(chunks: list[tuple[int, int]], gqa: int, head_dim: int, dtype=torch.float32, seed: int = 0):
+    """q, k, v, k_cache, v_cache, meta for one step. The caches are random everywhere, so holes, padding and rows
+    past a context's end hold garbage that shows up in the output if a kernel reads them."""
+    torch.manual_seed(seed)
+    tables, num_blocks = block_tables([context_len for _, context_len in chunks], random.Random(seed))
+    num_tokens = sum(n for n, _ in chunks)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE).to(dtype)
+
+    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
+    # v as the model passes it: a strided view into the fused qkv projection.
+    v = randn(num_tokens, NUM_KV_HEADS, 2 * head_dim)[..., :head_dim]
+    return (randn(num_tokens, NUM_KV_HEADS * gqa, head_dim), randn(num_tokens, NUM_KV_HEADS, head_dim), v,
+            randn(*cache_shape), randn(*cache_shape), metadata(chunks, tables))
+
+
+def assert_backends_agree(batch, window: int | None = None) -> None:
+    q, k, v, k_cache, v_cache, meta = batch
+    scale = q.shape[-1] ** -0.5
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = TorchAttentionBackend(scale, window).forward(q, k, v, expected_k, expected_v, meta)
+    out = TritonAttentionBackend(scale, window).forward(q, k, v, k_cache, v_cache, meta)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    torch.testing.assert_close(out, expected, **TOLERANCE[q.dtype])
+
+
+def assert_decode_agrees(batch, window: int | None, partition_size: int | None) -> None:
+    """The decode kernels called directly, to choose split-K or not."""
+    q, k, v, k_cache, v_cache, meta = batch
+    scale = q.shape[-1] ** -0.5
+    expected = TorchAttentionBackend(scale, window).forward(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+    triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    triton_kernels.decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, out,
+                                    scale, window, meta.decode_buckets[-1][2], partition_size)
+    torch.testing.assert_close(out, expected, **TOLERANCE[q.dtype])
+
+
+def decodes(context_lens: list[int]) -> list[tuple[int, int]]:
+    return [(1, n) for n in sorted(context_lens)]
+
+
+@runs_kernels
+def test_kv_write_puts_every_token_in_its_slot():
+    q, k, v, k_cache, v_cache, meta = make_batch([(30, 70), (17, 17), (1, 5)], gqa=1, head_dim=64)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k.view(-1, NUM_KV_HEADS, 64).index_copy_(0, meta.slot_mapping, k)
+    expected_v.view(-1, NUM_KV_HEADS, 64).index_copy_(0, meta.slot_mapping, v)
+    triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+# Contexts of 1, 17 (one past a block) and 100 (several blocks, two key tiles); a partition of 32 tokens splits
+# 17 in one and 100 in four, and leaves the 1-token context's later partitions empty.
+@runs_kernels
+@pytest.mark.parametrize("partition_size", [None, 32], ids=["one-pass", "split-k"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("context_lens", [[100], [1, 17, 100]], ids=["batch1", "batch3"])
+def test_decode_matches_torch(context_lens, gqa, head_dim, partition_size):
+    assert_decode_agrees(make_batch(decodes(context_lens), gqa, head_dim), None, partition_size)
+
+
+@runs_kernels
+@pytest.mark.parametrize("partition_size", [None, 32], ids=["one-pass", "split-k"])
+def test_decode_sliding_window_matches_torch(partition_size):
+    assert_decode_agrees(make_batch(decodes([1, 17, 100]), 2, 64), 20, partition_size)
+
+
+# A chunk after a 40-token cached prefix, a fresh 17-token prompt and two decodes, in one step, as the runner
+# lays them out.
+@runs_kernels
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+def test_mixed_chunked_prefill_and_decode_batch_matches_torch(gqa, head_dim, window):
+    assert_backends_agree(make_batch([(30, 70), (17, 17), (1, 5), (1, 100)], gqa, head_dim), window)
+
+
+def test_split_k_only_where_a_gpu_would_idle():
+    assert triton_backend.partition_size(num_programs=8, max_context_len=4096) == triton_backend.PARTITION
+    assert triton_backend.partition_size(num_programs=8, max_context_len=256) is None  # one partition anyway
+    assert triton_backend.partition_size(num_programs=256 * 8, max_context_len=4096) is None  # enough programs
+    assert triton_backend.partition_size(num_programs=8, max_context_len=64_000) == 2048  # at most 32 partitions
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+def test_full_grid_on_gpu(gqa, head_dim, dtype):
+    lens = [1, 17, 100, 1000, 1023, 4097, 8192]
+    for seed, batch in enumerate([[8192], lens, [random.Random(b).randint(1, 8192) for b in range(33)]]):
+        for partition_size in (None, 512, triton_backend.partition_size(len(batch) * NUM_KV_HEADS, max(batch))):
+            assert_decode_agrees(make_batch(decodes(batch), gqa, head_dim, dtype, seed), None, partition_size)
+        assert_decode_agrees(make_batch(decodes(batch), gqa, head_dim, dtype, seed), 4096, 512)
+    for chunks in ([(8192, 8192)], [(192, 8192), (1000, 1000), (1, 300), (1, 8000)]):
+        for window in (None, 4096):
+            assert_backends_agree(make_batch(chunks, gqa, head_dim, dtype), window)
+
+
+# Whole engine runs: a 20-token prompt beside a 70-token one prefilled in 32-token chunks (a cached prefix for
+# every chunk after the first) that crosses mistral's 64-token sliding window, then decodes in one batch.
+@runs_kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_engine_with_triton_backend_matches_hf(arch, tiny_model_factory):
+    path = tiny_model_factory(arch)
+    llm = LLM(str(path), device=DEVICE.type, dtype="float32", attention_backend="triton", num_kv_blocks=32,
+              max_num_batched_tokens=32, progress=False)
+    assert isinstance(llm.engine.runner.model.model.layers[0].self_attn.backend, TritonAttentionBackend)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(49152) for _ in range(n)] for n in (20, 70)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 6)

@@ -1,0 +1,50 @@
+"""Paged attention in Triton kernels (triton_kernels.py): the GPU backend.
+
+Same contract and results as TorchAttentionBackend, the reference its tests compare it with. On CPU tensors it
+runs only under Triton's interpreter (TRITON_INTERPRET=1 before triton loads), which is how CI tests it.
+"""
+
+import torch
+import triton
+
+from workers.engine.attention import triton_kernels
+from workers.engine.attention.metadata import AttentionMetadata
+
+# Split-K for decode. A batch of fewer (sequence, KV head) programs than this leaves an H100's 132 SMs short of
+# work over a long context, so each context is cut into partitions of at least PARTITION tokens, at most
+# MAX_PARTITIONS of them. Untuned starting points: `tandem bench kernels` on a GPU is where to tune them.
+MIN_PROGRAMS = 512
+PARTITION = 512
+MAX_PARTITIONS = 32
+
+
+def partition_size(num_programs: int, max_context_len: int) -> int | None:
+    """Tokens per decode partition, or None to attend each context in one program."""
+    if num_programs >= MIN_PROGRAMS or max_context_len <= PARTITION:
+        return None
+    tiles = triton.cdiv(triton.cdiv(max_context_len, MAX_PARTITIONS), triton_kernels.BLOCK_N)
+    return max(PARTITION, tiles * triton_kernels.BLOCK_N)
+
+
+class TritonAttentionBackend:
+    def __init__(self, scale: float, sliding_window: int | None):
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if q.device.type == "cpu" and not triton_kernels.INTERPRETED:
+            raise ValueError("the triton attention backend runs on CPU tensors only under Triton's interpreter: "
+                             "set TRITON_INTERPRET=1 before triton is imported, or use the torch backend")
+        triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        for p in meta.prefills:
+            triton_kernels.prefill_attention(q, k_cache, v_cache, p.block_table, out, self.scale, self.sliding_window,
+                                             p.query_start, p.query_len, p.context_len)
+        if meta.num_decodes:
+            n = meta.num_prefill_tokens
+            max_len = meta.decode_buckets[-1][2]  # decodes come sorted by context length
+            triton_kernels.decode_attention(q[n:], k_cache, v_cache, meta.decode_block_tables,
+                                            meta.decode_context_lens, out[n:], self.scale, self.sliding_window,
+                                            max_len, partition_size(meta.num_decodes * k_cache.shape[2], max_len))
+        return out
