@@ -9,6 +9,8 @@
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
     tandem bench routing                                   # our router vs round-robin, power-of-two, ...
     tandem bench kernels                                   # Triton attention kernels vs torch vs the roofline
+    tandem bench chaos                                     # cancel storms and killed ranks: nothing hangs or leaks
+    tandem bench soak --minutes 30                         # steady load: memory slopes, KV index, free blocks
 """
 
 import argparse
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import engine, kernels, routing, transfer
+    from cluster.bench import chaos, engine, kernels, routing, soak, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -130,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels", help="decode attention step time: Triton kernels vs the torch backend vs the roofline",
         description="Times one layer's decode attention and KV write at several batch sizes and context lengths "
                     "for Llama-3.1-8B's attention shape on CUDA (a tiny shape under Triton's interpreter without)."))
+    chaos.add_arguments(bench_sub.add_parser(
+        "chaos", help="cancel storms and killed ranks through the gRPC API: exact tokens, no hang, no leak",
+        description="Rounds of concurrent streams cancelled at every phase, then SIGKILL of a decode rank and a "
+                    "prefill rank under load; exits 1 if any promise is broken."))
+    soak.add_arguments(bench_sub.add_parser(
+        "soak", help="steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
+        description="Samples every cluster process's memory, each pool's free KV blocks and the router's KV "
+                    "index size every 15 s under a closed loop of clients."))
     return parser
 
 
@@ -154,13 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import serve
 
             return serve.run(args)
-        from cluster.bench import engine as bench_engine
-        from cluster.bench import kernels as bench_kernels
-        from cluster.bench import routing as bench_routing
-        from cluster.bench import transfer as bench_transfer
+        from cluster.bench import chaos, engine, kernels, routing, soak, transfer
 
-        benches = {"engine": bench_engine, "kernels": bench_kernels, "routing": bench_routing,
-                   "transfer": bench_transfer}
+        benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "soak": soak,
+                   "transfer": transfer}
         return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)

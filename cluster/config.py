@@ -137,6 +137,8 @@ class ClusterConfig:
     host: str = _field("0.0.0.0", "address the gRPC and HTTP endpoints listen on")
     grpc_port: int = _field(50051, "gRPC port", min=1, max=65535)
     http_port: int = _field(8000, "HTTP port: the OpenAI-compatible API, /health and /metrics", min=1, max=65535)
+    drain_timeout_s: float = _field(30.0, "on shutdown, how long requests in flight may take to finish while new "
+                                          "ones are refused", min=0)
     api: ApiConfig = field(default_factory=ApiConfig)
 
     def __post_init__(self) -> None:

@@ -197,7 +197,12 @@ class KVIndexFollower:
         A later seq means events were missed; an earlier one, an event delivered twice or counters that restarted
         with a Redis that lost its data. Either way the index can no longer be trusted, so the caller reloads it.
         """
-        seq, event = decode_entry(fields)
+        try:
+            seq, event = decode_entry(fields)
+        except ValueError as e:  # not written by a group's publisher: skip it, and keep following
+            logger.warning("KV index: skipping stream entry %r: %s", entry_id, e)
+            self._position = entry_id
+            return True
         group_id = event.group_id
         if event.kind == "cleared":
             self.index.drop_group(group_id)

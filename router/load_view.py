@@ -2,12 +2,15 @@
 prefills. Groups refresh their report every second, so it is read at most once a second, without blocking."""
 
 import json
+import logging
 import time
 
 import redis.asyncio
 
 from router.policy import GroupLoad
 from workers.kv_events import DEFAULT_NAMESPACE, KVKeys
+
+logger = logging.getLogger(__name__)
 
 
 class LoadView:
@@ -24,18 +27,31 @@ class LoadView:
             return self._loads
         loads: dict[str, list[GroupLoad]] = {}
         for group, load in (await self.reports()).items():
-            loads.setdefault(load["role"], []).append(GroupLoad(
-                group, free_blocks=load["free_blocks"], total_blocks=load["total_blocks"],
-                queued_prefill_tokens=load["queued_prefill_tokens"], running_seqs=load["running_seqs"]))
+            try:
+                loads.setdefault(load["role"], []).append(GroupLoad(
+                    group, free_blocks=load["free_blocks"], total_blocks=load["total_blocks"],
+                    queued_prefill_tokens=load["queued_prefill_tokens"], running_seqs=load["running_seqs"]))
+            except (KeyError, TypeError, ValueError) as e:
+                logger.warning("ignoring the load report of %s: %s: %s", group, type(e).__name__, e)
         self._loads, self._read_at = loads, time.monotonic()
         return loads
 
     async def reports(self) -> dict[str, dict]:
         """Every live group's last report as it wrote it (group id -> the JSON's dict), read now, uncached: the
-        metrics endpoint shows one fresh snapshot per scrape."""
-        groups = sorted(g.decode() for g in await self._redis.smembers(self.keys.groups))
+        metrics endpoint shows one fresh snapshot per scrape. A report that is not a JSON object is left out."""
+        groups = sorted(g.decode(errors="replace") for g in await self._redis.smembers(self.keys.groups))
         raw = await self._redis.mget([self.keys.load(g) for g in groups]) if groups else []
-        return {group: json.loads(report) for group, report in zip(groups, raw) if report is not None}
+        reports = {}
+        for group, report in zip(groups, raw):
+            try:
+                parsed = json.loads(report) if report is not None else None
+            except ValueError:  # not JSON, or not UTF-8
+                parsed = None
+            if isinstance(parsed, dict):
+                reports[group] = parsed
+            elif report is not None:
+                logger.warning("ignoring the load report of %s: not a JSON object", group)
+        return reports
 
     async def close(self) -> None:
         await self._redis.aclose()

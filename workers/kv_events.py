@@ -121,17 +121,27 @@ class KVKeys:
         return [self.alive(group_id), self.blocks(group_id), self.seq, self.groups, self.events]
 
 
+_KINDS = ("stored", "removed", "cleared")
+
+
 def decode_entry(fields: dict[bytes, bytes]) -> tuple[int, KVEvent]:
-    """A stream entry's (seq, event)."""
-    hashes = fields[b"hashes"]
-    event = KVEvent(
-        group_id=fields[b"group"].decode(),
-        kind=fields[b"kind"].decode(),
-        block_hashes=tuple(hashes[i:i + HASH_LEN] for i in range(0, len(hashes), HASH_LEN)),
-        parent_hash=fields[b"parent"] or None,
-        timestamp=float(fields[b"ts"]),
-    )
-    return int(fields[b"seq"]), event
+    """A stream entry's (seq, event); anything else in the stream (a missing field, an unknown kind, hashes that
+    are not whole digests, bytes that are not numbers) is a ValueError, and nothing in it is ever unpickled."""
+    try:
+        hashes, kind, parent = fields[b"hashes"], fields[b"kind"].decode(), fields[b"parent"]
+        event = KVEvent(
+            group_id=fields[b"group"].decode(),
+            kind=kind,
+            block_hashes=tuple(hashes[i:i + HASH_LEN] for i in range(0, len(hashes), HASH_LEN)),
+            parent_hash=parent or None,
+            timestamp=float(fields[b"ts"]),
+        )
+        seq = int(fields[b"seq"])
+    except (KeyError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"not a KV event: {type(e).__name__}: {e}") from None
+    if kind not in _KINDS or len(hashes) % HASH_LEN or len(parent) not in (0, HASH_LEN):
+        raise ValueError(f"not a KV event: kind {kind!r}, {len(hashes)} bytes of hashes, {len(parent)} of parent")
+    return seq, event
 
 
 class KVEventPublisher:

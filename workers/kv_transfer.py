@@ -45,12 +45,23 @@ class ChannelAddress:
     port: int
 
 
-def listen(host: str | None = None, timeout: float = 30.0) -> tuple[dist.TCPStore, ChannelAddress]:
-    """The sending side's half of a rendezvous: a store on a free port, and the address the peer needs."""
+def listen(host: str | None = None, timeout: float = 30.0, world_size: int = 2) -> tuple[dist.TCPStore, ChannelAddress]:
+    """The sending side's half of a rendezvous: a store on a free port of `host` (by default the address the host
+    name resolves to), and the address the peer needs. Given only a host name, torch's TCPStore listens on every
+    interface; handed a socket already bound to `host` (torch >= 2.8, pytorch#150215), it listens there only."""
     host = host or socket.gethostbyname(socket.gethostname())
-    store = dist.TCPStore(host, 0, 2, is_master=True, timeout=datetime.timedelta(seconds=timeout),
-                          wait_for_workers=False)
-    return store, ChannelAddress(host, store.port)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(sockaddr)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(host, port, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the socket now and closes it when it goes
+    return store, ChannelAddress(host, port)
 
 
 class KVChannel:

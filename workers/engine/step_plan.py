@@ -135,8 +135,8 @@ def decode(data: bytes) -> object:
     """The message `encode` made; anything else (a type not in _MESSAGES, the wrong fields) is a ValueError."""
     try:
         message = json.loads(data, object_hook=_untagged)
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"not a control message: {e}") from None
+    except (TypeError, KeyError, RecursionError) as e:  # RecursionError: nesting deeper than any message
+        raise ValueError(f"not a control message: {type(e).__name__}: {e}") from None
     if not isinstance(message, (StepPlan, Stop, OpenChannel, TransferCommand, DropChannel)):
         raise ValueError(f"not a control message: {type(message).__name__}")
     return message
