@@ -16,6 +16,23 @@ class DeployError(RuntimeError):
     """The application did not come up: Serve's own message says why."""
 
 
+def drain(timeout_s: float) -> int:
+    """Drains every ingress replica (router/ingress.py Ingress.drain): new requests are refused while those in
+    flight finish, for up to `timeout_s`. Returns how many replicas drained. A handle reaches one replica a call,
+    so calls go out until each running replica has answered."""
+    from ray import serve
+
+    deployment = serve.status().applications[APP_NAME].deployments["ingress"]
+    replicas = deployment.replica_states.get("RUNNING", 0)
+    handle = serve.get_deployment_handle("ingress", APP_NAME)
+    drained: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(drained) < replicas and time.monotonic() < deadline:
+        calls = [handle.drain.remote(max(0.0, deadline - time.monotonic())) for _ in range(2 * replicas)]
+        drained.update(call.result() for call in calls)
+    return len(drained)
+
+
 def deploy(config: ClusterConfig, timeout_s: float = 900.0) -> None:
     """Deploys the application and waits until Serve reports it running (models load, groups start)."""
     from ray import serve

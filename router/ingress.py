@@ -5,7 +5,8 @@ validate and tokenize (the chat template for chat requests) -> hash the prompt's
 already holds most of the prompt (a conversation's next turn), it prefills the rest itself -> otherwise prefill
 on the prefill replica with the least work (router/request_router.py ranks them inside Serve), which pins the
 prompt's KV -> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the
-caller. In unified mode (no prefill pool) the decode replica does all of it. A caller that goes away (or whose
+caller. In unified mode (no prefill pool) the decode replica does all of it, as it does when no prefill group
+can take a request (the pool is down or its group failed). A caller that goes away (or whose
 deadline passes) cancels the stream, which cancels the call on whichever group holds the request, so every
 block is freed.
 
@@ -80,8 +81,9 @@ class Ingress:
         self.weights = RoutingWeights(**(weights or {}))
         self._index = KVIndexFollower(redis_url) if redis_url and prefill and decide else None
         self._loads = LoadView(redis_url) if redis_url else None
-        self.metrics = IngressMetrics(self._loads)
+        self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None)
         self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
+        self.draining = False  # set by drain(): new requests are refused while those in flight finish
         self._index_started = False
         self._grpc_address = (host, grpc_port) if grpc_port is not None else None
         self._grpc = None
@@ -91,6 +93,9 @@ class Ingress:
         """Streams the request's outputs; the first carries its time-to-first-token breakdown. Bad input raises
         before anything runs (an ApiError or an InvalidRequestError naming the field)."""
         received = time.monotonic()
+        if self.draining:
+            self.metrics.request_refused(Kind.UNAVAILABLE.name.lower())
+            raise ApiError(Kind.UNAVAILABLE, "this server is shutting down; retry on another replica")
         limit = self.api.max_concurrent_requests
         if limit is not None and self._active >= limit:
             self.metrics.request_refused(Kind.RESOURCE_EXHAUSTED.name.lower())
@@ -123,13 +128,14 @@ class Ingress:
         decision = await self._decide(len(token_ids), hashes)
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
         first, prefilled = True, None
-        if self.prefill is None or (decision is not None and decision.prefill_group is None):
-            # Unified mode, or the decode group holds most of the prompt: it prefills the rest itself.
+        if self.prefill is not None and (decision is None or decision.prefill_group is not None):
+            prefilled = await self._prefill(token_ids, params, request_id, salt, hint)
+        if prefilled is None:
+            # Unified mode, the decode group holds most of the prompt, or no prefill group could take it: the
+            # decode group prefills (the rest of) the prompt itself.
             outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
                                                                        routing=hint)
         else:
-            prefilled = await _cancelling(self.prefill.prefill.remote(token_ids, params, request_id, salt,
-                                                                      routing=hint))
             outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
                                                                                  prefilled.source, routing=hint)
         finished = False
@@ -146,6 +152,19 @@ class Ingress:
                 outputs.cancel()
                 if prefilled is not None:
                     await release_quietly(prefilled.source, request_id)
+
+    async def _prefill(self, token_ids: list[int], params, request_id: str, salt: str | None,
+                       hint: RoutingHint):
+        """The prefill pool's handoff, or None when no prefill group could take the request (the pool is down, or
+        its group failed while prefilling): losing the prefill pool slows requests down, it does not fail them."""
+        try:
+            return await _cancelling(self.prefill.prefill.remote(token_ids, params, request_id, salt, routing=hint))
+        except Exception as e:
+            error = classify(e)
+            if error.kind is not Kind.UNAVAILABLE:
+                raise
+            logger.warning("%s: %s; the decode group prefills it", request_id, error.message)
+            return None
 
     async def _decide(self, num_tokens: int, hashes: list) -> RouteDecision | None:
         """router/policy.route over the index and the reported loads, for the one choice the ingress makes: who
@@ -212,6 +231,22 @@ class Ingress:
     async def check_health(self) -> None:
         if self._grpc is not None:
             self._grpc.check_health()
+
+    async def drain(self, timeout_s: float) -> str:
+        """Stops taking requests (gRPC UNAVAILABLE and health NOT_SERVING, HTTP 503) and waits up to `timeout_s`
+        for those in flight to finish. Returns this replica's id, so a caller draining through a handle knows when
+        it has reached every replica."""
+        from ray import serve
+
+        self.draining = True
+        if self._grpc is not None:
+            await self._grpc.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + timeout_s
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self._active:
+            logger.warning("drain: %d request(s) still running after %.0f s", self._active, timeout_s)
+        return serve.get_replica_context().replica_id.unique_id
 
     async def __del__(self):
         """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish."""

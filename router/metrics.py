@@ -16,7 +16,7 @@ Latencies, in seconds:
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,9 +39,10 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0
 
 
 class IngressMetrics:
-    def __init__(self, load_view: LoadView | None = None):
+    def __init__(self, load_view: LoadView | None = None, index: Sized | None = None):
         """With a load view the per-group gauges come from the groups' Redis reports; without one (no Redis)
-        only the request metrics are shown."""
+        only the request metrics are shown. With the replica's KV-block index, its size is shown too: it must
+        stay bounded on a long run."""
         self.load_view = load_view
         self.registry = CollectorRegistry()
         self._groups = _GroupCollector()
@@ -64,6 +65,9 @@ class IngressMetrics:
         self.kv_transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes moved from prefill to decode groups",
                                          registry=r)
         self.running = Gauge("tandem_requests_running", "Requests this ingress replica is serving now", registry=r)
+        if index is not None:
+            Gauge("tandem_router_index_blocks", "Block hashes in this ingress replica's KV-block index",
+                  registry=r).set_function(lambda: len(index))
         for outcome in OUTCOMES:  # every series exists from the start, so rate() sees the first of each
             self.requests.labels(outcome=outcome)
 

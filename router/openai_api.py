@@ -3,7 +3,7 @@
     POST /v1/completions         prompt (a string or token ids) -> text; stream: true sends server-sent events
     POST /v1/chat/completions    messages, rendered with the model's chat template -> an assistant message
     GET  /v1/models              the one served model
-    GET  /health                 "ok" (no API key)
+    GET  /health                 "ok", or 503 while the replica drains (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, ignore_eos, stop_token_ids, request_id) and Tandem's
@@ -125,7 +125,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
-    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.metrics, methods=["GET"])
     return app
 
@@ -153,6 +153,11 @@ class OpenAIApi:
 
     async def metrics(self) -> Response:
         return Response(await self.ingress.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def health(self) -> PlainTextResponse:
+        if self.ingress.draining:
+            return PlainTextResponse("draining", status_code=503)
+        return PlainTextResponse("ok")
 
     async def _serve(self, request: Request, body_type: type[Body],
                      build: Callable[[Body, dict[str, str]], GenerateRequest], chat: bool) -> Response:
@@ -339,5 +344,3 @@ async def _http_exception(_: Request, e: HTTPException) -> JSONResponse:
     return _error_json(e.status_code, kind, str(e.detail), None, getattr(e, "headers", None))
 
 
-async def _health() -> PlainTextResponse:
-    return PlainTextResponse("ok")

@@ -42,7 +42,7 @@ from workers.engine.outputs import RequestOutput
 from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
 from workers.kv_events import KVEventPublisher
-from workers.kv_transfer import ChannelAddress, KVCommand
+from workers.kv_transfer import ChannelAddress, KVCommand, listen
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,15 @@ class RankWorker:
         self.engine: AsyncLLMEngine | None = None
         self.follower: Follower | None = None
 
+    def __repr__(self) -> str:
+        # Ray's state API and dashboard name actors by their repr: say which pool and rank this process is.
+        role = self.kv_events.role if self.kv_events is not None else "worker"
+        return f"RankWorker({role} rank {self.rank} of {self.size})"
+
     def rendezvous_address(self) -> ChannelAddress:
         """Rank 0 hosts the group's store; the others connect to it."""
-        host = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(host, 0, self.size, is_master=True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S))
-        return ChannelAddress(host, self._store.port)
+        self._store, address = listen(ray.util.get_node_ip_address(), _RENDEZVOUS_TIMEOUT_S, self.size)
+        return address  # the store listens on the node's address only, not on every interface
 
     async def start(self, address: ChannelAddress) -> None:
         await asyncio.to_thread(self._start, address)
@@ -181,7 +184,7 @@ class WorkerGroup:
                                    "num_cpus_per_rank or start Ray with more CPUs") from None
         actor = ray.remote(RankWorker)
         ranks = [actor.options(
-            num_cpus=num_cpus_per_rank, num_gpus=1 if gpu else 0,
+            num_cpus=num_cpus_per_rank, num_gpus=1 if gpu else 0, name=rank_actor_name(kv_events, rank),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, first_bundle + rank)
         ).remote(config, rank, size, progress and rank == 0, kv_events) for rank in range(size)]
         try:
@@ -272,6 +275,17 @@ class WorkerGroup:
                     self._driver.abort.remote(request_id)
                 except Exception as e:
                     logger.warning("could not abort %s: %s", request_id, e)
+
+
+def rank_actor_name(kv_events: KVEventsTarget | None, rank: int) -> str | None:
+    """A pool replica's ranks are named after it (`ray list actors`, `ray.get_actor` find them by pool, replica
+    and rank); a group outside Serve stays anonymous."""
+    if kv_events is None:
+        return None
+    return f"{RANK_ACTOR_PREFIX}{kv_events.role}:{kv_events.group_id}:{rank}"
+
+
+RANK_ACTOR_PREFIX = "tandem-rank:"
 
 
 async def _unwrap(ref):

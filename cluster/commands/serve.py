@@ -1,5 +1,5 @@
 """`tandem serve`: a local Ray, a local redis-server unless one is configured, and the Serve application, until
-Ctrl-C, which shuts everything down in reverse order."""
+Ctrl-C or SIGTERM, which drains the requests in flight and then shuts everything down in reverse order."""
 
 import argparse
 import dataclasses
@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import required_cpus
-    from cluster.deploy import DeployError, deploy
+    from cluster.deploy import DeployError, deploy, drain
     from cluster.redis_server import LocalRedis
 
     config = from_args(args)  # a bad flag or file fails before anything starts
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         # Logical CPUs: ranks mostly wait on each other, so a laptop may reserve more than it has cores.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1), include_dashboard=False,
                  logging_level="WARNING", log_to_driver=args.verbose)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # ray.init installed its own, which exits at once
         pools = "a prefill pool and a decode pool" if config.disaggregate else "a decode pool (unified mode)"
         print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size})",
               file=sys.stderr)
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
               f"{tls}{key}) and HTTP on http://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
               f"/metrics); KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
         stop.wait()
+        print(f"tandem: draining: finishing the requests in flight (up to {config.drain_timeout_s:.0f} s) while "
+              "new ones get UNAVAILABLE / 503", file=sys.stderr, flush=True)
+        drain(config.drain_timeout_s)
         print("tandem: shutting down", file=sys.stderr)
         serve.shutdown()
     finally:

@@ -82,6 +82,9 @@ class TruncatingSource:
     async def release(self, request_id):
         await self.prefill.release(request_id)
 
+    async def check_health(self):
+        await self.prefill.check_health()
+
 
 class GoneSource:
     """A prefill group that stopped answering after the prefill (Ray reports a dead actor the same way: the call
@@ -94,6 +97,9 @@ class GoneSource:
         raise ConnectionError("prefill group is gone")
 
     async def release(self, request_id):
+        raise ConnectionError("prefill group is gone")
+
+    async def check_health(self):
         raise ConnectionError("prefill group is gone")
 
 

@@ -8,6 +8,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.kv_index import KVIndex
 from router.load_view import LoadView
 from router.metrics import CONTENT_TYPE, IngressMetrics
 from workers.engine.outputs import TimeToFirstToken, Usage
@@ -117,6 +118,17 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     assert got[("tandem_group_kv_transfer_failures_total", d1)] == 1
     assert not any(dict(labels).get("group") == "gone" for _, labels in got)
     assert later[("tandem_group_running_seqs", d1)] == 7  # read again for the next scrape
+
+
+def test_the_kv_index_size_is_read_at_each_scrape():
+    index = KVIndex()
+    metrics = IngressMetrics(index=index)
+    assert render(metrics)[("tandem_router_index_blocks", ())] == 0
+    index.add("group-a", [b"h1", b"h2"])
+    index.add("group-b", [b"h2"])
+    assert render(metrics)[("tandem_router_index_blocks", ())] == 2
+    index.drop_group("group-a")
+    assert render(metrics)[("tandem_router_index_blocks", ())] == 1
 
 
 def test_without_redis_the_request_metrics_are_still_served():

@@ -45,6 +45,8 @@ class KVSource(Protocol):
 
     def release(self, request_id: str) -> Awaitable[None]: ...
 
+    def check_health(self) -> Awaitable[None]: ...
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -261,6 +263,9 @@ class AsyncLLMEngine:
         waits), then receive."""
         try:
             if plan.open_send is not None:
+                # Opening is a rendezvous that holds this engine until the peer joins or the timeout passes: make
+                # sure the peer is there first, so a dead prefill group costs one quick call, not a stalled engine.
+                await prefill.check_health()
                 results = await asyncio.gather(prefill.send_kv(plan.open_send), self._run(plan.open_recv),
                                                return_exceptions=True)
                 for result in results:

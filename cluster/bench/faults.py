@@ -1,0 +1,215 @@
+"""Faults caused from outside the cluster, through its public gRPC API: cancel storms and killed ranks.
+
+Cancel storm: rounds of concurrent streams (a few long ones), each either left to finish or ended at one phase
+of its life: at once (still queued), at a random moment before its first token (queued, prefilling or in KV
+transfer), while decoding, after its last token, or by closing its connection. Streams left to finish must
+return exactly the greedy tokens of the same prompt; after each round every pool must be idle with every block
+free (the prefix cache's blocks count as free: they are evictable), nothing pinned for a transfer and nothing
+being received. KV channels stay open between rounds by design (one per rank pair, reused).
+
+Rank kill: SIGKILL one rank of a pool's group (one replica per pool) while streams run. Every stream must end
+within the health-check period + 10 s, with its exact tokens or UNAVAILABLE; Serve then replaces the group and
+new requests succeed.
+
+`tandem bench chaos` (cluster/bench/chaos.py) and the CI tests (tests/cluster/test_chaos.py) run this code, the
+tests with fewer rounds.
+"""
+
+import asyncio
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
+
+HOW = ("finish", "queued", "before_first_token", "decoding", "after_last_token", "disconnect")
+HEALTH_CHECK_PERIOD_S = 10  # cluster/app.py's health_check_period_s for the pools
+
+
+@dataclass(frozen=True)
+class Stream:
+    prompt: int  # index into the round's prompts
+    max_tokens: int
+    how: str  # one of HOW
+    delay_s: float = 0.0  # before_first_token / disconnect: when the client leaves, from the call's start
+    after_tokens: int = 0  # decoding: how many tokens it reads before leaving
+
+
+@dataclass
+class Outcome:
+    stream: Stream
+    status: str  # the gRPC status name the client saw, "OK" for a complete stream
+    token_ids: list[int]
+    ended_at: float = 0.0  # time.monotonic() when the stream ended
+    detail: str = ""  # the status message, when there is one
+
+
+def plan_round(rng: random.Random, num_prompts: int, streams: int, long_streams: int, short_tokens: int,
+               long_tokens: int, first_token_s: float) -> list[Stream]:
+    """Half the streams finish; the other half are cancelled, spread evenly over the phases."""
+    plan = []
+    for i in range(streams):
+        max_tokens = long_tokens if i < long_streams else short_tokens
+        how = "finish" if i % 2 == 0 else HOW[1 + (i // 2) % (len(HOW) - 1)]
+        plan.append(Stream(rng.randrange(num_prompts), max_tokens, how, rng.uniform(0, first_token_s),
+                           rng.randrange(1, max_tokens)))
+    rng.shuffle(plan)
+    return plan
+
+
+async def run_stream(stub, stream: Stream, prompt: list[int]) -> Outcome:
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(
+        max_tokens=stream.max_tokens, temperature=0.0, ignore_eos=True))
+    call = stub.Generate(request, timeout=300)
+    tokens: list[int] = []
+    detail = ""
+    try:
+        if stream.how == "queued":
+            await asyncio.sleep(0)
+            call.cancel()
+        elif stream.how == "before_first_token":
+            await asyncio.sleep(stream.delay_s)
+            call.cancel()
+        async for response in call:
+            tokens.extend(response.token_ids)
+            if stream.how == "decoding" and len(tokens) >= stream.after_tokens:
+                call.cancel()
+        if stream.how == "after_last_token":
+            call.cancel()  # too late to change anything: the stream is complete
+        status = "OK"
+    except asyncio.CancelledError:
+        status = "CANCELLED"
+    except grpc.aio.AioRpcError as e:
+        status, detail = e.code().name, e.details() or ""
+    return Outcome(stream, status, tokens, time.monotonic(), detail)
+
+
+async def run_disconnecting_stream(target: str, stream: Stream, prompt: list[int]) -> Outcome:
+    """The client's connection goes away under the stream, as when its process dies."""
+    channel = grpc.aio.insecure_channel(target)
+    task = asyncio.create_task(run_stream(tandem_pb2_grpc.GenerationStub(channel), stream, prompt))
+    await asyncio.sleep(stream.delay_s)
+    await channel.close(grace=None)
+    outcome = await task
+    outcome.status = "CANCELLED" if outcome.status != "OK" else outcome.status
+    return outcome
+
+
+async def storm_round(target: str, prompts: list[list[int]], plan: list[Stream]) -> list[Outcome]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        return await asyncio.gather(*(
+            run_disconnecting_stream(target, s, prompts[s.prompt]) if s.how == "disconnect"
+            else run_stream(stub, s, prompts[s.prompt]) for s in plan))
+
+
+def wrong_outputs(outcomes: list[Outcome], expected: list[list[int]]) -> list[Outcome]:
+    """Streams that were not cancelled but did not return exactly the greedy tokens they asked for."""
+    return [o for o in outcomes if o.stream.how in ("finish", "after_last_token")
+            and (o.status != "OK" or o.token_ids != expected[o.stream.prompt][:o.stream.max_tokens])]
+
+
+async def idle_stats(app: str, pools: tuple[str, ...], timeout_s: float = 30.0) -> dict:
+    """Each pool's stats once it is idle with every block free, or whatever they are at the timeout."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = {name: await serve.get_deployment_handle(name, app_name=app).stats.remote() for name in pools}
+        if not leaks(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.2)
+
+
+def leaks(stats: dict) -> list[str]:
+    """What a pool still holds that an idle pool must not: requests, pinned or arriving KV, used blocks."""
+    found = []
+    for name, s in stats.items():
+        held = dict(running=s.num_running, waiting=s.num_waiting, pinned=s.num_pinned, receiving=s.num_receiving,
+                    used_blocks=s.num_blocks - s.num_free_blocks)
+        found += [f"{name}: {what}={n}" for what, n in held.items() if n]
+    return found
+
+
+@dataclass(frozen=True)
+class Rank:
+    pool: str
+    rank: int
+    pid: int
+
+
+def rank_processes() -> list[Rank]:
+    """The live rank processes of the pools' groups, found by their actor names (workers/group.py)."""
+    import ray
+
+    from workers.group import RANK_ACTOR_PREFIX
+
+    ranks = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(RANK_ACTOR_PREFIX):
+            pool, _, rank = actor["name"][len(RANK_ACTOR_PREFIX):].split(":")
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            ranks.append(Rank(pool, int(rank), ray.get(handle.__ray_call__.remote(lambda _: os.getpid()))))
+    return ranks
+
+
+@dataclass
+class KillResult:
+    pool: str
+    rank: int
+    in_flight: int  # streams running when the rank was killed
+    completed: int  # of those, ended with their exact tokens
+    unavailable: int  # of those, ended with UNAVAILABLE
+    other: list[str] = field(default_factory=list)  # any other ending (a failure of the promise)
+    slowest_end_s: float = 0.0  # the last of them to end, seconds after the kill
+    within_s: float = HEALTH_CHECK_PERIOD_S + 10  # the promise: every one ends within this
+    recovered_s: float = float("nan")  # until a new request to the pool succeeded again
+
+
+async def kill_under_load(target: str, victim: Rank, prompts: list[list[int]], expected: list[list[int]],
+                          streams: int, max_tokens: int, recover_timeout_s: float = 120.0) -> KillResult:
+    plan = [Stream(i % len(prompts), max_tokens, "finish") for i in range(streams)]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        running = [asyncio.create_task(run_stream(stub, s, prompts[s.prompt])) for s in plan]
+        await asyncio.sleep(1.0)
+        killed = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        outcomes = await asyncio.wait_for(asyncio.gather(*running), HEALTH_CHECK_PERIOD_S + 10 + 60)
+        result = KillResult(victim.pool, victim.rank, len(outcomes), 0, 0)
+        for o in outcomes:
+            if o.status == "OK" and o.token_ids == expected[o.stream.prompt][:max_tokens]:
+                result.completed += 1
+            elif o.status == "UNAVAILABLE":
+                result.unavailable += 1
+            else:
+                result.other.append(f"{o.status} after {len(o.token_ids)} tokens: {o.detail}")
+        result.slowest_end_s = max(o.ended_at for o in outcomes) - killed
+        while time.monotonic() - killed < recover_timeout_s:
+            probe = await run_stream(stub, Stream(0, 4, "finish"), prompts[0])
+            if probe.status == "OK" and probe.token_ids == expected[0][:4]:
+                result.recovered_s = time.monotonic() - killed
+                break
+            await asyncio.sleep(1.0)
+    return result
+
+
+def prompt_set(rng: random.Random, vocab_size: int, count: int = 16) -> list[list[int]]:
+    """Prompts of 20 to 150 tokens, half of them behind one shared 64-token prefix so the prefix cache and the
+    partial transfers take part."""
+    shared = [rng.randrange(vocab_size) for _ in range(64)]
+    return [(shared if i % 2 else []) + [rng.randrange(vocab_size) for _ in range(rng.randrange(20, 90))]
+            for i in range(count)]
+
+
+async def run_stream_at(target: str, stream: Stream, prompt: list[int]) -> float:
+    """Seconds one stream takes on the idle cluster: the scale of the storm's before-first-token delays."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        started = time.monotonic()
+        await run_stream(tandem_pb2_grpc.GenerationStub(channel), stream, prompt)
+        return time.monotonic() - started
