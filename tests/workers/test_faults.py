@@ -30,12 +30,14 @@ def model(tiny_model_factory):
 
 
 def _fail_next_step(worker) -> None:
-    """Runs inside a rank's process: its next forward pass raises, as a kernel or memory error would."""
+    """Runs inside a rank's process: its next forward pass raises, as a kernel or memory error would. The ids of
+    the requests in that step are kept on the worker (`failed_step`)."""
     runner = worker.engine.engine.runner if worker.engine is not None else worker.follower.runner
     execute = runner.execute
 
     def failing(batch, *args, **kwargs):
         runner.execute = execute
+        worker.failed_step = [seq.request_id for seq, _ in batch]
         raise RuntimeError("injected forward-pass failure")
 
     runner.execute = failing
@@ -56,22 +58,27 @@ async def outcome(stream) -> str:
 
 
 def test_a_forward_error_fails_that_steps_requests_and_the_group_serves_on(model):
-    """At TP=1 nothing is out of step after a failed forward: the requests it ran fail, the next ones run."""
+    """At TP=1 nothing is out of step after a failed forward: exactly the requests of that step fail, and the
+    group serves the next ones."""
     group = start(model, 1)
-    batch = prompts(3, seed=21)
+    batch = prompts(4, seed=21)
+    ids = [f"r{i}" for i in range(3)]
     try:
         async def run():
             inject_step_failure(group, 0)
-            failed = await asyncio.gather(*(outcome(group.generate(p, GREEDY)) for p in batch[:2]))
-            after = await tokens_of(group.generate(batch[2], GREEDY))
+            ended = await asyncio.gather(*(outcome(group.generate(p, GREEDY, rid)) for p, rid in zip(batch, ids)))
+            after = await tokens_of(group.generate(batch[3], GREEDY))
             await group.check_health()
-            return failed, after, await group.stats()
+            return ended, after, await group.stats()
 
-        failed, after, stats = asyncio.run(run())
+        ended, after, stats = asyncio.run(run())
+        in_failed_step = ray.get(group.ranks[0].__ray_call__.remote(lambda worker: worker.failed_step))
     finally:
         group.shutdown()
-    assert failed == ["failed", "failed"]
-    assert after == hf_greedy(model, batch[2], GREEDY.max_tokens)
+    assert in_failed_step
+    assert sorted(rid for rid, o in zip(ids, ended) if o == "failed") == sorted(in_failed_step)
+    assert all(o == "ok" for rid, o in zip(ids, ended) if rid not in in_failed_step)
+    assert after == hf_greedy(model, batch[3], GREEDY.max_tokens)
     assert_all_free(stats)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from workers.engine.config import EngineConfig
-from workers.engine.errors import RequestFailedError
+from workers.engine.errors import GroupBrokenError, RequestFailedError
 from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
@@ -306,6 +306,8 @@ class AsyncLLMEngine:
             try:
                 future.set_result(fn())
             except BaseException as e:  # handed to the caller, who re-raises it
+                if isinstance(e, GroupBrokenError):  # e.g. a follower died while rank 0 sent it a KV command
+                    self._break(str(e))
                 future.set_exception(e)
 
         self._commands.put(run)
@@ -357,19 +359,25 @@ class AsyncLLMEngine:
             outputs = self.engine.step()
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
-            if self.engine.tp.size == 1:
-                # A step that raises fails the requests it was running; everyone else keeps being served.
-                logger.exception("engine step failed; failing the running requests")
-                failed = [s.request_id for s in self.engine.scheduler.running]
-            else:
-                # A rank that fails mid-step (or a peer that died) leaves the group's collectives out of step:
-                # no later step can be trusted, so everything it holds fails and Serve replaces the group.
-                logger.exception("a step of this tensor-parallel group failed; the group is out of service")
-                self.broken = error
-                failed = list(self.engine.requests)
-            outputs = [self.engine.fail_request(rid, error) for rid in failed]
+            if self.engine.tp.size > 1:
+                logger.exception("a step of this tensor-parallel group failed")
+                self._break(error)
+                return
+            # A step that raises fails the requests it was running; everyone else keeps being served.
+            logger.exception("engine step failed; failing the running requests")
+            outputs = [self.engine.fail_request(s.request_id, error) for s in list(self.engine.scheduler.running)]
         for out in outputs:
             self._deliver(out)
+
+    def _break(self, error: str) -> None:
+        """A rank that fails mid-step (or a peer that died) leaves the group's collectives out of step: nothing
+        it does next can be trusted, so everything it holds fails and Serve replaces the group."""
+        logger.error("tensor-parallel group out of service: %s", error)
+        self.broken = error
+        for rid in list(self.engine.requests):
+            out = self.engine.fail_request(rid, error)
+            if out is not None:
+                self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

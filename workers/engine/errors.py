@@ -48,3 +48,7 @@ class KVCacheFullError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """A request ended without its result: aborted, or its engine step failed."""
+
+
+class GroupBrokenError(RequestFailedError):
+    """A collective of a tensor-parallel group failed (a rank died or left): the group cannot go on."""

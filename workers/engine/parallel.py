@@ -6,11 +6,14 @@ call the process group's own methods rather than `torch.distributed.all_reduce`,
 a store (no default world) works as well as one from `init_process_group`. At size 1 both are no-ops.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from workers.engine.errors import GroupBrokenError
 
 
 @dataclass(frozen=True)
@@ -88,5 +91,16 @@ def all_ranks_ok(ok: bool, tp: TensorParallel) -> bool:
     if tp.size == 1:
         return ok
     flag = torch.tensor([int(ok)], dtype=torch.long)
-    tp.cpu_group.allreduce([flag], dist.ReduceOp.MIN).wait()
+    with group_failures():
+        tp.cpu_group.allreduce([flag], dist.ReduceOp.MIN).wait()
     return bool(flag.item())
+
+
+@contextlib.contextmanager
+def group_failures():
+    """A collective of the group that fails (a peer rank died: its sockets closed) raises GroupBrokenError, so
+    callers tell a broken group from a failed request."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise GroupBrokenError(f"a rank of this tensor-parallel group is gone: {e}") from e

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 import torch.distributed as dist
 
-from workers.engine.parallel import TensorParallel
+from workers.engine.parallel import TensorParallel, group_failures
 from workers.engine.sequence import Sequence
 from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand
 
@@ -172,13 +172,15 @@ def broadcast_bytes(data: bytes | None, tp: TensorParallel) -> bytes:
         head = data[:_FRAME - _LENGTH]
         frame[:_LENGTH] = torch.frombuffer(bytearray(len(data).to_bytes(_LENGTH, "little")), dtype=torch.uint8)
         frame[_LENGTH:_LENGTH + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    group.broadcast([frame], _root()).wait()
+    with group_failures():
+        group.broadcast([frame], _root()).wait()
     length = int.from_bytes(frame[:_LENGTH].numpy().tobytes(), "little")
     rest = length - (_FRAME - _LENGTH)
     if rest > 0:
         tail = torch.frombuffer(bytearray(data[-rest:]), dtype=torch.uint8) if data is not None else \
             torch.empty(rest, dtype=torch.uint8)
-        group.broadcast([tail], _root()).wait()
+        with group_failures():
+            group.broadcast([tail], _root()).wait()
         if data is None:
             return frame[_LENGTH:].numpy().tobytes() + tail.numpy().tobytes()
     return data if data is not None else frame[_LENGTH:_LENGTH + length].numpy().tobytes()
