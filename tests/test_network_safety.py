@@ -39,9 +39,9 @@ from router.api_config import ApiConfig
 from router.grpc_api import start_grpc_server
 from router.kv_index import KVIndexFollower
 from router.load_view import LoadView
+from tests.engine.test_step_plan import two_ranks
 from tests.kv.cache_traffic import BS, serve
 from workers.engine.block_manager import BlockManager
-from workers.engine.parallel import TensorParallel
 from workers.engine.step_plan import PlanReader, Stop, broadcast_bytes, decode, encode
 from workers.group import RankWorker
 from workers.kv_events import KVEventPublisher, KVKeys
@@ -194,43 +194,13 @@ def namespace() -> str:
     return f"test:{uuid.uuid4().hex[:12]}"
 
 
-def test_hostile_kv_events_are_skipped_and_the_index_keeps_following(redis_url, namespace, trap):
-    payload, sentinel = trap
-    publisher = KVEventPublisher(redis_url, "g0", namespace=namespace)
-    publisher.start()
-    bm = BlockManager(12, BS, kv_events=publisher)
+def follow_past(redis_url: str, namespace: str, before_start: list[dict], after_start: list[dict]) -> None:
+    """Writes `before_start` to the event stream, starts a router, writes `after_start`, then has a real group
+    store blocks: the router must index them (one that stopped following on the garbage times out)."""
     client = redis.Redis.from_url(redis_url)
     events = KVKeys(namespace).events
-    good = {"group": "g0", "kind": "stored", "seq": 1, "hashes": b"\x01" * 32, "parent": b"", "ts": 0}
-    hostile = [{"payload": payload}, good | {"group": payload}, good | {"kind": payload},
-               good | {"seq": payload}, good | {"ts": payload}, good | {"hashes": payload},
-               good | {"kind": "stored; FLUSHALL"}, {"group": "g0"}]
-
-    async def scenario():
-        router = KVIndexFollower(redis_url, namespace=namespace, block_ms=50, liveness_interval_s=0.1)
-        await router.start()
-        try:
-            for entry in hostile:
-                client.xadd(events, entry)
-            serve(bm, range(8), "after the garbage")
-            assert publisher.flush()
-            await router.wait_caught_up()  # a router that stopped following on the garbage times out here
-            assert router.index.blocks("g0") == set(bm.cached) and bm.cached
-        finally:
-            await router.stop()
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        publisher.close()
-        client.close()
-    assert not sentinel.exists()
-
-
-def test_a_router_started_on_a_stream_with_hostile_entries_is_warm_and_follows(redis_url, namespace, trap):
-    payload, sentinel = trap
-    client = redis.Redis.from_url(redis_url)
-    client.xadd(KVKeys(namespace).events, {"kind": payload})
+    for entry in before_start:
+        client.xadd(events, entry)
     publisher = KVEventPublisher(redis_url, "g0", namespace=namespace)
     publisher.start()
     bm = BlockManager(12, BS, kv_events=publisher)
@@ -239,8 +209,9 @@ def test_a_router_started_on_a_stream_with_hostile_entries_is_warm_and_follows(r
         router = KVIndexFollower(redis_url, namespace=namespace, block_ms=50, liveness_interval_s=0.1)
         await router.start()
         try:
-            client.xadd(KVKeys(namespace).events, {"group": payload, "seq": payload})
-            serve(bm, range(4), "p")
+            for entry in after_start:
+                client.xadd(events, entry)
+            serve(bm, range(8), "after the garbage")
             assert publisher.flush()
             await router.wait_caught_up()
             assert router.index.blocks("g0") == set(bm.cached) and bm.cached
@@ -252,6 +223,21 @@ def test_a_router_started_on_a_stream_with_hostile_entries_is_warm_and_follows(r
     finally:
         publisher.close()
         client.close()
+
+
+def test_hostile_kv_events_are_skipped_and_the_index_keeps_following(redis_url, namespace, trap):
+    payload, sentinel = trap
+    good = {"group": "g0", "kind": "stored", "seq": 1, "hashes": b"\x01" * 32, "parent": b"", "ts": 0}
+    hostile = [{"payload": payload}, good | {"group": payload}, good | {"kind": payload},
+               good | {"seq": payload}, good | {"ts": payload}, good | {"hashes": payload},
+               good | {"kind": "stored; FLUSHALL"}, {"group": "g0"}]
+    follow_past(redis_url, namespace, [], hostile)
+    assert not sentinel.exists()
+
+
+def test_a_router_started_on_a_stream_with_hostile_entries_is_warm_and_follows(redis_url, namespace, trap):
+    payload, sentinel = trap
+    follow_past(redis_url, namespace, [{"kind": payload}], [{"group": payload, "seq": payload}])
     assert not sentinel.exists()
 
 
@@ -305,28 +291,6 @@ def test_any_bytes_are_a_control_message_or_a_value_error(data):
         pass
 
 
-def _two_ranks(rank0, rank1):
-    """rank0(tp) and rank1(tp) on two threads joined by a real gloo group."""
-    store, address = listen("127.0.0.1", timeout=30)
-    results: list = [None, None]
-
-    def run(rank, fn):
-        client = store if rank == 0 else dist.TCPStore(address.host, address.port, is_master=False,
-                                                       timeout=datetime.timedelta(seconds=30))
-        group = dist.ProcessGroupGloo(client, rank, 2, datetime.timedelta(seconds=30))
-        try:
-            results[rank] = fn(TensorParallel(rank, 2, group))
-        except Exception as e:
-            results[rank] = e
-
-    threads = [threading.Thread(target=run, args=(r, fn)) for r, fn in enumerate((rank0, rank1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results
-
-
 def test_a_follower_refuses_a_pickled_broadcast_and_keeps_reading(trap):
     payload, sentinel = trap
 
@@ -340,7 +304,7 @@ def test_a_follower_refuses_a_pickled_broadcast_and_keeps_reading(trap):
             reader.receive()
         return reader.receive()
 
-    _, received = _two_ranks(rank0, rank1)
+    _, received = two_ranks(rank0, rank1)
     assert received == Stop() and not sentinel.exists()
 
 
@@ -413,7 +377,7 @@ def test_gloo_pair_sockets_listen_on_the_node_address_not_everywhere():
         seen.append(listening() - before)
         tp.cpu_group.barrier().wait()
 
-    _two_ranks(rank0, lambda tp: [tp.cpu_group.barrier().wait() for _ in range(2)])
+    two_ranks(rank0, lambda tp: [tp.cpu_group.barrier().wait() for _ in range(2)])
     [opened] = seen
     assert len(opened) >= 2  # the store and a pair each
     assert not {ip for ip, _ in opened} & WILDCARDS

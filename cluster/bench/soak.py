@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--message-tokens", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--sample-s", type=float, default=15.0, help="seconds between samples")
+    parser.add_argument("--num-kv-blocks", type=int, default=512,
+                        help="KV blocks per group: small, so the prefix cache fills and evicts early in the run and "
+                             "the index reaches its bound")
     parser.add_argument("--num-cpus-per-rank", type=float, default=0.5)
     parser.add_argument("--grpc-port", type=int, default=50161)
     parser.add_argument("--http-port", type=int, default=8161)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
              log_to_driver=False)
     try:
         config = ClusterConfig(model=args.model, num_cpus_per_rank=args.num_cpus_per_rank, redis_url=redis.url,
-                               grpc_port=args.grpc_port, http_port=args.http_port)
+                               num_kv_blocks=args.num_kv_blocks, grpc_port=args.grpc_port, http_port=args.http_port)
         serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
         serve.run(build_app(config), name=APP, route_prefix="/")
         processes = cluster_processes(APP)

@@ -22,16 +22,16 @@ from workers.engine.step_plan import (
     decode,
     encode,
 )
-from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand
+from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand, listen
 
 
 def two_ranks(rank0, rank1):
     """Runs rank0(tp) and rank1(tp) on two threads joined by a real gloo group; returns their results."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store, address = listen("127.0.0.1", timeout=30)
     results = [None, None]
 
     def run(rank, fn):
-        client = dist.TCPStore("127.0.0.1", store.port, is_master=False)
+        client = dist.TCPStore(address.host, address.port, is_master=False)
         group = dist.ProcessGroupGloo(client, rank, 2, datetime.timedelta(seconds=30))
         results[rank] = fn(TensorParallel(rank, 2, group))
 
