@@ -20,6 +20,7 @@ import sys
 
 from cluster.client import TandemClient, TandemError
 from cluster.config import ConfigError, cache_dir
+from workers.engine.config import ATTENTION_BACKENDS
 from workers.engine.errors import InvalidRequestError, ModelNotFoundError
 
 
@@ -39,6 +40,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="per-step token budget; longer prompts are prefilled in chunks")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS,
+                   help="attention kernels: torch (CPU and GPU, the default) or triton (GPU)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every decode step eagerly instead of replaying CUDA graphs (graphs are used on cuda "
+                        "with the triton backend)")
 
 
 def _remote_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +191,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching)
+                enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+                enforce_eager=args.enforce_eager)
 
 
 def sampling_params(args: argparse.Namespace):

@@ -23,7 +23,13 @@ import yaml
 from cluster.autoscaling import AUTOSCALING_POLICY, AutoscalingTargets
 from router.api_config import ApiConfig
 from router.policy import RoutingWeights
-from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from workers.engine.config import (
+    ATTENTION_BACKENDS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from workers.engine.model_store import default_cache_dir
 
 
@@ -108,6 +114,10 @@ class ClusterConfig:
                         choices=("auto", "float32", "bfloat16", "float16"))
     max_model_len: int | None = _field(None, "context length (null: the model's)", min=1)
     seed: int = _field(0, "the engine's default random seed")
+    attention_backend: str = _field("torch", "attention kernels: torch (CPU and GPU) or triton (GPU)",
+                                    choices=ATTENTION_BACKENDS)
+    enforce_eager: bool = _field(False, "run every decode step eagerly; else decode steps replay CUDA graphs "
+                                        "(on cuda with the triton backend)")
     tensor_parallel_size: int = _field(1, "ranks per worker group; the model's heads must divide by it", min=1)
     num_cpus_per_rank: float = _field(1.0, "Ray CPUs each rank reserves", above=0)
     block_size: int = _field(16, "tokens per KV block (the unit of caching, hashing and transfer)", min=1)
@@ -151,7 +161,8 @@ class ClusterConfig:
         folder (resolve_model(config.model, cache_dir())), so no rank converts the embedded model itself."""
         return EngineConfig(
             model=ModelConfig(model=model or self.model, device=self.device, dtype=self.dtype,
-                              max_model_len=self.max_model_len, seed=self.seed),
+                              max_model_len=self.max_model_len, seed=self.seed,
+                              attention_backend=self.attention_backend, enforce_eager=self.enforce_eager),
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
                               kv_cache_memory_gb=self.kv_cache_memory_gb,
                               gpu_memory_utilization=self.gpu_memory_utilization,

@@ -89,6 +89,33 @@ def test_every_engine_field_reaches_the_engine_config():
     assert config.to_engine_config(model="/cache/resolved").model.model == "/cache/resolved"
 
 
+
+def test_the_attention_backend_and_cuda_graphs_reach_the_engine_from_a_file_or_flags(tmp_path):
+    from_file = load_config(write(tmp_path, "attention_backend: triton\nenforce_eager: true\n"))
+    from_flags = parse("--attention-backend", "triton", "--enforce-eager")
+    for config in (from_file, from_flags):
+        assert (config.to_engine_config().model.attention_backend, config.to_engine_config().model.enforce_eager) == (
+            "triton", True)
+    assert parse("--no-enforce-eager").to_engine_config().model.enforce_eager is False
+
+
+def test_an_unknown_attention_backend_is_refused_by_name():
+    assert error(attention_backend="flash") == "attention_backend must be one of torch, triton (got 'flash')"
+    with pytest.raises(ConfigError, match=r"^attention_backend must be one of torch, triton \(got 'cuda'\)$"):
+        parse("--attention-backend", "cuda")
+    with pytest.raises(ValueError, match=r"^unknown attention backend 'flash' \(choose from torch, triton\)$"):
+        ModelConfig(attention_backend="flash")
+
+
+def test_tandem_generate_takes_the_attention_backend_and_enforce_eager_flags(capsys):
+    from cluster.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--attention-backend", "triton", "--enforce-eager"])
+    assert (args.attention_backend, args.enforce_eager) == ("triton", True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "hi", "--attention-backend", "flash"])
+    assert "argument --attention-backend: invalid choice: 'flash'" in capsys.readouterr().err
+
 # Files and overrides
 
 

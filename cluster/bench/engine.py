@@ -5,8 +5,13 @@ at a time and HF in left-padded batches; every system generates exactly the same
 (EOS ignored), and Tandem's greedy tokens are checked against HF's. Shared-prefix workload: users of a few long
 system prompts arriving in waves, run by Tandem with the prefix cache on and off.
 
+With --device cuda or --random-weights CONFIG it runs the roofline mode instead (engine_roofline.py): decode and
+prefill steps against the device's measured bandwidth and matmul rate, and offline throughput against HF on the
+same device.
+
 Only the standard library and this package's light modules are imported at module level: the CLI builds this
-parser on every invocation, and torch/transformers take seconds to import.
+parser on every invocation, and torch/transformers take seconds to import. On a machine without the CLI's gRPC
+dependencies, `python -m cluster.bench.engine` runs the same command.
 """
 
 import argparse
@@ -19,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.bench import report, systems, workloads
+from cluster.bench import random_model, report, systems, workloads
 from cluster.bench.machine import machine_info
 from cluster.bench.report import SystemResult
 
@@ -77,20 +82,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sized("--users-per-prefix", int, "shared-prefix workload: users (waves) per system prompt")
     sized("--prefix-tokens", int, "shared-prefix workload: tokens per system prompt")
     sized("--kv-cache-memory-gb", float, "Tandem's KV cache size in GiB, the same for every Tandem run")
-    parser.add_argument("--json", default="bench-results/engine.json",
-                        help="where to write every number, the config and the machine (default %(default)s)")
+    parser.add_argument("--json", default=None,
+                        help="where to write every number, the config and the machine (default "
+                             "bench-results/engine.json, or bench-results/engine-roofline.json in the roofline mode)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: the roofline mode, in bfloat16 with the triton attention backend (default cpu)")
+    parser.add_argument("--random-weights", metavar="CONFIG", default=None, choices=sorted(random_model.CONFIGS),
+                        help="the roofline mode on random weights of a known architecture instead of --model: "
+                             f"{', '.join(sorted(random_model.CONFIGS))} (a tiny Llama for a CPU smoke test). The "
+                             "roofline mode has its own workload sizes; the mixed-workload flags above override them")
     parser.add_argument("--skip-hf", action="store_true", help="run Tandem only (no HF baselines, no match check)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs in seconds")
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompts (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
     started = time.monotonic()
 
     def log(message: str) -> None:
         print(f"[bench {time.monotonic() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if args.device == "cuda" or args.random_weights:
+        from cluster.bench import engine_roofline
+
+        return engine_roofline.run(args, log)
+    cfg = _config(args)
     from transformers import AutoTokenizer
 
     from cluster.config import cache_dir
@@ -196,4 +212,12 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit("tandem bench engine: need 0 < --min-prompt <= --max-prompt")
     return BenchConfig(model=args.model, hf_batch_size=args.hf_batch_size or sizes["num_requests"],
                        user_tokens=_USER_TOKENS[args.quick], shared_output_tokens=_SHARED_OUTPUT_TOKENS[args.quick],
-                       seed=args.seed, skip_hf=args.skip_hf, quick=args.quick, json=args.json, **sizes)
+                       seed=args.seed, skip_hf=args.skip_hf, quick=args.quick,
+                       json=args.json or "bench-results/engine.json", **sizes)
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m cluster.bench.engine", description=__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

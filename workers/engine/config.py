@@ -6,10 +6,12 @@ code that computes them, never written back here.
 
 from dataclasses import dataclass, field
 
+ATTENTION_BACKENDS = ("torch", "triton")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which weights to run, on what device and in what precision."""
+    """Which weights to run, on what device, in what precision and with which kernels."""
 
     model: str = "smollm2"
     device: str = "cpu"
@@ -20,6 +22,17 @@ class ModelConfig:
     seed: int = 0
     # "torch" (CPU and GPU) or "triton" (GPU kernels; on CPU only under TRITON_INTERPRET=1, for tests).
     attention_backend: str = "torch"
+    # Decode steps replay CUDA graphs on CUDA with the triton backend at one rank; True keeps every step eager.
+    enforce_eager: bool = False
+    # The largest decode batch captured as a graph; larger batches (and any batch with a prefill) run eagerly.
+    max_graph_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention_backend!r} "
+                             f"(choose from {', '.join(ATTENTION_BACKENDS)})")
+        if self.max_graph_batch_size < 1:
+            raise ValueError(f"max_graph_batch_size must be >= 1 (got {self.max_graph_batch_size})")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,16 @@
 Each step it turns the scheduler's (sequence, number of new tokens) pairs into flat input tensors, runs one
 forward pass over all of them, and samples a token for every sequence whose new tokens reach its end.
 
+Decode-only batches can instead replay CUDA graphs (cuda_graphs.py), padded to a captured batch size; padding
+rows write into one extra cache block past those the scheduler hands out.
+
 Under tensor parallelism every rank holds one runner with its shard of the weights and of the KV heads. Rank 0's
 runner sends each batch to the others as a step plan (step_plan.py) before running it; the followers run the same
 forward pass on their mirrors of the requests and join the collectives, but only rank 0 samples.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from workers.engine.attention.metadata import (
     decode_buckets,
 )
 from workers.engine.config import CacheConfig, EngineConfig
+from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.model_store import resolve_model
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
@@ -87,6 +92,27 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+        if self._captures_graphs(config):
+            self.use_padded_decode(min(model_config.max_graph_batch_size, config.scheduler.max_num_seqs), capture=True)
+
+    def _captures_graphs(self, config: EngineConfig) -> bool:
+        """On CUDA with the triton backend, at one rank. The torch backend pads each decode's K/V to the longest
+        context, which a graph would fix at the model's whole context length; collectives are left out of graphs."""
+        return (self.device.type == "cuda" and not config.model.enforce_eager
+                and config.model.attention_backend == "triton" and self.tp.size == 1)
+
+    def use_padded_decode(self, max_batch_size: int, capture: bool) -> None:
+        """Runs decode-only batches of up to max_batch_size sequences padded to the sizes of graph_batch_sizes:
+        as CUDA graphs with `capture`, else eagerly (how CPU tests check the padding)."""
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, padding_block=self.num_kv_blocks,
+                                          block_size=self.block_size, max_context=self.max_model_len,
+                                          batch_sizes=graph_batch_sizes(max_batch_size))
+        if capture:
+            start = time.monotonic()
+            self.decode_graphs.capture()
+            logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.decode_graphs.batch_sizes,
+                        time.monotonic() - start)
 
     def _bytes_per_block(self) -> int:
         c = self.hf_config
@@ -108,8 +134,9 @@ class ModelRunner:
         return num_blocks
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One block more than num_kv_blocks: the last one takes the writes of padded decode rows."""
         c = self.hf_config
-        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, head_dim_of(c))
+        shape = (self.num_kv_blocks + 1, self.block_size, self.num_kv_heads, head_dim_of(c))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, self.block_size,
                     self.num_kv_blocks * self._bytes_per_block() / 2**30)
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -130,18 +157,33 @@ class ModelRunner:
         # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
         # attention backend can batch decodes of similar length together.
         batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_rows:
-            return []
-        rows, seqs = zip(*sample_rows)
-        logits = self.model.compute_logits(hidden[list(rows)])
-        if not sample:
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            logits, seqs = self._padded_decode([seq for seq, _ in batch])
+        else:
+            logits, seqs = self._eager(batch)
+        if not seqs or not sample:
             return []
         params = [seq.sampling_params for seq in seqs]
         generators = [self._generator(seq) for seq in seqs]
         out = self.sampler(logits, params, generators)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
+
+    def _eager(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Logits of the sequences whose new tokens reach their end, and those sequences."""
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_rows:
+            return None, []
+        rows, seqs = zip(*sample_rows)
+        return self.model.compute_logits(hidden[list(rows)]), list(seqs)
+
+    def _padded_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
+        """As _eager, for a decode-only batch: a one-token chunk that does not end its prompt samples nothing."""
+        logits = self.decode_graphs.forward(seqs)
+        rows = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
+        if len(rows) < len(seqs):
+            return logits[rows], [seqs[i] for i in rows]
+        return logits, seqs
 
     def skip_draw(self, seq: Sequence) -> None:
         """Advances a seeded, sampled request's generator past one token's draw (one that another group made)."""

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The checks only a GPU can run, in about 9 minutes, on a machine with torch, triton, transformers and pytest but
+# no Ray, no gRPC extras and no network (the lent H100/H200): run from the repository root, it writes every log
+# and JSON file under $OUT (at most 8 files) and prints a summary last.
+#
+#   1. the `gpu`-marked tests: CUDA-graph decode vs eager vs HF (float32 tokens equal; the bfloat16 agreement
+#      rate), and the Triton kernels' full grid against the torch backend;
+#   2. `tandem bench kernels`: decode attention vs the torch backend vs the roofline;
+#   3. `tandem bench engine --device cuda --random-weights llama-3.1-8b`: decode and prefill against the roofline,
+#      offline throughput against HF transformers.
+#
+# The benches run as `python -m`/`python -c` on their own modules: `python -m cluster.cli` would import the gRPC
+# client, whose packages such a machine lacks. Each stage has its own time limit; a stage that fails or runs out
+# leaves its log and the next stage still runs. The exit status is the number of failed stages.
+#
+#   DEVICE=cpu RANDOM_WEIGHTS=tiny OUT=/tmp/out deploy/gpu-checks.sh   # the same stages on a CPU, to check this file
+
+set -u
+OUT=${OUT:?set OUT to the folder for logs and results}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+RANDOM_WEIGHTS=${RANDOM_WEIGHTS:-llama-3.1-8b}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TANDEM_CACHE_DIR=${TANDEM_CACHE_DIR:-/tmp/tandem-cache}
+cd "$(dirname "$0")/.." || exit 1
+mkdir -p "$OUT"
+failed=0
+summary=()
+
+stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, its output in $OUT/NAME.log
+    local name=$1 limit=$2 started=$SECONDS status
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    status=$?
+    [ "$status" -ne 0 ] && failed=$((failed + 1))
+    summary+=("$name: exit $status after $((SECONDS - started))s$([ "$status" -eq 124 ] && echo ' (time limit)')")
+    tail -n 25 "$OUT/$name.log"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    "$PYTHON" -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__,
+'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0)); print('triton',
+triton.__version__, 'transformers', transformers.__version__)"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stage gpu-tests 180 "$PYTHON" -m pytest -m gpu -p no:cacheprovider -rA -s --junitxml="$OUT/gpu-tests.xml" \
+    tests/engine/test_cuda_graphs.py tests/engine/test_triton_attention.py
+stage bench-kernels 60 "$PYTHON" -c "import argparse, sys
+from cluster.bench import kernels
+parser = argparse.ArgumentParser()
+kernels.add_arguments(parser)
+sys.exit(kernels.run(parser.parse_args(sys.argv[1:])))" --json "$OUT/kernels.json"
+stage bench-engine 290 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
+    --json "$OUT/engine.json"
+
+echo "== summary"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+exit "$failed"

@@ -1,0 +1,165 @@
+"""Decode steps padded to a ladder of batch sizes, as CUDA graphs replay them, give exactly the unpadded tokens.
+
+On CPU the padded path runs eagerly (what a graph records): the same greedy tokens as the unpadded engine and as HF
+transformers while the batch shrinks through the ladder (5 sequences: eager, above the largest size 4; then 4,
+3 -> 4, 2, 1), and padding rows write only the padding block. The `gpu` tests replay real graphs: in float32 their
+tokens equal eager decode's and HF's on the same GPU; in bfloat16 they print the agreement with HF on the first
+NEW tokens of each prompt (random tiny models, so near-ties in the logits are rare but possible).
+
+The tiny models are conftest's, with a word-level tokenizer instead of SmolLM2's, so they build on a GPU machine
+that lacks the embedded model.
+"""
+
+import functools
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cluster.bench.engine_roofline import agreement
+from cluster.bench.random_model import write_tokenizer
+from tests.conftest import build_tiny_model
+from tests.hf_reference import hf_greedy
+from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+NEW = 16
+# Lengths cross block boundaries and mistral's 64-token window; max tokens differ so the batch shrinks step by step.
+PROMPT_LENS = [5, 16, 47, 70, 100]
+MAX_TOKENS = [3, 7, 10, 13, NEW]
+# (sequences, padded size) of each decode step those run through a ladder up to 4; the two 5-sequence steps are eager.
+PADDED_STEPS = [(4, 4)] * 4 + [(3, 4)] * 3 + [(2, 2)] * 3 + [(1, 1)] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """`make(arch) -> folder`, each built once."""
+    tokenizer = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(tokenizer, 49152, bos_token_id=1, eos_token_id=2)
+    return functools.cache(lambda arch: build_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), tokenizer))
+
+
+def prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(49152) for _ in range(n)] for n in PROMPT_LENS]
+
+
+def params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def generate(llm: LLM, batch: list[list[int]]) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in llm.generate(batch, [params(n) for n in MAX_TOKENS])]
+
+
+def test_the_ladder_is_powers_of_two_to_8_then_multiples_of_16_then_the_largest_size():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+
+
+def test_the_cpu_engine_runs_eagerly_with_one_padding_block_past_the_schedulers(tiny_model):
+    llm = LLM(str(tiny_model("llama")), num_kv_blocks=32, progress=False)
+    runner = llm.engine.runner
+    assert runner.decode_graphs is None
+    assert runner.kv_caches[0][0].shape[0] == 33 and llm.engine.block_manager.num_blocks == 32
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_padded_decode_gives_the_unpadded_tokens_and_hfs(arch, tiny_model):
+    path = tiny_model(arch)
+    batch = prompts(1)
+    unpadded = generate(LLM(str(path), num_kv_blocks=64, progress=False), batch)
+    llm = LLM(str(path), num_kv_blocks=64, progress=False)
+    llm.engine.runner.use_padded_decode(max_batch_size=4, capture=False)
+    sizes = []
+    prepare = llm.engine.runner.decode_graphs.prepare
+    llm.engine.runner.decode_graphs.prepare = lambda seqs: sizes.append((len(seqs), prepare(seqs))) or sizes[-1][1]
+    padded = generate(llm, batch)
+    assert padded == unpadded
+    assert padded == [hf_greedy(path, prompt, n) for prompt, n in zip(batch, MAX_TOKENS)]
+    assert sizes == PADDED_STEPS
+
+
+def test_padding_rows_write_the_padding_block_and_nothing_else(tiny_model):
+    llm = LLM(str(tiny_model("llama")), num_kv_blocks=32, progress=False)
+    runner = llm.engine.runner
+    runner.use_padded_decode(max_batch_size=4, capture=False)
+    graphs: DecodeGraphs = runner.decode_graphs
+    seqs = [llm.engine._new_request(p, params(4), None, None).seq for p in prompts(2)[:3]]
+    for i, seq in enumerate(seqs):  # each with its context in the cache up to its last token
+        seq.block_table = list(range(8 * i, 8 * i + 8))
+        seq.num_computed_tokens = seq.num_tokens - 1
+    graphs.prepare(seqs + [seqs[0]])  # a 4-row step leaves a real row 3 behind
+    before = [k.clone() for k, _ in runner.kv_caches]
+    with torch.inference_mode():
+        logits = graphs.forward(seqs)
+    assert logits.shape == (3, 49152)
+    assert graphs.slot_mapping[3] == 32 * 16 and graphs.context_lens[3] == 1 and graphs.block_tables[3, 0] == 32
+    written = {(b, s) for k, old in zip((k for k, _ in runner.kv_caches), before)
+               for b, s in (k != old).any(-1).any(-1).nonzero().tolist()}
+    bs = runner.block_size
+    assert written == {(seq.block_table[(seq.num_tokens - 1) // bs], (seq.num_tokens - 1) % bs) for seq in seqs} | {
+        (32, 0)}
+
+
+# -- real CUDA graphs ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def hf_on_gpu(path, dtype: torch.dtype):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to("cuda").eval()
+    model.generation_config.eos_token_id = None  # exactly max_new_tokens, as the engine's ignore_eos
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy_on_gpu(path, dtype: torch.dtype, prompt: list[int], max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt], device="cuda")
+    out = hf_on_gpu(path, dtype).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=max_tokens)
+    return out[0, len(prompt):].tolist()
+
+
+def gpu_llm(path, dtype: str, **kwargs) -> LLM:
+    return LLM(str(path), device="cuda", dtype=dtype, attention_backend="triton", num_kv_blocks=64, max_num_seqs=8,
+               progress=False, **kwargs)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_graph_decode_equals_eager_decode_and_hf_in_float32(arch, tiny_model):
+    path = tiny_model(arch)
+    batch = prompts(3)
+    eager = generate(gpu_llm(path, "float32", enforce_eager=True), batch)
+    llm = gpu_llm(path, "float32")
+    assert llm.engine.runner.decode_graphs.batch_sizes == [1, 2, 4, 8]
+    graphed = generate(llm, batch)
+    llm.engine.runner.use_padded_decode(max_batch_size=4, capture=True)  # 5 decodes run eagerly, then graphs
+    regraphed = generate(llm, batch)
+    assert graphed == regraphed == eager
+    assert graphed == [hf_greedy_on_gpu(path, torch.float32, p, n) for p, n in zip(batch, MAX_TOKENS)]
+    assert llm.engine.runner.decode_graphs.num_replays == len(PADDED_STEPS)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, tiny_model, record_property):
+    path = tiny_model(arch)
+    batch = [p for seed in range(4) for p in prompts(10 + seed)]
+    llm = gpu_llm(path, "bfloat16")
+    ours = [out.outputs[0].token_ids for out in llm.generate(batch, params(NEW))]
+    hf = [hf_greedy_on_gpu(path, torch.bfloat16, prompt, NEW) for prompt in batch]
+    match_pct, share = agreement(ours, hf)
+    record_property("bf16_agreement", share)
+    print(f"\n{arch} bfloat16, CUDA graphs vs HF on the same GPU, first {NEW} tokens of {len(batch)} prompts: "
+          f"{match_pct:.0f}% of prompts agree on all, {share:.0%} of tokens agree before the first difference")
+    assert llm.engine.runner.decode_graphs.num_replays > 0
+    assert share >= 0.5

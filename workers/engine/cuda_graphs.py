@@ -1,0 +1,111 @@
+"""Decode steps as CUDA graphs: one graph per batch size of a ladder, each step padded up to the next captured size.
+
+A decode step launches a few hundred small kernels whose launch costs, more than their work, bound small batches;
+a graph launches them all at once. A graph replays fixed addresses and shapes, so each step's inputs (token ids,
+positions, slot mapping, block tables, context lengths) are copied into static buffers sized for the largest
+graph, and a batch of n sequences runs the graph of the smallest captured size b >= n.
+
+The b - n padding rows decode token 0 at position 0: their K/V go to the cache's padding block, one block past the
+blocks the scheduler hands out, and they attend over that block alone, so they never touch a sequence's blocks.
+Every step rewrites its padding rows: rows left over from a larger earlier batch would otherwise write into blocks
+that may now belong to another sequence. The attention grid is fixed at capture, so a graph attends up to
+`max_context` tokens, and the programs past a sequence's own length do nothing.
+
+A graph records `run`, the eager padded step; CPU tests run that without graphs to check the padding.
+"""
+
+import torch
+
+from workers.engine.attention.metadata import AttentionMetadata
+from workers.engine.sequence import Sequence
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 below max_batch_size, then max_batch_size itself: a batch pads by at
+    most 15 rows, which costs little beside the weights every step reads anyway."""
+    return [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16)) + [max_batch_size]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 padding_block: int, block_size: int, max_context: int, batch_sizes: list[int]):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.padding_block = padding_block
+        self.block_size = block_size
+        self.max_context = max_context
+        self.batch_sizes = batch_sizes
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_replays = 0  # steps a graph ran, for logs and tests
+        rows, device = batch_sizes[-1], kv_caches[0][0].device
+        # Token ids, positions, slot mapping and context lengths, one row each, so a step copies them in at once.
+        self._inputs = torch.empty((4, rows), dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self._inputs
+        self.block_tables = torch.empty((rows, -(-max_context // block_size)), dtype=torch.long, device=device)
+        weight = next(model.parameters())
+        self.logits = torch.zeros((rows, model.config.vocab_size), dtype=weight.dtype, device=device)
+        self._pad_all()
+
+    def can_run(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """Decode-only batches (one new token per sequence) up to the largest captured size."""
+        return len(batch) <= self.batch_sizes[-1] and all(n == 1 for _, n in batch)
+
+    def forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of one decode step: a view of the static buffer, valid until the next step."""
+        size = self.prepare(seqs)
+        graph = self.graphs.get(size)
+        if graph is None:
+            self.run(size)
+        else:
+            graph.replay()
+            self.num_replays += 1
+        return self.logits[:len(seqs)]
+
+    def prepare(self, seqs: list[Sequence]) -> int:
+        """Copies the batch into the static buffers, padded to the next captured size, and returns that size."""
+        size, bs = next(b for b in self.batch_sizes if b >= len(seqs)), self.block_size
+        pad = size - len(seqs)
+        positions = [seq.num_computed_tokens for seq in seqs]
+        self._inputs[:, :size].copy_(torch.tensor([
+            [seq.token_ids[p] for seq, p in zip(seqs, positions)] + [0] * pad,
+            positions + [0] * pad,
+            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)] + [self._padding_slot] * pad,
+            [p + 1 for p in positions] + [1] * pad,
+        ]))
+        # Table columns past a row's own blocks keep older values: the kernels read no block past a context's end.
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [self.padding_block] * (width - len(seq.block_table)) for seq in seqs]
+        self.block_tables[:size, :width].copy_(torch.tensor(tables + [[self.padding_block] * width] * pad))
+        return size
+
+    def run(self, size: int) -> torch.Tensor:
+        """The model on the first `size` rows of the static buffers, its logits copied into the static logits."""
+        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], prefills=[], num_prefill_tokens=0,
+                                 decode_block_tables=self.block_tables[:size],
+                                 decode_context_lens=self.context_lens[:size],
+                                 decode_buckets=[(0, size, self.max_context)])
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+        return self.logits[:size].copy_(self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Captures every batch size on padding rows alone, largest first, so the smaller graphs reuse the largest
+        one's memory pool."""
+        self._pad_all()
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.batch_sizes):
+            self.run(size)  # outside the capture: Triton compiles, cuBLAS picks its kernels, workspaces grow
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.run(size)
+            self.graphs[size] = graph
+
+    @property
+    def _padding_slot(self) -> int:
+        return self.padding_block * self.block_size
+
+    def _pad_all(self) -> None:
+        """Makes every row a padding row: token 0 at position 0, in the padding block's first slot."""
+        self._inputs.copy_(torch.tensor([0, 0, self._padding_slot, 1])[:, None])
+        self.block_tables.fill_(self.padding_block)
