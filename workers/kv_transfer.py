@@ -72,6 +72,7 @@ class KVChannel:
         self.name = name
         self.device = torch.device(device)
         self._store = store
+        self._in_flight: PendingSend | None = None  # the last send, holding its buffers until the peer has it
         delta = datetime.timedelta(seconds=timeout)
         try:
             if self.device.type == "cuda":
@@ -95,8 +96,15 @@ class KVChannel:
 
     def send(self, kv_caches: KVCaches, block_ids: list[int]) -> "PendingSend":
         """Starts sending the listed blocks of every layer and returns at once: the sends complete when the peer
-        receives them, so a sender never waits on its peer (only a receiver waits, on a sender that is moving)."""
+        receives them, so a sender never waits on its peer (only a receiver waits, on a sender that is moving).
+
+        The previous send is finished first, which frees its buffers: the receiver asks for one transfer at a
+        time on a channel, after the last one arrived, so that wait returns at once. (A gloo send's Work never
+        reports itself completed until it is waited on, so finishing it is the only way to let it go.)"""
         self._expect(_SENDER)
+        if self._in_flight is not None:
+            self._in_flight.wait()
+            self._in_flight = None
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         header = _header(kv_caches, len(block_ids))
         payload = _staging(kv_caches, len(block_ids))
@@ -105,7 +113,8 @@ class KVChannel:
             torch.index_select(v, 0, ids, out=payload[layer, 1])
         works = [self._start(self._group.send, [header], _HEADER_TAG),
                  self._start(self._group.send, [payload], _PAYLOAD_TAG)]
-        return PendingSend(works, (header, payload), _payload_bytes(kv_caches, len(block_ids)))
+        self._in_flight = PendingSend(works, (header, payload), _payload_bytes(kv_caches, len(block_ids)))
+        return self._in_flight
 
     def recv(self, kv_caches: KVCaches, block_ids: list[int]) -> int:
         """Receives blocks into the listed block ids (the peer's ids may differ); returns the payload bytes."""
@@ -128,6 +137,7 @@ class KVChannel:
         # Dropping the group and store closes their sockets; gloo has no explicit shutdown.
         self._group = None
         self._store = None
+        self._in_flight = None
 
     def _expect(self, rank: int) -> None:
         if self._group is None:
@@ -158,13 +168,12 @@ class PendingSend:
     buffers: tuple[torch.Tensor, ...]
     nbytes: int
 
-    def done(self) -> bool:
-        return all(w.is_completed() for w in self.works)
-
     def wait(self) -> int:
+        """Returns once the peer has the data; again at once after that (a gloo Work waited on twice hangs)."""
         try:
-            for w in self.works:
-                w.wait()
+            while self.works:
+                self.works[0].wait()
+                self.works.pop(0)
         except RuntimeError as e:
             raise TransferError(f"KV transfer failed: {e}") from e
         return self.nbytes
@@ -262,7 +271,6 @@ class KVEndpoint:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._listening: tuple[dist.TCPStore, ChannelAddress] | None = None
-        self._pending: list[PendingSend] = []
 
     def address(self) -> ChannelAddress:
         """Where peers rendezvous with this group (called on rank 0, which hosts the store for its group)."""
@@ -277,7 +285,6 @@ class KVEndpoint:
 
     def run(self, command: KVCommand, kv_caches: KVCaches) -> int:
         """Applies one command; returns the bytes moved. A send only starts (see KVChannel.send)."""
-        self._pending = [p for p in self._pending if not p.done()]
         if isinstance(command, DropChannel):
             self.channels.drop(command.peer)
             return 0
@@ -289,21 +296,14 @@ class KVEndpoint:
             raise TransferError(f"no open KV channel {command.channel!r} to {command.peer}")
         if command.direction == "send":
             pending = channel.send(kv_caches, command.block_ids)
-            self._pending.append(pending)
             self.bytes_sent += pending.nbytes
             return pending.nbytes
         nbytes = channel.recv(kv_caches, command.block_ids)
         self.bytes_received += nbytes
         return nbytes
 
-    @property
-    def num_pending_sends(self) -> int:
-        self._pending = [p for p in self._pending if not p.done()]
-        return len(self._pending)
-
     def close(self) -> None:
         self.channels.clear()
-        self._pending = []
         self._listening = None
 
     def _open(self, command: OpenChannel) -> KVChannel:

@@ -7,7 +7,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from cluster.bench.machine import machine_info
@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
              log_to_driver=False)
     target = f"127.0.0.1:{args.grpc_port}"
     try:
-        serve.run(build_app(ClusterConfig(**{**asdict(config), "redis_url": redis.url})), name=APP,
-                  route_prefix=None)
+        serve.run(build_app(replace(config, redis_url=redis.url)), name=APP, route_prefix=None)
         rounds = asyncio.run(_storm(args, target, prompts, expected, rng))
         kills = []
         for pool, rank in (("decode", args.tensor_parallel_size - 1), ("prefill", 0)):

@@ -109,3 +109,30 @@ def test_replacing_a_peers_channel_closes_the_old_one():
     cache.put("a", old)
     cache.put("a", new)
     assert old.closed and cache.get("a") is new and len(cache) == 1
+
+
+def test_a_sender_holds_the_buffers_of_one_send_per_channel_not_of_every_send():
+    """A gloo send's Work never reports itself completed until it is waited on, so a sender that kept each send
+    until it reported completion kept every payload of a long run (117 MB/min on a 30-minute soak). The channel
+    finishes the previous send when the next starts and lets its buffers go, and the last one when it closes."""
+    import threading
+    import weakref
+
+    store, address = listen("127.0.0.1", timeout=20)
+    rounds, payloads = 5, []
+
+    def receive() -> None:
+        channel = KVChannel.connect(address, torch.device("cpu"), timeout=20)
+        for _ in range(rounds):
+            channel.recv(caches(None), DST_IDS)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    sender = KVChannel(store, 0, torch.device("cpu"), timeout=20)
+    src = caches(0)
+    for _ in range(rounds):
+        payloads.append(weakref.ref(sender.send(src, SRC_IDS).buffers[1]))
+    receiver.join(timeout=60)
+    assert [ref() is None for ref in payloads] == [True] * (rounds - 1) + [False]
+    sender.close()
+    assert payloads[-1]() is None
