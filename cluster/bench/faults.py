@@ -115,14 +115,21 @@ def wrong_outputs(outcomes: list[Outcome], expected: list[list[int]]) -> list[Ou
 
 
 async def idle_stats(app: str, pools: tuple[str, ...], timeout_s: float = 30.0) -> dict:
-    """Each pool's stats once it is idle with every block free, or whatever they are at the timeout."""
+    """Each pool's stats once it is idle with every block free, or whatever they are at the timeout. A replica
+    whose group was killed answers with an error until Serve has replaced it: that is retried too."""
     from ray import serve
+    from ray.exceptions import RayError
 
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = {name: await serve.get_deployment_handle(name, app_name=app).stats.remote() for name in pools}
-        if not leaks(stats) or time.monotonic() > deadline:
-            return stats
+        try:
+            stats = {name: await serve.get_deployment_handle(name, app_name=app).stats.remote() for name in pools}
+        except RayError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if not leaks(stats) or time.monotonic() > deadline:
+                return stats
         await asyncio.sleep(0.2)
 
 
