@@ -3,7 +3,8 @@
 Three measurements in one run and one process, each next to the figure it is held to:
 - decode step time at each batch size x context length against the roofline: the bytes a step must read (every
   weight but the input embedding, of which a step reads only its tokens' rows, plus every context token's K and V
-  in every layer) over the device-to-device bandwidth measured in the same run;
+  in every layer) over the device-to-device bandwidth measured in the same run; with CUDA graphs, the same step
+  run eagerly beside it, which is what the graphs save;
 - prefill throughput on whole prompts against 2 x (matmul parameters) x tokens FLOPs at the matmul rate measured
   in the same run, in the engine's dtype (attention's own FLOPs, ~4% at 2k tokens, are not counted);
 - offline throughput on a mixed workload against HF transformers (sdpa, left-padded batches) on the same device.
@@ -192,8 +193,12 @@ def _decode_rows(runner, sizes: Sizes, bandwidth: float, rng: random.Random, log
                                   f"{runner.num_kv_blocks}")
             else:
                 log(f"decode step: batch {batch}, context {context_len}")
-                seqs = _sequences(runner, batch, context_len, context_len - 1, rng)
-                row["step_ms"] = _step_s(runner, [(seq, 1) for seq in seqs], sizes.decode_repeats) * 1e3
+                step = [(seq, 1) for seq in _sequences(runner, batch, context_len, context_len - 1, rng)]
+                row["step_ms"] = _step_s(runner, step, sizes.decode_repeats) * 1e3
+                if runner.decode_graphs is not None:  # the same step without graphs: what they save
+                    graphs, runner.decode_graphs = runner.decode_graphs, None
+                    row["eager_step_ms"] = _step_s(runner, step, sizes.decode_repeats) * 1e3
+                    runner.decode_graphs = graphs
             rows.append(row)
     return rows
 
@@ -310,10 +315,11 @@ def format_report(title: str, meaningful: bool, decode: list[dict], prefill: lis
                      "comparison (a smoke test of the command)")
     lines += ["", "decode step (one new token per sequence)",
               f"{'batch':>5}  {'context':>7}  {'weights+KV GiB':>14}  {'step ms':>9}  {'roofline ms':>11}  "
-              f"{'roofline / step':>15}"]
+              f"{'roofline / step':>15}  {'eager ms':>9}"]
     for r in decode:
         gib = (r["weight_bytes"] + r["kv_bytes"]) / 2**30
-        measured = (f"{r['step_ms']:>9.3f}  {r['roofline_ms']:>11.3f}  {r['roofline_ms'] / r['step_ms']:>14.0%}"
+        eager = f"  {r['eager_step_ms']:>9.3f}" if "eager_step_ms" in r else ""
+        measured = (f"{r['step_ms']:>9.3f}  {r['roofline_ms']:>11.3f}  {r['roofline_ms'] / r['step_ms']:>14.0%}{eager}"
                     if "step_ms" in r else f"skipped: {r['skipped']}")
         lines.append(f"{r['batch']:>5}  {r['context_len']:>7}  {gib:>14.2f}  {measured}")
     lines += ["", "prefill step (whole prompts)",

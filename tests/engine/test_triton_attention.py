@@ -144,7 +144,7 @@ def assert_backends_agree(batch, window: int | None = None) -> None:
     torch.testing.assert_close(out, expected, **TOLERANCE[q.dtype])
 
 
-def assert_decode_agrees(batch, window: int | None, partition_size: int | None) -> None:
+def assert_decode_agrees(batch, window: int | None, num_partitions: int) -> None:
     """The decode kernels called directly, to choose split-K or not."""
     q, k, v, k_cache, v_cache, meta = batch
     scale = q.shape[-1] ** -0.5
@@ -152,7 +152,7 @@ def assert_decode_agrees(batch, window: int | None, partition_size: int | None) 
     triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     triton_kernels.decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, out,
-                                    scale, window, meta.decode_buckets[-1][2], partition_size)
+                                    scale, window, num_partitions)
     torch.testing.assert_close(out, expected, **TOLERANCE[q.dtype])
 
 
@@ -170,21 +170,22 @@ def test_kv_write_puts_every_token_in_its_slot():
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
-# Contexts of 1, 17 (one past a block) and 100 (several blocks, two key tiles); a partition of 32 tokens splits
-# 17 in one and 100 in four, and leaves the 1-token context's later partitions empty.
+# Contexts of 1, 17 (one past a block) and 100 (several blocks, two key tiles). Four partitions of whole 64-token
+# key tiles split 100 in two (64 + 36) and leave its last two empty, as every partition after the first of the
+# shorter contexts.
 @runs_kernels
-@pytest.mark.parametrize("partition_size", [None, 32], ids=["one-pass", "split-k"])
+@pytest.mark.parametrize("num_partitions", [1, 4], ids=["one-pass", "split-k"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("gqa", [1, 2, 4])
 @pytest.mark.parametrize("context_lens", [[100], [1, 17, 100]], ids=["batch1", "batch3"])
-def test_decode_matches_torch(context_lens, gqa, head_dim, partition_size):
-    assert_decode_agrees(make_batch(decodes(context_lens), gqa, head_dim), None, partition_size)
+def test_decode_matches_torch(context_lens, gqa, head_dim, num_partitions):
+    assert_decode_agrees(make_batch(decodes(context_lens), gqa, head_dim), None, num_partitions)
 
 
 @runs_kernels
-@pytest.mark.parametrize("partition_size", [None, 32], ids=["one-pass", "split-k"])
-def test_decode_sliding_window_matches_torch(partition_size):
-    assert_decode_agrees(make_batch(decodes([1, 17, 100]), 2, 64), 20, partition_size)
+@pytest.mark.parametrize("num_partitions", [1, 4], ids=["one-pass", "split-k"])
+def test_decode_sliding_window_matches_torch(num_partitions):
+    assert_decode_agrees(make_batch(decodes([1, 17, 100]), 2, 64), 20, num_partitions)
 
 
 # A chunk after a 40-token cached prefix, a fresh 17-token prompt and two decodes, in one step, as the runner
@@ -198,10 +199,11 @@ def test_mixed_chunked_prefill_and_decode_batch_matches_torch(gqa, head_dim, win
 
 
 def test_split_k_only_where_a_gpu_would_idle():
-    assert triton_backend.partition_size(num_programs=8, max_context_len=4096) == triton_backend.PARTITION
-    assert triton_backend.partition_size(num_programs=8, max_context_len=256) is None  # one partition anyway
-    assert triton_backend.partition_size(num_programs=256 * 8, max_context_len=4096) is None  # enough programs
-    assert triton_backend.partition_size(num_programs=8, max_context_len=64_000) == 2048  # at most 32 partitions
+    assert triton_backend.num_partitions(num_programs=8, max_context_len=4096) == 32  # at most 32
+    assert triton_backend.num_partitions(num_programs=128, max_context_len=64_000) == 4  # 512 programs in all
+    assert triton_backend.num_partitions(num_programs=8, max_context_len=256) == 2  # none under 128 tokens
+    assert triton_backend.num_partitions(num_programs=8, max_context_len=100) == 1
+    assert triton_backend.num_partitions(num_programs=256 * 8, max_context_len=4096) == 1  # enough programs
 
 
 @gpu
@@ -212,9 +214,9 @@ def test_split_k_only_where_a_gpu_would_idle():
 def test_full_grid_on_gpu(gqa, head_dim, dtype):
     lens = [1, 17, 100, 1000, 1023, 4097, 8192]
     for seed, batch in enumerate([[8192], lens, [random.Random(b).randint(1, 8192) for b in range(33)]]):
-        for partition_size in (None, 512, triton_backend.partition_size(len(batch) * NUM_KV_HEADS, max(batch))):
-            assert_decode_agrees(make_batch(decodes(batch), gqa, head_dim, dtype, seed), None, partition_size)
-        assert_decode_agrees(make_batch(decodes(batch), gqa, head_dim, dtype, seed), 4096, 512)
+        for num_partitions in (1, 16, triton_backend.num_partitions(len(batch) * NUM_KV_HEADS, max(batch))):
+            assert_decode_agrees(make_batch(decodes(batch), gqa, head_dim, dtype, seed), None, num_partitions)
+        assert_decode_agrees(make_batch(decodes(batch), gqa, head_dim, dtype, seed), 4096, 16)
     for chunks in ([(8192, 8192)], [(192, 8192), (1000, 1000), (1, 300), (1, 8000)]):
         for window in (None, 4096):
             assert_backends_agree(make_batch(chunks, gqa, head_dim, dtype), window)

@@ -8,8 +8,9 @@ graph, and a batch of n sequences runs the graph of the smallest captured size b
 The b - n padding rows decode token 0 at position 0: their K/V go to the cache's padding block, one block past the
 blocks the scheduler hands out, and they attend over that block alone, so they never touch a sequence's blocks.
 Every step rewrites its padding rows: rows left over from a larger earlier batch would otherwise write into blocks
-that may now belong to another sequence. The attention grid is fixed at capture, so a graph attends up to
-`max_context` tokens, and the programs past a sequence's own length do nothing.
+that may now belong to another sequence. The attention grid is fixed at capture, so a graph splits each context
+into as many partitions as `max_context` tokens would take, and the decode kernel sizes them to each sequence's own
+length.
 
 A graph records `run`, the eager padded step; CPU tests run that without graphs to check the padding.
 """

@@ -10,20 +10,18 @@ import triton
 from workers.engine.attention import triton_kernels
 from workers.engine.attention.metadata import AttentionMetadata
 
-# Split-K for decode. A batch of fewer (sequence, KV head) programs than this leaves an H100's 132 SMs short of
-# work over a long context, so each context is cut into partitions of at least PARTITION tokens, at most
-# MAX_PARTITIONS of them. Untuned starting points: `tandem bench kernels` on a GPU is where to tune them.
+# Split-K for decode. A batch of fewer (sequence, KV head) programs than MIN_PROGRAMS leaves an H100's 132 SMs short
+# of work over a long context, so each context is cut into partitions, each attended by a program of its own: as
+# many as bring the batch to MIN_PROGRAMS, none shorter than MIN_PARTITION tokens, at most MAX_PARTITIONS.
+# Untuned starting points: `tandem bench kernels` on a GPU is where to tune them.
 MIN_PROGRAMS = 512
-PARTITION = 512
+MIN_PARTITION = 128
 MAX_PARTITIONS = 32
 
 
-def partition_size(num_programs: int, max_context_len: int) -> int | None:
-    """Tokens per decode partition, or None to attend each context in one program."""
-    if num_programs >= MIN_PROGRAMS or max_context_len <= PARTITION:
-        return None
-    tiles = triton.cdiv(triton.cdiv(max_context_len, MAX_PARTITIONS), triton_kernels.BLOCK_N)
-    return max(PARTITION, tiles * triton_kernels.BLOCK_N)
+def num_partitions(num_programs: int, max_context_len: int) -> int:
+    """Partitions per decode context (1: each context in one program)."""
+    return max(1, min(MAX_PARTITIONS, triton.cdiv(MIN_PROGRAMS, num_programs), max_context_len // MIN_PARTITION))
 
 
 class TritonAttentionBackend:
@@ -46,5 +44,5 @@ class TritonAttentionBackend:
             max_len = meta.decode_buckets[-1][2]  # decodes come sorted by context length
             triton_kernels.decode_attention(q[n:], k_cache, v_cache, meta.decode_block_tables,
                                             meta.decode_context_lens, out[n:], self.scale, self.sliding_window,
-                                            max_len, partition_size(meta.num_decodes * k_cache.shape[2], max_len))
+                                            num_partitions(meta.num_decodes * k_cache.shape[2], max_len))
         return out

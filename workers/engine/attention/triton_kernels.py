@@ -70,7 +70,7 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, start, h
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-                   block_size, head_dim, group, num_heads, partition_size, num_partitions,
+                   block_size, head_dim, group, num_heads, num_partitions,
                    SPLIT: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """Program (sequence, KV head, partition) attends the one new query of every query head in the KV head's
@@ -80,12 +80,17 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
     read once per KV head rather than once per query head (a GQA ratio of 4 reads a quarter as much), and the
     group's rows (padded to BLOCK_G >= 16) give tl.dot the tile height it needs. Without SPLIT there is a single
     partition and the program writes the normalised output; with SPLIT it writes its unnormalised output, max and
-    sum for _reduce_kernel, so a long context spreads over many programs even at batch 1."""
+    sum for _reduce_kernel, so a long context spreads over many programs even at batch 1.
+
+    A partition's length follows its own sequence's context (whole key tiles, num_partitions of them cover it),
+    not the batch's longest: a CUDA graph fixes the grid for the longest context it may meet, and every
+    sequence still spreads over all its programs. Partitions past a short context attend nothing."""
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     q_pos = tl.zeros([BLOCK_G], tl.int64) + context_len - 1
-    lo = part * partition_size
-    hi = tl.minimum(lo + partition_size, context_len)
+    partition_len = tl.cdiv(tl.cdiv(context_len, num_partitions), BLOCK_N) * BLOCK_N
+    lo = part * partition_len
+    hi = tl.minimum(lo + partition_len, context_len)
     if WINDOW > 0:
         lo = tl.maximum(lo, context_len - WINDOW)
     g = tl.arange(0, BLOCK_G)
@@ -181,23 +186,22 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, out: torch.Tensor, scale: float, window: int | None,
-                     max_context_len: int, partition_size: int | None) -> None:
+                     num_partitions: int) -> None:
     """out[i] = attention of q[i] (one token per sequence, at position context_lens[i] - 1) over its context.
 
-    partition_size (in tokens) splits each context into partitions attended by separate programs and
-    combined by a second kernel; None attends each context in one program."""
+    num_partitions > 1 splits each context into that many partitions attended by separate programs and combined
+    by a second kernel; 1 attends each context in one program."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    split = partition_size is not None and max_context_len > partition_size
-    num_partitions = triton.cdiv(max_context_len, partition_size) if split else 1
+    split = num_partitions > 1
     partials = [torch.empty((num_seqs, num_heads, num_partitions, *extra), dtype=torch.float32, device=q.device)
                 for extra in ((), (), (head_dim,))] if split else [out] * 3
     block_d = triton.next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, out, *partials, scale * LOG2E, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), *k_cache.stride()[:3], k_cache.shape[1], head_dim,
-        group, num_heads, partition_size if split else max_context_len, num_partitions,
+        group, num_heads, num_partitions,
         SPLIT=split, WINDOW=window or 0, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         BLOCK_D=block_d)
     if split:
