@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The checks only a GPU can run, in about 7 minutes, on a machine with torch, triton, transformers and pytest but
+# The checks only a GPU can run, in about 6 minutes, on a machine with torch, triton, transformers and pytest but
 # no Ray, no gRPC extras and no network (the lent H100/H200): run from the repository root, it writes every log
-# and JSON file under $OUT (at most 8 files) and prints a summary last.
+# and JSON file under $OUT (8 files: a log per stage, two JSON files, summary.txt with the machine and each
+# stage's exit) and prints a summary last.
 #
-#   1. the `gpu`-marked tests: CUDA-graph decode vs eager vs HF (float32 tokens equal; the bfloat16 agreement
-#      rate), and the Triton kernels' full grid against the torch backend;
-#   2. `tandem bench kernels`: decode attention vs the torch backend vs the roofline;
+#   1. the fused elementwise kernels (tests/engine/test_triton_ops.py) against the torch ops, compiled;
+#   2. the `gpu`-marked CUDA-graph tests: graph decode vs eager vs HF (float32 tokens equal; the bfloat16
+#      agreement rate);
 #   3. `tandem bench engine --device cuda --random-weights llama-3.1-8b`: decode and prefill against the roofline,
-#      offline throughput against HF transformers.
+#      offline throughput against HF transformers;
+#   4. `tandem bench kernels`: decode attention vs the torch backend vs the roofline;
+#   5. the Triton attention kernels' full grid against the torch backend (last: the longest, and the least likely
+#      to change between runs).
 #
 # The benches run as `python -m`/`python -c` on their own modules: `python -m cluster.cli` would import the gRPC
 # client, whose packages such a machine lacks. Each stage has its own time limit; a stage that fails or runs out
@@ -47,19 +51,21 @@ stage() {  # stage NAME SECONDS LINES COMMAND...: runs COMMAND with a time limit
     "$PYTHON" -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__,
 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0)); print('triton',
 triton.__version__, 'transformers', transformers.__version__)"
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} >"$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
 
-stage gpu-tests 150 20 "$PYTHON" -m pytest -m gpu -p no:cacheprovider -rA -s --junitxml="$OUT/gpu-tests.xml" \
-    tests/engine/test_cuda_graphs.py tests/engine/test_triton_attention.py
-stage bench-kernels 60 16 "$PYTHON" -c "import argparse, sys
+pytest=("$PYTHON" -m pytest -p no:cacheprovider -rA -s --durations=15)
+stage fused-ops 60 8 "${pytest[@]}" tests/engine/test_triton_ops.py
+stage gpu-tests 100 12 "${pytest[@]}" -m gpu tests/engine/test_cuda_graphs.py
+stage bench-engine 150 45 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
+    --json "$OUT/engine.json"
+stage bench-kernels 40 14 "$PYTHON" -c "import argparse, sys
 from cluster.bench import kernels
 parser = argparse.ArgumentParser()
 kernels.add_arguments(parser)
 sys.exit(kernels.run(parser.parse_args(sys.argv[1:])))" --json "$OUT/kernels.json"
-stage bench-engine 240 45 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
-    --json "$OUT/engine.json"
+stage attention-grid 100 20 "${pytest[@]}" -m gpu tests/engine/test_triton_attention.py
 
 echo "== summary"
-printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+printf '%s\n' "${summary[@]}" | tee -a "$OUT/summary.txt"
 exit "$failed"

@@ -11,7 +11,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (normed, new residual); the statistics are taken in float32, as HF does, for parity in bf16."""
+        """Returns (normed, new residual); the statistics are taken in float32, as HF does, for parity in bf16.
+        On CUDA one Triton kernel does it all (triton_ops.py)."""
+        if x.is_cuda:
+            from workers.engine.layers import triton_ops
+
+            return triton_ops.rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         residual = x

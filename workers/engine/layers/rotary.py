@@ -36,7 +36,12 @@ class RotaryEmbedding(nn.Module):
         self.sin = (emb.sin() * scaling).to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]. On CUDA one Triton kernel rotates
+        both, in place (triton_ops.py)."""
+        if q.is_cuda:
+            from workers.engine.layers import triton_ops
+
+            return triton_ops.rotary(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -83,7 +83,12 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"unsupported activation {config.hidden_act!r} (Llama-family models use silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:  # one Triton kernel instead of two torch ops
+            from workers.engine.layers import triton_ops
+
+            return self.down_proj(triton_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,123 @@
+"""The fused Triton kernels for RMSNorm (with the residual add), rotary embedding and SiLU-and-mul compute what the
+layers' torch ops compute on the CPU, which is what HF's models compute.
+
+Inputs are drawn on the CPU and the reference is the layers' own CPU path; the kernels run on CUDA where there is
+one, else under Triton's interpreter (in a child process, as in test_triton_attention.py). Float32 agrees to
+rounding (atol = rtol = 1e-5; the kernels sum squares in another order and use the hardware rsqrt). Bfloat16
+rounds where the torch ops round, so it agrees to one bfloat16 step at most (atol = rtol = 8e-3) in the few
+elements where float32 differences cross a rounding boundary; on the GPU only, since the interpreter's bfloat16
+arithmetic is numpy's emulation.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from transformers import LlamaConfig
+
+from workers.engine.attention import triton_kernels
+from workers.engine.layers import triton_ops
+from workers.engine.layers.norm import RMSNorm
+from workers.engine.layers.rotary import RotaryEmbedding
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=8e-3, rtol=8e-3)}
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+
+runs_kernels = pytest.mark.skipif(not (CUDA or triton_kernels.INTERPRETED),
+                                  reason="no CUDA and no interpreter here: run in a child process by "
+                                         "test_every_case_under_the_interpreter")
+
+
+@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="the kernels run in this process")
+def test_every_case_under_the_interpreter():
+    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                           cwd=Path(__file__).parents[2], env=dict(os.environ, TRITON_INTERPRET="1"),
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-8000:] + child.stderr[-2000:]
+
+
+def randn(*shape, dtype):
+    return torch.randn(*shape).to(dtype)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [96, 4096])  # 96: masked tail of a 128-wide block
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_with_the_residual_add_matches_the_torch_layer(hidden, with_residual, dtype):
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, eps=1e-5).to(dtype)
+    norm.weight.data = randn(hidden, dtype=dtype)
+    x, residual = randn(7, hidden, dtype=dtype) * 3, randn(7, hidden, dtype=dtype) if with_residual else None
+    expected, expected_residual = norm(x, residual)
+    out, new_residual = triton_ops.rms_norm(x.to(DEVICE), None if residual is None else residual.to(DEVICE),
+                                            norm.weight.to(DEVICE), norm.eps)
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
+    assert torch.equal(new_residual.cpu(), expected_residual)  # one rounded add, as torch's
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (6, 2, 80), (32, 8, 128)])
+def test_rotary_rotates_q_and_k_in_place_as_the_torch_layer(heads, kv_heads, head_dim, dtype):
+    """q and k are strided views into one fused qkv output, as the model passes them; v must stay untouched."""
+    torch.manual_seed(head_dim)
+    config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, rope_theta=10000.0)
+    rotary = RotaryEmbedding(config, head_dim, 512, torch.device("cpu"))
+    positions = torch.tensor([0, 1, 17, 300, 511])
+    qkv = randn(5, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    expected_q, expected_k = rotary(positions, q.reshape(5, heads, head_dim), k.reshape(5, kv_heads, head_dim))
+    qkv = qkv.to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    before_v = v.clone()
+    out_q, out_k = triton_ops.rotary(positions.to(DEVICE), q.view(5, heads, head_dim), k.view(5, kv_heads, head_dim),
+                                     rotary.cos.to(DEVICE), rotary.sin.to(DEVICE))
+    torch.testing.assert_close(out_q.cpu(), expected_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(out_k.cpu(), expected_k, **TOLERANCE[dtype])
+    assert out_q.data_ptr() == q.data_ptr() and torch.equal(v, before_v)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [100, 14336])  # 100: one masked tile; 14336: 14 full tiles
+def test_silu_and_mul_matches_torch(width, dtype):
+    torch.manual_seed(width)
+    x = randn(3, 2 * width, dtype=dtype) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(triton_ops.silu_and_mul(x.to(DEVICE)).cpu(), F.silu(gate) * up, **TOLERANCE[dtype])
+
+
+def test_the_cpu_layers_never_load_triton_ops():
+    code = ("import sys, torch; from workers.engine.layers.norm import RMSNorm; "
+            "RMSNorm(8, 1e-5)(torch.ones(2, 8)); "
+            "print(sorted(m for m in sys.modules if m == 'workers.engine.layers.triton_ops'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
+def test_kernels_compile_for_hopper_in_bfloat16():
+    """What the interpreter only emulates, Triton still compiles without a GPU, for an H100 (sm_90)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {"eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "positions_ptr": "*i64"}
+    kernels = [(triton_ops._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096)),
+               (triton_ops._rotary_kernel, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64)),
+               (triton_ops._silu_and_mul_kernel, dict(BLOCK=triton_ops.SILU_BLOCK))]
+    for kernel, constexprs in kernels:
+        signature = {name: "constexpr" if name in constexprs else
+                     types.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(enable_fp_fusion=True))
+        assert compiled.asm["cubin"], kernel
