@@ -86,6 +86,22 @@ def test_prefix_hit_skips_cached_tokens():
     assert b.num_cached_tokens == 8
 
 
+def test_the_prefill_backlog_counts_only_tokens_still_to_compute():
+    """Cached prefixes of waiting prompts are not backlog: the router would otherwise steer a busy prefix away from
+    the replica that holds it."""
+    sched, _ = make(max_num_batched_tokens=6)
+    a = seq(10, "a")
+    sched.add(a)
+    assert sched.num_queued_prefill_tokens() == 10
+    advance(sched, sched.schedule())  # a's first 6 tokens
+    assert sched.num_queued_prefill_tokens() == 4  # the rest of a's prompt
+    advance(sched, sched.schedule())
+    assert sched.num_queued_prefill_tokens() == 0  # a decodes
+    sched.add(seq(10, "b"))  # a's first two blocks are cached: 2 tokens left
+    sched.add(seq(10, "c", start=100))  # nothing cached
+    assert sched.num_queued_prefill_tokens() == 2 + 10
+
+
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
     sched, bm = make(num_blocks=4, max_num_batched_tokens=100)
     a, b = seq(4, "a"), seq(4, "b", start=50)

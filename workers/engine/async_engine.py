@@ -60,7 +60,7 @@ class EngineStats:
     kv_bytes_sent: int = 0  # running totals of rank 0's share of the KV this group moved
     kv_bytes_received: int = 0
     num_kv_transfer_failures: int = 0  # decode role: prompts recomputed because their KV did not arrive
-    num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting whose KV is not computed yet
+    num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting still to compute (cached prefixes not)
     num_finished: int = 0  # running totals over finished requests
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # of those prompt tokens, how many the prefix cache supplied
@@ -185,11 +185,10 @@ class AsyncLLMEngine:
     def _read_stats(self) -> EngineStats:
         eng = self.engine
         sched, bm = eng.scheduler, eng.block_manager
-        queued = sum(s.num_new_tokens for s in sched.waiting) + \
-            sum(s.num_new_tokens for s in sched.running if s.num_new_tokens > 1)
         return EngineStats(len(sched.running), len(sched.waiting), bm.num_free_blocks, bm.num_blocks,
                            len(eng.pinned), len(eng.receiving), len(eng.kv.channels), eng.kv.bytes_sent,
-                           eng.kv.bytes_received, eng.num_transfer_failures, queued, eng.num_finished,
+                           eng.kv.bytes_received, eng.num_transfer_failures, sched.num_queued_prefill_tokens(),
+                           eng.num_finished,
                            eng.num_prompt_tokens, eng.num_cached_prompt_tokens, eng.num_computed_prompt_tokens,
                            eng.num_steps, eng.step_seconds)
 

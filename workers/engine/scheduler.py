@@ -38,6 +38,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to compute: the rest of every prompt being prefilled, and every waiting prompt less
+        the prefix the cache would supply when it is admitted. This is the backlog routers and the autoscaler
+        weigh: counting cached prefixes too would make a replica that holds a busy prefix look the busiest, and
+        push that prefix's requests away from the only replica that has it."""
+        bm = self.block_manager
+        waiting = sum(s.num_new_tokens - (0 if s.num_computed_tokens else len(bm.get_computed_blocks(s)) *
+                                          bm.block_size) for s in self.waiting)
+        return waiting + sum(s.num_new_tokens for s in self.running if s.num_new_tokens > 1)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
