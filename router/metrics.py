@@ -114,6 +114,8 @@ class IngressMetrics:
 _GROUP_METRICS = (
     ("tandem_group_running_seqs", "Sequences the group is running", "gauge", lambda r: r["running_seqs"]),
     ("tandem_group_waiting_seqs", "Sequences waiting in the group's scheduler", "gauge", lambda r: r["waiting_seqs"]),
+    ("tandem_group_pinned_seqs", "Prefilled requests whose KV waits for a decode group to pull it", "gauge",
+     lambda r: r["pinned_seqs"]),
     ("tandem_group_queued_prefill_tokens", "Prompt tokens queued for prefill", "gauge",
      lambda r: r["queued_prefill_tokens"]),
     ("tandem_group_kv_cache_usage_ratio", "Share of the group's KV blocks in use (1 - free/total)", "gauge",

@@ -98,10 +98,14 @@ class EngineServer:
         return await self.group.stats()
 
     async def record_routing_stats(self) -> dict[str, float]:
-        """The load the request router weighs this replica by, polled by Serve every second."""
+        """The load the request router weighs this replica by, polled by Serve every second. Its sequences are
+        every request the group holds work for: running, waiting to run, and (a prefill group) pinned until a
+        decode group pulls their KV. A prefill group bound by KV transfers has nothing running and a queue of
+        pinned requests; counted without them it looked idle, and a replica added beside it got no work."""
         stats = await self.group.stats()
         return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
-                "queued_prefill_tokens": stats.num_queued_prefill_tokens, "running_seqs": stats.num_running}
+                "queued_prefill_tokens": stats.num_queued_prefill_tokens,
+                "running_seqs": stats.num_running + stats.num_waiting + stats.num_pinned}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The signals cluster/autoscaling.py scales the pools by, polled by Serve; it averages each over its

@@ -80,8 +80,8 @@ def test_each_instance_has_its_own_registry():
 
 def report(role: str, **overrides) -> dict:
     load = dict(role=role, running_seqs=3, queued_prefill_tokens=120, free_blocks=48, total_blocks=64,
-                waiting_seqs=2, finished=10, prompt_tokens=400, cached_prompt_tokens=100, kv_bytes_sent=0,
-                kv_bytes_received=0, kv_transfer_failures=0)
+                waiting_seqs=2, pinned_seqs=4, finished=10, prompt_tokens=400, cached_prompt_tokens=100,
+                kv_bytes_sent=0, kv_bytes_received=0, kv_transfer_failures=0)
     return {**load, **overrides}
 
 
@@ -110,6 +110,7 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     assert got[("tandem_group_queued_prefill_tokens", p1)] == 120
     assert got[("tandem_group_running_seqs", p1)] == 3
     assert got[("tandem_group_waiting_seqs", p1)] == 2
+    assert got[("tandem_group_pinned_seqs", p1)] == 4
     assert got[("tandem_group_kv_cache_usage_ratio", p1)] == 0.25
     assert got[("tandem_group_kv_cache_usage_ratio", d1)] == 0.75
     assert got[("tandem_group_prefix_cache_hit_rate", p1)] == 0.25

@@ -196,7 +196,8 @@ class AsyncLLMEngine:
         stats = self._read_stats()
         self._load = {"running_seqs": stats.num_running, "queued_prefill_tokens": stats.num_queued_prefill_tokens,
                       "free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
-                      "waiting_seqs": stats.num_waiting, "finished": stats.num_finished,
+                      "waiting_seqs": stats.num_waiting, "pinned_seqs": stats.num_pinned,
+                      "finished": stats.num_finished,
                       "prompt_tokens": stats.num_prompt_tokens, "cached_prompt_tokens": stats.num_cached_prompt_tokens,
                       "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
                       "kv_transfer_failures": stats.num_kv_transfer_failures}
