@@ -102,6 +102,22 @@ def test_the_prefill_backlog_counts_only_tokens_still_to_compute():
     assert sched.num_queued_prefill_tokens() == 2 + 10
 
 
+def test_a_prompt_waits_for_the_blocks_a_running_prefill_is_computing_and_others_go_ahead():
+    sched, _ = make(max_num_batched_tokens=8)
+    a = seq(13, "a")
+    sched.add(a)
+    advance(sched, sched.schedule())  # a's first 8 tokens: blocks 0 and 1 cached
+    b = seq(13, "b")  # the same prompt
+    c = seq(5, "c", start=100)  # nothing in common
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()  # a computes its last 5 tokens, block 2 among them
+    assert out.scheduled == [(a, 5), (c, 3)]  # b would compute block 2 a second time: it waits, c goes ahead
+    advance(sched, out)
+    out = sched.schedule()
+    assert (b, 1) in out.scheduled and b.num_cached_tokens == 12  # every block from the cache
+
+
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
     sched, bm = make(num_blocks=4, max_num_batched_tokens=100)
     a, b = seq(4, "a"), seq(4, "b", start=50)

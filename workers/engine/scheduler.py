@@ -73,9 +73,17 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        """Admits waiting sequences in order while blocks, budget and seats last. A sequence whose next uncached
+        block a running prefill is computing right now waits for it (those behind it go ahead): admitted at once
+        it would compute the same blocks a second time, as a burst of requests on a new system prompt would,
+        each missing the cache the first is filling."""
+        in_progress = self._blocks_in_progress()
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
             computed = self.block_manager.get_computed_blocks(seq)
+            if self._awaits(seq, len(computed), in_progress):
+                continue
             num_computed = len(computed) * self.block_manager.block_size
             num_new = seq.num_tokens - num_computed
             if num_new > budget:
@@ -86,7 +94,7 @@ class Scheduler:
                     return
             if not self.block_manager.allocate_slots(seq, num_new, computed):
                 return
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.num_computed_tokens = num_computed
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_computed
@@ -94,6 +102,19 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, num_new))
             budget -= num_new
+
+    def _blocks_in_progress(self) -> set:
+        """Hashes of the full blocks running prefills have yet to finish computing."""
+        if not self.block_manager.enable_prefix_caching:
+            return set()
+        size = self.block_manager.block_size
+        return {h for seq in self.running if seq.num_new_tokens > 1
+                for h in seq.block_hashes[seq.num_computed_tokens // size:]}
+
+    def _awaits(self, seq: Sequence, num_cached_blocks: int, in_progress: set) -> bool:
+        """Whether the next block the sequence could take from the cache is one a running prefill is computing."""
+        usable = min(len(seq.block_hashes), (seq.num_tokens - 1) // self.block_manager.block_size)
+        return num_cached_blocks < usable and seq.block_hashes[num_cached_blocks] in in_progress
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
