@@ -118,6 +118,17 @@ def test_a_prompt_waits_for_the_blocks_a_running_prefill_is_computing_and_others
     assert (b, 1) in out.scheduled and b.num_cached_tokens == 12  # every block from the cache
 
 
+def test_twins_arriving_together_compute_their_prompt_once():
+    sched, _ = make(max_num_batched_tokens=100)
+    a, b = seq(13, "a"), seq(13, "b")
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert out.scheduled == [(a, 13)]
+    advance(sched, out)
+    assert (b, 1) in sched.schedule().scheduled and b.num_cached_tokens == 12
+
+
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
     sched, bm = make(num_blocks=4, max_num_batched_tokens=100)
     a, b = seq(4, "a"), seq(4, "b", start=50)

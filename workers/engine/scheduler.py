@@ -102,13 +102,14 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, num_new))
             budget -= num_new
+            in_progress |= self._blocks_in_progress([seq])  # a twin behind it in the queue waits for it too
 
-    def _blocks_in_progress(self) -> set:
-        """Hashes of the full blocks running prefills have yet to finish computing."""
+    def _blocks_in_progress(self, seqs: list[Sequence] | None = None) -> set:
+        """Hashes of the full blocks the running prefills (or `seqs`) have yet to finish computing."""
         if not self.block_manager.enable_prefix_caching:
             return set()
         size = self.block_manager.block_size
-        return {h for seq in self.running if seq.num_new_tokens > 1
+        return {h for seq in (self.running if seqs is None else seqs) if seq.num_new_tokens > 1
                 for h in seq.block_hashes[seq.num_computed_tokens // size:]}
 
     def _awaits(self, seq: Sequence, num_cached_blocks: int, in_progress: set) -> bool:
