@@ -271,9 +271,14 @@ def test_cancelling_mid_stream_frees_every_block_on_both_pools(stub):
 
 
 def test_a_passed_deadline_aborts_the_request_and_frees_its_blocks(stub):
+    """The deadline passes while the request decodes: 512 tokens take the tiny model about 2 s on an idle machine
+    (it streamed 400 within 1.5 s once), the deadline is 1 s."""
+    longest = pb.SamplingParams(max_tokens=512, temperature=0.0, ignore_eos=True)
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(600, 660))), sampling=longest),
+                         timeout=1.0)
+    next(call)  # decoding
     with pytest.raises(grpc.RpcError) as raised:
-        list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(600, 660))), sampling=LONG),
-                           timeout=1.5))
+        list(call)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_no_blocks_held()
 

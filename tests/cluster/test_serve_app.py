@@ -22,6 +22,9 @@ from workers.kv.hashing import hash_full_blocks
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+# Below Linux's ephemeral range (32768-60999): the default 50051 lies in it, where any outgoing connection on the
+# machine can hold it for a moment, and did once in CI.
+GRPC_PORT = 16071
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def model(tiny_model_factory):
 @pytest.fixture(scope="module")
 def ingress(model, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
-                           prefill=PoolConfig(replicas=2), redis_url=redis_url)
+                           prefill=PoolConfig(replicas=2), redis_url=redis_url, grpc_port=GRPC_PORT)
     handle = serve.run(build_app(config), name="tandem-test", route_prefix=None)
     yield handle
     serve.delete("tandem-test")

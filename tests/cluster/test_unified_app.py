@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 def test_unified_cluster_gives_hfs_tokens_and_reuses_its_prefix_cache(tiny_model_factory, redis_url):
     model = str(tiny_model_factory("llama"))
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
-                           redis_url=redis_url)
+                           redis_url=redis_url, grpc_port=16072)  # not 50051, in the ephemeral port range
     ingress = serve.run(build_app(config), name="tandem-unified", route_prefix=None)
     prompt = [(11 * j) % 49152 for j in range(40)]
 
