@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
 
+from tests.engine.triton_checks import compile_for_hopper, modules_imported
 from tests.hf_reference import hf_greedy
 from workers.engine.attention import triton_backend, triton_kernels
 from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
@@ -56,9 +56,6 @@ def test_every_case_under_the_interpreter():
 def test_kernels_compile_for_hopper_in_bfloat16():
     """What the interpreter only emulates, Triton still compiles without a GPU (to a cubin, with the ptxas it
     ships): tl.dot's minimum tile sizes, loop and pointer types, and shared memory within an H100's 227 KiB."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     types = {"qk_scale": "fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "slot_ptr": "*i64",
              "tables_ptr": "*i64", "table_ptr": "*i64", "context_lens_ptr": "*i64"}
     kernels = [(triton_kernels._write_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
@@ -66,20 +63,14 @@ def test_kernels_compile_for_hopper_in_bfloat16():
                (triton_kernels._reduce_kernel, dict(BLOCK_P=16, BLOCK_D=128)),
                (triton_kernels._prefill_kernel, dict(WINDOW=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128))]
     for kernel, constexprs in kernels:
-        signature = {name: "constexpr" if name in constexprs else
-                     types.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(enable_fp_fusion=True))  # the default; set so Triton 3.9 does not warn
+        compiled = compile_for_hopper(kernel, constexprs, types)
         assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024, kernel
 
 
 def test_the_torch_backend_never_loads_the_triton_modules():
-    code = ("import sys; from workers.engine.attention.backend import get_attention_backend; "
-            "get_attention_backend('torch', 0.125, None); "
-            "print(sorted(m for m in sys.modules if m.startswith(('triton', 'workers.engine.attention.triton'))))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                          timeout=120)
-    assert done.stdout.strip() == "[]", done.stderr
+    code = ("from workers.engine.attention.backend import get_attention_backend; "
+            "get_attention_backend('torch', 0.125, None)")
+    assert modules_imported(code, ("triton", "workers.engine.attention.triton")) == []
 
 
 def block_tables(context_lens: list[int], rng: random.Random) -> tuple[list[list[int]], int]:

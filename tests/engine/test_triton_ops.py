@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 from transformers import LlamaConfig
 
+from tests.engine.triton_checks import compile_for_hopper, modules_imported
 from workers.engine.attention import triton_kernels
 from workers.engine.layers import triton_ops
 from workers.engine.layers.norm import RMSNorm
@@ -104,28 +104,18 @@ def test_silu_and_mul_matches_torch(width, dtype):
 
 
 def test_the_cpu_layers_never_load_triton_ops():
-    code = ("import sys, torch; from workers.engine.layers.norm import RMSNorm; "
-            "RMSNorm(8, 1e-5)(torch.ones(2, 8)); "
-            "print(sorted(m for m in sys.modules if m == 'workers.engine.layers.triton_ops'))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                          timeout=120)
-    assert done.stdout.strip() == "[]", done.stderr
+    code = "import torch; from workers.engine.layers.norm import RMSNorm; RMSNorm(8, 1e-5)(torch.ones(2, 8))"
+    assert modules_imported(code, ("workers.engine.layers.triton_ops",)) == []
 
 
 @pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
 def test_kernels_compile_for_hopper_without_bfloat16_fmas():
     """What the interpreter only emulates, Triton still compiles without a GPU, for an H100 (sm_90), with the options
     each kernel is launched with. A bfloat16 FMA would skip the rounding of a product that the torch ops round."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     types = {"eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "positions_ptr": "*i64"}
     kernels = [(triton_ops._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096), {}),
                (triton_ops._rotary_kernel, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64), triton_ops.ROTARY_OPTIONS),
                (triton_ops._silu_and_mul_kernel, dict(BLOCK=triton_ops.SILU_BLOCK), {})]
     for kernel, constexprs, options in kernels:
-        signature = {name: "constexpr" if name in constexprs else
-                     types.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(dict(enable_fp_fusion=True), **options))
+        compiled = compile_for_hopper(kernel, constexprs, types, options)
         assert compiled.asm["cubin"] and "fma.rn.bf16" not in compiled.asm["ptx"], kernel
