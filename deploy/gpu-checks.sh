@@ -8,7 +8,7 @@
 #   2. the `gpu`-marked CUDA-graph tests: graph decode vs eager vs HF (float32 tokens equal; the bfloat16
 #      agreement rate);
 #   3. `tandem bench engine --device cuda --random-weights llama-3.1-8b`: decode and prefill against the roofline,
-#      offline throughput against HF transformers;
+#      offline throughput against HF transformers, and a batch-1 decode step's kernels by time;
 #   4. `tandem bench kernels`: decode attention vs the torch backend vs the roofline;
 #   5. the Triton attention kernels' full grid against the torch backend (last: the longest, and the least likely
 #      to change between runs).
@@ -57,7 +57,7 @@ cat "$OUT/summary.txt"
 pytest=("$PYTHON" -m pytest -p no:cacheprovider -rA -s --durations=15)
 stage fused-ops 60 8 "${pytest[@]}" tests/engine/test_triton_ops.py
 stage gpu-tests 100 12 "${pytest[@]}" -m gpu tests/engine/test_cuda_graphs.py
-stage bench-engine 150 45 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
+stage bench-engine 150 62 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
     --json "$OUT/engine.json"
 stage bench-kernels 40 14 "$PYTHON" -c "import argparse, sys
 from cluster.bench import kernels

@@ -7,7 +7,8 @@ Three measurements in one run and one process, each next to the figure it is hel
   run eagerly beside it, which is what the graphs save;
 - prefill throughput on whole prompts against 2 x (matmul parameters) x tokens FLOPs at the matmul rate measured
   in the same run, in the engine's dtype (attention's own FLOPs, ~4% at 2k tokens, are not counted);
-- offline throughput on a mixed workload against HF transformers (sdpa, left-padded batches) on the same device.
+- offline throughput on a mixed workload against HF transformers (sdpa, left-padded batches) on the same device;
+and, to show where batch-1 decode time goes, one eager step under the profiler, its kernels by time.
 
 Decode and prefill steps are timed on the engine's model runner itself: one `execute` (inputs, forward pass,
 sampling) of sequences whose blocks are scattered over the whole cache, as after hours of serving. Their K/V hold
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace, log: Log) -> int:
     runner = llm.engine.runner
     rng = random.Random(args.seed)
     decode = _decode_rows(runner, sizes, bandwidth, rng, log)
+    breakdown = _kernel_breakdown(runner, sizes.context_lens[0], decode, rng, log)
     prefill = _prefill_rows(runner, sizes, matmul, rng, log)
     offline = _offline(llm, prompts, sizes.output_tokens, hf, log)
     verdicts = _targets(decode, prefill, offline)
@@ -86,12 +88,13 @@ def run(args: argparse.Namespace, log: Log) -> int:
              f"on {_device_name(device)}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, matmul "
              f"{matmul / 1e12:.3g} TFLOP/s; decode " + (f"CUDA graphs up to batch {graphs[-1]}" if graphs else "eager"))
     print(format_report(title, meaningful, decode, prefill, offline, verdicts))
+    print(format_breakdown(breakdown))
     doc = dict(config=dict(dataclasses.asdict(sizes), model=str(folder), random_weights=args.random_weights,
                            dtype=str(dtype), tandem_engine=dataclasses.asdict(llm.engine.config),
                            num_kv_blocks=runner.num_kv_blocks, graph_batch_sizes=graphs),
                machine=dict(machine_info(), device=_device_name(device)), times_meaningful=meaningful,
                bandwidth_gb_s=bandwidth / 1e9, matmul_tflop_s=matmul / 1e12, decode=decode, prefill=prefill,
-               offline=offline, targets=[t.as_dict() for t in verdicts])
+               offline=offline, batch1_breakdown=breakdown, targets=[t.as_dict() for t in verdicts])
     path = Path(args.json or "bench-results/engine-roofline.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -201,6 +204,51 @@ def _decode_rows(runner, sizes: Sizes, bandwidth: float, rng: random.Random, log
                     runner.decode_graphs = graphs
             rows.append(row)
     return rows
+
+
+def _kernel_breakdown(runner, context_len: int, decode: list[dict], rng: random.Random, log: Log) -> dict:
+    """Where a batch-1 decode step's time goes: one eager step under the profiler, its device work by kernel
+    (launches and time; on a CPU, its ops' own time). A CUDA graph replays the same kernels, so the graph step's
+    time less the kernels' sum is what passes between them (launch gaps, the host's part of the step)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    log(f"profiling one eager decode step: batch 1, context {context_len}")
+    cuda = runner.device.type == "cuda"
+    step = [(seq, 1) for seq in _sequences(runner, 1, context_len, context_len - 1, rng)]
+    graphs, runner.decode_graphs = runner.decode_graphs, None
+    try:
+        runner.execute(step)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            runner.execute(step)
+            if cuda:
+                torch.cuda.synchronize()
+    except RuntimeError as e:  # the profiler needs CUPTI, which a machine may lack: the rest of the run stands
+        return dict(context_len=context_len, error=f"{type(e).__name__}: {e}")
+    finally:
+        runner.decode_graphs = graphs
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    own_us = [(e.self_device_time_total if cuda else e.self_cpu_time_total, e) for e in events]
+    own_us = sorted(((us, e) for us, e in own_us if us > 0), key=lambda item: -item[0])
+    graph_ms = next((r["step_ms"] for r in decode if r["batch"] == 1 and r["context_len"] == context_len
+                     and "step_ms" in r), None)
+    return dict(context_len=context_len, device="kernels" if cuda else "cpu ops",
+                launches=sum(e.count for _, e in own_us), device_ms=sum(us for us, _ in own_us) / 1e3,
+                step_ms=graph_ms, top=[dict(name=e.key[:80], count=e.count, ms=us / 1e3) for us, e in own_us[:12]])
+
+
+def format_breakdown(b: dict) -> str:
+    if "error" in b:
+        return f"\nbatch-1 decode step, context {b['context_len']}: not profiled ({b['error']})"
+    lines = ["", f"batch-1 decode step, context {b['context_len']}, profiled eagerly: {b['launches']} {b['device']} "
+                 f"taking {b['device_ms']:.3f} ms" + (f"; the measured step takes {b['step_ms']:.3f} ms"
+                                                        if b["step_ms"] else ""),
+             f"{'ms':>8}  {'count':>5}  name"]
+    lines += [f"{t['ms']:>8.3f}  {t['count']:>5}  {t['name']}" for t in b["top"]]
+    return "\n".join(lines)
 
 
 def _prefill_rows(runner, sizes: Sizes, matmul: float, rng: random.Random, log: Log) -> list[dict]:

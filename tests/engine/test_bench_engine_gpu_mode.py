@@ -43,6 +43,15 @@ def test_every_decode_row_is_timed_against_its_roofline_or_says_why_not(bench):
     assert all(rows[key]["step_ms"] > 0 for key in [(1, 32), (4, 32), (1, 64)])
 
 
+def test_a_batch_1_step_is_broken_down_by_what_runs_in_it(bench):
+    breakdown = bench["batch1_breakdown"]
+    assert breakdown["context_len"] == SMOKE.context_lens[0] and breakdown["device"] == "cpu ops"
+    assert breakdown["launches"] >= sum(t["count"] for t in breakdown["top"]) > 0
+    assert breakdown["device_ms"] >= sum(t["ms"] for t in breakdown["top"]) > 0
+    assert "aten::mm" in {t["name"] for t in breakdown["top"]}  # the projections
+    assert "profiled eagerly" in bench["stdout"]
+
+
 def test_prefill_is_held_to_two_flops_per_matmul_parameter_and_token(bench):
     (row,) = bench["prefill"]
     assert (row["prompts"], row["tokens"], row["matmul_params"]) == (1, SMOKE.prefill_len, 2 * LAYER_MATMUL_PARAMS)
