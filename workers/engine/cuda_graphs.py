@@ -17,7 +17,7 @@ A graph records `run`, the eager padded step; CPU tests run that without graphs 
 
 import torch
 
-from workers.engine.attention.metadata import AttentionMetadata
+from workers.engine.attention.metadata import AttentionMetadata, pad_block_tables
 from workers.engine.sequence import Sequence
 
 
@@ -75,8 +75,8 @@ class DecodeGraphs:
         ]))
         # Table columns past a row's own blocks keep older values: the kernels read no block past a context's end.
         width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [self.padding_block] * (width - len(seq.block_table)) for seq in seqs]
-        self.block_tables[:size, :width].copy_(torch.tensor(tables + [[self.padding_block] * width] * pad))
+        self.block_tables[:size, :width].copy_(pad_block_tables([seq.block_table for seq in seqs], width,
+                                                                self.padding_block, rows=size))
         return size
 
     def run(self, size: int) -> torch.Tensor:

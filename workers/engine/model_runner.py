@@ -25,6 +25,7 @@ from workers.engine.attention.metadata import (
     AttentionMetadata,
     PrefillMeta,
     decode_buckets,
+    pad_block_tables,
 )
 from workers.engine.config import CacheConfig, EngineConfig
 from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -226,13 +227,11 @@ class ModelRunner:
         num_prefill_tokens = sum(p.query_len for p in prefills)
         context_lens = [seq.num_computed_tokens + 1 for seq in decodes]
         max_blocks = max((len(seq.block_table) for seq in decodes), default=0)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in decodes]
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(self.device),
             prefills=prefills,
             num_prefill_tokens=num_prefill_tokens,
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=self.device).view(len(decodes),
-                                                                                               max_blocks),
+            decode_block_tables=pad_block_tables([seq.block_table for seq in decodes], max_blocks, 0).to(self.device),
             decode_context_lens=torch.tensor(context_lens, dtype=torch.long, device=self.device),
             decode_buckets=decode_buckets(context_lens),
         )
