@@ -19,6 +19,7 @@ Without CUDA it runs a tiny shape in float32: a smoke test of the command, whose
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -199,11 +200,20 @@ def _decode_rows(runner, sizes: Sizes, bandwidth: float, rng: random.Random, log
                 step = [(seq, 1) for seq in _sequences(runner, batch, context_len, context_len - 1, rng)]
                 row["step_ms"] = _step_s(runner, step, sizes.decode_repeats) * 1e3
                 if runner.decode_graphs is not None:  # the same step without graphs: what they save
-                    graphs, runner.decode_graphs = runner.decode_graphs, None
-                    row["eager_step_ms"] = _step_s(runner, step, sizes.decode_repeats) * 1e3
-                    runner.decode_graphs = graphs
+                    with _eager(runner):
+                        row["eager_step_ms"] = _step_s(runner, step, sizes.decode_repeats) * 1e3
             rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def _eager(runner):
+    """Runs the runner's decode steps without its CUDA graphs for the duration."""
+    graphs, runner.decode_graphs = runner.decode_graphs, None
+    try:
+        yield
+    finally:
+        runner.decode_graphs = graphs
 
 
 def _kernel_breakdown(runner, context_len: int, decode: list[dict], rng: random.Random, log: Log) -> dict:
@@ -217,18 +227,16 @@ def _kernel_breakdown(runner, context_len: int, decode: list[dict], rng: random.
     log(f"profiling one eager decode step: batch 1, context {context_len}")
     cuda = runner.device.type == "cuda"
     step = [(seq, 1) for seq in _sequences(runner, 1, context_len, context_len - 1, rng)]
-    graphs, runner.decode_graphs = runner.decode_graphs, None
     try:
-        runner.execute(step)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
+        with _eager(runner):
             runner.execute(step)
-            if cuda:
-                torch.cuda.synchronize()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                runner.execute(step)
+                if cuda:
+                    torch.cuda.synchronize()
     except RuntimeError as e:  # the profiler needs CUPTI, which a machine may lack: the rest of the run stands
         return dict(context_len=context_len, error=f"{type(e).__name__}: {e}")
-    finally:
-        runner.decode_graphs = graphs
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind]
     own_us = [(e.self_device_time_total if cuda else e.self_cpu_time_total, e) for e in events]
