@@ -38,6 +38,7 @@ from workers.engine.outputs import RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import check_request, prompt_token_ids
 from workers.kv.hashing import hash_full_blocks
+from workers.replica_logging import use_serve_logging
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Ingress:
         prefill pool, decides per request who prefills from the KV index and those loads; otherwise every
         request takes the prefill pool. With `grpc_port` the replica serves the gRPC API there once Serve has
         built it."""
+        use_serve_logging()
         self.prefill = prefill
         self.decode = decode
         self.model = model

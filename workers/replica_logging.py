@@ -1,0 +1,22 @@
+"""Tandem's own log lines in a Serve replica's log.
+
+In a replica Serve sets up only its `ray.serve` logger (a file per replica under the session's logs/serve, each
+line tagged with the replica and request id, plus stderr) and leaves the root logger alone, so the INFO lines of
+Tandem's modules (a routing decision per request, a group started, a prefix hand-off) went nowhere. Each replica
+sends them through Serve's handlers, at Serve's level (a deployment's `logging_config`).
+"""
+
+import logging
+
+SERVE_LOGGER = "ray.serve"  # the logger Serve's documentation has user code log through
+PACKAGES = ("cluster", "router", "workers")
+
+
+def use_serve_logging() -> None:
+    """Called in a replica's constructor, after Serve configured its logger for the replica."""
+    serve_logger = logging.getLogger(SERVE_LOGGER)
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.handlers = list(serve_logger.handlers)
+        logger.setLevel(serve_logger.level)
+        logger.propagate = False
