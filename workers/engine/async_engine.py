@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from workers.engine.config import EngineConfig
-from workers.engine.errors import GroupBrokenError, RequestFailedError
+from workers.engine.errors import GroupBrokenError, KVCacheFullError, RequestFailedError
 from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 # can overtake the call that adds the request (separate actor calls on a TP group's rank 0), and the request must
 # then never start. Far longer than any such race; short enough that the set stays small.
 _EARLY_ABORT_TTL_S = 60.0
+_ROOM_POLL_S = 0.02  # how often a prefilled request waiting for free blocks tries again
 
 
 class KVSource(Protocol):
@@ -141,22 +142,25 @@ class AsyncLLMEngine:
         here, one transfer at a time per prefill group, so their order agrees on both sides), then streams the
         rest of the request. If the transfer fails the prompt is recomputed here, with the same result."""
         rid = handoff.request_id
-        receive = asyncio.ensure_future(self._receive(handoff, params, prefill))
+        caller_left = asyncio.Event()
+        receive = asyncio.ensure_future(self._receive(handoff, params, prefill, caller_left))
         try:
             # A transfer is never cut short: a send the peer has started must be received, or the channel's
             # next message would be this one. If the caller leaves, it completes and then the request is aborted.
             outputs = await asyncio.shield(receive)
         except BaseException:
+            caller_left.set()
             receive.add_done_callback(lambda _: self._commands.put(lambda: self._abort(rid)))
             raise
         async for out in self._stream(rid, outputs):
             yield out
 
-    async def _receive(self, handoff: KVHandoff, params: SamplingParams | None, prefill: KVSource) -> asyncio.Queue:
+    async def _receive(self, handoff: KVHandoff, params: SamplingParams | None, prefill: KVSource,
+                       caller_left: asyncio.Event) -> asyncio.Queue:
         rid = handoff.request_id
         try:
             async with self._transfer_lock(handoff.source):
-                outputs, commands = await self._start(rid, lambda: self._prepare_receive(handoff, params))
+                outputs, commands = await self._admit_prefilled(handoff, params, caller_left)
                 started = time.monotonic()
                 received = 0 if commands is None else await self._move_kv(prefill, rid, commands)
                 took = time.monotonic() - started
@@ -164,6 +168,20 @@ class AsyncLLMEngine:
             return outputs
         finally:
             await release_quietly(prefill, rid)
+
+    async def _admit_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
+                               caller_left: asyncio.Event) -> tuple[asyncio.Queue, object]:
+        """Allocates the prompt's blocks. While running requests hold them, it waits (up to half the prefill
+        group's lease, and not after the caller left): a full cache is a queue here, as it is for prompts this
+        group computes itself."""
+        deadline = time.monotonic() + self.engine.config.cache.kv_lease_s / 2
+        while True:
+            try:
+                return await self._start(handoff.request_id, lambda: self._prepare_receive(handoff, params))
+            except KVCacheFullError:
+                if time.monotonic() >= deadline or caller_left.is_set():
+                    raise
+                await asyncio.sleep(_ROOM_POLL_S)
 
     async def abort(self, request_id: str) -> None:
         await self._call(lambda: self._abort(request_id))
