@@ -59,7 +59,7 @@ def build_app(config: ClusterConfig) -> Application:
             placement_group_bundles=group_bundles(config),
             placement_group_strategy="STRICT_PACK",
             health_check_period_s=10, health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=30,
+            graceful_shutdown_timeout_s=60,
         ).bind(engine, tp, config.num_cpus_per_rank, name, config.redis_url)
 
     def router(role: str) -> RequestRouterConfig:

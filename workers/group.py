@@ -40,7 +40,9 @@ from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.parallel import TensorParallel
+from workers.engine.recent_prefixes import Prefix
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.hashing import BlockHash
 from workers.kv_events import KVEventPublisher
 from workers.kv_transfer import ChannelAddress, KVCommand, listen
 
@@ -143,6 +145,9 @@ class RankWorker:
     async def stats(self) -> EngineStats:
         return await self.engine.stats()
 
+    async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
+        return await self.engine.unique_prefixes(held_elsewhere)
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 
@@ -239,6 +244,10 @@ class WorkerGroup:
 
     async def stats(self) -> EngineStats:
         return await _unwrap(self._driver.stats.remote())
+
+    async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
+        """The prefixes this group should hand on before it goes (workers/engine/recent_prefixes.py)."""
+        return await _unwrap(self._driver.unique_prefixes.remote(held_elsewhere))
 
     async def check_health(self) -> None:
         """Raises unless rank 0 answers, the group is not broken and every follower is still in its loop."""

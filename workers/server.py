@@ -9,6 +9,7 @@ decode group reaches the prefill group that holds a request's KV through that gr
 returns with the handoff, so Serve never routes a transfer to the wrong replica.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from workers.engine.handoff import KVHandoff
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.group import KVEventsTarget, WorkerGroup
+from workers.prefix_handoff import hand_off_prefixes
+from workers.replica_logging import use_serve_logging
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,11 @@ class EngineServer:
                  role: str = "decode", redis_url: str | None = None):
         """With `redis_url` the group publishes its KV events under this replica's id, the id the request
         router sees the replica by."""
+        use_serve_logging()
         self.role = role
         replica_id = serve.get_replica_context().replica_id.unique_id
         kv_events = KVEventsTarget(redis_url, replica_id, role) if redis_url else None
+        self._kv_events = kv_events
         self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank, kv_events=kv_events)
         self._signals = AutoscalingSignals()
         logger.info("%s replica %s ready: tensor parallel size %d", role, replica_id, tensor_parallel_size)
@@ -116,8 +121,15 @@ class EngineServer:
         """Serve's health probe reaches the group: rank 0 must answer and every follower be in its loop."""
         await self.group.check_health()
 
-    def __del__(self):
-        # Serve calls this on graceful shutdown, after in-flight requests drained: give the ranks back.
+    async def __del__(self):
+        """Serve calls this on graceful shutdown, after in-flight requests drained: hand this group's unique
+        prefixes to the pool's survivors (workers/prefix_handoff.py), then give the ranks back."""
         group = getattr(self, "group", None)
-        if group is not None:
-            group.shutdown()
+        if group is None:
+            return
+        if self._kv_events is not None:
+            try:
+                await hand_off_prefixes(group, self._kv_events.redis_url, self._kv_events.group_id, self.role)
+            except Exception:
+                logger.exception("prefix hand-off failed; stopping without it")
+        await asyncio.to_thread(group.shutdown)

@@ -27,7 +27,9 @@ from workers.engine.errors import GroupBrokenError, KVCacheFullError, RequestFai
 from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
+from workers.engine.recent_prefixes import Prefix
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.hashing import BlockHash
 from workers.kv_transfer import DropChannel, KVCommand, TransferPlan, TransferRefused
 
 logger = logging.getLogger(__name__)
@@ -188,6 +190,9 @@ class AsyncLLMEngine:
 
     async def stats(self) -> EngineStats:
         return await self._call(self._read_stats)
+
+    async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
+        return await self._call(lambda: self.engine.unique_prefixes(held_elsewhere))
 
     async def check_health(self) -> None:
         """Raises once the group is broken; an answer at all shows the engine thread is alive."""

@@ -6,6 +6,7 @@ blocks that became full, and turn sampled tokens into text and finish decisions.
 
 import logging
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from itertools import count
 
@@ -23,11 +24,13 @@ from workers.engine.handoff import KVHandoff, ReceivePlan
 from workers.engine.model_runner import ModelRunner, SampledToken
 from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from workers.engine.parallel import TensorParallel
+from workers.engine.recent_prefixes import Prefix, RecentPrefixes
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
 from workers.engine.validation import check_request, prompt_token_ids
+from workers.kv.hashing import BlockHash
 from workers.kv_transfer import (
     KVCommand,
     KVEndpoint,
@@ -72,6 +75,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.block_size,
                                           config.cache.enable_prefix_caching, kv_events)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        # The tokens behind the cached chains: a group that is scaled down hands its own prefixes on by them.
+        self.recent_prefixes = RecentPrefixes(self.block_size)
         # A sequence may never outgrow the whole cache: alone, it must always fit.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)
         self.requests: dict[str, _Request] = {}
@@ -230,6 +235,10 @@ class LLMEngine:
             out.error = error
         return out
 
+    def unique_prefixes(self, held_elsewhere: Container[BlockHash]) -> list[Prefix]:
+        """The recent prefixes whose cached blocks include some that no other group holds, most recent first."""
+        return self.recent_prefixes.unique(self.block_manager.cached, held_elsewhere)
+
     def shutdown(self) -> None:
         """Releases the follower ranks (they leave their loop) and closes KV channels."""
         if self.runner.followers is not None:
@@ -287,8 +296,12 @@ class LLMEngine:
 
     def _finish(self, req: _Request, reason: FinishReason, stop_reason: str | int | None = None) -> RequestOutput:
         keep_blocks = reason is FinishReason.PREFILLED
-        self.scheduler.finish(req.seq, reason, free_blocks=not keep_blocks)
-        self.receiving.pop(req.seq.request_id, None)
+        seq = req.seq
+        if self.block_manager.enable_prefix_caching:
+            num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+            self.recent_prefixes.record(seq.token_ids, seq.block_hashes[:num_full], seq.cache_salt)
+        self.scheduler.finish(seq, reason, free_blocks=not keep_blocks)
+        self.receiving.pop(seq.request_id, None)
         if keep_blocks:
             self.pinned[req.seq.request_id] = (req.seq, time.monotonic() + self.config.cache.kv_lease_s, req.metrics)
         req.seq.stop_reason = stop_reason

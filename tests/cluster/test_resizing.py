@@ -1,4 +1,5 @@
-"""A replica added mid-run takes its share of the work under prefix-aware routing, without giving up the cache.
+"""Resizing a pool under prefix-aware routing: a replica added mid-run takes its share of the work without giving
+up the cache, and a replica taken away first hands the prefixes only it holds to the survivors.
 
 Users of llm-d report that a replica added under a prefix-aware router serves ~1% of the traffic: the router
 sends every prefix to the replica that holds it, and the new one holds none. Tandem's cost weighs a prefix
@@ -14,14 +15,20 @@ old replica is not, and the new one rightly gets nothing), runs for at most 2 mi
 groups' own counters (their load reports in Redis). Measured on a 2-core machine: the new replica served 42% of
 the prompt tokens, and the hit rate was 1.11x the single-replica value (each system prompt is computed once more,
 on the new replica, over many more requests).
+
+On scale-down Serve picks the replica that goes; Tandem cannot choose it (ray-project/ray#33056), so the one
+picked hands its unique prefixes on before it stops (workers/prefix_handoff.py): the survivor then answers the
+gone replica's prompts from its cache.
 """
 
 import asyncio
 import random
 import time
+from pathlib import Path
 
 import pytest
 import ray
+import redis
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
@@ -32,6 +39,8 @@ from cluster.serve_config import APP_NAME, render_serve_config
 from router.ingress import GenerateRequest
 from router.load_view import LoadView
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.hashing import hash_full_blocks
+from workers.kv_events import KVKeys
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -39,9 +48,9 @@ PREFIXES = [[(97 * p + 13 * j) % 49152 for j in range(384)] for p in range(4)]
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-def config(model: str, redis_url: str) -> ClusterConfig:
+def config(model: str, redis_url: str, replicas: int = 1) -> ClusterConfig:
     return ClusterConfig(model=model, disaggregate=False, num_kv_blocks=512, num_cpus_per_rank=0.5,
-                         redis_url=redis_url, grpc_port=16085, http_port=18085, decode=PoolConfig(replicas=1))
+                         redis_url=redis_url, grpc_port=16085, http_port=18085, decode=PoolConfig(replicas=replicas))
 
 
 def scale_decode_pool(cluster: ClusterConfig, replicas: int) -> None:
@@ -53,7 +62,7 @@ def scale_decode_pool(cluster: ClusterConfig, replicas: int) -> None:
     deadline = time.monotonic() + 120
     while not (len(decode_replicas()) == replicas
                and serve.status().applications[APP_NAME].status == ApplicationStatus.RUNNING):
-        assert time.monotonic() < deadline, "the pool did not grow"
+        assert time.monotonic() < deadline, f"the pool did not reach {replicas} replicas"
         time.sleep(0.5)
 
 
@@ -152,5 +161,72 @@ def test_a_replica_added_mid_run_serves_its_share_and_the_hit_rate_holds(model, 
               f"{new_share:.3f}, hit rate {hit:.3f} ({hit / single_hit:.2f} of the single-replica value)")
         assert new_share >= 0.30
         assert hit >= 0.80 * single_hit
+    finally:
+        serve.delete(APP_NAME)
+
+
+def block_sets(redis_url: str, groups: set[str]) -> dict[str, set[bytes]]:
+    """The block hashes each group holds, as the routers' index sees them."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {g: client.smembers(KVKeys().blocks(g)) for g in groups}
+    finally:
+        client.close()
+
+
+def eventually(condition, what: str, timeout_s: float = 30.0):
+    """Polls `condition` until it returns something true, and returns that."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+    return value
+
+
+def cached_tokens(ingress, prompts: list[list[int]], params: SamplingParams = PARAMS) -> list[int]:
+    """Sends every prompt at once; each must finish with all its tokens. Returns the prompt tokens each one took
+    from the prefix cache."""
+    async def one(prompt: list[int]) -> int:
+        outs = [o async for o in ingress.options(stream=True).generate.remote(
+            GenerateRequest(prompt_token_ids=prompt, params=params))]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == params.max_tokens
+        return outs[-1].num_cached_tokens
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    return asyncio.run(run())
+
+
+def test_a_replica_scaled_away_hands_its_unique_prefixes_to_the_survivor(model, redis_url):
+    cluster = config(model, redis_url, replicas=2)
+    deploy(cluster, timeout_s=300)
+    try:
+        ingress = serve.get_app_handle(APP_NAME)
+        prompts = [[(31 * p + 7 * j + 5) % 49152 for j in range(200)] for p in range(8)]
+        # Long enough answers that the requests overlap, so the router spreads them over both replicas by load.
+        spread = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        assert cached_tokens(ingress, prompts, spread) == [0] * len(prompts)
+        groups = decode_replicas()
+        blocks = [set(hash_full_blocks(p, cluster.block_size)) for p in prompts]
+
+        def all_reported() -> dict[str, set[bytes]] | None:
+            held = block_sets(redis_url, groups)
+            return held if set.union(*blocks) <= set.union(*held.values()) else None
+
+        held = eventually(all_reported, "the groups never reported the prompts' blocks")
+
+        scale_decode_pool(cluster, 1)
+        [survivor] = decode_replicas()
+        [gone] = groups - {survivor}
+        theirs = [p for p, b in zip(prompts, blocks) if not b <= held[survivor]]
+        assert theirs, f"routing put every prompt on one replica: {[len(h) for h in held.values()]} blocks held"
+        unique = held[gone] - held[survivor]
+        eventually(lambda: unique <= block_sets(redis_url, {survivor})[survivor],
+                   "the survivor never reported the blocks handed to it")
+        full_blocks = (len(prompts[0]) - 1) // cluster.block_size * cluster.block_size
+        assert cached_tokens(ingress, theirs) == [full_blocks] * len(theirs)
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+        assert any(f"decode replica {gone} handed" in log.read_text() for log in logs.glob("replica_*decode*.log"))
     finally:
         serve.delete(APP_NAME)

@@ -1,0 +1,65 @@
+"""The token ids behind the prefix cache's chains, so a group that is going away can hand them to another.
+
+The block manager knows its cached blocks only by hash, and a hash cannot be turned back into tokens. A replica
+that Serve scales down still holds prefixes no other group has; to move them it must send them as requests,
+so the engine remembers the full-block tokens of the sequences it finished lately. A chain that a later
+sequence extends (a conversation's next turn) is dropped for the longer one, so a long conversation costs one
+entry, not one per turn.
+"""
+
+from array import array
+from collections import OrderedDict
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+
+from workers.kv.hashing import BlockHash
+
+
+@dataclass(frozen=True)
+class Prefix:
+    token_ids: list[int]  # whole blocks
+    cache_salt: str | None
+
+
+@dataclass
+class _Entry:
+    token_ids: array  # 8 bytes a token, not a Python int object each
+    block_hashes: list[BlockHash]
+    cache_salt: str | None
+
+
+class RecentPrefixes:
+    def __init__(self, block_size: int, capacity: int = 1024):
+        self.block_size = block_size
+        self.capacity = capacity
+        self._entries: OrderedDict[BlockHash, _Entry] = OrderedDict()  # by last block hash, oldest first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, token_ids: Sequence[int], block_hashes: Sequence[BlockHash], cache_salt: str | None) -> None:
+        """A finished sequence's computed full blocks: `block_hashes` and the tokens they cover."""
+        if not block_hashes:
+            return
+        for shorter in block_hashes[:-1]:
+            self._entries.pop(shorter, None)
+        leaf = block_hashes[-1]
+        self._entries[leaf] = _Entry(array("l", token_ids[:len(block_hashes) * self.block_size]),
+                                     list(block_hashes), cache_salt)
+        self._entries.move_to_end(leaf)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def unique(self, cached: Container[BlockHash], held_elsewhere: Container[BlockHash]) -> list[Prefix]:
+        """The prefixes, most recent first, that hold a block still `cached` here and neither `held_elsewhere`
+        nor in a prefix already listed; each cut where this cache stops holding it."""
+        listed: set[BlockHash] = set()
+        prefixes = []
+        for entry in reversed(self._entries.values()):
+            num_cached = next((i for i, h in enumerate(entry.block_hashes) if h not in cached),
+                              len(entry.block_hashes))
+            held = entry.block_hashes[:num_cached]
+            if any(h not in held_elsewhere and h not in listed for h in held):
+                prefixes.append(Prefix(entry.token_ids[:num_cached * self.block_size].tolist(), entry.cache_salt))
+                listed.update(held)
+        return prefixes
