@@ -14,7 +14,7 @@ SYSTEM = list(range(100, 108))  # two blocks
 
 
 def test_a_prefix_no_one_else_holds_is_handed_on_whole_blocks_only():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     tokens, hashes = chain(SYSTEM + [1, 2, 3, 4, 5])  # three full blocks and a partial one
     recent.record(tokens, hashes, None)
     [prefix] = recent.unique(cached=set(hashes), held_elsewhere=set())
@@ -22,14 +22,14 @@ def test_a_prefix_no_one_else_holds_is_handed_on_whole_blocks_only():
 
 
 def test_prefixes_another_group_holds_whole_are_not_handed_on():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     tokens, hashes = chain(SYSTEM)
     recent.record(tokens, hashes, None)
     assert recent.unique(cached=set(hashes), held_elsewhere=set(hashes)) == []
 
 
 def test_a_shared_system_prompt_does_not_hide_a_users_own_blocks():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     tokens, hashes = chain(SYSTEM + [1, 2, 3, 4])
     recent.record(tokens, hashes, None)
     [prefix] = recent.unique(cached=set(hashes), held_elsewhere=set(hashes[:2]))
@@ -37,7 +37,7 @@ def test_a_shared_system_prompt_does_not_hide_a_users_own_blocks():
 
 
 def test_a_prefix_is_cut_where_the_cache_stopped_holding_it():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     tokens, hashes = chain(SYSTEM + [1, 2, 3, 4])
     recent.record(tokens, hashes, None)
     [prefix] = recent.unique(cached=set(hashes[:2]), held_elsewhere=set())
@@ -46,7 +46,7 @@ def test_a_prefix_is_cut_where_the_cache_stopped_holding_it():
 
 
 def test_a_conversations_turns_cost_one_entry_and_the_longest_is_kept():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     first, first_hashes = chain(SYSTEM + [1, 2, 3, 4])
     second, second_hashes = chain(first + [5, 6, 7, 8])
     recent.record(first, first_hashes, None)
@@ -57,7 +57,7 @@ def test_a_conversations_turns_cost_one_entry_and_the_longest_is_kept():
 
 
 def test_two_users_of_one_system_prompt_are_both_handed_on_most_recent_first():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     alice, alice_hashes = chain(SYSTEM + [1, 2, 3, 4])
     bob, bob_hashes = chain(SYSTEM + [5, 6, 7, 8])
     recent.record(alice, alice_hashes, None)
@@ -67,15 +67,15 @@ def test_two_users_of_one_system_prompt_are_both_handed_on_most_recent_first():
 
 
 def test_a_prefix_keeps_its_tenants_salt():
-    recent = RecentPrefixes(BS)
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
     tokens, hashes = chain(SYSTEM, salt="tenant-a")
     recent.record(tokens, hashes, "tenant-a")
     [prefix] = recent.unique(cached=set(hashes), held_elsewhere=set(hash_full_blocks(SYSTEM, BS)))
     assert prefix.cache_salt == "tenant-a"
 
 
-def test_the_oldest_entries_go_past_capacity():
-    recent = RecentPrefixes(BS, capacity=2)
+def test_the_oldest_entries_go_once_the_tokens_kept_pass_capacity():
+    recent = RecentPrefixes(BS, capacity_tokens=8)
     chains = [chain([i] * 4) for i in range(3)]
     for tokens, hashes in chains:
         recent.record(tokens, hashes, None)

@@ -4,7 +4,7 @@ The block manager knows its cached blocks only by hash, and a hash cannot be tur
 that Serve scales down still holds prefixes no other group has; to move them it must send them as requests,
 so the engine remembers the full-block tokens of the sequences it finished lately. A chain that a later
 sequence extends (a conversation's next turn) is dropped for the longer one, so a long conversation costs one
-entry, not one per turn.
+entry, not one per turn, and the oldest entries go once the tokens kept pass what the KV cache itself can hold.
 """
 
 from array import array
@@ -29,10 +29,11 @@ class _Entry:
 
 
 class RecentPrefixes:
-    def __init__(self, block_size: int, capacity: int = 1024):
+    def __init__(self, block_size: int, capacity_tokens: int):
         self.block_size = block_size
-        self.capacity = capacity
+        self.capacity_tokens = capacity_tokens
         self._entries: OrderedDict[BlockHash, _Entry] = OrderedDict()  # by last block hash, oldest first
+        self._num_tokens = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -41,14 +42,17 @@ class RecentPrefixes:
         """A finished sequence's computed full blocks: `block_hashes` and the tokens they cover."""
         if not block_hashes:
             return
-        for shorter in block_hashes[:-1]:
-            self._entries.pop(shorter, None)
-        leaf = block_hashes[-1]
-        self._entries[leaf] = _Entry(array("l", token_ids[:len(block_hashes) * self.block_size]),
-                                     list(block_hashes), cache_salt)
-        self._entries.move_to_end(leaf)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        for replaced in block_hashes:
+            self._drop(self._entries.pop(replaced, None))
+        self._entries[block_hashes[-1]] = entry = _Entry(array("l", token_ids[:len(block_hashes) * self.block_size]),
+                                                         list(block_hashes), cache_salt)
+        self._num_tokens += len(entry.token_ids)
+        while self._num_tokens > self.capacity_tokens:
+            self._drop(self._entries.popitem(last=False)[1])
+
+    def _drop(self, entry: _Entry | None) -> None:
+        if entry is not None:
+            self._num_tokens -= len(entry.token_ids)
 
     def unique(self, cached: Container[BlockHash], held_elsewhere: Container[BlockHash]) -> list[Prefix]:
         """The prefixes, most recent first, that hold a block still `cached` here and neither `held_elsewhere`
