@@ -79,8 +79,8 @@ def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_mo
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "routing", "--model",
                           str(tiny_model_factory("llama")), "--prefill-replicas", "2", "--system-prompts", "2",
                           "--users", "1", "--turns", "2", "--system-tokens", "48", "--think-s", "0.1",
-                          "--max-tokens", "4", "--routers", "prefix-cache", "round-robin", "--workloads", "shared",
-                          "--json", str(path)], capture_output=True, text=True, timeout=600)
+                          "--max-tokens", "4", "--kv-cache-gb", "0.25", "--routers", "prefix-cache", "round-robin",
+                          "--workloads", "shared", "--json", str(path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(path.read_text())
     assert [(r["workload"], r["router"], r["requests"]) for r in doc["results"]] == [

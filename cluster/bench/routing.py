@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="the model every replica runs")
     parser.add_argument("--prefill-replicas", type=int, default=4)
     parser.add_argument("--system-prompts", type=int, default=8, help="distinct system prompts (tenants)")
-    parser.add_argument("--system-tokens", type=int, default=384, help="tokens per system prompt")
+    parser.add_argument("--system-tokens", type=int, default=1024, help="tokens per system prompt")
     parser.add_argument("--users", type=int, default=3, help="users per system prompt")
     parser.add_argument("--turns", type=int, default=2, help="turns per user")
     parser.add_argument("--message-tokens", type=int, default=24, help="tokens per user message")
@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--workloads", nargs="+", default=["shared", "random"], choices=["shared", "random"])
     parser.add_argument("--num-cpus-per-rank", type=float, default=0.25)
+    parser.add_argument("--kv-cache-gb", type=float, default=1.5,
+                        help="KV cache per replica: the one decode replica must hold every prompt being decoded")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
                         help="a routing weight for Tandem's router (router/policy.py RoutingWeights), e.g. "
@@ -101,7 +103,8 @@ def _run_one(args: argparse.Namespace, workload: str, router: str, redis_url: st
     from cluster.config import ClusterConfig, PoolConfig
     from router.policy import RoutingWeights
 
-    config = ClusterConfig(model=args.model, num_cpus_per_rank=args.num_cpus_per_rank, kv_cache_memory_gb=0.5,
+    config = ClusterConfig(model=args.model, num_cpus_per_rank=args.num_cpus_per_rank,
+                           kv_cache_memory_gb=args.kv_cache_gb,
                            prefill=PoolConfig(replicas=args.prefill_replicas, max_ongoing_requests=256),
                            decode=PoolConfig(max_ongoing_requests=256), prefill_router=router,
                            conditional_disaggregation=False, redis_url=redis_url,
