@@ -13,7 +13,6 @@ timeout.
 """
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -22,11 +21,11 @@ from dataclasses import dataclass
 import redis.asyncio
 from ray import serve
 
+from router.load_view import LoadView
 from router.routing_hint import RoutingHint
 from workers.engine.sampling_params import SamplingParams
 from workers.group import WorkerGroup
 from workers.kv.hashing import BlockHash
-from workers.kv_events import KVKeys
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +74,21 @@ async def hand_off_prefixes(group: WorkerGroup, redis_url: str, group_id: str, r
     return report
 
 
-async def held_by_others(redis_url: str, group_id: str, role: str, keys: KVKeys = KVKeys()) -> set[BlockHash]:
+async def held_by_others(redis_url: str, group_id: str, role: str) -> set[BlockHash]:
     """Every block hash that another live group of the same role holds, from the groups' sets in Redis."""
+    view = LoadView(redis_url)
+    try:
+        reports = await view.reports()
+    finally:
+        await view.close()
+    peers = [g for g, report in reports.items() if g != group_id and report.get("role") == role]
+    if not peers:
+        return set()
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
-        groups = [g.decode() for g in await client.smembers(keys.groups) if g.decode() != group_id]
-        reports = await client.mget([keys.load(g) for g in groups]) if groups else []
-        peers = [g for g, report in zip(groups, reports) if report is not None and _role(report) == role]
-        return set(await client.sunion([keys.blocks(g) for g in peers])) if peers else set()
+        return set(await client.sunion([view.keys.blocks(g) for g in peers]))
     finally:
         await client.aclose()
-
-
-def _role(report: bytes) -> str | None:
-    return json.loads(report).get("role")
 
 
 def _pool_survives(app_name: str, deployment_name: str) -> bool:
