@@ -64,6 +64,7 @@ class Result:
     ttft_p99_s: float
     output_tokens_per_s: float
     spread: float  # the busiest prefill replica's requests / the mean
+    ttft_stages_p50_s: dict[str, float]  # where TTFT went (workers/engine/outputs.py TimeToFirstToken), medians
 
     @property
     def of_oracle(self) -> float:
@@ -111,7 +112,7 @@ def _run_one(args: argparse.Namespace, workload: str, router: str, redis_url: st
                            routing=RoutingWeights(**_weights(args.weight)))
     ingress = serve.run(build_app(config), name="bench-routing", route_prefix=None)
     try:
-        oracle, ttfts, tokens, wall = asyncio.run(_drive(ingress, args, workload))
+        oracle, ttfts, stages, tokens, wall = asyncio.run(_drive(ingress, args, workload))
         time.sleep(1.5)  # the groups' load reports (with their counters) refresh every second
         counters = asyncio.run(_prefill_counters(redis_url))
     finally:
@@ -120,11 +121,16 @@ def _run_one(args: argparse.Namespace, workload: str, router: str, redis_url: st
     finished = [c["finished"] for c in counters]
     return Result(workload, router, len(ttfts), sum(c["cached_prompt_tokens"] for c in counters) / prompt,
                   oracle, _quantile(ttfts, 0.5), _quantile(ttfts, 0.99), tokens / wall,
-                  max(finished) / statistics.mean(finished) if finished and sum(finished) else float("nan"))
+                  max(finished) / statistics.mean(finished) if finished and sum(finished) else float("nan"),
+                  {name: _quantile([getattr(s, name) for s in stages], 0.5) for name in _STAGES})
 
 
-async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[float, list[float], int, float]:
-    """Runs every user's conversation; returns the oracle hit rate, TTFTs, output tokens and wall time."""
+_STAGES = ("router_queue_s", "prefill_queue_s", "prefill_compute_s", "kv_transfer_s", "first_decode_step_s")
+
+
+async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[float, list[float], list, int, float]:
+    """Runs every user's conversation; returns the oracle hit rate, TTFTs and their breakdowns, output tokens and
+    wall time."""
     from router.ingress import GenerateRequest
     from workers.engine.sampling_params import SamplingParams
     from workers.kv.hashing import hash_full_blocks
@@ -136,6 +142,7 @@ async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[floa
     seen: set[bytes] = set()
     oracle = {"cached": 0, "prompt": 0}
     ttfts: list[float] = []
+    stages = []
     produced = [0]
 
     async def user(system: list[int], user_rng: random.Random) -> None:
@@ -156,7 +163,9 @@ async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[floa
             first = None
             async for out in ingress.options(stream=True).generate.remote(GenerateRequest(prompt_token_ids=prompt,
                                                                                           params=params)):
-                first = first or time.perf_counter()
+                if first is None:
+                    first = time.perf_counter()
+                    stages.append(out.ttft)
                 final = out
             ttfts.append(first - start)
             answer = final.outputs[0].token_ids
@@ -166,7 +175,7 @@ async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[floa
     start = time.perf_counter()
     await asyncio.gather(*(user(system, random.Random(rng.random())) for system in systems
                            for _ in range(args.users)))
-    return oracle["cached"] / max(oracle["prompt"], 1), ttfts, produced[0], time.perf_counter() - start
+    return oracle["cached"] / max(oracle["prompt"], 1), ttfts, stages, produced[0], time.perf_counter() - start
 
 
 async def _prefill_counters(redis_url: str) -> list[dict]:
@@ -207,6 +216,12 @@ def table(results: list[Result]) -> str:
         lines.append(f"{r.workload:<8}  {r.router:<13}  {r.requests:>8}  {r.hit_rate * 100:>6.1f}  "
                      f"{r.of_oracle * 100:>8.0f}%  {r.ttft_p50_s:>10.3f}  {r.ttft_p99_s:>10.3f}  "
                      f"{r.output_tokens_per_s:>9.1f}  {r.spread:>6.2f}")
+    lines.append("")
+    lines.append(f"{'TTFT p50 by stage, s':<33}" + "".join(f"  {name.removesuffix('_s'):>17}" for name in _STAGES))
+    for r in results:
+        lines.append(f"{r.workload:<8}  {r.router:<23}" + "".join(f"  {r.ttft_stages_p50_s[name]:>17.3f}"
+                                                           for name in _STAGES))
+    lines.append("")
     by = {(r.workload, r.router): r for r in results}
     ours, rr, p2 = by.get(("shared", "prefix-cache")), by.get(("shared", "round-robin")), \
         by.get(("random", "power-of-two"))
