@@ -34,7 +34,7 @@ def prefill(p, tokens, request_id):
         for out in p.step():
             if out.request_id == request_id:
                 assert out.finished and out.outputs[0].finish_reason == "prefilled"
-                return p.handoff(request_id)
+                return out.handoff  # made in the step that sampled the first token
 
 
 def move(p, d, plan):

@@ -33,9 +33,10 @@ def _prefill_side(model: str, addresses, handoffs, plans) -> None:
     channel = KVChannel(store, 0, torch.device("cpu"))
     for i, tokens in enumerate(_prompts()):
         engine.add_request(tokens, GREEDY, request_id=f"r{i}", prefill_only=True)
-        while f"r{i}" not in engine.pinned:
-            engine.step()
-        handoffs.put(engine.handoff(f"r{i}"))
+        done = []
+        while not done:
+            done = [out for out in engine.step() if out.finished]
+        handoffs.put(done[0].handoff)
         plan = plans.get(timeout=60)
         channel.send(engine.runner.kv_caches, plan.src_block_ids).wait()
         engine.release_pinned(plan.request_id)

@@ -118,11 +118,7 @@ class AsyncLLMEngine:
         async for out in self._stream(rid, outputs):
             if out.finished and out.outputs[0].finish_reason != "prefilled":
                 raise RequestFailedError(f"request {rid} was aborted during prefill")
-        try:
-            return await self._call(lambda: self.engine.handoff(rid))
-        except asyncio.CancelledError:
-            self._commands.put(lambda: self.engine.release_pinned(rid))
-            raise
+        return out.handoff
 
     async def send_kv(self, command: KVCommand) -> int:
         """The prefill group's half of a transfer (or of opening its channel): a send starts and returns at once;

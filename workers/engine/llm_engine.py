@@ -104,7 +104,8 @@ class LLMEngine:
                     request_id: str | None = None, cache_salt: str | None = None,
                     prefill_only: bool = False) -> str:
         """Queues a request. With `prefill_only` (the prefill role) it ends after its first token with reason
-        "prefilled", and its blocks stay pinned for `handoff` until `release_pinned` or the lease runs out."""
+        "prefilled", its final output carrying the handoff, and its blocks stay pinned until `release_pinned` or
+        the lease runs out."""
         req = self._new_request(prompt, params, request_id, cache_salt)
         req.prefill_only = prefill_only
         self.scheduler.add(req.seq)
@@ -125,7 +126,7 @@ class LLMEngine:
 
     # -- prefill role -----------------------------------------------------------------------------------------
 
-    def handoff(self, request_id: str) -> KVHandoff:
+    def _handoff(self, request_id: str) -> KVHandoff:
         """What a decode group needs to continue a prefilled request, blocks included by id."""
         seq, expiry, metrics = self.pinned[request_id]
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
@@ -311,7 +312,10 @@ class LLMEngine:
         self.num_cached_prompt_tokens += req.seq.num_cached_tokens
         self.runner.release(req.seq.request_id)
         del self.requests[req.seq.request_id]
-        return self._output(req, finished=True)
+        out = self._output(req, finished=True)
+        if keep_blocks:
+            out.handoff = self._handoff(seq.request_id)
+        return out
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
         seq = req.seq

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from workers.engine.handoff import KVHandoff
+
 
 @dataclass
 class Usage:
@@ -79,6 +81,9 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None  # set when the request failed inside the engine rather than finishing
     ttft: TimeToFirstToken | None = None  # set by the cluster's ingress on a request's first output
+    # A prefilled request's (the prefill role) final output carries its handoff, made in the step that finished
+    # it: fetching it afterwards would wait for the engine's next step, a second prefill chunk on a busy group.
+    handoff: KVHandoff | None = None
 
     @property
     def usage(self) -> Usage:
