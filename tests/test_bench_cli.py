@@ -78,13 +78,15 @@ def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_mo
     path = tmp_path / "routing.json"
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "routing", "--model",
                           str(tiny_model_factory("llama")), "--prefill-replicas", "2", "--system-prompts", "2",
-                          "--users", "1", "--turns", "2", "--system-tokens", "48", "--think-s", "0.1",
-                          "--max-tokens", "4", "--kv-cache-gb", "0.25", "--routers", "prefix-cache", "round-robin",
-                          "--workloads", "shared", "--json", str(path)], capture_output=True, text=True, timeout=600)
+                          "--users", "1", "--turns", "2", "--system-tokens", "48", "--arrival-rate", "0",
+                          "--think-s", "0.1", "--max-tokens", "4", "--kv-cache-gb", "0.25", "--routers",
+                          "prefix-cache", "round-robin", "--workloads", "shared", "--json", str(path)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(path.read_text())
     assert [(r["workload"], r["router"], r["requests"]) for r in doc["results"]] == [
         ("shared", "prefix-cache", 4), ("shared", "round-robin", 4)]
     assert all(0 <= r["hit_rate"] <= 1 and r["oracle_hit_rate"] > 0 and r["output_tokens_per_s"] > 0
                for r in doc["results"])
-    assert "of oracle" in out.stdout
+    assert all(r["ttft_stages_mean_s"]["prefill_compute_s"] > 0 for r in doc["results"])
+    assert "of oracle" in out.stdout and "mean TTFT by stage" in out.stdout

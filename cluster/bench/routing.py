@@ -4,8 +4,8 @@ and the same requests, in one run.
 Each router in turn gets a fresh Serve application (an ingress, N prefill replicas, one decode replica) and the
 same generated workload:
 - shared: S system prompts, U users on each, T turns per user. A turn's prompt is its system prompt, the user's
-  conversation so far (messages and the model's answers) and a new message; users start at random and think for
-  a random (exponential) time between turns, so requests arrive as a Poisson-like stream.
+  conversation so far (messages and the model's answers) and a new message. Users arrive as a Poisson process
+  (in random order of system prompt) and think for a random (exponential) time between turns.
 - random: as many prompts of the same lengths with nothing in common (the negative control: no router can win
   by cache affinity, so throughput should not drop).
 
@@ -29,6 +29,7 @@ from pathlib import Path
 from cluster.bench.machine import machine_info
 
 ROUTERS = ("prefix-cache", "round-robin", "power-of-two", "prefix-tree", "sglang")
+ARRIVAL_RATE = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=2, help="turns per user")
     parser.add_argument("--message-tokens", type=int, default=24, help="tokens per user message")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
-    parser.add_argument("--think-s", type=float, default=2.0, help="mean pause before a user's turn, seconds")
+    parser.add_argument("--arrival-rate", type=float, default=ARRIVAL_RATE,
+                        help="new users per second (a Poisson process); 0: every user arrives at once")
+    parser.add_argument("--think-s", type=float, default=2.0, help="mean pause between a user's turns, seconds")
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--workloads", nargs="+", default=["shared", "random"], choices=["shared", "random"])
     parser.add_argument("--num-cpus-per-rank", type=float, default=0.25)
     parser.add_argument("--kv-cache-gb", type=float, default=1.5,
                         help="KV cache per replica: the one decode replica must hold every prompt being decoded")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                        help="each engine's per-step token budget (longer prompts prefill in chunks of it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
                         help="a routing weight for Tandem's router (router/policy.py RoutingWeights), e.g. "
@@ -64,7 +69,7 @@ class Result:
     ttft_p99_s: float
     output_tokens_per_s: float
     spread: float  # the busiest prefill replica's requests / the mean
-    ttft_stages_p50_s: dict[str, float]  # where TTFT went (workers/engine/outputs.py TimeToFirstToken), medians
+    ttft_stages_mean_s: dict[str, float]  # where TTFT went on average (workers/engine/outputs.py TimeToFirstToken)
 
     @property
     def of_oracle(self) -> float:
@@ -105,7 +110,7 @@ def _run_one(args: argparse.Namespace, workload: str, router: str, redis_url: st
     from router.policy import RoutingWeights
 
     config = ClusterConfig(model=args.model, num_cpus_per_rank=args.num_cpus_per_rank,
-                           kv_cache_memory_gb=args.kv_cache_gb,
+                           kv_cache_memory_gb=args.kv_cache_gb, max_num_batched_tokens=args.max_num_batched_tokens,
                            prefill=PoolConfig(replicas=args.prefill_replicas, max_ongoing_requests=256),
                            decode=PoolConfig(max_ongoing_requests=256), prefill_router=router,
                            conditional_disaggregation=False, redis_url=redis_url,
@@ -122,7 +127,7 @@ def _run_one(args: argparse.Namespace, workload: str, router: str, redis_url: st
     return Result(workload, router, len(ttfts), sum(c["cached_prompt_tokens"] for c in counters) / prompt,
                   oracle, _quantile(ttfts, 0.5), _quantile(ttfts, 0.99), tokens / wall,
                   max(finished) / statistics.mean(finished) if finished and sum(finished) else float("nan"),
-                  {name: _quantile([getattr(s, name) for s in stages], 0.5) for name in _STAGES})
+                  {name: statistics.fmean(getattr(s, name) for s in stages) for name in _STAGES})
 
 
 _STAGES = ("router_queue_s", "prefill_queue_s", "prefill_compute_s", "kv_transfer_s", "first_decode_step_s")
@@ -145,10 +150,12 @@ async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[floa
     stages = []
     produced = [0]
 
-    async def user(system: list[int], user_rng: random.Random) -> None:
+    async def user(system: list[int], arrival: float, user_rng: random.Random) -> None:
         history: list[int] = []
-        for _ in range(args.turns):
-            await asyncio.sleep(user_rng.expovariate(1 / args.think_s))
+        await asyncio.sleep(arrival)
+        for turn in range(args.turns):
+            if turn:
+                await asyncio.sleep(user_rng.expovariate(1 / args.think_s))
             message = [user_rng.randrange(vocab) for _ in range(args.message_tokens)]
             if workload == "shared":
                 prompt = system + history + message
@@ -172,9 +179,15 @@ async def _drive(ingress, args: argparse.Namespace, workload: str) -> tuple[floa
             produced[0] += len(answer)
             history += message + answer
 
+    users = [system for system in systems for _ in range(args.users)]
+    rng.shuffle(users)
+    arrivals, at = [], 0.0
+    for _ in users:
+        arrivals.append(at)
+        at += rng.expovariate(args.arrival_rate) if args.arrival_rate > 0 else 0.0
     start = time.perf_counter()
-    await asyncio.gather(*(user(system, random.Random(rng.random())) for system in systems
-                           for _ in range(args.users)))
+    await asyncio.gather(*(user(system, arrival, random.Random(rng.random()))
+                           for system, arrival in zip(users, arrivals)))
     return oracle["cached"] / max(oracle["prompt"], 1), ttfts, stages, produced[0], time.perf_counter() - start
 
 
@@ -217,9 +230,9 @@ def table(results: list[Result]) -> str:
                      f"{r.of_oracle * 100:>8.0f}%  {r.ttft_p50_s:>10.3f}  {r.ttft_p99_s:>10.3f}  "
                      f"{r.output_tokens_per_s:>9.1f}  {r.spread:>6.2f}")
     lines.append("")
-    lines.append(f"{'TTFT p50 by stage, s':<33}" + "".join(f"  {name.removesuffix('_s'):>17}" for name in _STAGES))
+    lines.append(f"{'mean TTFT by stage, s':<33}" + "".join(f"  {name.removesuffix('_s'):>17}" for name in _STAGES))
     for r in results:
-        lines.append(f"{r.workload:<8}  {r.router:<23}" + "".join(f"  {r.ttft_stages_p50_s[name]:>17.3f}"
+        lines.append(f"{r.workload:<8}  {r.router:<23}" + "".join(f"  {r.ttft_stages_mean_s[name]:>17.3f}"
                                                            for name in _STAGES))
     lines.append("")
     by = {(r.workload, r.router): r for r in results}
