@@ -96,6 +96,9 @@ class KVIndex:
     def blocks(self, group_id: str) -> frozenset[BlockHash]:
         return frozenset(self._blocks.get(group_id, ()))
 
+    def num_blocks(self, group_id: str) -> int:
+        return len(self._blocks.get(group_id, ()))
+
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
         """For each group, how many leading blocks of the prompt it holds (its longest cached prefix, in blocks).
 

@@ -12,7 +12,9 @@ replica at once (the hot spots of switch-style routers); a cached prefix is wort
 The decode group is the one with the lowest serve cost among those with free blocks for the whole prompt (if
 none has room, the one with the most free blocks). It prefills the prompt itself when local(d) < remote(d):
 conditional disaggregation, e.g. a multi-turn conversation whose history the decode group already holds. Ties go
-to remote prefill, then to the smaller group id, so a decision is a pure function of its inputs.
+to remote prefill, then to the group whose cache holds fewer blocks, then to the smaller group id, so a decision is
+a pure function of its inputs. (On an idle pool every group ties on a new prefix; by id alone the first group took
+each one, and one replica of four served half the tenants.)
 
 Cached prefixes are counted as the engine uses them: whole blocks, and never the prompt's last token, which must
 be computed to produce the first token's logits (workers/engine/block_manager.py).
@@ -68,15 +70,16 @@ class GroupLoad:
     # Uncached prompt tokens of the requests queued or being prefilled there.
     queued_prefill_tokens: int = 0
     running_seqs: int = 0
+    held_blocks: int = 0  # blocks in its prefix cache, as the KV index knows them: the tie-break
 
     def __post_init__(self) -> None:
         if self.total_blocks < 1:
             raise ValueError(f"total_blocks must be >= 1 (got {self.total_blocks!r})")
         if not 0 <= self.free_blocks <= self.total_blocks:
             raise ValueError(f"free_blocks must be in [0, total_blocks={self.total_blocks}] (got {self.free_blocks!r})")
-        if self.queued_prefill_tokens < 0 or self.running_seqs < 0:
-            raise ValueError(f"queued_prefill_tokens and running_seqs must be >= 0 "
-                             f"(got {self.queued_prefill_tokens!r}, {self.running_seqs!r})")
+        if self.queued_prefill_tokens < 0 or self.running_seqs < 0 or self.held_blocks < 0:
+            raise ValueError(f"queued_prefill_tokens, running_seqs and held_blocks must be >= 0 (got "
+                             f"{self.queued_prefill_tokens!r}, {self.running_seqs!r}, {self.held_blocks!r})")
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,11 @@ def prefill_cost(load: GroupLoad, prompt_len: int, block_size: int, cached_block
 
 def rank_prefill(prompt_len: int, block_size: int, cached_blocks: Mapping[str, int], loads: Sequence[GroupLoad],
                  weights: RoutingWeights) -> tuple[Cost, ...]:
-    """Every prefill group's cost, cheapest first (ties by group id). `cached_blocks` maps a group id to its
-    longest cached prefix of the prompt, in blocks; a missing group holds none."""
+    """Every prefill group's cost, cheapest first (ties to the emptier cache, then by group id). `cached_blocks`
+    maps a group id to its longest cached prefix of the prompt, in blocks; a missing group holds none."""
+    held = {g.group_id: g.held_blocks for g in loads}
     costs = (prefill_cost(g, prompt_len, block_size, cached_blocks.get(g.group_id, 0), weights) for g in loads)
-    return tuple(sorted(costs, key=lambda c: (c.total, c.group_id)))
+    return tuple(sorted(costs, key=lambda c: (c.total, held[c.group_id], c.group_id)))
 
 
 def route(prompt_len: int, block_size: int, cached_blocks: Mapping[str, int], prefill_loads: Sequence[GroupLoad],
@@ -163,7 +167,7 @@ def route(prompt_len: int, block_size: int, cached_blocks: Mapping[str, int], pr
     options = {d.group_id: _decode_option(d, prompt_len, block_size, cached_blocks.get(d.group_id, 0),
                                           best_prefill, weights) for d in decode_loads}
     fitting = sorted((d for d in decode_loads if d.free_blocks >= prompt_blocks),
-                     key=lambda d: (options[d.group_id][0].total, d.group_id))
+                     key=lambda d: (options[d.group_id][0].total, d.held_blocks, d.group_id))
     crowded = sorted((d for d in decode_loads if d.free_blocks < prompt_blocks),
                      key=lambda d: (-d.free_blocks, d.group_id))
     decode_costs = tuple(options[d.group_id][0] for d in fitting + crowded)

@@ -120,7 +120,8 @@ class PrefixCacheRouter(RequestRouter):
         if self.role == "prefill":
             queued = max(queued, sum(mine))
         return GroupLoad(group, free_blocks=int(stats.get("free_blocks", total)), total_blocks=total,
-                         queued_prefill_tokens=queued, running_seqs=running)
+                         queued_prefill_tokens=queued, running_seqs=running,
+                         held_blocks=self.follower.index.num_blocks(group))
 
 
 def _hint(pending_request: PendingRequest | None) -> RoutingHint | None:

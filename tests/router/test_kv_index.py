@@ -62,6 +62,7 @@ def test_events_add_remove_and_clear_one_group_only():
     assert index.match(prompt) == {"a": 1}
     assert index.groups() == {"a"}
     assert index.blocks("a") == {prompt[0], prompt[2]}
+    assert (index.num_blocks("a"), index.num_blocks("b")) == (2, 0)
 
 
 def test_drop_group_leaves_blocks_other_groups_hold():

@@ -61,6 +61,15 @@ def test_ties_are_broken_by_group_id_whatever_the_input_order():
     assert route(64, BS, {}, [], [idle("d1"), idle("d0")], W).decode_group == "d0"
 
 
+def test_on_equal_cost_a_new_prefix_goes_to_the_group_whose_cache_holds_the_fewest_blocks():
+    # An idle pool ties on every new prefix; by id alone the first group would take each one.
+    loads = [idle("a", held_blocks=64), idle("b", held_blocks=128), idle("c", held_blocks=0)]
+    assert [c.group_id for c in rank_prefill(64, BS, {}, loads, W)] == ["c", "a", "b"]
+    assert route(64, BS, {}, [], [idle("d0", held_blocks=9), idle("d1")], W).decode_group == "d1"
+    # Cost still comes first: the emptier cache loses to a cheaper group.
+    assert best_prefill(64, {}, [idle("a", held_blocks=64), idle("c", running_seqs=1)]) == "a"
+
+
 def test_a_cached_prefix_counts_whole_blocks_and_never_the_last_token():
     assert usable_cached_blocks(32, BS, 2) == 1  # the 32nd token must be computed for the first token's logits
     assert usable_cached_blocks(33, BS, 2) == 2
