@@ -23,8 +23,8 @@ class LoadView:
 
     async def loads(self) -> dict[str, list[GroupLoad]]:
         """Live groups' loads by role ("prefill", "decode"); a group whose report expired is absent. A group's
-        sequences are all it holds work for, as its replica reports them to Serve's router: running, waiting and
-        pinned for a decode group to pull."""
+        sequences are all it holds work for (EngineStats.num_busy_seqs), as its replica reports them to Serve's
+        router; a report from before that count only has the running ones."""
         if time.monotonic() - self._read_at < self.max_age_s:
             return self._loads
         loads: dict[str, list[GroupLoad]] = {}
@@ -33,7 +33,7 @@ class LoadView:
                 loads.setdefault(load["role"], []).append(GroupLoad(
                     group, free_blocks=load["free_blocks"], total_blocks=load["total_blocks"],
                     queued_prefill_tokens=load["queued_prefill_tokens"],
-                    running_seqs=load["running_seqs"] + load.get("waiting_seqs", 0) + load.get("pinned_seqs", 0)))
+                    running_seqs=load.get("busy_seqs", load["running_seqs"])))
             except (KeyError, TypeError, ValueError) as e:
                 logger.warning("ignoring the load report of %s: %s: %s", group, type(e).__name__, e)
         self._loads, self._read_at = loads, time.monotonic()

@@ -103,14 +103,11 @@ class EngineServer:
         return await self.group.stats()
 
     async def record_routing_stats(self) -> dict[str, float]:
-        """The load the request router weighs this replica by, polled by Serve every second. Its sequences are
-        every request the group holds work for: running, waiting to run, and (a prefill group) pinned until a
-        decode group pulls their KV. A prefill group bound by KV transfers has nothing running and a queue of
-        pinned requests; counted without them it looked idle, and a replica added beside it got no work."""
+        """The load the request router weighs this replica by, polled by Serve every second; its sequences are
+        all the group holds work for (EngineStats.num_busy_seqs)."""
         stats = await self.group.stats()
         return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
-                "queued_prefill_tokens": stats.num_queued_prefill_tokens,
-                "running_seqs": stats.num_running + stats.num_waiting + stats.num_pinned}
+                "queued_prefill_tokens": stats.num_queued_prefill_tokens, "running_seqs": stats.num_busy_seqs}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The signals cluster/autoscaling.py scales the pools by, polled by Serve; it averages each over its

@@ -194,6 +194,7 @@ def test_an_expired_lease_frees_the_blocks_by_itself_and_the_late_decode_recompu
         prefill.shutdown()
         decode.shutdown()
     assert pinned.num_pinned == 1 and pinned.num_free_blocks < pinned.num_blocks
+    assert pinned.num_busy_seqs == 1  # nothing runs, but the group holds the KV until a decode group pulls it
     assert_all_free(expired)
     assert outs[-1].outputs[0].token_ids == unified(model, [tokens])[0]
     assert d_stats.num_kv_transfer_failures == 1

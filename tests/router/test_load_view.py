@@ -10,14 +10,14 @@ from router.policy import GroupLoad
 from workers.kv_events import KVKeys
 
 
-def test_a_groups_sequences_are_the_running_waiting_and_pinned_ones(redis_url):
+def test_a_groups_sequences_are_all_it_holds_work_for(redis_url):
     import redis
 
     keys = KVKeys(f"test-load-view-{uuid.uuid4().hex}")
     client = redis.Redis.from_url(redis_url)
     base = dict(queued_prefill_tokens=120, free_blocks=48, total_blocks=64, running_seqs=3)
     client.sadd(keys.groups, "p1", "d1")
-    client.set(keys.load("p1"), json.dumps(dict(base, role="prefill", waiting_seqs=2, pinned_seqs=4)))
+    client.set(keys.load("p1"), json.dumps(dict(base, role="prefill", waiting_seqs=2, pinned_seqs=4, busy_seqs=9)))
     client.set(keys.load("d1"), json.dumps(dict(base, role="decode")))  # an older report: running only
 
     async def read():

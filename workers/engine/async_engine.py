@@ -75,6 +75,14 @@ class EngineStats:
     def kv_usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    @property
+    def num_busy_seqs(self) -> int:
+        """Every request the group holds work for: running, waiting to run, and (prefill role) pinned until a
+        decode group pulls its KV. The load routers weigh: a prefill group bound by KV transfers has nothing
+        running and a queue of pinned requests; counted without them it looked idle, and a replica added beside it
+        got no work."""
+        return self.num_running + self.num_waiting + self.num_pinned
+
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
@@ -216,6 +224,7 @@ class AsyncLLMEngine:
         self._load = {"running_seqs": stats.num_running, "queued_prefill_tokens": stats.num_queued_prefill_tokens,
                       "free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
                       "waiting_seqs": stats.num_waiting, "pinned_seqs": stats.num_pinned,
+                      "busy_seqs": stats.num_busy_seqs,
                       "finished": stats.num_finished,
                       "prompt_tokens": stats.num_prompt_tokens, "cached_prompt_tokens": stats.num_cached_prompt_tokens,
                       "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
