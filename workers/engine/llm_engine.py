@@ -304,14 +304,14 @@ class LLMEngine:
         self.scheduler.finish(seq, reason, free_blocks=not keep_blocks)
         self.receiving.pop(seq.request_id, None)
         if keep_blocks:
-            self.pinned[req.seq.request_id] = (req.seq, time.monotonic() + self.config.cache.kv_lease_s, req.metrics)
-        req.seq.stop_reason = stop_reason
+            self.pinned[seq.request_id] = (seq, time.monotonic() + self.config.cache.kv_lease_s, req.metrics)
+        seq.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
         self.num_finished += 1
-        self.num_prompt_tokens += req.seq.num_prompt_tokens
-        self.num_cached_prompt_tokens += req.seq.num_cached_tokens
-        self.runner.release(req.seq.request_id)
-        del self.requests[req.seq.request_id]
+        self.num_prompt_tokens += seq.num_prompt_tokens
+        self.num_cached_prompt_tokens += seq.num_cached_tokens
+        self.runner.release(seq.request_id)
+        del self.requests[seq.request_id]
         out = self._output(req, finished=True)
         if keep_blocks:
             out.handoff = self._handoff(seq.request_id)
