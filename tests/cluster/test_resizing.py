@@ -23,6 +23,7 @@ gone replica's prompts from its cache.
 
 import asyncio
 import random
+import re
 import time
 from pathlib import Path
 
@@ -61,16 +62,36 @@ def scale_decode_pool(cluster: ClusterConfig, replicas: int) -> None:
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(schema))
     deadline = time.monotonic() + 120
     while not (len(decode_replicas()) == replicas
-               and serve.status().applications[APP_NAME].status == ApplicationStatus.RUNNING):
+               and serve.status().applications[APP_NAME].status == ApplicationStatus.RUNNING
+               and ingress_sees(replicas)):
         assert time.monotonic() < deadline, f"the pool did not reach {replicas} replicas"
         time.sleep(0.5)
 
 
-def decode_replicas() -> set[str]:
-    """The live decode replicas' unique ids: the ids their groups report under."""
+def ingress_sees(replicas: int) -> bool:
+    """Whether the ingress's decode handle has heard of the new replica set yet: Serve's controller reports it
+    running before the update reaches the handles, and until then every request goes to the replicas they know.
+    The handle logs each update it gets in the ingress replica's log."""
+    [ingress] = replica_ids("ingress")
+    log = serve_logs() / f"replica_{APP_NAME}_ingress_{ingress}.log"
+    updates = re.findall(r"Got updated replicas for Deployment\(name='decode', app='" + APP_NAME + r"'\): (\d+) total",
+                         log.read_text() if log.exists() else "")
+    return bool(updates) and int(updates[-1]) == replicas
+
+
+def replica_ids(deployment: str) -> set[str]:
+    """The deployment's live replicas' unique ids (for a pool, the ids its groups report under)."""
     names = ray.util.list_named_actors(all_namespaces=True)
     return {n["name"].rsplit("#", 1)[-1] for n in names
-            if n["name"].startswith("SERVE_REPLICA") and f"{APP_NAME}#decode#" in n["name"]}
+            if n["name"].startswith("SERVE_REPLICA") and f"{APP_NAME}#{deployment}#" in n["name"]}
+
+
+def decode_replicas() -> set[str]:
+    return replica_ids("decode")
+
+
+def serve_logs() -> Path:
+    return Path(ray._private.worker._global_node.get_logs_dir_path(), "serve")
 
 
 async def counters(redis_url: str, groups: set[str]) -> dict[str, tuple[int, int, int]]:
@@ -234,7 +255,7 @@ def test_a_replica_scaled_away_hands_its_unique_prefixes_to_the_survivor(model, 
                    "the survivor never reported the blocks handed to it")
         full_blocks = (len(prompts[0]) - 1) // cluster.block_size * cluster.block_size
         assert cached_tokens(ingress, theirs) == [full_blocks] * len(theirs)
-        logs = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve")
-        assert any(f"decode replica {gone} handed" in log.read_text() for log in logs.glob("replica_*decode*.log"))
+        assert any(f"decode replica {gone} handed" in log.read_text()
+                   for log in serve_logs().glob("replica_*decode*.log"))
     finally:
         serve.delete(APP_NAME)
