@@ -1,5 +1,5 @@
-"""`tandem bench kernels`: one decode step of one attention layer (KV write + paged decode attention), Triton
-kernels against the torch backend, next to the memory roofline.
+"""`tandem bench kernels`: one decode step of one attention layer (rotary embedding and KV write + paged decode
+attention), Triton kernels against the torch backend, next to the memory roofline.
 
 The shape is Llama-3.1-8B's attention (32 query heads, 8 KV heads, head_dim 128, bfloat16, 16-token blocks in a
 shuffled block table). A decode step is bound by reading every context token's K and V, so its floor is those bytes
@@ -82,7 +82,8 @@ def _bandwidth(device) -> float:
 
 
 def _decode_step(shape: dict, batch: int, context_len: int, device, generator):
-    """q, k, v, caches and metadata for `batch` decodes at `context_len`, their blocks scattered over the cache."""
+    """positions, q, k, v, caches and metadata for `batch` decodes at `context_len`, their blocks scattered over the
+    cache."""
     import torch
 
     from workers.engine.attention.metadata import AttentionMetadata, decode_buckets
@@ -101,7 +102,18 @@ def _decode_step(shape: dict, batch: int, context_len: int, device, generator):
         slot_mapping=tables[:, last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE, prefills=[], num_prefill_tokens=0,
         decode_block_tables=tables, decode_context_lens=torch.full((batch,), context_len, device=device),
         decode_buckets=decode_buckets([context_len] * batch))
-    return q, k, v, k_cache, v_cache, meta
+    return torch.full((batch,), last, device=device), q, k, v, k_cache, v_cache, meta
+
+
+def _rotary(shape: dict, max_positions: int, device):
+    """Llama-3.1-8B's rope (theta 500000; its llama3 scaling changes the angles, not the work)."""
+    from transformers import LlamaConfig
+
+    from workers.engine.layers.rotary import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=shape["num_heads"] * shape["head_dim"], num_attention_heads=shape["num_heads"],
+                         num_key_value_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], rope_theta=500000.0)
+    return RotaryEmbedding(config, shape["head_dim"], max_positions, device)
 
 
 def _measure(shape: dict, batch: int, context_len: int, device, repeats: int, bandwidth: float) -> dict:
@@ -110,14 +122,18 @@ def _measure(shape: dict, batch: int, context_len: int, device, repeats: int, ba
     from workers.engine.attention.backend import get_attention_backend
 
     generator = torch.Generator(device).manual_seed(batch * 100003 + context_len)
-    step = _decode_step(shape, batch, context_len, device, generator)
+    positions, q, k, v, *rest = _decode_step(shape, batch, context_len, device, generator)
+    rotary = _rotary(shape, context_len, device)
     row = dict(batch=batch, context_len=context_len)
     outputs = {}
     for name in ("torch", "triton"):
-        backend = get_attention_backend(name, shape["head_dim"] ** -0.5, None)
-        outputs[name] = backend.forward(*step)
+        backend = get_attention_backend(name, shape["head_dim"] ** -0.5, None, rotary)
+        # Backends may rotate q and k in place: the compared outputs start from the same q and k; the timed calls
+        # rotate them again and again, which changes the values, not the work.
+        outputs[name] = backend.forward(positions, q.clone(), k.clone(), v, *rest)
+        step = (positions, q.clone(), k.clone(), v, *rest)
         row[f"{name}_ms"] = _seconds_per_call(lambda: backend.forward(*step), repeats, device) * 1e3
-    kv_bytes = 2 * batch * context_len * shape["num_kv_heads"] * shape["head_dim"] * step[0].element_size()
+    kv_bytes = 2 * batch * context_len * shape["num_kv_heads"] * shape["head_dim"] * q.element_size()
     row.update(kv_bytes_read=kv_bytes, roofline_ms=kv_bytes / bandwidth * 1e3,
                max_abs_diff=(outputs["triton"].float() - outputs["torch"].float()).abs().max().item())
     return row
@@ -152,9 +168,9 @@ def _device_name(device) -> str:
 
 
 def _table(rows: list[dict], shape: dict, bandwidth: float, device, meaningful: bool) -> str:
-    lines = [f"Decode attention + KV write, one layer: {shape['num_heads']} heads, {shape['num_kv_heads']} KV heads, "
-             f"head_dim {shape['head_dim']}, {shape['dtype']}, on {_device_name(device)} "
-             f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s)"]
+    lines = [f"Decode attention + rotary and KV write, one layer: {shape['num_heads']} heads, "
+             f"{shape['num_kv_heads']} KV heads, head_dim {shape['head_dim']}, {shape['dtype']}, "
+             f"on {_device_name(device)} (copy bandwidth {bandwidth / 1e9:.0f} GB/s)"]
     if not meaningful:
         lines.append("NOTE: no CUDA: a tiny shape through Triton's CPU interpreter; these times are NOT meaningful")
     lines.append(f"{'batch':>5}  {'context':>7}  {'KV MiB':>8}  {'torch ms':>9}  {'triton ms':>9}  {'roofline ms':>11}"

@@ -1,6 +1,6 @@
-"""The Triton attention backend gives the torch reference backend's results: the KV write, paged decode with and
-without split-K, chunked prefill over a cached prefix, sliding windows, a mixed batch through the seam, and whole
-engine runs that greedily match HF transformers.
+"""The Triton attention backend gives the torch reference backend's results: the rotary embedding with the KV
+write, paged decode with and without split-K, chunked prefill over a cached prefix, sliding windows, a mixed batch
+through the seam, and whole engine runs that greedily match HF transformers.
 
 With CUDA the kernels run compiled, and the `gpu` test adds the full grid (contexts up to 8k, batch 33, GQA up to
 8, bfloat16). Without CUDA they run under Triton's CPU interpreter on small shapes, in float32 only: Triton 3.9's
@@ -8,17 +8,21 @@ interpreter computes tl.dot on bfloat16 wrongly.
 
 Tolerances against the torch backend, elementwise |a - b| <= atol + rtol * |b|: float32 atol = rtol = 1e-4 (the
 interpreter agrees to ~1e-6; a 1% error in the scale moves outputs by ~1e-3), bfloat16 atol = rtol = 2e-2 (a few
-bfloat16 ulps of outputs of magnitude ~1). The KV write is a copy and must be exact.
+bfloat16 ulps of outputs of magnitude ~1). The cache writes must be exact: V is a copy, and K is rotated with the
+rounding of the torch ops.
 """
 
+import functools
 import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from tests.engine.triton_checks import compile_for_hopper, modules_imported
 from tests.hf_reference import hf_greedy
@@ -26,6 +30,8 @@ from workers.engine.attention import triton_backend, triton_kernels
 from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
 from workers.engine.attention.torch_backend import TorchAttentionBackend
 from workers.engine.attention.triton_backend import TritonAttentionBackend
+from workers.engine.layers import triton_ops
+from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
@@ -56,20 +62,40 @@ def test_every_case_under_the_interpreter():
 def test_kernels_compile_for_hopper_in_bfloat16():
     """What the interpreter only emulates, Triton still compiles without a GPU (to a cubin, with the ptxas it
     ships): tl.dot's minimum tile sizes, loop and pointer types, and shared memory within an H100's 227 KiB."""
-    types = {"qk_scale": "fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "slot_ptr": "*i64",
-             "tables_ptr": "*i64", "table_ptr": "*i64", "context_lens_ptr": "*i64"}
-    kernels = [(triton_kernels._write_kv_kernel, dict(BLOCK_H=8, BLOCK_D=128)),
-               (triton_kernels._decode_kernel, dict(SPLIT=True, WINDOW=4096, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128)),
-               (triton_kernels._reduce_kernel, dict(BLOCK_P=16, BLOCK_D=128)),
-               (triton_kernels._prefill_kernel, dict(WINDOW=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128))]
-    for kernel, constexprs in kernels:
-        compiled = compile_for_hopper(kernel, constexprs, types)
+    kernels = [(triton_kernels._rotate_and_write_kv_kernel, dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, BLOCK_HALF=64),
+                triton_ops.ROTARY_OPTIONS),
+               (triton_kernels._decode_kernel, dict(SPLIT=True, WINDOW=4096, GROUP=4, BLOCK_G=16, BLOCK_N=64,
+                                                    BLOCK_P=32, BLOCK_D=128), {}),
+               (triton_kernels._prefill_kernel, dict(WINDOW=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128), {})]
+    for kernel, constexprs, options in kernels:
+        compiled = compile_for_hopper(kernel, constexprs, KERNEL_TYPES, options)
         assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024, kernel
+    # The rotation rounds where the torch ops round (see test_triton_ops.py): no bfloat16 FMA may skip a rounding.
+    assert "fma.rn.bf16" not in compile_for_hopper(*kernels[0][:2], KERNEL_TYPES, kernels[0][2]).asm["ptx"]
+
+
+KERNEL_TYPES = {"qk_scale": "fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "arrivals_ptr": "*i32",
+                "cos_ptr": "*fp32", "sin_ptr": "*fp32", "positions_ptr": "*i64", "slot_ptr": "*i64",
+                "tables_ptr": "*i64", "table_ptr": "*i64", "context_lens_ptr": "*i64"}
+
+
+@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
+def test_split_k_partials_are_published_before_their_arrival_is_counted():
+    """What the interpreter, running one program at a time, cannot show: the program that counts a group's last
+    arrival reads partials other programs stored. So every thread of a program reaches a barrier after its
+    stores, the count is one gpu-scope acquire-release atomic, and the combine's loads bypass L1."""
+    constexprs = dict(SPLIT=True, WINDOW=0, GROUP=4, BLOCK_G=16, BLOCK_N=64, BLOCK_P=32, BLOCK_D=128)
+    ptx = compile_for_hopper(triton_kernels._decode_kernel, constexprs, KERNEL_TYPES).asm["ptx"]
+    atomics = [line.strip() for line in ptx.splitlines() if "atom." in line]
+    assert len(atomics) == 1 and "atom.global.gpu.acq_rel.add" in atomics[0].replace(".u32", "").replace(".s32", ""), \
+        atomics
+    assert "bar.sync" in ptx[:ptx.index("atom.")]
+    assert "ld.global.cg" in ptx[ptx.index("atom."):]
 
 
 def test_the_torch_backend_never_loads_the_triton_modules():
     code = ("from workers.engine.attention.backend import get_attention_backend; "
-            "get_attention_backend('torch', 0.125, None)")
+            "get_attention_backend('torch', 0.125, None, None)")
     assert modules_imported(code, ("triton", "workers.engine.attention.triton")) == []
 
 
@@ -108,43 +134,80 @@ def metadata(chunks: list[tuple[int, int]], tables: list[list[int]]) -> Attentio
         decode_context_lens=torch.tensor(lens, dtype=torch.long, device=DEVICE), decode_buckets=decode_buckets(lens))
 
 
-def make_batch(chunks: list[tuple[int, int]], gqa: int, head_dim: int, dtype=torch.float32, seed: int = 0):
-    """q, k, v, k_cache, v_cache, meta for one step. The caches are random everywhere, so holes, padding and rows
-    past a context's end hold garbage that shows up in the output if a kernel reads them."""
+@dataclass
+class Step:
+    """One step's attention inputs as the model passes them: q, k and v are views into one fused qkv projection,
+    not yet rotated. The caches are random everywhere, so holes, padding and rows past a context's end hold garbage
+    that shows up in the output if a kernel reads them."""
+
+    positions: torch.Tensor
+    qkv: torch.Tensor  # [tokens, (heads + 2 * NUM_KV_HEADS) * head_dim]
+    num_heads: int
+    head_dim: int
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v over a fresh copy of qkv: a backend rotates q (and may rotate k) in place."""
+        sizes = [self.num_heads * self.head_dim] + [NUM_KV_HEADS * self.head_dim] * 2
+        q, k, v = self.qkv.clone().split(sizes, dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, NUM_KV_HEADS, self.head_dim),
+                v.view(-1, NUM_KV_HEADS, self.head_dim))
+
+    @property
+    def rotary(self) -> RotaryEmbedding:
+        return rotary_embedding(self.head_dim)
+
+
+@functools.cache
+def rotary_embedding(head_dim: int) -> RotaryEmbedding:
+    """Llama 3's rope base, over the longest context the tests use."""
+    config = LlamaConfig(hidden_size=NUM_KV_HEADS * head_dim, num_attention_heads=NUM_KV_HEADS,
+                         num_key_value_heads=NUM_KV_HEADS, head_dim=head_dim, rope_theta=500000.0)
+    return RotaryEmbedding(config, head_dim, 8192, DEVICE)
+
+
+def make_batch(chunks: list[tuple[int, int]], gqa: int, head_dim: int, dtype=torch.float32, seed: int = 0) -> Step:
     torch.manual_seed(seed)
     tables, num_blocks = block_tables([context_len for _, context_len in chunks], random.Random(seed))
-    num_tokens = sum(n for n, _ in chunks)
+    num_heads = NUM_KV_HEADS * gqa
 
     def randn(*shape):
         return torch.randn(*shape, device=DEVICE).to(dtype)
 
+    positions = torch.cat([torch.arange(context_len - n, context_len, device=DEVICE) for n, context_len in chunks])
     cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
-    # v as the model passes it: a strided view into the fused qkv projection.
-    v = randn(num_tokens, NUM_KV_HEADS, 2 * head_dim)[..., :head_dim]
-    return (randn(num_tokens, NUM_KV_HEADS * gqa, head_dim), randn(num_tokens, NUM_KV_HEADS, head_dim), v,
-            randn(*cache_shape), randn(*cache_shape), metadata(chunks, tables))
+    return Step(positions, randn(len(positions), (num_heads + 2 * NUM_KV_HEADS) * head_dim), num_heads, head_dim,
+                randn(*cache_shape), randn(*cache_shape), metadata(chunks, tables))
 
 
-def assert_backends_agree(batch, window: int | None = None) -> None:
-    q, k, v, k_cache, v_cache, meta = batch
-    scale = q.shape[-1] ** -0.5
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    expected = TorchAttentionBackend(scale, window).forward(q, k, v, expected_k, expected_v, meta)
-    out = TritonAttentionBackend(scale, window).forward(q, k, v, k_cache, v_cache, meta)
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    torch.testing.assert_close(out, expected, **TOLERANCE[q.dtype])
+def assert_backends_agree(step: Step, window: int | None = None) -> None:
+    scale = step.head_dim ** -0.5
+    expected_k, expected_v = step.k_cache.clone(), step.v_cache.clone()
+    expected = TorchAttentionBackend(scale, window, step.rotary).forward(step.positions, *step.inputs(), expected_k,
+                                                                         expected_v, step.meta)
+    out = TritonAttentionBackend(scale, window, step.rotary).forward(step.positions, *step.inputs(), step.k_cache,
+                                                                     step.v_cache, step.meta)
+    assert torch.equal(step.k_cache, expected_k) and torch.equal(step.v_cache, expected_v)
+    torch.testing.assert_close(out, expected, **TOLERANCE[out.dtype])
 
 
-def assert_decode_agrees(batch, window: int | None, num_partitions: int) -> None:
-    """The decode kernels called directly, to choose split-K or not."""
-    q, k, v, k_cache, v_cache, meta = batch
-    scale = q.shape[-1] ** -0.5
-    expected = TorchAttentionBackend(scale, window).forward(q, k, v, k_cache.clone(), v_cache.clone(), meta)
-    triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+def assert_decode_agrees(step: Step, window: int | None, num_partitions: int) -> None:
+    """The kernels called directly, to choose split-K or not."""
+    scale = step.head_dim ** -0.5
+    meta, rotary = step.meta, step.rotary
+    expected = TorchAttentionBackend(scale, window, rotary).forward(step.positions, *step.inputs(),
+                                                                    step.k_cache.clone(), step.v_cache.clone(), meta)
+    q, k, v = step.inputs()
+    triton_kernels.rotate_and_write_kv(step.positions, q, k, v, rotary.cos, rotary.sin, step.k_cache, step.v_cache,
+                                       meta.slot_mapping)
     out = torch.empty_like(q)
-    triton_kernels.decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, out,
-                                    scale, window, num_partitions)
-    torch.testing.assert_close(out, expected, **TOLERANCE[q.dtype])
+    arrivals = torch.zeros(meta.num_decodes * NUM_KV_HEADS, dtype=torch.int32, device=DEVICE)
+    triton_kernels.decode_attention(q, step.k_cache, step.v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                    out, scale, window, num_partitions, arrivals)
+    torch.testing.assert_close(out, expected, **TOLERANCE[out.dtype])
+    assert not arrivals.any(), "split-K left its arrival counters for the next call (or graph replay) nonzero"
 
 
 def decodes(context_lens: list[int]) -> list[tuple[int, int]]:
@@ -152,13 +215,17 @@ def decodes(context_lens: list[int]) -> list[tuple[int, int]]:
 
 
 @runs_kernels
-def test_kv_write_puts_every_token_in_its_slot():
-    q, k, v, k_cache, v_cache, meta = make_batch([(30, 70), (17, 17), (1, 5)], gqa=1, head_dim=64)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    expected_k.view(-1, NUM_KV_HEADS, 64).index_copy_(0, meta.slot_mapping, k)
-    expected_v.view(-1, NUM_KV_HEADS, 64).index_copy_(0, meta.slot_mapping, v)
-    triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+def test_rotate_and_write_kv_rotates_q_in_place_and_puts_rotated_k_and_v_in_their_slots():
+    step = make_batch([(30, 70), (17, 17), (1, 5)], gqa=2, head_dim=64)
+    q, k, v = step.inputs()
+    expected_q, expected_k = step.rotary(step.positions, q.clone(), k.clone())
+    expected_k_cache, expected_v_cache = step.k_cache.clone(), step.v_cache.clone()
+    expected_k_cache.view(-1, NUM_KV_HEADS, 64).index_copy_(0, step.meta.slot_mapping, expected_k)
+    expected_v_cache.view(-1, NUM_KV_HEADS, 64).index_copy_(0, step.meta.slot_mapping, v)
+    triton_kernels.rotate_and_write_kv(step.positions, q, k, v, step.rotary.cos, step.rotary.sin, step.k_cache,
+                                       step.v_cache, step.meta.slot_mapping)
+    assert torch.equal(q, expected_q)
+    assert torch.equal(step.k_cache, expected_k_cache) and torch.equal(step.v_cache, expected_v_cache)
 
 
 # Contexts of 1, 17 (one past a block) and 100 (several blocks, two key tiles). Four partitions of whole 64-token
@@ -167,7 +234,7 @@ def test_kv_write_puts_every_token_in_its_slot():
 @runs_kernels
 @pytest.mark.parametrize("num_partitions", [1, 4], ids=["one-pass", "split-k"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("gqa", [1, 2, 3, 4])  # 3: a group that is no power of two
 @pytest.mark.parametrize("context_lens", [[100], [1, 17, 100]], ids=["batch1", "batch3"])
 def test_decode_matches_torch(context_lens, gqa, head_dim, num_partitions):
     assert_decode_agrees(make_batch(decodes(context_lens), gqa, head_dim), None, num_partitions)

@@ -82,11 +82,11 @@ class ModelRunner:
         # Rank 0 of a group drives the others; a follower's runner is driven.
         self.followers = PlanWriter(tp) if tp.size > 1 and tp.is_driver else None
         self.num_kv_heads = shard_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp).num_kv_heads
-        backend = get_attention_backend(model_config.attention_backend, head_dim_of(hf_config) ** -0.5,
-                                        sliding_window_of(hf_config))
         rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_model_len, self.device)
+        backend = get_attention_backend(model_config.attention_backend, head_dim_of(hf_config) ** -0.5,
+                                        sliding_window_of(hf_config), rotary)
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config, rotary, backend, tp)
+            model = LlamaForCausalLM(hf_config, backend, tp)
         self.model = model.to(self.dtype).to_empty(device=self.device).eval()
         load_weights(self.model, model_dir, progress)
         self.num_kv_blocks = self._num_kv_blocks(cache_config)

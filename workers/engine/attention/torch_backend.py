@@ -7,18 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta
+from workers.engine.layers.rotary import RotaryEmbedding
 
 
 class TorchAttentionBackend:
-    def __init__(self, scale: float, sliding_window: int | None):
+    def __init__(self, scale: float, sliding_window: int | None, rotary: RotaryEmbedding):
         self.scale = scale
         self.sliding_window = sliding_window
+        self.rotary = rotary
         # Gathered K/V land in buffers reused across layers and steps: a fresh multi-MB tensor per call costs
         # more in page faults than the copy itself.
         self._workspace: dict[str, torch.Tensor] = {}
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k = self.rotary(positions, q, k)
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)

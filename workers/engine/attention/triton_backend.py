@@ -9,6 +9,7 @@ import triton
 
 from workers.engine.attention import triton_kernels
 from workers.engine.attention.metadata import AttentionMetadata
+from workers.engine.layers.rotary import RotaryEmbedding
 
 # Split-K for decode. A batch of fewer (sequence, KV head) programs than MIN_PROGRAMS leaves an H100's 132 SMs short
 # of work over a long context, so each context is cut into partitions, each attended by a program of its own: as
@@ -25,16 +26,20 @@ def num_partitions(num_programs: int, max_context_len: int) -> int:
 
 
 class TritonAttentionBackend:
-    def __init__(self, scale: float, sliding_window: int | None):
+    def __init__(self, scale: float, sliding_window: int | None, rotary: RotaryEmbedding):
         self.scale = scale
         self.sliding_window = sliding_window
+        self.rotary = rotary
+        self._arrivals: torch.Tensor | None = None
+        self._retired: list[torch.Tensor] = []
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if q.device.type == "cpu" and not triton_kernels.INTERPRETED:
             raise ValueError("the triton attention backend runs on CPU tensors only under Triton's interpreter: "
                              "set TRITON_INTERPRET=1 before triton is imported, or use the torch backend")
-        triton_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        triton_kernels.rotate_and_write_kv(positions, q, k, v, self.rotary.cos, self.rotary.sin, k_cache, v_cache,
+                                           meta.slot_mapping)
         out = torch.empty_like(q)
         for p in meta.prefills:
             triton_kernels.prefill_attention(q, k_cache, v_cache, p.block_table, out, self.scale, self.sliding_window,
@@ -44,5 +49,15 @@ class TritonAttentionBackend:
             max_len = meta.decode_buckets[-1][2]  # decodes come sorted by context length
             triton_kernels.decode_attention(q[n:], k_cache, v_cache, meta.decode_block_tables,
                                             meta.decode_context_lens, out[n:], self.scale, self.sliding_window,
-                                            num_partitions(meta.num_decodes * k_cache.shape[2], max_len))
+                                            num_partitions(meta.num_decodes * k_cache.shape[2], max_len),
+                                            self._arrival_counters(meta.num_decodes * k_cache.shape[2], q.device))
         return out
+
+    def _arrival_counters(self, num: int, device: torch.device) -> torch.Tensor:
+        """The split-K decode's zeroed counters, at least `num`, shared by every layer and step: the kernel leaves
+        them zeroed. A grown buffer keeps the one it replaces alive, since a captured CUDA graph counts in that."""
+        if self._arrivals is None or self._arrivals.numel() < num or self._arrivals.device != device:
+            if self._arrivals is not None:
+                self._retired.append(self._arrivals)
+            self._arrivals = torch.zeros(max(num, 1024), dtype=torch.int32, device=device)
+        return self._arrivals

@@ -1,4 +1,5 @@
-"""Triton kernels for paged attention: the KV write, decode over paged KV (split-K) and prefill over paged KV.
+"""Triton kernels for paged attention: the rotary embedding with the KV write, decode over paged KV (split-K) and
+prefill over paged KV.
 
 Layouts are the engine's: q/out [tokens, heads, head_dim], k/v [tokens, kv_heads, head_dim] (any token and head
 strides, head_dim contiguous), caches [num_blocks, block_size, kv_heads, head_dim] with head_dim contiguous. The
@@ -20,24 +21,40 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from workers.engine.layers import triton_ops
+from workers.engine.layers.triton_ops import rotary_angles, rotate_heads, rotated_halves
+
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # key tokens per tile
 BLOCK_M = 64  # query tokens per prefill program
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_cs, stride_ch, block_size, num_kv_heads, head_dim,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per token copies all its K and V heads to its cache slot."""
+def _rotate_and_write_kv_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, positions_ptr,
+                                slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                stride_table, stride_cb, stride_cs, stride_ch, block_size, num_heads, num_kv_heads,
+                                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr,
+                                BLOCK_HALF: tl.constexpr):
+    """Program per token: rotates its query heads in place, and writes its key heads, rotated, and its value heads
+    to its cache slot. The rotation is the rotary kernel's (triton_ops.py), with its rounding; one launch does
+    what the rotary kernel and a KV write did in two."""
     t = tl.program_id(0)
+    cos1, cos2, sin1, sin2 = rotary_angles(cos_ptr, sin_ptr, tl.load(positions_ptr + t), stride_table,
+                                           q_ptr.dtype.element_ty, HALF, BLOCK_HALF)
+    rotate_heads(q_ptr, stride_qt, stride_qh, t, num_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
     slot = tl.load(slot_ptr + t)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < num_kv_heads) & (d < head_dim)
+    h = tl.arange(0, BLOCK_KV)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < num_kv_heads) & (d < HALF)
     dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs + h * stride_ch + d
-    tl.store(k_cache_ptr + dst, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
+    k = k_ptr + t * stride_kt + h * stride_kh + d
+    k1, k2 = rotated_halves(tl.load(k, mask=mask, other=0.0), tl.load(k + HALF, mask=mask, other=0.0),
+                            cos1, cos2, sin1, sin2)
+    tl.store(k_cache_ptr + dst, k1, mask=mask)
+    tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+    v = v_ptr + t * stride_vt + h * stride_vh + d
+    tl.store(v_cache_ptr + dst, tl.load(v, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst + HALF, tl.load(v + HALF, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -69,10 +86,10 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, start, h
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-                   qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-                   block_size, head_dim, group, num_heads, num_partitions,
-                   SPLIT: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   arrivals_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb,
+                   stride_cs, stride_ch, block_size, head_dim, group, num_heads, num_partitions,
+                   SPLIT: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (sequence, KV head, partition) attends the one new query of every query head in the KV head's
     group over the partition's keys.
 
@@ -80,7 +97,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
     read once per KV head rather than once per query head (a GQA ratio of 4 reads a quarter as much), and the
     group's rows (padded to BLOCK_G >= 16) give tl.dot the tile height it needs. Without SPLIT there is a single
     partition and the program writes the normalised output; with SPLIT it writes its unnormalised output, max and
-    sum for _reduce_kernel, so a long context spreads over many programs even at batch 1.
+    sum, so a long context spreads over many programs even at batch 1, and the last of a (sequence, KV head)'s
+    partitions to finish combines them, one query head at a time (unrolled over GROUP >= group heads, so their
+    loads go out together). That last program is found by counting arrivals, as TensorRT-LLM's multi-block decode
+    does, rather than by a second kernel: at batch 1 on an 8B model a step is a few hundred launches, and a
+    reduce launch per layer was one in eleven of them.
 
     A partition's length follows its own sequence's context (whole key tiles, num_partitions of them cover it),
     not the batch's longest: a CUDA graph fixes the grid for the longest context it may meet, and every
@@ -106,10 +127,20 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
                                      start, hi, q_pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
                                      block_size, head_dim, WINDOW, BLOCK_N, BLOCK_D)
     if SPLIT:
-        row = (seq * num_heads + heads) * num_partitions + part
-        tl.store(m_ptr + row, m_i, mask=g < group)
-        tl.store(l_ptr + row, l_i, mask=g < group)
-        tl.store(acc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=row_mask)
+        rows = (seq * num_heads + heads) * num_partitions + part
+        tl.store(m_ptr + rows, m_i, mask=g < group)
+        tl.store(l_ptr + rows, l_i, mask=g < group)
+        tl.store(acc_ptr + rows[:, None] * head_dim + d[None, :], acc, mask=row_mask)
+        # Every thread's stores come before the arrival is counted (the barrier), and the count is a gpu-scope
+        # release, so whichever program counts the last arrival (an acquire) sees all the partitions' stores.
+        tl.debug_barrier()
+        arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == num_partitions - 1:
+            tl.store(arrivals, 0)  # ready for the next launch, or the next replay of a CUDA graph
+            for r in tl.static_range(GROUP):  # rows past the group redo its last head and store nothing
+                head = kv_head * group + tl.minimum(r, group - 1)
+                _combine_partitions(m_ptr, l_ptr, acc_ptr, out_ptr + seq * stride_ot + head * stride_oh,
+                                    seq * num_heads + head, r < group, head_dim, num_partitions, BLOCK_P, BLOCK_D)
     else:
         out = acc / l_i[:, None]
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -117,21 +148,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
 
 
 @triton.jit
-def _reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ot, stride_oh, head_dim, num_heads, num_partitions,
-                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (sequence, query head) combines the partitions' partial softmaxes (log-sum-exp): each partition's
-    output and sum are rescaled by 2^(its max - the overall max). Empty partitions carry sum 0 and add nothing."""
-    seq, head = tl.program_id(0), tl.program_id(1)
+def _combine_partitions(m_ptr, l_ptr, acc_ptr, out_ptr, head_row, store, head_dim, num_partitions,
+                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Writes one query head's output, combining its partitions' partial softmaxes (log-sum-exp): each
+    partition's output and sum are rescaled by 2^(its max - the overall max). Empty partitions carry sum 0 and
+    add nothing. All partitions load at once, in one round trip to L2, and skip L1 (.cg): they are other
+    programs' stores."""
     p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
-    row = (seq * num_heads + head) * num_partitions + p
-    m_i = tl.load(m_ptr + row, mask=p < num_partitions, other=-1.0e30)
-    l_i = tl.load(l_ptr + row, mask=p < num_partitions, other=0.0)
+    row = head_row * num_partitions + p
+    m_i = tl.load(m_ptr + row, mask=p < num_partitions, other=-1.0e30, cache_modifier=".cg")
+    l_i = tl.load(l_ptr + row, mask=p < num_partitions, other=0.0, cache_modifier=".cg")
     acc = tl.load(acc_ptr + row[:, None] * head_dim + d[None, :],
-                  mask=(p < num_partitions)[:, None] & (d < head_dim)[None, :], other=0.0)
+                  mask=(p < num_partitions)[:, None] & (d < head_dim)[None, :], other=0.0, cache_modifier=".cg")
     w = tl.exp2(m_i - tl.max(m_i, 0))
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_i * w, 0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+    tl.store(out_ptr + d, out.to(out_ptr.dtype.element_ty), mask=d < tl.where(store, head_dim, 0))
 
 
 @triton.jit
@@ -171,43 +203,48 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, out_ptr, qk_scal
 
 # Whether the kernels run under Triton's CPU interpreter. That takes TRITON_INTERPRET=1 from before triton itself
 # was imported (its library functions, tl.zeros and tl.sum among them, are built then), not only before this module.
-INTERPRETED = all(isinstance(f, InterpretedFunction) for f in (_write_kv_kernel, tl.zeros))
+INTERPRETED = all(isinstance(f, InterpretedFunction) for f in (_decode_kernel, tl.zeros))
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k_cache/v_cache.view(-1, kv_heads, head_dim)[slot_mapping] = k/v, in one launch for both."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *k_cache.stride()[:3], k_cache.shape[1], num_kv_heads, head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim))
+def rotate_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+    """Rotates q in place by `positions` (cos/sin: the rotary tables, [max_positions, head_dim] float32), and
+    writes k, rotated, and v into k_cache/v_cache.view(-1, kv_heads, head_dim)[slot_mapping]; k itself is left
+    as it was."""
+    num_tokens, num_heads, head_dim = q.shape
+    half = head_dim // 2
+    _rotate_and_write_kv_kernel[(num_tokens,)](
+        q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), cos.stride(0), *k_cache.stride()[:3], k_cache.shape[1], num_heads,
+        k.shape[1], HALF=half, BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KV=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(half),
+        **triton_ops.ROTARY_OPTIONS)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, out: torch.Tensor, scale: float, window: int | None,
-                     num_partitions: int) -> None:
+                     num_partitions: int, arrivals: torch.Tensor) -> None:
     """out[i] = attention of q[i] (one token per sequence, at position context_lens[i] - 1) over its context.
 
-    num_partitions > 1 splits each context into that many partitions attended by separate programs and combined
-    by a second kernel; 1 attends each context in one program."""
+    num_partitions > 1 splits each context into that many partitions attended by separate programs, the last to
+    finish combining them; 1 attends each context in one program. `arrivals` holds zeroed int32 counters, at
+    least one per (sequence, KV head), which split-K counts in and leaves zeroed."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     split = num_partitions > 1
+    if split and arrivals.numel() < num_seqs * num_kv_heads:
+        raise ValueError(f"{arrivals.numel()} arrival counters for {num_seqs} x {num_kv_heads} (sequence, KV head)")
     partials = [torch.empty((num_seqs, num_heads, num_partitions, *extra), dtype=torch.float32, device=q.device)
                 for extra in ((), (), (head_dim,))] if split else [out] * 3
-    block_d = triton.next_power_of_2(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
-        q, k_cache, v_cache, block_tables, context_lens, out, *partials, scale * LOG2E, q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), *k_cache.stride()[:3], k_cache.shape[1], head_dim,
-        group, num_heads, num_partitions,
-        SPLIT=split, WINDOW=window or 0, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d)
-    if split:
-        _reduce_kernel[(num_seqs, num_heads)](
-            *partials, out, out.stride(0), out.stride(1), head_dim, num_heads, num_partitions,
-            BLOCK_P=triton.next_power_of_2(num_partitions), BLOCK_D=block_d)
+        q, k_cache, v_cache, block_tables, context_lens, out, *partials, arrivals, scale * LOG2E, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *k_cache.stride()[:3], k_cache.shape[1],
+        head_dim, group, num_heads, num_partitions,
+        SPLIT=split, WINDOW=window or 0, GROUP=triton.next_power_of_2(group),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
+        BLOCK_P=triton.next_power_of_2(num_partitions), BLOCK_D=triton.next_power_of_2(head_dim))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

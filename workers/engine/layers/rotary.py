@@ -24,8 +24,9 @@ def _inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, fl
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin tables as plain tensors, not buffers: it is built on the real device before the rest of
-    the model is built on the meta device, and materializing the model with `to_empty` leaves them intact."""
+    """Holds the float32 cos/sin tables on the device the model runs on. The attention backend applies it (the
+    GPU backend in the launch that writes the KV cache, reading the tables itself), so it is no module of the
+    model's: the model is built on the meta device and materialized in the model's dtype."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int, device: torch.device):
         super().__init__()

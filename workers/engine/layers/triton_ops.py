@@ -40,41 +40,55 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
 
 
 @triton.jit
-def _rotate(x_ptr, stride_t, stride_h, t, num_heads, cos1, cos2, sin1, sin2,
-            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """In place, every head of token t: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), rounding
-    each product and the sum to x's dtype as the torch ops do."""
-    h = tl.arange(0, BLOCK_H)[:, None]
+def rotary_angles(cos_ptr, sin_ptr, pos, stride_table, dtype: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    """The cos and sin of position `pos`, each as its two halves [1, BLOCK_HALF] in float32. The float32 table rows
+    are rounded to the model's dtype first, as the torch path casts them."""
     d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (h < num_heads) & (d < HALF)
-    ptr1 = x_ptr + t * stride_t + h * stride_h + d
-    x1 = tl.load(ptr1, mask=mask, other=0.0)
-    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
+    row = pos * stride_table + d
+    cos1 = tl.load(cos_ptr + row, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
+    cos2 = tl.load(cos_ptr + row + HALF, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
+    sin1 = tl.load(sin_ptr + row, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
+    sin2 = tl.load(sin_ptr + row + HALF, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def rotated_halves(x1, x2, cos1, cos2, sin1, sin2):
+    """The two halves of x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), rounding each product and the
+    sum to x's dtype as the torch ops do."""
     dtype = x1.dtype
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     out1 = (f1 * cos1).to(dtype).to(tl.float32) + (-f2 * sin1).to(dtype).to(tl.float32)
     out2 = (f2 * cos2).to(dtype).to(tl.float32) + (f1 * sin2).to(dtype).to(tl.float32)
-    tl.store(ptr1, out1.to(dtype), mask=mask)
-    tl.store(ptr1 + HALF, out2.to(dtype), mask=mask)
+    return out1.to(dtype), out2.to(dtype)
+
+
+@triton.jit
+def rotate_heads(x_ptr, stride_t, stride_h, t, num_heads, cos1, cos2, sin1, sin2,
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotates every head of token t in place. (rotary_angles, rotated_halves and rotate_heads are shared with the
+    attention kernel that rotates and writes the KV cache in one launch.)"""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < num_heads) & (d < HALF)
+    ptr1 = x_ptr + t * stride_t + h * stride_h + d
+    out1, out2 = rotated_halves(tl.load(ptr1, mask=mask, other=0.0), tl.load(ptr1 + HALF, mask=mask, other=0.0),
+                          cos1, cos2, sin1, sin2)
+    tl.store(ptr1, out1, mask=mask)
+    tl.store(ptr1 + HALF, out2, mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_table, num_heads, num_kv_heads,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Program per token rotates its query and key heads by the angles of its position. The float32 cos/sin table
-    rows are cast to q's dtype first, as the torch path casts them."""
+    """Program per token rotates its query and key heads by the angles of its position."""
     t = tl.program_id(0)
-    pos = tl.load(positions_ptr + t)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    dtype = q_ptr.dtype.element_ty
-    row = pos * stride_table + d
-    cos1 = tl.load(cos_ptr + row, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
-    cos2 = tl.load(cos_ptr + row + HALF, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
-    sin1 = tl.load(sin_ptr + row, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
-    sin2 = tl.load(sin_ptr + row + HALF, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)
-    _rotate(q_ptr, stride_qt, stride_qh, t, num_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
-    _rotate(k_ptr, stride_kt, stride_kh, t, num_kv_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
+    cos1, cos2, sin1, sin2 = rotary_angles(cos_ptr, sin_ptr, tl.load(positions_ptr + t), stride_table,
+                                     q_ptr.dtype.element_ty, HALF, BLOCK_HALF)
+    rotate_heads(q_ptr, stride_qt, stride_qh, t, num_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
+    rotate_heads(k_ptr, stride_kt, stride_kh, t, num_kv_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
 
 
 @triton.jit

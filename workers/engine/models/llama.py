@@ -20,7 +20,6 @@ from workers.engine.layers.linear import (
     RowParallelLinear,
 )
 from workers.engine.layers.norm import RMSNorm
-from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.parallel import TensorParallel
 
 # checkpoint module name -> (our fused module, shard index)
@@ -48,8 +47,7 @@ def sliding_window_of(config: PretrainedConfig) -> int | None:
 class LlamaAttention(nn.Module):
     """Runs on this rank's query heads and the KV heads they read; o_proj sums the ranks' partial outputs."""
 
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel):
         super().__init__()
         self.head_dim = head_dim_of(config)
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
@@ -59,7 +57,6 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.heads.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         getattr(config, "attention_bias", False), tp)
-        self.rotary = rotary
         self.backend = backend
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -68,8 +65,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
+        o = self.backend.forward(positions, q, k, v, kv_cache[0], kv_cache[1], meta)
         return self.o_proj(o.flatten(1))
 
 
@@ -93,10 +89,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel):
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend, tp)
+        self.self_attn = LlamaAttention(config, backend, tp)
         self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -109,11 +104,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, backend, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -125,11 +119,10 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 tp: TensorParallel = TensorParallel()):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, rotary, backend, tp)
+        self.model = LlamaModel(config, backend, tp)
         # Tied models read the embedding matrix directly instead of holding a second, aliased parameter.
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if not self.tie_word_embeddings:
