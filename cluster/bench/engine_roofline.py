@@ -8,7 +8,9 @@ Three measurements in one run and one process, each next to the figure it is hel
 - prefill throughput on whole prompts against 2 x (matmul parameters) x tokens FLOPs at the matmul rate measured
   in the same run, in the engine's dtype (attention's own FLOPs, ~4% at 2k tokens, are not counted);
 - offline throughput on a mixed workload against HF transformers (sdpa, left-padded batches) on the same device;
-and, to show where batch-1 decode time goes, one eager step under the profiler, its kernels by time.
+and, to show where batch-1 decode time goes, one eager step under the profiler, its kernels by time, beside the
+step's CUDA graph replayed alone (its device time less the kernels' is the gaps between them; the step's time less
+it, the host's part).
 
 Decode and prefill steps are timed on the engine's model runner itself: one `execute` (inputs, forward pass,
 sampling) of sequences whose blocks are scattered over the whole cache, as after hours of serving. Their K/V hold
@@ -245,7 +247,29 @@ def _kernel_breakdown(runner, context_len: int, decode: list[dict], rng: random.
                      and "step_ms" in r), None)
     return dict(context_len=context_len, device="kernels" if cuda else "cpu ops",
                 launches=sum(e.count for _, e in own_us), device_ms=sum(us for us, _ in own_us) / 1e3,
-                step_ms=graph_ms, top=[dict(name=e.key[:80], count=e.count, ms=us / 1e3) for us, e in own_us[:12]])
+                step_ms=graph_ms, replay_ms=_replay_ms(runner, [seq for seq, _ in step]),
+                top=[dict(name=e.key[:80], count=e.count, ms=us / 1e3) for us, e in own_us[:12]])
+
+
+def _replay_ms(runner, seqs: list, repeats: int = 50) -> float | None:
+    """Device milliseconds of the step's CUDA graph alone, replayed back to back between two CUDA events: its
+    kernels and the gaps between them, without the host's part of a step (copying inputs in, sampling). None
+    without a captured graph for the batch."""
+    import torch
+
+    graphs = runner.decode_graphs
+    size = graphs.prepare(seqs) if graphs is not None else None
+    graph = graphs.graphs.get(size) if graphs is not None else None
+    if graph is None:
+        return None
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def format_breakdown(b: dict) -> str:
@@ -253,8 +277,12 @@ def format_breakdown(b: dict) -> str:
         return f"\nbatch-1 decode step, context {b['context_len']}: not profiled ({b['error']})"
     lines = ["", f"batch-1 decode step, context {b['context_len']}, profiled eagerly: {b['launches']} {b['device']} "
                  f"taking {b['device_ms']:.3f} ms" + (f"; the measured step takes {b['step_ms']:.3f} ms"
-                                                        if b["step_ms"] else ""),
-             f"{'ms':>8}  {'count':>5}  name"]
+                                                        if b["step_ms"] else "")]
+    if b.get("replay_ms"):
+        lines.append(f"its CUDA graph replayed alone takes {b['replay_ms']:.3f} ms on the device: "
+                     f"{b['replay_ms'] - b['device_ms']:.3f} ms between kernels, "
+                     f"{b['step_ms'] - b['replay_ms']:.3f} ms of the step on the host (inputs in, sampling)")
+    lines.append(f"{'ms':>8}  {'count':>5}  name")
     lines += [f"{t['ms']:>8.3f}  {t['count']:>5}  {t['name']}" for t in b["top"]]
     return "\n".join(lines)
 
