@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The checks only a GPU can run, in about 6 minutes, on a machine with torch, triton, transformers and pytest but
+# The checks only a GPU can run, in about 7 minutes, on a machine with torch, triton, transformers and pytest but
 # no Ray, no gRPC extras and no network (the lent H100/H200): run from the repository root, it writes every log
 # and JSON file under $OUT (8 files: a log per stage, two JSON files, summary.txt with the machine and each
 # stage's exit) and prints a summary last.
 #
-#   1. the fused elementwise kernels (tests/engine/test_triton_ops.py) against the torch ops, compiled;
-#   2. the `gpu`-marked CUDA-graph tests: graph decode vs eager vs HF (float32 tokens equal; the bfloat16
-#      agreement rate);
+#   1. the fused elementwise kernels and the fused small-batch projections (tests/engine/test_triton_ops.py,
+#      test_triton_projections.py) against the torch ops, compiled, the projections at Llama-3.1-8B's shapes;
+#   2. the `gpu`-marked CUDA-graph tests, with the fused projections and without: graph decode vs eager vs HF
+#      (float32 tokens equal; the bfloat16 agreement rate);
 #   3. `tandem bench engine --device cuda --random-weights llama-3.1-8b`: decode and prefill against the roofline,
-#      offline throughput against HF transformers, and a batch-1 decode step's kernels by time;
+#      offline throughput against HF transformers, a batch-1 decode step's kernels by time beside its graph
+#      replayed alone, and the batch-1 graph with and without the fused projections (the engine keeps the faster);
 #   4. `tandem bench kernels`: decode attention vs the torch backend vs the roofline;
 #   5. the Triton attention kernels' full grid against the torch backend (last: the longest, and the least likely
 #      to change between runs).
@@ -55,9 +57,9 @@ triton.__version__, 'transformers', transformers.__version__)"
 cat "$OUT/summary.txt"
 
 pytest=("$PYTHON" -m pytest -p no:cacheprovider -rA -s --durations=15)
-stage fused-ops 60 8 "${pytest[@]}" tests/engine/test_triton_ops.py
-stage gpu-tests 100 12 "${pytest[@]}" -m gpu tests/engine/test_cuda_graphs.py
-stage bench-engine 150 62 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
+stage fused-ops 120 8 "${pytest[@]}" tests/engine/test_triton_ops.py tests/engine/test_triton_projections.py
+stage gpu-tests 100 16 "${pytest[@]}" -m gpu tests/engine/test_cuda_graphs.py
+stage bench-engine 210 64 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
     --json "$OUT/engine.json"
 stage bench-kernels 40 14 "$PYTHON" -c "import argparse, sys
 from cluster.bench import kernels

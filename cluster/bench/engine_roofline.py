@@ -92,9 +92,15 @@ def run(args: argparse.Namespace, log: Log) -> int:
              f"{matmul / 1e12:.3g} TFLOP/s; decode " + (f"CUDA graphs up to batch {graphs[-1]}" if graphs else "eager"))
     print(format_report(title, meaningful, decode, prefill, offline, verdicts))
     print(format_breakdown(breakdown))
+    if runner.fusion_replay_ms:
+        print(f"fused small-batch projections {'on' if runner.model.fusion.max_rows else 'off'}: the batch-1 graph "
+              f"(padding rows) took {runner.fusion_replay_ms['fused']:.3f} ms with them, "
+              f"{runner.fusion_replay_ms['unfused']:.3f} ms without")
     doc = dict(config=dict(dataclasses.asdict(sizes), model=str(folder), random_weights=args.random_weights,
                            dtype=str(dtype), tandem_engine=dataclasses.asdict(llm.engine.config),
-                           num_kv_blocks=runner.num_kv_blocks, graph_batch_sizes=graphs),
+                           num_kv_blocks=runner.num_kv_blocks, graph_batch_sizes=graphs,
+                           small_batch_fusion=dict(max_rows=runner.model.fusion.max_rows,
+                                                   replay_ms=runner.fusion_replay_ms)),
                machine=dict(machine_info(), device=_device_name(device)), times_meaningful=meaningful,
                bandwidth_gb_s=bandwidth / 1e9, matmul_tflop_s=matmul / 1e12, decode=decode, prefill=prefill,
                offline=offline, batch1_breakdown=breakdown, targets=[t.as_dict() for t in verdicts])
@@ -251,25 +257,12 @@ def _kernel_breakdown(runner, context_len: int, decode: list[dict], rng: random.
                 top=[dict(name=e.key[:80], count=e.count, ms=us / 1e3) for us, e in own_us[:12]])
 
 
-def _replay_ms(runner, seqs: list, repeats: int = 50) -> float | None:
-    """Device milliseconds of the step's CUDA graph alone, replayed back to back between two CUDA events: its
-    kernels and the gaps between them, without the host's part of a step (copying inputs in, sampling). None
-    without a captured graph for the batch."""
-    import torch
-
+def _replay_ms(runner, seqs: list) -> float | None:
+    """Device milliseconds of the step's CUDA graph alone (DecodeGraphs.replay_ms); None without one."""
     graphs = runner.decode_graphs
-    size = graphs.prepare(seqs) if graphs is not None else None
-    graph = graphs.graphs.get(size) if graphs is not None else None
-    if graph is None:
+    if graphs is None or not graphs.graphs:
         return None
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    return graphs.replay_ms(graphs.prepare(seqs))
 
 
 def format_breakdown(b: dict) -> str:

@@ -13,18 +13,22 @@ rounding of the torch ops.
 """
 
 import functools
-import os
 import random
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from tests.engine.triton_checks import compile_for_hopper, modules_imported
+from tests.engine.triton_checks import (
+    CUDA,
+    compile_for_hopper,
+    gpu,
+    kernels_do_not_run_here,
+    modules_imported,
+    run_under_the_interpreter,
+    runs_kernels,
+)
 from tests.hf_reference import hf_greedy
 from workers.engine.attention import triton_backend, triton_kernels
 from workers.engine.attention.metadata import AttentionMetadata, PrefillMeta, decode_buckets
@@ -35,30 +39,19 @@ from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 BLOCK_SIZE = 16
 NUM_KV_HEADS = 2
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
-runs_kernels = pytest.mark.skipif(not (CUDA or triton_kernels.INTERPRETED),
-                                  reason="no CUDA and no interpreter here: run in a child process by "
-                                         "test_every_case_under_the_interpreter")
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
-@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="the kernels run in this process")
+@kernels_do_not_run_here
 def test_every_case_under_the_interpreter():
-    """Without CUDA the kernels need TRITON_INTERPRET=1 from before triton is first imported, and in a pytest
-    process triton is already in (tests/conftest.py imports transformers, whose torch._dynamo imports triton). So
-    this file runs again in a child pytest started with it, and fails with the child's report."""
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                           cwd=Path(__file__).parents[2], env=dict(os.environ, TRITON_INTERPRET="1"),
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-8000:] + child.stderr[-2000:]
+    run_under_the_interpreter(__file__)
 
 
-@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
+@kernels_do_not_run_here
 def test_kernels_compile_for_hopper_in_bfloat16():
     """What the interpreter only emulates, Triton still compiles without a GPU (to a cubin, with the ptxas it
     ships): tl.dot's minimum tile sizes, loop and pointer types, and shared memory within an H100's 227 KiB."""
@@ -79,7 +72,7 @@ KERNEL_TYPES = {"qk_scale": "fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr
                 "tables_ptr": "*i64", "table_ptr": "*i64", "context_lens_ptr": "*i64"}
 
 
-@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
+@kernels_do_not_run_here
 def test_split_k_partials_are_published_before_their_arrival_is_counted():
     """What the interpreter, running one program at a time, cannot show: the program that counts a group's last
     arrival reads partials other programs stored. So every thread of a program reaches a barrier after its

@@ -9,38 +9,33 @@ float32 difference crosses a rounding boundary) one bfloat16 step away at most (
 on the GPU only: the interpreter truncates float32 to bfloat16 where the GPU rounds to nearest.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
-from tests.engine.triton_checks import compile_for_hopper, modules_imported
-from workers.engine.attention import triton_kernels
+from tests.engine.triton_checks import (
+    CUDA,
+    compile_for_hopper,
+    kernels_do_not_run_here,
+    modules_imported,
+    run_under_the_interpreter,
+    runs_kernels,
+)
 from workers.engine.layers import triton_ops
 from workers.engine.layers.norm import RMSNorm
 from workers.engine.layers.rotary import RotaryEmbedding
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=8e-3, rtol=8e-3)}
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 
-runs_kernels = pytest.mark.skipif(not (CUDA or triton_kernels.INTERPRETED),
-                                  reason="no CUDA and no interpreter here: run in a child process by "
-                                         "test_every_case_under_the_interpreter")
 
 
-@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="the kernels run in this process")
+@kernels_do_not_run_here
 def test_every_case_under_the_interpreter():
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                           cwd=Path(__file__).parents[2], env=dict(os.environ, TRITON_INTERPRET="1"),
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-8000:] + child.stderr[-2000:]
+    run_under_the_interpreter(__file__)
 
 
 def randn(*shape, dtype):
@@ -108,7 +103,7 @@ def test_the_cpu_layers_never_load_triton_ops():
     assert modules_imported(code, ("workers.engine.layers.triton_ops",)) == []
 
 
-@pytest.mark.skipif(CUDA or triton_kernels.INTERPRETED, reason="kernels run here, compiled or interpreted")
+@kernels_do_not_run_here
 def test_kernels_compile_for_hopper_without_bfloat16_fmas():
     """What the interpreter only emulates, Triton still compiles without a GPU, for an H100 (sm_90), with the options
     each kernel is launched with. A bfloat16 FMA would skip the rounding of a product that the torch ops round."""

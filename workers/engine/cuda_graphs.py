@@ -89,18 +89,32 @@ class DecodeGraphs:
         return self.logits[:size].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Captures every batch size on padding rows alone, largest first, so the smaller graphs reuse the largest
-        one's memory pool."""
+    def capture(self, sizes: list[int] | None = None) -> None:
+        """Captures the given batch sizes (all by default) on padding rows alone, largest first, so the smaller
+        graphs reuse the largest one's memory pool. A size captured before is replaced."""
         self._pad_all()
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.batch_sizes):
-            self.run(size)  # outside the capture: Triton compiles, cuBLAS picks its kernels, workspaces grow
+        for size in sorted(sizes or self.batch_sizes, reverse=True):
+            self.run(size)  # outside the capture: Triton compiles and tunes, cuBLAS picks its kernels, workspaces grow
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.run(size)
             self.graphs[size] = graph
+
+    def replay_ms(self, size: int, repeats: int = 50) -> float:
+        """Device milliseconds of one replay of the graph of `size` on what the static buffers hold (padding rows
+        unless a step was prepared), replayed back to back between two CUDA events: its kernels and the gaps
+        between them, without the host's part of a step."""
+        graph = self.graphs[size]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
 
     @property
     def _padding_slot(self) -> int:

@@ -7,13 +7,13 @@ takes the TensorParallel object; at size 1 the model is the plain single-device 
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from workers.engine.attention.backend import AttentionBackend
 from workers.engine.attention.metadata import AttentionMetadata
 from workers.engine.layers.embedding import VocabParallelEmbedding
+from workers.engine.layers.fusion import SmallBatchFusion, norm_then_linear, silu_mul_then_linear
 from workers.engine.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -59,9 +59,10 @@ class LlamaAttention(nn.Module):
                                         getattr(config, "attention_bias", False), tp)
         self.backend = backend
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        """qkv: qkv_proj's output, which the decoder layer computes with the norm before it."""
+        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -70,44 +71,44 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallel, fusion: SmallBatchFusion):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias, tp)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, tp)
+        self.fusion = fusion
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act!r} (Llama-family models use silu)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda:  # one Triton kernel instead of two torch ops
-            from workers.engine.layers import triton_ops
-
-            return self.down_proj(triton_ops.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: gate_up_proj's output, which the decoder layer computes with the norm before it."""
+        return silu_mul_then_linear(self.fusion, self.down_proj, gate_up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel,
+                 fusion: SmallBatchFusion):
         super().__init__()
         self.self_attn = LlamaAttention(config, backend, tp)
-        self.mlp = LlamaMLP(config, tp)
+        self.mlp = LlamaMLP(config, tp, fusion)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fusion = fusion
 
     def forward(self, positions, x, residual, kv_cache, meta):
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        qkv, residual = norm_then_linear(self.fusion, self.input_layernorm, self.self_attn.qkv_proj, x, residual)
+        h = self.self_attn(positions, qkv, kv_cache, meta)
+        gate_up, residual = norm_then_linear(self.fusion, self.post_attention_layernorm, self.mlp.gate_up_proj, h,
+                                             residual)
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel,
+                 fusion: SmallBatchFusion):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, tp, fusion)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -122,7 +123,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, backend, tp)
+        # Shared by every layer, so the runner switches the fused small-batch projections on or off in one place.
+        self.fusion = SmallBatchFusion()
+        self.model = LlamaModel(config, backend, tp, self.fusion)
         # Tied models read the embedding matrix directly instead of holding a second, aliased parameter.
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if not self.tie_word_embeddings:
