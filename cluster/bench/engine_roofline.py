@@ -93,9 +93,10 @@ def run(args: argparse.Namespace, log: Log) -> int:
     print(format_report(title, meaningful, decode, prefill, offline, verdicts))
     print(format_breakdown(breakdown))
     if runner.fusion_replay_ms:
+        fused_ms, unfused_ms = runner.fusion_replay_ms["fused"], runner.fusion_replay_ms["unfused"]
         print(f"fused small-batch projections {'on' if runner.model.fusion.max_rows else 'off'}: the batch-1 graph "
-              f"(padding rows) took {runner.fusion_replay_ms['fused']:.3f} ms with them, "
-              f"{runner.fusion_replay_ms['unfused']:.3f} ms without")
+              f"(padding rows) took {'-' if fused_ms is None else f'{fused_ms:.3f} ms'} with them (- where they "
+              f"failed to build), {unfused_ms:.3f} ms without")
     doc = dict(config=dict(dataclasses.asdict(sizes), model=str(folder), random_weights=args.random_weights,
                            dtype=str(dtype), tandem_engine=dataclasses.asdict(llm.engine.config),
                            num_kv_blocks=runner.num_kv_blocks, graph_batch_sizes=graphs,

@@ -94,7 +94,7 @@ class ModelRunner:
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.decode_graphs: DecodeGraphs | None = None
-        self.fusion_replay_ms: dict[str, float] = {}  # batch-1 graph with and without the fused projections
+        self.fusion_replay_ms: dict[str, float | None] = {}  # batch-1 graph with and without fused projections
         if self._captures_graphs(config):
             self.use_padded_decode(min(model_config.max_graph_batch_size, config.scheduler.max_num_seqs), capture=True)
 
@@ -125,16 +125,21 @@ class ModelRunner:
         graphs, fusion = self.decode_graphs, self.model.fusion
         small = [b for b in graphs.batch_sizes if b <= BLOCK_M]
         unfused = {b: graphs.graphs[b] for b in small}
-        self.fusion_replay_ms = {"unfused": graphs.replay_ms(small[0])}
+        unfused_ms, fused_ms = graphs.replay_ms(small[0]), None
         fusion.max_rows = BLOCK_M
-        graphs.capture(small)
-        self.fusion_replay_ms["fused"] = graphs.replay_ms(small[0])
-        if self.fusion_replay_ms["fused"] >= self.fusion_replay_ms["unfused"]:
+        try:
+            graphs.capture(small)
+            fused_ms = graphs.replay_ms(small[0])
+        except Exception:  # noqa: BLE001 - a GPU none of the kernel's configs fits (shared memory): they are optional
+            logger.warning("the fused small-batch projections failed to build on this GPU; keeping the separate ops",
+                           exc_info=True)
+        if fused_ms is None or fused_ms >= unfused_ms:
             fusion.max_rows = 0
             graphs.graphs.update(unfused)
-        logger.info("fused small-batch projections %s: a batch-%d decode graph takes %.3f ms with them, %.3f ms "
-                    "without", "on" if fusion.max_rows else "off", small[0], self.fusion_replay_ms["fused"],
-                    self.fusion_replay_ms["unfused"])
+        self.fusion_replay_ms = {"unfused": unfused_ms, "fused": fused_ms}
+        logger.info("fused small-batch projections %s: a batch-%d decode graph takes %s with them, %.3f ms without",
+                    "on" if fusion.max_rows else "off", small[0], "-" if fused_ms is None else f"{fused_ms:.3f} ms",
+                    unfused_ms)
 
     def _bytes_per_block(self) -> int:
         c = self.hf_config
