@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig
 
 from tests.engine.triton_checks import (
-    CUDA,
+    DEVICE,
     compile_for_hopper,
     gpu,
     kernels_do_not_run_here,
@@ -39,7 +39,6 @@ from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 BLOCK_SIZE = 16
 NUM_KV_HEADS = 2
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}

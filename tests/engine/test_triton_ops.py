@@ -17,6 +17,7 @@ from transformers import LlamaConfig
 
 from tests.engine.triton_checks import (
     CUDA,
+    DEVICE,
     compile_for_hopper,
     kernels_do_not_run_here,
     modules_imported,
@@ -27,7 +28,6 @@ from workers.engine.layers import triton_ops
 from workers.engine.layers.norm import RMSNorm
 from workers.engine.layers.rotary import RotaryEmbedding
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=8e-3, rtol=8e-3)}
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 

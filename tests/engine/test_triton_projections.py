@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.engine.triton_checks import (
-    CUDA,
+    DEVICE,
     compile_for_hopper,
     gpu,
     kernels_do_not_run_here,
@@ -30,7 +30,6 @@ from workers.engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.engine.layers.norm import RMSNorm
 from workers.engine.parallel import TensorParallel
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 
 

@@ -17,6 +17,7 @@ from workers.engine.attention.triton_kernels import INTERPRETED
 
 ROOT = Path(__file__).parents[2]
 CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")  # where the kernels run: compiled, or interpreted
 
 # Tests that run kernels; without CUDA, only in the interpreter's child process.
 runs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="no CUDA and no interpreter here: run in a "
