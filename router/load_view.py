@@ -8,6 +8,7 @@ import time
 import redis.asyncio
 
 from router.policy import GroupLoad
+from workers.kv.hashing import BlockHash
 from workers.kv_events import DEFAULT_NAMESPACE, KVKeys
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ class LoadView:
             elif report is not None:
                 logger.warning("ignoring the load report of %s: not a JSON object", group)
         return reports
+
+    async def blocks_held_by(self, groups: list[str]) -> set[BlockHash]:
+        """The union of the groups' cached block hashes, as their KV events keep them in Redis."""
+        if not groups:
+            return set()
+        return set(await self._redis.sunion([self.keys.blocks(g) for g in groups]))
 
     async def close(self) -> None:
         await self._redis.aclose()

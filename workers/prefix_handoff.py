@@ -18,7 +18,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis.asyncio
 from ray import serve
 
 from router.load_view import LoadView
@@ -79,16 +78,10 @@ async def held_by_others(redis_url: str, group_id: str, role: str) -> set[BlockH
     view = LoadView(redis_url)
     try:
         reports = await view.reports()
+        return await view.blocks_held_by([g for g, report in reports.items()
+                                          if g != group_id and report.get("role") == role])
     finally:
         await view.close()
-    peers = [g for g, report in reports.items() if g != group_id and report.get("role") == role]
-    if not peers:
-        return set()
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        return set(await client.sunion([view.keys.blocks(g) for g in peers]))
-    finally:
-        await client.aclose()
 
 
 def _pool_survives(app_name: str, deployment_name: str) -> bool:

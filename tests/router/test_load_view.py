@@ -30,3 +30,22 @@ def test_a_groups_sequences_are_all_it_holds_work_for(redis_url):
     loads = asyncio.run(read())
     assert loads["prefill"] == [GroupLoad("p1", 48, 64, queued_prefill_tokens=120, running_seqs=9)]
     assert loads["decode"] == [GroupLoad("d1", 48, 64, queued_prefill_tokens=120, running_seqs=3)]
+
+
+def test_the_blocks_other_groups_hold_are_the_union_of_their_sets_and_none_without_groups(redis_url):
+    import redis
+
+    keys = KVKeys(f"test-load-view-{uuid.uuid4().hex}")
+    client = redis.Redis.from_url(redis_url)
+    client.sadd(keys.blocks("p1"), b"a", b"b")
+    client.sadd(keys.blocks("p2"), b"b", b"c")
+    client.sadd(keys.blocks("p3"), b"d")
+
+    async def read():
+        view = LoadView(redis_url, namespace=keys.namespace)
+        try:
+            return await view.blocks_held_by(["p1", "p2"]), await view.blocks_held_by([])
+        finally:
+            await view.close()
+
+    assert asyncio.run(read()) == ({b"a", b"b", b"c"}, set())
