@@ -6,11 +6,12 @@
 #
 #   1. the fused elementwise kernels and the fused small-batch projections (tests/engine/test_triton_ops.py,
 #      test_triton_projections.py) against the torch ops, compiled, the projections at Llama-3.1-8B's shapes;
-#   2. the `gpu`-marked CUDA-graph tests, with the fused projections and without: graph decode vs eager vs HF
-#      (float32 tokens equal; the bfloat16 agreement rate);
+#   2. the `gpu`-marked CUDA-graph tests, each way of running the small-batch projections (separate ops, fused,
+#      fused and chained): graph decode vs eager vs HF (float32 tokens equal; the bfloat16 agreement rate);
 #   3. `tandem bench engine --device cuda --random-weights llama-3.1-8b`: decode and prefill against the roofline,
 #      offline throughput against HF transformers, a batch-1 decode step's kernels by time beside its graph
-#      replayed alone, and the batch-1 graph with and without the fused projections (the engine keeps the faster);
+#      replayed alone, and the batch-1 graph each way of running the small-batch projections (the engine keeps
+#      the fastest);
 #   4. `tandem bench kernels`: decode attention vs the torch backend vs the roofline;
 #   5. the Triton attention kernels' full grid against the torch backend (last: the longest, and the least likely
 #      to change between runs).
@@ -58,7 +59,7 @@ cat "$OUT/summary.txt"
 
 pytest=("$PYTHON" -m pytest -p no:cacheprovider -rA -s --durations=15)
 stage fused-ops 120 8 "${pytest[@]}" tests/engine/test_triton_ops.py tests/engine/test_triton_projections.py
-stage gpu-tests 100 16 "${pytest[@]}" -m gpu tests/engine/test_cuda_graphs.py
+stage gpu-tests 130 20 "${pytest[@]}" -m gpu tests/engine/test_cuda_graphs.py
 stage bench-engine 210 64 "$PYTHON" -m cluster.bench.engine --device "$DEVICE" --random-weights "$RANDOM_WEIGHTS" \
     --json "$OUT/engine.json"
 stage bench-kernels 40 14 "$PYTHON" -c "import argparse, sys

@@ -3,9 +3,10 @@
 On CPU the padded path runs eagerly (what a graph records): the same greedy tokens as the unpadded engine and as HF
 transformers while the batch shrinks through the ladder (5 sequences: eager, above the largest size 4; then 4,
 3 -> 4, 2, 1), and padding rows write only the padding block. The `gpu` tests replay real graphs, with the fused
-small-batch projections and without (the engine picks whichever it measures faster; the tests force each): in
-float32 their tokens equal eager decode's and HF's on the same GPU; in bfloat16 they print the agreement with HF on
-the first NEW tokens of each prompt (random tiny models, so near-ties in the logits are rare but possible).
+small-batch projections, with them launched chained, and without (the engine picks whichever it measures
+fastest; the tests force each): in float32 their tokens equal eager decode's and HF's on the same GPU; in bfloat16
+they print the agreement with HF on the first NEW tokens of each prompt (random tiny models, so near-ties in the
+logits are rare but possible).
 
 The tiny models are conftest's, with a word-level tokenizer instead of SmolLM2's, so they build on a GPU machine
 that lacks the embedded model.
@@ -24,6 +25,7 @@ from tests.conftest import build_tiny_model
 from tests.hf_reference import hf_greedy
 from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from workers.engine.layers import triton_projections
+from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
@@ -128,34 +130,41 @@ def hf_greedy_on_gpu(path, dtype: torch.dtype, prompt: list[int], max_tokens: in
     return out[0, len(prompt):].tolist()
 
 
-def gpu_llm(path, dtype: str, fused: bool | None = None, **kwargs) -> LLM:
-    """An engine on the GPU; `fused` overrides its measured choice of the fused small-batch projections."""
+# The ways the engine may run a small batch's projections (layers/fusion.py), each forced in turn.
+WAYS = {"separate-ops": SmallBatchFusion(), "fused-projections": SmallBatchFusion(triton_projections.BLOCK_M),
+        "chained": SmallBatchFusion(triton_projections.BLOCK_M, chained=True)}
+
+
+def gpu_llm(path, dtype: str, way: str | None = None, **kwargs) -> LLM:
+    """An engine on the GPU; `way` overrides its measured choice of how to run the small-batch projections."""
+    if way == "chained" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("chained launches (programmatic dependent launch) need sm_90 or later")
     llm = LLM(str(path), device="cuda", dtype=dtype, attention_backend="triton", num_kv_blocks=64, max_num_seqs=8,
               progress=False, **kwargs)
-    if fused is not None:
-        force_fusion(llm, fused)
+    if way is not None:
+        force_fusion(llm, way)
     return llm
 
 
-def force_fusion(llm: LLM, fused: bool) -> None:
+def force_fusion(llm: LLM, way: str) -> None:
     runner = llm.engine.runner
-    runner.model.fusion.max_rows = triton_projections.BLOCK_M if fused else 0
+    runner.model.fusion.max_rows, runner.model.fusion.chained = WAYS[way].max_rows, WAYS[way].chained
     runner.decode_graphs.capture()
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["separate-ops", "fused-projections"])
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_cuda_graph_decode_equals_eager_decode_and_hf_in_float32(arch, fused, tiny_model):
+def test_cuda_graph_decode_equals_eager_decode_and_hf_in_float32(arch, way, tiny_model):
     path = tiny_model(arch)
     batch = prompts(3)
     eager = generate(gpu_llm(path, "float32", enforce_eager=True), batch)
-    llm = gpu_llm(path, "float32", fused)
+    llm = gpu_llm(path, "float32", way)
     assert llm.engine.runner.decode_graphs.batch_sizes == [1, 2, 4, 8]
     graphed = generate(llm, batch)
     llm.engine.runner.use_padded_decode(max_batch_size=4, capture=True)  # 5 decodes run eagerly, then graphs
-    force_fusion(llm, fused)
+    force_fusion(llm, way)
     regraphed = generate(llm, batch)
     assert graphed == regraphed == eager
     assert graphed == [hf_greedy_on_gpu(path, torch.float32, p, n) for p, n in zip(batch, MAX_TOKENS)]
@@ -164,18 +173,18 @@ def test_cuda_graph_decode_equals_eager_decode_and_hf_in_float32(arch, fused, ti
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["separate-ops", "fused-projections"])
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, fused, tiny_model,
+def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, way, tiny_model,
                                                                           record_property):
     path = tiny_model(arch)
     batch = [p for seed in range(4) for p in prompts(10 + seed)]
-    llm = gpu_llm(path, "bfloat16", fused)
+    llm = gpu_llm(path, "bfloat16", way)
     ours = [out.outputs[0].token_ids for out in llm.generate(batch, params(NEW))]
     hf = [hf_greedy_on_gpu(path, torch.bfloat16, prompt, NEW) for prompt in batch]
     match_pct, share = agreement(ours, hf)
     record_property("bf16_agreement", share)
-    print(f"\n{arch} bfloat16, CUDA graphs ({'fused' if fused else 'separate'} small-batch projections) vs HF on "
+    print(f"\n{arch} bfloat16, CUDA graphs (small-batch projections: {way}) vs HF on "
           f"the same GPU, first {NEW} tokens of {len(batch)} prompts: "
           f"{match_pct:.0f}% of prompts agree on all, {share:.0%} of tokens agree before the first difference")
     assert llm.engine.runner.decode_graphs.num_replays > 0

@@ -28,6 +28,7 @@ from tests.engine.triton_checks import (
     modules_imported,
     run_under_the_interpreter,
     runs_kernels,
+    waits_for_the_kernel_before,
 )
 from tests.hf_reference import hf_greedy
 from workers.engine.attention import triton_backend, triton_kernels
@@ -54,10 +55,10 @@ def test_every_case_under_the_interpreter():
 def test_kernels_compile_for_hopper_in_bfloat16():
     """What the interpreter only emulates, Triton still compiles without a GPU (to a cubin, with the ptxas it
     ships): tl.dot's minimum tile sizes, loop and pointer types, and shared memory within an H100's 227 KiB."""
-    kernels = [(triton_kernels._rotate_and_write_kv_kernel, dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, BLOCK_HALF=64),
-                triton_ops.ROTARY_OPTIONS),
+    kernels = [(triton_kernels._rotate_and_write_kv_kernel, dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, BLOCK_HALF=64,
+                                                                 PDL=False), triton_ops.ROTARY_OPTIONS),
                (triton_kernels._decode_kernel, dict(SPLIT=True, WINDOW=4096, GROUP=4, BLOCK_G=16, BLOCK_N=64,
-                                                    BLOCK_P=32, BLOCK_D=128), {}),
+                                                    BLOCK_P=32, BLOCK_D=128, PDL=False), {}),
                (triton_kernels._prefill_kernel, dict(WINDOW=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128), {})]
     for kernel, constexprs, options in kernels:
         compiled = compile_for_hopper(kernel, constexprs, KERNEL_TYPES, options)
@@ -76,13 +77,28 @@ def test_split_k_partials_are_published_before_their_arrival_is_counted():
     """What the interpreter, running one program at a time, cannot show: the program that counts a group's last
     arrival reads partials other programs stored. So every thread of a program reaches a barrier after its
     stores, the count is one gpu-scope acquire-release atomic, and the combine's loads bypass L1."""
-    constexprs = dict(SPLIT=True, WINDOW=0, GROUP=4, BLOCK_G=16, BLOCK_N=64, BLOCK_P=32, BLOCK_D=128)
+    constexprs = dict(SPLIT=True, WINDOW=0, GROUP=4, BLOCK_G=16, BLOCK_N=64, BLOCK_P=32, BLOCK_D=128, PDL=False)
     ptx = compile_for_hopper(triton_kernels._decode_kernel, constexprs, KERNEL_TYPES).asm["ptx"]
     atomics = [line.strip() for line in ptx.splitlines() if "atom." in line]
     assert len(atomics) == 1 and "atom.global.gpu.acq_rel.add" in atomics[0].replace(".u32", "").replace(".s32", ""), \
         atomics
     assert "bar.sync" in ptx[:ptx.index("atom.")]
     assert "ld.global.cg" in ptx[ptx.index("atom."):]
+
+
+@kernels_do_not_run_here
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-k"])
+def test_launched_chained_the_decode_kernels_wait_for_the_kernel_before_they_first_touch_memory(split):
+    """A decode step's rotary-and-KV-write and decode attention may launch chained (layers/fusion.py): each may
+    then start while the kernel before it finishes, so nothing it reads or writes may come before its wait."""
+    kernels = [(triton_kernels._rotate_and_write_kv_kernel, dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, BLOCK_HALF=64),
+                triton_ops.ROTARY_OPTIONS),
+               (triton_kernels._decode_kernel, dict(SPLIT=split, WINDOW=0, GROUP=4, BLOCK_G=16, BLOCK_N=64,
+                                                    BLOCK_P=32, BLOCK_D=128), {})]
+    for kernel, constexprs, options in kernels:
+        compiled = compile_for_hopper(kernel, dict(constexprs, PDL=True), KERNEL_TYPES,
+                                      dict(options, launch_pdl=True))
+        assert compiled.metadata.launch_pdl and waits_for_the_kernel_before(compiled.asm["ptx"]), kernel
 
 
 def test_the_torch_backend_never_loads_the_triton_modules():

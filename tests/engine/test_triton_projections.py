@@ -1,6 +1,6 @@
 """The fused small-batch projections compute what the layers compute with the op before them kept apart: residual
-add + RMSNorm then qkv_proj / gate_up_proj, SiLU-and-mul then down_proj, with and without a bias, for 1 to 16
-token rows; a CPU step never takes them.
+add + RMSNorm then qkv_proj / gate_up_proj, SiLU-and-mul then down_proj, and o_proj alone, with and without a
+bias, for 1 to 16 token rows; launched chained, they compute the same bits; a CPU step never takes them.
 
 Inputs are drawn on the CPU and the reference is the layers' own path on the kernels' device; the kernels run on
 CUDA where there is one, else under Triton's interpreter (in a child process, as in test_triton_attention.py).
@@ -23,9 +23,10 @@ from tests.engine.triton_checks import (
     modules_imported,
     run_under_the_interpreter,
     runs_kernels,
+    waits_for_the_kernel_before,
 )
 from workers.engine.layers import triton_projections
-from workers.engine.layers.fusion import SmallBatchFusion, norm_then_linear, silu_mul_then_linear
+from workers.engine.layers.fusion import SmallBatchFusion, norm_then_linear, row_linear, silu_mul_then_linear
 from workers.engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.engine.layers.norm import RMSNorm
 from workers.engine.parallel import TensorParallel
@@ -51,9 +52,9 @@ def layers(hidden: int, features: int, bias: bool, dtype: torch.dtype):
     return (module.to(DEVICE, dtype) for module in (norm, column, row))
 
 
-def fused() -> SmallBatchFusion:
+def fused(chained: bool = False) -> SmallBatchFusion:
     """Fusion as the engine turns it on: for steps of up to one tile of rows."""
-    return SmallBatchFusion(max_rows=triton_projections.BLOCK_M)
+    return SmallBatchFusion(max_rows=triton_projections.BLOCK_M, chained=chained)
 
 
 def randn(*shape, dtype) -> torch.Tensor:
@@ -100,6 +101,18 @@ def test_silu_and_mul_then_projection_in_one_kernel_matches_the_layers(rows, fea
 
 
 @runs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("features", [96, 300])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_a_projection_without_a_prologue_matches_the_layer(rows, features, bias):
+    torch.manual_seed(rows * features)
+    _, _, o_proj = layers(80, features, bias, torch.float32)
+    x = randn(rows, features, dtype=torch.float32)
+    torch.testing.assert_close(triton_projections.linear(x, o_proj.weight, o_proj.bias), o_proj(x),
+                               **TOLERANCE[torch.float32])
+
+
+@runs_kernels
 def test_more_rows_than_one_tile_are_refused():
     x = torch.zeros(triton_projections.BLOCK_M + 1, 32, device=DEVICE)
     with pytest.raises(ValueError, match="at most 16"):
@@ -128,14 +141,26 @@ def test_every_config_compiles_for_hopper_pipelined_within_shared_memory_and_wit
     aligned = ("x_ptr", "residual_ptr", "norm_ptr", "weight_ptr", "bias_ptr", "out_ptr", "residual_out_ptr", "N",
                "K", "stride_x", "stride_r", "stride_w", "stride_o", "stride_ro")
     for prologue, residual in ((triton_projections.NORM, True), (triton_projections.NORM, False),
-                               (triton_projections.SILU_MUL, False)):
-        constexprs = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=True, BLOCK_M=triton_projections.BLOCK_M,
-                          **config.kwargs)
+                               (triton_projections.SILU_MUL, False), (triton_projections.NONE, False)):
+        constexprs = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=True, PDL=False,
+                          BLOCK_M=triton_projections.BLOCK_M, **config.kwargs)
         compiled = compile_for_hopper(triton_projections._projection_kernel, constexprs, types,
                                       dict(num_warps=config.num_warps, num_stages=config.num_stages), aligned)
         waited_tiles = re.findall(r"tt\.load .*: tensor<\d+x\d+x!tt\.ptr", compiled.asm["ttgir"])
         assert compiled.metadata.shared <= 227 * 1024 and not waited_tiles, (prologue, residual, waited_tiles)
-        assert "fma.rn.bf16" not in compiled.asm["ptx"]
+        assert "fma.rn.bf16" not in compiled.asm["ptx"] and "griddepcontrol" not in compiled.asm["ptx"]
+
+
+@kernels_do_not_run_here
+def test_launched_chained_every_prologue_waits_for_the_kernel_before_it_first_touches_memory():
+    types = {"eps": "fp32", "M": "i32", "N": "i32", "K": "i32"}
+    config = triton_projections.CONFIGS[0]
+    for prologue in (triton_projections.NORM, triton_projections.SILU_MUL, triton_projections.NONE):
+        constexprs = dict(PROLOGUE=prologue, HAS_RESIDUAL=True, HAS_BIAS=True, PDL=True,
+                          BLOCK_M=triton_projections.BLOCK_M, **config.kwargs)
+        compiled = compile_for_hopper(triton_projections._projection_kernel, constexprs, types,
+                                      dict(num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=True))
+        assert compiled.metadata.launch_pdl and waits_for_the_kernel_before(compiled.asm["ptx"]), prologue
 
 
 @gpu
@@ -154,7 +179,8 @@ def test_llama_8b_shapes_in_bfloat16(rows):
 def test_the_layers_send_small_steps_to_the_fused_kernels_when_fusion_is_on(monkeypatch):
     launches = []
     project = triton_projections._project
-    monkeypatch.setattr(triton_projections, "_project", lambda *a, **kw: launches.append(a[3]) or project(*a, **kw))
+    monkeypatch.setattr(triton_projections, "_project",
+                        lambda *a, **kw: launches.append((a[3], a[5])) or project(*a, **kw))
     torch.manual_seed(0)
     norm, column, row = layers(96, 80, True, torch.float32)
     x, r = randn(3, 96, dtype=torch.float32), randn(3, 96, dtype=torch.float32)
@@ -166,4 +192,13 @@ def test_the_layers_send_small_steps_to_the_fused_kernels_when_fusion_is_on(monk
                                silu_mul_then_linear(SmallBatchFusion(), row, gate_up), **TOLERANCE[torch.float32])
     big = randn(triton_projections.BLOCK_M + 1, 96, dtype=torch.float32)
     norm_then_linear(fused(), norm, column, big, big)  # more rows than fusion is on for
-    assert launches == [triton_projections.NORM, triton_projections.SILU_MUL]
+    row_linear(fused(), row, h)  # o_proj stays the layer's own unless the launches are chained
+    assert launches == [(triton_projections.NORM, False), (triton_projections.SILU_MUL, False)]
+    launches.clear()
+    chained = [norm_then_linear(fused(True), norm, column, x, r)[0], silu_mul_then_linear(fused(True), row, gate_up),
+               row_linear(fused(True), row, h)]
+    assert launches == [(triton_projections.NORM, True), (triton_projections.SILU_MUL, True),
+                        (triton_projections.NONE, True)]
+    assert torch.equal(chained[0], h_fused)  # chaining changes when a kernel starts, not what it computes
+    assert torch.equal(chained[1], silu_mul_then_linear(fused(), row, gate_up))
+    torch.testing.assert_close(chained[2], row(h), **TOLERANCE[torch.float32])

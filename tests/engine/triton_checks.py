@@ -62,3 +62,11 @@ def compile_for_hopper(kernel, constexprs: dict, types: dict[str, str], options:
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"enable_fp_fusion": True, **(options or {})})
+
+
+def waits_for_the_kernel_before(ptx: str) -> bool:
+    """Whether a kernel compiled chained (PDL) waits for the kernel before it, and lets the next one be scheduled,
+    before its first access to global memory: a load, a store, an atomic or an async copy into shared memory."""
+    accesses = [ptx.index(op) for op in ("ld.global", "st.global", "atom.global", "cp.async") if op in ptx]
+    before = ptx[:min(accesses, default=len(ptx))]
+    return "griddepcontrol.wait" in before and "griddepcontrol.launch_dependents" in before

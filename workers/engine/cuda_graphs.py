@@ -84,7 +84,8 @@ class DecodeGraphs:
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], prefills=[], num_prefill_tokens=0,
                                  decode_block_tables=self.block_tables[:size],
                                  decode_context_lens=self.context_lens[:size],
-                                 decode_buckets=[(0, size, self.max_context)])
+                                 decode_buckets=[(0, size, self.max_context)],
+                                 chained=self.model.fusion.chains(self.input_ids[:size]))
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
         return self.logits[:size].copy_(self.model.compute_logits(hidden))
 

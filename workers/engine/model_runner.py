@@ -29,6 +29,7 @@ from workers.engine.attention.metadata import (
 )
 from workers.engine.config import CacheConfig, EngineConfig
 from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.model_store import resolve_model
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
@@ -94,7 +95,8 @@ class ModelRunner:
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.decode_graphs: DecodeGraphs | None = None
-        self.fusion_replay_ms: dict[str, float | None] = {}  # batch-1 graph with and without fused projections
+        # The batch-1 graph's time each way of running the small-batch projections (None: it failed to build).
+        self.fusion_replay_ms: dict[str, float | None] = {}
         if self._captures_graphs(config):
             self.use_padded_decode(min(model_config.max_graph_batch_size, config.scheduler.max_num_seqs), capture=True)
 
@@ -118,28 +120,35 @@ class ModelRunner:
                         time.monotonic() - start)
 
     def _choose_small_batch_fusion(self) -> None:
-        """Captures the graphs of the small batches again with the fused projections (layers/fusion.py), times
-        batch 1 both ways and keeps the faster, graphs and eager steps alike."""
+        """Captures the graphs of the small batches again with the fused projections, then (on sm_90 and later)
+        with the layer's launches chained as well (layers/fusion.py), times batch 1 each way and keeps the
+        fastest, graphs and eager steps alike. A way that fails to build on this GPU (none of the projection
+        kernel's configs fits its shared memory, say) is left out: they are optional."""
         from workers.engine.layers.triton_projections import BLOCK_M
 
         graphs, fusion = self.decode_graphs, self.model.fusion
         small = [b for b in graphs.batch_sizes if b <= BLOCK_M]
-        unfused = {b: graphs.graphs[b] for b in small}
-        unfused_ms, fused_ms = graphs.replay_ms(small[0]), None
-        fusion.max_rows = BLOCK_M
-        try:
-            graphs.capture(small)
-            fused_ms = graphs.replay_ms(small[0])
-        except Exception:  # noqa: BLE001 - a GPU none of the kernel's configs fits (shared memory): they are optional
-            logger.warning("the fused small-batch projections failed to build on this GPU; keeping the separate ops",
-                           exc_info=True)
-        if fused_ms is None or fused_ms >= unfused_ms:
-            fusion.max_rows = 0
-            graphs.graphs.update(unfused)
-        self.fusion_replay_ms = {"unfused": unfused_ms, "fused": fused_ms}
-        logger.info("fused small-batch projections %s: a batch-%d decode graph takes %s with them, %.3f ms without",
-                    "on" if fusion.max_rows else "off", small[0], "-" if fused_ms is None else f"{fused_ms:.3f} ms",
-                    unfused_ms)
+        ways = {"unfused": SmallBatchFusion(), "fused": SmallBatchFusion(BLOCK_M)}
+        if torch.cuda.get_device_capability(self.device) >= (9, 0):
+            ways["chained"] = SmallBatchFusion(BLOCK_M, chained=True)
+        captured: dict[str, dict[int, torch.cuda.CUDAGraph]] = {}
+        for name, way in ways.items():
+            fusion.max_rows, fusion.chained = way.max_rows, way.chained
+            try:
+                if name != "unfused":  # those graphs are the ones just captured
+                    graphs.capture(small)
+                self.fusion_replay_ms[name] = graphs.replay_ms(small[0])
+                captured[name] = {b: graphs.graphs[b] for b in small}
+            except Exception:  # noqa: BLE001 - the unfused way always stands
+                logger.warning("the %s small-batch projections failed to build on this GPU; leaving them out", name,
+                               exc_info=True)
+                self.fusion_replay_ms[name] = None
+        best = min(captured, key=self.fusion_replay_ms.get)
+        fusion.max_rows, fusion.chained = ways[best].max_rows, ways[best].chained
+        graphs.graphs.update(captured[best])
+        logger.info("small-batch projections %s: a batch-%d decode graph takes %s", best, small[0],
+                    ", ".join(f"{name} {'-' if ms is None else f'{ms:.3f} ms'}"
+                              for name, ms in self.fusion_replay_ms.items()))
 
     def _bytes_per_block(self) -> int:
         c = self.hf_config

@@ -30,6 +30,8 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # [num_decodes], ascending
     # Runs of decodes of similar context length, each padded only to its own longest: (start, end, max_len).
     decode_buckets: list[tuple[int, int, int]]
+    # The step's kernels launch chained, each to the one before (layers/fusion.py SmallBatchFusion.chained).
+    chained: bool = False
 
     @property
     def num_decodes(self) -> int:

@@ -39,7 +39,7 @@ class TritonAttentionBackend:
             raise ValueError("the triton attention backend runs on CPU tensors only under Triton's interpreter: "
                              "set TRITON_INTERPRET=1 before triton is imported, or use the torch backend")
         triton_kernels.rotate_and_write_kv(positions, q, k, v, self.rotary.cos, self.rotary.sin, k_cache, v_cache,
-                                           meta.slot_mapping)
+                                           meta.slot_mapping, meta.chained)
         out = torch.empty_like(q)
         for p in meta.prefills:
             triton_kernels.prefill_attention(q, k_cache, v_cache, p.block_table, out, self.scale, self.sliding_window,
@@ -50,7 +50,8 @@ class TritonAttentionBackend:
             triton_kernels.decode_attention(q[n:], k_cache, v_cache, meta.decode_block_tables,
                                             meta.decode_context_lens, out[n:], self.scale, self.sliding_window,
                                             num_partitions(meta.num_decodes * k_cache.shape[2], max_len),
-                                            self._arrival_counters(meta.num_decodes * k_cache.shape[2], q.device))
+                                            self._arrival_counters(meta.num_decodes * k_cache.shape[2], q.device),
+                                            meta.chained)
         return out
 
     def _arrival_counters(self, num: int, device: torch.device) -> torch.Tensor:

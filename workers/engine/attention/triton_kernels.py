@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from workers.engine.layers import triton_ops
-from workers.engine.layers.triton_ops import rotary_angles, rotate_heads, rotated_halves
+from workers.engine.layers.triton_ops import rotary_angles, rotate_heads, rotated_halves, wait_for_the_kernel_before
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # key tokens per tile
@@ -34,10 +34,11 @@ def _rotate_and_write_kv_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, c
                                 slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                 stride_table, stride_cb, stride_cs, stride_ch, block_size, num_heads, num_kv_heads,
                                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr,
-                                BLOCK_HALF: tl.constexpr):
+                                BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """Program per token: rotates its query heads in place, and writes its key heads, rotated, and its value heads
     to its cache slot. The rotation is the rotary kernel's (triton_ops.py), with its rounding; one launch does
     what the rotary kernel and a KV write did in two."""
+    wait_for_the_kernel_before(PDL)
     t = tl.program_id(0)
     cos1, cos2, sin1, sin2 = rotary_angles(cos_ptr, sin_ptr, tl.load(positions_ptr + t), stride_table,
                                            q_ptr.dtype.element_ty, HALF, BLOCK_HALF)
@@ -89,7 +90,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
                    arrivals_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb,
                    stride_cs, stride_ch, block_size, head_dim, group, num_heads, num_partitions,
                    SPLIT: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program (sequence, KV head, partition) attends the one new query of every query head in the KV head's
     group over the partition's keys.
 
@@ -106,6 +107,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
     A partition's length follows its own sequence's context (whole key tiles, num_partitions of them cover it),
     not the batch's longest: a CUDA graph fixes the grid for the longest context it may meet, and every
     sequence still spreads over all its programs. Partitions past a short context attend nothing."""
+    wait_for_the_kernel_before(PDL)
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     q_pos = tl.zeros([BLOCK_G], tl.int64) + context_len - 1
@@ -208,28 +210,29 @@ INTERPRETED = all(isinstance(f, InterpretedFunction) for f in (_decode_kernel, t
 
 def rotate_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
+                        slot_mapping: torch.Tensor, pdl: bool = False) -> None:
     """Rotates q in place by `positions` (cos/sin: the rotary tables, [max_positions, head_dim] float32), and
     writes k, rotated, and v into k_cache/v_cache.view(-1, kv_heads, head_dim)[slot_mapping]; k itself is left
-    as it was."""
+    as it was. `pdl` launches it chained to the kernel before (triton_ops.wait_for_the_kernel_before)."""
     num_tokens, num_heads, head_dim = q.shape
     half = head_dim // 2
     _rotate_and_write_kv_kernel[(num_tokens,)](
         q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), cos.stride(0), *k_cache.stride()[:3], k_cache.shape[1], num_heads,
         k.shape[1], HALF=half, BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(half),
-        **triton_ops.ROTARY_OPTIONS)
+        BLOCK_KV=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl,
+        launch_pdl=pdl, **triton_ops.ROTARY_OPTIONS)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, out: torch.Tensor, scale: float, window: int | None,
-                     num_partitions: int, arrivals: torch.Tensor) -> None:
+                     num_partitions: int, arrivals: torch.Tensor, pdl: bool = False) -> None:
     """out[i] = attention of q[i] (one token per sequence, at position context_lens[i] - 1) over its context.
 
     num_partitions > 1 splits each context into that many partitions attended by separate programs, the last to
     finish combining them; 1 attends each context in one program. `arrivals` holds zeroed int32 counters, at
-    least one per (sequence, KV head), which split-K counts in and leaves zeroed."""
+    least one per (sequence, KV head), which split-K counts in and leaves zeroed. `pdl` launches it chained to the
+    kernel before (triton_ops.wait_for_the_kernel_before)."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -244,7 +247,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         head_dim, group, num_heads, num_partitions,
         SPLIT=split, WINDOW=window or 0, GROUP=triton.next_power_of_2(group),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        BLOCK_P=triton.next_power_of_2(num_partitions), BLOCK_D=triton.next_power_of_2(head_dim))
+        BLOCK_P=triton.next_power_of_2(num_partitions), BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
+        launch_pdl=pdl)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

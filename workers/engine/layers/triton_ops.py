@@ -17,6 +17,7 @@ imports triton.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -115,6 +116,18 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
                                     residual_out.stride(0), hidden, eps, HAS_RESIDUAL=residual is not None,
                                     BLOCK=triton.next_power_of_2(hidden))
     return out, residual_out
+
+
+@triton.jit
+def wait_for_the_kernel_before(PDL: tl.constexpr):
+    """With PDL (a kernel launched with programmatic dependent launch, on sm_90 and later), a kernel may start
+    while the one before it in the stream is still finishing: this waits, before the kernel touches memory, until
+    that one has finished and its writes are visible (so, transitively, every kernel before it), then lets the
+    next chained kernel be scheduled, to wait likewise. All its programs have started by then, so the next one
+    only fills the SMs this one's last programs leave idle. Without PDL it does nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 # Compiler options of the rotary kernel. With floating-point fusion on (Triton's default), the compiler turns

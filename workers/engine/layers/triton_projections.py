@@ -1,12 +1,14 @@
 """Projections of a few tokens with the elementwise op before them done inside the same kernel: residual add +
-RMSNorm before qkv_proj and gate_up_proj, SiLU-and-mul before down_proj.
+RMSNorm before qkv_proj and gate_up_proj, SiLU-and-mul before down_proj; and o_proj as it is, so that a layer can
+run as Triton kernels alone, chained (layers/fusion.py).
 
 At batch 1 a decode step is a chain of a few hundred small kernels, and each costs its launch and the time its
 first and last tiles leave the GPU idle on top of its work. A projection of at most BLOCK_M tokens reads its
 weight once whatever it computes on the way, so its prologue is nearly free: every program recomputes the
 normalised (or activated) input rows from the raw ones, which are a few KiB from L2, instead of reading them from
 a tensor another launch wrote. That takes three launches out of each decoder layer. Whether this beats the
-separate ops plus cuBLAS's GEMV depends on the GPU; fusion.py lets the engine measure both and keep the faster.
+separate ops plus cuBLAS's GEMV depends on the GPU; fusion.py lets the engine measure each way and keep the
+fastest.
 
 The prologues round where the torch ops (and triton_ops.py's kernels) round, so the inputs to the matmul are the
 same bits; the matmul itself accumulates in float32 in its own order, as any GEMM does.
@@ -18,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.engine.layers.triton_ops import wait_for_the_kernel_before
+
 BLOCK_M = 16  # token rows per program: tl.dot's smallest tile; steps of more tokens take the unfused path
-NORM, SILU_MUL = 1, 2  # the prologue (the kernels compare PROLOGUE with these numbers)
+NONE, NORM, SILU_MUL = 0, 1, 2  # the prologue (the kernels compare PROLOGUE with these numbers)
 
 # Few configurations, since each costs a compile (about a second) when the engine starts; all stream a
 # [BLOCK_N, BLOCK_K] weight tile per step, K-contiguous, a few steps ahead.
@@ -53,11 +57,12 @@ def _input_tile(x_ptr, residual_ptr, norm_ptr, residual_out_ptr, rows, ks, row_m
 @triton.jit
 def _projection_kernel(x_ptr, residual_ptr, norm_ptr, weight_ptr, bias_ptr, out_ptr, residual_out_ptr, M, N, K,
                        stride_x, stride_r, stride_w, stride_o, stride_ro, eps,
-                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program per BLOCK_N output features: out[:M, cols] = prologue(x)[:M] @ weight[cols].T (+ bias), over
     K-long rows. With NORM, a first pass over the rows takes their RMS; program 0 alone stores the new residual
     (x + residual), which every program computes."""
+    wait_for_the_kernel_before(PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,11 +101,12 @@ def _projection_kernel(x_ptr, residual_ptr, norm_ptr, weight_ptr, bias_ptr, out_
 _tuned = triton.autotune(CONFIGS, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "HAS_BIAS"])(_projection_kernel)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int, k: int,
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int, k: int, pdl: bool,
              residual: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
              residual_out: torch.Tensor | None = None) -> torch.Tensor:
     """Launches the kernel: tuned on a GPU (the first call per shape times CONFIGS), with the first config under
-    Triton's interpreter, which cannot time one."""
+    Triton's interpreter, which cannot time one. `pdl` launches it chained to the kernel before
+    (triton_ops.wait_for_the_kernel_before)."""
     num_rows, n = x.shape[0], weight.shape[0]
     if num_rows > BLOCK_M:
         raise ValueError(f"{num_rows} rows: the fused projections take at most {BLOCK_M}")
@@ -109,7 +115,8 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     ro = residual_out if residual_out is not None else x
     args = (x, r, norm if norm is not None else weight, weight, bias if bias is not None else weight, out, ro,
             num_rows, n, k, x.stride(0), r.stride(0), weight.stride(0), out.stride(0), ro.stride(0), eps)
-    flags = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M)
+    flags = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, PDL=pdl,
+                 BLOCK_M=BLOCK_M, launch_pdl=pdl)
     if x.is_cuda:
         _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     else:
@@ -119,13 +126,20 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor, bias: torch.Tensor | None,
+                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(RMSNorm(x + residual), weight, bias), x + residual); without a residual, x is the residual."""
     residual_out = None if residual is None else torch.empty_like(x)
-    out = _project(x, weight, bias, NORM, x.shape[1], residual, norm_weight, eps, residual_out)
+    out = _project(x, weight, bias, NORM, x.shape[1], pdl, residual, norm_weight, eps, residual_out)
     return out, x if residual is None else residual_out
 
 
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    pdl: bool = False) -> torch.Tensor:
     """F.linear(silu(gate) * up, weight, bias) for gate_up = [gate | up]."""
-    return _project(gate_up, weight, bias, SILU_MUL, gate_up.shape[1] // 2)
+    return _project(gate_up, weight, bias, SILU_MUL, gate_up.shape[1] // 2, pdl)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias)."""
+    return _project(x, weight, bias, NONE, x.shape[1], pdl)

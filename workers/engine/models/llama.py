@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 from workers.engine.attention.backend import AttentionBackend
 from workers.engine.attention.metadata import AttentionMetadata
 from workers.engine.layers.embedding import VocabParallelEmbedding
-from workers.engine.layers.fusion import SmallBatchFusion, norm_then_linear, silu_mul_then_linear
+from workers.engine.layers.fusion import SmallBatchFusion, norm_then_linear, row_linear, silu_mul_then_linear
 from workers.engine.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -47,7 +47,8 @@ def sliding_window_of(config: PretrainedConfig) -> int | None:
 class LlamaAttention(nn.Module):
     """Runs on this rank's query heads and the KV heads they read; o_proj sums the ranks' partial outputs."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel,
+                 fusion: SmallBatchFusion):
         super().__init__()
         self.head_dim = head_dim_of(config)
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
@@ -58,6 +59,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         getattr(config, "attention_bias", False), tp)
         self.backend = backend
+        self.fusion = fusion
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -67,7 +69,7 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(positions, q, k, v, kv_cache[0], kv_cache[1], meta)
-        return self.o_proj(o.flatten(1))
+        return row_linear(self.fusion, self.o_proj, o.flatten(1))
 
 
 class LlamaMLP(nn.Module):
@@ -89,7 +91,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, backend: AttentionBackend, tp: TensorParallel,
                  fusion: SmallBatchFusion):
         super().__init__()
-        self.self_attn = LlamaAttention(config, backend, tp)
+        self.self_attn = LlamaAttention(config, backend, tp, fusion)
         self.mlp = LlamaMLP(config, tp, fusion)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
