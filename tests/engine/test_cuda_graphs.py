@@ -130,8 +130,8 @@ def hf_greedy_on_gpu(path, dtype: torch.dtype, prompt: list[int], max_tokens: in
     return out[0, len(prompt):].tolist()
 
 
-# The ways the engine may run a small batch's projections (layers/fusion.py), each forced in turn.
-WAYS = {"separate-ops": SmallBatchFusion(), "fused-projections": SmallBatchFusion(triton_projections.BLOCK_M),
+# The ways the engine may run a small batch's projections (layers/fusion.py), by the names it logs them under.
+WAYS = {"unfused": SmallBatchFusion(), "fused": SmallBatchFusion(triton_projections.BLOCK_M),
         "chained": SmallBatchFusion(triton_projections.BLOCK_M, chained=True)}
 
 
@@ -150,6 +150,16 @@ def force_fusion(llm: LLM, way: str) -> None:
     runner = llm.engine.runner
     runner.model.fusion.max_rows, runner.model.fusion.chained = WAYS[way].max_rows, WAYS[way].chained
     runner.decode_graphs.capture()
+
+
+@gpu
+@pytest.mark.gpu
+def test_the_engine_keeps_the_way_of_running_small_batches_its_batch_1_graph_measured_fastest(tiny_model):
+    runner = gpu_llm(tiny_model("llama"), "bfloat16").engine.runner
+    times = runner.fusion_replay_ms
+    expected = {"unfused", "fused"} | ({"chained"} if torch.cuda.get_device_capability() >= (9, 0) else set())
+    assert set(times) == expected and all(ms is not None for ms in times.values()), times
+    assert runner.model.fusion == WAYS[min(times, key=times.get)]
 
 
 @gpu
