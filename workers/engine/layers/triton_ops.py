@@ -67,7 +67,7 @@ def rotated_halves(x1, x2, cos1, cos2, sin1, sin2):
 
 @triton.jit
 def rotate_heads(x_ptr, stride_t, stride_h, t, num_heads, cos1, cos2, sin1, sin2,
-            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Rotates every head of token t in place. (rotary_angles, rotated_halves and rotate_heads are shared with the
     attention kernel that rotates and writes the KV cache in one launch.)"""
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -75,7 +75,7 @@ def rotate_heads(x_ptr, stride_t, stride_h, t, num_heads, cos1, cos2, sin1, sin2
     mask = (h < num_heads) & (d < HALF)
     ptr1 = x_ptr + t * stride_t + h * stride_h + d
     out1, out2 = rotated_halves(tl.load(ptr1, mask=mask, other=0.0), tl.load(ptr1 + HALF, mask=mask, other=0.0),
-                          cos1, cos2, sin1, sin2)
+                                cos1, cos2, sin1, sin2)
     tl.store(ptr1, out1, mask=mask)
     tl.store(ptr1 + HALF, out2, mask=mask)
 
@@ -87,7 +87,7 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr, stride_qt, str
     """Program per token rotates its query and key heads by the angles of its position."""
     t = tl.program_id(0)
     cos1, cos2, sin1, sin2 = rotary_angles(cos_ptr, sin_ptr, tl.load(positions_ptr + t), stride_table,
-                                     q_ptr.dtype.element_ty, HALF, BLOCK_HALF)
+                                           q_ptr.dtype.element_ty, HALF, BLOCK_HALF)
     rotate_heads(q_ptr, stride_qt, stride_qh, t, num_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
     rotate_heads(k_ptr, stride_kt, stride_kh, t, num_kv_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_H, BLOCK_HALF)
 
