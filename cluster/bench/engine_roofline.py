@@ -93,16 +93,14 @@ def run(args: argparse.Namespace, log: Log) -> int:
     print(format_report(title, meaningful, decode, prefill, offline, verdicts))
     print(format_breakdown(breakdown))
     if runner.fusion_replay_ms:
-        fusion = runner.model.fusion
-        chosen = "chained" if fusion.chained else "fused" if fusion.max_rows else "unfused"
-        print(f"small-batch projections {chosen}: the batch-1 graph (padding rows) took " + ", ".join(
+        print(f"small-batch projections {runner.small_batch_way}: the batch-1 graph (padding rows) took " + ", ".join(
             f"{name} {'-' if ms is None else f'{ms:.3f} ms'}" for name, ms in runner.fusion_replay_ms.items())
               + " (- where they failed to build)")
     doc = dict(config=dict(dataclasses.asdict(sizes), model=str(folder), random_weights=args.random_weights,
                            dtype=str(dtype), tandem_engine=dataclasses.asdict(llm.engine.config),
                            num_kv_blocks=runner.num_kv_blocks, graph_batch_sizes=graphs,
                            small_batch_fusion=dict(dataclasses.asdict(runner.model.fusion),
-                                                   replay_ms=runner.fusion_replay_ms)),
+                                                   way=runner.small_batch_way, replay_ms=runner.fusion_replay_ms)),
                machine=dict(machine_info(), device=_device_name(device)), times_meaningful=meaningful,
                bandwidth_gb_s=bandwidth / 1e9, matmul_tflop_s=matmul / 1e12, decode=decode, prefill=prefill,
                offline=offline, batch1_breakdown=breakdown, targets=[t.as_dict() for t in verdicts])

@@ -95,8 +95,10 @@ class ModelRunner:
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.decode_graphs: DecodeGraphs | None = None
-        # The batch-1 graph's time each way of running the small-batch projections (None: it failed to build).
+        # The batch-1 graph's time each way of running the small-batch projections (None: it failed to build), and
+        # the way kept.
         self.fusion_replay_ms: dict[str, float | None] = {}
+        self.small_batch_way: str | None = None
         if self._captures_graphs(config):
             self.use_padded_decode(min(model_config.max_graph_batch_size, config.scheduler.max_num_seqs), capture=True)
 
@@ -143,7 +145,7 @@ class ModelRunner:
                 logger.warning("the %s small-batch projections failed to build on this GPU; leaving them out", name,
                                exc_info=True)
                 self.fusion_replay_ms[name] = None
-        best = min(captured, key=self.fusion_replay_ms.get)
+        self.small_batch_way = best = min(captured, key=self.fusion_replay_ms.get)
         fusion.max_rows, fusion.chained = ways[best].max_rows, ways[best].chained
         graphs.graphs.update(captured[best])
         logger.info("small-batch projections %s: a batch-%d decode graph takes %s", best, small[0],
