@@ -19,9 +19,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
@@ -130,16 +132,18 @@ class Ingress:
         decision = await self._decide(len(token_ids), hashes)
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
         first, prefilled = True, None
+        serve_id = uuid.uuid4().hex
         if self.prefill is not None and (decision is None or decision.prefill_group is not None):
-            prefilled = await self._prefill(token_ids, params, request_id, salt, hint)
-        if prefilled is None:
-            # Unified mode, the decode group holds most of the prompt, or no prefill group could take it: the
-            # decode group prefills (the rest of) the prompt itself.
-            outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
-                                                                       routing=hint)
-        else:
-            outputs = self.decode.options(stream=True).generate_prefilled.remote(prefilled.handoff, params,
-                                                                                 prefilled.source, routing=hint)
+            prefilled = await self._prefill(token_ids, params, request_id, salt, hint, serve_id)
+        with _serve_request_id(serve_id):
+            if prefilled is None:
+                # Unified mode, the decode group holds most of the prompt, or no prefill group could take it: the
+                # decode group prefills (the rest of) the prompt itself.
+                outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
+                                                                           routing=hint)
+            else:
+                outputs = self.decode.options(stream=True).generate_prefilled.remote(
+                    prefilled.handoff, params, prefilled.source, routing=hint)
         finished = False
         try:
             async for out in outputs:
@@ -156,11 +160,13 @@ class Ingress:
                     await release_quietly(prefilled.source, request_id)
 
     async def _prefill(self, token_ids: list[int], params, request_id: str, salt: str | None,
-                       hint: RoutingHint):
+                       hint: RoutingHint, serve_id: str):
         """The prefill pool's handoff, or None when no prefill group could take the request (the pool is down, or
         its group failed while prefilling): losing the prefill pool slows requests down, it does not fail them."""
         try:
-            return await _cancelling(self.prefill.prefill.remote(token_ids, params, request_id, salt, routing=hint))
+            with _serve_request_id(serve_id):
+                call = self.prefill.prefill.remote(token_ids, params, request_id, salt, routing=hint)
+            return await _cancelling(call)
         except Exception as e:
             error = classify(e)
             if error.kind is not Kind.UNAVAILABLE:
@@ -254,6 +260,20 @@ class Ingress:
         """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish."""
         if self._grpc is not None:
             await self._grpc.drain()
+
+
+@contextmanager
+def _serve_request_id(serve_id: str) -> Iterator[None]:
+    """Serve calls made here carry `serve_id` as their internal request id. A call inherits the id of the Serve
+    request it is made in, and Serve's routers key pending requests by it, so the several cluster requests of one
+    HTTP request (an OpenAI request's n choices) would be mistaken for each other: one routed twice, the others
+    never. Serve's log lines keep the HTTP request's id."""
+    token = serve_context._serve_request_context.set(
+        replace(serve_context._get_serve_request_context(), _internal_request_id=serve_id))
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 async def _cancelling(response):
