@@ -191,9 +191,8 @@ class Ingress:
 
     def validate(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids, after every check the engine would make plus the API's limits."""
-        if request.model and request.model != self.model.name:
-            raise ApiError(Kind.NOT_FOUND, f"model: {request.model!r} is not served here; this cluster serves "
-                                           f"{self.model.name!r}", "model")
+        if request.model:
+            self.check_model(request.model)
         given = [name for name in ("prompt", "prompt_token_ids", "messages") if getattr(request, name) is not None]
         if len(given) != 1:
             raise invalid("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
@@ -214,6 +213,11 @@ class Ingress:
             raise invalid("cache_salt", f"at most {api.max_cache_salt_chars} characters, got "
                                         f"{len(request.cache_salt)}")
         return token_ids
+
+    def check_model(self, name: str) -> None:
+        if name != self.model.name:
+            raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves "
+                                           f"{self.model.name!r}", "model")
 
     def _chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not messages:

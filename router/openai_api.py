@@ -1,14 +1,18 @@
 """The cluster's HTTP API, OpenAI-compatible, as the ingress serves it through Serve's HTTP proxy.
 
-    POST /v1/completions         prompt (a string or token ids) -> text; stream: true sends server-sent events
+    POST /v1/completions         prompt (a string or token ids, or a batch of them) -> text; stream: true sends
+                                 server-sent events
     POST /v1/chat/completions    messages, rendered with the model's chat template -> an assistant message
-    GET  /v1/models              the one served model
+    GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     GET  /health                 "ok", or 503 while the replica drains (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, ignore_eos, stop_token_ids, request_id) and Tandem's
-cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do (n > 1, penalties,
-echo) is refused with a 400 naming the field rather than silently ignored.
+cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do (penalties, echo, tool
+calls, structured output) is refused with a 400 naming the field rather than silently ignored.
+
+n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
+routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status router/errors.py
 gives every failure (the gRPC API says the same in its terms). The first output is awaited before a response
@@ -21,7 +25,9 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import replace
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -34,6 +40,7 @@ from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
+from router.streams import close_all, first_of_each, merged
 from workers.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ class _Body(BaseModel):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = False
     request_id: str | None = None
     cache_salt: str | None = None
@@ -89,8 +97,16 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class ChatBody(_Body):
     messages: list[ChatMessage]
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
@@ -107,14 +123,16 @@ class EventStream(StreamingResponse):
     """Server-sent events whose generator is closed however the response ends (a client that disconnected
     included), so the ingress's stream behind it is closed at once, not when the garbage collector gets to it."""
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str], close: Callable[[], Awaitable[None]]):
         super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self._close = close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            await self._close()  # the requests' streams, even when the events never started
 
 
 def build_http_app(ingress: Ingress) -> FastAPI:
@@ -125,6 +143,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.metrics, methods=["GET"])
     return app
@@ -146,10 +165,20 @@ class OpenAIApi:
             self._authorize(request)
         except ApiError as e:
             return error_response(e)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request, model: str) -> Response:
+        try:
+            self._authorize(request)
+            self.ingress.check_model(model)
+        except Exception as e:
+            return error_response(classify(e))
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
         model = self.ingress.model
-        return JSONResponse({"object": "list", "data": [{
-            "id": model.name, "object": "model", "created": self.created, "owned_by": "tandem", "root": model.name,
-            "parent": None, "max_model_len": model.max_model_len}]})
+        return {"id": model.name, "object": "model", "created": self.created, "owned_by": "tandem",
+                "root": model.name, "parent": None, "max_model_len": model.max_model_len}
 
     async def metrics(self) -> Response:
         return Response(await self.ingress.metrics.render(), media_type=CONTENT_TYPE)
@@ -160,12 +189,15 @@ class OpenAIApi:
         return PlainTextResponse("ok")
 
     async def _serve(self, request: Request, body_type: type[Body],
-                     build: Callable[[Body, dict[str, str]], GenerateRequest], chat: bool) -> Response:
+                     build: Callable[[Body, dict[str, str]], tuple[list[dict], SamplingParams]],
+                     chat: bool) -> Response:
         aliases: dict[str, str] = {}  # engine field -> the name this API calls it, for error messages
         try:
             self._authorize(request)
             body = await self._parse(request, body_type)
-            generate = build(body, aliases)
+            prompts, params = build(body, aliases)
+            request_id = body.request_id or uuid.uuid4().hex
+            choices = self._choices(body, request_id, prompts, params)
         except PayloadTooLarge as e:
             self._count_refused(Kind.INVALID_ARGUMENT)
             return _error_json(413, "invalid_request_error", str(e), None)
@@ -174,7 +206,7 @@ class OpenAIApi:
             self._count_refused(error.kind)
             return error_response(error)
         try:
-            return await self._generate(generate, body, chat)  # from here on Ingress.generate counts the request
+            return await self._generate(request_id, choices, body, chat)  # Ingress.generate counts each choice
         except Exception as e:
             return error_response(_renamed(classify(e), aliases))
 
@@ -211,37 +243,37 @@ class OpenAIApi:
             logger.debug("ignoring unknown request fields %s", sorted(body.model_extra))
         return body
 
-    def _completion_request(self, body: CompletionBody, aliases: dict[str, str]) -> GenerateRequest:
+    def _completion_request(self, body: CompletionBody,
+                            aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.echo:
             raise invalid("echo", "echoing the prompt is not supported")
         if body.suffix:
             raise invalid("suffix", "suffixes are not supported")
         if body.best_of not in (None, 1):
             raise invalid("best_of", "only best_of=1 is supported")
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise invalid("prompt", f"one prompt per request, got a batch of {len(prompt)}")
-            prompt = prompt[0]
-        if isinstance(prompt, list) and not prompt:
-            raise invalid("prompt", "must not be empty")
+        batch = body.prompt if isinstance(body.prompt, list) and body.prompt and \
+            isinstance(body.prompt[0], (str, list)) else [body.prompt]
+        prompts = []
+        for prompt in batch:
+            if isinstance(prompt, list) and not prompt:
+                raise invalid("prompt", "must not be empty")
+            prompts.append({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt})
         aliases["prompt_token_ids"] = "prompt"
         max_tokens = body.max_tokens if body.max_tokens is not None else min(COMPLETIONS_DEFAULT_MAX_TOKENS,
                                                                              self._max_tokens_cap())
-        return self._request(body, self._params(body, max_tokens, body.logprobs),
-                             prompt=prompt if isinstance(prompt, str) else None,
-                             prompt_token_ids=prompt if isinstance(prompt, list) else None)
+        return prompts, self._params(body, max_tokens, body.logprobs)
 
-    def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> GenerateRequest:
+    def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
+        _check_chat_extras(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
         aliases["logprobs"] = "top_logprobs"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs)
-        return self._request(body, params, messages=_messages(body.messages))
+        return [{"messages": _messages(body.messages)}], params
 
     def _max_tokens_cap(self) -> int:
         model_len = self.ingress.model.max_model_len
@@ -249,40 +281,61 @@ class OpenAIApi:
 
     @staticmethod
     def _params(body: _Body, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if body.n not in (None, 1):
-            raise invalid("n", f"only n=1 is supported, got {body.n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name) not in (None, 0):
                 raise invalid(name, f"only 0 is supported, got {getattr(body, name)}")
+        if body.logit_bias:
+            raise invalid("logit_bias", "logit biases are not supported")
         given = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "seed", "stop",
                                                         "stop_token_ids") if getattr(body, name) is not None}
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos), **given)
 
-    def _request(self, body: _Body, params: SamplingParams, **prompt) -> GenerateRequest:
-        return GenerateRequest(**prompt, params=params, request_id=body.request_id or uuid.uuid4().hex,
-                               cache_salt=body.cache_salt, model=body.model)
+    def _choices(self, body: _Body, request_id: str, prompts: list[dict],
+                 params: SamplingParams) -> list[GenerateRequest]:
+        """One cluster request per choice, n for each prompt in order; choice i of a seeded request is seeded
+        seed + i, so the n choices differ and each is reproducible."""
+        n = 1 if body.n is None else body.n
+        if n < 1:
+            raise invalid("n", f"must be a positive integer, got {n}")
+        limit = self.ingress.api.max_choices
+        if n * len(prompts) > limit:
+            raise invalid("n" if len(prompts) == 1 else "prompt",
+                          f"at most {limit} choices per request (n times the prompts), got {n * len(prompts)}")
+        choices = []
+        for prompt in prompts:
+            for i in range(n):
+                seeded = params if params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
+                choices.append(GenerateRequest(
+                    **prompt, params=seeded, cache_salt=body.cache_salt, model=body.model,
+                    request_id=request_id if n * len(prompts) == 1 else f"{request_id}-{len(choices)}"))
+        return choices
 
-    async def _generate(self, request: GenerateRequest, body: _Body, chat: bool) -> Response:
-        outputs = self.ingress.generate(request)
-        try:
-            # Bad input, an unknown model, a full cluster: all raise here, before a byte of the response is sent.
-            first = await anext(outputs)
-        except StopAsyncIteration:
-            raise ApiError(Kind.INTERNAL, "the request ended without an output") from None
-        except BaseException:
-            await outputs.aclose()
-            raise
-        shape = ResponseShape(self.ingress, request, chat)
+    async def _generate(self, request_id: str, choices: list[GenerateRequest], body: _Body,
+                        chat: bool) -> Response:
+        streams = [self.ingress.generate(choice) for choice in choices]
+        # Bad input, an unknown model, a full cluster: all raise here, before a byte of the response is sent.
+        firsts = await first_of_each(streams)
+        shape = ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
+                              choices_per_prompt=body.n or 1)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(shape.events(first, outputs, include_usage))
-        last = first
-        try:
-            async for last in outputs:
-                pass
-        finally:
-            await outputs.aclose()
-        return JSONResponse(shape.response(last))
+            return EventStream(shape.events(firsts, streams, include_usage), close=lambda: close_all(streams))
+        lasts = list(firsts)
+        async with aclosing(merged(streams)) as rest:
+            async for i, out in rest:
+                lasts[i] = out
+        return JSONResponse(shape.response(lasts))
+
+
+def _check_chat_extras(body: ChatBody) -> None:
+    """Tool calls and structured output need a parser or constrained decoding the engine lacks: refused, as vLLM
+    refuses tool calls it has no parser for, rather than answered as if the fields were not there."""
+    if body.tools and body.tool_choice != "none":
+        raise invalid("tools", "tool calls are not supported; send tool_choice: \"none\" to answer "
+                                     "without them")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise invalid("response_format", f"only the 'text' format is supported, got "
+                                          f"{body.response_format.type!r}")
 
 
 def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:

@@ -6,74 +6,83 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from router.errors import ApiError, Kind, classify
-from router.ingress import GenerateRequest, Ingress
-from workers.engine.outputs import RequestOutput, Usage
+from router.ingress import Ingress
+from router.streams import merged
+from workers.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
 
 class ResponseShape:
-    """One request's response in its endpoint's shape: text completion or chat completion, whole or chunked."""
+    """One request's response in its endpoint's shape: text completion or chat completion, whole or chunked, with
+    one choice per cluster request (n for each prompt, in order)."""
 
-    def __init__(self, ingress: Ingress, request: GenerateRequest, chat: bool):
+    def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
-        self.top_n = request.params.logprobs
+        self.top_n = top_n
+        self.choices_per_prompt = choices_per_prompt
         prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
-        self.header = {"id": f"{prefix}-{request.request_id}", "created": int(time.time()),
-                       "model": ingress.model.name}
-        self.text_offset = 0  # completions' logprobs.text_offset runs on across chunks
+        self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": ingress.model.name}
+        self.text_offsets: dict[int, int] = {}  # completions' logprobs.text_offset runs on across chunks
 
-    def response(self, out: RequestOutput) -> dict[str, Any]:
-        completion = out.outputs[0]
-        choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
-                                  "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": completion.text}
-        else:
-            choice["text"] = completion.text
-        return {**self.header, "object": self.object, "choices": [choice], "usage": _usage(out.usage)}
+    def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for index, out in enumerate(outs):
+            completion = out.outputs[0]
+            choice: dict[str, Any] = {
+                "index": index, "logprobs": self._logprobs(index, completion.token_ids, completion.logprobs),
+                "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": completion.text}
+            else:
+                choice["text"] = completion.text
+            choices.append(choice)
+        return {**self.header, "object": self.object, "choices": choices, "usage": self._usage(outs)}
 
-    async def events(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput],
+    async def events(self, firsts: list[RequestOutput], streams: list[AsyncIterator[RequestOutput]],
                      include_usage: bool) -> AsyncIterator[str]:
-        last = first
+        lasts = list(firsts)
         try:
             if self.chat:
-                yield self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None}, include_usage)
-            chunk = self._delta(first, include_usage)
-            if chunk:
-                yield chunk
-            async for last in outputs:
-                chunk = self._delta(last, include_usage)
+                for index in range(len(firsts)):
+                    yield self._chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                              "finish_reason": None}, include_usage)
+            for index, first in enumerate(firsts):
+                chunk = self._delta(index, first, include_usage)
                 if chunk:
                     yield chunk
+            async with aclosing(merged(streams)) as rest:
+                async for index, out in rest:
+                    lasts[index] = out
+                    chunk = self._delta(index, out, include_usage)
+                    if chunk:
+                        yield chunk
             if include_usage:
-                yield _sse({**self.header, "object": self._chunk_object, "choices": [], "usage": _usage(last.usage)})
+                yield _sse({**self.header, "object": self._chunk_object, "choices": [], "usage": self._usage(lasts)})
             yield "data: [DONE]\n\n"
         except Exception as e:
             error = classify(e)
             if error.kind is Kind.INTERNAL:
                 logger.exception("request %s failed while streaming", self.header["id"])
             yield _sse({"error": error_body(error)})
-        finally:
-            await outputs.aclose()
 
     @property
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _delta(self, out: RequestOutput, include_usage: bool) -> str | None:
+    def _delta(self, index: int, out: RequestOutput, include_usage: bool) -> str | None:
         completion = out.outputs[0]
         finish_reason = completion.finish_reason if out.finished else None
         new_ids = completion.delta_token_ids
         logprobs = None
         if completion.logprobs is not None and new_ids:
             start = len(completion.token_ids) - len(new_ids)
-            logprobs = self._logprobs(new_ids, completion.logprobs[start:start + len(new_ids)])
+            logprobs = self._logprobs(index, new_ids, completion.logprobs[start:start + len(new_ids)])
         if not completion.delta_text and finish_reason is None and logprobs is None:
             return None  # the detokenizer held the text back (a possible stop string): nothing to say yet
         choice: dict[str, Any] = {"logprobs": logprobs, "finish_reason": finish_reason}
@@ -83,15 +92,25 @@ class ResponseShape:
             choice["delta"] = {"content": completion.delta_text} if completion.delta_text else {}
         else:
             choice["text"] = completion.delta_text
-        return self._chunk(choice, include_usage)
+        return self._chunk(index, choice, include_usage)
 
-    def _chunk(self, choice: dict[str, Any], include_usage: bool) -> str:
-        chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": 0, **choice}]}
+    def _chunk(self, index: int, choice: dict[str, Any], include_usage: bool) -> str:
+        chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": index, **choice}]}
         if include_usage:
             chunk["usage"] = None
         return _sse(chunk)
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> dict | None:
+    def _usage(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        """Each prompt counts once however many choices it has; every choice's tokens count."""
+        prompts = [out.usage for out in outs[::self.choices_per_prompt]]
+        prompt_tokens = sum(usage.prompt_tokens for usage in prompts)
+        generated = sum(out.usage.generated_tokens for out in outs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                "total_tokens": prompt_tokens + generated,
+                "prompt_tokens_details": {"cached_tokens": sum(usage.cached_tokens for usage in prompts)}}
+
+    def _logprobs(self, index: int, token_ids: list[int],
+                  logprobs: list[dict[int, float]] | None) -> dict | None:
         if logprobs is None:
             return None
         pairs = list(zip(token_ids, logprobs))
@@ -101,22 +120,17 @@ class ResponseShape:
                 _entry(decode(k), v) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:self.top_n]]}
                 for t, top in pairs]}
         tokens = [decode(t) for t, _ in pairs]
-        offsets = []
+        offsets, offset = [], self.text_offsets.get(index, 0)
         for token in tokens:
-            offsets.append(self.text_offset)
-            self.text_offset += len(token)
+            offsets.append(offset)
+            offset += len(token)
+        self.text_offsets[index] = offset
         return {"tokens": tokens, "token_logprobs": [_finite(top.get(t)) for t, top in pairs],
                 "top_logprobs": [{decode(k): _finite(v) for k, v in top.items()} for _, top in pairs],
                 "text_offset": offsets}
 
     def _decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
-
-
-def _usage(usage: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.generated_tokens,
-            "total_tokens": usage.prompt_tokens + usage.generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def _entry(token: str, logprob: float | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ APP = "tandem-openai"
 HTTP_PORT, GRPC_PORT = 18000, 15051  # not the defaults, so another cluster on this machine does not collide
 KEY = "test-key"
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_CHOICES = 8
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
@@ -36,7 +37,7 @@ def cluster(ray_cluster, tiny_model_factory, redis_url):
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
                            redis_url=redis_url, http_port=HTTP_PORT, grpc_port=GRPC_PORT,
-                           api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES))
+                           api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
@@ -83,6 +84,14 @@ def test_models_lists_the_served_model(client, cluster):
     assert model.max_model_len == 1024  # the tiny model's context
 
 
+def test_a_model_is_retrieved_by_its_name(client, model_name):
+    model = client.models.retrieve(model_name)
+    assert (model.id, model.object, model.max_model_len) == (model_name, "model", 1024)
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("gpt-5")
+    assert refused.value.body["param"] == "model"
+
+
 def test_a_streamed_completion_adds_up_to_the_whole_one(client, model_name, tokenizer):
     whole = client.completions.create(model=model_name, prompt=PROMPT, **GREEDY)
     chunks = list(client.completions.create(model=model_name, prompt=PROMPT, stream=True,
@@ -121,6 +130,44 @@ def test_max_completion_tokens_and_a_token_id_prompt(client, model_name, tokeniz
     assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
 
 
+def test_a_batch_of_prompts_gets_one_choice_each_in_order(client, model_name):
+    prompts = [PROMPT, "Once upon a time", "The capital of France is"]
+    batch = client.completions.create(model=model_name, prompt=prompts, **GREEDY)
+    alone = [client.completions.create(model=model_name, prompt=prompt, **GREEDY) for prompt in prompts]
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 3 * 12
+
+
+def test_n_choices_are_sampled_apart_and_each_is_reproducible(client, model_name):
+    sampled = dict(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=7,
+                   extra_body={"ignore_eos": True})
+    three = client.completions.create(n=3, **sampled)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert len({c.text for c in three.choices}) == 3
+    assert three.usage.completion_tokens == 36
+    assert three.usage.prompt_tokens == client.completions.create(**sampled).usage.prompt_tokens  # counted once
+    # Choice i is seeded seed + i, as vLLM seeds its n samples.
+    assert client.completions.create(**sampled | {"seed": 9}).choices[0].text == three.choices[2].text
+    greedy = client.chat.completions.create(model=model_name, messages=MESSAGES, n=2, **GREEDY)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_streamed_choices_interleave_and_add_up_to_the_whole_ones(client, model_name):
+    request = dict(model=model_name, messages=MESSAGES, n=2, max_tokens=12, temperature=1.0, seed=3,
+                   extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert mine[-1].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
+    assert all(len(c.choices) <= 1 for c in chunks)
+
+
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, model_name):
     prompt = "A long shared system prompt that many requests repeat word for word. " * 4
     first = client.completions.create(model=model_name, prompt=prompt + "One", **GREEDY)
@@ -149,9 +196,12 @@ def test_logprobs_come_in_openais_shapes(client, model_name):
     (dict(temperature=-1), "temperature"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(prompt=""), "prompt"),
-    (dict(prompt=["one", "two"]), "prompt"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
+    (dict(n=MAX_CHOICES + 1), "n"),
+    (dict(prompt=["one"] * 3, n=MAX_CHOICES // 2), "prompt"),  # the choices of a batch count together
+    (dict(prompt=["one", []]), "prompt"),
     (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(extra_body={"logit_bias": {"1": 5}}), "logit_bias"),
     (dict(extra_body={"top_k": "many"}), "top_k"),  # a wrong JSON type: 400, not FastAPI's 422
     (dict(temperature=-1, stream=True), "temperature"),  # an ordinary JSON error, not a broken stream
 ])
@@ -172,6 +222,20 @@ def test_chat_errors_name_the_chat_fields(client, model_name):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=model_name, messages=[{"role": "robot", "content": "hi"}])
     assert refused.value.param == "messages[0].role"
+
+
+def test_tool_calls_and_structured_output_are_refused_not_ignored(client, model_name):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=tools)
+    assert refused.value.param == "tools"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2,
+                                       response_format={"type": "json_object"})
+    assert refused.value.param == "response_format"
+    answer = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=tools,
+                                            tool_choice="none", response_format={"type": "text"})
+    assert answer.choices[0].message.tool_calls is None
 
 
 def test_unknown_fields_are_ignored(client, model_name):
