@@ -26,8 +26,9 @@ def _load(path: str) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def hf_greedy(path: str | Path, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Returns only the new token ids, always exactly `max_new_tokens` of them."""
+def hf_greedy(path: str | Path, prompt_token_ids: list[int], max_new_tokens: int, **logits_processing) -> list[int]:
+    """Returns only the new token ids, always exactly `max_new_tokens` of them. `logits_processing` goes to
+    `generate` (repetition_penalty, sequence_bias)."""
     model = hf_model(path)
     input_ids = torch.tensor([prompt_token_ids], dtype=torch.long)
     output = model.generate(
@@ -35,6 +36,7 @@ def hf_greedy(path: str | Path, prompt_token_ids: list[int], max_new_tokens: int
         attention_mask=torch.ones_like(input_ids),
         do_sample=False,
         max_new_tokens=max_new_tokens,
+        **logits_processing,
     )
     return output[0, len(prompt_token_ids) :].tolist()
 

@@ -67,11 +67,13 @@ def test_prompt_larger_than_the_whole_kv_cache_is_rejected(tiny_model_factory):
         small.generate([5] * 64, GREEDY)
 
 
-def test_too_many_logprobs_and_out_of_vocab_stop_ids_are_rejected(llm):
+def test_too_many_logprobs_and_out_of_vocab_token_ids_are_rejected(llm):
     with pytest.raises(InvalidRequestError, match="logprobs"):
         llm.generate([1, 2, 3], SamplingParams(logprobs=21))
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
         llm.generate([1, 2, 3], SamplingParams(stop_token_ids=[10**9]))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        llm.generate([1, 2, 3], SamplingParams(logit_bias={10**9: 1.0}))
 
 
 def test_one_bad_prompt_in_a_batch_runs_nothing_and_leaks_nothing(llm):

@@ -53,6 +53,20 @@ def test_smollm2_raw_text_prompt_matches_hf(smollm2, smollm2_path):
     assert out.outputs[0].token_ids == hf_greedy(smollm2_path, out.prompt_token_ids, NEW_TOKENS)
 
 
+def test_repetition_penalty_and_logit_bias_match_hfs_logits_processors(smollm2, smollm2_path):
+    """HF's RepetitionPenaltyLogitsProcessor and SequenceBiasLogitsProcessor are the same arithmetic, applied in
+    the same order; the penalty reaches back into the prompt, so a repeated prompt shows it from the first token."""
+    prompts = [smollm2.apply_chat_template([{"role": "user", "content": q}]) for q in SMOLLM2_QUESTIONS[:2]]
+    plain = smollm2.generate(prompts, GREEDY)
+    bias = {plain[0].outputs[0].token_ids[3]: -7.5, 1000: 4.0}
+    adjusted = smollm2.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                                                        repetition_penalty=1.3, logit_bias=bias))
+    for prompt, before, out in zip(prompts, plain, adjusted):
+        assert out.outputs[0].token_ids == hf_greedy(smollm2_path, prompt, NEW_TOKENS, repetition_penalty=1.3,
+                                                     sequence_bias={(t,): b for t, b in bias.items()})
+        assert out.outputs[0].token_ids != before.outputs[0].token_ids
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_tiny_random_models_match_hf(arch, tiny_model_factory):
     path = tiny_model_factory(arch)

@@ -1,9 +1,11 @@
-"""The sampler: greedy, temperature, top-k/top-p, seeded reproducibility and logprobs, on small random logits."""
+"""The sampler: greedy, temperature, top-k/top-p, biases and penalties, seeded reproducibility and logprobs, on
+small random logits."""
 
 import pytest
 import torch
 
-from workers.engine.sampler import Sampler, make_generator
+from workers.engine.errors import InvalidRequestError
+from workers.engine.sampler import Sampler, TokenHistory, adjust_logits, make_generator
 from workers.engine.sampling_params import SamplingParams
 
 
@@ -168,3 +170,67 @@ def test_logprobs_of_a_low_ranked_choice_are_still_reported():
 def test_mismatched_batch_sizes_are_rejected():
     with pytest.raises(ValueError):
         Sampler()(rand_logits(2, 10), [SamplingParams()], [None, None])
+
+
+# -- logit bias and penalties -----------------------------------------------------------------------------------
+
+ROW = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
+HISTORY = [TokenHistory(prompt_token_ids=[1, 4], output_token_ids=[3, 3, 2])]
+
+
+def adjusted(**params) -> list[float]:
+    return adjust_logits(ROW, [SamplingParams(**params)], HISTORY)[0].tolist()
+
+
+def test_logit_bias_adds_to_the_named_tokens():
+    assert adjusted(logit_bias={0: 1.5, 5: -100}) == [3.5, -1.0, 0.5, 3.0, -2.0, -99.0]
+
+
+def test_repetition_penalty_shrinks_every_token_of_prompt_and_output_towards_unlikely():
+    # Seen: 1 and 4 (prompt), 3 and 2 (output). Positive logits are divided, negative ones multiplied.
+    assert adjusted(repetition_penalty=2.0) == [2.0, -2.0, 0.25, 1.5, -4.0, 1.0]
+
+
+def test_frequency_and_presence_penalties_count_only_generated_tokens():
+    # Output counts: token 3 twice, token 2 once; the prompt's tokens are not penalised.
+    assert adjusted(frequency_penalty=0.5) == [2.0, -1.0, 0.0, 2.0, -2.0, 1.0]
+    assert adjusted(presence_penalty=0.5) == [2.0, -1.0, 0.0, 2.5, -2.0, 1.0]
+    assert adjusted(frequency_penalty=-1.0, presence_penalty=1.0) == [2.0, -1.0, 0.5, 4.0, -2.0, 1.0]
+
+
+def test_penalties_steer_greedy_and_sampled_choices_but_not_the_reported_logprobs():
+    raw = ROW.repeat(2, 1)
+    params = [SamplingParams(temperature=0, frequency_penalty=2.0, logprobs=1),
+              SamplingParams(temperature=1.0, top_k=1, logit_bias={4: 10.0}, logprobs=1)]
+    out = Sampler(seed=0)(raw, params, [None, None], HISTORY * 2)
+    assert out.token_ids == [0, 4]  # token 3 penalised below token 0; token 4 lifted above all
+    assert out.logprobs[0][0] == pytest.approx(ROW.log_softmax(-1)[0, 0].item())
+    assert out.logprobs[1][3] == pytest.approx(ROW.log_softmax(-1)[0, 3].item())  # the raw best is still reported
+
+
+def test_rows_without_penalties_are_left_as_they_are():
+    logits = rand_logits(3, 50)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=2.0),
+              SamplingParams(temperature=0)]
+    history = [TokenHistory([1], [int(logits[i].argmax())]) for i in range(3)]
+    out = adjust_logits(logits, params, history)
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2]) and not torch.equal(out[1], logits[1])
+    assert adjust_logits(logits, [SamplingParams(temperature=0)] * 3, None) is logits  # nothing to adjust: no copy
+
+
+def test_penalties_need_the_token_history():
+    with pytest.raises(ValueError, match="history"):
+        Sampler(seed=0)(ROW, [SamplingParams(presence_penalty=1.0)], [None])
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={5: 101.0}), "logit_bias"),
+])
+def test_out_of_range_penalties_and_biases_name_their_field(params, field):
+    with pytest.raises(InvalidRequestError) as refused:
+        SamplingParams(**params)
+    assert refused.value.field == field

@@ -35,7 +35,7 @@ from workers.engine.model_store import resolve_model
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
-from workers.engine.sampler import Sampler, make_generator
+from workers.engine.sampler import Sampler, TokenHistory, make_generator
 from workers.engine.sequence import Sequence
 from workers.engine.step_plan import PlanWriter
 
@@ -203,7 +203,10 @@ class ModelRunner:
             return []
         params = [seq.sampling_params for seq in seqs]
         generators = [self._generator(seq) for seq in seqs]
-        out = self.sampler(logits, params, generators)
+        history = None
+        if any(p.adjusts_logits for p in params):
+            history = [TokenHistory(seq.prompt_token_ids, seq.output_token_ids) for seq in seqs]
+        out = self.sampler(logits, params, generators, history)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
     def _eager(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:

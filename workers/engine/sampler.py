@@ -1,5 +1,8 @@
 """Turns a batch of next-token logits into one token per row, each row under its own SamplingParams.
 
+Biases and penalties adjust a row's logits first (SamplingParams says which, in vLLM's order), for greedy rows
+too; logprobs are of the unadjusted logits, as vLLM reports them.
+
 Sampling uses the exponential race, argmax(probs / q) with q ~ Exp(1), which picks token i with probability
 probs[i] and needs no cumulative sum. Its noise is one [V] draw per row, so a seeded request can take that draw
 from its own generator: its tokens then depend on nothing else in the batch, not its neighbours, not its row.
@@ -45,6 +48,40 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+@dataclass(frozen=True)
+class TokenHistory:
+    """What a row's penalties look at: its prompt and the tokens it generated so far."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
+                  history: list[TokenHistory] | None) -> torch.Tensor:
+    """The logits after each row's logit bias and penalties; the same tensor when no row has any."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    if history is None or len(history) != len(params):
+        raise ValueError("penalties need each row's token history")
+    logits = logits.clone()
+    device = logits.device
+    for i in rows:
+        p, row = params[i], logits[i]
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, device=device))
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(history[i].prompt_token_ids + history[i].output_token_ids, device=device).unique()
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and history[i].output_token_ids:
+            counts = torch.bincount(torch.tensor(history[i].output_token_ids, device=device),
+                                    minlength=row.shape[0]).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return logits
+
+
 class Sampler:
     """Stateless apart from the generators of unseeded rows, which it owns (one per device)."""
 
@@ -67,19 +104,22 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        history: list[TokenHistory] | None = None,
     ) -> SamplerOutput:
+        """`history` (one per row) is needed when a row's params adjust its logits."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(
                 f"logits must be [B, V] with one SamplingParams and one generator slot per row; got logits "
                 f"{tuple(logits.shape)}, {len(params)} params, {len(generators)} generators"
             )
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)
+        adjusted = adjust_logits(logits, params, history)
+        tokens = adjusted.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
             picked = self._sample(
-                logits.index_select(0, rows),
+                adjusted.index_select(0, rows),
                 [params[i] for i in sampled_rows],
                 [generators[i] for i in sampled_rows],
             )

@@ -12,7 +12,13 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 (or -1) and top_p 1.0 disable those filters. `seed` makes a
     request's random draws reproducible whatever else is in the batch. `logprobs` asks for the top-N
-    log-probabilities of every generated token (plus the chosen one's).
+    log-probabilities of every generated token (plus the chosen one's), from the model's own distribution,
+    before biases, penalties and temperature.
+
+    The logits are adjusted before greedy or sampled choice, in vLLM's order: `logit_bias` ({token id: bias}) is
+    added; `repetition_penalty` (HF's and vLLM's, 1.0 = off) divides positive logits and multiplies negative
+    ones of every token in the prompt or output; `frequency_penalty` and `presence_penalty` (OpenAI's, 0 = off)
+    subtract penalty x count and penalty x (count > 0) for each token already generated.
     """
 
     max_tokens: int = 16
@@ -26,6 +32,10 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # also given as a dict {token id: bias}
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.
@@ -33,11 +43,18 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
         self.validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
+            or self.presence_penalty != 0.0
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -60,3 +77,15 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 raise InvalidRequestError("stop_token_ids", f"must be non-negative token ids, got {t!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(name, f"must be in [-2, 2], got {value!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequestError("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
+        for token, value in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise InvalidRequestError("logit_bias", f"keys must be non-negative token ids, got {token!r}")
+            if not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
+                raise InvalidRequestError("logit_bias", f"biases must be in [-100, 100], got {value!r} for "
+                                                        f"token {token}")

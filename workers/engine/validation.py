@@ -33,3 +33,6 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int,
     for t in params.stop_token_ids:
         if t >= vocab_size:
             raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})")
+    for t, _ in params.logit_bias:
+        if t >= vocab_size:
+            raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size})")
