@@ -72,6 +72,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted once from each generated token's logit (OpenAI's; default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per occurrence from each generated token's logit (OpenAI's; default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +206,7 @@ def sampling_params(args: argparse.Namespace):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                          logprobs=args.logprobs)
+                          logprobs=args.logprobs, **_penalties(args))
 
 
 def connect(args: argparse.Namespace) -> TandemClient:
@@ -215,7 +221,12 @@ def remote_options(args: argparse.Namespace) -> dict:
     """The sampling flags as request options for the cluster, which validates them (INVALID_ARGUMENT)."""
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
-                model=args.model)
+                model=args.model, **_penalties(args))
+
+
+def _penalties(args: argparse.Namespace) -> dict:
+    return dict(repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
     GET  /health                 "ok", or 503 while the replica drains (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
-Fields follow OpenAI's, with vLLM's extensions (top_k, ignore_eos, stop_token_ids, request_id) and Tandem's
-cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do (penalties, echo, tool
-calls, structured output) is refused with a 400 naming the field rather than silently ignored.
+Fields follow OpenAI's, with vLLM's extensions (top_k, repetition_penalty, ignore_eos, stop_token_ids,
+request_id) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do
+(echo, tool calls, structured output) is refused with a 400 naming the field rather than silently ignored.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -71,6 +71,7 @@ class _Body(BaseModel):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = False
     request_id: str | None = None
@@ -281,13 +282,11 @@ class OpenAIApi:
 
     @staticmethod
     def _params(body: _Body, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name) not in (None, 0):
-                raise invalid(name, f"only 0 is supported, got {getattr(body, name)}")
+        given = {name: getattr(body, name) for name in (
+            "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "presence_penalty",
+            "frequency_penalty", "repetition_penalty") if getattr(body, name) is not None}
         if body.logit_bias:
-            raise invalid("logit_bias", "logit biases are not supported")
-        given = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "seed", "stop",
-                                                        "stop_token_ids") if getattr(body, name) is not None}
+            given["logit_bias"] = _token_biases(body.logit_bias)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos), **given)
 
     def _choices(self, body: _Body, request_id: str, prompts: list[dict],
@@ -325,6 +324,14 @@ class OpenAIApi:
             async for i, out in rest:
                 lasts[i] = out
         return JSONResponse(shape.response(lasts))
+
+
+def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings."""
+    try:
+        return {int(token): bias for token, bias in logit_bias.items()}
+    except ValueError:
+        raise invalid("logit_bias", "keys must be token ids, e.g. {\"50256\": -100}") from None
 
 
 def _check_chat_extras(body: ChatBody) -> None:

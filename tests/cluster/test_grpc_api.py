@@ -93,6 +93,21 @@ def test_generate_streams_deltas_that_make_up_the_engines_offline_completion(stu
         pb.TokenizeRequest(text=prompt)).token_ids)
 
 
+def test_penalties_and_logit_bias_give_the_engines_offline_completion(stub, model):
+    """The first token is chosen on the prefill group, the rest on the decode group: both see the prompt and
+    what was generated, as the offline engine does."""
+    prompt = "one two one two one two one two"
+    # The random model's logits lie within +-7: a bias of 30 makes token 1234 win, until the penalties of its
+    # repetitions (/ 1.5, - 2, - 2 per time generated) have pulled it below the rest.
+    fields = dict(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=2.0,
+                  presence_penalty=2.0, logit_bias={1234: 30.0})
+    responses = generate(stub, text=prompt, sampling=pb.SamplingParams(**fields))
+    offline = LLM(model, progress=False, num_kv_blocks=64).generate([prompt], SamplingParams(**fields))[0].outputs[0]
+    assert [t for r in responses for t in r.token_ids] == offline.token_ids
+    repeats = offline.token_ids.index(next(t for t in offline.token_ids if t != 1234))
+    assert 1 < repeats < 12 and offline.token_ids[:repeats] == [1234] * repeats
+
+
 def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
     ttft = generate(stub, token_ids=pb.TokenIds(ids=list(range(300, 400))), sampling=GREEDY)[0].ttft
     stages = [ttft.router_queue_s, ttft.prefill_queue_s, ttft.prefill_compute_s, ttft.kv_transfer_s,
@@ -188,6 +203,13 @@ BAD_GENERATE = {
                           "stop"),
     "stop token -1": (dict(text="hi", sampling=sampling(stop_token_ids=[-1])), INVALID, "stop_token_ids"),
     "stop token = vocab": (dict(text="hi", sampling=sampling(stop_token_ids=[VOCAB])), INVALID, "stop_token_ids"),
+    "presence_penalty 3": (dict(text="hi", sampling=sampling(presence_penalty=3)), INVALID, "presence_penalty"),
+    "frequency_penalty NaN": (dict(text="hi", sampling=sampling(frequency_penalty=float("nan"))), INVALID,
+                              "frequency_penalty"),
+    "repetition_penalty 0": (dict(text="hi", sampling=sampling(repetition_penalty=0)), INVALID, "repetition_penalty"),
+    "logit_bias 101": (dict(text="hi", sampling=sampling(logit_bias={5: 101})), INVALID, "logit_bias"),
+    "logit_bias token -1": (dict(text="hi", sampling=sampling(logit_bias={-1: 1})), INVALID, "logit_bias"),
+    "logit_bias token = vocab": (dict(text="hi", sampling=sampling(logit_bias={VOCAB: 1})), INVALID, "logit_bias"),
     "oversized cache_salt": (dict(text="hi", cache_salt="s" * 257), INVALID, "cache_salt"),
     "unknown model": (dict(text="hi", model="gpt-9"), NOT_FOUND, "model"),
     "10 MB prompt": (dict(text="x" * 10_000_000), EXHAUSTED, "larger than max"),

@@ -200,8 +200,10 @@ def test_logprobs_come_in_openais_shapes(client, model_name):
     (dict(n=MAX_CHOICES + 1), "n"),
     (dict(prompt=["one"] * 3, n=MAX_CHOICES // 2), "prompt"),  # the choices of a batch count together
     (dict(prompt=["one", []]), "prompt"),
-    (dict(presence_penalty=0.5), "presence_penalty"),
-    (dict(extra_body={"logit_bias": {"1": 5}}), "logit_bias"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+    (dict(extra_body={"logit_bias": {"one": 5}}), "logit_bias"),
+    (dict(extra_body={"logit_bias": {"5": 101}}), "logit_bias"),
     (dict(extra_body={"top_k": "many"}), "top_k"),  # a wrong JSON type: 400, not FastAPI's 422
     (dict(temperature=-1, stream=True), "temperature"),  # an ordinary JSON error, not a broken stream
 ])
@@ -222,6 +224,16 @@ def test_chat_errors_name_the_chat_fields(client, model_name):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=model_name, messages=[{"role": "robot", "content": "hi"}])
     assert refused.value.param == "messages[0].role"
+
+
+def test_logit_bias_and_penalties_steer_the_choice(client, model_name, tokenizer):
+    token = tokenizer.encode(" river")[0]
+    forced = dict(model=model_name, prompt=PROMPT, logprobs=0, logit_bias={str(token): 30}, **GREEDY)
+    tokens = client.completions.create(**forced).choices[0].logprobs.tokens
+    assert tokens == [tokenizer.decode([token])] * 12
+    penalised = client.completions.create(**forced | {"extra_body": {"ignore_eos": True, "repetition_penalty": 1.5}},
+                                          frequency_penalty=2, presence_penalty=2).choices[0].logprobs.tokens
+    assert 1 <= penalised.count(tokens[0]) < 12
 
 
 def test_tool_calls_and_structured_output_are_refused_not_ignored(client, model_name):
