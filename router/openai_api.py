@@ -338,8 +338,7 @@ def _check_chat_extras(body: ChatBody) -> None:
     """Tool calls and structured output need a parser or constrained decoding the engine lacks: refused, as vLLM
     refuses tool calls it has no parser for, rather than answered as if the fields were not there."""
     if body.tools and body.tool_choice != "none":
-        raise invalid("tools", "tool calls are not supported; send tool_choice: \"none\" to answer "
-                                     "without them")
+        raise invalid("tools", "tool calls are not supported; send tool_choice: \"none\" to answer without them")
     if body.response_format is not None and body.response_format.type != "text":
         raise invalid("response_format", f"only the 'text' format is supported, got "
                                           f"{body.response_format.type!r}")
