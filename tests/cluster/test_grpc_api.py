@@ -399,7 +399,8 @@ def test_requests_beyond_the_concurrency_limit_are_refused_at_once(secured):
     finish normally and a new call is served."""
     with secure_channel(secured) as channel:
         stub = tandem_pb2_grpc.GenerationStub(channel)
-        long = pb.SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        # Long enough that neither finishes while the others are refused, however slowly the second one starts.
+        long = pb.SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
         running = [stub.Generate(pb.GenerateRequest(text=f"stream {i}", sampling=long), metadata=KEY, timeout=120)
                    for i in range(2)]
         firsts = [next(call) for call in running]  # both admitted and decoding
