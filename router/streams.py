@@ -9,16 +9,23 @@ T = TypeVar("T")
 
 
 async def first_of_each(streams: list[AsyncIterator[T]]) -> list[T]:
-    """Every stream's first item, awaited together so the requests run side by side. If any stream fails (bad
-    input, a full cluster) every stream is closed, which cancels the others, and its error is raised."""
-    firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
-    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if failed is not None:
-        await close_all(streams)
+    """Every stream's first item, awaited together so the requests run side by side. As soon as one stream
+    fails (bad input, a full cluster) the others are cancelled, every stream is closed, and its error is raised."""
+    reads = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    try:
+        await asyncio.wait(reads, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((read.exception() for read in reads if read.done() and read.exception()), None)
         if isinstance(failed, StopAsyncIteration):
             raise RuntimeError("a request ended without an output")
-        raise failed
-    return firsts
+        if failed is not None:
+            raise failed
+        return [read.result() for read in reads]
+    except BaseException:
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        await close_all(streams)
+        raise
 
 
 async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
