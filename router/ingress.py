@@ -191,17 +191,7 @@ class Ingress:
 
     def validate(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids, after every check the engine would make plus the API's limits."""
-        if request.model:
-            self.check_model(request.model)
-        given = [name for name in ("prompt", "prompt_token_ids", "messages") if getattr(request, name) is not None]
-        if len(given) != 1:
-            raise invalid("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
-                                    f"{given or 'none'}")
-        if request.messages is not None:
-            token_ids = self._chat_token_ids(request.messages)
-        else:
-            _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
-                                            else request.prompt_token_ids, self.model.vocab_size)
+        token_ids = self.prompt_token_ids(request)
         params, api = request.params, self.api
         check_request(token_ids, params, self.model.vocab_size, self.model.max_model_len)
         max_tokens = min(api.max_tokens or self.model.max_model_len, self.model.max_model_len)
@@ -212,6 +202,21 @@ class Ingress:
         if request.cache_salt is not None and len(request.cache_salt) > api.max_cache_salt_chars:
             raise invalid("cache_salt", f"at most {api.max_cache_salt_chars} characters, got "
                                         f"{len(request.cache_salt)}")
+        return token_ids
+
+    def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
+        """The token ids the model sees for the request's prompt: its text tokenized, its ids as they are, or its
+        messages rendered with the chat template."""
+        if request.model:
+            self.check_model(request.model)
+        given = [name for name in ("prompt", "prompt_token_ids", "messages") if getattr(request, name) is not None]
+        if len(given) != 1:
+            raise invalid("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
+                                    f"{given or 'none'}")
+        if request.messages is not None:
+            return self._chat_token_ids(request.messages)
+        _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
+                                        else request.prompt_token_ids, self.model.vocab_size)
         return token_ids
 
     def check_model(self, name: str) -> None:

@@ -4,6 +4,8 @@
                                  server-sent events
     POST /v1/chat/completions    messages, rendered with the model's chat template -> an assistant message
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
+    POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
+    POST /detokenize             vLLM's: token ids -> text
     GET  /health                 "ok", or 503 while the replica drains (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
@@ -113,7 +115,21 @@ class ChatBody(_Body):
     top_logprobs: int | None = None
 
 
-Body = TypeVar("Body", bound=_Body)
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int]
+
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class PayloadTooLarge(Exception):
@@ -145,6 +161,8 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
+    app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.metrics, methods=["GET"])
     return app
@@ -181,6 +199,35 @@ class OpenAIApi:
         return {"id": model.name, "object": "model", "created": self.created, "owned_by": "tandem",
                 "root": model.name, "parent": None, "max_model_len": model.max_model_len}
 
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._parse(request, TokenizeBody)
+            if body.model:
+                self.ingress.check_model(body.model)
+            if body.prompt is not None and body.messages is None and body.add_special_tokens is False:
+                ids = self.ingress.tokenizer.encode(body.prompt, add_special_tokens=False)
+            else:  # what /v1/completions or /v1/chat/completions would feed the model
+                ids = self.ingress.prompt_token_ids(GenerateRequest(
+                    prompt=body.prompt, messages=None if body.messages is None else _messages(body.messages)))
+        except Exception as e:
+            return _refused(e)
+        return JSONResponse({"count": len(ids), "max_model_len": self.ingress.model.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._parse(request, DetokenizeBody)
+            if body.model:
+                self.ingress.check_model(body.model)
+            vocab = self.ingress.model.vocab_size
+            bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise invalid("tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        except Exception as e:
+            return _refused(e)
+        return JSONResponse({"prompt": self.ingress.tokenizer.decode(body.tokens)})
+
     async def metrics(self) -> Response:
         return Response(await self.ingress.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -201,7 +248,7 @@ class OpenAIApi:
             choices = self._choices(body, request_id, prompts, params)
         except PayloadTooLarge as e:
             self._count_refused(Kind.INVALID_ARGUMENT)
-            return _error_json(413, "invalid_request_error", str(e), None)
+            return _refused(e)
         except Exception as e:
             error = _renamed(classify(e), aliases)
             self._count_refused(error.kind)
@@ -389,6 +436,12 @@ def _renamed(error: ApiError, aliases: dict[str, str]) -> ApiError:
 def _error_json(status: int, kind: str, message: str, param: str | None, headers=None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status, headers=headers)
+
+
+def _refused(e: Exception) -> JSONResponse:
+    if isinstance(e, PayloadTooLarge):
+        return _error_json(413, "invalid_request_error", str(e), None)
+    return error_response(classify(e))
 
 
 def error_response(error: ApiError) -> JSONResponse:

@@ -92,6 +92,31 @@ def test_a_model_is_retrieved_by_its_name(client, model_name):
     assert refused.value.body["param"] == "model"
 
 
+def post(base_url: str, path: str, body: dict, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(f"{base_url}{path}", json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_tokenize_gives_the_ids_the_model_sees_and_detokenize_reverses_it(base_url, client, model_name, tokenizer):
+    status, tokens = post(base_url, "/tokenize", {"model": model_name, "prompt": PROMPT})
+    assert status == 200 and tokens["tokens"] == tokenizer.encode(PROMPT)
+    assert (tokens["count"], tokens["max_model_len"]) == (len(tokens["tokens"]), 1024)
+    completion = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=1)
+    assert completion.usage.prompt_tokens == tokens["count"]
+    _, chat = post(base_url, "/tokenize", {"messages": MESSAGES})
+    answer = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=1)
+    assert chat["count"] == answer.usage.prompt_tokens
+    assert post(base_url, "/detokenize", {"tokens": tokens["tokens"]}) == (200, {"prompt": PROMPT})
+    status, refused = post(base_url, "/detokenize", {"tokens": [10**9]})
+    assert status == 400 and refused["error"]["param"] == "tokens"
+    assert post(base_url, "/tokenize", {"prompt": "x"}, key=None)[0] == 401
+
+
 def test_a_streamed_completion_adds_up_to_the_whole_one(client, model_name, tokenizer):
     whole = client.completions.create(model=model_name, prompt=PROMPT, **GREEDY)
     chunks = list(client.completions.create(model=model_name, prompt=PROMPT, stream=True,
