@@ -78,12 +78,7 @@ class GenerationServicer:
                          ) -> pb.DetokenizeResponse:
         try:
             self._check(request)
-            vocab = self.ingress.model.vocab_size
-            bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise invalid("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
-            text = self.ingress.tokenizer.decode(list(request.token_ids),
-                                                 skip_special_tokens=request.skip_special_tokens)
+            text = self.ingress.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
             return pb.DetokenizeResponse(text=text)
         except Exception as e:
             await _abort(context, e)

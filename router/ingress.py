@@ -219,6 +219,13 @@ class Ingress:
                                         else request.prompt_token_ids, self.model.vocab_size)
         return token_ids
 
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False, field: str = "token_ids") -> str:
+        vocab = self.model.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
     def check_model(self, name: str) -> None:
         if name != self.model.name:
             raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves "

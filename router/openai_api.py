@@ -201,10 +201,7 @@ class OpenAIApi:
 
     async def tokenize(self, request: Request) -> Response:
         try:
-            self._authorize(request)
-            body = await self._parse(request, TokenizeBody)
-            if body.model:
-                self.ingress.check_model(body.model)
+            body = await self._tokenizer_request(request, TokenizeBody)
             if body.prompt is not None and body.messages is None and body.add_special_tokens is False:
                 ids = self.ingress.tokenizer.encode(body.prompt, add_special_tokens=False)
             else:  # what /v1/completions or /v1/chat/completions would feed the model
@@ -216,17 +213,17 @@ class OpenAIApi:
 
     async def detokenize(self, request: Request) -> Response:
         try:
-            self._authorize(request)
-            body = await self._parse(request, DetokenizeBody)
-            if body.model:
-                self.ingress.check_model(body.model)
-            vocab = self.ingress.model.vocab_size
-            bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise invalid("tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
+            body = await self._tokenizer_request(request, DetokenizeBody)
+            return JSONResponse({"prompt": self.ingress.detokenize(body.tokens, field="tokens")})
         except Exception as e:
             return _refused(e)
-        return JSONResponse({"prompt": self.ingress.tokenizer.decode(body.tokens)})
+
+    async def _tokenizer_request(self, request: Request, body_type: type[Body]) -> Body:
+        self._authorize(request)
+        body = await self._parse(request, body_type)
+        if body.model:
+            self.ingress.check_model(body.model)
+        return body
 
     async def metrics(self) -> Response:
         return Response(await self.ingress.metrics.render(), media_type=CONTENT_TYPE)
