@@ -11,6 +11,7 @@ named in it and streams the rest of the request.
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -38,7 +39,9 @@ logger = logging.getLogger(__name__)
 # can overtake the call that adds the request (separate actor calls on a TP group's rank 0), and the request must
 # then never start. Far longer than any such race; short enough that the set stays small.
 _EARLY_ABORT_TTL_S = 60.0
-_ROOM_POLL_S = 0.02  # how often a prefilled request waiting for free blocks tries again
+# A prefilled request waiting for free blocks tries again when the engine frees some, and at least this often
+# (blocks can also become usable without more being free: a prefix another request just cached).
+_ROOM_RETRY_S = 1.0
 
 
 class KVSource(Protocol):
@@ -92,6 +95,9 @@ class AsyncLLMEngine:
         self._transfer_locks: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._load: dict[str, int] = {}
         self._early_aborts: dict[str, float] = {}  # request id -> when its abort arrived before the request
+        # Prefilled requests waiting for free blocks, woken when the engine frees some (engine thread only).
+        self._room_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._free_blocks = 0
         # Why this tensor-parallel group can no longer step, once a rank failed mid-step: its ranks' collectives
         # are out of step, so it fails what it holds, refuses new work and fails its health check until Serve
         # replaces it.
@@ -178,16 +184,23 @@ class AsyncLLMEngine:
     async def _admit_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
                                caller_left: asyncio.Event) -> tuple[asyncio.Queue, object]:
         """Allocates the prompt's blocks. While running requests hold them, it waits (up to half the prefill
-        group's lease, and not after the caller left): a full cache is a queue here, as it is for prompts this
-        group computes itself."""
+        group's lease, and not after the caller left), trying again as soon as the engine frees blocks: a full
+        cache is a queue here, as it is for prompts this group computes itself."""
         deadline = time.monotonic() + self.engine.config.cache.kv_lease_s / 2
+        loop = asyncio.get_running_loop()
         while True:
+            room = asyncio.Event()
             try:
-                return await self._start(handoff.request_id, lambda: self._prepare_receive(handoff, params))
+                return await self._start(handoff.request_id,
+                                         lambda: self._prepare_receive(handoff, params, (loop, room)))
             except KVCacheFullError:
                 if time.monotonic() >= deadline or caller_left.is_set():
                     raise
-                await asyncio.sleep(_ROOM_POLL_S)
+            waits = [asyncio.ensure_future(room.wait()), asyncio.ensure_future(caller_left.wait())]
+            await asyncio.wait(waits, timeout=min(_ROOM_RETRY_S, max(0.0, deadline - time.monotonic())),
+                               return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
 
     async def abort(self, request_id: str) -> None:
         await self._call(lambda: self._abort(request_id))
@@ -229,6 +242,17 @@ class AsyncLLMEngine:
                       "prompt_tokens": stats.num_prompt_tokens, "cached_prompt_tokens": stats.num_cached_prompt_tokens,
                       "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
                       "kv_transfer_failures": stats.num_kv_transfer_failures}
+
+    def _wake_room_waiters(self) -> None:
+        """Wakes the prefilled requests waiting for blocks once more are free than at the end of the last
+        iteration: they registered during this one, so nothing freed after their try goes unnoticed."""
+        free = self._load["free_blocks"]
+        if free > self._free_blocks:
+            for loop, room in self._room_waiters:
+                with contextlib.suppress(RuntimeError):  # that waiter's event loop has closed
+                    loop.call_soon_threadsafe(room.set)
+            self._room_waiters.clear()
+        self._free_blocks = free
 
     def shutdown(self) -> None:
         """Stops the engine thread after it releases the group's other ranks and closes its KV channels."""
@@ -277,8 +301,14 @@ class AsyncLLMEngine:
             if not finished:
                 self._commands.put(lambda: self._abort(request_id))
 
-    def _prepare_receive(self, handoff: KVHandoff, params: SamplingParams | None):
-        plan = self.engine.add_prefilled_request(handoff, params)
+    def _prepare_receive(self, handoff: KVHandoff, params: SamplingParams | None,
+                         waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event]):
+        """Allocates the blocks; when they are not free, `waiter` is woken once some are (see _update_load)."""
+        try:
+            plan = self.engine.add_prefilled_request(handoff, params)
+        except KVCacheFullError:
+            self._room_waiters.append(waiter)
+            raise
         return self.engine.plan_transfer(handoff, plan) if plan.src_block_ids else None
 
     def _transfer_lock(self, source: object) -> asyncio.Lock:
@@ -373,6 +403,7 @@ class AsyncLLMEngine:
             if self.engine.has_unfinished_requests() and self.broken is None:
                 self._step()
             self._update_load()
+            self._wake_room_waiters()
 
     def _idle_timeout(self) -> float | None:
         """How long to wait for a command: not at all while requests run, until the next lease ends while blocks
