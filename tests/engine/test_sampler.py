@@ -184,6 +184,7 @@ def adjusted(**params) -> list[float]:
 
 def test_logit_bias_adds_to_the_named_tokens():
     assert adjusted(logit_bias={0: 1.5, 5: -100}) == [3.5, -1.0, 0.5, 3.0, -2.0, -99.0]
+    assert adjusted(logit_bias={1: 2}) == [2.0, 1.0, 0.5, 3.0, -2.0, 1.0]  # whole numbers too
 
 
 def test_repetition_penalty_shrinks_every_token_of_prompt_and_output_towards_unlikely():

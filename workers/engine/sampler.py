@@ -70,7 +70,7 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
         p, row = params[i], logits[i]
         if p.logit_bias:
             ids, biases = zip(*p.logit_bias)
-            row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, device=device))
+            row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=row.dtype, device=device))
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(history[i].prompt_token_ids + history[i].output_token_ids, device=device).unique()
             values = row[seen]
