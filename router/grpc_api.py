@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.api_config import ApiConfig
@@ -32,6 +32,7 @@ from workers.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # Open to every caller, with or without an API key: probes and tooling.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -262,8 +263,7 @@ async def start_grpc_server(ingress: Ingress, host: str, port: int) -> GrpcServe
     server.add_generic_rpc_handlers((_generic_handler(GenerationServicer(ingress)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    _enable_reflection(server)
     address = f"{host}:{port}"
     if api.tls_cert_file:
         bound = server.add_secure_port(address, _credentials(api))
@@ -277,6 +277,19 @@ async def start_grpc_server(ingress: Ingress, host: str, port: int) -> GrpcServe
     logger.info("gRPC API on %s (%s%s)", address, "TLS" if api.tls_cert_file else "plaintext",
                 ", API key required" if api.key else "")
     return GrpcServer(server, health, bound)
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection as grpc.reflection.v1alpha (what grpcio-reflection implements) and as
+    grpc.reflection.v1, which newer clients ask for first. The two define the same messages field for field, so
+    the v1alpha servicer answers v1 calls on the wire."""
+    servicer = reflection.aio.ReflectionServicer(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
 
 
 def _credentials(api: ApiConfig) -> grpc.ServerCredentials:

@@ -164,6 +164,14 @@ def test_health_and_reflection_are_served(cluster):
         [answer] = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in answer.list_services_response.service}
         assert {"tandem.v1.Generation", "grpc.health.v1.Health"} <= names
+        # grpc.reflection.v1 too, which newer clients try first: the same messages on the wire as v1alpha.
+        reflect_v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                           request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                           response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        [answer] = reflect_v1(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="tandem.v1.Generation")]), timeout=10)
+        files = answer.file_descriptor_response.file_descriptor_proto
+        assert files and any(b"tandem.v1" in f for f in files)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
