@@ -2,7 +2,7 @@
 cluster request per choice, and its response interleaves their outputs as they come."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -21,10 +21,7 @@ async def first_of_each(streams: list[AsyncIterator[T]]) -> list[T]:
             raise failed
         return [read.result() for read in reads]
     except BaseException:
-        for read in reads:
-            read.cancel()
-        await asyncio.gather(*reads, return_exceptions=True)
-        await close_all(streams)
+        await _abandon(reads, streams)
         raise
 
 
@@ -44,12 +41,18 @@ async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
                 reads[asyncio.ensure_future(anext(streams[i]))] = i
                 yield i, item
     finally:
-        for read in reads:
-            read.cancel()
-        await asyncio.gather(*reads, return_exceptions=True)
-        await close_all(streams)
+        await _abandon(reads, streams)
 
 
 async def close_all(streams: list[AsyncIterator[T]]) -> None:
     for stream in streams:
         await stream.aclose()
+
+
+async def _abandon(reads: Iterable[asyncio.Future], streams: list[AsyncIterator[T]]) -> None:
+    """Cancels the reads still pending (a stream cannot be closed while a read of it runs), then closes every
+    stream."""
+    for read in reads:
+        read.cancel()
+    await asyncio.gather(*reads, return_exceptions=True)
+    await close_all(streams)
