@@ -3,6 +3,9 @@
     POST /v1/completions         prompt (a string or token ids, or a batch of them) -> text; stream: true sends
                                  server-sent events
     POST /v1/chat/completions    messages, rendered with the model's chat template -> an assistant message
+    POST /v1/responses           OpenAI's Responses API: input (text or messages) and instructions -> a response
+                                 with one assistant message; stream: true sends its typed events. Nothing is
+                                 stored, so previous_response_id is refused: send the whole conversation as input
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -11,7 +14,8 @@
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, repetition_penalty, ignore_eos, stop_token_ids,
 request_id) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do
-(echo, tool calls, structured output) is refused with a 400 naming the field rather than silently ignored.
+(echo, tool calls, structured output, images) is refused with a 400 naming the field rather than silently
+ignored.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -42,6 +46,7 @@ from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
+from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
 from workers.engine.sampling_params import SamplingParams
 
@@ -115,6 +120,40 @@ class ChatBody(_Body):
     top_logprobs: int | None = None
 
 
+class InputItem(BaseModel):
+    """An item of a Responses API input. Only messages (the default type) are taken: the other kinds carry tool
+    calls, their outputs or reasoning, which the engine has no use for."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "message"
+    role: str | None = None
+    content: str | list[ContentPart] | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    format: TextFormat | None = None
+
+
+class ResponsesBody(_Body):
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    text: TextConfig | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    metadata: dict[str, str] | None = None
+
+
 class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -130,6 +169,7 @@ class DetokenizeBody(BaseModel):
 
 
 Body = TypeVar("Body", bound=BaseModel)
+Shape = ResponseShape | ResponsesShape
 
 
 class PayloadTooLarge(Exception):
@@ -159,6 +199,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_exception_handler(RequestValidationError, lambda _, e: error_response(invalid("body", str(e))))
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
@@ -174,10 +215,25 @@ class OpenAIApi:
         self.created = int(time.time())
 
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, CompletionBody, self._completion_request, chat=False)
+        return await self._serve(request, CompletionBody, self._completion_request, self._completion_shape(chat=False))
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, ChatBody, self._chat_request, chat=True)
+        return await self._serve(request, ChatBody, self._chat_request, self._completion_shape(chat=True))
+
+    async def responses(self, request: Request) -> Response:
+        return await self._serve(request, ResponsesBody, self._responses_request, self._responses_shape)
+
+    def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest]], Shape]:
+        def shape(body: _Body, request_id: str, choices: list[GenerateRequest]) -> Shape:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
+                                 choices_per_prompt=body.n or 1, include_usage=include_usage)
+        return shape
+
+    def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
+        echoed = {"instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
+                  "tools": body.tools or [], "tool_choice": body.tool_choice or "none"}
+        return ResponsesShape(self.ingress, request_id, choices[0].params, echoed)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -235,7 +291,7 @@ class OpenAIApi:
 
     async def _serve(self, request: Request, body_type: type[Body],
                      build: Callable[[Body, dict[str, str]], tuple[list[dict], SamplingParams]],
-                     chat: bool) -> Response:
+                     shape: Callable[[Body, str, list[GenerateRequest]], Shape]) -> Response:
         aliases: dict[str, str] = {}  # engine field -> the name this API calls it, for error messages
         try:
             self._authorize(request)
@@ -251,7 +307,8 @@ class OpenAIApi:
             self._count_refused(error.kind)
             return error_response(error)
         try:
-            return await self._generate(request_id, choices, body, chat)  # Ingress.generate counts each choice
+            # Ingress.generate counts each choice
+            return await self._generate(choices, shape(body, request_id, choices), bool(body.stream))
         except Exception as e:
             return error_response(_renamed(classify(e), aliases))
 
@@ -311,14 +368,34 @@ class OpenAIApi:
     def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
-        _check_chat_extras(body)
+        _check_extras(body.tools, body.tool_choice, "response_format",
+                      None if body.response_format is None else body.response_format.type)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
-        aliases["logprobs"] = "top_logprobs"
+        aliases.update(logprobs="top_logprobs", prompt="messages")  # the prompt is the rendered messages
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs)
         return [{"messages": _messages(body.messages)}], params
+
+    def _responses_request(self, body: ResponsesBody,
+                           aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
+        if body.previous_response_id:
+            raise invalid("previous_response_id", "responses are not stored here; send the whole conversation as "
+                                                  "input")
+        if body.background:
+            raise invalid("background", "background responses are not supported")
+        if body.n not in (None, 1):
+            raise invalid("n", "a response has one output; use /v1/chat/completions for n > 1")
+        text_format = body.text.format if body.text is not None else None
+        _check_extras(body.tools, body.tool_choice, "text.format", None if text_format is None else text_format.type)
+        logprobs_wanted = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
+        aliases.update(max_tokens="max_output_tokens", logprobs="top_logprobs", prompt="input", messages="input")
+        max_tokens = next((m for m in (body.max_output_tokens, body.max_tokens) if m is not None),
+                          self._max_tokens_cap())
+        params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None)
+        instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
+        return [{"messages": instructions + _input_messages(body.input)}], params
 
     def _max_tokens_cap(self) -> int:
         model_len = self.ingress.model.max_model_len
@@ -353,16 +430,12 @@ class OpenAIApi:
                     request_id=request_id if n * len(prompts) == 1 else f"{request_id}-{len(choices)}"))
         return choices
 
-    async def _generate(self, request_id: str, choices: list[GenerateRequest], body: _Body,
-                        chat: bool) -> Response:
+    async def _generate(self, choices: list[GenerateRequest], shape: Shape, stream: bool) -> Response:
         streams = [self.ingress.generate(choice) for choice in choices]
         # Bad input, an unknown model, a full cluster: all raise here, before a byte of the response is sent.
         firsts = await first_of_each(streams)
-        shape = ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
-                              choices_per_prompt=body.n or 1)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(shape.events(firsts, streams, include_usage), close=lambda: close_all(streams))
+        if stream:
+            return EventStream(shape.events(firsts, streams), close=lambda: close_all(streams))
         lasts = list(firsts)
         async with aclosing(merged(streams)) as rest:
             async for i, out in rest:
@@ -378,14 +451,40 @@ def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
         raise invalid("logit_bias", "keys must be token ids, e.g. {\"50256\": -100}") from None
 
 
-def _check_chat_extras(body: ChatBody) -> None:
+def _check_extras(tools: list[dict] | None, tool_choice: str | dict | None, format_field: str,
+                  format_type: str | None) -> None:
     """Tool calls and structured output need a parser or constrained decoding the engine lacks: refused, as vLLM
     refuses tool calls it has no parser for, rather than answered as if the fields were not there."""
-    if body.tools and body.tool_choice != "none":
+    if tools and tool_choice != "none":
         raise invalid("tools", "tool calls are not supported; send tool_choice: \"none\" to answer without them")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise invalid("response_format", f"only the 'text' format is supported, got "
-                                          f"{body.response_format.type!r}")
+    if format_type not in (None, "text"):
+        raise invalid(format_field, f"only the 'text' format is supported, got {format_type!r}")
+
+
+_INPUT_ROLES = {"user", "assistant", "system", "developer"}
+_INPUT_TEXT_PARTS = {"input_text", "output_text", "text"}
+
+
+def _input_messages(items: str | list[InputItem]) -> list[dict[str, str]]:
+    """A Responses API input as role/content pairs: text is one user message; message items keep their roles
+    (developer as system), their text parts joined."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not items:
+        raise invalid("input", "must not be empty")
+    rendered = []
+    for i, item in enumerate(items):
+        if item.type != "message":
+            raise invalid(f"input[{i}].type", f"only message items are supported, got {item.type!r}")
+        if item.role not in _INPUT_ROLES:
+            raise invalid(f"input[{i}].role", f"must be user, assistant, system or developer, got {item.role!r}")
+        content = item.content
+        if isinstance(content, list):
+            if any(part.type not in _INPUT_TEXT_PARTS or part.text is None for part in content):
+                raise invalid(f"input[{i}].content", "only text content parts are supported")
+            content = "\n".join(part.text for part in content)
+        rendered.append({"role": "system" if item.role == "developer" else item.role, "content": content or ""})
+    return rendered
 
 
 def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:

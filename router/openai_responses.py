@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API's response shapes: a text or chat completion, whole or as server-sent event chunks,
-with OpenAI's usage and logprobs layouts (router/openai_api.py builds the requests and picks the shape)."""
+"""The OpenAI-compatible API's response shapes for /v1/completions and /v1/chat/completions: a text or chat
+completion, whole or as server-sent event chunks, with OpenAI's usage and logprobs layouts (router/openai_api.py
+builds the requests and picks the shape; router/responses_shape.py is the Responses API's)."""
 
 import json
 import logging
@@ -21,11 +22,13 @@ class ResponseShape:
     """One request's response in its endpoint's shape: text completion or chat completion, whole or chunked, with
     one choice per cluster request (n for each prompt, in order)."""
 
-    def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int):
+    def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
+                 include_usage: bool):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
+        self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
         prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": ingress.model.name}
         self.text_offsets: dict[int, int] = {}  # completions' logprobs.text_offset runs on across chunks
@@ -44,38 +47,38 @@ class ResponseShape:
             choices.append(choice)
         return {**self.header, "object": self.object, "choices": choices, "usage": self._usage(outs)}
 
-    async def events(self, firsts: list[RequestOutput], streams: list[AsyncIterator[RequestOutput]],
-                     include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, firsts: list[RequestOutput],
+                     streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         lasts = list(firsts)
         try:
             if self.chat:
                 for index in range(len(firsts)):
                     yield self._chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                              "finish_reason": None}, include_usage)
+                                              "finish_reason": None})
             for index, first in enumerate(firsts):
-                chunk = self._delta(index, first, include_usage)
+                chunk = self._delta(index, first)
                 if chunk:
                     yield chunk
             async with aclosing(merged(streams)) as rest:
                 async for index, out in rest:
                     lasts[index] = out
-                    chunk = self._delta(index, out, include_usage)
+                    chunk = self._delta(index, out)
                     if chunk:
                         yield chunk
-            if include_usage:
-                yield _sse({**self.header, "object": self._chunk_object, "choices": [], "usage": self._usage(lasts)})
+            if self.include_usage:
+                yield sse({**self.header, "object": self._chunk_object, "choices": [], "usage": self._usage(lasts)})
             yield "data: [DONE]\n\n"
         except Exception as e:
             error = classify(e)
             if error.kind is Kind.INTERNAL:
                 logger.exception("request %s failed while streaming", self.header["id"])
-            yield _sse({"error": error_body(error)})
+            yield sse({"error": error_body(error)})
 
     @property
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _delta(self, index: int, out: RequestOutput, include_usage: bool) -> str | None:
+    def _delta(self, index: int, out: RequestOutput) -> str | None:
         completion = out.outputs[0]
         finish_reason = completion.finish_reason if out.finished else None
         new_ids = completion.delta_token_ids
@@ -92,13 +95,13 @@ class ResponseShape:
             choice["delta"] = {"content": completion.delta_text} if completion.delta_text else {}
         else:
             choice["text"] = completion.delta_text
-        return self._chunk(index, choice, include_usage)
+        return self._chunk(index, choice)
 
-    def _chunk(self, index: int, choice: dict[str, Any], include_usage: bool) -> str:
+    def _chunk(self, index: int, choice: dict[str, Any]) -> str:
         chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": index, **choice}]}
-        if include_usage:
+        if self.include_usage:
             chunk["usage"] = None
-        return _sse(chunk)
+        return sse(chunk)
 
     def _usage(self, outs: list[RequestOutput]) -> dict[str, Any]:
         """Each prompt counts once however many choices it has; every choice's tokens count."""
@@ -113,12 +116,10 @@ class ResponseShape:
                   logprobs: list[dict[int, float]] | None) -> dict | None:
         if logprobs is None:
             return None
+        if self.chat:
+            return {"content": token_logprobs(self.tokenizer, token_ids, logprobs, self.top_n)}
         pairs = list(zip(token_ids, logprobs))
         decode = self._decode
-        if self.chat:
-            return {"content": [{**_entry(decode(t), top.get(t)), "top_logprobs": [
-                _entry(decode(k), v) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:self.top_n]]}
-                for t, top in pairs]}
         tokens = [decode(t) for t, _ in pairs]
         offsets, offset = [], self.text_offsets.get(index, 0)
         for token in tokens:
@@ -133,6 +134,17 @@ class ResponseShape:
         return self.tokenizer.decode([token_id])
 
 
+def token_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],
+                   top_n: int | None) -> list[dict[str, Any]]:
+    """Chat's layout, which the Responses API shares: each token with its logprob, bytes and the top_n likeliest."""
+    def decode(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    return [{**_entry(decode(t), top.get(t)), "top_logprobs": [
+        _entry(decode(k), v) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:top_n]]}
+        for t, top in zip(token_ids, logprobs)]
+
+
 def _entry(token: str, logprob: float | None) -> dict[str, Any]:
     return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode())}
 
@@ -142,8 +154,10 @@ def _finite(logprob: float | None) -> float:
     return -9999.0 if logprob is None or not math.isfinite(logprob) else max(logprob, -9999.0)
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def sse(data: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event; the Responses API names each event by its type."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def error_body(error: ApiError) -> dict[str, Any]:

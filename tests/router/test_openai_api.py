@@ -249,6 +249,92 @@ def test_chat_errors_name_the_chat_fields(client, model_name):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=model_name, messages=[{"role": "robot", "content": "hi"}])
     assert refused.value.param == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as refused:  # the rendered messages outgrow the context
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi " * 2000}])
+    assert refused.value.param == "messages"
+
+
+RESPONSE = dict(max_output_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_a_response_answers_as_the_chat_completion_of_its_messages(client, model_name):
+    question = MESSAGES[0]["content"]
+    chat = client.chat.completions.create(model=model_name, messages=MESSAGES, **GREEDY)
+    response = client.responses.create(model=model_name, input=question, **RESPONSE)
+    assert (response.object, response.id[:5], response.model) == ("response", "resp_", model_name)
+    [message] = response.output
+    assert (message.type, message.role, message.content[0].type) == ("message", "assistant", "output_text")
+    assert response.output_text == chat.choices[0].message.content
+    # Cut short by max_output_tokens: incomplete, as OpenAI says it.
+    assert (response.status, message.status, response.incomplete_details.reason) == (
+        "incomplete", "incomplete", "max_output_tokens")
+    usage = response.usage
+    assert (usage.input_tokens, usage.output_tokens) == (chat.usage.prompt_tokens, 12)
+    assert usage.total_tokens == usage.input_tokens + 12
+    # Instructions are a system message ahead of the input; a developer message is one too; text parts join.
+    system = [{"role": "system", "content": "Answer briefly."}]
+    briefed = client.chat.completions.create(model=model_name, messages=system + MESSAGES, **GREEDY)
+    instructed = client.responses.create(model=model_name, instructions="Answer briefly.", input=question, **RESPONSE)
+    items = client.responses.create(model=model_name, input=[
+        {"role": "developer", "content": "Answer briefly."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}], **RESPONSE)
+    assert instructed.output_text == items.output_text == briefed.choices[0].message.content
+    assert instructed.instructions == "Answer briefly."
+
+
+def test_a_streamed_response_sends_openais_events_and_adds_up_to_the_whole_one(client, model_name):
+    whole = client.responses.create(model=model_name, input=PROMPT, **RESPONSE)
+    events = list(client.responses.create(model=model_name, input=PROMPT, stream=True, **RESPONSE))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(event.delta for event in events[4:-4]) == events[-4].text == whole.output_text
+    assert events[-1].response.output_text == whole.output_text
+    assert events[-1].response.usage.output_tokens == 12
+    # A stop string ends it early and complete: the SDK's stream helper then has its final response.
+    stop = whole.output_text[len(whole.output_text) // 2:][:3]
+    with client.responses.stream(model=model_name, input=PROMPT, max_output_tokens=12, temperature=0,
+                                 extra_body={"stop": [stop]}) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.incomplete_details is None
+    assert final.output_text == whole.output_text[:whole.output_text.index(stop)]
+
+
+def test_a_response_carries_token_logprobs_when_asked(client, model_name):
+    asked = dict(model=model_name, input=PROMPT, top_logprobs=2, include=["message.output_text.logprobs"],
+                 **RESPONSE)
+    logprobs = client.responses.create(**asked).output[0].content[0].logprobs
+    assert len(logprobs) == 12 and all(len(entry.top_logprobs) == 2 for entry in logprobs)
+    assert all(entry.token == entry.top_logprobs[0].token for entry in logprobs)  # greedy: the likeliest
+    streamed = [entry for event in client.responses.create(stream=True, **asked)
+                if event.type == "response.output_text.delta" for entry in event.logprobs]
+    assert [entry.token for entry in streamed] == [entry.token for entry in logprobs]
+    assert client.responses.create(model=model_name, input=PROMPT, **RESPONSE).output[0].content[0].logprobs == []
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(previous_response_id="resp_123"), "previous_response_id"),  # nothing is stored to continue from
+    (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tools"),
+    (dict(text={"format": {"type": "json_object"}}), "text.format"),
+    (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
+     "input[0].content"),
+    (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "42"}]), "input[0].type"),
+    (dict(input=[{"role": "tool", "content": "42"}]), "input[0].role"),
+    (dict(input=[]), "input"),
+    (dict(input="hi " * 2000), "input"),  # over the context
+    (dict(max_output_tokens=0), "max_output_tokens"),
+    (dict(temperature=-1, stream=True), "temperature"),
+    (dict(extra_body={"n": 2}), "n"),
+])
+def test_bad_responses_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**dict(model=model_name, input="Hello", max_output_tokens=4) | kwargs)
+    assert (refused.value.status_code, refused.value.param) == (400, param)
+    assert refused.value.body["message"].startswith(param)
 
 
 def test_logit_bias_and_penalties_steer_the_choice(client, model_name, tokenizer):

@@ -1,0 +1,128 @@
+"""The Responses API's shape (POST /v1/responses): one response object holding one assistant message, whole or as
+OpenAI's typed stream of events (router/openai_api.py builds the request; router/openai_responses.py shapes the
+older endpoints).
+
+A stream goes: response.created, response.in_progress, response.output_item.added, response.content_part.added,
+a response.output_text.delta per release of text, then the .done events of the text, the part and the item, and
+last response.completed, or response.incomplete when max_output_tokens cut the answer short. Every event has a
+sequence_number and its type both as the SSE event name and in its data. A failure after the stream started is an
+`error` event followed by response.failed. Responses are not stored, so the object says store: false.
+"""
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from router.errors import Kind, classify
+from router.ingress import Ingress
+from router.openai_responses import error_body, sse, token_logprobs
+from router.streams import merged
+from workers.engine.outputs import RequestOutput
+from workers.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ResponsesShape:
+    def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any]):
+        """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...)."""
+        self.tokenizer = ingress.tokenizer
+        self.params = params
+        self.message_id = f"msg_{request_id}"
+        self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
+                       "model": ingress.model.name, "max_output_tokens": params.max_tokens,
+                       "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
+                       "parallel_tool_calls": False, "previous_response_id": None, "store": False,
+                       "text": {"format": {"type": "text"}}, "truncation": "disabled", **echoed}
+        self.sequence_number = 0
+        self.tokens_sent = 0  # tokens whose logprobs a delta carried: text held back carries its tokens later
+
+    def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        [out] = outs
+        completion = out.outputs[0]
+        incomplete = completion.finish_reason == "length"
+        status = "incomplete" if incomplete else "completed"
+        return self._response(status, [self._message(out, status)], usage=_usage(out),
+                              incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+                              completed_at=None if incomplete else int(time.time()))
+
+    async def events(self, firsts: list[RequestOutput],
+                     streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+        [last] = firsts
+        try:
+            yield self._event("response.created", response=self._response("in_progress", []))
+            yield self._event("response.in_progress", response=self._response("in_progress", []))
+            yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
+            yield self._event("response.content_part.added", **self._at(), part=self._part("", []))
+            delta = self._delta(last)
+            if delta:
+                yield delta
+            async with aclosing(merged(streams)) as rest:
+                async for _, last in rest:
+                    delta = self._delta(last)
+                    if delta:
+                        yield delta
+            done = self.response([last])
+            [item] = done["output"]
+            [part] = item["content"]
+            yield self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"])
+            yield self._event("response.content_part.done", **self._at(), part=part)
+            yield self._event("response.output_item.done", output_index=0, item=item)
+            yield self._event(f"response.{done['status']}", response=done)
+        except Exception as e:
+            error = classify(e)
+            if error.kind is Kind.INTERNAL:
+                logger.exception("response %s failed while streaming", self.header["id"])
+            body = error_body(error)
+            yield self._event("error", code=str(body["code"]), message=body["message"], param=body["param"])
+            yield self._event("response.failed", response=self._response(
+                "failed", [], error={"code": "server_error" if error.kind is Kind.INTERNAL else body["type"],
+                                     "message": body["message"]}))
+
+    def _delta(self, out: RequestOutput) -> str | None:
+        completion = out.outputs[0]
+        if not completion.delta_text:
+            return None  # no text released yet (a possible stop string held back); its tokens' logprobs wait too
+        start, self.tokens_sent = self.tokens_sent, len(completion.token_ids)
+        return self._event("response.output_text.delta", **self._at(), delta=completion.delta_text,
+                           logprobs=self._logprobs(completion.token_ids, completion.logprobs, start))
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                  start: int = 0) -> list[dict[str, Any]]:
+        """The logprobs of the tokens from `start` on; [] when the request asked for none."""
+        if logprobs is None:
+            return []
+        return token_logprobs(self.tokenizer, token_ids[start:], logprobs[start:len(token_ids)], self.params.logprobs)
+
+    def _message(self, out: RequestOutput, status: str) -> dict[str, Any]:
+        completion = out.outputs[0]
+        return self._item(status, [self._part(completion.text, self._logprobs(completion.token_ids,
+                                                                               completion.logprobs))])
+
+    def _item(self, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def _part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+
+    def _at(self) -> dict[str, Any]:
+        return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+
+    def _response(self, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        return {**self.header, "status": status, "output": output, "error": None, "incomplete_details": None,
+                "usage": None, **fields}
+
+    def _event(self, kind: str, **fields: Any) -> str:
+        event = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return sse(event, event=kind)
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    usage = out.usage
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.generated_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.prompt_tokens + usage.generated_tokens}
