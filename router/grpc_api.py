@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -282,14 +283,43 @@ async def start_grpc_server(ingress: Ingress, host: str, port: int) -> GrpcServe
 def _enable_reflection(server: grpc.aio.Server) -> None:
     """Server reflection as grpc.reflection.v1alpha (what grpcio-reflection implements) and as
     grpc.reflection.v1, which newer clients ask for first. The two define the same messages field for field, so
-    the v1alpha servicer answers v1 calls on the wire."""
+    the v1alpha servicer answers v1 calls on the wire, and lists and describes both."""
+    _register_reflection_v1()
     servicer = reflection.aio.ReflectionServicer(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME))
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+         REFLECTION_V1))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
             servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def _register_reflection_v1() -> None:
+    """grpc/reflection/v1/reflection.proto in the default descriptor pool, which reflection answers from: the
+    v1alpha file under v1's package, since grpcio-reflection ships no v1 module."""
+    pool, name = descriptor_pool.Default(), "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    old_package, file.name, file.package = file.package, name, "grpc.reflection.v1"
+    file.options.Clear()
+    file.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+
+    def renamed(type_name: str) -> str:
+        return type_name.replace(f".{old_package}.", f".{file.package}.")
+
+    for message in file.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = renamed(field.type_name)
+    for method in file.service[0].method:
+        method.input_type, method.output_type = renamed(method.input_type), renamed(method.output_type)
+    pool.AddSerializedFile(file.SerializeToString())
 
 
 def _credentials(api: ApiConfig) -> grpc.ServerCredentials:

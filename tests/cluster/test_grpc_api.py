@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ray import serve
@@ -163,7 +164,8 @@ def test_health_and_reflection_are_served(cluster):
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         [answer] = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in answer.list_services_response.service}
-        assert {"tandem.v1.Generation", "grpc.health.v1.Health"} <= names
+        assert {"tandem.v1.Generation", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                "grpc.reflection.v1.ServerReflection"} <= names
         # grpc.reflection.v1 too, which newer clients try first: the same messages on the wire as v1alpha.
         reflect_v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                                            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
@@ -172,6 +174,13 @@ def test_health_and_reflection_are_served(cluster):
             file_containing_symbol="tandem.v1.Generation")]), timeout=10)
         files = answer.file_descriptor_response.file_descriptor_proto
         assert files and any(b"tandem.v1" in f for f in files)
+        # Every service listed can be described, v1 reflection itself included.
+        for name in names:
+            [answer] = reflect_v1(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)]),
+                                  timeout=10)
+            described = [descriptor_pb2.FileDescriptorProto.FromString(f)
+                         for f in answer.file_descriptor_response.file_descriptor_proto]
+            assert any(name == f"{f.package}.{s.name}" for f in described for s in f.service), name
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
