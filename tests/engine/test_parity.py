@@ -65,6 +65,7 @@ def test_repetition_penalty_and_logit_bias_match_hfs_logits_processors(smollm2, 
         assert out.outputs[0].token_ids == hf_greedy(smollm2_path, prompt, NEW_TOKENS, repetition_penalty=1.3,
                                                      sequence_bias={(t,): b for t, b in bias.items()})
         assert out.outputs[0].token_ids != before.outputs[0].token_ids
+    assert smollm2.engine.runner.histories == {}  # each finished request let go of its token history
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -175,7 +175,7 @@ def test_mismatched_batch_sizes_are_rejected():
 # -- logit bias and penalties -----------------------------------------------------------------------------------
 
 ROW = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
-HISTORY = [TokenHistory(prompt_token_ids=[1, 4], output_token_ids=[3, 3, 2])]
+HISTORY = [TokenHistory(prompt_token_ids=[1, 4], vocab_size=6).update([3, 3, 2])]
 
 
 def adjusted(**params) -> list[float]:
@@ -199,6 +199,16 @@ def test_frequency_and_presence_penalties_count_only_generated_tokens():
     assert adjusted(frequency_penalty=-1.0, presence_penalty=1.0) == [2.0, -1.0, 0.5, 4.0, -2.0, 1.0]
 
 
+def test_a_history_updated_step_by_step_counts_each_generated_token_once():
+    history = TokenHistory(prompt_token_ids=[1, 4], vocab_size=6)
+    for output in ([3], [3, 3], [3, 3], [3, 3, 2]):  # one step added nothing (a chunk that sampled no token)
+        history.update(output)
+    assert history.output_counts.tolist() == HISTORY[0].output_counts.tolist() == [0, 0, 1, 2, 0, 0]
+    assert history.in_prompt.tolist() == [False, True, False, False, True, False]
+    params = [SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.5)]
+    assert torch.equal(adjust_logits(ROW, params, [history]), adjust_logits(ROW, params, HISTORY))
+
+
 def test_penalties_steer_greedy_and_sampled_choices_but_not_the_reported_logprobs():
     raw = ROW.repeat(2, 1)
     params = [SamplingParams(temperature=0, frequency_penalty=2.0, logprobs=1),
@@ -213,7 +223,7 @@ def test_rows_without_penalties_are_left_as_they_are():
     logits = rand_logits(3, 50)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=2.0),
               SamplingParams(temperature=0)]
-    history = [TokenHistory([1], [int(logits[i].argmax())]) for i in range(3)]
+    history = [None, TokenHistory([1], vocab_size=50).update([int(logits[1].argmax())]), None]
     out = adjust_logits(logits, params, history)
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2]) and not torch.equal(out[1], logits[1])
     assert adjust_logits(logits, [SamplingParams(temperature=0)] * 3, None) is logits  # nothing to adjust: no copy
@@ -222,6 +232,8 @@ def test_rows_without_penalties_are_left_as_they_are():
 def test_penalties_need_the_token_history():
     with pytest.raises(ValueError, match="history"):
         Sampler(seed=0)(ROW, [SamplingParams(presence_penalty=1.0)], [None])
+    with pytest.raises(ValueError, match="history"):
+        Sampler(seed=0)(ROW, [SamplingParams(presence_penalty=1.0)], [None], [None])
 
 
 @pytest.mark.parametrize("params, field", [

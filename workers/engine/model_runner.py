@@ -94,6 +94,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.histories: dict[str, TokenHistory] = {}  # of requests whose penalties or logit bias adjust logits
         self.decode_graphs: DecodeGraphs | None = None
         # The batch-1 graph's time each way of running the small-batch projections (None: it failed to build), and
         # the way kept.
@@ -181,8 +182,10 @@ class ModelRunner:
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's random generator (and, on rank 0, the followers' mirror of it)."""
+        """Forget a finished request's random generator and token history (and, on rank 0, the followers' mirror
+        of it)."""
         self.generators.pop(request_id, None)
+        self.histories.pop(request_id, None)
         if self.followers is not None:
             self.followers.finish(request_id)
 
@@ -205,7 +208,7 @@ class ModelRunner:
         generators = [self._generator(seq) for seq in seqs]
         history = None
         if any(p.adjusts_logits for p in params):
-            history = [TokenHistory(seq.prompt_token_ids, seq.output_token_ids) for seq in seqs]
+            history = [self._history(seq) if seq.sampling_params.adjusts_logits else None for seq in seqs]
         out = self.sampler(logits, params, generators, history)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
@@ -233,6 +236,12 @@ class ModelRunner:
         generator = self._generator(seq)
         if generator is not None:
             self.sampler.skip_draw(self.hf_config.vocab_size, generator)
+
+    def _history(self, seq: Sequence) -> TokenHistory:
+        if seq.request_id not in self.histories:
+            self.histories[seq.request_id] = TokenHistory(seq.prompt_token_ids, self.hf_config.vocab_size,
+                                                          self.device)
+        return self.histories[seq.request_id].update(seq.output_token_ids)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.sampling_params.seed

@@ -48,36 +48,48 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-@dataclass(frozen=True)
 class TokenHistory:
-    """What a row's penalties look at: its prompt and the tokens it generated so far."""
+    """What a row's penalties look at: the tokens of its prompt and how often it generated each, kept on the logits'
+    device for the life of its request and brought up to date with each step's new tokens, so that a long context
+    costs the penalties no work per step."""
 
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    def __init__(self, prompt_token_ids: list[int], vocab_size: int, device: torch.device | str = "cpu"):
+        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.in_prompt[torch.tensor(prompt_token_ids, dtype=torch.long, device=device)] = True
+        self.output_counts = torch.zeros(vocab_size, device=device)
+        self.num_counted = 0
+
+    def update(self, output_token_ids: list[int]) -> "TokenHistory":
+        """Counts the tokens generated since the last update (the output only ever grows)."""
+        new = output_token_ids[self.num_counted:]
+        if new:
+            ids = torch.tensor(new, dtype=torch.long, device=self.output_counts.device)
+            self.output_counts.index_add_(0, ids, torch.ones(len(new), device=ids.device))
+            self.num_counted = len(output_token_ids)
+        return self
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
-                  history: list[TokenHistory] | None) -> torch.Tensor:
+                  history: list[TokenHistory | None] | None) -> torch.Tensor:
     """The logits after each row's logit bias and penalties; the same tensor when no row has any."""
     rows = [i for i, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return logits
-    if history is None or len(history) != len(params):
+    if history is None or len(history) != len(params) or any(history[i] is None for i in rows):
         raise ValueError("penalties need each row's token history")
     logits = logits.clone()
     device = logits.device
     for i in rows:
-        p, row = params[i], logits[i]
+        p, row, h = params[i], logits[i], history[i]
         if p.logit_bias:
             ids, biases = zip(*p.logit_bias)
             row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=row.dtype, device=device))
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(history[i].prompt_token_ids + history[i].output_token_ids, device=device).unique()
-            values = row[seen]
-            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and history[i].output_token_ids:
-            counts = torch.bincount(torch.tensor(history[i].output_token_ids, device=device),
-                                    minlength=row.shape[0]).to(row.dtype)
+            seen = h.in_prompt | (h.output_counts > 0)
+            row.copy_(torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                    row * p.repetition_penalty), row))
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            counts = h.output_counts.to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits
 
@@ -104,7 +116,7 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-        history: list[TokenHistory] | None = None,
+        history: list[TokenHistory | None] | None = None,
     ) -> SamplerOutput:
         """`history` (one per row) is needed when a row's params adjust its logits."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
