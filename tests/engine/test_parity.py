@@ -68,6 +68,14 @@ def test_repetition_penalty_and_logit_bias_match_hfs_logits_processors(smollm2, 
     assert smollm2.engine.runner.histories == {}  # each finished request let go of its token history
 
 
+def test_min_tokens_matches_hfs_min_new_tokens(smollm2, smollm2_path):
+    """HF's MinNewTokensLengthLogitsProcessor masks the EOS tokens until min_new_tokens, as min_tokens does."""
+    prompt = smollm2.apply_chat_template([{"role": "user", "content": SMOLLM2_QUESTIONS[0]}])
+    out = smollm2.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0))[0]
+    assert out.outputs[0].token_ids == hf_greedy(smollm2_path, prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                                 eos_token_id=sorted(smollm2.engine.eos_token_ids))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_tiny_random_models_match_hf(arch, tiny_model_factory):
     path = tiny_model_factory(arch)

@@ -1,6 +1,8 @@
 """The sampler: greedy, temperature, top-k/top-p, biases and penalties, seeded reproducibility and logprobs, on
 small random logits."""
 
+import math
+
 import pytest
 import torch
 
@@ -209,6 +211,23 @@ def test_a_history_updated_step_by_step_counts_each_generated_token_once():
     assert torch.equal(adjust_logits(ROW, params, [history]), adjust_logits(ROW, params, HISTORY))
 
 
+def test_min_tokens_holds_back_the_ending_tokens_until_enough_are_generated():
+    history = TokenHistory(prompt_token_ids=[1], vocab_size=6, end_token_ids=[3, 5, 99])  # 99: outside the vocab
+    params = [SamplingParams(temperature=0, min_tokens=2)]
+    assert adjust_logits(ROW, params, [history]).tolist() == [[2.0, -1.0, 0.5, -math.inf, -2.0, -math.inf]]
+    assert Sampler()(ROW, params, [None], [history.update([0])]).token_ids == [0]  # one token in: still held
+    assert torch.equal(adjust_logits(ROW, params, [history.update([0, 0])]), ROW)  # two: free to end
+
+
+def test_min_p_keeps_only_tokens_near_the_likeliest():
+    # After temperature 1, tokens 0 (e^-1 = 0.37 of the top) and 3 (the top) pass min_p 0.3; 5 (0.14) does not.
+    rows = ROW.repeat(400, 1)
+    out = Sampler(seed=0)(rows, [SamplingParams(temperature=1.0, min_p=0.3)] * 400, [None] * 400)
+    assert set(out.token_ids) == {0, 3}
+    hot = Sampler(seed=0)(rows, [SamplingParams(temperature=5.0, min_p=0.3)] * 400, [None] * 400)
+    assert {2, 5} <= set(hot.token_ids)  # a higher temperature flattens the distribution first, as in vLLM
+
+
 def test_penalties_steer_greedy_and_sampled_choices_but_not_the_reported_logprobs():
     raw = ROW.repeat(2, 1)
     params = [SamplingParams(temperature=0, frequency_penalty=2.0, logprobs=1),
@@ -242,6 +261,9 @@ def test_penalties_need_the_token_history():
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(logit_bias={-1: 1.0}), "logit_bias"),
     (dict(logit_bias={5: 101.0}), "logit_bias"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(max_tokens=4, min_tokens=5), "min_tokens"),
 ])
 def test_out_of_range_penalties_and_biases_name_their_field(params, field):
     with pytest.raises(InvalidRequestError) as refused:

@@ -76,3 +76,22 @@ def test_usage_counts_prompt_cached_and_generated_tokens(llm):
     assert usage.prompt_tokens == len(prompt)
     assert usage.cached_tokens == (len(prompt) - 1) // 16 * 16 > 0
     assert usage.generated_tokens == 4
+
+
+def test_min_tokens_holds_back_eos_stop_tokens_and_stop_strings(llm):
+    prompt = ask(llm, "What is the capital of France?")
+    plain = llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0))[0].outputs[0]
+    assert plain.finish_reason == "stop" and len(plain.token_ids) < 20  # EOS comes early without min_tokens
+    held = llm.generate(prompt, SamplingParams(max_tokens=20, min_tokens=20, temperature=0))[0].outputs[0]
+    assert held.finish_reason == "length" and len(held.token_ids) == 20
+    assert not set(held.token_ids) & llm.engine.eos_token_ids
+    assert held.token_ids[:len(plain.token_ids) - 1] == plain.token_ids[:-1]  # the same answer up to its EOS
+    # A stop token id and a stop string that match early are not honoured before min_tokens tokens.
+    first = plain.token_ids[0]
+    by_token = llm.generate(prompt, SamplingParams(max_tokens=6, min_tokens=6, temperature=0,
+                                                   stop_token_ids=[first]))[0].outputs[0]
+    assert len(by_token.token_ids) == 6 and first not in by_token.token_ids
+    by_string = llm.generate(prompt, SamplingParams(max_tokens=20, min_tokens=3, temperature=0,
+                                                    stop=["capital"]))[0].outputs[0]
+    assert "capital" in plain.text.split(" ")[:3]  # the string is there within the first three tokens
+    assert len(by_string.token_ids) > 3 and by_string.text.startswith(plain.text.split("capital")[0] + "capital")

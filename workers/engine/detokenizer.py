@@ -52,13 +52,17 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
 
-    def check_stop(self) -> str | None:
+    def check_stop(self, search: bool = True) -> str | None:
         """Returns the stop string that matched, after cutting `output_text` there; call it after every append.
 
         Only text added since the last call, plus enough before it to catch a stop string straddling the two,
-        is searched, so a long generation does not rescan its whole output at every token.
+        is searched, so a long generation does not rescan its whole output at every token. With `search` False
+        (min_tokens not reached yet) the new text counts as searched and matches nothing.
         """
         if not self._max_stop_len:
+            return None
+        if not search:
+            self._stop_checked = len(self.output_text)
             return None
         start = max(self._stop_checked - self._max_stop_len + 1, 0)
         best: tuple[int, str] | None = None

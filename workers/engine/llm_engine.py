@@ -119,7 +119,8 @@ class LLMEngine:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         prompt_text, token_ids = prompt_token_ids(self.tokenizer, prompt, self.vocab_size)
         self._validate(token_ids, params)
-        seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt)
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends))
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         req = self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
         return req
@@ -288,7 +289,8 @@ class LLMEngine:
         if token_id in params.stop_token_ids:
             return self._finish(req, FinishReason.STOP, token_id)
         req.detokenizer.append(token_id)
-        stop_str = req.detokenizer.check_stop()
+        # As in vLLM, stop strings count from the token after the first min_tokens.
+        stop_str = req.detokenizer.check_stop(search=seq.num_output_tokens > params.min_tokens)
         if stop_str is not None:
             return self._finish(req, FinishReason.STOP, stop_str)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:

@@ -94,7 +94,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
-        self.histories: dict[str, TokenHistory] = {}  # of requests whose penalties or logit bias adjust logits
+        self.histories: dict[str, TokenHistory] = {}  # of requests whose params adjust their logits
         self.decode_graphs: DecodeGraphs | None = None
         # The batch-1 graph's time each way of running the small-batch projections (None: it failed to build), and
         # the way kept.
@@ -240,7 +240,7 @@ class ModelRunner:
     def _history(self, seq: Sequence) -> TokenHistory:
         if seq.request_id not in self.histories:
             self.histories[seq.request_id] = TokenHistory(seq.prompt_token_ids, self.hf_config.vocab_size,
-                                                          self.device)
+                                                          self.device, seq.end_token_ids)
         return self.histories[seq.request_id].update(seq.output_token_ids)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:

@@ -1,13 +1,14 @@
 """Turns a batch of next-token logits into one token per row, each row under its own SamplingParams.
 
-Biases and penalties adjust a row's logits first (SamplingParams says which, in vLLM's order), for greedy rows
-too; logprobs are of the unadjusted logits, as vLLM reports them.
+Biases, penalties and min_tokens adjust a row's logits first (SamplingParams says which, in vLLM's order), for
+greedy rows too; logprobs are of the unadjusted logits, as vLLM reports them.
 
 Sampling uses the exponential race, argmax(probs / q) with q ~ Exp(1), which picks token i with probability
 probs[i] and needs no cumulative sum. Its noise is one [V] draw per row, so a seeded request can take that draw
 from its own generator: its tokens then depend on nothing else in the batch, not its neighbours, not its row.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,15 +50,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 class TokenHistory:
-    """What a row's penalties look at: the tokens of its prompt and how often it generated each, kept on the logits'
-    device for the life of its request and brought up to date with each step's new tokens, so that a long context
-    costs the penalties no work per step."""
+    """What a row's penalties and min_tokens look at: the tokens of its prompt and how often it generated each, kept
+    on the logits' device for the life of its request and brought up to date with each step's new tokens, so that
+    a long context costs the penalties no work per step. `end_token_ids` are the tokens that would end the request
+    (EOS, its stop token ids), which min_tokens holds back."""
 
-    def __init__(self, prompt_token_ids: list[int], vocab_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, prompt_token_ids: list[int], vocab_size: int, device: torch.device | str = "cpu",
+                 end_token_ids: Iterable[int] = ()):
         self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self.in_prompt[torch.tensor(prompt_token_ids, dtype=torch.long, device=device)] = True
         self.output_counts = torch.zeros(vocab_size, device=device)
         self.num_counted = 0
+        self.end_token_ids = torch.tensor(sorted(t for t in end_token_ids if t < vocab_size), dtype=torch.long,
+                                          device=device)
 
     def update(self, output_token_ids: list[int]) -> "TokenHistory":
         """Counts the tokens generated since the last update (the output only ever grows)."""
@@ -91,6 +96,8 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
         if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             counts = h.output_counts.to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if h.num_counted < p.min_tokens:
+            row[h.end_token_ids] = float("-inf")
     return logits
 
 
@@ -146,6 +153,11 @@ class Sampler:
         device = logits.device
         temperature = torch.tensor([p.temperature for p in params], device=device)
         logits = logits / temperature.unsqueeze(1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            probs = logits.softmax(dim=-1)
+            threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
         # The sort behind the filters costs more than everything else here, so skip it when no row filters.
         if any(_is_top_k_on(p, vocab_size) or p.top_p < 1.0 for p in params):
             top_k = torch.tensor(

@@ -10,7 +10,10 @@ from workers.engine.errors import InvalidRequestError
 class SamplingParams:
     """How to pick each next token and when to stop; the names follow vLLM's so users find them familiar.
 
-    temperature 0 means greedy. top_k 0 (or -1) and top_p 1.0 disable those filters. `seed` makes a
+    temperature 0 means greedy. top_k 0 (or -1), top_p 1.0 and min_p 0 disable those filters (min_p drops the
+    tokens less likely than min_p times the likeliest, after temperature and before top-k and top-p, as vLLM
+    does). `min_tokens` holds back EOS and the stop token ids, and leaves stop strings unmatched, until that many
+    tokens are generated. `seed` makes a
     request's random draws reproducible whatever else is in the batch. `logprobs` asks for the top-N
     log-probabilities of every generated token (plus the chosen one's), from the model's own distribution,
     before biases, penalties and temperature.
@@ -25,10 +28,12 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -54,7 +59,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
-            or self.presence_penalty != 0.0
+            or self.presence_penalty != 0.0 or self.min_tokens > 0
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -66,6 +71,12 @@ class SamplingParams:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequestError("top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
+            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"must be an integer from 0 to max_tokens ({self.max_tokens}), "
+                                                    f"got {self.min_tokens!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             # A torch.Generator takes at most 64 bits; a larger seed would fail the engine step of the whole batch.
             raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")

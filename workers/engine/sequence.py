@@ -36,6 +36,8 @@ class Sequence:
     sampling_params: SamplingParams
     block_size: int
     cache_salt: str | None = None
+    # The tokens that end it when sampled: EOS (unless ignore_eos) and its stop token ids; min_tokens holds them back.
+    end_token_ids: frozenset[int] = frozenset()
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     # How many prompt tokens the prefix cache supplied when the request was (last) admitted.
