@@ -68,9 +68,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the likeliest (default 0 = off)")
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="generate at least this many tokens before end-of-sequence or a stop ends it (default 0)")
     g.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
@@ -204,9 +208,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def sampling_params(args: argparse.Namespace):
     from workers.engine.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                          logprobs=args.logprobs, **_penalties(args))
+    return SamplingParams(**_sampling_fields(args))
 
 
 def connect(args: argparse.Namespace) -> TandemClient:
@@ -219,13 +221,15 @@ def connect(args: argparse.Namespace) -> TandemClient:
 
 def remote_options(args: argparse.Namespace) -> dict:
     """The sampling flags as request options for the cluster, which validates them (INVALID_ARGUMENT)."""
+    return dict(**_sampling_fields(args), model=args.model)
+
+
+def _sampling_fields(args: argparse.Namespace) -> dict:
+    """The sampling flags by SamplingParams' names, which the client's options share."""
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
-                model=args.model, **_penalties(args))
-
-
-def _penalties(args: argparse.Namespace) -> dict:
-    return dict(repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                min_tokens=args.min_tokens, logprobs=args.logprobs,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty)
 
 

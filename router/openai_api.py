@@ -12,10 +12,10 @@
     GET  /health                 "ok", or 503 while the replica drains (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
-Fields follow OpenAI's, with vLLM's extensions (top_k, repetition_penalty, ignore_eos, stop_token_ids,
-request_id) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do
-(echo, tool calls, structured output, images) is refused with a 400 naming the field rather than silently
-ignored.
+Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+stop_token_ids, include_stop_str_in_output, request_id) and Tandem's cache_salt; fields it does not know are
+ignored, as vLLM does. What the engine cannot do (echo, tool calls, structured output, images) is refused with a
+400 naming the field rather than silently ignored.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -69,6 +69,7 @@ class _Body(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -81,6 +82,8 @@ class _Body(BaseModel):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = False
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = False
     request_id: str | None = None
     cache_salt: str | None = None
 
@@ -404,11 +407,12 @@ class OpenAIApi:
     @staticmethod
     def _params(body: _Body, max_tokens: int, logprobs: int | None) -> SamplingParams:
         given = {name: getattr(body, name) for name in (
-            "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "presence_penalty",
-            "frequency_penalty", "repetition_penalty") if getattr(body, name) is not None}
+            "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+            "frequency_penalty", "repetition_penalty", "min_tokens") if getattr(body, name) is not None}
         if body.logit_bias:
             given["logit_bias"] = _token_biases(body.logit_bias)
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos), **given)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos),
+                              include_stop_str_in_output=bool(body.include_stop_str_in_output), **given)
 
     def _choices(self, body: _Body, request_id: str, prompts: list[dict],
                  params: SamplingParams) -> list[GenerateRequest]:

@@ -50,10 +50,19 @@ def test_generate_streams_plain_text(smollm2_path):
     assert out.stdout.strip()
 
 
+def test_min_tokens_keeps_a_short_answer_going(smollm2_path):
+    out = tandem("generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "40",
+                 "--min-tokens", "40", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # the answer alone ends with EOS well before 40 tokens
+    assert (result["finish_reason"], result["usage"]["generated_tokens"]) == ("length", 40)
+
+
 def test_bad_flag_values_fail_with_a_message_naming_the_field():
-    out = tandem("generate", "--prompt", "hi", "--temperature", "-1")
-    assert out.returncode == 2
-    assert "temperature" in out.stderr
+    for flag, value, field in (("--temperature", "-1", "temperature"), ("--min-p", "2", "min_p")):
+        out = tandem("generate", "--prompt", "hi", flag, value)
+        assert out.returncode == 2
+        assert field in out.stderr
 
 
 def test_unknown_model_fails_clearly(tmp_path):

@@ -109,6 +109,23 @@ def test_penalties_and_logit_bias_give_the_engines_offline_completion(stub, mode
     assert 1 < repeats < 12 and offline.token_ids[:repeats] == [1234] * repeats
 
 
+def test_min_tokens_and_min_p_give_the_engines_offline_completion(stub, model):
+    """min_tokens holds the stop token back on both groups: from the first token, which the prefill group picks,
+    to the rest, which the decode group does. A seeded min_p sample is the offline one too."""
+    prompt = "one two three four five"
+    llm = LLM(model, progress=False, num_kv_blocks=64)
+    plain = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    first = plain.token_ids[0]
+    held = dict(max_tokens=12, temperature=0.0, ignore_eos=True, min_tokens=4, stop_token_ids=[first])
+    sampled = dict(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True, min_p=0.2)
+    for fields in (held, sampled):
+        responses = generate(stub, text=prompt, sampling=pb.SamplingParams(**fields))
+        offline = llm.generate([prompt], SamplingParams(**fields))[0].outputs[0]
+        assert [t for r in responses for t in r.token_ids] == offline.token_ids
+        if fields is held:
+            assert len(offline.token_ids) > 4 and first not in offline.token_ids[:4]
+
+
 def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
     ttft = generate(stub, token_ids=pb.TokenIds(ids=list(range(300, 400))), sampling=GREEDY)[0].ttft
     stages = [ttft.router_queue_s, ttft.prefill_queue_s, ttft.prefill_compute_s, ttft.kv_transfer_s,
@@ -225,6 +242,8 @@ BAD_GENERATE = {
                               "frequency_penalty"),
     "repetition_penalty 0": (dict(text="hi", sampling=sampling(repetition_penalty=0)), INVALID, "repetition_penalty"),
     "logit_bias 101": (dict(text="hi", sampling=sampling(logit_bias={5: 101})), INVALID, "logit_bias"),
+    "min_p 1.5": (dict(text="hi", sampling=sampling(min_p=1.5)), INVALID, "min_p"),
+    "min_tokens > max_tokens": (dict(text="hi", sampling=sampling(min_tokens=5)), INVALID, "min_tokens"),
     "logit_bias token -1": (dict(text="hi", sampling=sampling(logit_bias={-1: 1})), INVALID, "logit_bias"),
     "logit_bias token = vocab": (dict(text="hi", sampling=sampling(logit_bias={VOCAB: 1})), INVALID, "logit_bias"),
     "oversized cache_salt": (dict(text="hi", cache_salt="s" * 257), INVALID, "cache_salt"),

@@ -230,6 +230,8 @@ def test_logprobs_come_in_openais_shapes(client, model_name):
     (dict(extra_body={"logit_bias": {"one": 5}}), "logit_bias"),
     (dict(extra_body={"logit_bias": {"5": 101}}), "logit_bias"),
     (dict(extra_body={"top_k": "many"}), "top_k"),  # a wrong JSON type: 400, not FastAPI's 422
+    (dict(extra_body={"min_p": 2}), "min_p"),
+    (dict(extra_body={"min_tokens": 5}), "min_tokens"),  # more than max_tokens
     (dict(temperature=-1, stream=True), "temperature"),  # an ordinary JSON error, not a broken stream
 ])
 def test_bad_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
@@ -345,6 +347,18 @@ def test_logit_bias_and_penalties_steer_the_choice(client, model_name, tokenizer
     penalised = client.completions.create(**forced | {"extra_body": {"ignore_eos": True, "repetition_penalty": 1.5}},
                                           frequency_penalty=2, presence_penalty=2).choices[0].logprobs.tokens
     assert 1 <= penalised.count(tokens[0]) < 12
+
+
+def test_vllms_stop_extensions_keep_the_stop_string_and_hold_stops_back(client, model_name):
+    text = client.completions.create(model=model_name, prompt=PROMPT, **GREEDY).choices[0].text
+    stop = text[len(text) // 2:][:3]
+    kept = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == text[:text.index(stop)] + stop and kept.choices[0].stop_reason == stop
+    early = dict(model=model_name, prompt=PROMPT, max_tokens=12, temperature=0, stop=[text[:2]])
+    assert client.completions.create(**early).usage.completion_tokens <= 2  # it matches at once
+    held = client.completions.create(**early, extra_body={"ignore_eos": True, "min_tokens": 4})
+    assert held.usage.completion_tokens > 4  # a stop string counts only from the fifth token on
 
 
 def test_tool_calls_and_structured_output_are_refused_not_ignored(client, model_name):
