@@ -5,7 +5,8 @@
     POST /v1/chat/completions    messages, rendered with the model's chat template -> an assistant message
     POST /v1/responses           OpenAI's Responses API: input (text or messages) and instructions -> a response
                                  with one assistant message; stream: true sends its typed events. Nothing is
-                                 stored, so previous_response_id is refused: send the whole conversation as input
+                                 stored, so previous_response_id is refused (send the whole conversation as
+                                 input), and GET or DELETE /v1/responses/{id} is a 404
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -203,6 +204,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/responses", api.responses, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", api.stored_response, methods=["GET", "DELETE"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
@@ -225,6 +227,15 @@ class OpenAIApi:
 
     async def responses(self, request: Request) -> Response:
         return await self._serve(request, ResponsesBody, self._responses_request, self._responses_shape)
+
+    async def stored_response(self, request: Request, response_id: str) -> Response:
+        """Nothing is stored, so there is no response to retrieve or delete: a 404 that says why."""
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return error_response(e)
+        return error_response(ApiError(Kind.NOT_FOUND, f"response {response_id!r} not found: responses are not "
+                                                       f"stored here", "response_id"))
 
     def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest]], Shape]:
         def shape(body: _Body, request_id: str, choices: list[GenerateRequest]) -> Shape:

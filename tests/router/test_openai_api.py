@@ -318,6 +318,14 @@ def test_a_response_carries_token_logprobs_when_asked(client, model_name):
     assert client.responses.create(model=model_name, input=PROMPT, **RESPONSE).output[0].content[0].logprobs == []
 
 
+def test_a_response_is_not_stored_to_retrieve_later(client, model_name):
+    response = client.responses.create(model=model_name, input="Hello", max_output_tokens=2)
+    for call in (client.responses.retrieve, client.responses.delete):
+        with pytest.raises(openai.NotFoundError) as refused:
+            call(response.id)
+        assert "not stored" in refused.value.message
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(previous_response_id="resp_123"), "previous_response_id"),  # nothing is stored to continue from
     (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tools"),
