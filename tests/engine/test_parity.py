@@ -76,6 +76,29 @@ def test_min_tokens_matches_hfs_min_new_tokens(smollm2, smollm2_path):
                                                  eos_token_id=sorted(smollm2.engine.eos_token_ids))
 
 
+@pytest.mark.parametrize("chunk", [1024, 16])
+def test_prompt_logprobs_match_hf_whole_chunked_and_past_a_warm_cache(smollm2_path, chunk):
+    """Every prompt token after the first gets its log-probability and the top 3 at the position before it, as
+    HF's logits say; the same prompt cached by an earlier request is computed again rather than skipped."""
+    prompt = random_prompts(3, [70])[0]
+    llm = LLM(str(smollm2_path), num_kv_blocks=256, max_num_batched_tokens=chunk, progress=False)
+    llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0))  # the prompt's blocks are now cached
+    out = llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3))[0]
+    assert out.num_cached_tokens == 0
+    assert_prompt_logprobs_match_hf(out.prompt_logprobs, prompt, smollm2_path, 3)
+
+
+def assert_prompt_logprobs_match_hf(prompt_logprobs: list, prompt: list[int], path, top: int) -> None:
+    """None for the first token, then each token's log-probability and the top ones at the position before it."""
+    reference = torch.log_softmax(hf_logits(path, prompt).float(), dim=-1)
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(prompt)
+    for position, entry in enumerate(prompt_logprobs[1:]):
+        expected = reference[position]
+        assert set(entry) == set(expected.topk(top).indices.tolist()) | {prompt[position + 1]}
+        for token_id, logprob in entry.items():
+            assert logprob == pytest.approx(expected[token_id].item(), abs=2e-3)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_tiny_random_models_match_hf(arch, tiny_model_factory):
     path = tiny_model_factory(arch)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.engine.test_parity import SMOLLM2_QUESTIONS, random_prompts
+from tests.engine.test_parity import SMOLLM2_QUESTIONS, assert_prompt_logprobs_match_hf, random_prompts
 from tests.hf_reference import hf_greedy
 from workers.engine.config import (
     CacheConfig,
@@ -32,7 +32,7 @@ _TIMEOUT_S = 120
 
 
 def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]], new_tokens: int,
-               results: mp.Queue) -> None:
+               prompt_logprobs: int | None, results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
@@ -44,23 +44,27 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
             results.put((rank, "stopped"))
             return
         engine = LLMEngine(config, tp=tp)
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True,
+                                prompt_logprobs=prompt_logprobs)
         ids = [engine.add_request(p, params) for p in prompts]
-        done: dict[str, list[int]] = {}
+        done: dict[str, tuple[list[int], list | None]] = {}
         while engine.has_unfinished_requests():
-            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+            done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
+                        if o.finished)
         engine.shutdown()
         results.put((rank, [done[i] for i in ids]))
     except Exception as e:  # the parent reports it; a silent child would leave it waiting for the timeout
         results.put((rank, repr(e)))
 
 
-def generate_tp(model: str, size: int, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Rank 0's greedy tokens, once every follower has stopped cleanly."""
+def generate_tp(model: str, size: int, prompts: list[list[int]], new_tokens: int,
+                prompt_logprobs: int | None = None) -> list[tuple[list[int], list | None]]:
+    """Rank 0's greedy tokens and prompt logprobs, once every follower has stopped cleanly."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, new_tokens, results))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, new_tokens,
+                                                          prompt_logprobs, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -80,7 +84,7 @@ def generate_tp(model: str, size: int, prompts: list[list[int]], new_tokens: int
 
 def assert_matches_hf(path, size: int, prompts: list[list[int]], new_tokens: int) -> None:
     expected = [hf_greedy(path, p, new_tokens) for p in prompts]
-    assert generate_tp(str(path), size, prompts, new_tokens) == expected
+    assert [tokens for tokens, _ in generate_tp(str(path), size, prompts, new_tokens)] == expected
 
 
 @pytest.mark.parametrize(("arch", "size"), [("llama", 2), ("qwen2", 2), ("llama", 4)])
@@ -88,6 +92,16 @@ def test_tiny_models_match_hf(arch, size, tiny_model_factory):
     """llama: untied head, 2 KV heads split over 2 ranks or replicated over 4; qwen2: qkv bias, tied embedding."""
     # 70 tokens spans several KV blocks and, under a 64-token step budget, two chunks.
     assert_matches_hf(tiny_model_factory(arch), size, random_prompts(3, [5, 23, 70]), 24)
+
+
+def test_prompt_logprobs_under_tensor_parallelism_match_hf(tiny_model_factory):
+    """Every rank runs the vocab-parallel head on the prompt positions too, chunk by chunk, in step with rank 0."""
+    path = tiny_model_factory("llama")
+    prompts = random_prompts(4, [9, 70])
+    outs = generate_tp(str(path), 2, prompts, 4, prompt_logprobs=2)
+    for prompt, (tokens, prompt_logprobs) in zip(prompts, outs):
+        assert tokens == hf_greedy(path, prompt, 4)
+        assert_prompt_logprobs_match_hf(prompt_logprobs, prompt, path, 2)
 
 
 def test_smollm2_three_ranks_match_hf(smollm2_path):

@@ -72,9 +72,10 @@ class BlockManager:
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """The longest run of the sequence's full blocks already in the cache.
 
-        At least one token is always left to compute: the model must run on the last token to produce logits.
+        At least one token is always left to compute: the model must run on the last token to produce logits. A
+        request that asks for prompt logprobs takes nothing: it needs the logits of every prompt position.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits = []

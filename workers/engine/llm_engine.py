@@ -321,6 +321,7 @@ class LLMEngine:
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
         seq = req.seq
+        first = req.num_released_tokens == 0
         delta = req.detokenizer.take_delta(finished)
         req.released_text += delta
         new_ids = seq.output_token_ids[req.num_released_tokens:]
@@ -331,8 +332,11 @@ class LLMEngine:
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
             delta_text=delta, delta_token_ids=new_ids)
+        prompt_logprobs = None
+        if seq.sampling_params.prompt_logprobs is not None and (first or finished):
+            prompt_logprobs = [None, *seq.prompt_logprobs]
         return RequestOutput(seq.request_id, req.prompt, seq.prompt_token_ids, [completion], finished,
-                             seq.num_cached_tokens, req.metrics)
+                             seq.num_cached_tokens, req.metrics, prompt_logprobs=prompt_logprobs)
 
     # -- input checks -----------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from workers.engine.model_store import resolve_model
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
-from workers.engine.sampler import Sampler, TokenHistory, make_generator
+from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
 from workers.engine.sequence import Sequence
 from workers.engine.step_plan import PlanWriter
 
@@ -198,10 +198,12 @@ class ModelRunner:
         # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
         # attention backend can batch decodes of similar length together.
         batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
-        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs.
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch) and \
+                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions for seq, _ in batch):
             logits, seqs = self._padded_decode([seq for seq, _ in batch])
         else:
-            logits, seqs = self._eager(batch)
+            logits, seqs = self._eager(batch, record=sample)
         if not seqs or not sample:
             return []
         params = [seq.sampling_params for seq in seqs]
@@ -212,10 +214,13 @@ class ModelRunner:
         out = self.sampler(logits, params, generators, history)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
-    def _eager(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Logits of the sequences whose new tokens reach their end, and those sequences."""
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
+    def _eager(self, batch: list[tuple[Sequence, int]], record: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Logits of the sequences whose new tokens reach their end, and those sequences; with `record` (rank 0),
+        the prompt logprobs of the positions computed are added to their sequences."""
+        input_ids, positions, meta, sample_rows, prompt_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows, record)
         if not sample_rows:
             return None, []
         rows, seqs = zip(*sample_rows)
@@ -228,6 +233,24 @@ class ModelRunner:
         if len(rows) < len(seqs):
             return logits[rows], [seqs[i] for i in rows]
         return logits, seqs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]],
+                         record: bool) -> None:
+        """Each (sequence, first row in `hidden`, first position, count) gives the logprobs of the prompt tokens
+        after those positions. Every rank computes the logits (the vocab-parallel head gathers across them); rank 0
+        keeps the ones a sequence lacks: a prompt computed again after a preemption has them already."""
+        index = torch.cat([torch.arange(row, row + n) for _, row, _, n in prompt_rows]).to(hidden.device)
+        logits = self.model.compute_logits(hidden[index])
+        if not record:
+            return
+        offset = 0
+        for seq, _, first, n in prompt_rows:
+            known = len(seq.prompt_logprobs) - first  # positions of this chunk already recorded
+            if known < n:
+                seq.prompt_logprobs.extend(top_logprobs(logits[offset + known:offset + n],
+                                                        seq.token_ids[first + known + 1:first + n + 1],
+                                                        [seq.sampling_params.prompt_logprobs] * (n - known)))
+            offset += n
 
     def skip_draw(self, seq: Sequence) -> None:
         """Advances a seeded, sampled request's generator past one token's draw (one that another group made)."""
@@ -259,6 +282,7 @@ class ModelRunner:
         prefills: list[PrefillMeta] = []
         decodes: list[Sequence] = []
         sample_rows: list[tuple[int, Sequence]] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []
         for seq, n in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             query_start = len(input_ids)
@@ -273,6 +297,9 @@ class ModelRunner:
                 prefills.append(PrefillMeta(query_start, n, end, block_table.to(self.device)))
             if end == seq.num_tokens:
                 sample_rows.append((len(input_ids) - 1, seq))
+            upto = min(end, seq.num_prompt_logprob_positions)
+            if start < upto:
+                prompt_rows.append((seq, query_start, start, upto - start))
         num_prefill_tokens = sum(p.query_len for p in prefills)
         context_lens = [seq.num_computed_tokens + 1 for seq in decodes]
         max_blocks = max((len(seq.block_table) for seq in decodes), default=0)
@@ -285,4 +312,4 @@ class ModelRunner:
             decode_buckets=decode_buckets(context_lens),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        return ids, torch.cat(positions).to(self.device), meta, sample_rows
+        return ids, torch.cat(positions).to(self.device), meta, sample_rows, prompt_rows

@@ -84,6 +84,9 @@ class RequestOutput:
     # A prefilled request's (the prefill role) final output carries its handoff, made in the step that finished
     # it: fetching it afterwards would wait for the engine's next step, a second prefill chunk on a busy group.
     handoff: KVHandoff | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
+    # Only the first and the last output carry them, so a stream does not resend them with every token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def usage(self) -> Usage:

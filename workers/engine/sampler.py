@@ -201,15 +201,23 @@ class Sampler:
         if not wanted:
             return out
         rows = torch.tensor(wanted, device=logits.device)
-        logprobs = logits.index_select(0, rows).log_softmax(dim=-1)
-        num_top = min(max(params[i].logprobs for i in wanted), logprobs.shape[-1])
-        top_values, top_ids = logprobs.topk(num_top, dim=-1)
-        chosen = torch.tensor([token_ids[i] for i in wanted], device=logits.device)
-        chosen_values = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        for j, i in enumerate(wanted):
-            n = params[i].logprobs
-            row = dict(zip(top_ids[j][:n], top_values[j][:n]))
-            row.setdefault(token_ids[i], chosen_values[j])
+        found = top_logprobs(logits.index_select(0, rows), [token_ids[i] for i in wanted],
+                             [params[i].logprobs for i in wanted])
+        for i, row in zip(wanted, found):
             out[i] = row
         return out
+
+
+def top_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[dict[int, float]]:
+    """{token id: log-probability} of each row's num_top likeliest tokens and of its own token, from raw logits."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    top_values, top_ids = logprobs.topk(min(max(num_top), logprobs.shape[-1]), dim=-1)
+    chosen = torch.tensor(token_ids, device=logits.device)
+    chosen_values = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    rows = []
+    for j, n in enumerate(num_top):
+        row = dict(zip(top_ids[j][:n], top_values[j][:n]))
+        row.setdefault(token_ids[j], chosen_values[j])
+        rows.append(row)
+    return rows

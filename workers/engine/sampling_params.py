@@ -16,7 +16,9 @@ class SamplingParams:
     tokens are generated. `seed` makes a
     request's random draws reproducible whatever else is in the batch. `logprobs` asks for the top-N
     log-probabilities of every generated token (plus the chosen one's), from the model's own distribution,
-    before biases, penalties and temperature.
+    before biases, penalties and temperature. `prompt_logprobs` asks the same of every prompt token after the
+    first (vLLM's); a request that asks for them is computed whole, past the prefix cache, since a cached
+    position has no logits.
 
     The logits are adjusted before greedy or sampled choice, in vLLM's order: `logit_bias` ({token id: bias}) is
     added; `repetition_penalty` (HF's and vLLM's, 1.0 = off) divides positive logits and multiplies negative
@@ -35,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     presence_penalty: float = 0.0
@@ -80,8 +83,10 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             # A torch.Generator takes at most 64 bits; a larger seed would fail the engine step of the whole batch.
             raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise InvalidRequestError("logprobs", f"must be a non-negative integer, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidRequestError(name, f"must be a non-negative integer, got {value!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")

@@ -49,6 +49,9 @@ class Sequence:
     stop_reason: str | int | None = None
     # One dict {token_id: logprob} per generated token when sampling_params.logprobs is set.
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # With sampling_params.prompt_logprobs, the same for prompt tokens 1, 2, ...: the model runner adds them as
+    # the prompt's chunks are computed.
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
     arrival: int = field(default_factory=lambda: next(_arrival))
 
     def __post_init__(self):
@@ -70,6 +73,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_prompt_logprob_positions(self) -> int:
+        """The positions whose logits give prompt logprobs: each predicts the prompt token after it."""
+        return self.num_prompt_tokens - 1 if self.sampling_params.prompt_logprobs is not None else 0
 
     @property
     def num_new_tokens(self) -> int:

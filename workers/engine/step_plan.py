@@ -33,6 +33,7 @@ class ScheduledChunk:
     new_token_ids: list[int]  # tokens the follower has not seen yet (all of them: it must know where each ends)
     new_block_ids: list[int]  # blocks appended to the table since the follower last saw it
     reset_blocks: bool = False  # the table was rebuilt (preemption): replace it with new_block_ids
+    num_prompt_logprob_positions: int = 0  # the head runs on these positions too (all ranks take part)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class MirroredRequest:
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_prompt_logprob_positions: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +82,8 @@ class PlanWriter:
             reset = table[:len(blocks_sent)] != blocks_sent
             new_blocks = list(table) if reset else table[len(blocks_sent):]
             chunks.append(ScheduledChunk(seq.request_id, seq.num_computed_tokens, num_new,
-                                         seq.token_ids[num_tokens_sent:], new_blocks, reset))
+                                         seq.token_ids[num_tokens_sent:], new_blocks, reset,
+                                         seq.num_prompt_logprob_positions))
             self._sent[seq.request_id] = (seq.num_tokens, list(table))
         self.send(StepPlan(chunks, self._finished))
         self._finished = []
@@ -122,6 +125,7 @@ class PlanReader:
             else:
                 mirror.block_table.extend(chunk.new_block_ids)
             mirror.num_computed_tokens = chunk.num_computed_tokens
+            mirror.num_prompt_logprob_positions = chunk.num_prompt_logprob_positions
             batch.append((mirror, chunk.num_new_tokens))
         return batch
 

@@ -28,8 +28,10 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int,
     if len(token_ids) >= max_model_len:
         raise PromptTooLongError(len(token_ids), max_model_len - 1, "the model's context length minus one "
                                                                     "generated token")
-    if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-        raise InvalidRequestError("logprobs", f"at most {MAX_LOGPROBS}, got {params.logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > MAX_LOGPROBS:
+            raise InvalidRequestError(name, f"at most {MAX_LOGPROBS}, got {value}")
     for t in params.stop_token_ids:
         if t >= vocab_size:
             raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})")
