@@ -97,8 +97,10 @@ class GenerationServicer:
         try:
             self._check(request)
             outputs = self.ingress.generate(build(request))
+            first = True
             async for out in outputs:
-                yield _response(out)
+                yield _response(out, first)
+                first = False
         except asyncio.CancelledError:
             # The client cancelled, disconnected or its deadline passed: gRPC has already told it so; closing
             # the stream (finally, below) cancels the request in the cluster.
@@ -146,7 +148,7 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
     """The engine's params from the message: unset optional fields keep the engine's defaults."""
     given = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
                                                  "presence_penalty", "frequency_penalty", "repetition_penalty",
-                                                 "min_tokens", "min_p")
+                                                 "min_tokens", "min_p", "prompt_logprobs")
              if s.HasField(name)}
     return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
                           ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output,
@@ -168,10 +170,13 @@ def _unknown_field(message: Message, path: str = "") -> str | None:
     return None
 
 
-def _response(out: RequestOutput) -> pb.GenerateResponse:
+def _response(out: RequestOutput, first: bool) -> pb.GenerateResponse:
     completion = out.outputs[0]
     response = pb.GenerateResponse(request_id=out.request_id, token_ids=completion.delta_token_ids,
                                    text=completion.delta_text)
+    if first and out.prompt_logprobs is not None:
+        for entry in out.prompt_logprobs[1:]:
+            response.prompt_logprobs.add(logprobs=entry)
     if completion.logprobs is not None and completion.delta_token_ids:
         for entry in completion.logprobs[-len(completion.delta_token_ids):]:
             response.logprobs.add(logprobs=entry)

@@ -1,17 +1,15 @@
 """The ingress: a request's path through the cluster, top to bottom.
 
-validate and tokenize (the chat template for chat requests) -> hash the prompt's blocks (salted by cache_salt)
--> decide who prefills by router/policy.route over the KV index and the groups' loads: when a decode group
-already holds most of the prompt (a conversation's next turn), it prefills the rest itself -> otherwise prefill
-on the prefill replica with the least work (router/request_router.py ranks them inside Serve), which pins the
-prompt's KV -> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the
-caller. In unified mode (no prefill pool) the decode replica does all of it, as it does when no prefill group
-can take a request (the pool is down or its group failed). A caller that goes away (or whose
-deadline passes) cancels the stream, which cancels the call on whichever group holds the request, so every
-block is freed.
-
-Each replica is also the cluster's front door: it serves the gRPC API (router/grpc_api.py) on its own port and
-the OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP proxy. The ingress is stateless: any
+validate and tokenize (the chat template for chat requests) -> hash the prompt's blocks (salted by cache_salt) ->
+decide who prefills by router/policy.route over the KV index and the groups' loads: when a decode group already
+holds most of the prompt (a conversation's next turn), it prefills the rest itself -> otherwise prefill on the
+prefill replica with the least work (router/request_router.py ranks them inside Serve), which pins the prompt's KV
+-> a decode replica pulls the KV it lacks from that group and streams the tokens -> back to the caller. In unified
+mode (no prefill pool) the decode replica does all of it, as it does when no prefill group can take a request (the
+pool is down or its group failed) and for a request that wants prompt logprobs. A caller that goes away (or whose
+deadline passes) cancels the stream, which cancels the call on whichever group holds the request, so every block is
+freed. Each replica is also the cluster's front door: it serves the gRPC API (router/grpc_api.py) on its own port
+and the OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP proxy. The ingress is stateless: any
 number of replicas serve the same pools.
 """
 
@@ -133,12 +131,14 @@ class Ingress:
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
         first, prefilled = True, None
         serve_id = uuid.uuid4().hex
-        if self.prefill is not None and (decision is None or decision.prefill_group is not None):
+        # The prompt logprobs come from the group that computes the prompt, and only the decode group streams.
+        remote = decision is None or decision.prefill_group is not None
+        if self.prefill is not None and remote and params.prompt_logprobs is None:
             prefilled = await self._prefill(token_ids, params, request_id, salt, hint, serve_id)
         with _serve_request_id(serve_id):
             if prefilled is None:
-                # Unified mode, the decode group holds most of the prompt, or no prefill group could take it: the
-                # decode group prefills (the rest of) the prompt itself.
+                # Unified mode, the decode group holds most of the prompt, the request wants prompt logprobs, or
+                # no prefill group could take it: the decode group prefills (the rest of) the prompt itself.
                 outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
                                                                            routing=hint)
             else:

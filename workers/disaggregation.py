@@ -6,6 +6,7 @@
 The prefill group computes the prompt's KV and first token and pins the blocks; the decode group takes the
 handoff, pulls the blocks it lacks from the prefill group (or recomputes the prompt if that fails) and streams
 the rest. Both groups are anything with AsyncLLMEngine's interface: in-process engines or Ray worker groups.
+A request that asks for prompt logprobs is prefilled by the decode group, which then has them to stream.
 """
 
 from collections.abc import AsyncIterator
@@ -18,6 +19,10 @@ from workers.engine.sampling_params import SamplingParams
 async def generate_disaggregated(prefill: AsyncLLMEngine, decode: AsyncLLMEngine, prompt: str | list[int],
                                  params: SamplingParams | None = None, request_id: str | None = None,
                                  cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    if params is not None and params.prompt_logprobs is not None:
+        async for out in decode.generate(prompt, params, request_id, cache_salt):
+            yield out
+        return
     handoff = await prefill.prefill(prompt, params, request_id, cache_salt)
     finished = False
     try:

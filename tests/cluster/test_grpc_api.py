@@ -126,6 +126,23 @@ def test_min_tokens_and_min_p_give_the_engines_offline_completion(stub, model):
             assert len(offline.token_ids) > 4 and first not in offline.token_ids[:4]
 
 
+def test_prompt_logprobs_come_on_the_first_response_past_the_prefix_cache(stub, model):
+    """The decode group computes such a prompt itself (only the group that computes it has the logits): the same
+    logprobs as the offline engine, the same tokens, and nothing taken from the cache a repeat would hit."""
+    ids = [(7 * i + 3) % VOCAB for i in range(40)]
+    params = dict(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    generate(stub, token_ids=pb.TokenIds(ids=ids), sampling=GREEDY)  # cached now on a group
+    responses = generate(stub, token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**params))
+    offline = LLM(model, progress=False, num_kv_blocks=64).generate(ids, SamplingParams(**params))[0]
+    got = [dict(entry.logprobs) for entry in responses[0].prompt_logprobs]
+    assert len(got) == len(ids) - 1 and all(not r.prompt_logprobs for r in responses[1:])
+    for entry, expected in zip(got, offline.prompt_logprobs[1:]):
+        assert entry.keys() == expected.keys()
+        assert all(entry[t] == pytest.approx(expected[t], abs=1e-4) for t in entry)
+    assert [t for r in responses for t in r.token_ids] == offline.outputs[0].token_ids
+    assert responses[-1].usage.cached_tokens == 0
+
+
 def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
     ttft = generate(stub, token_ids=pb.TokenIds(ids=list(range(300, 400))), sampling=GREEDY)[0].ttft
     stages = [ttft.router_queue_s, ttft.prefill_queue_s, ttft.prefill_compute_s, ttft.kv_transfer_s,
