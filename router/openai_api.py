@@ -15,8 +15,10 @@
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, include_stop_str_in_output, request_id) and Tandem's cache_salt; fields it does not know are
-ignored, as vLLM does. What the engine cannot do (echo, tool calls, structured output, images) is refused with a
-400 naming the field rather than silently ignored.
+ignored, as vLLM does. What the engine cannot do (suffix, best_of, tool calls, structured output, images) is
+refused with a 400 naming the field rather than silently ignored. echo puts the prompt before each completion and,
+with logprobs, the prompt tokens' logprobs before the completion's (the first one null), as OpenAI's legacy
+completions did and evaluation harnesses score prompts with.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -240,8 +242,13 @@ class OpenAIApi:
     def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest]], Shape]:
         def shape(body: _Body, request_id: str, choices: list[GenerateRequest]) -> Shape:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            echoes = None
+            if not chat and body.echo:
+                echoes = [c.prompt if c.prompt is not None else self.ingress.detokenize(c.prompt_token_ids,
+                                                                                        field="prompt")
+                          for c in choices]
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
-                                 choices_per_prompt=body.n or 1, include_usage=include_usage)
+                                 choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes)
         return shape
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
@@ -361,8 +368,6 @@ class OpenAIApi:
 
     def _completion_request(self, body: CompletionBody,
                             aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
-        if body.echo:
-            raise invalid("echo", "echoing the prompt is not supported")
         if body.suffix:
             raise invalid("suffix", "suffixes are not supported")
         if body.best_of not in (None, 1):
@@ -377,7 +382,11 @@ class OpenAIApi:
         aliases["prompt_token_ids"] = "prompt"
         max_tokens = body.max_tokens if body.max_tokens is not None else min(COMPLETIONS_DEFAULT_MAX_TOKENS,
                                                                              self._max_tokens_cap())
-        return prompts, self._params(body, max_tokens, body.logprobs)
+        params = self._params(body, max_tokens, body.logprobs)
+        if body.echo and body.logprobs is not None:
+            params = replace(params, prompt_logprobs=body.logprobs)
+        aliases["prompt_logprobs"] = "logprobs"
+        return prompts, params
 
     def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:

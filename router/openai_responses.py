@@ -23,12 +23,14 @@ class ResponseShape:
     one choice per cluster request (n for each prompt, in order)."""
 
     def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
-                 include_usage: bool):
+                 include_usage: bool, echoes: list[str] | None = None):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
+        self.echoes = echoes  # completions' echo: each choice's prompt text, sent ahead of its completion
+        self.echoed: set[int] = set()  # choices whose stream has sent its prompt
         prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": ingress.model.name}
         self.text_offsets: dict[int, int] = {}  # completions' logprobs.text_offset runs on across chunks
@@ -38,12 +40,13 @@ class ResponseShape:
         for index, out in enumerate(outs):
             completion = out.outputs[0]
             choice: dict[str, Any] = {
-                "index": index, "logprobs": self._logprobs(index, completion.token_ids, completion.logprobs),
+                "index": index, "logprobs": self._logprobs(index, completion.token_ids, completion.logprobs,
+                                                           out if self.echoes is not None else None),
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": completion.text}
             else:
-                choice["text"] = completion.text
+                choice["text"] = self._echo(index) + completion.text
             choices.append(choice)
         return {**self.header, "object": self.object, "choices": choices, "usage": self._usage(outs)}
 
@@ -82,11 +85,15 @@ class ResponseShape:
         completion = out.outputs[0]
         finish_reason = completion.finish_reason if out.finished else None
         new_ids = completion.delta_token_ids
+        echo = "" if self.echoes is None or index in self.echoed else self._echo(index)
         logprobs = None
         if completion.logprobs is not None and new_ids:
             start = len(completion.token_ids) - len(new_ids)
-            logprobs = self._logprobs(index, new_ids, completion.logprobs[start:start + len(new_ids)])
-        if not completion.delta_text and finish_reason is None and logprobs is None:
+            logprobs = self._logprobs(index, new_ids, completion.logprobs[start:start + len(new_ids)],
+                                      out if echo else None)
+        text = echo + completion.delta_text
+        self.echoed.add(index)
+        if not text and finish_reason is None and logprobs is None:
             return None  # the detokenizer held the text back (a possible stop string): nothing to say yet
         choice: dict[str, Any] = {"logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
@@ -94,7 +101,7 @@ class ResponseShape:
         if self.chat:
             choice["delta"] = {"content": completion.delta_text} if completion.delta_text else {}
         else:
-            choice["text"] = completion.delta_text
+            choice["text"] = text
         return self._chunk(index, choice)
 
     def _chunk(self, index: int, choice: dict[str, Any]) -> str:
@@ -112,12 +119,18 @@ class ResponseShape:
                 "total_tokens": prompt_tokens + generated,
                 "prompt_tokens_details": {"cached_tokens": sum(usage.cached_tokens for usage in prompts)}}
 
-    def _logprobs(self, index: int, token_ids: list[int],
-                  logprobs: list[dict[int, float]] | None) -> dict | None:
+    def _echo(self, index: int) -> str:
+        return "" if self.echoes is None else self.echoes[index]
+
+    def _logprobs(self, index: int, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                  echoed: RequestOutput | None = None) -> dict | None:
+        """`echoed`: an output that carries its prompt logprobs, whose prompt tokens come first (echo)."""
         if logprobs is None:
             return None
         if self.chat:
             return {"content": token_logprobs(self.tokenizer, token_ids, logprobs, self.top_n)}
+        if echoed is not None and echoed.prompt_logprobs is not None:
+            token_ids, logprobs = echoed.prompt_token_ids + token_ids, echoed.prompt_logprobs + logprobs
         pairs = list(zip(token_ids, logprobs))
         decode = self._decode
         tokens = [decode(t) for t, _ in pairs]
@@ -126,8 +139,10 @@ class ResponseShape:
             offsets.append(offset)
             offset += len(token)
         self.text_offsets[index] = offset
-        return {"tokens": tokens, "token_logprobs": [_finite(top.get(t)) for t, top in pairs],
-                "top_logprobs": [{decode(k): _finite(v) for k, v in top.items()} for _, top in pairs],
+        return {"tokens": tokens,
+                "token_logprobs": [None if top is None else _finite(top.get(t)) for t, top in pairs],
+                "top_logprobs": [None if top is None else {decode(k): _finite(v) for k, v in top.items()}
+                                 for _, top in pairs],
                 "text_offset": offsets}
 
     def _decode(self, token_id: int) -> str:

@@ -217,6 +217,26 @@ def test_logprobs_come_in_openais_shapes(client, model_name):
     assert all(entry.token == entry.top_logprobs[0].token for entry in content)
 
 
+def test_echo_puts_the_prompt_and_its_logprobs_first(client, model_name, tokenizer):
+    plain = client.completions.create(model=model_name, prompt=PROMPT, logprobs=1, **GREEDY).choices[0]
+    echoed = client.completions.create(model=model_name, prompt=PROMPT, echo=True, **GREEDY).choices[0]
+    assert echoed.text == PROMPT + plain.text and echoed.logprobs is None
+    streamed = list(client.completions.create(model=model_name, prompt=PROMPT, echo=True, stream=True, **GREEDY))
+    assert streamed[0].choices[0].text.startswith(PROMPT)
+    assert "".join(c.choices[0].text for c in streamed) == echoed.text
+    # As an evaluation harness scores text: the prompt is the greedy continuation itself, so its tokens' logprobs
+    # must be the ones they had when generated.
+    ids = tokenizer.encode(PROMPT)
+    generated = tokenizer.encode(plain.text, add_special_tokens=False)
+    scored = client.completions.create(model=model_name, prompt=ids + generated, max_tokens=1, temperature=0,
+                                       logprobs=1, echo=True).choices[0].logprobs
+    assert len(scored.tokens) == len(ids) + len(generated) + 1
+    assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None
+    assert scored.tokens[len(ids):-1] == plain.logprobs.tokens  # the text tokenizes back to the same tokens
+    assert scored.token_logprobs[len(ids):-1] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-3)
+    assert scored.text_offset[0] == 0 and "".join(scored.tokens[:len(ids)]) == PROMPT
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(temperature=-1), "temperature"),
     (dict(max_tokens=0), "max_tokens"),
