@@ -76,11 +76,12 @@ def test_min_tokens_matches_hfs_min_new_tokens(smollm2, smollm2_path):
                                                  eos_token_id=sorted(smollm2.engine.eos_token_ids))
 
 
-@pytest.mark.parametrize("chunk", [1024, 16])
-def test_prompt_logprobs_match_hf_whole_chunked_and_past_a_warm_cache(smollm2_path, chunk):
+@pytest.mark.parametrize(("length", "chunk"), [(300, 1024), (70, 16)])
+def test_prompt_logprobs_match_hf_whole_chunked_and_past_a_warm_cache(smollm2_path, length, chunk):
     """Every prompt token after the first gets its log-probability and the top 3 at the position before it, as
-    HF's logits say; the same prompt cached by an earlier request is computed again rather than skipped."""
-    prompt = random_prompts(3, [70])[0]
+    HF's logits say; the same prompt cached by an earlier request is computed again rather than skipped. 300
+    tokens in one step take two slices of the head's rows, 70 in 16-token chunks one slice each."""
+    prompt = random_prompts(3, [length])[0]
     llm = LLM(str(smollm2_path), num_kv_blocks=256, max_num_batched_tokens=chunk, progress=False)
     llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0))  # the prompt's blocks are now cached
     out = llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3))[0]

@@ -51,6 +51,10 @@ class SampledToken:
     logprobs: dict[int, float] | None
 
 
+# Prompt positions whose vocabulary-wide logits exist at once, for prompt logprobs: 256 x 128k x 4 B = 128 MiB.
+_PROMPT_LOGITS_ROWS = 256
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -237,20 +241,24 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]],
                          record: bool) -> None:
         """Each (sequence, first row in `hidden`, first position, count) gives the logprobs of the prompt tokens
-        after those positions. Every rank computes the logits (the vocab-parallel head gathers across them); rank 0
-        keeps the ones a sequence lacks: a prompt computed again after a preemption has them already."""
+        after those positions, a slice of rows at a time so that a long prompt's vocabulary-wide logits never
+        exist at once. Every rank computes the logits (the vocab-parallel head gathers across them); rank 0 keeps
+        the ones a sequence lacks: a prompt computed again after a preemption has them already."""
         index = torch.cat([torch.arange(row, row + n) for _, row, _, n in prompt_rows]).to(hidden.device)
-        logits = self.model.compute_logits(hidden[index])
-        if not record:
-            return
-        offset = 0
-        for seq, _, first, n in prompt_rows:
-            known = len(seq.prompt_logprobs) - first  # positions of this chunk already recorded
-            if known < n:
-                seq.prompt_logprobs.extend(top_logprobs(logits[offset + known:offset + n],
-                                                        seq.token_ids[first + known + 1:first + n + 1],
-                                                        [seq.sampling_params.prompt_logprobs] * (n - known)))
-            offset += n
+        positions = [(seq, p) for seq, _, first, n in prompt_rows for p in range(first, first + n)]
+        for start in range(0, len(positions), _PROMPT_LOGITS_ROWS):
+            logits = self.model.compute_logits(hidden[index[start:start + _PROMPT_LOGITS_ROWS]])
+            if not record:
+                continue
+            new = [(i, seq, p) for i, (seq, p) in enumerate(positions[start:start + _PROMPT_LOGITS_ROWS])
+                   if p >= len(seq.prompt_logprobs)]
+            if not new:
+                continue
+            rows = torch.tensor([i for i, _, _ in new], device=logits.device)
+            found = top_logprobs(logits.index_select(0, rows), [seq.token_ids[p + 1] for _, seq, p in new],
+                                 [seq.sampling_params.prompt_logprobs for _, seq, _ in new])
+            for (_, seq, _), entry in zip(new, found):
+                seq.prompt_logprobs.append(entry)
 
     def skip_draw(self, seq: Sequence) -> None:
         """Advances a seeded, sampled request's generator past one token's draw (one that another group made)."""
