@@ -76,6 +76,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-tokens", type=int, default=0,
                    help="generate at least this many tokens before end-of-sequence or a stop ends it (default 0)")
     g.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token")
+    g.add_argument("--prompt-logprobs", type=int, default=None,
+                   help="return the top-N logprobs of each prompt token too (--json; computes the whole prompt)")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
     g.add_argument("--presence-penalty", type=float, default=0.0,
@@ -228,7 +230,7 @@ def _sampling_fields(args: argparse.Namespace) -> dict:
     """The sampling flags by SamplingParams' names, which the client's options share."""
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                min_tokens=args.min_tokens, logprobs=args.logprobs,
+                min_tokens=args.min_tokens, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty)
 

@@ -58,6 +58,16 @@ def test_min_tokens_keeps_a_short_answer_going(smollm2_path):
     assert (result["finish_reason"], result["usage"]["generated_tokens"]) == ("length", 40)
 
 
+def test_prompt_logprobs_come_in_the_json(smollm2_path):
+    out = tandem("generate", "--prompt", "The capital of France is", "--max-tokens", "2", "--prompt-logprobs", "1",
+                 "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    entries = result["prompt_logprobs"]
+    assert len(entries) == result["usage"]["prompt_tokens"] and entries[0] is None
+    assert all(1 <= len(entry) <= 2 for entry in entries[1:])  # the top one, and the prompt's token if it differs
+
+
 def test_bad_flag_values_fail_with_a_message_naming_the_field():
     for flag, value, field in (("--temperature", "-1", "temperature"), ("--min-p", "2", "min_p")):
         out = tandem("generate", "--prompt", "hi", flag, value)

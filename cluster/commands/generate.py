@@ -134,7 +134,8 @@ def to_json(out: RequestOutput) -> dict:
         "token_ids": completion.token_ids,
         "finish_reason": completion.finish_reason,
         "stop_reason": completion.stop_reason,
-        "logprobs": [{str(k): v for k, v in lp.items()} for lp in completion.logprobs] if completion.logprobs else None,
+        "logprobs": _logprobs_json(completion.logprobs),
+        "prompt_logprobs": _logprobs_json(out.prompt_logprobs),
         "usage": vars(out.usage),
         "ttft_s": out.metrics.ttft,
     }
@@ -150,9 +151,17 @@ def completion_json(completion: Completion) -> dict:
         "token_ids": completion.token_ids,
         "finish_reason": completion.finish_reason,
         "stop_reason": completion.stop_reason,
-        "logprobs": [{str(k): v for k, v in lp.items()} for lp in completion.logprobs] if completion.logprobs else None,
+        "logprobs": _logprobs_json(completion.logprobs),
+        "prompt_logprobs": _logprobs_json([None, *completion.prompt_logprobs] if completion.prompt_logprobs else None),
         "usage": {"prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
                   "generated_tokens": usage.completion_tokens} if usage else None,
         "ttft_s": ttft.total_s if ttft else None,
         "ttft": asdict(ttft) if ttft else None,
     }
+
+
+def _logprobs_json(entries: list[dict[int, float] | None] | None) -> list[dict[str, float] | None] | None:
+    """JSON keys are strings; a prompt's first token has no logprobs (null)."""
+    if not entries:
+        return None
+    return [None if lp is None else {str(k): v for k, v in lp.items()} for lp in entries]
