@@ -141,7 +141,8 @@ class GenerationServicer:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         return GenerateRequest(messages=messages, params=_sampling(request.sampling),
                                request_id=request.request_id or None, cache_salt=request.cache_salt or None,
-                               model=request.model or None)
+                               model=request.model or None, add_generation_prompt=not request.continue_final_message,
+                               continue_final_message=request.continue_final_message)
 
 
 def _sampling(s: pb.SamplingParams) -> SamplingParams:

@@ -50,6 +50,8 @@ class GenerateRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None  # chat: role/content pairs, rendered with the model's template
+    add_generation_prompt: bool = True  # chat: open the assistant's turn after the messages
+    continue_final_message: bool = False  # chat: leave the last message open for the reply to continue
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
     cache_salt: str | None = None
@@ -214,7 +216,7 @@ class Ingress:
             raise invalid("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
                                     f"{given or 'none'}")
         if request.messages is not None:
-            return self._chat_token_ids(request.messages)
+            return self._chat_token_ids(request)
         _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
                                         else request.prompt_token_ids, self.model.vocab_size)
         return token_ids
@@ -231,7 +233,8 @@ class Ingress:
             raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves "
                                            f"{self.model.name!r}", "model")
 
-    def _chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_token_ids(self, request: GenerateRequest) -> list[int]:
+        messages = request.messages
         if not messages:
             raise invalid("messages", "must not be empty")
         for i, message in enumerate(messages):
@@ -240,7 +243,10 @@ class Ingress:
                 raise invalid(f"messages[{i}]", "must have a string role and a string content")
             if message["role"] not in ("system", "user", "assistant"):
                 raise invalid(f"messages[{i}].role", f"must be system, user or assistant, got {message['role']!r}")
-        return chat_token_ids(self.tokenizer, messages)
+        if request.continue_final_message and request.add_generation_prompt:
+            raise invalid("continue_final_message", "a reply either continues the last message or opens a new "
+                                                    "turn: send add_generation_prompt: false with it")
+        return chat_token_ids(self.tokenizer, messages, request.add_generation_prompt, request.continue_final_message)
 
     async def __serve_build_asgi_app__(self):
         """Serve calls this once the replica is constructed: open the gRPC port here, on the replica's event

@@ -14,11 +14,11 @@
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, include_stop_str_in_output, request_id) and Tandem's cache_salt; fields it does not know are
-ignored, as vLLM does. What the engine cannot do (suffix, best_of, tool calls, structured output, images) is
-refused with a 400 naming the field rather than silently ignored. echo puts the prompt before each completion and,
-with logprobs, the prompt tokens' logprobs before the completion's (the first one null), as OpenAI's legacy
-completions did and evaluation harnesses score prompts with.
+stop_token_ids, include_stop_str_in_output, request_id; for chat, add_generation_prompt and continue_final_message)
+and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do (suffix,
+best_of, tool calls, structured output, images) is refused with a 400 naming the field rather than silently
+ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
+completion's (the first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -118,6 +118,8 @@ class ResponseFormat(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessage]
+    add_generation_prompt: bool | None = True  # vLLM's: open the assistant's turn
+    continue_final_message: bool | None = False  # vLLM's: continue the last message instead
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     response_format: ResponseFormat | None = None
@@ -166,6 +168,8 @@ class TokenizeBody(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
 
 
 class DetokenizeBody(BaseModel):
@@ -283,7 +287,9 @@ class OpenAIApi:
                 ids = self.ingress.tokenizer.encode(body.prompt, add_special_tokens=False)
             else:  # what /v1/completions or /v1/chat/completions would feed the model
                 ids = self.ingress.prompt_token_ids(GenerateRequest(
-                    prompt=body.prompt, messages=None if body.messages is None else _messages(body.messages)))
+                    prompt=body.prompt, messages=None if body.messages is None else _messages(body.messages),
+                    add_generation_prompt=body.add_generation_prompt is not False,
+                    continue_final_message=bool(body.continue_final_message)))
         except Exception as e:
             return _refused(e)
         return JSONResponse({"count": len(ids), "max_model_len": self.ingress.model.max_model_len, "tokens": ids})
@@ -399,7 +405,8 @@ class OpenAIApi:
         aliases.update(logprobs="top_logprobs", prompt="messages")  # the prompt is the rendered messages
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs)
-        return [{"messages": _messages(body.messages)}], params
+        return [{"messages": _messages(body.messages), "add_generation_prompt": body.add_generation_prompt is not False,
+                 "continue_final_message": bool(body.continue_final_message)}], params
 
     def _responses_request(self, body: ResponsesBody,
                            aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:

@@ -107,6 +107,9 @@ def test_chat_takes_dicts_or_pairs_and_streams_the_same_reply(client):
     assert client.chat(as_pairs, **GREEDY).token_ids == reply.token_ids
     assert "".join(c.text for c in client.chat_stream(as_pairs, **GREEDY)) == reply.text
     assert reply.usage.prompt_tokens > 10 and reply.finish_reason == "length"
+    started = as_pairs + [("assistant", "The answer is")]
+    continued = client.chat(started, continue_final_message=True, **GREEDY)
+    assert continued.usage.prompt_tokens == reply.usage.prompt_tokens + 3  # "The answer is", no turn opened
 
 
 def test_tokenize_detokenize_models_and_health(client, model):

@@ -143,6 +143,21 @@ def test_prompt_logprobs_come_on_the_first_response_past_the_prefix_cache(stub, 
     assert responses[-1].usage.cached_tokens == 0
 
 
+def test_a_chat_reply_can_continue_the_last_message(stub, model):
+    from transformers import AutoTokenizer
+
+    messages = [("user", "What is the capital of France?"), ("assistant", "The capital of France is")]
+    rendered = AutoTokenizer.from_pretrained(model).apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], continue_final_message=True, tokenize=True,
+        return_dict=False)
+    chat = pb.ChatRequest(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], sampling=GREEDY,
+                          continue_final_message=True)
+    continued = list(stub.Chat(chat, timeout=60))
+    as_ids = generate(stub, token_ids=pb.TokenIds(ids=list(rendered)), sampling=GREEDY)
+    assert [t for r in continued for t in r.token_ids] == [t for r in as_ids for t in r.token_ids]
+    assert continued[-1].usage.prompt_tokens == len(rendered)
+
+
 def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
     ttft = generate(stub, token_ids=pb.TokenIds(ids=list(range(300, 400))), sampling=GREEDY)[0].ttft
     stages = [ttft.router_queue_s, ttft.prefill_queue_s, ttft.prefill_compute_s, ttft.kv_transfer_s,

@@ -217,6 +217,24 @@ def test_logprobs_come_in_openais_shapes(client, model_name):
     assert all(entry.token == entry.top_logprobs[0].token for entry in content)
 
 
+def test_a_chat_reply_can_continue_the_last_message(base_url, client, model_name, tokenizer):
+    started = MESSAGES + [{"role": "assistant", "content": "The capital of France is"}]
+    rendered = tokenizer.apply_chat_template(started, continue_final_message=True, tokenize=True,
+                                             return_dict=False)
+    continued = client.chat.completions.create(model=model_name, messages=started, **GREEDY | {"extra_body": {
+        "ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True}})
+    as_text = client.completions.create(model=model_name, prompt=list(rendered), **GREEDY)
+    assert continued.usage.prompt_tokens == len(rendered)
+    assert continued.choices[0].message.content == as_text.choices[0].text
+    _, tokens = post(base_url, "/tokenize", {"messages": started, "add_generation_prompt": False,
+                                             "continue_final_message": True})
+    assert tokens["tokens"] == list(rendered)
+    with pytest.raises(openai.BadRequestError) as refused:  # vLLM's rule: the two ways are exclusive
+        client.chat.completions.create(model=model_name, messages=started, max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+    assert refused.value.param == "continue_final_message"
+
+
 def test_echo_puts_the_prompt_and_its_logprobs_first(client, model_name, tokenizer):
     plain = client.completions.create(model=model_name, prompt=PROMPT, logprobs=1, **GREEDY).choices[0]
     echoed = client.completions.create(model=model_name, prompt=PROMPT, echo=True, **GREEDY).choices[0]
