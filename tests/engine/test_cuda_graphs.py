@@ -200,3 +200,24 @@ def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, 
           f"{match_pct:.0f}% of prompts agree on all, {share:.0%} of tokens agree before the first difference")
     assert llm.engine.runner.decode_graphs.num_replays > 0
     assert share >= 0.5
+
+
+@gpu
+@pytest.mark.gpu
+def test_prompt_logprobs_on_the_gpu_match_hf_and_the_decode_after_them_replays_graphs(tiny_model):
+    """A prompt whose positions want logprobs runs eagerly (a graph computes the sampled rows' logits only); the
+    decode steps after it replay graphs. float32: the logprobs within 2e-3 of HF's on the same GPU."""
+    path = tiny_model("llama")
+    prompt = prompts(5)[3]  # 70 tokens: several blocks
+    llm = gpu_llm(path, "float32")
+    out = llm.generate([prompt], SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                prompt_logprobs=2))[0]
+    with torch.inference_mode():
+        logits = hf_on_gpu(path, torch.float32)(torch.tensor([prompt], device="cuda")).logits[0]
+    reference = torch.log_softmax(logits.float(), dim=-1).cpu()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for position, entry in enumerate(out.prompt_logprobs[1:]):
+        assert prompt[position + 1] in entry
+        assert all(abs(value - reference[position, token].item()) < 2e-3 for token, value in entry.items())
+    assert out.outputs[0].token_ids == hf_greedy_on_gpu(path, torch.float32, prompt, NEW)
+    assert llm.engine.runner.decode_graphs.num_replays == NEW - 1
