@@ -20,6 +20,8 @@ class ApiConfig:
     max_stop_strings: int = _field(16, "most stop strings per request")
     max_cache_salt_chars: int = _field(256, "longest cache_salt")
     max_choices: int = _field(64, "most completions one HTTP request may ask for: n times the prompts of a batch")
+    response_ttl_s: int = _field(3600, "how long a stored Responses API response can be retrieved or continued "
+                                       "(previous_response_id), in seconds")
     max_concurrent_requests: int | None = _field(None, "requests one ingress replica serves at once; more get "
                                                        "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
@@ -32,7 +34,7 @@ class ApiConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens", "max_stop_strings", "max_cache_salt_chars", "max_choices",
-                     "max_concurrent_requests"):
+                     "response_ttl_s", "max_concurrent_requests"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")

@@ -85,6 +85,7 @@ class Ingress:
         self.weights = RoutingWeights(**(weights or {}))
         self._index = KVIndexFollower(redis_url) if redis_url and prefill and decide else None
         self._loads = LoadView(redis_url) if redis_url else None
+        self.redis_url = redis_url  # the HTTP API stores Responses API responses there
         self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None)
         self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
         self.draining = False  # set by drain(): new requests are refused while those in flight finish

@@ -4,9 +4,10 @@
                                  server-sent events
     POST /v1/chat/completions    messages, rendered with the model's chat template -> an assistant message
     POST /v1/responses           OpenAI's Responses API: input (text or messages) and instructions -> a response
-                                 with one assistant message; stream: true sends its typed events. Nothing is
-                                 stored, so previous_response_id is refused (send the whole conversation as
-                                 input), and GET or DELETE /v1/responses/{id} is a 404
+                                 with one assistant message; stream: true sends its typed events. Responses are
+                                 stored in the cluster's Redis for api.response_ttl_s (unless store: false), so
+                                 previous_response_id continues a conversation and GET or DELETE
+                                 /v1/responses/{id} retrieves or deletes one (router/response_store.py)
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -49,6 +50,7 @@ from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
+from router.response_store import ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
 from workers.engine.sampling_params import SamplingParams
@@ -158,6 +160,7 @@ class ResponsesBody(_Body):
     top_logprobs: int | None = None
     include: list[str] | None = None
     previous_response_id: str | None = None
+    store: bool | None = True
     background: bool | None = None
     metadata: dict[str, str] | None = None
 
@@ -224,6 +227,7 @@ class OpenAIApi:
     def __init__(self, ingress: Ingress):
         self.ingress = ingress
         self.created = int(time.time())
+        self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, CompletionBody, self._completion_request, self._completion_shape(chat=False))
@@ -235,13 +239,22 @@ class OpenAIApi:
         return await self._serve(request, ResponsesBody, self._responses_request, self._responses_shape)
 
     async def stored_response(self, request: Request, response_id: str) -> Response:
-        """Nothing is stored, so there is no response to retrieve or delete: a 404 that says why."""
+        """GET: the response as it was returned; DELETE: forget it, as OpenAI answers a deletion."""
         try:
             self._authorize(request)
-        except ApiError as e:
-            return error_response(e)
-        return error_response(ApiError(Kind.NOT_FOUND, f"response {response_id!r} not found: responses are not "
-                                                       f"stored here", "response_id"))
+            if request.method == "DELETE":
+                if self.store is None or not await self.store.delete(response_id):
+                    raise _no_stored_response(response_id, "response_id")
+                return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+            return JSONResponse((await self._stored(response_id, "response_id")).response)
+        except Exception as e:
+            return error_response(classify(e))
+
+    async def _stored(self, response_id: str, field: str) -> StoredResponse:
+        stored = None if self.store is None else await self.store.load(response_id)
+        if stored is None:
+            raise _no_stored_response(response_id, field)
+        return stored
 
     def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest]], Shape]:
         def shape(body: _Body, request_id: str, choices: list[GenerateRequest]) -> Shape:
@@ -257,8 +270,12 @@ class OpenAIApi:
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
         echoed = {"instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
-                  "tools": body.tools or [], "tool_choice": body.tool_choice or "none"}
-        return ResponsesShape(self.ingress, request_id, choices[0].params, echoed)
+                  "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
+                  "previous_response_id": body.previous_response_id}
+        messages = choices[0].messages
+        conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
+        return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
+                              self.store if body.store is not False else None, conversation)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -317,13 +334,13 @@ class OpenAIApi:
         return PlainTextResponse("ok")
 
     async def _serve(self, request: Request, body_type: type[Body],
-                     build: Callable[[Body, dict[str, str]], tuple[list[dict], SamplingParams]],
+                     build: Callable[[Body, dict[str, str]], Awaitable[tuple[list[dict], SamplingParams]]],
                      shape: Callable[[Body, str, list[GenerateRequest]], Shape]) -> Response:
         aliases: dict[str, str] = {}  # engine field -> the name this API calls it, for error messages
         try:
             self._authorize(request)
             body = await self._parse(request, body_type)
-            prompts, params = build(body, aliases)
+            prompts, params = await build(body, aliases)
             request_id = body.request_id or uuid.uuid4().hex
             choices = self._choices(body, request_id, prompts, params)
         except PayloadTooLarge as e:
@@ -372,7 +389,7 @@ class OpenAIApi:
             logger.debug("ignoring unknown request fields %s", sorted(body.model_extra))
         return body
 
-    def _completion_request(self, body: CompletionBody,
+    async def _completion_request(self, body: CompletionBody,
                             aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.suffix:
             raise invalid("suffix", "suffixes are not supported")
@@ -394,7 +411,7 @@ class OpenAIApi:
         aliases["prompt_logprobs"] = "logprobs"
         return prompts, params
 
-    def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
+    async def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
         _check_extras(body.tools, body.tool_choice, "response_format",
@@ -408,11 +425,8 @@ class OpenAIApi:
         return [{"messages": _messages(body.messages), "add_generation_prompt": body.add_generation_prompt is not False,
                  "continue_final_message": bool(body.continue_final_message)}], params
 
-    def _responses_request(self, body: ResponsesBody,
-                           aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
-        if body.previous_response_id:
-            raise invalid("previous_response_id", "responses are not stored here; send the whole conversation as "
-                                                  "input")
+    async def _responses_request(self, body: ResponsesBody,
+                                 aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.background:
             raise invalid("background", "background responses are not supported")
         if body.n not in (None, 1):
@@ -425,7 +439,10 @@ class OpenAIApi:
                           self._max_tokens_cap())
         params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None)
         instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
-        return [{"messages": instructions + _input_messages(body.input)}], params
+        earlier = []
+        if body.previous_response_id:
+            earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
+        return [{"messages": instructions + earlier + _input_messages(body.input)}], params
 
     def _max_tokens_cap(self) -> int:
         model_len = self.ingress.model.max_model_len
@@ -471,7 +488,7 @@ class OpenAIApi:
         async with aclosing(merged(streams)) as rest:
             async for i, out in rest:
                 lasts[i] = out
-        return JSONResponse(shape.response(lasts))
+        return JSONResponse(await shape.response(lasts))
 
 
 def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
@@ -480,6 +497,11 @@ def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
         return {int(token): bias for token, bias in logit_bias.items()}
     except ValueError:
         raise invalid("logit_bias", "keys must be token ids, e.g. {\"50256\": -100}") from None
+
+
+def _no_stored_response(response_id: str, field: str) -> ApiError:
+    return ApiError(Kind.NOT_FOUND, f"{field}: no stored response {response_id!r} (it was stored with store: "
+                                    f"false, deleted, or has expired)", field)
 
 
 def _check_extras(tools: list[dict] | None, tool_choice: str | dict | None, format_field: str,

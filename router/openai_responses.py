@@ -35,7 +35,8 @@ class ResponseShape:
         self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": ingress.model.name}
         self.text_offsets: dict[int, int] = {}  # completions' logprobs.text_offset runs on across chunks
 
-    def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
+    async def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        """A coroutine, as the Responses API's shape is: that one stores what it returns."""
         choices = []
         for index, out in enumerate(outs):
             completion = out.outputs[0]

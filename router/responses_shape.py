@@ -6,7 +6,8 @@ A stream goes: response.created, response.in_progress, response.output_item.adde
 a response.output_text.delta per release of text, then the .done events of the text, the part and the item, and
 last response.completed, or response.incomplete when max_output_tokens cut the answer short. Every event has a
 sequence_number and its type both as the SSE event name and in its data. A failure after the stream started is an
-`error` event followed by response.failed. Responses are not stored, so the object says store: false.
+`error` event followed by response.failed. A finished response is stored (router/response_store.py) before the
+client sees its end, so the next turn can continue from it at once; with store: false, or no store, it is not.
 """
 
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 from router.errors import Kind, classify
 from router.ingress import Ingress
 from router.openai_responses import error_body, sse, token_logprobs
+from router.response_store import ResponseStore
 from router.streams import merged
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
@@ -26,27 +28,35 @@ logger = logging.getLogger(__name__)
 
 
 class ResponsesShape:
-    def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any]):
-        """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...)."""
+    def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any],
+                 store: ResponseStore | None, conversation: list[dict[str, str]]):
+        """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...);
+        `conversation`: the messages the reply answers, stored with it for a continuation."""
         self.tokenizer = ingress.tokenizer
         self.params = params
+        self.store = store
+        self.conversation = conversation
         self.message_id = f"msg_{request_id}"
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
-                       "parallel_tool_calls": False, "previous_response_id": None, "store": False,
+                       "parallel_tool_calls": False, "store": store is not None,
                        "text": {"format": {"type": "text"}}, "truncation": "disabled", **echoed}
         self.sequence_number = 0
         self.tokens_sent = 0  # tokens whose logprobs a delta carried: text held back carries its tokens later
 
-    def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
+    async def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
         [out] = outs
         completion = out.outputs[0]
         incomplete = completion.finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
-        return self._response(status, [self._message(out, status)], usage=_usage(out),
-                              incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
-                              completed_at=None if incomplete else int(time.time()))
+        response = self._response(status, [self._message(out, status)], usage=_usage(out),
+                                  incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+                                  completed_at=None if incomplete else int(time.time()))
+        if self.store is not None:
+            reply = {"role": "assistant", "content": completion.text}
+            await self.store.save(response, [*self.conversation, reply])
+        return response
 
     async def events(self, firsts: list[RequestOutput],
                      streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
@@ -64,7 +74,7 @@ class ResponsesShape:
                     delta = self._delta(last)
                     if delta:
                         yield delta
-            done = self.response([last])
+            done = await self.response([last])
             [item] = done["output"]
             [part] = item["content"]
             yield self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"])

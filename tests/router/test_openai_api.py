@@ -356,16 +356,37 @@ def test_a_response_carries_token_logprobs_when_asked(client, model_name):
     assert client.responses.create(model=model_name, input=PROMPT, **RESPONSE).output[0].content[0].logprobs == []
 
 
-def test_a_response_is_not_stored_to_retrieve_later(client, model_name):
-    response = client.responses.create(model=model_name, input="Hello", max_output_tokens=2)
+def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name):
+    first = client.responses.create(model=model_name, instructions="Be brief.", input="My name is Ada.", **RESPONSE)
+    assert first.store and client.responses.retrieve(first.id).output_text == first.output_text
+    # The next turn starts from the stored conversation (not its instructions), whichever replica serves it.
+    second = client.responses.create(model=model_name, previous_response_id=first.id, input="What is my name?",
+                                     **RESPONSE)
+    whole = client.responses.create(model=model_name, store=False, input=[
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}], **RESPONSE)
+    assert second.output_text == whole.output_text and second.previous_response_id == first.id
+    assert second.usage.input_tokens == whole.usage.input_tokens
+    # A streamed response is stored before its last event, so a client can continue from it at once.
+    events = list(client.responses.create(model=model_name, previous_response_id=second.id, input="And again?",
+                                          stream=True, **RESPONSE))
+    streamed = events[-1].response
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    client.responses.delete(first.id)
     for call in (client.responses.retrieve, client.responses.delete):
         with pytest.raises(openai.NotFoundError) as refused:
-            call(response.id)
-        assert "not stored" in refused.value.message
+            call(first.id)
+        assert refused.value.param == "response_id"
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.responses.create(model=model_name, previous_response_id=first.id, input="Still there?")
+    assert refused.value.param == "previous_response_id"
+    # store: false keeps nothing.
+    assert not whole.store
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(whole.id)
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    (dict(previous_response_id="resp_123"), "previous_response_id"),  # nothing is stored to continue from
     (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tools"),
     (dict(text={"format": {"type": "json_object"}}), "text.format"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),

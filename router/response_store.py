@@ -1,0 +1,45 @@
+"""Stored responses of the Responses API, in the cluster's Redis: what `previous_response_id` continues and
+GET /v1/responses/{id} returns.
+
+Any ingress replica may serve a conversation's next turn, so the store is Redis, not a replica's memory. An entry
+holds the response object and the conversation that led to it (its input messages and the reply, without the
+request's instructions, which OpenAI does not carry over), so a continuation costs one read. Entries expire after
+`api.response_ttl_s`: a serving cluster's Redis is not an archive.
+
+    {ns}:response:<response id>   JSON {"response": the response object, "conversation": [{role, content}, ...]}
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio
+
+from workers.kv_events import DEFAULT_NAMESPACE
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: dict[str, Any]
+    conversation: list[dict[str, str]]  # the messages a continuation starts from, the reply last
+
+
+class ResponseStore:
+    def __init__(self, redis_url: str, ttl_s: int, namespace: str = DEFAULT_NAMESPACE):
+        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._ttl_s = ttl_s
+        self._prefix = f"{{{namespace}}}:response:"
+
+    async def save(self, response: dict[str, Any], conversation: list[dict[str, str]]) -> None:
+        entry = json.dumps({"response": response, "conversation": conversation}, ensure_ascii=False)
+        await self._redis.set(self._prefix + response["id"], entry, ex=self._ttl_s)
+
+    async def load(self, response_id: str) -> StoredResponse | None:
+        entry = await self._redis.get(self._prefix + response_id)
+        if entry is None:
+            return None
+        stored = json.loads(entry)
+        return StoredResponse(stored["response"], stored["conversation"])
+
+    async def delete(self, response_id: str) -> bool:
+        return bool(await self._redis.delete(self._prefix + response_id))
