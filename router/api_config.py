@@ -20,8 +20,9 @@ class ApiConfig:
     max_stop_strings: int = _field(16, "most stop strings per request")
     max_cache_salt_chars: int = _field(256, "longest cache_salt")
     max_choices: int = _field(64, "most completions one HTTP request may ask for: n times the prompts of a batch")
-    response_ttl_s: int = _field(3600, "how long a stored Responses API response can be retrieved or continued "
-                                       "(previous_response_id), in seconds")
+    response_ttl_s: int = _field(600, "how long a stored Responses API response can be retrieved or continued "
+                                      "(previous_response_id), in seconds; Redis holds each (with its "
+                                      "conversation) that long")
     max_concurrent_requests: int | None = _field(None, "requests one ingress replica serves at once; more get "
                                                        "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
