@@ -10,12 +10,15 @@ request's instructions, which OpenAI does not carry over), so a continuation cos
 """
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio
 
 from workers.kv_events import DEFAULT_NAMESPACE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,15 @@ class ResponseStore:
         self._ttl_s = ttl_s
         self._prefix = f"{{{namespace}}}:response:"
 
-    async def save(self, response: dict[str, Any], conversation: list[dict[str, str]]) -> None:
+    async def save(self, response: dict[str, Any], conversation: list[dict[str, str]]) -> bool:
+        """False when Redis could not take it: the answer is still the client's, only not stored."""
         entry = json.dumps({"response": response, "conversation": conversation}, ensure_ascii=False)
-        await self._redis.set(self._prefix + response["id"], entry, ex=self._ttl_s)
+        try:
+            await self._redis.set(self._prefix + response["id"], entry, ex=self._ttl_s)
+        except redis.RedisError as e:
+            logger.warning("response %s was not stored: %s", response["id"], e)
+            return False
+        return True
 
     async def load(self, response_id: str) -> StoredResponse | None:
         entry = await self._redis.get(self._prefix + response_id)

@@ -55,7 +55,7 @@ class ResponsesShape:
                                   completed_at=None if incomplete else int(time.time()))
         if self.store is not None:
             reply = {"role": "assistant", "content": completion.text}
-            await self.store.save(response, [*self.conversation, reply])
+            response["store"] = await self.store.save(response, [*self.conversation, reply])
         return response
 
     async def events(self, firsts: list[RequestOutput],
