@@ -19,7 +19,8 @@ stop_token_ids, include_stop_str_in_output, request_id; for chat, add_generation
 and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do (suffix,
 best_of, tool calls, structured output, images) is refused with a 400 naming the field rather than silently
 ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
-completion's (the first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with.
+completion's (the first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with;
+with max_tokens 0, the prompt alone.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -265,7 +266,8 @@ class OpenAIApi:
                                                                                         field="prompt")
                           for c in choices]
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
-                                 choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes)
+                                 choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
+                                 prompt_only=not chat and _scores_prompt_only(body))
         return shape
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
@@ -390,7 +392,7 @@ class OpenAIApi:
         return body
 
     async def _completion_request(self, body: CompletionBody,
-                            aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
+                                  aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.suffix:
             raise invalid("suffix", "suffixes are not supported")
         if body.best_of not in (None, 1):
@@ -403,8 +405,12 @@ class OpenAIApi:
                 raise invalid("prompt", "must not be empty")
             prompts.append({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt})
         aliases["prompt_token_ids"] = "prompt"
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                                                             self._max_tokens_cap())
+        if _scores_prompt_only(body):
+            max_tokens = 1  # the engine always generates a token; the response leaves it out
+        elif body.max_tokens is not None:
+            max_tokens = body.max_tokens
+        else:
+            max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, self._max_tokens_cap())
         params = self._params(body, max_tokens, body.logprobs)
         if body.echo and body.logprobs is not None:
             params = replace(params, prompt_logprobs=body.logprobs)
@@ -497,6 +503,11 @@ def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
         return {int(token): bias for token, bias in logit_bias.items()}
     except ValueError:
         raise invalid("logit_bias", "keys must be token ids, e.g. {\"50256\": -100}") from None
+
+
+def _scores_prompt_only(body: CompletionBody) -> bool:
+    """echo with max_tokens 0: the prompt (and its logprobs) alone, as scoring clients ask for it."""
+    return bool(body.echo) and body.max_tokens == 0
 
 
 def _no_stored_response(response_id: str, field: str) -> ApiError:

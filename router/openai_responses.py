@@ -8,12 +8,13 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from router.errors import ApiError, Kind, classify
 from router.ingress import Ingress
 from router.streams import merged
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class ResponseShape:
     one choice per cluster request (n for each prompt, in order)."""
 
     def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
-                 include_usage: bool, echoes: list[str] | None = None):
+                 include_usage: bool, echoes: list[str] | None = None, prompt_only: bool = False):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
         self.top_n = top_n
@@ -31,6 +32,7 @@ class ResponseShape:
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
         self.echoes = echoes  # completions' echo: each choice's prompt text, sent ahead of its completion
         self.echoed: set[int] = set()  # choices whose stream has sent its prompt
+        self.prompt_only = prompt_only  # echo with max_tokens 0: the generated token is left out
         prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": ingress.model.name}
         self.text_offsets: dict[int, int] = {}  # completions' logprobs.text_offset runs on across chunks
@@ -39,7 +41,7 @@ class ResponseShape:
         """A coroutine, as the Responses API's shape is: that one stores what it returns."""
         choices = []
         for index, out in enumerate(outs):
-            completion = out.outputs[0]
+            completion = self._visible(out)
             choice: dict[str, Any] = {
                 "index": index, "logprobs": self._logprobs(index, completion.token_ids, completion.logprobs,
                                                            out if self.echoes is not None else None),
@@ -83,12 +85,12 @@ class ResponseShape:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def _delta(self, index: int, out: RequestOutput) -> str | None:
-        completion = out.outputs[0]
+        completion = self._visible(out)
         finish_reason = completion.finish_reason if out.finished else None
         new_ids = completion.delta_token_ids
         echo = "" if self.echoes is None or index in self.echoed else self._echo(index)
         logprobs = None
-        if completion.logprobs is not None and new_ids:
+        if completion.logprobs is not None and (new_ids or echo):
             start = len(completion.token_ids) - len(new_ids)
             logprobs = self._logprobs(index, new_ids, completion.logprobs[start:start + len(new_ids)],
                                       out if echo else None)
@@ -111,11 +113,19 @@ class ResponseShape:
             chunk["usage"] = None
         return sse(chunk)
 
+    def _visible(self, out: RequestOutput) -> CompletionOutput:
+        """The completion as the client sees it: none at all when only the prompt was asked for."""
+        completion = out.outputs[0]
+        if not self.prompt_only:
+            return completion
+        return replace(completion, text="", token_ids=[], delta_text="", delta_token_ids=[],
+                       logprobs=None if completion.logprobs is None else [])
+
     def _usage(self, outs: list[RequestOutput]) -> dict[str, Any]:
         """Each prompt counts once however many choices it has; every choice's tokens count."""
         prompts = [out.usage for out in outs[::self.choices_per_prompt]]
         prompt_tokens = sum(usage.prompt_tokens for usage in prompts)
-        generated = sum(out.usage.generated_tokens for out in outs)
+        generated = 0 if self.prompt_only else sum(out.usage.generated_tokens for out in outs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                 "total_tokens": prompt_tokens + generated,
                 "prompt_tokens_details": {"cached_tokens": sum(usage.cached_tokens for usage in prompts)}}

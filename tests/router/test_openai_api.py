@@ -253,6 +253,17 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(client, model_name, tokeniz
     assert scored.tokens[len(ids):-1] == plain.logprobs.tokens  # the text tokenizes back to the same tokens
     assert scored.token_logprobs[len(ids):-1] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-3)
     assert scored.text_offset[0] == 0 and "".join(scored.tokens[:len(ids)]) == PROMPT
+    # max_tokens 0: the prompt alone, as scoring clients ask for it, whole or streamed.
+    alone = dict(model=model_name, prompt=ids, max_tokens=0, logprobs=1, echo=True)
+    only = client.completions.create(**alone)
+    assert only.choices[0].text == PROMPT and only.usage.completion_tokens == 0
+    expected = scored.token_logprobs[1:len(ids)]  # the same positions, in a shorter prompt
+    assert only.choices[0].logprobs.token_logprobs[0] is None
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    chunks = [c for c in client.completions.create(stream=True, **alone) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT
+    streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, param", [
