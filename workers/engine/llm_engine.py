@@ -29,6 +29,7 @@ from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
+from workers.engine.structured_output import GrammarCompiler
 from workers.engine.validation import check_request, prompt_token_ids
 from workers.kv.hashing import BlockHash
 from workers.kv_transfer import (
@@ -69,6 +70,7 @@ class LLMEngine:
         self.vocab_size = self.runner.hf_config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
+        self._grammar_compiler: GrammarCompiler | None = None  # built by the first structured output
         self.kv = KVEndpoint(tp.rank, self.runner.device, config.cache.max_kv_channels,
                              config.cache.kv_transfer_timeout_s)
         self.block_size = config.cache.block_size
@@ -121,9 +123,16 @@ class LLMEngine:
         self._validate(token_ids, params)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends))
+        if params.structured_output is not None:
+            seq.grammar = self._grammars().grammar(params.structured_output)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         req = self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
         return req
+
+    def _grammars(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammar_compiler
 
     # -- prefill role -----------------------------------------------------------------------------------------
 

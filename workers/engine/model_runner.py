@@ -38,6 +38,7 @@ from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
 from workers.engine.sequence import Sequence
 from workers.engine.step_plan import PlanWriter
+from workers.engine.structured_output import token_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,11 @@ class ModelRunner:
         history = None
         if any(p.adjusts_logits for p in params):
             history = [self._history(seq) if seq.sampling_params.adjusts_logits else None for seq in seqs]
-        out = self.sampler(logits, params, generators, history)
+        allowed = None
+        if any(seq.grammar is not None for seq in seqs):
+            allowed = token_bitmask([seq.grammar for seq in seqs], [seq.output_token_ids for seq in seqs],
+                                    self.hf_config.vocab_size)
+        out = self.sampler(logits, params, generators, history, allowed)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
     def _eager(self, batch: list[tuple[Sequence, int]], record: bool) -> tuple[torch.Tensor | None, list[Sequence]]:

@@ -1,7 +1,8 @@
 """Turns a batch of next-token logits into one token per row, each row under its own SamplingParams.
 
 Biases, penalties and min_tokens adjust a row's logits first (SamplingParams says which, in vLLM's order), for
-greedy rows too; logprobs are of the unadjusted logits, as vLLM reports them.
+greedy rows too, and a structured output's grammar masks the tokens it cannot take; logprobs are of the
+unadjusted logits, as vLLM reports them.
 
 Sampling uses the exponential race, argmax(probs / q) with q ~ Exp(1), which picks token i with probability
 probs[i] and needs no cumulative sum. Its noise is one [V] draw per row, so a seeded request can take that draw
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.structured_output import apply_token_bitmask
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -124,8 +126,10 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         history: list[TokenHistory | None] | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """`history` (one per row) is needed when a row's params adjust its logits."""
+        """`history` (one per row) is needed when a row's params adjust its logits; `allowed`, a bitmask of the
+        tokens each row may take (structured_output.token_bitmask), when a row has a structured output."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(
                 f"logits must be [B, V] with one SamplingParams and one generator slot per row; got logits "
@@ -133,6 +137,8 @@ class Sampler:
             )
         logits = logits.float()
         adjusted = adjust_logits(logits, params, history)
+        if allowed is not None:
+            adjusted = apply_token_bitmask(adjusted.clone() if adjusted is logits else adjusted, allowed)
         tokens = adjusted.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:

@@ -1,9 +1,41 @@
 """Per-request sampling parameters, validated once when the request enters the engine."""
 
+import json
 import math
 from dataclasses import dataclass
 
 from workers.engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match, exactly one of: `json`, a JSON schema (as JSON text, or a dict); `json_object`,
+    any JSON object; `regex`; `choice`, one of these strings; `grammar`, an EBNF grammar (xgrammar's GBNF) whose
+    rule `root` is the output. vLLM's StructuredOutputsParams, by the same names."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
+    grammar: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json.dumps(self.json))
+        object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name)]
+        if len(given) != 1:
+            raise InvalidRequestError("structured_output", f"give exactly one of json, json_object, regex, choice "
+                                                           f"and grammar, got {given or 'none'}")
+        for name in ("json", "regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequestError("structured_output", f"{name} must be a string")
+        if not all(isinstance(c, str) and c for c in self.choice):
+            raise InvalidRequestError("structured_output", "choice must be non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -18,7 +50,8 @@ class SamplingParams:
     log-probabilities of every generated token (plus the chosen one's), from the model's own distribution,
     before biases, penalties and temperature. `prompt_logprobs` asks the same of every prompt token after the
     first (vLLM's); a request that asks for them is computed whole, past the prefix cache, since a cached
-    position has no logits.
+    position has no logits. `structured_output` holds the output to a JSON schema, a regex, a list of choices or
+    a grammar (structured_output.py).
 
     The logits are adjusted before greedy or sampled choice, in vLLM's order: `logit_bias` ({token id: bias}) is
     added; `repetition_penalty` (HF's and vLLM's, 1.0 = off) divides positive logits and multiplies negative
@@ -44,6 +77,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # also given as a dict {token id: bias}
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.

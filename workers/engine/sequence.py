@@ -8,9 +8,13 @@ a prefix-cache hit (which starts it above zero), KV arriving from a prefill pool
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.hashing import BlockHash, hash_full_blocks
+
+if TYPE_CHECKING:
+    from workers.engine.structured_output import RequestGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -53,6 +57,8 @@ class Sequence:
     # the prompt's chunks are computed.
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
     arrival: int = field(default_factory=lambda: next(_arrival))
+    # With sampling_params.structured_output, the matcher that masks its next token (structured_output.py).
+    grammar: "RequestGrammar | None" = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

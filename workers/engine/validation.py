@@ -3,6 +3,7 @@ refused at the front door with the same message the engine would give."""
 
 from workers.engine.errors import InvalidRequestError, PromptTooLongError
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.structured_output import check_structured_output
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; more is rarely useful and costs a top-k per token
 
@@ -24,7 +25,8 @@ def prompt_token_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> tup
 
 
 def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
-    """The prompt leaves room for at least one generated token; the params fit the model."""
+    """The prompt leaves room for at least one generated token; the params fit the model; a structured output
+    parses."""
     if len(token_ids) >= max_model_len:
         raise PromptTooLongError(len(token_ids), max_model_len - 1, "the model's context length minus one "
                                                                     "generated token")
@@ -38,3 +40,4 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int,
     for t, _ in params.logit_bias:
         if t >= vocab_size:
             raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size})")
+    check_structured_output(params.structured_output, params.ignore_eos, params.min_tokens)

@@ -1,0 +1,146 @@
+"""Structured outputs: the output matches its JSON schema, regex, choices or grammar, greedy tokens equal HF
+transformers' under xgrammar's own logits processor for HF, and the structure holds wherever the request goes
+(sampled, batched beside unstructured requests, preempted)."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+import xgrammar
+from xgrammar.contrib.hf import LogitsProcessor
+
+from tests.engine.test_disaggregation import move, run_until_finished
+from tests.hf_reference import hf_greedy
+from workers.engine.errors import InvalidRequestError
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
+from workers.engine.structured_output import grammar_of
+
+# Bounded, so that even sampled text from a small model ends within the test's max_tokens.
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "maximum": 120},
+    "languages": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+    "required": ["name", "age", "languages"]}
+PHONE = r"\(\d{3}\) \d{3}-\d{4}"
+CAPITALS = ("Paris", "London", "Berlin", "Madrid")
+
+# (question, structure, check of the text)
+CASES = [
+    ("Describe a software engineer as JSON.", StructuredOutput(json=PERSON),
+     lambda text: jsonschema.validate(json.loads(text), PERSON)),
+    ("Describe Paris as JSON.", StructuredOutput(json_object=True),
+     lambda text: isinstance(json.loads(text), dict)),
+    ("Give me a phone number in New York.", StructuredOutput(regex=PHONE),
+     lambda text: re.fullmatch(PHONE, text)),
+    ("What is the capital of Germany?", StructuredOutput(choice=CAPITALS), lambda text: text in CAPITALS),
+    ("Is the sea salty?", StructuredOutput(grammar='root ::= ("yes" | "no") ", because " [a-z ]+ "."'),
+     lambda text: re.fullmatch(r"(yes|no), because [a-z ]+\.", text)),
+]
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return LLM(str(smollm2_path), num_kv_blocks=512, progress=False)
+
+
+def chat(llm: LLM, question: str) -> list[int]:
+    return llm.apply_chat_template([{"role": "user", "content": question}])
+
+
+def hf_structured(llm: LLM, path, prompt: list[int], structure: StructuredOutput, max_new_tokens: int) -> list[int]:
+    """HF's greedy tokens under xgrammar's logits processor for HF, compiled for the same vocabulary."""
+    engine = llm.engine
+    info = xgrammar.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=engine.vocab_size,
+                                                   stop_token_ids=sorted(engine.eos_token_ids))
+    compiled = xgrammar.GrammarCompiler(info).compile_grammar(grammar_of(structure))
+    return hf_greedy(path, prompt, max_new_tokens, logits_processor=[LogitsProcessor(compiled)],
+                     eos_token_id=sorted(engine.eos_token_ids))
+
+
+@pytest.mark.parametrize(("question", "structure", "check"), CASES, ids=[s.kind for _, s, _ in CASES])
+def test_greedy_structured_output_matches_hf_and_its_structure(smollm2, smollm2_path, question, structure, check):
+    prompt = chat(smollm2, question)
+    out = smollm2.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                  structured_output=structure))[0].outputs[0]
+    assert out.finish_reason == "stop", out.text
+    check(out.text)
+    assert out.token_ids == hf_structured(smollm2, smollm2_path, prompt, structure, len(out.token_ids))
+
+
+def test_sampled_outputs_keep_the_schema(smollm2):
+    prompt = chat(smollm2, "Describe a software engineer as JSON.")
+    outs = smollm2.generate([prompt] * 6, [SamplingParams(max_tokens=128, temperature=1.0, seed=seed,
+                                                          structured_output=StructuredOutput(json=PERSON))
+                                           for seed in range(6)])
+    texts = [out.outputs[0].text for out in outs]
+    assert len(set(texts)) > 1  # sampled, not greedy
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
+
+
+def test_a_structured_request_leaves_its_batch_neighbours_alone(smollm2):
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = [chat(smollm2, "Write a haiku about the sea."), chat(smollm2, "What is the capital of Germany?")]
+    alone = smollm2.generate(prompts[0], plain)[0].outputs[0].token_ids
+    together = smollm2.generate(prompts, [plain, SamplingParams(max_tokens=24, temperature=0.0,
+                                                                structured_output=StructuredOutput(choice=CAPITALS))])
+    assert together[0].outputs[0].token_ids == alone
+    assert together[1].outputs[0].text in CAPITALS
+
+
+def test_the_structure_holds_through_preemption(smollm2_path):
+    """Four blocks of 16 tokens for two requests that need three each: one is preempted and recomputed, and its
+    grammar carries on from the output it kept."""
+    llm = LLM(str(smollm2_path), num_kv_blocks=5, progress=False)
+    prompt = chat(llm, "JSON:")
+    params = SamplingParams(max_tokens=20, temperature=0.0, structured_output=StructuredOutput(
+        grammar='root ::= "{\\"digits\\": \\"" [0-9]+ "\\"}"'))
+    alone = llm.generate(prompt, params)[0].outputs[0]
+    outs = llm.generate([prompt, prompt], params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for out in outs:
+        assert out.outputs[0].token_ids == alone.token_ids
+
+
+def test_a_disaggregated_request_keeps_its_structure_across_the_handoff(smollm2, smollm2_path):
+    """The prefill group samples the first token under the grammar; the decode group's grammar starts after it."""
+    prompt = chat(smollm2, "Describe a software engineer as JSON.")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, structured_output=StructuredOutput(json=PERSON))
+    unified = smollm2.generate(prompt, params)[0].outputs[0].token_ids
+    p, d = smollm2.engine, LLM(str(smollm2_path), num_kv_blocks=64, progress=False).engine
+    p.add_request(prompt, params, request_id="r", prefill_only=True)
+    handoff = None
+    while handoff is None:
+        handoff = next((out.handoff for out in p.step() if out.finished), None)
+    move(p, d, d.add_prefilled_request(handoff, params))
+    first = d.start_prefilled_request(handoff)
+    p.release_pinned("r")
+    assert run_until_finished(d, "r", first) == unified
+
+
+@pytest.mark.parametrize(("structure", "reason"), [
+    (dict(json='{"type": "objectx"}'), r"json: Unsupported type \"objectx\""),
+    (dict(json="{not json"), "json"),
+    (dict(regex="a(b"), "regex: Regex parsing error"),
+    (dict(grammar="root ::= undefined_rule"), "grammar: .*undefined_rule"),
+])
+def test_a_structure_that_does_not_parse_is_refused_with_the_reason(smollm2, structure, reason):
+    with pytest.raises(InvalidRequestError, match=f"structured_output: {reason}"):
+        smollm2.generate("Hi", SamplingParams(structured_output=StructuredOutput(**structure)))
+    assert smollm2.generate("Hi", SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still serving
+
+
+@pytest.mark.parametrize("kinds", [dict(), dict(json_object=True, regex="a+"), dict(choice=["a", ""])])
+def test_a_structure_names_exactly_one_kind(kinds):
+    with pytest.raises(InvalidRequestError, match="structured_output"):
+        StructuredOutput(**kinds)
+
+
+@pytest.mark.parametrize("other", [dict(ignore_eos=True), dict(min_tokens=2)])
+def test_a_structure_leaves_the_end_to_its_grammar(smollm2, other):
+    with pytest.raises(InvalidRequestError, match="structured_output: cannot be combined with ignore_eos or "
+                                                  "min_tokens"):
+        smollm2.generate("Hi", SamplingParams(structured_output=StructuredOutput(json_object=True), **other))

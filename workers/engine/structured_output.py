@@ -1,0 +1,115 @@
+"""Structured outputs: a request's output held to a JSON schema, any JSON object, a regular expression, one of a
+list of choices or an EBNF grammar, by masking before each choice the tokens the grammar cannot take next.
+
+xgrammar does the grammar work, as in vLLM: a grammar is compiled once per engine against the tokenizer's
+vocabulary (and cached), and each request gets a matcher that says, as a bitmask over the vocabulary, which tokens
+may come next. The matcher follows the request's output tokens rather than the sampler's calls, so it stays right
+whichever group sampled a token: the prefill group's first token, or tokens kept through a preemption.
+
+The grammar decides where the output ends: once it is complete only EOS may follow, so a request that ignores EOS
+or holds it back (min_tokens) cannot also have a structured output. JSON is held to one line, laid out as
+json.dumps writes it: a model free to add whitespace between tokens can pad forever (vLLM's
+disable_any_whitespace).
+"""
+
+import json
+import logging
+import re
+
+import torch
+
+from workers.engine.errors import InvalidRequestError
+from workers.engine.sampling_params import StructuredOutput
+
+logger = logging.getLogger(__name__)
+
+FIELD = "structured_output"
+
+
+def _xgrammar():
+    """Imported when a request first asks for a structure: most requests never do."""
+    import xgrammar
+
+    return xgrammar
+
+
+def _reason(error: Exception) -> str:
+    """xgrammar's message without its '[time] file.cc:line: ' prefix."""
+    return re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", str(error)).strip()
+
+
+def grammar_of(spec: StructuredOutput):
+    """The xgrammar Grammar the spec stands for; a schema, regex or grammar it cannot parse is refused, naming the
+    field and why."""
+    xgr = _xgrammar()
+    try:
+        if spec.json is not None or spec.json_object:
+            return xgr.Grammar.from_json_schema(spec.json or '{"type": "object"}', any_whitespace=False)
+        if spec.regex is not None:
+            return xgr.Grammar.from_regex(spec.regex)
+        if spec.choice:
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                  for c in spec.choice))
+        return xgr.Grammar.from_ebnf(spec.grammar)
+    except RuntimeError as e:
+        raise InvalidRequestError(FIELD, f"{spec.kind}: {_reason(e)}") from None
+
+
+def check_structured_output(spec: StructuredOutput | None, ignore_eos: bool, min_tokens: int) -> None:
+    """Refuses a spec that does not parse or that the other parameters would contradict."""
+    if spec is None:
+        return
+    if ignore_eos or min_tokens:
+        raise InvalidRequestError(FIELD, "cannot be combined with ignore_eos or min_tokens: the structure decides "
+                                         "where the output ends")
+    grammar_of(spec)
+
+
+class RequestGrammar:
+    """One request's matcher and how many of its output tokens it has taken."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+        self.num_accepted = 0
+
+    def update(self, output_token_ids: list[int]) -> "RequestGrammar":
+        """Takes the tokens generated since the last update. A token the grammar refuses (one sampled where every
+        token was masked) is logged and skipped: the mask still holds the rest of the output to the grammar."""
+        for token_id in output_token_ids[self.num_accepted:]:
+            if not self.matcher.accept_token(token_id):
+                logger.warning("the structured output's grammar refused token %d; continuing without it", token_id)
+        self.num_accepted = len(output_token_ids)
+        return self
+
+
+class GrammarCompiler:
+    """An engine's compiler: the tokenizer's vocabulary analysed once, each distinct spec compiled once."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]):
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(eos_token_ids))
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(info)
+
+    def grammar(self, spec: StructuredOutput) -> RequestGrammar:
+        xgr = _xgrammar()
+        return RequestGrammar(xgr.GrammarMatcher(self._compiler.compile_grammar(grammar_of(spec))))
+
+
+def token_bitmask(grammars: list[RequestGrammar | None], output_token_ids: list[list[int]],
+                  vocab_size: int) -> torch.Tensor:
+    """[rows, ceil(V / 32)] int32: bit t of a row is set where token t may come next; every bit of a row without a
+    grammar is set."""
+    xgr = _xgrammar()
+    bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
+    for row, (grammar, output) in enumerate(zip(grammars, output_token_ids)):
+        if grammar is not None:
+            grammar.update(output).matcher.fill_next_token_bitmask(bitmask, row)
+    return bitmask
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """The logits with the tokens the bitmask leaves out at -inf, in place."""
+    _xgrammar().apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))
+    return logits
