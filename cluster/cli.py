@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from cluster.client import TandemClient, TandemError
 from cluster.config import ConfigError, cache_dir
@@ -84,6 +85,20 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="subtracted once from each generated token's logit (OpenAI's; default 0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtracted per occurrence from each generated token's logit (OpenAI's; default 0)")
+    g = p.add_argument_group("structured output (at most one; the output then ends where the structure does)")
+    kinds = g.add_mutually_exclusive_group()
+    kinds.add_argument("--json-schema", metavar="SCHEMA", type=_text_or_file, default=None,
+                       help="a JSON schema the output validates against: its JSON text, or a file holding it")
+    kinds.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    kinds.add_argument("--regex", default=None, help="a regular expression the whole output matches")
+    kinds.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    kinds.add_argument("--grammar", metavar="EBNF", type=_text_or_file, default=None,
+                       help="an EBNF grammar (xgrammar's GBNF) whose rule `root` is the output: its text, or a "
+                            "file holding it")
+
+
+def _text_or_file(value: str) -> str:
+    return Path(value).read_text() if os.path.isfile(value) else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,9 +223,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def sampling_params(args: argparse.Namespace):
-    from workers.engine.sampling_params import SamplingParams
+    from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
-    return SamplingParams(**_sampling_fields(args))
+    fields = _sampling_fields(args)
+    if fields["structured_output"] is not None:
+        fields["structured_output"] = StructuredOutput(**fields["structured_output"])
+    return SamplingParams(**fields)
 
 
 def connect(args: argparse.Namespace) -> TandemClient:
@@ -232,7 +250,14 @@ def _sampling_fields(args: argparse.Namespace) -> dict:
                 min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
                 min_tokens=args.min_tokens, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty)
+                frequency_penalty=args.frequency_penalty, structured_output=_structured_output(args))
+
+
+def _structured_output(args: argparse.Namespace) -> dict | None:
+    """The structured-output flag given, as the client's option (the engine's StructuredOutput by its fields)."""
+    given = dict(json=args.json_schema, json_object=args.json_object, regex=args.regex, choice=args.choice,
+                 grammar=args.grammar)
+    return next(({kind: value} for kind, value in given.items() if value), None)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from router.api_config import ApiConfig
 from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,16 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
              if s.HasField(name)}
     return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
                           ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output,
-                          logit_bias=dict(s.logit_bias))
+                          logit_bias=dict(s.logit_bias),
+                          structured_output=_structured(s.structured_output) if s.HasField("structured_output")
+                          else None)
+
+
+def _structured(s: pb.StructuredOutput) -> StructuredOutput:
+    """An empty message is refused by StructuredOutput, which names the kinds to choose from."""
+    kind = s.WhichOneof("kind")
+    given = {} if kind is None else {kind: tuple(s.choice.choices) if kind == "choice" else getattr(s, kind)}
+    return StructuredOutput(**given)
 
 
 def _unknown_field(message: Message, path: str = "") -> str | None:

@@ -112,6 +112,18 @@ def test_chat_takes_dicts_or_pairs_and_streams_the_same_reply(client):
     assert continued.usage.prompt_tokens == reply.usage.prompt_tokens + 3  # "The answer is", no turn opened
 
 
+def test_a_structured_output_option_holds_the_text(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for structure in ({"json": schema}, {"json": json.dumps(schema)}):
+        assert json.loads(client.generate("Answer:", structured_output=structure, max_tokens=20).text) in (
+            {"ok": True}, {"ok": False})
+    assert client.chat([("user", "Pick")], structured_output={"choice": ["a", "b"]}, max_tokens=4).text in ("a", "b")
+    for bad in ({}, {"json": schema, "regex": "x"}, {"yaml": "x"}):
+        with pytest.raises(TandemError, match="structured_output: give exactly one of json") as raised:
+            client.generate("hi", structured_output=bad)
+        assert raised.value.code == INVALID
+
+
 def test_tokenize_detokenize_models_and_health(client, model):
     ids = client.tokenize("Hello world")
     assert ids and all(isinstance(t, int) for t in ids)
@@ -277,6 +289,18 @@ def test_cli_generate_with_url_prints_the_clusters_completion(client):
     streamed = tandem("generate", "--url", URL, "--prompt", prompt, "--max-tokens", "5", "--temperature", "0")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == expected.text + "\n"
+
+
+def test_cli_structured_output_flags_reach_the_cluster(client, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}}, "required": ["n"]}')
+    out = tandem("generate", "--url", URL, "--prompt", "Count:", "--max-tokens", "20", "--json-schema", str(schema))
+    assert out.returncode == 0, out.stderr
+    assert list(json.loads(out.stdout)) == ["n"]
+    out = tandem("generate", "--url", URL, "--prompt", "Go", "--choice", "up", "--choice", "down", "--json")
+    assert json.loads(out.stdout)["text"] in ("up", "down")
+    out = tandem("generate", "--url", URL, "--prompt", "Go", "--regex", "a(b")
+    assert out.returncode == 1 and "structured_output: regex" in out.stderr
 
 
 def test_cli_chat_with_url_keeps_the_conversation(client):

@@ -6,6 +6,7 @@ pools; and a second, secured app checks TLS, the API key and back-pressure."""
 
 import asyncio
 import datetime
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.api_config import ApiConfig
 from workers.engine.llm import LLM
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -141,6 +142,24 @@ def test_prompt_logprobs_come_on_the_first_response_past_the_prefix_cache(stub, 
         assert all(entry[t] == pytest.approx(expected[t], abs=1e-4) for t in entry)
     assert [t for r in responses for t in r.token_ids] == offline.outputs[0].token_ids
     assert responses[-1].usage.cached_tokens == 0
+
+
+def test_a_structured_output_holds_across_both_groups_as_offline(stub, model):
+    """The prefill group picks the first token under the grammar, the decode group the rest after it: the offline
+    engine's tokens, sampled or greedy, in a text that matches."""
+    email = "[a-z]{2,6}@[a-z]{3,5}[.](com|org)"
+    llm = LLM(model, progress=False, num_kv_blocks=64)
+    for structure, sampled in ((dict(regex=email), dict(max_tokens=40, temperature=1.0, seed=5)),
+                               (dict(choice=("north", "south", "east")), dict(max_tokens=8, temperature=0.0))):
+        message = pb.StructuredOutput(**{k: pb.Choices(choices=v) if k == "choice" else v
+                                         for k, v in structure.items()})
+        responses = generate(stub, text="Write to", sampling=pb.SamplingParams(structured_output=message, **sampled))
+        offline = llm.generate(["Write to"], SamplingParams(structured_output=StructuredOutput(**structure),
+                                                            **sampled))[0].outputs[0]
+        assert [t for r in responses for t in r.token_ids] == offline.token_ids
+        text = "".join(r.text for r in responses)
+        assert responses[-1].finish_reason == "stop"
+        assert re.fullmatch(email, text) if "regex" in structure else text in structure["choice"]
 
 
 def test_a_chat_reply_can_continue_the_last_message(stub, model):
@@ -276,6 +295,14 @@ BAD_GENERATE = {
     "logit_bias 101": (dict(text="hi", sampling=sampling(logit_bias={5: 101})), INVALID, "logit_bias"),
     "min_p 1.5": (dict(text="hi", sampling=sampling(min_p=1.5)), INVALID, "min_p"),
     "min_tokens > max_tokens": (dict(text="hi", sampling=sampling(min_tokens=5)), INVALID, "min_tokens"),
+    "regex that does not parse": (dict(text="hi", sampling=sampling(structured_output=pb.StructuredOutput(
+        regex="a(b"))), INVALID, "structured_output: regex: Regex parsing error"),
+    "JSON schema that is not JSON": (dict(text="hi", sampling=sampling(structured_output=pb.StructuredOutput(
+        json="{type"))), INVALID, "structured_output: json"),
+    "structured output of no kind": (dict(text="hi", sampling=sampling(structured_output=pb.StructuredOutput())),
+                                     INVALID, "structured_output: give exactly one"),
+    "structured output ignoring EOS": (dict(text="hi", sampling=sampling(
+        ignore_eos=True, structured_output=pb.StructuredOutput(json_object=True))), INVALID, "ignore_eos"),
     "logit_bias token -1": (dict(text="hi", sampling=sampling(logit_bias={-1: 1})), INVALID, "logit_bias"),
     "logit_bias token = vocab": (dict(text="hi", sampling=sampling(logit_bias={VOCAB: 1})), INVALID, "logit_bias"),
     "oversized cache_salt": (dict(text="hi", cache_salt="s" * 257), INVALID, "cache_salt"),
