@@ -16,9 +16,10 @@
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, include_stop_str_in_output, request_id; for chat, add_generation_prompt and continue_final_message)
-and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. What the engine cannot do (suffix,
-best_of, tool calls, structured output, images) is refused with a 400 naming the field rather than silently
-ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
+and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured output comes as OpenAI's
+response_format (text.format for responses) or vLLM's structured_outputs (router/openai_structured.py). What the
+engine cannot do (suffix, best_of, tool calls, images) is refused with a 400 naming the field rather than
+silently ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
 completion's (the first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with;
 with max_tokens 0, the prompt alone.
 
@@ -39,7 +40,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,10 +52,11 @@ from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
+from router.openai_structured import ResponseFormat, requested_structure
 from router.response_store import ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,11 @@ class _Body(BaseModel):
     include_stop_str_in_output: bool | None = False
     request_id: str | None = None
     cache_salt: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionBody(_Body):
@@ -100,6 +107,7 @@ class CompletionBody(_Body):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ContentPart(BaseModel):
@@ -112,11 +120,6 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
 
 
 class ChatBody(_Body):
@@ -141,14 +144,9 @@ class InputItem(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
-    format: TextFormat | None = None
+    format: ResponseFormat | None = None
 
 
 class ResponsesBody(_Body):
@@ -271,9 +269,12 @@ class OpenAIApi:
         return shape
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
+        text_format = _text_format(body)
         echoed = {"instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
-                  "previous_response_id": body.previous_response_id}
+                  "previous_response_id": body.previous_response_id,
+                  "text": {"format": text_format.model_dump(by_alias=True, exclude_none=True)
+                           if text_format is not None else {"type": "text"}}}
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
         return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
@@ -411,7 +412,8 @@ class OpenAIApi:
             max_tokens = body.max_tokens
         else:
             max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, self._max_tokens_cap())
-        params = self._params(body, max_tokens, body.logprobs)
+        params = self._params(body, max_tokens, body.logprobs,
+                              requested_structure(body, "response_format", body.response_format, aliases))
         if body.echo and body.logprobs is not None:
             params = replace(params, prompt_logprobs=body.logprobs)
         aliases["prompt_logprobs"] = "logprobs"
@@ -420,14 +422,14 @@ class OpenAIApi:
     async def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
-        _check_extras(body.tools, body.tool_choice, "response_format",
-                      None if body.response_format is None else body.response_format.type)
+        _check_tools(body.tools, body.tool_choice)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
         aliases.update(logprobs="top_logprobs", prompt="messages")  # the prompt is the rendered messages
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs)
+        params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs,
+                              requested_structure(body, "response_format", body.response_format, aliases))
         return [{"messages": _messages(body.messages), "add_generation_prompt": body.add_generation_prompt is not False,
                  "continue_final_message": bool(body.continue_final_message)}], params
 
@@ -437,13 +439,13 @@ class OpenAIApi:
             raise invalid("background", "background responses are not supported")
         if body.n not in (None, 1):
             raise invalid("n", "a response has one output; use /v1/chat/completions for n > 1")
-        text_format = body.text.format if body.text is not None else None
-        _check_extras(body.tools, body.tool_choice, "text.format", None if text_format is None else text_format.type)
+        _check_tools(body.tools, body.tool_choice)
         logprobs_wanted = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
         aliases.update(max_tokens="max_output_tokens", logprobs="top_logprobs", prompt="input", messages="input")
         max_tokens = next((m for m in (body.max_output_tokens, body.max_tokens) if m is not None),
                           self._max_tokens_cap())
-        params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None)
+        params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None,
+                              requested_structure(body, "text.format", _text_format(body), aliases))
         instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
         earlier = []
         if body.previous_response_id:
@@ -455,14 +457,16 @@ class OpenAIApi:
         return min(self.ingress.api.max_tokens or model_len, model_len)
 
     @staticmethod
-    def _params(body: _Body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(body: _Body, max_tokens: int, logprobs: int | None,
+                structured_output: StructuredOutput | None) -> SamplingParams:
         given = {name: getattr(body, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
             "frequency_penalty", "repetition_penalty", "min_tokens") if getattr(body, name) is not None}
         if body.logit_bias:
             given["logit_bias"] = _token_biases(body.logit_bias)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos),
-                              include_stop_str_in_output=bool(body.include_stop_str_in_output), **given)
+                              include_stop_str_in_output=bool(body.include_stop_str_in_output),
+                              structured_output=structured_output, **given)
 
     def _choices(self, body: _Body, request_id: str, prompts: list[dict],
                  params: SamplingParams) -> list[GenerateRequest]:
@@ -515,14 +519,15 @@ def _no_stored_response(response_id: str, field: str) -> ApiError:
                                     f"false, deleted, or has expired)", field)
 
 
-def _check_extras(tools: list[dict] | None, tool_choice: str | dict | None, format_field: str,
-                  format_type: str | None) -> None:
-    """Tool calls and structured output need a parser or constrained decoding the engine lacks: refused, as vLLM
-    refuses tool calls it has no parser for, rather than answered as if the fields were not there."""
+def _check_tools(tools: list[dict] | None, tool_choice: str | dict | None) -> None:
+    """Tool calls need a parser for the model's tool-call format, which the engine lacks: refused, as vLLM refuses
+    tool calls it has no parser for, rather than answered as if the fields were not there."""
     if tools and tool_choice != "none":
         raise invalid("tools", "tool calls are not supported; send tool_choice: \"none\" to answer without them")
-    if format_type not in (None, "text"):
-        raise invalid(format_field, f"only the 'text' format is supported, got {format_type!r}")
+
+
+def _text_format(body: ResponsesBody) -> ResponseFormat | None:
+    return body.text.format if body.text is not None else None
 
 
 _INPUT_ROLES = {"user", "assistant", "system", "developer"}

@@ -41,7 +41,7 @@ class ResponsesShape:
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
                        "parallel_tool_calls": False, "store": store is not None,
-                       "text": {"format": {"type": "text"}}, "truncation": "disabled", **echoed}
+                       "truncation": "disabled", **echoed}
         self.sequence_number = 0
         self.tokens_sent = 0  # tokens whose logprobs a delta carried: text held back carries its tokens later
 

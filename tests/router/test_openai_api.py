@@ -4,13 +4,17 @@ counts what the engine did, errors have OpenAI's shape with the right status and
 and a client that hangs up mid-stream leaves no KV block in use."""
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
+import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 from ray import serve
 from transformers import AutoTokenizer
 
@@ -399,7 +403,8 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name
 
 @pytest.mark.parametrize("kwargs, param", [
     (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tools"),
-    (dict(text={"format": {"type": "json_object"}}), "text.format"),
+    (dict(text={"format": {"type": "xml"}}), "text.format.type"),
+    (dict(text={"format": {"type": "json_schema", "name": "answer"}}), "text.format.schema"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
      "input[0].content"),
     (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "42"}]), "input[0].type"),
@@ -439,15 +444,11 @@ def test_vllms_stop_extensions_keep_the_stop_string_and_hold_stops_back(client, 
     assert held.usage.completion_tokens > 4  # a stop string counts only from the fifth token on
 
 
-def test_tool_calls_and_structured_output_are_refused_not_ignored(client, model_name):
+def test_tool_calls_are_refused_not_ignored(client, model_name):
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=tools)
     assert refused.value.param == "tools"
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2,
-                                       response_format={"type": "json_object"})
-    assert refused.value.param == "response_format"
     answer = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=tools,
                                             tool_choice="none", response_format={"type": "text"})
     assert answer.choices[0].message.tool_calls is None
@@ -532,3 +533,65 @@ def test_a_client_that_hangs_up_mid_stream_frees_every_block(client, model_name,
         assert time.monotonic() < deadline, f"still busy: {stats}"
         time.sleep(0.2)
     assert metric(base_url, "tandem_requests_running") == 0
+
+
+class City(BaseModel):
+    """Bounded, so that even the tiny random model's output ends well within max_tokens."""
+
+    name: Literal["Paris", "London", "Rome"]
+    capital: bool
+    rank: int = Field(ge=1, le=9)
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                                "size": {"enum": ["small", "large"]}},
+               "required": ["code", "size"], "additionalProperties": False}
+
+
+def test_structured_output_follows_the_schema_the_openai_client_asks_for(client, model_name):
+    parsed = client.chat.completions.parse(model=model_name, messages=MESSAGES, max_tokens=40, temperature=0,
+                                           response_format=City)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    response_format = {"type": "json_schema", "json_schema": {"name": "code", "schema": CITY_SCHEMA, "strict": True}}
+    streamed = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=40, temperature=0.8,
+                                              seed=3, stream=True, response_format=response_format)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)),
+                        CITY_SCHEMA)
+    answer = client.responses.create(model=model_name, input="Name a city.", max_output_tokens=40, text={
+        "format": {"type": "json_schema", "name": "code", "schema": CITY_SCHEMA, "strict": True}})
+    jsonschema.validate(json.loads(answer.output_text), CITY_SCHEMA)
+    assert answer.text.format.type == "json_schema" and answer.text.format.name == "code"
+
+
+@pytest.mark.parametrize("extra, check", [
+    ({"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}}, lambda text: re.fullmatch("[0-9]{3}-[0-9]{4}", text)),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda text: text in ("yes", "no")),
+    ({"guided_choice": ["left", "right"]}, lambda text: text in ("left", "right")),
+    ({"structured_outputs": {"grammar": 'root ::= "x" [0-9] [0-9]'}}, lambda text: re.fullmatch("x[0-9]{2}", text)),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": CITY_SCHEMA}}},
+     lambda text: jsonschema.validate(json.loads(text), CITY_SCHEMA) or True),
+])
+def test_vllms_structured_outputs_hold_completions_and_every_choice(client, model_name, extra, check):
+    answer = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=40, temperature=1.0, n=3,
+                                       extra_body=extra)
+    for choice in answer.choices:
+        assert choice.finish_reason == "stop" and check(choice.text), choice.text
+
+
+@pytest.mark.parametrize("kwargs, param, message", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "c"}}), "response_format.json_schema.schema",
+     "needs its JSON schema"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "objectx"}}}),
+     "response_format", "json: Unsupported type"),
+    (dict(extra_body={"structured_outputs": {"regex": "a(b"}}), "structured_outputs", "regex: Regex parsing error"),
+    (dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs", "exactly one"),
+    (dict(extra_body={"guided_regex": "a", "structured_outputs": {"choice": ["b"]}}), "structured_outputs",
+     "not several"),
+    (dict(response_format={"type": "json_object"}, extra_body={"ignore_eos": True}), "response_format",
+     "cannot be combined with ignore_eos"),
+])
+def test_a_bad_structure_is_a_400_naming_the_field(client, model_name, kwargs, param, message):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**dict(model=model_name, messages=MESSAGES, max_tokens=4) | kwargs)
+    assert refused.value.param == param
+    assert refused.value.body["message"].startswith(param) and message in refused.value.body["message"]
