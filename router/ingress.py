@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
@@ -49,7 +50,8 @@ class GenerateRequest:
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None  # chat: role/content pairs, rendered with the model's template
+    messages: list[dict[str, Any]] | None = None  # chat: role/content pairs, rendered with the model's template
+    tools: list[dict] | None = None  # chat: OpenAI's function tools, for templates that describe them
     add_generation_prompt: bool = True  # chat: open the assistant's turn after the messages
     continue_final_message: bool = False  # chat: leave the last message open for the reply to continue
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -242,12 +244,14 @@ class Ingress:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                     or not isinstance(message.get("content"), str):
                 raise invalid(f"messages[{i}]", "must have a string role and a string content")
-            if message["role"] not in ("system", "user", "assistant"):
-                raise invalid(f"messages[{i}].role", f"must be system, user or assistant, got {message['role']!r}")
+            if message["role"] not in ("system", "user", "assistant", "tool"):
+                raise invalid(f"messages[{i}].role", f"must be system, user, assistant or tool, got "
+                                                     f"{message['role']!r}")
         if request.continue_final_message and request.add_generation_prompt:
             raise invalid("continue_final_message", "a reply either continues the last message or opens a new "
                                                     "turn: send add_generation_prompt: false with it")
-        return chat_token_ids(self.tokenizer, messages, request.add_generation_prompt, request.continue_final_message)
+        return chat_token_ids(self.tokenizer, messages, request.add_generation_prompt, request.continue_final_message,
+                              request.tools)
 
     async def __serve_build_asgi_app__(self):
         """Serve calls this once the replica is constructed: open the gRPC port here, on the replica's event

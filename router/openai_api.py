@@ -17,9 +17,10 @@
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, include_stop_str_in_output, request_id; for chat, add_generation_prompt and continue_final_message)
 and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured output comes as OpenAI's
-response_format (text.format for responses) or vLLM's structured_outputs (router/openai_structured.py). What the
-engine cannot do (suffix, best_of, tool calls, images) is refused with a 400 naming the field rather than
-silently ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
+response_format (text.format for responses) or vLLM's structured_outputs (router/openai_structured.py); a named
+or required tool_choice is a tool call held to the tool's schema (router/openai_tools.py). What the engine cannot
+do (suffix, best_of, automatic tool choice, images) is refused with a 400 naming the field rather than silently
+ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
 completion's (the first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with;
 with max_tokens 0, the prompt alone.
 
@@ -53,6 +54,7 @@ from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
+from router.openai_tools import ToolChoice, chat_tools, tool_choice
 from router.response_store import ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
@@ -120,6 +122,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatBody(_Body):
@@ -128,6 +132,7 @@ class ChatBody(_Body):
     continue_final_message: bool | None = False  # vLLM's: continue the last message instead
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -135,13 +140,16 @@ class ChatBody(_Body):
 
 
 class InputItem(BaseModel):
-    """An item of a Responses API input. Only messages (the default type) are taken: the other kinds carry tool
-    calls, their outputs or reasoning, which the engine has no use for."""
+    """An item of a Responses API input: a message (the default type), an earlier function call or its output."""
 
     model_config = ConfigDict(extra="allow")
     type: str = "message"
     role: str | None = None
     content: str | list[ContentPart] | None = None
+    call_id: str | None = None  # function_call, function_call_output
+    name: str | None = None  # function_call
+    arguments: str | None = None  # function_call
+    output: str | None = None  # function_call_output
 
 
 class TextConfig(BaseModel):
@@ -155,6 +163,7 @@ class ResponsesBody(_Body):
     max_output_tokens: int | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     top_logprobs: int | None = None
     include: list[str] | None = None
@@ -265,20 +274,22 @@ class OpenAIApi:
                           for c in choices]
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
                                  choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
-                                 prompt_only=not chat and _scores_prompt_only(body))
+                                 prompt_only=not chat and _scores_prompt_only(body),
+                                 tool_choice=_tool_choice(body) if chat else None)
         return shape
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
         text_format = _text_format(body)
         echoed = {"instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
+                  "parallel_tool_calls": body.parallel_tool_calls is not False,
                   "previous_response_id": body.previous_response_id,
                   "text": {"format": text_format.model_dump(by_alias=True, exclude_none=True)
                            if text_format is not None else {"type": "text"}}}
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
         return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
-                              self.store if body.store is not False else None, conversation)
+                              self.store if body.store is not False else None, conversation, _tool_choice(body))
 
     async def models(self, request: Request) -> Response:
         try:
@@ -422,15 +433,18 @@ class OpenAIApi:
     async def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
-        _check_tools(body.tools, body.tool_choice)
+        tools = _tool_choice(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
         aliases.update(logprobs="top_logprobs", prompt="messages")  # the prompt is the rendered messages
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        structure = _structure_or_tools(requested_structure(body, "response_format", body.response_format, aliases),
+                                        tools, aliases)
         params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs,
-                              requested_structure(body, "response_format", body.response_format, aliases))
-        return [{"messages": _messages(body.messages), "add_generation_prompt": body.add_generation_prompt is not False,
+                              structure)
+        return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
+                 "add_generation_prompt": body.add_generation_prompt is not False,
                  "continue_final_message": bool(body.continue_final_message)}], params
 
     async def _responses_request(self, body: ResponsesBody,
@@ -439,18 +453,20 @@ class OpenAIApi:
             raise invalid("background", "background responses are not supported")
         if body.n not in (None, 1):
             raise invalid("n", "a response has one output; use /v1/chat/completions for n > 1")
-        _check_tools(body.tools, body.tool_choice)
+        tools = _tool_choice(body)
         logprobs_wanted = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
         aliases.update(max_tokens="max_output_tokens", logprobs="top_logprobs", prompt="input", messages="input")
         max_tokens = next((m for m in (body.max_output_tokens, body.max_tokens) if m is not None),
                           self._max_tokens_cap())
-        params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None,
-                              requested_structure(body, "text.format", _text_format(body), aliases))
+        structure = _structure_or_tools(requested_structure(body, "text.format", _text_format(body), aliases),
+                                        tools, aliases)
+        params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None, structure)
         instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
         earlier = []
         if body.previous_response_id:
             earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
-        return [{"messages": instructions + earlier + _input_messages(body.input)}], params
+        return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
+            params
 
     def _max_tokens_cap(self) -> int:
         model_len = self.ingress.model.max_model_len
@@ -519,11 +535,20 @@ def _no_stored_response(response_id: str, field: str) -> ApiError:
                                     f"false, deleted, or has expired)", field)
 
 
-def _check_tools(tools: list[dict] | None, tool_choice: str | dict | None) -> None:
-    """Tool calls need a parser for the model's tool-call format, which the engine lacks: refused, as vLLM refuses
-    tool calls it has no parser for, rather than answered as if the fields were not there."""
-    if tools and tool_choice != "none":
-        raise invalid("tools", "tool calls are not supported; send tool_choice: \"none\" to answer without them")
+def _tool_choice(body: ChatBody | ResponsesBody) -> ToolChoice | None:
+    return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False)
+
+
+def _structure_or_tools(structure: StructuredOutput | None, tools: ToolChoice | None,
+                        aliases: dict[str, str]) -> StructuredOutput | None:
+    """What holds the output: the format asked for, or the tool call's schema (never both)."""
+    if tools is None:
+        return structure
+    if structure is not None:
+        raise invalid(aliases["structured_output"], "a tool call's arguments follow its tool's schema: ask for a "
+                                                    "tool call or a format, not both")
+    aliases["structured_output"] = "tools"
+    return tools.structure
 
 
 def _text_format(body: ResponsesBody) -> ResponseFormat | None:
@@ -534,17 +559,22 @@ _INPUT_ROLES = {"user", "assistant", "system", "developer"}
 _INPUT_TEXT_PARTS = {"input_text", "output_text", "text"}
 
 
-def _input_messages(items: str | list[InputItem]) -> list[dict[str, str]]:
+def _input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
     """A Responses API input as role/content pairs: text is one user message; message items keep their roles
-    (developer as system), their text parts joined."""
+    (developer as system), their text parts joined; a function call is an assistant's tool call, its output a
+    tool message, as chat templates take them."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     if not items:
         raise invalid("input", "must not be empty")
     rendered = []
     for i, item in enumerate(items):
+        if item.type in ("function_call", "function_call_output"):
+            rendered.append(_function_item(item, f"input[{i}]"))
+            continue
         if item.type != "message":
-            raise invalid(f"input[{i}].type", f"only message items are supported, got {item.type!r}")
+            raise invalid(f"input[{i}].type", f"only message, function_call and function_call_output items are "
+                                              f"supported, got {item.type!r}")
         if item.role not in _INPUT_ROLES:
             raise invalid(f"input[{i}].role", f"must be user, assistant, system or developer, got {item.role!r}")
         content = item.content
@@ -556,8 +586,20 @@ def _input_messages(items: str | list[InputItem]) -> list[dict[str, str]]:
     return rendered
 
 
-def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Role/content pairs for the chat template: text parts joined, OpenAI's 'developer' role as 'system'."""
+def _function_item(item: InputItem, where: str) -> dict[str, Any]:
+    if item.call_id is None:
+        raise invalid(f"{where}.call_id", f"a {item.type} item needs its call_id")
+    if item.type == "function_call_output":
+        return {"role": "tool", "tool_call_id": item.call_id, "content": item.output or ""}
+    if item.name is None:
+        raise invalid(f"{where}.name", "a function_call item needs the function's name")
+    call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments or ""}}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Role/content pairs for the chat template: text parts joined, OpenAI's 'developer' role as 'system'; an
+    assistant's tool calls and a tool message's call id kept for templates that render them."""
     rendered = []
     for i, message in enumerate(messages):
         content = message.content
@@ -567,6 +609,10 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
             content = "\n".join(part.text for part in content)
         role = "system" if message.role == "developer" else message.role
         rendered.append({"role": role, "content": content or ""})
+        if message.tool_calls:
+            rendered[-1]["tool_calls"] = message.tool_calls
+        if message.tool_call_id is not None:
+            rendered[-1]["tool_call_id"] = message.tool_call_id
     return rendered
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from router.errors import ApiError, Kind, classify
 from router.ingress import Ingress
+from router.openai_tools import ToolChoice, tool_call
 from router.streams import merged
 from workers.engine.outputs import CompletionOutput, RequestOutput
 
@@ -24,9 +25,12 @@ class ResponseShape:
     one choice per cluster request (n for each prompt, in order)."""
 
     def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
-                 include_usage: bool, echoes: list[str] | None = None, prompt_only: bool = False):
+                 include_usage: bool, echoes: list[str] | None = None, prompt_only: bool = False,
+                 tool_choice: ToolChoice | None = None):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
+        self.tool_choice = tool_choice  # chat: each reply is a tool call (router/openai_tools.py)
+        self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
@@ -47,7 +51,7 @@ class ResponseShape:
                                                            out if self.echoes is not None else None),
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": completion.text}
+                choice["message"], choice["finish_reason"] = self._message(completion)
             else:
                 choice["text"] = self._echo(index) + completion.text
             choices.append(choice)
@@ -59,8 +63,8 @@ class ResponseShape:
         try:
             if self.chat:
                 for index in range(len(firsts)):
-                    yield self._chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                              "finish_reason": None})
+                    yield self._chunk(index, {"delta": {"role": "assistant", "content": (
+                        "" if self.tool_choice is None else None)}, "logprobs": None, "finish_reason": None})
             for index, first in enumerate(firsts):
                 chunk = self._delta(index, first)
                 if chunk:
@@ -102,10 +106,43 @@ class ResponseShape:
         if finish_reason is not None:
             choice["stop_reason"] = completion.stop_reason
         if self.chat:
-            choice["delta"] = {"content": completion.delta_text} if completion.delta_text else {}
+            delta = self._chat_delta(index, completion, finish_reason)
+            if delta is None:
+                return None
+            choice["delta"], choice["finish_reason"] = delta
         else:
             choice["text"] = text
         return self._chunk(index, choice)
+
+    def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        """A whole reply and its finish reason: its tool calls, when it is a whole one, or its text."""
+        calls = None
+        if self.tool_choice is not None and completion.finish_reason == "stop":
+            calls = self.tool_choice.calls(completion.text)
+        if calls is None:
+            return {"role": "assistant", "content": completion.text}, completion.finish_reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
+    def _chat_delta(self, index: int, completion: CompletionOutput,
+                    finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
+        """A chunk's delta and finish reason; None: nothing to send yet. A named call streams its arguments as
+        they come; a list of calls ("required") is sent whole at the end, once it parses."""
+        choice = self.tool_choice
+        if choice is None:
+            return ({"content": completion.delta_text} if completion.delta_text else {}), finish_reason
+        if choice.name is None:
+            if finish_reason is None:
+                return None
+            message, finish_reason = self._message(completion)
+            calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
+            return ({"tool_calls": calls} if calls else {"content": message["content"]}), finish_reason
+        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        if index not in self.calls_started:
+            self.calls_started.add(index)
+            return {"tool_calls": [{"index": 0, **tool_call(choice.name, completion.delta_text)}]}, finish_reason
+        if not completion.delta_text:
+            return {}, finish_reason
+        return {"tool_calls": [{"index": 0, "function": {"arguments": completion.delta_text}}]}, finish_reason
 
     def _chunk(self, index: int, choice: dict[str, Any]) -> str:
         chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": index, **choice}]}

@@ -1,11 +1,13 @@
-"""The Responses API's shape (POST /v1/responses): one response object holding one assistant message, whole or as
-OpenAI's typed stream of events (router/openai_api.py builds the request; router/openai_responses.py shapes the
-older endpoints).
+"""The Responses API's shape (POST /v1/responses): one response object holding one assistant message (or, when
+the request forces a tool call, its function calls), whole or as OpenAI's typed stream of events
+(router/openai_api.py builds the request; router/openai_responses.py shapes the older endpoints).
 
 A stream goes: response.created, response.in_progress, response.output_item.added, response.content_part.added,
 a response.output_text.delta per release of text, then the .done events of the text, the part and the item, and
 last response.completed, or response.incomplete when max_output_tokens cut the answer short. Every event has a
-sequence_number and its type both as the SSE event name and in its data. A failure after the stream started is an
+sequence_number and its type both as the SSE event name and in its data. Function calls are streamed once the
+reply is whole and parses, each as response.output_item.added, response.function_call_arguments.delta and .done,
+and response.output_item.done. A failure after the stream started is an
 `error` event followed by response.failed. A finished response is stored (router/response_store.py) before the
 client sees its end, so the next turn can continue from it at once; with store: false, or no store, it is not.
 """
@@ -19,6 +21,7 @@ from typing import Any
 from router.errors import Kind, classify
 from router.ingress import Ingress
 from router.openai_responses import error_body, sse, token_logprobs
+from router.openai_tools import ToolChoice
 from router.response_store import ResponseStore
 from router.streams import merged
 from workers.engine.outputs import RequestOutput
@@ -29,18 +32,21 @@ logger = logging.getLogger(__name__)
 
 class ResponsesShape:
     def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any],
-                 store: ResponseStore | None, conversation: list[dict[str, str]]):
+                 store: ResponseStore | None, conversation: list[dict[str, Any]],
+                 tool_choice: ToolChoice | None = None):
         """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...);
-        `conversation`: the messages the reply answers, stored with it for a continuation."""
+        `conversation`: the messages the reply answers, stored with it for a continuation; `tool_choice`: the
+        reply is a tool call (router/openai_tools.py)."""
         self.tokenizer = ingress.tokenizer
         self.params = params
+        self.tool_choice = tool_choice
         self.store = store
         self.conversation = conversation
         self.message_id = f"msg_{request_id}"
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
-                       "parallel_tool_calls": False, "store": store is not None,
+                       "store": store is not None,
                        "truncation": "disabled", **echoed}
         self.sequence_number = 0
         self.tokens_sent = 0  # tokens whose logprobs a delta carried: text held back carries its tokens later
@@ -50,11 +56,14 @@ class ResponsesShape:
         completion = out.outputs[0]
         incomplete = completion.finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
-        response = self._response(status, [self._message(out, status)], usage=_usage(out),
+        calls = self.tool_choice.calls(completion.text) if self.tool_choice is not None and not incomplete else None
+        output = [self._message(out, status)] if calls is None else [_function_call(call) for call in calls]
+        response = self._response(status, output, usage=_usage(out),
                                   incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                                   completed_at=None if incomplete else int(time.time()))
         if self.store is not None:
-            reply = {"role": "assistant", "content": completion.text}
+            reply = {"role": "assistant", "content": completion.text} if calls is None else \
+                {"role": "assistant", "content": "", "tool_calls": calls}
             response["store"] = await self.store.save(response, [*self.conversation, reply])
         return response
 
@@ -64,6 +73,10 @@ class ResponsesShape:
         try:
             yield self._event("response.created", response=self._response("in_progress", []))
             yield self._event("response.in_progress", response=self._response("in_progress", []))
+            if self.tool_choice is not None:
+                async for event in self._whole_output_events(last, streams):
+                    yield event
+                return
             yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
             yield self._event("response.content_part.added", **self._at(), part=self._part("", []))
             delta = self._delta(last)
@@ -90,6 +103,31 @@ class ResponsesShape:
             yield self._event("response.failed", response=self._response(
                 "failed", [], error={"code": "server_error" if error.kind is Kind.INTERNAL else body["type"],
                                      "message": body["message"]}))
+
+    async def _whole_output_events(self, last: RequestOutput,
+                                   streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+        """A tool call's events, sent once the reply is whole: its function calls, or the text that did not make
+        one (cut short by max_output_tokens)."""
+        async with aclosing(merged(streams)) as rest:
+            async for _, last in rest:
+                pass
+        done = await self.response([last])
+        for index, item in enumerate(done["output"]):
+            yield self._event("response.output_item.added", output_index=index, item=_started(item))
+            if item["type"] == "function_call":
+                at = {"item_id": item["id"], "output_index": index}
+                yield self._event("response.function_call_arguments.delta", **at, delta=item["arguments"])
+                yield self._event("response.function_call_arguments.done", **at, arguments=item["arguments"])
+            else:
+                [part] = item["content"]
+                yield self._event("response.content_part.added", **self._at(), part=self._part("", []))
+                yield self._event("response.output_text.delta", **self._at(), delta=part["text"],
+                                  logprobs=part["logprobs"])
+                yield self._event("response.output_text.done", **self._at(), text=part["text"],
+                                  logprobs=part["logprobs"])
+                yield self._event("response.content_part.done", **self._at(), part=part)
+            yield self._event("response.output_item.done", output_index=index, item=item)
+        yield self._event(f"response.{done['status']}", response=done)
 
     def _delta(self, out: RequestOutput) -> str | None:
         completion = out.outputs[0]
@@ -129,6 +167,18 @@ class ResponsesShape:
         event = {"type": kind, "sequence_number": self.sequence_number, **fields}
         self.sequence_number += 1
         return sse(event, event=kind)
+
+
+def _function_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A chat tool call as a Responses API output item."""
+    return {"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": "completed",
+            "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+
+def _started(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item as response.output_item.added announces it: in progress, nothing in it yet."""
+    empty = {"arguments": ""} if item["type"] == "function_call" else {"content": []}
+    return {**item, "status": "in_progress", **empty}
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:

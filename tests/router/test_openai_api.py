@@ -402,12 +402,14 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tools"),
+    (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tool_choice"),
     (dict(text={"format": {"type": "xml"}}), "text.format.type"),
     (dict(text={"format": {"type": "json_schema", "name": "answer"}}), "text.format.schema"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
      "input[0].content"),
-    (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "42"}]), "input[0].type"),
+    (dict(input=[{"type": "reasoning", "summary": []}]), "input[0].type"),
+    (dict(input=[{"type": "function_call_output", "output": "42"}]), "input[0].call_id"),
+    (dict(input=[{"type": "function_call", "call_id": "c", "arguments": "{}"}]), "input[0].name"),
     (dict(input=[{"role": "tool", "content": "42"}]), "input[0].role"),
     (dict(input=[]), "input"),
     (dict(input="hi " * 2000), "input"),  # over the context
@@ -444,12 +446,80 @@ def test_vllms_stop_extensions_keep_the_stop_string_and_hold_stops_back(client, 
     assert held.usage.completion_tokens > 4  # a stop string counts only from the fifth token on
 
 
-def test_tool_calls_are_refused_not_ignored(client, model_name):
-    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "required": ["zone"], "additionalProperties": False,
+                                       "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}}}}}
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, CLOCK)}
+
+
+def streamed_calls(chunks) -> tuple[list[dict], set]:
+    """Tool calls put together from a stream's deltas, as the openai client's users do, and the finish reasons."""
+    calls: dict[int, dict] = {}
+    finish = set()
+    for chunk in chunks:
+        for choice in chunk.choices:
+            finish.add(choice.finish_reason)
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = call["id"] or delta.id
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish - {None}
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_a_forced_tool_choice_is_a_tool_call_whole_or_streamed(client, model_name, tool_choice):
+    """Named: one call of that function; required: calls of the request's tools (here one, as
+    parallel_tool_calls false asks: the random model would go on listing calls). Either way each call's arguments
+    follow its tool's schema, and the stream puts together the same calls."""
+    request = dict(model=model_name, messages=MESSAGES, tools=[WEATHER, CLOCK], tool_choice=tool_choice,
+                   parallel_tool_calls=False, max_tokens=60, temperature=0)
+    whole = client.chat.completions.create(**request).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    calls = whole.message.tool_calls
+    assert len(calls) == 1 and all(call.type == "function" and call.id.startswith("call_") for call in calls)
+    if isinstance(tool_choice, dict):
+        assert [call.function.name for call in calls] == ["get_weather"]
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    streamed, finish = streamed_calls(client.chat.completions.create(**request, stream=True))
+    assert finish == {"tool_calls"}
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+    assert all(c["id"] and c["id"].startswith("call_") for c in streamed)
+
+
+def test_a_conversation_carries_the_calls_and_their_results(client, model_name):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "C"}'}}
+    messages = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    answer = client.chat.completions.create(model=model_name, messages=messages, tools=[WEATHER], tool_choice="none",
+                                            max_tokens=4, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+    assert answer.usage.prompt_tokens > client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=1).usage.prompt_tokens
+
+
+@pytest.mark.parametrize("kwargs, param, message", [
+    (dict(tools=[WEATHER]), "tool_choice", '"auto" needs a parser'),
+    (dict(tools=[WEATHER], tool_choice="auto"), "tool_choice", '"auto" needs a parser'),
+    (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}), "tool_choice",
+     "not among the request's tools"),
+    (dict(tool_choice="required"), "tool_choice", "no tools"),
+    (dict(tools=[{"type": "web_search"}], tool_choice="required"), "tools[0]", "only function tools"),
+    (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "response_format",
+     "not both"),
+])
+def test_a_tool_choice_the_server_cannot_honour_is_a_400(client, model_name, kwargs, param, message):
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=tools)
-    assert refused.value.param == "tools"
-    answer = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=tools,
+        client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, **kwargs)
+    assert refused.value.param == param and message in refused.value.body["message"]
+    answer = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, tools=[WEATHER],
                                             tool_choice="none", response_format={"type": "text"})
     assert answer.choices[0].message.tool_calls is None
 
@@ -595,3 +665,32 @@ def test_a_bad_structure_is_a_400_naming_the_field(client, model_name, kwargs, p
         client.chat.completions.create(**dict(model=model_name, messages=MESSAGES, max_tokens=4) | kwargs)
     assert refused.value.param == param
     assert refused.value.body["message"].startswith(param) and message in refused.value.body["message"]
+
+
+def test_a_response_can_be_a_function_call_and_continue_from_its_output(client, model_name):
+    """The Responses API's layout of tools, calls and their outputs: a forced call comes back as function_call
+    items (streamed once whole), and its output, sent as the next input, continues the stored conversation."""
+    weather = {"type": "function", **WEATHER["function"]}
+    request = dict(model=model_name, input="What is the weather in Paris?", tools=[weather, {
+        "type": "function", **CLOCK["function"]}], tool_choice={"type": "function", "name": "get_weather"},
+                   max_output_tokens=60, temperature=0)
+    whole = client.responses.create(**request)
+    [call] = whole.output
+    assert (call.type, call.name, call.status, whole.status) == ("function_call", "get_weather", "completed",
+                                                                 "completed")
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_weather"])
+    with client.responses.stream(**request) as stream:
+        kinds = [event.type for event in stream]
+        [streamed] = stream.get_final_response().output
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]
+    assert (streamed.name, streamed.arguments) == (call.name, call.arguments) and streamed.call_id != call.call_id
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
+    follow_up = client.responses.create(model=model_name, previous_response_id=whole.id, input=[result],
+                                        max_output_tokens=4, temperature=0)
+    inline = client.responses.create(model=model_name, max_output_tokens=4, temperature=0, input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}, result])
+    assert follow_up.output_text and follow_up.output_text == inline.output_text
+    assert follow_up.usage.input_tokens == inline.usage.input_tokens

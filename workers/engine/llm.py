@@ -24,11 +24,11 @@ Message = dict[str, str]
 
 
 def chat_token_ids(tokenizer, messages: list[Message], add_generation_prompt: bool = True,
-                   continue_final_message: bool = False) -> list[int]:
+                   continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
     """A conversation rendered with the model's chat template, as token ids: by default the assistant's turn
     opened; with `continue_final_message` the last message left open instead, for the reply to carry on (an
-    answer's start given by the caller)."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+    answer's start given by the caller). `tools` (OpenAI's function tools) go to templates that describe them."""
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                               continue_final_message=continue_final_message, tokenize=True,
                                               return_dict=False))
 
