@@ -6,6 +6,8 @@
     tandem chat                                            # interactive conversation
     tandem generate --url localhost:50051 --prompt "Hi"    # ask a running cluster over gRPC instead
     tandem serve                                           # the cluster: ingress, prefill and decode pools
+    tandem convert model.gguf ./model-hf                   # a GGUF file as a Hugging Face folder
+    tandem generate --prompt "Hi" --choice yes --choice no # structured output (also --json-schema, --regex)
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
     tandem bench routing                                   # our router vs round-robin, power-of-two, ...
     tandem bench kernels                                   # Triton attention kernels vs torch vs the roofline
@@ -147,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     config_command.add_arguments(sub.add_parser("config", help=config_command.HELP))
 
+    from cluster.commands import convert
+
+    convert.add_arguments(sub.add_parser("convert", help=convert.HELP))
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from cluster.bench import chaos, engine, kernels, routing, soak, transfer
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import serve
 
             return serve.run(args)
+        if args.command == "convert":
+            from cluster.commands import convert
+
+            return convert.run(args)
         from cluster.bench import chaos, engine, kernels, routing, soak, transfer
 
         benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "soak": soak,

