@@ -233,12 +233,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def sampling_params(args: argparse.Namespace):
-    from workers.engine.sampling_params import SamplingParams, StructuredOutput
+    from workers.engine.sampling_params import SamplingParams
 
-    fields = _sampling_fields(args)
-    if fields["structured_output"] is not None:
-        fields["structured_output"] = StructuredOutput(**fields["structured_output"])
-    return SamplingParams(**fields)
+    return SamplingParams(**_sampling_fields(args))
 
 
 def connect(args: argparse.Namespace) -> TandemClient:
@@ -264,7 +261,7 @@ def _sampling_fields(args: argparse.Namespace) -> dict:
 
 
 def _structured_output(args: argparse.Namespace) -> dict | None:
-    """The structured-output flag given, as the client's option (the engine's StructuredOutput by its fields)."""
+    """The structured-output flag given, as a dict of StructuredOutput's fields (which the client takes too)."""
     given = dict(json=args.json_schema, json_object=args.json_object, regex=args.regex, choice=args.choice,
                  grammar=args.grammar)
     return next(({kind: value} for kind, value in given.items() if value), None)

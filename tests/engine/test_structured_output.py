@@ -139,6 +139,12 @@ def test_a_structure_names_exactly_one_kind(kinds):
         StructuredOutput(**kinds)
 
 
+def test_sampling_params_take_a_structure_as_a_dict_of_its_fields():
+    assert SamplingParams(structured_output={"json": PERSON}).structured_output == StructuredOutput(json=PERSON)
+    with pytest.raises(InvalidRequestError, match="structured_output: must be a StructuredOutput or a dict"):
+        SamplingParams(structured_output="json")
+
+
 @pytest.mark.parametrize("other", [dict(ignore_eos=True), dict(min_tokens=2)])
 def test_a_structure_leaves_the_end_to_its_grammar(smollm2, other):
     with pytest.raises(InvalidRequestError, match="structured_output: cannot be combined with ignore_eos or "

@@ -77,7 +77,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # also given as a dict {token id: bias}
-    structured_output: StructuredOutput | None = None
+    structured_output: StructuredOutput | None = None  # also given as a dict of its fields: {"json": schema}
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.
@@ -87,6 +87,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
+        if isinstance(self.structured_output, dict):
+            object.__setattr__(self, "structured_output", StructuredOutput(**self.structured_output))
         self.validate()
 
     @property
@@ -139,3 +141,6 @@ class SamplingParams:
             if not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
                 raise InvalidRequestError("logit_bias", f"biases must be in [-100, 100], got {value!r} for "
                                                         f"token {token}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise InvalidRequestError("structured_output", f"must be a StructuredOutput or a dict of its fields, got "
+                                                           f"{type(self.structured_output).__name__}")
