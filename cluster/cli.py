@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import chaos, engine, kernels, routing, soak, transfer
+    from cluster.bench import chaos, engine, kernels, routing, soak, structured, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos", help="cancel storms and killed ranks through the gRPC API: exact tokens, no hang, no leak",
         description="Rounds of concurrent streams cancelled at every phase, then SIGKILL of a decode rank and a "
                     "prefill rank under load; exits 1 if any promise is broken."))
+    structured.add_arguments(bench_sub.add_parser(
+        "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
     soak.add_arguments(bench_sub.add_parser(
         "soak", help="steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
         description="Samples every cluster process's memory, each pool's free KV blocks and the router's KV "
@@ -207,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import convert
 
             return convert.run(args)
-        from cluster.bench import chaos, engine, kernels, routing, soak, transfer
+        from cluster.bench import chaos, engine, kernels, routing, soak, structured, transfer
 
         benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "soak": soak,
-                   "transfer": transfer}
+                   "structured": structured, "transfer": transfer}
         return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)

@@ -90,3 +90,14 @@ def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_mo
                for r in doc["results"])
     assert all(r["ttft_stages_mean_s"]["prefill_compute_s"] > 0 for r in doc["results"])
     assert "of oracle" in out.stdout and "mean TTFT by stage" in out.stdout
+
+
+def test_quick_structured_bench_compares_free_and_schema_runs(tmp_path, capsys):
+    path = tmp_path / "structured.json"
+    assert main(["bench", "structured", "--quick", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    free, schema = doc["results"]["free"], doc["results"]["json-schema"]
+    assert free["requests"] == schema["requests"] == doc["config"]["requests"]
+    assert schema["valid"] == schema["requests"]  # every reply parses and has the schema's keys
+    assert doc["tokens_per_s_ratio"] == pytest.approx(schema["output_tokens_per_s"] / free["output_tokens_per_s"])
+    assert "json-schema / free output tokens per second" in capsys.readouterr().out
