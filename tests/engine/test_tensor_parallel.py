@@ -7,6 +7,7 @@ workers/engine/follower.py until rank 0 shuts the group down.
 
 import datetime
 import queue
+import re
 
 import pytest
 import torch
@@ -22,17 +23,18 @@ from workers.engine.config import (
     SchedulerConfig,
 )
 from workers.engine.follower import Follower
+from workers.engine.llm import LLM
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.parallel import TensorParallel, shard_heads
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 pytestmark = pytest.mark.slow
 
 _TIMEOUT_S = 120
 
 
-def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]], new_tokens: int,
-               prompt_logprobs: int | None, results: mp.Queue) -> None:
+def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]], params: SamplingParams,
+               results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
@@ -44,8 +46,6 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
             results.put((rank, "stopped"))
             return
         engine = LLMEngine(config, tp=tp)
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True,
-                                prompt_logprobs=prompt_logprobs)
         ids = [engine.add_request(p, params) for p in prompts]
         done: dict[str, tuple[list[int], list | None]] = {}
         while engine.has_unfinished_requests():
@@ -57,14 +57,13 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
         results.put((rank, repr(e)))
 
 
-def generate_tp(model: str, size: int, prompts: list[list[int]], new_tokens: int,
-                prompt_logprobs: int | None = None) -> list[tuple[list[int], list | None]]:
+def generate_tp(model: str, size: int, prompts: list[list[int]],
+                params: SamplingParams) -> list[tuple[list[int], list | None]]:
     """Rank 0's greedy tokens and prompt logprobs, once every follower has stopped cleanly."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, new_tokens,
-                                                          prompt_logprobs, results))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -84,7 +83,8 @@ def generate_tp(model: str, size: int, prompts: list[list[int]], new_tokens: int
 
 def assert_matches_hf(path, size: int, prompts: list[list[int]], new_tokens: int) -> None:
     expected = [hf_greedy(path, p, new_tokens) for p in prompts]
-    assert [tokens for tokens, _ in generate_tp(str(path), size, prompts, new_tokens)] == expected
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    assert [tokens for tokens, _ in generate_tp(str(path), size, prompts, greedy)] == expected
 
 
 @pytest.mark.parametrize(("arch", "size"), [("llama", 2), ("qwen2", 2), ("llama", 4)])
@@ -98,10 +98,23 @@ def test_prompt_logprobs_under_tensor_parallelism_match_hf(tiny_model_factory):
     """Every rank runs the vocab-parallel head on the prompt positions too, chunk by chunk, in step with rank 0."""
     path = tiny_model_factory("llama")
     prompts = random_prompts(4, [9, 70])
-    outs = generate_tp(str(path), 2, prompts, 4, prompt_logprobs=2)
+    outs = generate_tp(str(path), 2, prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                             prompt_logprobs=2))
     for prompt, (tokens, prompt_logprobs) in zip(prompts, outs):
         assert tokens == hf_greedy(path, prompt, 4)
         assert_prompt_logprobs_match_hf(prompt_logprobs, prompt, path, 2)
+
+
+def test_a_structured_output_under_tensor_parallelism_is_one_ranks(tiny_model_factory):
+    """Rank 0 masks the logits the vocab-parallel head gathered from every rank: the tokens of one rank alone."""
+    path = tiny_model_factory("llama")
+    email = "[a-z]{2,6}@[a-z]{3,5}[.](com|org)"
+    params = SamplingParams(max_tokens=32, temperature=0.0, structured_output=StructuredOutput(regex=email))
+    prompts = random_prompts(5, [9, 40])
+    alone = LLM(str(path), num_kv_blocks=64, progress=False).generate(prompts, params)
+    assert [tokens for tokens, _ in generate_tp(str(path), 2, prompts, params)] == \
+        [out.outputs[0].token_ids for out in alone]
+    assert all(re.fullmatch(email, out.outputs[0].text) for out in alone)
 
 
 def test_smollm2_three_ranks_match_hf(smollm2_path):
