@@ -22,6 +22,8 @@ class StructuredOutput:
     def __post_init__(self):
         if isinstance(self.json, dict):
             object.__setattr__(self, "json", json.dumps(self.json))
+        if isinstance(self.choice, str):
+            raise InvalidRequestError("structured_output", "choice must be a list of strings, got one string")
         object.__setattr__(self, "choice", tuple(self.choice))
         given = [name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name)]
         if len(given) != 1:

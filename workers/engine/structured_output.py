@@ -42,6 +42,11 @@ def grammar_of(spec: StructuredOutput):
     """The xgrammar Grammar the spec stands for; a schema, regex or grammar it cannot parse is refused, naming the
     field and why."""
     xgr = _xgrammar()
+    if spec.json is not None:
+        try:
+            json.loads(spec.json)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(FIELD, f"json: the schema is not valid JSON ({e})") from None
     try:
         if spec.json is not None or spec.json_object:
             return xgr.Grammar.from_json_schema(spec.json or '{"type": "object"}', any_whitespace=False)
