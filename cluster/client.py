@@ -136,6 +136,7 @@ class Options(TypedDict, total=False):
     min_tokens: int | None  # generated before EOS, stop tokens or stop strings may end it
     min_p: float | None  # drop tokens less likely than min_p x the likeliest
     prompt_logprobs: int | None  # top-N log-probabilities per prompt token after the first
+    skip_special_tokens: bool | None  # leave special tokens out of the text (the server's default: true)
     # What the output must match, one of: {"json": a JSON schema (a dict or JSON text)}, {"json_object": True},
     # {"regex": ...}, {"choice": [strings]}, {"grammar": EBNF whose rule root is the output}
     structured_output: Mapping[str, Any] | None
@@ -149,7 +150,8 @@ class Options(TypedDict, total=False):
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "logprobs", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "logit_bias", "min_tokens", "min_p", "prompt_logprobs", "structured_output")
+                   "repetition_penalty", "logit_bias", "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens",
+                   "structured_output")
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 _OPTIONS = frozenset(Options.__annotations__)
 

@@ -149,7 +149,7 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
     """The engine's params from the message: unset optional fields keep the engine's defaults."""
     given = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
                                                  "presence_penalty", "frequency_penalty", "repetition_penalty",
-                                                 "min_tokens", "min_p", "prompt_logprobs")
+                                                 "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens")
              if s.HasField(name)}
     return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
                           ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output,

@@ -15,14 +15,14 @@
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, include_stop_str_in_output, request_id; for chat, add_generation_prompt and continue_final_message)
-and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured output comes as OpenAI's
-response_format (text.format for responses) or vLLM's structured_outputs (router/openai_structured.py); a named
-or required tool_choice is a tool call held to the tool's schema (router/openai_tools.py). What the engine cannot
-do (suffix, best_of, automatic tool choice, images) is refused with a 400 naming the field rather than silently
-ignored. echo puts the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the
-completion's (the first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with;
-with max_tokens 0, the prompt alone.
+stop_token_ids, include_stop_str_in_output, skip_special_tokens, request_id; for chat, add_generation_prompt and
+continue_final_message) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured
+output comes as OpenAI's response_format (text.format for responses) or vLLM's structured_outputs
+(router/openai_structured.py); a named or required tool_choice is a tool call held to the tool's schema
+(router/openai_tools.py). What the engine cannot do (suffix, best_of, automatic tool choice, images) is refused
+with a 400 naming the field rather than silently ignored. echo puts the prompt before each completion and, with
+logprobs, the prompt tokens' logprobs before the completion's (the first one null), as OpenAI's legacy completions
+did and evaluation harnesses score prompts with; with max_tokens 0, the prompt alone.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -94,6 +94,7 @@ class _Body(BaseModel):
     ignore_eos: bool | None = False
     min_tokens: int | None = None
     include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
     request_id: str | None = None
     cache_salt: str | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -482,6 +483,7 @@ class OpenAIApi:
             given["logit_bias"] = _token_biases(body.logit_bias)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos),
                               include_stop_str_in_output=bool(body.include_stop_str_in_output),
+                              skip_special_tokens=body.skip_special_tokens is not False,
                               structured_output=structured_output, **given)
 
     def _choices(self, body: _Body, request_id: str, prompts: list[dict],

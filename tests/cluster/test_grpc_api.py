@@ -162,6 +162,14 @@ def test_a_structured_output_holds_across_both_groups_as_offline(stub, model):
         assert re.fullmatch(email, text) if "regex" in structure else text in structure["choice"]
 
 
+def test_special_tokens_come_back_in_the_text_only_when_asked(stub):
+    fields = dict(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={1: 100.0})  # 1: <|im_start|>
+    skipped = generate(stub, text="hi", sampling=pb.SamplingParams(**fields))
+    kept = generate(stub, text="hi", sampling=pb.SamplingParams(skip_special_tokens=False, **fields))
+    assert [t for r in kept for t in r.token_ids] == [t for r in skipped for t in r.token_ids] == [1, 1, 1]
+    assert "".join(r.text for r in skipped) == "" and "".join(r.text for r in kept) == "<|im_start|>" * 3
+
+
 def test_a_chat_reply_can_continue_the_last_message(stub, model):
     from transformers import AutoTokenizer
 

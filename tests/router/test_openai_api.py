@@ -434,6 +434,13 @@ def test_logit_bias_and_penalties_steer_the_choice(client, model_name, tokenizer
     assert 1 <= penalised.count(tokens[0]) < 12
 
 
+def test_special_tokens_stay_out_of_the_text_unless_asked_for(client, model_name, tokenizer):
+    forced = dict(model=model_name, prompt=PROMPT, max_tokens=3, temperature=0, logit_bias={"1": 100})
+    skipped = client.completions.create(**forced, extra_body={"ignore_eos": True}).choices[0].text
+    kept = client.completions.create(**forced, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert skipped == "" and kept.choices[0].text == tokenizer.decode([1]) * 3 == "<|im_start|>" * 3
+
+
 def test_vllms_stop_extensions_keep_the_stop_string_and_hold_stops_back(client, model_name):
     text = client.completions.create(model=model_name, prompt=PROMPT, **GREEDY).choices[0].text
     stop = text[len(text) // 2:][:3]
