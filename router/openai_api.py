@@ -18,11 +18,12 @@ Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty
 stop_token_ids, include_stop_str_in_output, skip_special_tokens, request_id; for chat, add_generation_prompt and
 continue_final_message) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured
 output comes as OpenAI's response_format (text.format for responses) or vLLM's structured_outputs
-(router/openai_structured.py); a named or required tool_choice is a tool call held to the tool's schema
-(router/openai_tools.py). What the engine cannot do (suffix, best_of, automatic tool choice, images) is refused
-with a 400 naming the field rather than silently ignored. echo puts the prompt before each completion and, with
-logprobs, the prompt tokens' logprobs before the completion's (the first one null), as OpenAI's legacy completions
-did and evaluation harnesses score prompts with; with max_tokens 0, the prompt alone.
+(router/openai_structured.py); a named or required tool_choice is a tool call held to the tool's schema, and "auto"
+finds calls in the model's own format with api.tool_call_parser (router/openai_tools.py). What the engine cannot do
+(suffix, best_of, images) is refused with a 400 naming the field rather than silently ignored. echo puts the prompt
+before each completion and, with logprobs, the prompt tokens' logprobs before the completion's (the first one
+null), as OpenAI's legacy completions did and evaluation harnesses score prompts with; with max_tokens 0, the
+prompt alone.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -58,6 +59,7 @@ from router.openai_tools import ToolChoice, chat_tools, tool_choice
 from router.response_store import ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
+from router.tool_parsers import tool_call_parser
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 logger = logging.getLogger(__name__)
@@ -237,6 +239,7 @@ class OpenAIApi:
         self.ingress = ingress
         self.created = int(time.time())
         self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
+        self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, CompletionBody, self._completion_request, self._completion_shape(chat=False))
@@ -276,7 +279,7 @@ class OpenAIApi:
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
                                  choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
-                                 tool_choice=_tool_choice(body) if chat else None)
+                                 tool_choice=self._tools(body) if chat else None)
         return shape
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
@@ -290,7 +293,7 @@ class OpenAIApi:
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
         return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
-                              self.store if body.store is not False else None, conversation, _tool_choice(body))
+                              self.store if body.store is not False else None, conversation, self._tools(body))
 
     async def models(self, request: Request) -> Response:
         try:
@@ -434,7 +437,7 @@ class OpenAIApi:
     async def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
-        tools = _tool_choice(body)
+        tools = self._tools(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
@@ -442,8 +445,8 @@ class OpenAIApi:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         structure = _structure_or_tools(requested_structure(body, "response_format", body.response_format, aliases),
                                         tools, aliases)
-        params = self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(), logprobs,
-                              structure)
+        params = _for_tools(self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(),
+                                         logprobs, structure), tools)
         return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
                  "add_generation_prompt": body.add_generation_prompt is not False,
                  "continue_final_message": bool(body.continue_final_message)}], params
@@ -454,20 +457,24 @@ class OpenAIApi:
             raise invalid("background", "background responses are not supported")
         if body.n not in (None, 1):
             raise invalid("n", "a response has one output; use /v1/chat/completions for n > 1")
-        tools = _tool_choice(body)
+        tools = self._tools(body)
         logprobs_wanted = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
         aliases.update(max_tokens="max_output_tokens", logprobs="top_logprobs", prompt="input", messages="input")
         max_tokens = next((m for m in (body.max_output_tokens, body.max_tokens) if m is not None),
                           self._max_tokens_cap())
         structure = _structure_or_tools(requested_structure(body, "text.format", _text_format(body), aliases),
                                         tools, aliases)
-        params = self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None, structure)
+        params = _for_tools(self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None,
+                                         structure), tools)
         instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
         earlier = []
         if body.previous_response_id:
             earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
         return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
             params
+
+    def _tools(self, body: ChatBody | ResponsesBody) -> ToolChoice | None:
+        return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)
 
     def _max_tokens_cap(self) -> int:
         model_len = self.ingress.model.max_model_len
@@ -537,20 +544,21 @@ def _no_stored_response(response_id: str, field: str) -> ApiError:
                                     f"false, deleted, or has expired)", field)
 
 
-def _tool_choice(body: ChatBody | ResponsesBody) -> ToolChoice | None:
-    return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False)
-
-
 def _structure_or_tools(structure: StructuredOutput | None, tools: ToolChoice | None,
                         aliases: dict[str, str]) -> StructuredOutput | None:
-    """What holds the output: the format asked for, or the tool call's schema (never both)."""
-    if tools is None:
+    """What holds the output: the format asked for, or a forced tool call's schema (never both)."""
+    if tools is None or tools.structure is None:
         return structure
     if structure is not None:
         raise invalid(aliases["structured_output"], "a tool call's arguments follow its tool's schema: ask for a "
                                                     "tool call or a format, not both")
     aliases["structured_output"] = "tools"
     return tools.structure
+
+
+def _for_tools(params: SamplingParams, tools: ToolChoice | None) -> SamplingParams:
+    """A parser reads the format's markers, which some tokenizers count as special tokens: keep them in the text."""
+    return replace(params, skip_special_tokens=False) if tools is not None and tools.parser is not None else params
 
 
 def _text_format(body: ResponsesBody) -> ResponseFormat | None:

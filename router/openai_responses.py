@@ -31,6 +31,7 @@ class ResponseShape:
         self.chat = chat
         self.tool_choice = tool_choice  # chat: each reply is a tool call (router/openai_tools.py)
         self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
+        self.content_sent: dict[int, int] = {}  # streaming "auto": each choice's characters sent as content
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
@@ -115,21 +116,24 @@ class ResponseShape:
         return self._chunk(index, choice)
 
     def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:
-        """A whole reply and its finish reason: its tool calls, when it is a whole one, or its text."""
-        calls = None
-        if self.tool_choice is not None and completion.finish_reason == "stop":
-            calls = self.tool_choice.calls(completion.text)
-        if calls is None:
+        """A whole reply and its finish reason: its content and tool calls, when it makes any, or its text."""
+        if self.tool_choice is None:
             return {"role": "assistant", "content": completion.text}, completion.finish_reason
-        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        content, calls = self.tool_choice.reply(completion.text, completion.finish_reason == "stop")
+        if calls is None:
+            return {"role": "assistant", "content": content}, completion.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
     def _chat_delta(self, index: int, completion: CompletionOutput,
                     finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
         """A chunk's delta and finish reason; None: nothing to send yet. A named call streams its arguments as
-        they come; a list of calls ("required") is sent whole at the end, once it parses."""
+        they come; a list of calls ("required") is sent whole at the end, once it parses; with "auto", text streams
+        as content up to where a call may start, and the calls are sent at the end."""
         choice = self.tool_choice
         if choice is None:
             return ({"content": completion.delta_text} if completion.delta_text else {}), finish_reason
+        if choice.parser is not None:
+            return self._auto_delta(index, completion, finish_reason)
         if choice.name is None:
             if finish_reason is None:
                 return None
@@ -143,6 +147,21 @@ class ResponseShape:
         if not completion.delta_text:
             return {}, finish_reason
         return {"tool_calls": [{"index": 0, "function": {"arguments": completion.delta_text}}]}, finish_reason
+
+    def _auto_delta(self, index: int, completion: CompletionOutput,
+                    finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
+        sent = self.content_sent.get(index, 0)
+        if finish_reason is None:
+            upto = self.tool_choice.parser.content_so_far(completion.text)
+            self.content_sent[index] = max(sent, upto)
+            return ({"content": completion.text[sent:upto]}, None) if upto > sent else None
+        message, finish_reason = self._message(completion)
+        delta: dict[str, Any] = {}
+        if (message["content"] or "")[sent:]:
+            delta["content"] = message["content"][sent:]
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        return delta, finish_reason
 
     def _chunk(self, index: int, choice: dict[str, Any]) -> str:
         chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": index, **choice}]}

@@ -1,13 +1,14 @@
-"""Tool calls the engine makes without a parser for the model's own tool-call format, as vLLM makes them: the reply
-is held by a structured output to the tools' parameter schemas, then handed back as OpenAI's tool calls.
+"""Tool calls, as vLLM makes them. A forced choice needs no knowledge of the model's tool-call format: the reply
+is held by a structured output to the tools' parameter schemas, then handed back as OpenAI's tool calls. "auto"
+lets the model answer in text or call tools in its own format, which a parser for that format (api.
+tool_call_parser, router/tool_parsers.py) finds in the text.
 
     tool_choice {"type": "function", "function": {"name": N}}   the reply is N's arguments, one JSON object
     tool_choice "required"                                      a JSON array of one or more {"name", "parameters"}
                                                                 (one alone with parallel_tool_calls false)
+    tool_choice "auto" (the default with tools)                 text, tool calls or both, found by the parser;
+                                                                refused where none is configured, as vLLM does
     tool_choice "none"                                          plain text; the tools only reach the template
-    tool_choice "auto" (the default with tools)                 refused: which text is a call is up to the model's
-                                                                format, which needs a parser (vLLM refuses it too
-                                                                unless one is configured)
 
 The tools also go to the chat template, so a model trained for tools sees them as it was trained to.
 """
@@ -15,31 +16,40 @@ The tools also go to the chat template, so a model trained for tools sees them a
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.errors import invalid
 from workers.engine.sampling_params import StructuredOutput
+
+if TYPE_CHECKING:
+    from router.tool_parsers import HermesToolParser
 
 _ANY_OBJECT = {"type": "object"}
 
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """What the reply must be: the arguments of the function `name`, or (name None) a list of calls."""
+    """What the reply is: the arguments of the function `name`; (name None) a list of calls; or, with a `parser`
+    ("auto"), whatever the model says, calls found in it."""
 
     name: str | None
-    structure: StructuredOutput
+    structure: StructuredOutput | None
+    parser: "HermesToolParser | None" = None
 
-    def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """OpenAI's tool_calls for a finished reply; None where the text is not a whole call (cut off by
-        max_tokens)."""
+    def reply(self, text: str, stopped: bool) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """A finished reply's content and OpenAI tool_calls; (text, None) where it holds no whole call (a forced
+        call cut off by max_tokens: `stopped` false)."""
+        if self.parser is not None:
+            return self.parser.parse(text)
         try:
-            value = json.loads(text)
+            value = json.loads(text) if stopped else None
         except json.JSONDecodeError:
-            return None
+            value = None
+        if value is None:
+            return text, None
         if self.name is not None:
-            return [tool_call(self.name, text)]
-        return [tool_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
+            return None, [tool_call(self.name, text)]
+        return None, [tool_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
 
 
 def tool_call(name: str, arguments: str) -> dict[str, Any]:
@@ -50,16 +60,21 @@ def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: bool = True) -> ToolChoice | None:
-    """The tool call the request asks for, None for a reply in text; a choice the engine cannot honour is a 400."""
+def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: bool = True,
+                parser: "HermesToolParser | None" = None) -> ToolChoice | None:
+    """The tool call the request asks for, None for a reply in text; a choice the engine cannot honour is a 400.
+    `parser`: the deployment's, which "auto" needs."""
     if not tools or choice == "none":
         if isinstance(choice, dict) or choice == "required":
             raise invalid("tool_choice", "names a tool call, but the request has no tools")
         return None
     schemas = _parameter_schemas(tools)
     if choice is None or choice == "auto":
-        raise invalid("tool_choice", "\"auto\" needs a parser for the model's tool-call format, which this server "
-                                     "lacks: send \"required\", name a function, or send \"none\"")
+        if parser is None:
+            raise invalid("tool_choice", "\"auto\" needs a parser for the model's tool-call format, which this "
+                                         "server is not configured with (api.tool_call_parser): send \"required\", "
+                                         "name a function, or send \"none\"")
+        return ToolChoice(None, None, parser)
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": schema},
                   "required": ["name", "parameters"]} for name, schema in schemas.items()]

@@ -56,14 +56,16 @@ class ResponsesShape:
         completion = out.outputs[0]
         incomplete = completion.finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
-        calls = self.tool_choice.calls(completion.text) if self.tool_choice is not None and not incomplete else None
-        output = [self._message(out, status)] if calls is None else [_function_call(call) for call in calls]
+        content, calls = completion.text, None
+        if self.tool_choice is not None:
+            content, calls = self.tool_choice.reply(completion.text, completion.finish_reason == "stop")
+        output = [] if content is None else [self._message(out, status, content if calls else None)]
+        output += [_function_call(call) for call in calls or []]
         response = self._response(status, output, usage=_usage(out),
                                   incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                                   completed_at=None if incomplete else int(time.time()))
         if self.store is not None:
-            reply = {"role": "assistant", "content": completion.text} if calls is None else \
-                {"role": "assistant", "content": "", "tool_calls": calls}
+            reply = {"role": "assistant", "content": content or ""} | ({"tool_calls": calls} if calls else {})
             response["store"] = await self.store.save(response, [*self.conversation, reply])
         return response
 
@@ -144,8 +146,12 @@ class ResponsesShape:
             return []
         return token_logprobs(self.tokenizer, token_ids[start:], logprobs[start:len(token_ids)], self.params.logprobs)
 
-    def _message(self, out: RequestOutput, status: str) -> dict[str, Any]:
+    def _message(self, out: RequestOutput, status: str, content: str | None = None) -> dict[str, Any]:
+        """The reply as a message item; `content`: the text before its tool calls, which has no logprobs of its
+        own."""
         completion = out.outputs[0]
+        if content is not None:
+            return self._item(status, [self._part(content, [])])
         return self._item(status, [self._part(completion.text, self._logprobs(completion.token_ids,
                                                                                completion.logprobs))])
 

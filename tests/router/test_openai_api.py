@@ -41,7 +41,8 @@ def cluster(ray_cluster, tiny_model_factory, redis_url):
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
                            redis_url=redis_url, http_port=HTTP_PORT, grpc_port=GRPC_PORT,
-                           api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES))
+                           api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
+                                         tool_call_parser="hermes"))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
@@ -402,7 +403,8 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}]), "tool_choice"),
+    (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}], tool_choice="any"),
+     "tool_choice"),
     (dict(text={"format": {"type": "xml"}}), "text.format.type"),
     (dict(text={"format": {"type": "json_schema", "name": "answer"}}), "text.format.schema"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
@@ -513,8 +515,7 @@ def test_a_conversation_carries_the_calls_and_their_results(client, model_name):
 
 
 @pytest.mark.parametrize("kwargs, param, message", [
-    (dict(tools=[WEATHER]), "tool_choice", '"auto" needs a parser'),
-    (dict(tools=[WEATHER], tool_choice="auto"), "tool_choice", '"auto" needs a parser'),
+    (dict(tools=[WEATHER], tool_choice="any"), "tool_choice", 'must be "none", "auto", "required"'),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}), "tool_choice",
      "not among the request's tools"),
     (dict(tool_choice="required"), "tool_choice", "no tools"),
@@ -701,3 +702,39 @@ def test_a_response_can_be_a_function_call_and_continue_from_its_output(client, 
         {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}, result])
     assert follow_up.output_text and follow_up.output_text == inline.output_text
     assert follow_up.usage.input_tokens == inline.usage.input_tokens
+
+
+# What a Hermes-format model (Qwen2.5) says when it calls a tool, forced here on the random model by a regex.
+HERMES_REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n' \
+               '</tool_call>'
+
+
+def test_auto_tool_choice_finds_the_models_own_calls_whole_or_streamed(client, model_name):
+    """The cluster's parser (api.tool_call_parser hermes) turns the format's calls into tool_calls; the text
+    before them is the content, and no part of a call's markup ever streams as content."""
+    forced = {"structured_outputs": {"regex": re.escape(HERMES_REPLY)}}
+    request = dict(model=model_name, messages=MESSAGES, tools=[WEATHER, CLOCK], max_tokens=80, temperature=0,
+                   extra_body=forced)
+    whole = client.chat.completions.create(**request).choices[0]
+    assert (whole.finish_reason, whole.message.content) == ("tool_calls", "Let me check.\n")
+    [call] = whole.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris", "unit": "C"})
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    streamed, finish = streamed_calls(chunks)
+    assert (content, finish) == ("Let me check.\n", {"tool_calls"})
+    assert [(c["name"], c["arguments"]) for c in streamed] == [(call.function.name, call.function.arguments)]
+    plain = client.chat.completions.create(model=model_name, messages=MESSAGES, tools=[WEATHER], max_tokens=6,
+                                           temperature=0).choices[0]
+    assert plain.message.tool_calls is None and plain.finish_reason in ("stop", "length")
+
+
+def test_auto_tool_choice_in_the_responses_api_gives_a_message_and_function_calls(client, model_name):
+    weather = {"type": "function", **WEATHER["function"]}
+    answer = client.responses.create(model=model_name, input="What is the weather in Paris?", tools=[weather],
+                                     max_output_tokens=80, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": re.escape(HERMES_REPLY)}})
+    message, call = answer.output
+    assert (message.type, message.content[0].text) == ("message", "Let me check.\n")
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather",
+                                                                  {"city": "Paris", "unit": "C"})

@@ -1,0 +1,54 @@
+"""Finding tool calls in a model's own text, for tool_choice "auto": the format is the model's, so the parser is
+chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
+
+    hermes    <tool_call>{"name": ..., "arguments": {...}}</tool_call>, any number of them, after optional text:
+              Qwen2.5, Qwen3 and the Hermes models
+"""
+
+import json
+import re
+from typing import Any
+
+from router.openai_tools import tool_call
+
+TOOL_CALL_PARSERS = ("hermes",)
+
+
+class HermesToolParser:
+    start, end = "<tool_call>", "</tool_call>"
+    _call = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """The reply's content (the text before the first call; None if only whitespace) and its tool calls, or
+        (text, None) where it makes none or one of them is not a call (not JSON, no name)."""
+        first = text.find(self.start)
+        if first < 0:
+            return text, None
+        calls = []
+        for body in self._call.findall(text):
+            try:
+                call = json.loads(body)
+            except json.JSONDecodeError:
+                return text, None
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                return text, None
+            calls.append(tool_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
+        if not calls:
+            return text, None
+        content = text[:first]
+        return (content if content.strip() else None), calls
+
+    def content_so_far(self, text: str) -> int:
+        """How much of a reply still being generated is surely content: up to its first call, less any ending
+        that may be the start of one."""
+        first = text.find(self.start)
+        if first >= 0:
+            return first
+        for keep in range(min(len(self.start) - 1, len(text)), 0, -1):
+            if self.start.startswith(text[-keep:]):
+                return len(text) - keep
+        return len(text)
+
+
+def tool_call_parser(name: str | None) -> HermesToolParser | None:
+    return HermesToolParser() if name == "hermes" else None
