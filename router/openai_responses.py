@@ -29,7 +29,7 @@ class ResponseShape:
                  tool_choice: ToolChoice | None = None):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
-        self.tool_choice = tool_choice  # chat: each reply is a tool call (router/openai_tools.py)
+        self.tool_choice = tool_choice  # chat: how each reply may call tools (router/openai_tools.py)
         self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
         self.content_sent: dict[int, int] = {}  # streaming "auto": each choice's characters sent as content
         self.top_n = top_n

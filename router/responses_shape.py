@@ -1,15 +1,15 @@
-"""The Responses API's shape (POST /v1/responses): one response object holding one assistant message (or, when
-the request forces a tool call, its function calls), whole or as OpenAI's typed stream of events
+"""The Responses API's shape (POST /v1/responses): one response object holding one assistant message, its
+function calls when the request has tools to call, or both, whole or as OpenAI's typed stream of events
 (router/openai_api.py builds the request; router/openai_responses.py shapes the older endpoints).
 
-A stream goes: response.created, response.in_progress, response.output_item.added, response.content_part.added,
-a response.output_text.delta per release of text, then the .done events of the text, the part and the item, and
-last response.completed, or response.incomplete when max_output_tokens cut the answer short. Every event has a
-sequence_number and its type both as the SSE event name and in its data. Function calls are streamed once the
-reply is whole and parses, each as response.output_item.added, response.function_call_arguments.delta and .done,
-and response.output_item.done. A failure after the stream started is an
-`error` event followed by response.failed. A finished response is stored (router/response_store.py) before the
-client sees its end, so the next turn can continue from it at once; with store: false, or no store, it is not.
+A stream goes: response.created, response.in_progress, response.output_item.added, response.content_part.added, a
+response.output_text.delta per release of text, then the .done events of the text, the part and the item, and last
+response.completed, or response.incomplete when max_output_tokens cut the answer short. Every event has a
+sequence_number and its type both as the SSE event name and in its data. A reply that may hold tool calls is
+streamed once it is whole: its message's events as above, then each function call as response.output_item.added,
+response.function_call_arguments.delta and .done, and response.output_item.done. A failure after the stream started
+is an `error` event followed by response.failed. A finished response is stored (router/response_store.py) before
+the client sees its end, so the next turn can continue from it at once; with store: false, or no store, it is not.
 """
 
 import logging
@@ -35,8 +35,8 @@ class ResponsesShape:
                  store: ResponseStore | None, conversation: list[dict[str, Any]],
                  tool_choice: ToolChoice | None = None):
         """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...);
-        `conversation`: the messages the reply answers, stored with it for a continuation; `tool_choice`: the
-        reply is a tool call (router/openai_tools.py)."""
+        `conversation`: the messages the reply answers, stored with it for a continuation; `tool_choice`: how
+        the reply may call tools (router/openai_tools.py)."""
         self.tokenizer = ingress.tokenizer
         self.params = params
         self.tool_choice = tool_choice
@@ -46,8 +46,7 @@ class ResponsesShape:
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
-                       "store": store is not None,
-                       "truncation": "disabled", **echoed}
+                       "store": store is not None, "truncation": "disabled", **echoed}
         self.sequence_number = 0
         self.tokens_sent = 0  # tokens whose logprobs a delta carried: text held back carries its tokens later
 
@@ -108,8 +107,8 @@ class ResponsesShape:
 
     async def _whole_output_events(self, last: RequestOutput,
                                    streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
-        """A tool call's events, sent once the reply is whole: its function calls, or the text that did not make
-        one (cut short by max_output_tokens)."""
+        """The events of a reply that may hold tool calls, sent once it is whole: its message (the text before the
+        calls, or all of it where it makes none) and its function calls."""
         async with aclosing(merged(streams)) as rest:
             async for _, last in rest:
                 pass
