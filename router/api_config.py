@@ -24,7 +24,8 @@ class ApiConfig:
                                       "(previous_response_id), in seconds; Redis holds each (with its "
                                       "conversation) that long")
     tool_call_parser: str | None = _field(None, "how tool_choice \"auto\" finds tool calls in the model's text: "
-                                                "\"hermes\" (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes); "
+                                                "\"hermes\" (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes) or "
+                                                "\"llama3_json\" ({\"name\", \"parameters\"}: Llama 3.1, 3.2); "
                                                 "null: \"auto\" is refused, a named or required choice still works")
     max_concurrent_requests: int | None = _field(None, "requests one ingress replica serves at once; more get "
                                                        "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
@@ -42,8 +43,9 @@ class ApiConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")
-        if self.tool_call_parser not in (None, "hermes"):
-            raise ValueError(f"tool_call_parser must be null or \"hermes\" (got {self.tool_call_parser!r})")
+        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
+            raise ValueError(f"tool_call_parser must be null, \"hermes\" or \"llama3_json\" (got "
+                             f"{self.tool_call_parser!r})")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -22,7 +22,7 @@ from router.errors import invalid
 from workers.engine.sampling_params import StructuredOutput
 
 if TYPE_CHECKING:
-    from router.tool_parsers import HermesToolParser
+    from router.tool_parsers import ToolCallParser
 
 _ANY_OBJECT = {"type": "object"}
 
@@ -34,7 +34,7 @@ class ToolChoice:
 
     name: str | None
     structure: StructuredOutput | None
-    parser: "HermesToolParser | None" = None
+    parser: "ToolCallParser | None" = None
 
     def reply(self, text: str, stopped: bool) -> tuple[str | None, list[dict[str, Any]] | None]:
         """A finished reply's content and OpenAI tool_calls; (text, None) where it holds no whole call (a forced
@@ -61,7 +61,7 @@ def call_id() -> str:
 
 
 def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: bool = True,
-                parser: "HermesToolParser | None" = None) -> ToolChoice | None:
+                parser: "ToolCallParser | None" = None) -> ToolChoice | None:
     """The tool call the request asks for, None for a reply in text; a choice the engine cannot honour is a 400.
     `parser`: the deployment's, which "auto" needs."""
     if not tools or choice == "none":
