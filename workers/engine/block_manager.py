@@ -69,17 +69,20 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_computed_blocks(self, seq: Sequence) -> list[int]:
-        """The longest run of the sequence's full blocks already in the cache.
+    def cacheable_hashes(self, seq: Sequence) -> list[BlockHash]:
+        """The hashes of the full blocks the sequence may take from the cache, in order.
 
         At least one token is always left to compute: the model must run on the last token to produce logits. A
         request that asks for prompt logprobs takes nothing: it needs the logits of every prompt position.
         """
         if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        return seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """The longest run of the sequence's cacheable blocks already in the cache."""
         hits = []
-        for block_hash in seq.block_hashes[:max_blocks]:
+        for block_hash in self.cacheable_hashes(seq):
             block_id = self.cached.get(block_hash)
             if block_id is None:
                 break

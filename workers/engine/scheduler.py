@@ -114,10 +114,8 @@ class Scheduler:
 
     def _awaits(self, seq: Sequence, num_cached_blocks: int, in_progress: set) -> bool:
         """Whether the next block the sequence could take from the cache is one a running prefill is computing."""
-        if seq.sampling_params.prompt_logprobs is not None:
-            return False  # it takes nothing from the cache (BlockManager.get_computed_blocks)
-        usable = min(len(seq.block_hashes), (seq.num_tokens - 1) // self.block_manager.block_size)
-        return num_cached_blocks < usable and seq.block_hashes[num_cached_blocks] in in_progress
+        usable = self.block_manager.cacheable_hashes(seq)
+        return num_cached_blocks < len(usable) and usable[num_cached_blocks] in in_progress
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
