@@ -31,7 +31,7 @@ class ResponseShape:
         self.chat = chat
         self.tool_choice = tool_choice  # chat: how each reply may call tools (router/openai_tools.py)
         self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
-        self.content_sent: dict[int, int] = {}  # streaming "auto": each choice's characters sent as content
+        self.content_sent: dict[int, int] = {}  # streaming "required"/"auto": characters sent as content, per choice
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
@@ -132,14 +132,8 @@ class ResponseShape:
         choice = self.tool_choice
         if choice is None:
             return ({"content": completion.delta_text} if completion.delta_text else {}), finish_reason
-        if choice.parser is not None:
-            return self._auto_delta(index, completion, finish_reason)
         if choice.name is None:
-            if finish_reason is None:
-                return None
-            message, finish_reason = self._message(completion)
-            calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
-            return ({"tool_calls": calls} if calls else {"content": message["content"]}), finish_reason
+            return self._calls_at_end_delta(index, completion, finish_reason)
         finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         if index not in self.calls_started:
             self.calls_started.add(index)
@@ -148,11 +142,14 @@ class ResponseShape:
             return {}, finish_reason
         return {"tool_calls": [{"index": 0, "function": {"arguments": completion.delta_text}}]}, finish_reason
 
-    def _auto_delta(self, index: int, completion: CompletionOutput,
-                    finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
+    def _calls_at_end_delta(self, index: int, completion: CompletionOutput,
+                            finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
+        """The calls go out once the reply is whole; before that, only text that cannot begin a call: with "auto",
+        the parser's say; with "required", none (the whole reply is calls)."""
         sent = self.content_sent.get(index, 0)
         if finish_reason is None:
-            upto = self.tool_choice.parser.content_so_far(completion.text)
+            parser = self.tool_choice.parser
+            upto = 0 if parser is None else parser.content_so_far(completion.text)
             self.content_sent[index] = max(sent, upto)
             return ({"content": completion.text[sent:upto]}, None) if upto > sent else None
         message, finish_reason = self._message(completion)
