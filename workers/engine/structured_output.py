@@ -12,6 +12,7 @@ json.dumps writes it: a model free to add whitespace between tokens can pad fore
 disable_any_whitespace).
 """
 
+import functools
 import json
 import logging
 import re
@@ -38,9 +39,11 @@ def _reason(error: Exception) -> str:
     return re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", str(error)).strip()
 
 
+@functools.lru_cache(maxsize=256)
 def grammar_of(spec: StructuredOutput):
     """The xgrammar Grammar the spec stands for; a schema, regex or grammar it cannot parse is refused, naming the
-    field and why."""
+    field and why. Kept for the next request with the same spec: the engine checks a request's spec, then
+    compiles it."""
     xgr = _xgrammar()
     if spec.json is not None:
         try:
@@ -94,7 +97,6 @@ class GrammarCompiler:
         xgr = _xgrammar()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(eos_token_ids))
-        self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info)
 
     def grammar(self, spec: StructuredOutput) -> RequestGrammar:
