@@ -16,10 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.errors import invalid
-from workers.engine.sampling_params import StructuredOutput
+from workers.engine.sampling_params import STRUCTURED_KINDS, StructuredOutput
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 class JsonSchema(BaseModel):
@@ -48,7 +47,7 @@ def requested_structure(body: BaseModel, format_field: str | None, response_form
     if response_format is not None and response_format.type != "text":
         asked[format_field] = _from_format(response_format, format_field)
     if getattr(body, "structured_outputs", None):
-        asked["structured_outputs"] = {kind: body.structured_outputs[kind] for kind in _KINDS
+        asked["structured_outputs"] = {kind: body.structured_outputs[kind] for kind in STRUCTURED_KINDS
                                        if kind in body.structured_outputs}
     for field, kind in _GUIDED.items():
         if getattr(body, field, None) is not None:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StoredResponse:
     response: dict[str, Any]
-    conversation: list[dict[str, str]]  # the messages a continuation starts from, the reply last
+    conversation: list[dict[str, Any]]  # the messages a continuation starts from, the reply (and its calls) last
 
 
 class ResponseStore:
@@ -33,7 +33,7 @@ class ResponseStore:
         self._ttl_s = ttl_s
         self._prefix = f"{{{namespace}}}:response:"
 
-    async def save(self, response: dict[str, Any], conversation: list[dict[str, str]]) -> bool:
+    async def save(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> bool:
         """False when Redis could not take it: the answer is still the client's, only not stored."""
         entry = json.dumps({"response": response, "conversation": conversation}, ensure_ascii=False)
         try:

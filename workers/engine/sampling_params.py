@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from workers.engine.errors import InvalidRequestError
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -25,7 +27,7 @@ class StructuredOutput:
         if isinstance(self.choice, str):
             raise InvalidRequestError("structured_output", "choice must be a list of strings, got one string")
         object.__setattr__(self, "choice", tuple(self.choice))
-        given = [name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name)]
+        given = [name for name in STRUCTURED_KINDS if getattr(self, name)]
         if len(given) != 1:
             raise InvalidRequestError("structured_output", f"give exactly one of json, json_object, regex, choice "
                                                            f"and grammar, got {given or 'none'}")
@@ -37,7 +39,7 @@ class StructuredOutput:
 
     @property
     def kind(self) -> str:
-        return next(name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name))
+        return next(name for name in STRUCTURED_KINDS if getattr(self, name))
 
 
 @dataclass(frozen=True)
