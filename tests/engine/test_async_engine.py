@@ -2,6 +2,7 @@
 blocks of a request whose client goes away."""
 
 import asyncio
+import re
 
 import pytest
 
@@ -48,6 +49,26 @@ def test_bad_input_raises_before_streaming_and_the_engine_keeps_serving(engine):
         asyncio.run(collect(engine, [], SamplingParams()))
     outs = asyncio.run(collect(engine, "Hello", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)))
     assert len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_a_grammar_that_takes_seconds_to_compile_holds_up_only_its_own_request(engine):
+    # Compiling this regex against the vocabulary takes seconds; the engine must step the others meanwhile.
+    structured = SamplingParams(max_tokens=4, temperature=0.0, structured_output={"regex": "(ab|cd)" * 4000})
+    plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    finished = []
+
+    async def run(name, params):
+        outs = await collect(engine, "Spell something:", params)
+        finished.append(name)
+        return outs[-1].outputs[0]
+
+    async def structured_first():
+        return await asyncio.gather(run("structured", structured), run("plain", plain))
+
+    held_to_regex, free = asyncio.run(structured_first())
+    assert finished == ["plain", "structured"]
+    assert re.fullmatch("(ab|cd)*[ac]?", held_to_regex.text) and len(held_to_regex.token_ids) == 4
+    assert len(free.token_ids) == 4
 
 
 def test_client_that_walks_away_mid_stream_frees_its_blocks(engine):

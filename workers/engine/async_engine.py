@@ -2,7 +2,8 @@
 
 Only the engine thread touches the engine. Callers send it small commands (add, abort) through a queue and get
 outputs back on per-request asyncio queues, so a slow client never stalls a step, and a client that goes away
-(its generator is closed or cancelled) aborts its request and frees its blocks.
+(its generator is closed or cancelled) aborts its request and frees its blocks. What may take long before a
+request starts, compiling its structured output's grammar, happens on threads of its own.
 
 This is the one interface servers use, whatever the engine's shape: in process here, or a tensor-parallel group
 on Ray (workers/group.py) with the same methods. Both roles of disaggregation are methods too: `prefill` on a
@@ -19,9 +20,9 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from workers.engine.config import EngineConfig
 from workers.engine.errors import GroupBrokenError, KVCacheFullError, RequestFailedError
@@ -33,6 +34,9 @@ from workers.engine.sampling_params import SamplingParams
 from workers.kv.hashing import BlockHash
 from workers.kv_transfer import DropChannel, KVCommand, TransferPlan, TransferRefused
 
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
 logger = logging.getLogger(__name__)
 
 # How long an abort for a request the engine has not seen yet is remembered: an abort sent when a caller leaves
@@ -42,6 +46,9 @@ _EARLY_ABORT_TTL_S = 60.0
 # A prefilled request waiting for free blocks tries again when the engine frees some, and at least this often
 # (blocks can also become usable without more being free: a prefix another request just cached).
 _ROOM_RETRY_S = 1.0
+# Threads compiling structured outputs' grammars (xgrammar releases the GIL): more than one, so a grammar that takes
+# a minute to compile does not hold up the next request's.
+_GRAMMAR_THREADS = 2
 
 
 class KVSource(Protocol):
@@ -98,6 +105,7 @@ class AsyncLLMEngine:
         # Prefilled requests waiting for free blocks, woken when the engine frees some (engine thread only).
         self._room_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._free_blocks = 0
+        self._grammar_threads = ThreadPoolExecutor(_GRAMMAR_THREADS, thread_name_prefix="tandem-grammar")
         # Why this tensor-parallel group can no longer step, once a rank failed mid-step: its ranks' collectives
         # are out of step, so it fails what it holds, refuses new work and fails its health check until Serve
         # replaces it.
@@ -118,7 +126,9 @@ class AsyncLLMEngine:
         Bad input raises (a ValueError subclass) before anything is yielded.
         """
         rid = request_id if request_id is not None else uuid.uuid4().hex
-        outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt))
+        grammar = await self._compile_grammar(params)
+        outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt,
+                                                                            grammar=grammar))
         async for out in self._stream(rid, outputs):
             yield out
 
@@ -127,8 +137,9 @@ class AsyncLLMEngine:
         """The prefill role: computes the prompt's KV and first token, and pins the blocks under a lease for a
         decode group; the handoff says where they are. Raises RequestFailedError if the request ends otherwise."""
         rid = request_id if request_id is not None else uuid.uuid4().hex
+        grammar = await self._compile_grammar(params)
         outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt,
-                                                                            prefill_only=True))
+                                                                            prefill_only=True, grammar=grammar))
         async for out in self._stream(rid, outputs):
             if out.finished and out.outputs[0].finish_reason != "prefilled":
                 raise RequestFailedError(f"request {rid} was aborted during prefill")
@@ -171,8 +182,9 @@ class AsyncLLMEngine:
                        caller_left: asyncio.Event) -> asyncio.Queue:
         rid = handoff.request_id
         try:
+            grammar = await self._compile_grammar(params)
             async with self._transfer_lock(handoff.source):
-                outputs, commands = await self._admit_prefilled(handoff, params, caller_left)
+                outputs, commands = await self._admit_prefilled(handoff, params, grammar, caller_left)
                 started = time.monotonic()
                 received = 0 if commands is None else await self._move_kv(prefill, rid, commands)
                 took = time.monotonic() - started
@@ -182,6 +194,7 @@ class AsyncLLMEngine:
             await release_quietly(prefill, rid)
 
     async def _admit_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
+                               grammar: "CompiledGrammar | None",
                                caller_left: asyncio.Event) -> tuple[asyncio.Queue, object]:
         """Allocates the prompt's blocks. While running requests hold them, it waits (up to half the prefill
         group's lease, and not after the caller left), trying again as soon as the engine frees blocks: a full
@@ -192,7 +205,7 @@ class AsyncLLMEngine:
             room = asyncio.Event()
             try:
                 return await self._start(handoff.request_id,
-                                         lambda: self._prepare_receive(handoff, params, (loop, room)))
+                                         lambda: self._prepare_receive(handoff, params, grammar, (loop, room)))
             except KVCacheFullError:
                 if time.monotonic() >= deadline or caller_left.is_set():
                     raise
@@ -262,6 +275,15 @@ class AsyncLLMEngine:
 
         self._commands.put(stop)
         self._thread.join(timeout=10)
+        self._grammar_threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _compile_grammar(self, params: SamplingParams | None) -> "CompiledGrammar | None":
+        """The request's structured output compiled on a grammar thread while the engine steps the others; None
+        when it has none."""
+        if params is None or params.structured_output is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self._grammar_threads, self.engine.compile_grammar,
+                                                                params.structured_output)
 
     # -- inside the engine thread, and the plumbing to reach it ----------------------------------------------
 
@@ -302,10 +324,10 @@ class AsyncLLMEngine:
                 self._commands.put(lambda: self._abort(request_id))
 
     def _prepare_receive(self, handoff: KVHandoff, params: SamplingParams | None,
-                         waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event]):
+                         grammar: "CompiledGrammar | None", waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event]):
         """Allocates the blocks; when they are not free, `waiter` is woken once some are (see _update_load)."""
         try:
-            plan = self.engine.add_prefilled_request(handoff, params)
+            plan = self.engine.add_prefilled_request(handoff, params, grammar)
         except KVCacheFullError:
             self._room_waiters.append(waiter)
             raise

@@ -5,10 +5,12 @@ blocks that became full, and turn sampled tokens into text and finish decisions.
 """
 
 import logging
+import threading
 import time
 from collections.abc import Container
 from dataclasses import dataclass
 from itertools import count
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -25,11 +27,11 @@ from workers.engine.model_runner import ModelRunner, SampledToken
 from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from workers.engine.parallel import TensorParallel
 from workers.engine.recent_prefixes import Prefix, RecentPrefixes
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
-from workers.engine.structured_output import GrammarCompiler
+from workers.engine.structured_output import GrammarCompiler, RequestGrammar
 from workers.engine.validation import check_request, prompt_token_ids
 from workers.kv.hashing import BlockHash
 from workers.kv_transfer import (
@@ -41,6 +43,9 @@ from workers.kv_transfer import (
     TransferRefused,
     run_transfer,
 )
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer)
         self._grammar_compiler: GrammarCompiler | None = None  # built by the first structured output
+        self._grammar_compiler_lock = threading.Lock()
         self.kv = KVEndpoint(tp.rank, self.runner.device, config.cache.max_kv_channels,
                              config.cache.kv_transfer_timeout_s)
         self.block_size = config.cache.block_size
@@ -104,17 +110,18 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
-                    prefill_only: bool = False) -> str:
+                    prefill_only: bool = False, grammar: "CompiledGrammar | None" = None) -> str:
         """Queues a request. With `prefill_only` (the prefill role) it ends after its first token with reason
         "prefilled", its final output carrying the handoff, and its blocks stay pinned until `release_pinned` or
-        the lease runs out."""
-        req = self._new_request(prompt, params, request_id, cache_salt)
+        the lease runs out. `grammar` is the request's structured output as `compile_grammar` returned it;
+        without it, the grammar is compiled here."""
+        req = self._new_request(prompt, params, request_id, cache_salt, grammar)
         req.prefill_only = prefill_only
         self.scheduler.add(req.seq)
         return req.seq.request_id
 
     def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
-                     cache_salt: str | None) -> _Request:
+                     cache_salt: str | None, grammar: "CompiledGrammar | None") -> _Request:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.pinned:
@@ -124,15 +131,18 @@ class LLMEngine:
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends))
         if params.structured_output is not None:
-            seq.grammar = self._grammars().grammar(params.structured_output)
+            seq.grammar = RequestGrammar(grammar or self.compile_grammar(params.structured_output))
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         req = self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
         return req
 
-    def _grammars(self) -> GrammarCompiler:
-        if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._grammar_compiler
+    def compile_grammar(self, spec: StructuredOutput) -> "CompiledGrammar":
+        """A structured output's grammar, compiled against this engine's vocabulary. Callable from any thread:
+        servers compile on another, as a large grammar takes seconds the other requests must not wait."""
+        with self._grammar_compiler_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammar_compiler.compile(spec)
 
     # -- prefill role -----------------------------------------------------------------------------------------
 
@@ -169,10 +179,12 @@ class LLMEngine:
 
     # -- decode role ------------------------------------------------------------------------------------------
 
-    def add_prefilled_request(self, handoff: KVHandoff, params: SamplingParams | None = None) -> ReceivePlan:
+    def add_prefilled_request(self, handoff: KVHandoff, params: SamplingParams | None = None,
+                              grammar: "CompiledGrammar | None" = None) -> ReceivePlan:
         """Allocates blocks for a prompt whose KV comes from a prefill group and says which blocks to receive:
-        prompt blocks this group already holds in its prefix cache are shared, not sent again."""
-        req = self._new_request(handoff.prompt_token_ids, params, handoff.request_id, handoff.cache_salt)
+        prompt blocks this group already holds in its prefix cache are shared, not sent again. `grammar` as for
+        add_request."""
+        req = self._new_request(handoff.prompt_token_ids, params, handoff.request_id, handoff.cache_salt, grammar)
         seq = req.seq
         hits = self.block_manager.get_computed_blocks(seq)
         if not self.block_manager.allocate_slots(seq, seq.num_tokens - len(hits) * self.block_size, hits):

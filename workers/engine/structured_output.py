@@ -3,8 +3,11 @@ list of choices or an EBNF grammar, by masking before each choice the tokens the
 
 xgrammar does the grammar work, as in vLLM: a grammar is compiled once per engine against the tokenizer's
 vocabulary (and cached), and each request gets a matcher that says, as a bitmask over the vocabulary, which tokens
-may come next. The matcher follows the request's output tokens rather than the sampler's calls, so it stays right
-whichever group sampled a token: the prefill group's first token, or tokens kept through a preemption.
+may come next. Compiling takes milliseconds for a typical schema but grows fast with a grammar's size (seconds to a
+minute for a regex of thousands of alternations), so servers compile off the engine thread: a large grammar delays
+its own request, never the others. The matcher follows the request's output tokens rather than the sampler's calls,
+so it stays right whichever group sampled a token: the prefill group's first token, or tokens kept through a
+preemption.
 
 The grammar decides where the output ends: once it is complete only EOS may follow, so a request that ignores EOS
 or holds it back (min_tokens) cannot also have a structured output. JSON is held to one line, laid out as
@@ -16,15 +19,22 @@ import functools
 import json
 import logging
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import StructuredOutput
 
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
 logger = logging.getLogger(__name__)
 
 FIELD = "structured_output"
+# The compiled grammars kept for the next request with the same spec, by size as vLLM keeps them: each holds token
+# masks, megabytes for a large one.
+_CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 
 
 def _xgrammar():
@@ -76,8 +86,8 @@ def check_structured_output(spec: StructuredOutput | None, ignore_eos: bool, min
 class RequestGrammar:
     """One request's matcher and how many of its output tokens it has taken."""
 
-    def __init__(self, matcher):
-        self.matcher = matcher
+    def __init__(self, compiled: "CompiledGrammar"):
+        self.matcher = _xgrammar().GrammarMatcher(compiled)
         self.num_accepted = 0
 
     def update(self, output_token_ids: list[int]) -> "RequestGrammar":
@@ -91,17 +101,18 @@ class RequestGrammar:
 
 
 class GrammarCompiler:
-    """An engine's compiler: the tokenizer's vocabulary analysed once, each distinct spec compiled once."""
+    """An engine's compiler: the tokenizer's vocabulary analysed once, each distinct spec compiled once. Safe to
+    call from several threads at a time."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]):
         xgr = _xgrammar()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(eos_token_ids))
-        self._compiler = xgr.GrammarCompiler(info)
+        self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=_CACHE_LIMIT_BYTES)
 
-    def grammar(self, spec: StructuredOutput) -> RequestGrammar:
-        xgr = _xgrammar()
-        return RequestGrammar(xgr.GrammarMatcher(self._compiler.compile_grammar(grammar_of(spec))))
+    def compile(self, spec: StructuredOutput) -> "CompiledGrammar":
+        """What RequestGrammar takes. xgrammar releases the GIL while it compiles."""
+        return self._compiler.compile_grammar(grammar_of(spec))
 
 
 def token_bitmask(grammars: list[RequestGrammar | None], output_token_ids: list[list[int]],
