@@ -74,6 +74,14 @@ def test_too_many_logprobs_and_out_of_vocab_token_ids_are_rejected(llm):
         llm.generate([1, 2, 3], SamplingParams(stop_token_ids=[10**9]))
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         llm.generate([1, 2, 3], SamplingParams(logit_bias={10**9: 1.0}))
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
+        llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=[5, 10**9]))
+
+
+def test_bad_words_that_ban_every_allowed_token_are_refused(llm):
+    word = llm.engine.tokenizer.decode([300])
+    with pytest.raises(InvalidRequestError, match="bad_words: bans every token allowed_token_ids allows"):
+        llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=[300], bad_words=[word]))
 
 
 def test_one_bad_prompt_in_a_batch_runs_nothing_and_leaks_nothing(llm):

@@ -5,6 +5,7 @@ agree with HF's within 2e-3 (absolute); observed differences are around 1e-5.
 """
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from tests.hf_reference import hf_greedy, hf_logits
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.validation import bad_words_token_ids
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -74,6 +76,35 @@ def test_min_tokens_matches_hfs_min_new_tokens(smollm2, smollm2_path):
     out = smollm2.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0))[0]
     assert out.outputs[0].token_ids == hf_greedy(smollm2_path, prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                  eos_token_id=sorted(smollm2.engine.eos_token_ids))
+
+
+def test_allowed_token_ids_and_bad_words_match_hfs_logits_processors(smollm2, smollm2_path):
+    """HF's PrefixConstrainedLogitsProcessor keeps the allowed tokens; NoBadWordsLogitsProcessor bans a word's last
+    token where the text ends with the rest of it, as bad_words does (HF also looks into the prompt; these words
+    do not reach into it)."""
+    prompt = smollm2.apply_chat_template([{"role": "user", "content": SMOLLM2_QUESTIONS[2]}])
+    plain = smollm2.generate(prompt, GREEDY)[0].outputs[0]
+    allowed = sorted(set(plain.token_ids[::2]) | {11, 30, 314})
+    held = smollm2.generate(prompt, replace(GREEDY, allowed_token_ids=allowed))[0].outputs[0]
+    assert set(held.token_ids) <= set(allowed) and held.token_ids != plain.token_ids
+    assert held.token_ids == hf_greedy(smollm2_path, prompt, NEW_TOKENS,
+                                       prefix_allowed_tokens_fn=lambda batch, ids: allowed)
+
+    assert "Rayleigh" in plain.text and " molecules" in plain.text
+    words = replace(GREEDY, bad_words=["Rayleigh", "molecules"])  # " Rayleigh" is two tokens, " molecules" one
+    banned = smollm2.generate(prompt, words)[0].outputs[0]
+    assert "Ray" in banned.text and "Rayleigh" not in banned.text and "molecules" not in banned.text
+    word_ids = bad_words_token_ids(smollm2.engine.tokenizer, words, smollm2.engine.vocab_size)
+    assert banned.token_ids == hf_greedy(smollm2_path, prompt, NEW_TOKENS, bad_words_ids=[list(w) for w in word_ids])
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(smollm2, smollm2_path):
+    prompt = smollm2.apply_chat_template([{"role": "user", "content": SMOLLM2_QUESTIONS[3]}])
+    out = smollm2.generate(prompt, replace(GREEDY, truncate_prompt_tokens=12))[0]
+    assert out.prompt_token_ids == prompt[-12:]
+    assert out.outputs[0].token_ids == hf_greedy(smollm2_path, prompt[-12:], NEW_TOKENS)
+    whole = smollm2.generate(prompt, replace(GREEDY, truncate_prompt_tokens=-1))[0]  # the context has room
+    assert whole.prompt_token_ids == prompt
 
 
 @pytest.mark.parametrize(("length", "chunk"), [(300, 1024), (70, 16)])

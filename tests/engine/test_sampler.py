@@ -2,6 +2,7 @@
 small random logits."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -219,6 +220,24 @@ def test_min_tokens_holds_back_the_ending_tokens_until_enough_are_generated():
     assert torch.equal(adjust_logits(ROW, params, [history.update([0, 0])]), ROW)  # two: free to end
 
 
+def test_allowed_token_ids_ban_every_other_token():
+    history = TokenHistory(prompt_token_ids=[1], vocab_size=6, allowed_token_ids=[0, 2])
+    params = [SamplingParams(temperature=0, allowed_token_ids=[0, 2])]
+    assert adjust_logits(ROW, params, [history]).tolist() == [[2.0, -math.inf, 0.5, -math.inf, -math.inf, -math.inf]]
+    assert Sampler(seed=0)(ROW.repeat(50, 1), [replace(params[0], temperature=5.0)] * 50, [None] * 50,
+                           [history] * 50).token_ids.count(1) == 0
+
+
+def test_a_bad_word_bans_its_last_token_where_the_output_ends_with_the_rest():
+    # Bad words as token ids: (3,) alone, and (2, 5), whose 5 is banned only right after a generated 2.
+    history = TokenHistory(prompt_token_ids=[2], vocab_size=6, bad_words=[(3,), (2, 5)])
+    params = [SamplingParams(temperature=0, bad_words=("the history holds them as ids",))]
+    inf = math.inf
+    assert adjust_logits(ROW, params, [history]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0, 1.0]]  # not the prompt's
+    assert adjust_logits(ROW, params, [history.update([0, 2])]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0, -inf]]
+    assert adjust_logits(ROW, params, [history.update([0, 2, 0])]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0, 1.0]]
+
+
 def test_min_p_keeps_only_tokens_near_the_likeliest():
     # After temperature 1, tokens 0 (e^-1 = 0.37 of the top) and 3 (the top) pass min_p 0.3; 5 (0.14) does not.
     rows = ROW.repeat(400, 1)
@@ -264,6 +283,10 @@ def test_penalties_need_the_token_history():
     (dict(min_p=1.5), "min_p"),
     (dict(min_tokens=-1), "min_tokens"),
     (dict(max_tokens=4, min_tokens=5), "min_tokens"),
+    (dict(allowed_token_ids=[-1]), "allowed_token_ids"),
+    (dict(bad_words=[" "]), "bad_words"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens"),
 ])
 def test_out_of_range_penalties_and_biases_name_their_field(params, field):
     with pytest.raises(InvalidRequestError) as refused:

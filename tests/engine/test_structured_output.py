@@ -151,3 +151,10 @@ def test_a_structure_leaves_the_end_to_its_grammar(smollm2, other):
     with pytest.raises(InvalidRequestError, match="structured_output: cannot be combined with ignore_eos or "
                                                   "min_tokens"):
         smollm2.generate("Hi", SamplingParams(structured_output=StructuredOutput(json_object=True), **other))
+
+
+@pytest.mark.parametrize("other", [dict(allowed_token_ids=[5]), dict(bad_words=["no"])])
+def test_a_structure_leaves_the_choice_of_tokens_to_its_grammar(smollm2, other):
+    with pytest.raises(InvalidRequestError, match="structured_output: cannot be combined with allowed_token_ids or "
+                                                  "bad_words"):
+        smollm2.generate("Hi", SamplingParams(structured_output=StructuredOutput(json_object=True), **other))

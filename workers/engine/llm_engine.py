@@ -32,7 +32,7 @@ from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.step_plan import Stop
 from workers.engine.structured_output import GrammarCompiler, RequestGrammar
-from workers.engine.validation import check_request, prompt_token_ids
+from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
 from workers.kv.hashing import BlockHash
 from workers.kv_transfer import (
     KVCommand,
@@ -121,15 +121,19 @@ class LLMEngine:
         return req.seq.request_id
 
     def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
-                     cache_salt: str | None, grammar: "CompiledGrammar | None") -> _Request:
+                     cache_salt: str | None, grammar: "CompiledGrammar | None" = None) -> _Request:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.pinned:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         prompt_text, token_ids = prompt_token_ids(self.tokenizer, prompt, self.vocab_size)
+        kept = truncate_prompt(token_ids, params, self.max_model_len)
+        if len(kept) < len(token_ids):
+            prompt_text, token_ids = None, kept  # the text would no longer be the prompt the model saw
         self._validate(token_ids, params)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends))
+        seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
+                       bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))
         if params.structured_output is not None:
             seq.grammar = RequestGrammar(grammar or self.compile_grammar(params.structured_output))
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)

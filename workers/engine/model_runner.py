@@ -276,7 +276,8 @@ class ModelRunner:
     def _history(self, seq: Sequence) -> TokenHistory:
         if seq.request_id not in self.histories:
             self.histories[seq.request_id] = TokenHistory(seq.prompt_token_ids, self.hf_config.vocab_size,
-                                                          self.device, seq.end_token_ids)
+                                                          self.device, seq.end_token_ids,
+                                                          seq.sampling_params.allowed_token_ids, seq.bad_words)
         return self.histories[seq.request_id].update(seq.output_token_ids)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:

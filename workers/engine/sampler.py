@@ -1,6 +1,6 @@
 """Turns a batch of next-token logits into one token per row, each row under its own SamplingParams.
 
-Biases, penalties and min_tokens adjust a row's logits first (SamplingParams says which, in vLLM's order), for
+Bans, biases, penalties and min_tokens adjust a row's logits first (SamplingParams says which, in vLLM's order), for
 greedy rows too, and a structured output's grammar masks the tokens it cannot take; logprobs are of the
 unadjusted logits, as vLLM reports them.
 
@@ -52,19 +52,28 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 class TokenHistory:
-    """What a row's penalties and min_tokens look at: the tokens of its prompt and how often it generated each, kept
-    on the logits' device for the life of its request and brought up to date with each step's new tokens, so that
-    a long context costs the penalties no work per step. `end_token_ids` are the tokens that would end the request
-    (EOS, its stop token ids), which min_tokens holds back."""
+    """What a row's bans, penalties and min_tokens look at: the tokens of its prompt and how often it generated
+    each, kept on the logits' device for the life of its request and brought up to date with each step's new
+    tokens, so that a long context costs the penalties no work per step. `end_token_ids` are the tokens that would
+    end the request (EOS, its stop token ids), which min_tokens holds back; `allowed_token_ids` (none: all) and
+    `bad_words` (token id sequences) are its params' bans."""
 
     def __init__(self, prompt_token_ids: list[int], vocab_size: int, device: torch.device | str = "cpu",
-                 end_token_ids: Iterable[int] = ()):
+                 end_token_ids: Iterable[int] = (), allowed_token_ids: Iterable[int] = (),
+                 bad_words: Iterable[tuple[int, ...]] = ()):
         self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self.in_prompt[torch.tensor(prompt_token_ids, dtype=torch.long, device=device)] = True
         self.output_counts = torch.zeros(vocab_size, device=device)
         self.num_counted = 0
         self.end_token_ids = torch.tensor(sorted(t for t in end_token_ids if t < vocab_size), dtype=torch.long,
                                           device=device)
+        allowed = list(allowed_token_ids)
+        self.banned: torch.Tensor | None = None  # True for the tokens allowed_token_ids leaves out
+        if allowed:
+            self.banned = torch.ones(vocab_size, dtype=torch.bool, device=device)
+            self.banned[torch.tensor(allowed, dtype=torch.long, device=device)] = False
+        self.bad_words = list(bad_words)
+        self.output_tail: list[int] = []  # the last tokens generated, as many as the longest bad word's prefix
 
     def update(self, output_token_ids: list[int]) -> "TokenHistory":
         """Counts the tokens generated since the last update (the output only ever grows)."""
@@ -73,12 +82,20 @@ class TokenHistory:
             ids = torch.tensor(new, dtype=torch.long, device=self.output_counts.device)
             self.output_counts.index_add_(0, ids, torch.ones(len(new), device=ids.device))
             self.num_counted = len(output_token_ids)
+            longest = max((len(word) - 1 for word in self.bad_words), default=0)
+            self.output_tail = output_token_ids[len(output_token_ids) - longest:] if longest else []
         return self
+
+    def bad_word_endings(self) -> list[int]:
+        """The tokens that would complete a bad word now: those whose other tokens end the output."""
+        tail = self.output_tail
+        return [word[-1] for word in self.bad_words
+                if len(word) - 1 <= len(tail) and tuple(tail[len(tail) - len(word) + 1:]) == word[:-1]]
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
                   history: list[TokenHistory | None] | None) -> torch.Tensor:
-    """The logits after each row's logit bias and penalties; the same tensor when no row has any."""
+    """The logits after each row's bans, logit bias and penalties; the same tensor when no row has any."""
     rows = [i for i, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return logits
@@ -88,6 +105,10 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
     device = logits.device
     for i in rows:
         p, row, h = params[i], logits[i], history[i]
+        if h.banned is not None:
+            row.masked_fill_(h.banned, float("-inf"))
+        if h.bad_words:
+            row[h.bad_word_endings()] = float("-inf")
         if p.logit_bias:
             ids, biases = zip(*p.logit_bias)
             row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=row.dtype, device=device))

@@ -55,12 +55,15 @@ class SamplingParams:
     before biases, penalties and temperature. `prompt_logprobs` asks the same of every prompt token after the
     first (vLLM's); a request that asks for them is computed whole, past the prefix cache, since a cached
     position has no logits. `structured_output` holds the output to a JSON schema, a regex, a list of choices or
-    a grammar (structured_output.py).
+    a grammar (structured_output.py). `truncate_prompt_tokens` keeps only the prompt's last k tokens (-1: as many
+    as the context allows), for callers that would rather lose the start of a long prompt than be refused.
 
-    The logits are adjusted before greedy or sampled choice, in vLLM's order: `logit_bias` ({token id: bias}) is
-    added; `repetition_penalty` (HF's and vLLM's, 1.0 = off) divides positive logits and multiplies negative
-    ones of every token in the prompt or output; `frequency_penalty` and `presence_penalty` (OpenAI's, 0 = off)
-    subtract penalty x count and penalty x (count > 0) for each token already generated.
+    The logits are adjusted before greedy or sampled choice, in vLLM's order: `allowed_token_ids` bans every
+    other token; `bad_words` bans the token that would complete any of these words (tokenized as at the start of
+    the text and after a space, matched against the output); `logit_bias` ({token id: bias}) is added;
+    `repetition_penalty` (HF's and vLLM's, 1.0 = off) divides positive logits and multiplies negative ones of
+    every token in the prompt or output; `frequency_penalty` and `presence_penalty` (OpenAI's, 0 = off) subtract
+    penalty x count and penalty x (count > 0) for each token already generated.
     """
 
     max_tokens: int = 16
@@ -82,6 +85,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # also given as a dict {token id: bias}
     structured_output: StructuredOutput | None = None  # also given as a dict of its fields: {"json": schema}
+    allowed_token_ids: tuple[int, ...] = ()  # empty: every token
+    bad_words: tuple[str, ...] = ()
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.
@@ -89,6 +95,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
         if isinstance(self.structured_output, dict):
@@ -102,7 +112,8 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
-            or self.presence_penalty != 0.0 or self.min_tokens > 0
+            or self.presence_penalty != 0.0 or self.min_tokens > 0 or bool(self.allowed_token_ids) \
+            or bool(self.bad_words)
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -130,9 +141,18 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
-        for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
-                raise InvalidRequestError("stop_token_ids", f"must be non-negative token ids, got {t!r}")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for t in getattr(self, name):
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise InvalidRequestError(name, f"must be non-negative token ids, got {t!r}")
+        for word in self.bad_words:
+            if not isinstance(word, str) or not word.strip():
+                raise InvalidRequestError("bad_words", f"must be words, got {word!r}")
+        truncate = self.truncate_prompt_tokens
+        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
+                                     or not (truncate == -1 or truncate >= 1)):
+            raise InvalidRequestError("truncate_prompt_tokens", f"must be -1 (as many as the context allows) or a "
+                                                                f"positive integer, got {truncate!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:

@@ -42,6 +42,9 @@ class Sequence:
     cache_salt: str | None = None
     # The tokens that end it when sampled: EOS (unless ignore_eos) and its stop token ids; min_tokens holds them back.
     end_token_ids: frozenset[int] = frozenset()
+    # sampling_params.bad_words as token ids (validation.bad_words_token_ids): the last one of each is banned
+    # where the output ends with the others.
+    bad_words: tuple[tuple[int, ...], ...] = ()
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     # How many prompt tokens the prefix cache supplied when the request was (last) admitted.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from workers.engine.errors import InvalidRequestError
-from workers.engine.sampling_params import StructuredOutput
+from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 if TYPE_CHECKING:
     from xgrammar import CompiledGrammar
@@ -73,13 +73,18 @@ def grammar_of(spec: StructuredOutput):
         raise InvalidRequestError(FIELD, f"{spec.kind}: {_reason(e)}") from None
 
 
-def check_structured_output(spec: StructuredOutput | None, ignore_eos: bool, min_tokens: int) -> None:
+def check_structured_output(params: SamplingParams) -> None:
     """Refuses a spec that does not parse or that the other parameters would contradict."""
+    spec = params.structured_output
     if spec is None:
         return
-    if ignore_eos or min_tokens:
+    if params.ignore_eos or params.min_tokens:
         raise InvalidRequestError(FIELD, "cannot be combined with ignore_eos or min_tokens: the structure decides "
                                          "where the output ends")
+    if params.allowed_token_ids or params.bad_words:
+        # Both masks together could leave no token at all.
+        raise InvalidRequestError(FIELD, "cannot be combined with allowed_token_ids or bad_words: the structure "
+                                         "decides which tokens may come next")
     grammar_of(spec)
 
 

@@ -24,6 +24,31 @@ def prompt_token_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> tup
     return None, token_ids
 
 
+def truncate_prompt(token_ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens, or as many as leave room for one generated token (-1)."""
+    keep = params.truncate_prompt_tokens
+    if keep is None:
+        return token_ids
+    return token_ids[-(max_model_len - 1 if keep == -1 else keep):]
+
+
+def bad_words_token_ids(tokenizer, params: SamplingParams, vocab_size: int) -> tuple[tuple[int, ...], ...]:
+    """Each bad word's token ids as it is written at the start of a text and, where that differs, after a space
+    (vLLM's rule): a word is banned at the start of the output and in the middle of it."""
+    found: list[tuple[int, ...]] = []
+    for word in params.bad_words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids not in found:
+                found.append(ids)
+    if any(t >= vocab_size for ids in found for t in ids):
+        raise InvalidRequestError("bad_words", f"a word's tokens fall outside the model's vocabulary [0, {vocab_size})")
+    banned = {ids[0] for ids in found if len(ids) == 1}
+    if params.allowed_token_ids and banned.issuperset(params.allowed_token_ids):
+        raise InvalidRequestError("bad_words", "bans every token allowed_token_ids allows")
+    return tuple(found)
+
+
 def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
     """The prompt leaves room for at least one generated token; the params fit the model; a structured output
     parses."""
@@ -34,10 +59,11 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int,
         value = getattr(params, name)
         if value is not None and value > MAX_LOGPROBS:
             raise InvalidRequestError(name, f"at most {MAX_LOGPROBS}, got {value}")
-    for t in params.stop_token_ids:
-        if t >= vocab_size:
-            raise InvalidRequestError("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})")
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        for t in getattr(params, name):
+            if t >= vocab_size:
+                raise InvalidRequestError(name, f"token id {t} is outside the vocabulary [0, {vocab_size})")
     for t, _ in params.logit_bias:
         if t >= vocab_size:
             raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size})")
-    check_structured_output(params.structured_output, params.ignore_eos, params.min_tokens)
+    check_structured_output(params)
