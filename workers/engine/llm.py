@@ -5,7 +5,10 @@
     print(out[0].outputs[0].text)
 """
 
+import inspect
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -15,6 +18,7 @@ from workers.engine.config import (
     ModelConfig,
     SchedulerConfig,
 )
+from workers.engine.errors import InvalidRequestError
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
@@ -24,13 +28,21 @@ Message = dict[str, str]
 
 
 def chat_token_ids(tokenizer, messages: list[Message], add_generation_prompt: bool = True,
-                   continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
+                   continue_final_message: bool = False, tools: list[dict] | None = None,
+                   template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """A conversation rendered with the model's chat template, as token ids: by default the assistant's turn
     opened; with `continue_final_message` the last message left open instead, for the reply to carry on (an
-    answer's start given by the caller). `tools` (OpenAI's function tools) go to templates that describe them."""
+    answer's start given by the caller). `tools` (OpenAI's function tools) go to templates that describe them;
+    `template_kwargs` are the template's own variables (vLLM's chat_template_kwargs, e.g. enable_thinking), which
+    may not stand in for apply_chat_template's parameters."""
+    template_kwargs = dict(template_kwargs or {})
+    taken = sorted(set(template_kwargs) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
+    if taken:
+        raise InvalidRequestError("chat_template_kwargs", f"{', '.join(taken)} cannot be set here: the request's "
+                                                          "own fields decide them")
     return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                               continue_final_message=continue_final_message, tokenize=True,
-                                              return_dict=False))
+                                              return_dict=False, **template_kwargs))
 
 
 def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
@@ -81,14 +93,15 @@ class LLM:
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *, cache_salt: str | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
         """Applies the model's chat template (with the assistant prompt appended) to each conversation."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c) for c in conversations]
+        prompts = [self.apply_chat_template(c, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, cache_salt=cache_salt, use_tqdm=use_tqdm)
 
-    def apply_chat_template(self, messages: list[Message]) -> list[int]:
-        return chat_token_ids(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[Message],
+                            chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        return chat_token_ids(self.tokenizer, messages, template_kwargs=chat_template_kwargs)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

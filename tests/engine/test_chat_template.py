@@ -1,0 +1,30 @@
+"""A conversation becomes the token ids its model's chat template renders, with the caller's template variables."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from workers.engine.errors import InvalidRequestError
+from workers.engine.llm import chat_token_ids
+
+MESSAGES = [{"role": "user", "content": "Is it raining?"}]
+
+
+@pytest.fixture
+def tokenizer(smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    # A template with a variable of its own, as Qwen3's enable_thinking is.
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% if terse %} (briefly){% endif %}{% endif %}")
+    return tokenizer
+
+
+def test_template_kwargs_are_the_templates_variables(tokenizer):
+    assert chat_token_ids(tokenizer, MESSAGES) == tokenizer.encode("user: Is it raining?\nassistant:")
+    assert chat_token_ids(tokenizer, MESSAGES, template_kwargs={"terse": True}) == tokenizer.encode(
+        "user: Is it raining?\nassistant: (briefly)")
+
+
+@pytest.mark.parametrize("name", ["add_generation_prompt", "tokenize", "tools"])
+def test_template_kwargs_cannot_stand_in_for_the_requests_own_fields(tokenizer, name):
+    with pytest.raises(InvalidRequestError, match=f"chat_template_kwargs: {name} cannot be set here"):
+        chat_token_ids(tokenizer, MESSAGES, template_kwargs={name: False})
