@@ -87,6 +87,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="subtracted once from each generated token's logit (OpenAI's; default 0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtracted per occurrence from each generated token's logit (OpenAI's; default 0)")
+    g.add_argument("--bad-word", dest="bad_words", action="append", default=[],
+                   help="a word never to generate (repeatable)")
+    g.add_argument("--allowed-token-id", dest="allowed_token_ids", type=int, action="append", default=[],
+                   help="generate only these token ids (repeatable; default: any)")
+    g.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="K",
+                   help="keep only the prompt's last K tokens (-1: as many as the context allows) rather than "
+                        "refuse a prompt too long for it")
     g = p.add_argument_group("structured output (at most one; the output then ends where the structure does)")
     kinds = g.add_mutually_exclusive_group()
     kinds.add_argument("--json-schema", metavar="SCHEMA", type=_text_or_file, default=None,
@@ -259,7 +266,9 @@ def _sampling_fields(args: argparse.Namespace) -> dict:
                 min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
                 min_tokens=args.min_tokens, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, structured_output=_structured_output(args))
+                frequency_penalty=args.frequency_penalty, structured_output=_structured_output(args),
+                bad_words=tuple(args.bad_words), allowed_token_ids=tuple(args.allowed_token_ids),
+                truncate_prompt_tokens=args.truncate_prompt_tokens)
 
 
 def _structured_output(args: argparse.Namespace) -> dict | None:

@@ -12,10 +12,13 @@ PROTOS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "proto").rglob("
 
 def generate(out_dir: Path) -> list[Path]:
     """Writes the modules under `out_dir` (mirroring proto/...) and returns their paths."""
+    from importlib.resources import files
+
     from grpc_tools import protoc
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+    well_known_types = files("grpc_tools") / "_proto"  # google/protobuf/struct.proto
+    args = ["protoc", f"-I{ROOT}", f"-I{well_known_types}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}", *PROTOS]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {', '.join(PROTOS)}")

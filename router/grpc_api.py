@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -142,16 +143,20 @@ class GenerationServicer:
         return GenerateRequest(messages=messages, params=_sampling(request.sampling),
                                request_id=request.request_id or None, cache_salt=request.cache_salt or None,
                                model=request.model or None, add_generation_prompt=not request.continue_final_message,
-                               continue_final_message=request.continue_final_message)
+                               continue_final_message=request.continue_final_message,
+                               chat_template_kwargs=MessageToDict(request.chat_template_kwargs)
+                               if request.HasField("chat_template_kwargs") else None)
 
 
 def _sampling(s: pb.SamplingParams) -> SamplingParams:
     """The engine's params from the message: unset optional fields keep the engine's defaults."""
     given = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
                                                  "presence_penalty", "frequency_penalty", "repetition_penalty",
-                                                 "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens")
+                                                 "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens",
+                                                 "truncate_prompt_tokens")
              if s.HasField(name)}
     return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                          allowed_token_ids=tuple(s.allowed_token_ids), bad_words=tuple(s.bad_words),
                           ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output,
                           logit_bias=dict(s.logit_bias),
                           structured_output=_structured(s.structured_output) if s.HasField("structured_output")

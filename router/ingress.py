@@ -37,7 +37,7 @@ from workers.engine.async_engine import release_quietly
 from workers.engine.llm import chat_token_ids
 from workers.engine.outputs import RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
-from workers.engine.validation import check_request, prompt_token_ids
+from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
 from workers.kv.hashing import hash_full_blocks
 from workers.replica_logging import use_serve_logging
 
@@ -54,6 +54,7 @@ class GenerateRequest:
     tools: list[dict] | None = None  # chat: OpenAI's function tools, for templates that describe them
     add_generation_prompt: bool = True  # chat: open the assistant's turn after the messages
     continue_final_message: bool = False  # chat: leave the last message open for the reply to continue
+    chat_template_kwargs: dict[str, Any] | None = None  # chat: the template's own variables (enable_thinking, ...)
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
     cache_salt: str | None = None
@@ -199,6 +200,7 @@ class Ingress:
         token_ids = self.prompt_token_ids(request)
         params, api = request.params, self.api
         check_request(token_ids, params, self.model.vocab_size, self.model.max_model_len)
+        bad_words_token_ids(self.tokenizer, params, self.model.vocab_size)
         max_tokens = min(api.max_tokens or self.model.max_model_len, self.model.max_model_len)
         if params.max_tokens > max_tokens:
             raise invalid("max_tokens", f"at most {max_tokens}, got {params.max_tokens}")
@@ -211,7 +213,7 @@ class Ingress:
 
     def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
         """The token ids the model sees for the request's prompt: its text tokenized, its ids as they are, or its
-        messages rendered with the chat template."""
+        messages rendered with the chat template; the last of them only with truncate_prompt_tokens."""
         if request.model:
             self.check_model(request.model)
         given = [name for name in ("prompt", "prompt_token_ids", "messages") if getattr(request, name) is not None]
@@ -219,10 +221,11 @@ class Ingress:
             raise invalid("prompt", f"give exactly one of prompt, prompt_token_ids and messages, got "
                                     f"{given or 'none'}")
         if request.messages is not None:
-            return self._chat_token_ids(request)
-        _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
-                                        else request.prompt_token_ids, self.model.vocab_size)
-        return token_ids
+            token_ids = self._chat_token_ids(request)
+        else:
+            _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
+                                            else request.prompt_token_ids, self.model.vocab_size)
+        return truncate_prompt(token_ids, request.params, self.model.max_model_len)
 
     def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False, field: str = "token_ids") -> str:
         vocab = self.model.vocab_size
@@ -251,7 +254,7 @@ class Ingress:
             raise invalid("continue_final_message", "a reply either continues the last message or opens a new "
                                                     "turn: send add_generation_prompt: false with it")
         return chat_token_ids(self.tokenizer, messages, request.add_generation_prompt, request.continue_final_message,
-                              request.tools)
+                              request.tools, request.chat_template_kwargs)
 
     async def __serve_build_asgi_app__(self):
         """Serve calls this once the replica is constructed: open the gRPC port here, on the replica's event

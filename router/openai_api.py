@@ -15,8 +15,9 @@
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, include_stop_str_in_output, skip_special_tokens, request_id; for chat, add_generation_prompt and
-continue_final_message) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured
+stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words,
+truncate_prompt_tokens, request_id; for chat, add_generation_prompt, continue_final_message and
+chat_template_kwargs) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured
 output comes as OpenAI's response_format (text.format for responses) or vLLM's structured_outputs
 (router/openai_structured.py); a named or required tool_choice is a tool call held to the tool's schema, and "auto"
 finds calls in the model's own format with api.tool_call_parser (router/openai_tools.py). What the engine cannot do
@@ -97,6 +98,9 @@ class _Body(BaseModel):
     min_tokens: int | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     request_id: str | None = None
     cache_salt: str | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -133,6 +137,7 @@ class ChatBody(_Body):
     messages: list[ChatMessage]
     add_generation_prompt: bool | None = True  # vLLM's: open the assistant's turn
     continue_final_message: bool | None = False  # vLLM's: continue the last message instead
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: the template's own variables
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -184,6 +189,7 @@ class TokenizeBody(BaseModel):
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeBody(BaseModel):
@@ -273,14 +279,18 @@ class OpenAIApi:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             echoes = None
             if not chat and body.echo:
-                echoes = [c.prompt if c.prompt is not None else self.ingress.detokenize(c.prompt_token_ids,
-                                                                                        field="prompt")
-                          for c in choices]
+                echoes = [self._echo(c) for c in choices]
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
                                  choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
                                  tool_choice=self._tools(body) if chat else None)
         return shape
+
+    def _echo(self, choice: GenerateRequest) -> str:
+        """The prompt the model saw: as given, or the text of the tokens truncate_prompt_tokens kept."""
+        if choice.prompt is not None and choice.params.truncate_prompt_tokens is None:
+            return choice.prompt
+        return self.ingress.detokenize(self.ingress.prompt_token_ids(choice), field="prompt")
 
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
         text_format = _text_format(body)
@@ -324,7 +334,8 @@ class OpenAIApi:
                 ids = self.ingress.prompt_token_ids(GenerateRequest(
                     prompt=body.prompt, messages=None if body.messages is None else _messages(body.messages),
                     add_generation_prompt=body.add_generation_prompt is not False,
-                    continue_final_message=bool(body.continue_final_message)))
+                    continue_final_message=bool(body.continue_final_message),
+                    chat_template_kwargs=body.chat_template_kwargs))
         except Exception as e:
             return _refused(e)
         return JSONResponse({"count": len(ids), "max_model_len": self.ingress.model.max_model_len, "tokens": ids})
@@ -449,7 +460,8 @@ class OpenAIApi:
                                          logprobs, structure), tools)
         return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
                  "add_generation_prompt": body.add_generation_prompt is not False,
-                 "continue_final_message": bool(body.continue_final_message)}], params
+                 "continue_final_message": bool(body.continue_final_message),
+                 "chat_template_kwargs": body.chat_template_kwargs}], params
 
     async def _responses_request(self, body: ResponsesBody,
                                  aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
@@ -485,7 +497,8 @@ class OpenAIApi:
                 structured_output: StructuredOutput | None) -> SamplingParams:
         given = {name: getattr(body, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
-            "frequency_penalty", "repetition_penalty", "min_tokens") if getattr(body, name) is not None}
+            "frequency_penalty", "repetition_penalty", "min_tokens", "allowed_token_ids", "bad_words",
+            "truncate_prompt_tokens") if getattr(body, name) is not None}
         if body.logit_bias:
             given["logit_bias"] = _token_biases(body.logit_bias)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos),

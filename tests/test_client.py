@@ -124,6 +124,20 @@ def test_a_structured_output_option_holds_the_text(client):
         assert raised.value.code == INVALID
 
 
+def test_vllms_token_bans_truncation_and_template_variables_are_options(client):
+    plain = client.generate("Hello", **GREEDY)
+    allowed = sorted(set(plain.token_ids[1:3]))
+    assert set(client.generate("Hello", allowed_token_ids=allowed, **GREEDY).token_ids) <= set(allowed)
+    word = client.detokenize(plain.token_ids[:1])
+    assert client.generate("Hello", bad_words=[word], **GREEDY).token_ids[0] != plain.token_ids[0]
+    truncated = client.generate("one two three four five six", truncate_prompt_tokens=2, **GREEDY)
+    assert truncated.usage.prompt_tokens == 2
+    assert client.chat([("user", "Hi")], chat_template_kwargs={"enable_thinking": False}, **GREEDY).token_ids == \
+        client.chat([("user", "Hi")], **GREEDY).token_ids  # the template has no such variable
+    with pytest.raises(TandemError, match="chat_template_kwargs: tokenize cannot be set here"):
+        client.chat([("user", "Hi")], chat_template_kwargs={"tokenize": False})
+
+
 def test_tokenize_detokenize_models_and_health(client, model):
     ids = client.tokenize("Hello world")
     assert ids and all(isinstance(t, int) for t in ids)
@@ -301,6 +315,8 @@ def test_cli_structured_output_flags_reach_the_cluster(client, tmp_path):
     assert json.loads(out.stdout)["text"] in ("up", "down")
     out = tandem("generate", "--url", URL, "--prompt", "Go", "--regex", "a(b")
     assert out.returncode == 1 and "structured_output: regex" in out.stderr
+    out = tandem("generate", "--url", URL, "--prompt", "Go", "--bad-word", " ", "--truncate-prompt-tokens", "1")
+    assert out.returncode == 1 and "bad_words: must be words" in out.stderr
 
 
 def test_cli_chat_with_url_keeps_the_conversation(client):

@@ -162,6 +162,22 @@ def test_a_structured_output_holds_across_both_groups_as_offline(stub, model):
         assert re.fullmatch(email, text) if "regex" in structure else text in structure["choice"]
 
 
+def test_allowed_tokens_bad_words_and_truncation_give_the_engines_offline_completion(stub, model):
+    """The prefill group picks the first token under the bans, the decode group the rest; a truncated prompt is its
+    last tokens on both."""
+    prompt = "one two three four five six seven eight nine ten"
+    llm = LLM(model, progress=False, num_kv_blocks=64)
+    plain = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    word = next(text for text in map(llm.tokenizer.decode, ([t] for t in plain.token_ids)) if text.startswith(" "))
+    for fields in (dict(allowed_token_ids=[5, 1234, 4321]), dict(bad_words=[word]), dict(truncate_prompt_tokens=4)):
+        fields |= dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+        responses = generate(stub, text=prompt, sampling=pb.SamplingParams(**fields))
+        offline = llm.generate([prompt], SamplingParams(**fields))[0]
+        assert [t for r in responses for t in r.token_ids] == offline.outputs[0].token_ids != plain.token_ids
+        assert responses[-1].usage.prompt_tokens == len(offline.prompt_token_ids)
+    assert len(offline.prompt_token_ids) == 4
+
+
 def test_special_tokens_come_back_in_the_text_only_when_asked(stub):
     fields = dict(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={1: 100.0})  # 1: <|im_start|>
     skipped = generate(stub, text="hi", sampling=pb.SamplingParams(**fields))
@@ -311,6 +327,13 @@ BAD_GENERATE = {
                                      INVALID, "structured_output: give exactly one"),
     "structured output ignoring EOS": (dict(text="hi", sampling=sampling(
         ignore_eos=True, structured_output=pb.StructuredOutput(json_object=True))), INVALID, "ignore_eos"),
+    "allowed token = vocab": (dict(text="hi", sampling=sampling(allowed_token_ids=[VOCAB])), INVALID,
+                              "allowed_token_ids"),
+    "blank bad word": (dict(text="hi", sampling=sampling(bad_words=[" "])), INVALID, "bad_words"),
+    "truncate_prompt_tokens 0": (dict(text="hi", sampling=sampling(truncate_prompt_tokens=0)), INVALID,
+                                 "truncate_prompt_tokens"),
+    "structured output with bad words": (dict(text="hi", sampling=sampling(
+        bad_words=["x"], structured_output=pb.StructuredOutput(json_object=True))), INVALID, "bad_words"),
     "logit_bias token -1": (dict(text="hi", sampling=sampling(logit_bias={-1: 1})), INVALID, "logit_bias"),
     "logit_bias token = vocab": (dict(text="hi", sampling=sampling(logit_bias={VOCAB: 1})), INVALID, "logit_bias"),
     "oversized cache_salt": (dict(text="hi", cache_salt="s" * 257), INVALID, "cache_salt"),
@@ -334,6 +357,9 @@ BAD_OTHER = {
                                   INVALID, "role"),
     "chat for an unknown model": ("Chat", pb.ChatRequest(model="nope", messages=[pb.ChatMessage(
         role="user", content="x")]), NOT_FOUND, "model"),
+    "chat template kwargs that set a parameter": ("Chat", pb.ChatRequest(
+        messages=[pb.ChatMessage(role="user", content="x")], chat_template_kwargs={"tokenize": False}), INVALID,
+        "chat_template_kwargs: tokenize cannot be set here"),
     "detokenize id = vocab": ("Detokenize", pb.DetokenizeRequest(token_ids=[VOCAB]), INVALID, "token_ids"),
     "tokenize for an unknown model": ("Tokenize", pb.TokenizeRequest(model="nope", text="x"), NOT_FOUND, "model"),
 }

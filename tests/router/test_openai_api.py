@@ -287,6 +287,9 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(client, model_name, tokeniz
     (dict(extra_body={"min_p": 2}), "min_p"),
     (dict(extra_body={"min_tokens": 5}), "min_tokens"),  # more than max_tokens
     (dict(temperature=-1, stream=True), "temperature"),  # an ordinary JSON error, not a broken stream
+    (dict(extra_body={"allowed_token_ids": [10**9]}), "allowed_token_ids"),
+    (dict(extra_body={"bad_words": [""]}), "bad_words"),
+    (dict(extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
 ])
 def test_bad_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
     request = dict(model=model_name, prompt="Hello", max_tokens=4) | kwargs
@@ -434,6 +437,40 @@ def test_logit_bias_and_penalties_steer_the_choice(client, model_name, tokenizer
     penalised = client.completions.create(**forced | {"extra_body": {"ignore_eos": True, "repetition_penalty": 1.5}},
                                           frequency_penalty=2, presence_penalty=2).choices[0].logprobs.tokens
     assert 1 <= penalised.count(tokens[0]) < 12
+
+
+def test_vllms_allowed_token_ids_and_bad_words_hold_the_choice(client, model_name, tokenizer):
+    plain = client.completions.create(model=model_name, prompt=PROMPT, logprobs=0, **GREEDY).choices[0]
+    allowed = sorted({tokenizer.encode(" river")[0], tokenizer.encode(" fox")[0]})
+    held = client.completions.create(model=model_name, prompt=PROMPT, logprobs=0, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True, "allowed_token_ids": allowed}).choices[0]
+    assert set(held.logprobs.tokens) <= {tokenizer.decode([t]) for t in allowed}
+    first = plain.logprobs.tokens[0]
+    banned = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True, "bad_words": [first.strip()]}).choices[0]
+    assert first.strip() and first.strip() not in banned.text and banned.text != plain.text
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end_and_echo_shows_it(client, model_name, tokenizer):
+    long = PROMPT * 20  # more tokens than the context holds
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=model_name, prompt=long, max_tokens=2)
+    kept = client.completions.create(model=model_name, prompt=long, max_tokens=2, echo=True,
+                                     extra_body={"truncate_prompt_tokens": 30})
+    assert kept.usage.prompt_tokens == 30
+    assert kept.choices[0].text.startswith(tokenizer.decode(tokenizer.encode(long)[-30:]))
+    whole = client.completions.create(model=model_name, prompt=long, max_tokens=2,
+                                      extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens + 1 == client.models.list().data[0].max_model_len
+
+
+def test_chat_template_kwargs_reach_the_template_but_not_its_parameters(base_url, model_name):
+    tokenize = dict(model=model_name, messages=MESSAGES)
+    same = post(base_url, "/tokenize", tokenize | {"chat_template_kwargs": {"enable_thinking": False}})
+    assert same == post(base_url, "/tokenize", tokenize)  # this template has no such variable
+    status, refused = post(base_url, "/tokenize", tokenize | {"chat_template_kwargs": {"tokenize": False}})
+    assert status == 400 and refused["error"]["param"] == "chat_template_kwargs"
+    assert "tokenize" in refused["error"]["message"]
 
 
 def test_special_tokens_stay_out_of_the_text_unless_asked_for(client, model_name, tokenizer):

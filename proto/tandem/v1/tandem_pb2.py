@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/tandem/v1/tandem.proto\x12\ttandem.v1\"\xb8\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\x0e \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\x0b\x88\x01\x01\x12\x36\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutput\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x08\n\x06_min_pB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\x8b\x01\n\x10StructuredOutput\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.tandem.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\"\xc8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x04ttft\x18\t \x01(\x0b\x32\x1b.tandem.v1.TimeToFirstToken\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.tandem.v1.TokenLogprobsB\r\n\x0bstop_reason\"z\n\rTokenLogprobs\x12\x38\n\x08logprobs\x18\x01 \x03(\x0b\x32&.tandem.v1.TokenLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xbe\x01\n\x10TimeToFirstToken\x12\x0f\n\x07total_s\x18\x01 \x01(\x01\x12\x16\n\x0erouter_queue_s\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_queue_s\x18\x03 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13\x66irst_decode_step_s\x18\x07 \x01(\x01\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"R\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.tandem.v1.Model\">\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x32\xed\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.tandem.v1.ChatRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/tandem/v1/tandem.proto\x12\ttandem.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa6\x07\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\x0e \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\x0b\x88\x01\x01\x12\x36\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutput\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x0c\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\x05\x12\x11\n\tbad_words\x18\x15 \x03(\t\x12#\n\x16truncate_prompt_tokens\x18\x16 \x01(\x05H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x08\n\x06_min_pB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokens\"\x8b\x01\n\x10StructuredOutput\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.tandem.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf2\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\x12\x35\n\x14\x63hat_template_kwargs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x04ttft\x18\t \x01(\x0b\x32\x1b.tandem.v1.TimeToFirstToken\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.tandem.v1.TokenLogprobsB\r\n\x0bstop_reason\"z\n\rTokenLogprobs\x12\x38\n\x08logprobs\x18\x01 \x03(\x0b\x32&.tandem.v1.TokenLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xbe\x01\n\x10TimeToFirstToken\x12\x0f\n\x07total_s\x18\x01 \x01(\x01\x12\x16\n\x0erouter_queue_s\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_queue_s\x18\x03 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13\x66irst_decode_step_s\x18\x07 \x01(\x01\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"R\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.tandem.v1.Model\">\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x32\xed\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.tandem.v1.ChatRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,46 +36,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_options = b'8\001'
-  _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=868
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=612
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=660
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=871
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1010
-  _globals['_CHOICES']._serialized_start=1012
-  _globals['_CHOICES']._serialized_end=1038
-  _globals['_GENERATEREQUEST']._serialized_start=1041
-  _globals['_GENERATEREQUEST']._serialized_end=1226
-  _globals['_TOKENIDS']._serialized_start=1228
-  _globals['_TOKENIDS']._serialized_end=1251
-  _globals['_CHATMESSAGE']._serialized_start=1253
-  _globals['_CHATMESSAGE']._serialized_end=1297
-  _globals['_CHATREQUEST']._serialized_start=1300
-  _globals['_CHATREQUEST']._serialized_end=1487
-  _globals['_GENERATERESPONSE']._serialized_start=1490
-  _globals['_GENERATERESPONSE']._serialized_end=1818
-  _globals['_TOKENLOGPROBS']._serialized_start=1820
-  _globals['_TOKENLOGPROBS']._serialized_end=1942
-  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_start=1895
-  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_end=1942
-  _globals['_USAGE']._serialized_start=1944
-  _globals['_USAGE']._serialized_end=2024
-  _globals['_TIMETOFIRSTTOKEN']._serialized_start=2027
-  _globals['_TIMETOFIRSTTOKEN']._serialized_end=2217
-  _globals['_TOKENIZEREQUEST']._serialized_start=2219
-  _globals['_TOKENIZEREQUEST']._serialized_end=2265
-  _globals['_TOKENIZERESPONSE']._serialized_start=2267
-  _globals['_TOKENIZERESPONSE']._serialized_end=2304
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2306
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2388
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2390
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2424
-  _globals['_LISTMODELSREQUEST']._serialized_start=2426
-  _globals['_LISTMODELSREQUEST']._serialized_end=2445
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2447
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2501
-  _globals['_MODEL']._serialized_start=2503
-  _globals['_MODEL']._serialized_end=2565
-  _globals['_GENERATION']._serialized_start=2568
-  _globals['_GENERATION']._serialized_end=2933
+  _globals['_SAMPLINGPARAMS']._serialized_start=74
+  _globals['_SAMPLINGPARAMS']._serialized_end=1008
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=725
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=773
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1011
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1150
+  _globals['_CHOICES']._serialized_start=1152
+  _globals['_CHOICES']._serialized_end=1178
+  _globals['_GENERATEREQUEST']._serialized_start=1181
+  _globals['_GENERATEREQUEST']._serialized_end=1366
+  _globals['_TOKENIDS']._serialized_start=1368
+  _globals['_TOKENIDS']._serialized_end=1391
+  _globals['_CHATMESSAGE']._serialized_start=1393
+  _globals['_CHATMESSAGE']._serialized_end=1437
+  _globals['_CHATREQUEST']._serialized_start=1440
+  _globals['_CHATREQUEST']._serialized_end=1682
+  _globals['_GENERATERESPONSE']._serialized_start=1685
+  _globals['_GENERATERESPONSE']._serialized_end=2013
+  _globals['_TOKENLOGPROBS']._serialized_start=2015
+  _globals['_TOKENLOGPROBS']._serialized_end=2137
+  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_start=2090
+  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_end=2137
+  _globals['_USAGE']._serialized_start=2139
+  _globals['_USAGE']._serialized_end=2219
+  _globals['_TIMETOFIRSTTOKEN']._serialized_start=2222
+  _globals['_TIMETOFIRSTTOKEN']._serialized_end=2412
+  _globals['_TOKENIZEREQUEST']._serialized_start=2414
+  _globals['_TOKENIZEREQUEST']._serialized_end=2460
+  _globals['_TOKENIZERESPONSE']._serialized_start=2462
+  _globals['_TOKENIZERESPONSE']._serialized_end=2499
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2501
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2583
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2585
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2619
+  _globals['_LISTMODELSREQUEST']._serialized_start=2621
+  _globals['_LISTMODELSREQUEST']._serialized_end=2640
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2642
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2696
+  _globals['_MODEL']._serialized_start=2698
+  _globals['_MODEL']._serialized_end=2760
+  _globals['_GENERATION']._serialized_start=2763
+  _globals['_GENERATION']._serialized_end=3128
 # @@protoc_insertion_point(module_scope)
