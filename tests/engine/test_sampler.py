@@ -229,13 +229,16 @@ def test_allowed_token_ids_ban_every_other_token():
 
 
 def test_a_bad_word_bans_its_last_token_where_the_output_ends_with_the_rest():
-    # Bad words as token ids: (3,) alone, and (2, 5), whose 5 is banned only right after a generated 2.
-    history = TokenHistory(prompt_token_ids=[2], vocab_size=6, bad_words=[(3,), (2, 5)])
+    # Bad words as token ids: (3,) always banned; (2, 5) and (2, 4) ban 5 and 4 right after a generated 2, and
+    # (0, 2, 1) bans 1 after 0, 2.
+    history = TokenHistory(prompt_token_ids=[0, 2], vocab_size=6, bad_words=[(3,), (2, 5), (2, 4), (0, 2, 1)])
     params = [SamplingParams(temperature=0, bad_words=("the history holds them as ids",))]
     inf = math.inf
     assert adjust_logits(ROW, params, [history]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0, 1.0]]  # not the prompt's
-    assert adjust_logits(ROW, params, [history.update([0, 2])]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0, -inf]]
-    assert adjust_logits(ROW, params, [history.update([0, 2, 0])]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0, 1.0]]
+    assert adjust_logits(ROW, params, [history.update([2])]).tolist() == [[2.0, -1.0, 0.5, -inf, -inf, -inf]]
+    assert adjust_logits(ROW, params, [history.update([2, 0, 2])]).tolist() == [[2.0, -inf, 0.5, -inf, -inf, -inf]]
+    assert adjust_logits(ROW, params, [history.update([2, 0, 2, 0])]).tolist() == [[2.0, -1.0, 0.5, -inf, -2.0,
+                                                                                    1.0]]
 
 
 def test_min_p_keeps_only_tokens_near_the_likeliest():

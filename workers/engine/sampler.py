@@ -67,12 +67,23 @@ class TokenHistory:
         self.num_counted = 0
         self.end_token_ids = torch.tensor(sorted(t for t in end_token_ids if t < vocab_size), dtype=torch.long,
                                           device=device)
-        allowed = list(allowed_token_ids)
-        self.banned: torch.Tensor | None = None  # True for the tokens allowed_token_ids leaves out
-        if allowed:
-            self.banned = torch.ones(vocab_size, dtype=torch.bool, device=device)
-            self.banned[torch.tensor(allowed, dtype=torch.long, device=device)] = False
-        self.bad_words = list(bad_words)
+        # Tokens never to take: those allowed_token_ids leaves out, and one-token bad words. A longer bad word bans
+        # its last token only after its others: kept as {those tokens: [last tokens]}, looked up by the output's
+        # tail, so a step costs a lookup per distinct length rather than a comparison per word.
+        allowed, single, self._endings = list(allowed_token_ids), [], {}
+        for word in bad_words:
+            if len(word) == 1:
+                single.append(word[0])
+            else:
+                self._endings.setdefault(tuple(word[:-1]), []).append(word[-1])
+        self._prefix_lengths = sorted({len(prefix) for prefix in self._endings})
+        self.banned: torch.Tensor | None = None
+        if allowed or single:
+            self.banned = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if allowed:
+                self.banned[:] = True
+                self.banned[torch.tensor(allowed, dtype=torch.long, device=device)] = False
+            self.banned[torch.tensor(single, dtype=torch.long, device=device)] = True
         self.output_tail: list[int] = []  # the last tokens generated, as many as the longest bad word's prefix
 
     def update(self, output_token_ids: list[int]) -> "TokenHistory":
@@ -82,15 +93,16 @@ class TokenHistory:
             ids = torch.tensor(new, dtype=torch.long, device=self.output_counts.device)
             self.output_counts.index_add_(0, ids, torch.ones(len(new), device=ids.device))
             self.num_counted = len(output_token_ids)
-            longest = max((len(word) - 1 for word in self.bad_words), default=0)
-            self.output_tail = output_token_ids[len(output_token_ids) - longest:] if longest else []
+            if self._prefix_lengths:
+                self.output_tail = output_token_ids[-self._prefix_lengths[-1]:]
         return self
 
     def bad_word_endings(self) -> list[int]:
-        """The tokens that would complete a bad word now: those whose other tokens end the output."""
+        """The tokens that would complete a bad word of more than one token now: those whose others end the
+        output."""
         tail = self.output_tail
-        return [word[-1] for word in self.bad_words
-                if len(word) - 1 <= len(tail) and tuple(tail[len(tail) - len(word) + 1:]) == word[:-1]]
+        return [token for n in self._prefix_lengths if n <= len(tail)
+                for token in self._endings.get(tuple(tail[len(tail) - n:]), ())]
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
@@ -107,8 +119,9 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
         p, row, h = params[i], logits[i], history[i]
         if h.banned is not None:
             row.masked_fill_(h.banned, float("-inf"))
-        if h.bad_words:
-            row[h.bad_word_endings()] = float("-inf")
+        endings = h.bad_word_endings()
+        if endings:
+            row[endings] = float("-inf")
         if p.logit_bias:
             ids, biases = zip(*p.logit_bias)
             row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=row.dtype, device=device))
