@@ -18,6 +18,7 @@ class ApiConfig:
     max_request_bytes: int = _field(4 * 1024 * 1024, "largest request message or HTTP body, in bytes")
     max_tokens: int | None = _field(None, "largest max_tokens a request may ask for (null: the context length)")
     max_stop_strings: int = _field(16, "most stop strings per request")
+    max_bad_words: int = _field(256, "most bad_words per request (each is tokenized as the request arrives)")
     max_cache_salt_chars: int = _field(256, "longest cache_salt")
     max_choices: int = _field(64, "most completions one HTTP request may ask for: n times the prompts of a batch")
     response_ttl_s: int = _field(600, "how long a stored Responses API response can be retrieved or continued "
@@ -38,8 +39,8 @@ class ApiConfig:
                                                   "signed (mutual TLS)")
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_tokens", "max_stop_strings", "max_cache_salt_chars", "max_choices",
-                     "response_ttl_s", "max_concurrent_requests"):
+        for name in ("max_request_bytes", "max_tokens", "max_stop_strings", "max_bad_words", "max_cache_salt_chars",
+                     "max_choices", "response_ttl_s", "max_concurrent_requests"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")

@@ -200,12 +200,14 @@ class Ingress:
         token_ids = self.prompt_token_ids(request)
         params, api = request.params, self.api
         check_request(token_ids, params, self.model.vocab_size, self.model.max_model_len)
-        bad_words_token_ids(self.tokenizer, params, self.model.vocab_size)
         max_tokens = min(api.max_tokens or self.model.max_model_len, self.model.max_model_len)
         if params.max_tokens > max_tokens:
             raise invalid("max_tokens", f"at most {max_tokens}, got {params.max_tokens}")
         if len(params.stop) > api.max_stop_strings:
             raise invalid("stop", f"at most {api.max_stop_strings} stop strings, got {len(params.stop)}")
+        if len(params.bad_words) > api.max_bad_words:
+            raise invalid("bad_words", f"at most {api.max_bad_words} words, got {len(params.bad_words)}")
+        bad_words_token_ids(self.tokenizer, params, self.model.vocab_size)
         if request.cache_salt is not None and len(request.cache_salt) > api.max_cache_salt_chars:
             raise invalid("cache_salt", f"at most {api.max_cache_salt_chars} characters, got "
                                         f"{len(request.cache_salt)}")

@@ -330,6 +330,8 @@ BAD_GENERATE = {
     "allowed token = vocab": (dict(text="hi", sampling=sampling(allowed_token_ids=[VOCAB])), INVALID,
                               "allowed_token_ids"),
     "blank bad word": (dict(text="hi", sampling=sampling(bad_words=[" "])), INVALID, "bad_words"),
+    "too many bad words": (dict(text="hi", sampling=sampling(bad_words=[f"w{i}" for i in range(257)])), INVALID,
+                           "bad_words: at most 256 words"),
     "truncate_prompt_tokens 0": (dict(text="hi", sampling=sampling(truncate_prompt_tokens=0)), INVALID,
                                  "truncate_prompt_tokens"),
     "structured output with bad words": (dict(text="hi", sampling=sampling(
