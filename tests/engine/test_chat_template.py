@@ -24,7 +24,14 @@ def test_template_kwargs_are_the_templates_variables(tokenizer):
         "user: Is it raining?\nassistant: (briefly)")
 
 
-@pytest.mark.parametrize("name", ["add_generation_prompt", "tokenize", "tools"])
+def test_a_conversation_the_template_refuses_is_a_bad_request(tokenizer):
+    tokenizer.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    with pytest.raises(InvalidRequestError, match="messages: the model's chat template refused the conversation: "
+                                                  "system first"):
+        chat_token_ids(tokenizer, MESSAGES)
+
+
+@pytest.mark.parametrize("name", ["add_generation_prompt", "tokenize", "tools", "messages"])
 def test_template_kwargs_cannot_stand_in_for_the_requests_own_fields(tokenizer, name):
     with pytest.raises(InvalidRequestError, match=f"chat_template_kwargs: {name} cannot be set here"):
         chat_token_ids(tokenizer, MESSAGES, template_kwargs={name: False})

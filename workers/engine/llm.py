@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from workers.engine.config import (
@@ -36,13 +37,18 @@ def chat_token_ids(tokenizer, messages: list[Message], add_generation_prompt: bo
     `template_kwargs` are the template's own variables (vLLM's chat_template_kwargs, e.g. enable_thinking), which
     may not stand in for apply_chat_template's parameters."""
     template_kwargs = dict(template_kwargs or {})
-    taken = sorted(set(template_kwargs) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
+    # The template renders with `messages` besides apply_chat_template's parameters.
+    reserved = {"messages", *inspect.signature(tokenizer.apply_chat_template).parameters}
+    taken = sorted(set(template_kwargs) & reserved)
     if taken:
         raise InvalidRequestError("chat_template_kwargs", f"{', '.join(taken)} cannot be set here: the request's "
                                                           "own fields decide them")
-    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                              continue_final_message=continue_final_message, tokenize=True,
-                                              return_dict=False, **template_kwargs))
+    try:
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continue_final_message, tokenize=True,
+                                                  return_dict=False, **template_kwargs))
+    except (TemplateError, ValueError) as e:  # raise_exception() in the template, or a conversation it cannot end
+        raise InvalidRequestError("messages", f"the model's chat template refused the conversation: {e}") from None
 
 
 def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
