@@ -78,10 +78,15 @@ def test_too_many_logprobs_and_out_of_vocab_token_ids_are_rejected(llm):
         llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=[5, 10**9]))
 
 
-def test_bad_words_that_ban_every_allowed_token_are_refused(llm):
+def test_bans_that_leave_no_token_to_take_are_refused(llm):
     word = llm.engine.tokenizer.decode([300])
     with pytest.raises(InvalidRequestError, match="bad_words: bans every token allowed_token_ids allows"):
         llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=[300], bad_words=[word]))
+    ends = sorted(llm.engine.eos_token_ids)
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids: allows only tokens that end the request"):
+        llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=ends, min_tokens=1))
+    assert llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=ends, min_tokens=1, ignore_eos=True,
+                                                  max_tokens=2))[0].outputs[0].token_ids == [ends[0]] * 2
 
 
 def test_one_bad_prompt_in_a_batch_runs_nothing_and_leaks_nothing(llm):

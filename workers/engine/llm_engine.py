@@ -19,6 +19,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.errors import (
     DuplicateRequestError,
+    InvalidRequestError,
     KVCacheFullError,
     PromptTooLongError,
 )
@@ -132,6 +133,9 @@ class LLMEngine:
             prompt_text, token_ids = None, kept  # the text would no longer be the prompt the model saw
         self._validate(token_ids, params)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if params.min_tokens and params.allowed_token_ids and ends.issuperset(params.allowed_token_ids):
+            raise InvalidRequestError("allowed_token_ids", "allows only tokens that end the request, which "
+                                                           "min_tokens holds back")
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
                        bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))
         if params.structured_output is not None:
