@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ray import serve
@@ -273,6 +273,21 @@ def test_health_and_reflection_are_served(cluster):
             described = [descriptor_pb2.FileDescriptorProto.FromString(f)
                          for f in answer.file_descriptor_response.file_descriptor_proto]
             assert any(name == f"{f.package}.{s.name}" for f in described for s in f.service), name
+        # A client builds the messages from the files reflection sends, each after those it imports.
+        pool = descriptor_pool.DescriptorPool()
+
+        def add(filename: str) -> None:
+            [answer] = reflect_v1(iter([reflection_pb2.ServerReflectionRequest(file_by_filename=filename)]),
+                                  timeout=10)
+            file = descriptor_pb2.FileDescriptorProto.FromString(
+                answer.file_descriptor_response.file_descriptor_proto[0])
+            for dependency in file.dependency:
+                add(dependency)
+            pool.Add(file)
+
+        add("proto/tandem/v1/tandem.proto")
+        chat = pool.FindMessageTypeByName("tandem.v1.ChatRequest")
+        assert chat.fields_by_name["chat_template_kwargs"].message_type.full_name == "google.protobuf.Struct"
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
