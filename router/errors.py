@@ -69,7 +69,8 @@ def classify(error: BaseException) -> ApiError:
     if isinstance(error, ApiError):
         return error
     if isinstance(error, InvalidRequestError):
-        return ApiError(Kind.INVALID_ARGUMENT, str(error), error.field)
+        # Not str(error): raised in a worker group, that is Ray's traceback; the cause's fields are the message.
+        return ApiError(Kind.INVALID_ARGUMENT, f"{error.field}: {error.message}", error.field)
     if isinstance(error, DuplicateRequestError):
         return ApiError(Kind.INVALID_ARGUMENT, f"request_id: {error}", "request_id")
     if isinstance(error, ModelNotFoundError):

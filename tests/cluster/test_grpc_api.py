@@ -368,6 +368,15 @@ def test_bad_generate_requests_get_their_documented_status(stub, case):
     assert mentions in raised.value.details()
 
 
+def test_a_refusal_from_inside_a_worker_group_reads_as_cleanly_as_the_ingresss(stub):
+    """Only the engine knows the tokens that end a request; its refusal crosses Ray without the traceback."""
+    with pytest.raises(grpc.RpcError) as raised:
+        generate(stub, text="hi", sampling=sampling(allowed_token_ids=[7], stop_token_ids=[7], min_tokens=1))
+    assert raised.value.code() == INVALID
+    assert raised.value.details() == ("allowed_token_ids: allows only tokens that end the request, which min_tokens "
+                                      "holds back")
+
+
 BAD_OTHER = {
     "chat without messages": ("Chat", pb.ChatRequest(sampling=sampling()), INVALID, "messages"),
     "chat with an unknown role": ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="robot", content="x")]),
