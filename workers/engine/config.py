@@ -65,7 +65,26 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram lookup (speculative.py), vLLM's "ngram" method by its names."""
+
+    # Tokens guessed per step for each greedy request; 0 turns guessing off.
+    num_speculative_tokens: int = 0
+    # The longest and shortest runs of the sequence's last tokens looked up earlier in it.
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0 (got {self.num_speculative_tokens})")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max (got {self.prompt_lookup_min} and "
+                             f"{self.prompt_lookup_max})")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -31,6 +31,7 @@ from workers.engine.recent_prefixes import Prefix, RecentPrefixes
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import FinishReason, Sequence
+from workers.engine.speculative import guess, takes_guesses
 from workers.engine.step_plan import Stop
 from workers.engine.structured_output import GrammarCompiler, RequestGrammar
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
@@ -68,6 +69,9 @@ class LLMEngine:
         """Under tensor parallelism this is rank 0's engine: it schedules for the whole group and its runner
         drives the other ranks, which run workers/engine/follower.py. `kv_events` hears of every block hash the
         prefix cache gains or loses (workers/kv_events.py publishes them for the routers)."""
+        if config.speculative.num_speculative_tokens and tp.size > 1:
+            # Followers replay each step from its plan, which carries no guesses.
+            raise ValueError("speculative decoding runs at tensor parallel size 1")
         self.config = config
         self.tp = tp
         self.runner = ModelRunner(config, progress, tp)
@@ -103,6 +107,9 @@ class LLMEngine:
         self.num_computed_prompt_tokens = 0
         self.num_steps = 0
         self.step_seconds = 0.0
+        # Speculative decoding's running totals: guesses computed, and those the model agreed with.
+        self.num_guessed_tokens = 0
+        self.num_accepted_guesses = 0
         self._ids = count()
         logger.info("engine ready: %s, %d KV blocks, context %d", model_dir.name, self.runner.num_kv_blocks,
                     self.max_model_len)
@@ -283,6 +290,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self.expire_leases()
+        self._guess()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
@@ -293,22 +301,46 @@ class LLMEngine:
                 metrics.first_scheduled_time = now
             self.num_computed_prompt_tokens += max(0, min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens))
         sampled = self.runner.execute(sched.scheduled)
+        accepted = {id(s.seq): len(s.more_token_ids) for s in sampled}
         for seq, num_new in sched.scheduled:
-            seq.num_computed_tokens += num_new
+            # Of the guesses computed with the next token, only those the model agreed with hold KV to keep.
+            guesses, agreed = len(seq.draft_token_ids), accepted.get(id(seq), 0)
+            seq.num_computed_tokens += num_new - guesses + agreed
+            self.num_guessed_tokens += guesses
+            self.num_accepted_guesses += agreed
+            seq.draft_token_ids.clear()
             self.block_manager.cache_full_blocks(seq)
         outputs = [self._process(s) for s in sampled]
         self.num_steps += 1
         self.step_seconds += time.monotonic() - now
         return outputs
 
+    def _guess(self) -> None:
+        """Guesses at the next tokens of each decoding sequence that can take them (speculative.py)."""
+        config = self.config.speculative
+        if not config.num_speculative_tokens:
+            return
+        for seq in self.scheduler.running:
+            seq.draft_token_ids = guess(seq, config, self.max_seq_len) if takes_guesses(seq) else []
+
     def _process(self, sampled: SampledToken) -> RequestOutput:
-        seq, token_id = sampled.seq, sampled.token_id
+        """The step's tokens of one sequence, in order, until one of them ends it."""
+        seq = sampled.seq
         req = self.requests[seq.request_id]
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = time.monotonic()
+        for i, token_id in enumerate([sampled.token_id, *sampled.more_token_ids]):
+            ended = self._take(req, token_id, sampled.logprobs if i == 0 else None)
+            if ended is not None:
+                return ended
+        return self._output(req, finished=False)
+
+    def _take(self, req: _Request, token_id: int, logprobs: dict[int, float] | None) -> RequestOutput | None:
+        """Appends one token; the request's final output if that token ends it."""
+        seq = req.seq
         seq.append_token(token_id)
-        if sampled.logprobs is not None:
-            seq.logprobs.append(sampled.logprobs)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
         if req.prefill_only:
             return self._finish(req, FinishReason.PREFILLED)
         params = seq.sampling_params
@@ -324,7 +356,7 @@ class LLMEngine:
             return self._finish(req, FinishReason.STOP, stop_str)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             return self._finish(req, FinishReason.LENGTH)
-        return self._output(req, finished=False)
+        return None
 
     def _finish(self, req: _Request, reason: FinishReason, stop_reason: str | int | None = None) -> RequestOutput:
         keep_blocks = reason is FinishReason.PREFILLED

@@ -13,7 +13,7 @@ forward pass on their mirrors of the requests and join the collectives, but only
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
 from workers.engine.sequence import Sequence
+from workers.engine.speculative import accept
 from workers.engine.step_plan import PlanWriter
 from workers.engine.structured_output import token_bitmask
 
@@ -50,6 +51,9 @@ class SampledToken:
     seq: Sequence
     token_id: int
     logprobs: dict[int, float] | None
+    # The tokens after token_id that the same step yields: the sequence's guesses the model agreed with, then its
+    # own pick where they stopped (speculative.py).
+    more_token_ids: list[int] = field(default_factory=list)
 
 
 # Prompt positions whose vocabulary-wide logits exist at once, for prompt logprobs: 256 x 128k x 4 B = 128 MiB.
@@ -221,7 +225,13 @@ class ModelRunner:
             allowed = token_bitmask([seq.grammar for seq in seqs], [seq.output_token_ids for seq in seqs],
                                     self.hf_config.vocab_size)
         out = self.sampler(logits, params, generators, history, allowed)
-        return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
+        sampled, row = [], 0
+        while row < len(seqs):  # a sequence with guesses has a row for its next token and one after each guess
+            seq, rows = seqs[row], 1 + len(seqs[row].draft_token_ids)
+            tokens = accept(seq.draft_token_ids, out.token_ids[row:row + rows])
+            sampled.append(SampledToken(seq, tokens[0], out.logprobs[row], tokens[1:]))
+            row += rows
+        return sampled
 
     def _eager(self, batch: list[tuple[Sequence, int]], record: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Logits of the sequences whose new tokens reach their end, and those sequences; with `record` (rank 0),
@@ -300,7 +310,8 @@ class ModelRunner:
         for seq, n in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             query_start = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            guesses = seq.draft_token_ids  # scheduled with its next token: n = 1 + len(guesses)
+            input_ids.extend([seq.token_ids[start], *guesses] if guesses else seq.token_ids[start:end])
             pos = torch.arange(start, end)
             block_table = torch.tensor(seq.block_table, dtype=torch.long)
             positions.append(pos)
@@ -309,7 +320,9 @@ class ModelRunner:
                 decodes.append(seq)
             else:
                 prefills.append(PrefillMeta(query_start, n, end, block_table.to(self.device)))
-            if end == seq.num_tokens:
+            if guesses:
+                sample_rows.extend((query_start + i, seq) for i in range(n))
+            elif end == seq.num_tokens:
                 sample_rows.append((len(input_ids) - 1, seq))
             upto = min(end, seq.num_prompt_logprob_positions)
             if start < upto:

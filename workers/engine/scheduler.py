@@ -1,9 +1,10 @@
 """Continuous batching: which sequences run in the next step, and how many new tokens each computes.
 
-There is no prefill phase and decode phase. Every running sequence asks for `num_tokens - num_computed_tokens`
-new tokens, capped by the step's token budget, so a long prompt is prefilled in chunks alongside other
-sequences' decodes. Running sequences go first; waiting ones are admitted while blocks, budget and seats last.
-When blocks run out, the newest running sequence is preempted by recompute.
+There is no prefill phase and decode phase. Every running sequence asks for `num_tokens - num_computed_tokens` new
+tokens, capped by the step's token budget, so a long prompt is prefilled in chunks alongside other sequences'
+decodes; a decoding sequence with guesses at its next tokens (speculative.py) asks for those too. Running sequences
+go first; waiting ones are admitted while blocks, budget and seats last. When blocks run out, the newest running
+sequence is preempted by recompute.
 """
 
 from collections import deque
@@ -70,6 +71,19 @@ class Scheduler:
             out.scheduled.append((seq, num_new))
             budget -= num_new
             i += 1
+        return self._schedule_guesses(out, budget)
+
+    def _schedule_guesses(self, out: SchedulerOutput, budget: int) -> int:
+        """Adds each scheduled decode's guesses at its next tokens (speculative.py) as far as the budget and the
+        free blocks go, once every running sequence has its own token: guesses never cost another its place."""
+        for index, (seq, num_new) in enumerate(out.scheduled):
+            guesses = seq.draft_token_ids
+            del guesses[max(0, budget):]
+            if guesses and self.block_manager.allocate_slots(seq, num_new + len(guesses)):
+                out.scheduled[index] = (seq, num_new + len(guesses))
+                budget -= len(guesses)
+            else:
+                guesses.clear()
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:

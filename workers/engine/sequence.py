@@ -62,6 +62,9 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     # With sampling_params.structured_output, the matcher that masks its next token (structured_output.py).
     grammar: "RequestGrammar | None" = None
+    # This step's guesses at the tokens after its last one (speculative.py): computed with it, kept where the model
+    # agrees. Not part of token_ids, and gone after the step.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -104,6 +107,7 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: drop all KV; prompt and generated tokens are re-prefilled later."""
+        self.draft_token_ids.clear()
         self.num_computed_tokens = 0
         self.block_table = []
         self.status = SequenceStatus.WAITING

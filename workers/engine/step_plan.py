@@ -56,6 +56,8 @@ class MirroredRequest:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_prompt_logprob_positions: int = 0
+    # Always empty: speculative decoding runs at tensor parallel size 1 (LLMEngine refuses it otherwise).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
