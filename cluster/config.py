@@ -29,6 +29,7 @@ from workers.engine.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from workers.engine.model_store import default_cache_dir
 
@@ -128,6 +129,11 @@ class ClusterConfig:
     max_num_seqs: int = _field(64, "most sequences in one batch", min=1)
     max_num_batched_tokens: int = _field(1024, "per-step token budget; longer prompts prefill in chunks", min=1)
     enable_chunked_prefill: bool = _field(True, "split prompts longer than the step budget")
+    num_speculative_tokens: int = _field(0, "speculative decoding by n-gram lookup: tokens guessed per step for "
+                                            "each greedy request, kept where the model agrees (0: off; needs "
+                                            "tensor_parallel_size 1)", min=0)
+    prompt_lookup_max: int = _field(4, "the longest run of a sequence's last tokens looked up earlier in it", min=1)
+    prompt_lookup_min: int = _field(2, "the shortest such run", min=1)
     kv_lease_s: float = _field(30.0, "how long a prefill group pins a finished prompt's blocks", above=0)
     kv_transfer_timeout_s: float = _field(30.0, "a slower KV transfer fails and decode recomputes", above=0)
     max_kv_channels: int = _field(8, "open KV channels per rank", min=1)
@@ -155,6 +161,12 @@ class ClusterConfig:
         _check_ranges(self)
         if self.grpc_port == self.http_port:
             raise ConfigError(f"grpc_port and http_port must differ (both {self.grpc_port})")
+        if self.num_speculative_tokens and self.tensor_parallel_size > 1:
+            raise ConfigError("num_speculative_tokens needs tensor_parallel_size 1: the other ranks replay each step "
+                              "from a plan that carries no guesses")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"prompt_lookup_min must be <= prompt_lookup_max (got {self.prompt_lookup_min} and "
+                              f"{self.prompt_lookup_max})")
 
     def to_engine_config(self, model: str | None = None) -> EngineConfig:
         """The engine config every rank runs; `model` replaces self.model once the caller has resolved it to a
@@ -171,6 +183,9 @@ class ClusterConfig:
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       enable_chunked_prefill=self.enable_chunked_prefill),
+            speculative=SpeculativeConfig(num_speculative_tokens=self.num_speculative_tokens,
+                                          prompt_lookup_max=self.prompt_lookup_max,
+                                          prompt_lookup_min=self.prompt_lookup_min),
         )
 
 

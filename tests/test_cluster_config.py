@@ -25,6 +25,7 @@ from workers.engine.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from workers.engine.llm import engine_config
 
@@ -81,13 +82,21 @@ def test_every_engine_field_reaches_the_engine_config():
                                 "seed": 7, "block_size": 32, "num_kv_blocks": 900, "kv_cache_memory_gb": 4,
                                 "gpu_memory_utilization": 0.9, "enable_prefix_caching": False, "max_num_seqs": 128,
                                 "max_num_batched_tokens": 2048, "enable_chunked_prefill": False, "kv_lease_s": 10,
-                                "kv_transfer_timeout_s": 5, "max_kv_channels": 4})
+                                "kv_transfer_timeout_s": 5, "max_kv_channels": 4, "num_speculative_tokens": 3,
+                                "prompt_lookup_max": 5, "prompt_lookup_min": 1})
     assert config.to_engine_config() == EngineConfig(
         ModelConfig("/models/llama", "cuda", "bfloat16", 4096, 7),
         CacheConfig(32, 900, 4.0, 0.9, False, 10.0, 5.0, 4),
-        SchedulerConfig(128, 2048, False))
+        SchedulerConfig(128, 2048, False), SpeculativeConfig(3, 5, 1))
     assert config.to_engine_config(model="/cache/resolved").model.model == "/cache/resolved"
 
+
+
+def test_speculative_decoding_is_refused_where_the_other_ranks_cannot_follow_it():
+    assert error(num_speculative_tokens=4, tensor_parallel_size=2).startswith(
+        "num_speculative_tokens needs tensor_parallel_size 1")
+    assert error(prompt_lookup_min=5) == "prompt_lookup_min must be <= prompt_lookup_max (got 5 and 4)"
+    assert parse("--num-speculative-tokens", "4").to_engine_config().speculative.num_speculative_tokens == 4
 
 
 def test_the_attention_backend_and_cuda_graphs_reach_the_engine_from_a_file_or_flags(tmp_path):
