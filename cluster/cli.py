@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import chaos, engine, kernels, routing, soak, structured, transfer
+    from cluster.bench import chaos, engine, kernels, routing, soak, speculative, structured, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "prefill rank under load; exits 1 if any promise is broken."))
     structured.add_arguments(bench_sub.add_parser(
         "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
+    speculative.add_arguments(bench_sub.add_parser(
+        "speculative", help="speculative decoding by n-gram lookup vs one token per step: tok/s, acceptance"))
     soak.add_arguments(bench_sub.add_parser(
         "soak", help="steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
         description="Samples every cluster process's memory, each pool's free KV blocks and the router's KV "
@@ -216,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import convert
 
             return convert.run(args)
-        from cluster.bench import chaos, engine, kernels, routing, soak, structured, transfer
+        from cluster.bench import chaos, engine, kernels, routing, soak, speculative, structured, transfer
 
         benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "soak": soak,
-                   "structured": structured, "transfer": transfer}
+                   "speculative": speculative, "structured": structured, "transfer": transfer}
         return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)

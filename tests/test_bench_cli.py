@@ -101,3 +101,14 @@ def test_quick_structured_bench_compares_free_and_schema_runs(tmp_path, capsys):
     assert schema["valid"] == schema["requests"]  # every reply parses and has the schema's keys
     assert doc["tokens_per_s_ratio"] == pytest.approx(schema["output_tokens_per_s"] / free["output_tokens_per_s"])
     assert "json-schema / free output tokens per second" in capsys.readouterr().out
+
+
+def test_quick_speculative_bench_gives_the_same_tokens_in_fewer_steps_where_text_repeats(tmp_path, capsys):
+    path = tmp_path / "speculative.json"
+    assert main(["bench", "speculative", "--quick", "--json", str(path)]) == 0  # 1 if any reply's tokens differ
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["workload"], r["mode"], r["system"]) for r in rows[:2]] == [
+        ("quoting", "one at a time", "one-per-step"), ("quoting", "one at a time", "speculative")]
+    assert all(r["same_tokens"] for r in rows[1::2])
+    assert rows[1]["steps"] < rows[0]["steps"] and rows[1]["accepted_guesses"] > 0
+    assert "speculative / one-per-step output tok/s" in capsys.readouterr().out
