@@ -132,6 +132,10 @@ _GROUP_METRICS = (
      lambda r: r["kv_bytes_received"]),
     ("tandem_group_kv_transfer_failures", "KV transfers that failed (the request was recomputed)", "counter",
      lambda r: r["kv_transfer_failures"]),
+    ("tandem_group_spec_guessed_tokens", "Tokens speculative decoding guessed and computed", "counter",
+     lambda r: r["guessed_tokens"]),
+    ("tandem_group_spec_accepted_tokens", "Of those, the ones the model agreed with (kept)", "counter",
+     lambda r: r["accepted_guesses"]),
 )
 
 

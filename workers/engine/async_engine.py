@@ -80,6 +80,8 @@ class EngineStats:
     num_computed_prompt_tokens: int = 0  # running totals over steps: prompt tokens computed, steps, their seconds
     num_steps: int = 0
     step_seconds: float = 0.0
+    num_guessed_tokens: int = 0  # speculative decoding's guesses computed, and those the model agreed with
+    num_accepted_guesses: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -243,7 +245,7 @@ class AsyncLLMEngine:
                            eng.kv.bytes_received, eng.num_transfer_failures, sched.num_queued_prefill_tokens(),
                            eng.num_finished,
                            eng.num_prompt_tokens, eng.num_cached_prompt_tokens, eng.num_computed_prompt_tokens,
-                           eng.num_steps, eng.step_seconds)
+                           eng.num_steps, eng.step_seconds, eng.num_guessed_tokens, eng.num_accepted_guesses)
 
     def _update_load(self) -> None:
         stats = self._read_stats()
@@ -254,7 +256,8 @@ class AsyncLLMEngine:
                       "finished": stats.num_finished,
                       "prompt_tokens": stats.num_prompt_tokens, "cached_prompt_tokens": stats.num_cached_prompt_tokens,
                       "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
-                      "kv_transfer_failures": stats.num_kv_transfer_failures}
+                      "kv_transfer_failures": stats.num_kv_transfer_failures,
+                      "guessed_tokens": stats.num_guessed_tokens, "accepted_guesses": stats.num_accepted_guesses}
 
     def _wake_room_waiters(self) -> None:
         """Wakes the prefilled requests waiting for blocks once more are free than at the end of the last
