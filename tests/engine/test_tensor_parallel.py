@@ -21,6 +21,7 @@ from workers.engine.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from workers.engine.follower import Follower
 from workers.engine.llm import LLM
@@ -34,13 +35,14 @@ _TIMEOUT_S = 120
 
 
 def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]], params: SamplingParams,
-               results: mp.Queue) -> None:
+               speculative: int, results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
         tp = TensorParallel(rank, size, dist.ProcessGroupGloo(store, rank, size))
         config = EngineConfig(model=ModelConfig(model), cache=CacheConfig(num_kv_blocks=64),
-                              scheduler=SchedulerConfig(max_num_batched_tokens=64))
+                              scheduler=SchedulerConfig(max_num_batched_tokens=64),
+                              speculative=SpeculativeConfig(num_speculative_tokens=speculative))
         if rank > 0:
             Follower(config, tp).run()
             results.put((rank, "stopped"))
@@ -52,18 +54,19 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
             done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
                         if o.finished)
         engine.shutdown()
-        results.put((rank, [done[i] for i in ids]))
+        results.put((rank, ([done[i] for i in ids], engine.num_accepted_guesses)))
     except Exception as e:  # the parent reports it; a silent child would leave it waiting for the timeout
         results.put((rank, repr(e)))
 
 
-def generate_tp(model: str, size: int, prompts: list[list[int]],
-                params: SamplingParams) -> list[tuple[list[int], list | None]]:
-    """Rank 0's greedy tokens and prompt logprobs, once every follower has stopped cleanly."""
+def generate_tp(model: str, size: int, prompts: list[list[int]], params: SamplingParams,
+                speculative: int = 0) -> tuple[list[tuple[list[int], list | None]], int]:
+    """Rank 0's greedy tokens and prompt logprobs, and the guesses it kept (with `speculative` tokens guessed per
+    step), once every follower has stopped cleanly."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, results))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, speculative, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -84,7 +87,7 @@ def generate_tp(model: str, size: int, prompts: list[list[int]],
 def assert_matches_hf(path, size: int, prompts: list[list[int]], new_tokens: int) -> None:
     expected = [hf_greedy(path, p, new_tokens) for p in prompts]
     greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    assert [tokens for tokens, _ in generate_tp(str(path), size, prompts, greedy)] == expected
+    assert [tokens for tokens, _ in generate_tp(str(path), size, prompts, greedy)[0]] == expected
 
 
 @pytest.mark.parametrize(("arch", "size"), [("llama", 2), ("qwen2", 2), ("llama", 4)])
@@ -98,8 +101,8 @@ def test_prompt_logprobs_under_tensor_parallelism_match_hf(tiny_model_factory):
     """Every rank runs the vocab-parallel head on the prompt positions too, chunk by chunk, in step with rank 0."""
     path = tiny_model_factory("llama")
     prompts = random_prompts(4, [9, 70])
-    outs = generate_tp(str(path), 2, prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
-                                                             prompt_logprobs=2))
+    outs, _ = generate_tp(str(path), 2, prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                                prompt_logprobs=2))
     for prompt, (tokens, prompt_logprobs) in zip(prompts, outs):
         assert tokens == hf_greedy(path, prompt, 4)
         assert_prompt_logprobs_match_hf(prompt_logprobs, prompt, path, 2)
@@ -112,20 +115,26 @@ def test_a_structured_output_under_tensor_parallelism_is_one_ranks(tiny_model_fa
     params = SamplingParams(max_tokens=32, temperature=0.0, structured_output=StructuredOutput(regex=email))
     prompts = random_prompts(5, [9, 40])
     alone = LLM(str(path), num_kv_blocks=64, progress=False).generate(prompts, params)
-    assert [tokens for tokens, _ in generate_tp(str(path), 2, prompts, params)] == \
+    assert [tokens for tokens, _ in generate_tp(str(path), 2, prompts, params)[0]] == \
         [out.outputs[0].token_ids for out in alone]
     assert all(re.fullmatch(email, out.outputs[0].text) for out in alone)
 
 
-def test_smollm2_three_ranks_match_hf(smollm2_path):
-    """9 query heads and 3 KV heads: three ranks of 3 query heads and 1 KV head each."""
+def test_smollm2_three_ranks_match_hf_with_and_without_speculative_decoding(smollm2_path):
+    """9 query heads and 3 KV heads: three ranks of 3 query heads and 1 KV head each. With guesses, the step plan
+    carries each sequence's to the other ranks, so every rank computes the same rows of the same pass."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    chats = [[{"role": "user", "content": q}] for q in SMOLLM2_QUESTIONS[:2]]
+    quote = "Repeat exactly: the quick fox jumps over the lazy dog, the slow fox jumps over the tired dog."
+    chats = [[{"role": "user", "content": q}] for q in [SMOLLM2_QUESTIONS[0], quote]]
     prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
                for c in chats]
-    assert_matches_hf(smollm2_path, 3, prompts, 16)
+    assert_matches_hf(smollm2_path, 3, prompts[:1], 16)
+    outs, kept = generate_tp(str(smollm2_path), 3, prompts, SamplingParams(max_tokens=24, temperature=0.0,
+                                                                           ignore_eos=True), speculative=4)
+    assert [tokens for tokens, _ in outs] == [hf_greedy(smollm2_path, p, 24) for p in prompts]
+    assert kept > 0
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "size", "expected"), [

@@ -69,9 +69,6 @@ class LLMEngine:
         """Under tensor parallelism this is rank 0's engine: it schedules for the whole group and its runner
         drives the other ranks, which run workers/engine/follower.py. `kv_events` hears of every block hash the
         prefix cache gains or loses (workers/kv_events.py publishes them for the routers)."""
-        if config.speculative.num_speculative_tokens and tp.size > 1:
-            # Followers replay each step from its plan, which carries no guesses.
-            raise ValueError("speculative decoding runs at tensor parallel size 1")
         self.config = config
         self.tp = tp
         self.runner = ModelRunner(config, progress, tp)

@@ -3,7 +3,8 @@
 Only rank 0 runs the scheduler, the block manager and the sampler. Before each forward pass it broadcasts a
 `StepPlan` over the group's CPU process group: for each scheduled request, how many tokens are computed and how
 many are new, the token ids and block ids the follower has not seen yet (the whole prompt the first time, one
-token and rarely a block afterwards), and the requests that ended. Followers keep a mirror of each request (its
+token and rarely a block afterwards), the step's guesses at its next tokens (speculative decoding), and the
+requests that ended. Followers keep a mirror of each request (its
 tokens and block table) and run the same forward pass on it; they never sample, since rank 0 alone decides.
 
 Other commands (a KV transfer, stop) travel the same way, so a follower does everything in the order rank 0
@@ -34,6 +35,7 @@ class ScheduledChunk:
     new_block_ids: list[int]  # blocks appended to the table since the follower last saw it
     reset_blocks: bool = False  # the table was rebuilt (preemption): replace it with new_block_ids
     num_prompt_logprob_positions: int = 0  # the head runs on these positions too (all ranks take part)
+    draft_token_ids: list[int] = field(default_factory=list)  # guesses computed after the next token (speculative.py)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,6 @@ class MirroredRequest:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_prompt_logprob_positions: int = 0
-    # Always empty: speculative decoding runs at tensor parallel size 1 (LLMEngine refuses it otherwise).
     draft_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -85,7 +86,7 @@ class PlanWriter:
             new_blocks = list(table) if reset else table[len(blocks_sent):]
             chunks.append(ScheduledChunk(seq.request_id, seq.num_computed_tokens, num_new,
                                          seq.token_ids[num_tokens_sent:], new_blocks, reset,
-                                         seq.num_prompt_logprob_positions))
+                                         seq.num_prompt_logprob_positions, list(seq.draft_token_ids)))
             self._sent[seq.request_id] = (seq.num_tokens, list(table))
         self.send(StepPlan(chunks, self._finished))
         self._finished = []
@@ -128,6 +129,7 @@ class PlanReader:
                 mirror.block_table.extend(chunk.new_block_ids)
             mirror.num_computed_tokens = chunk.num_computed_tokens
             mirror.num_prompt_logprob_positions = chunk.num_prompt_logprob_positions
+            mirror.draft_token_ids = list(chunk.draft_token_ids)
             batch.append((mirror, chunk.num_new_tokens))
         return batch
 
