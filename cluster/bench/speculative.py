@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench import sizes
 from cluster.bench.machine import machine_info
 
 _FUNCTION = '''def mean_and_spread(values, weights=None):
@@ -41,11 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the default), an HF folder or a .gguf file")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens guessed per step (default 4)")
-    parser.add_argument("--requests", type=int, default=None, help="prompts per workload (default 8; 2 with --quick)")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="most tokens per reply (default 128; 32 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs in seconds")
-    parser.add_argument("--json", default="bench-results/speculative.json", help="where to write every number")
+    sizes.add_arguments(parser, "speculative", _FULL, _QUICK)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from workers.engine.model_store import resolve_model
     from workers.engine.sampling_params import SamplingParams
 
-    sizes = _QUICK if args.quick else _FULL
-    requests, max_tokens = args.requests or sizes["requests"], args.max_tokens or sizes["max_tokens"]
+    requests, max_tokens = sizes.sizes(args, _FULL, _QUICK)
     model = str(resolve_model(args.model, cache_dir()))
     engines = {"one-per-step": LLM(model, progress=False, num_kv_blocks=1024),
                "speculative": LLM(model, progress=False, num_kv_blocks=1024,

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench import sizes
 from cluster.bench.machine import machine_info
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "skills"],
@@ -27,11 +28,7 @@ _FULL, _QUICK = dict(requests=16, max_tokens=128), dict(requests=2, max_tokens=9
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the default), an HF folder or a .gguf file")
-    parser.add_argument("--requests", type=int, default=None, help="prompts per run (default 16; 2 with --quick)")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="most tokens per reply (default 128; 96 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs in seconds")
-    parser.add_argument("--json", default="bench-results/structured.json", help="where to write every number")
+    sizes.add_arguments(parser, "structured", _FULL, _QUICK)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from workers.engine.model_store import resolve_model
     from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
-    sizes = _QUICK if args.quick else _FULL
-    requests, max_tokens = args.requests or sizes["requests"], args.max_tokens or sizes["max_tokens"]
+    requests, max_tokens = sizes.sizes(args, _FULL, _QUICK)
     llm = LLM(str(resolve_model(args.model, cache_dir())), progress=False)
     prompts = [llm.apply_chat_template([{"role": "user", "content": f"Describe a {_JOBS[i % len(_JOBS)]} number "
                                                                     f"{i} as JSON."}]) for i in range(requests)]
