@@ -130,7 +130,7 @@ class ClusterConfig:
     max_num_batched_tokens: int = _field(1024, "per-step token budget; longer prompts prefill in chunks", min=1)
     enable_chunked_prefill: bool = _field(True, "split prompts longer than the step budget")
     num_speculative_tokens: int = _field(0, "speculative decoding by n-gram lookup: tokens guessed per step for "
-                                            "each greedy request, kept where the model agrees (0: off)", min=0)
+                                            "each request, kept where the model agrees (0: off)", min=0)
     prompt_lookup_max: int = _field(4, "the longest run of a sequence's last tokens looked up earlier in it", min=1)
     prompt_lookup_min: int = _field(2, "the shortest such run", min=1)
     kv_lease_s: float = _field(30.0, "how long a prefill group pins a finished prompt's blocks", above=0)

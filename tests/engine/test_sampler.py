@@ -295,3 +295,27 @@ def test_out_of_range_penalties_and_biases_name_their_field(params, field):
     with pytest.raises(InvalidRequestError) as refused:
         SamplingParams(**params)
     assert refused.value.field == field
+
+
+def test_verified_guesses_leave_each_sampled_token_with_its_own_distribution():
+    """Speculative decoding's check of a sampled request: a guess is kept with the probability the distribution
+    gives it, else a token is drawn from the rest; the first token follows row 0's distribution whatever the guess,
+    and the token after a kept guess follows row 1's."""
+    rows = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0], [0.0, 1.5, -1.0, 0.5, 2.0, -0.5]])
+    params, sampler = SamplingParams(temperature=1.0), Sampler(seed=0)
+    for guess in (3, 4):  # the likeliest token, and an unlikely one
+        yielded = [sampler.verify(rows, params, None, [guess]) for _ in range(4000)]
+        assert chi_square([tokens[0] for tokens in yielded], rows[0].softmax(-1)) < 25.0  # 5 dof: p < 1e-3
+        assert all(tokens[0] == guess for tokens in yielded if len(tokens) == 2)
+    after = [tokens[1] for tokens in (sampler.verify(rows, params, None, [3]) for _ in range(4000)) if len(tokens) == 2]
+    assert len(after) == pytest.approx(4000 * rows[0].softmax(-1)[3].item(), rel=0.1)  # kept as often as drawn
+    assert chi_square(after, rows[1].softmax(-1)) < 25.0
+    greedy = SamplingParams(temperature=0.0)
+    assert sampler.verify(rows, greedy, None, [3]) == [3, 4] and sampler.verify(rows, greedy, None, [0]) == [3]
+
+
+def test_a_seeded_requests_verified_tokens_come_from_its_own_generator():
+    rows = rand_logits(3, 50)
+    params = SamplingParams(temperature=1.0, seed=9)
+    draws = [Sampler().verify(rows, params, make_generator(9), [7, 8]) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]

@@ -1,5 +1,6 @@
 """Speculative decoding by n-gram lookup: guesses the model agrees with are kept, so the greedy tokens are exactly
-one-token-per-step's (and HF's) in fewer steps, whatever ends the request and whatever else is in the batch."""
+one-token-per-step's (and HF's) in fewer steps, whatever ends the request and whatever else is in the batch; a
+sampled request keeps guesses by its own distribution (the sampler's tests check that distribution)."""
 
 from dataclasses import replace
 
@@ -76,15 +77,24 @@ def test_whatever_ends_the_request_inside_a_run_of_agreed_guesses_ends_it_there(
 
 
 def test_neighbours_that_cannot_take_guesses_decode_as_before(plain, guessing, quoting):
-    others = [SamplingParams(max_tokens=40, temperature=0.8, seed=3, ignore_eos=True),
-              replace(GREEDY, max_tokens=40, logprobs=2), replace(GREEDY, max_tokens=40, repetition_penalty=1.2)]
+    others = [replace(GREEDY, max_tokens=40, logprobs=2), replace(GREEDY, max_tokens=40, repetition_penalty=1.2)]
     batch = [GREEDY, *others, GREEDY]
     prompts = [quoting] * len(batch)
     expected, got = plain.generate(prompts, batch), guessing.generate(prompts, batch)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-    for got_top, expected_top in zip(got[2].outputs[0].logprobs, expected[2].outputs[0].logprobs):
+    for got_top, expected_top in zip(got[1].outputs[0].logprobs, expected[1].outputs[0].logprobs):
         assert got_top.keys() == expected_top.keys()
         assert list(got_top.values()) == pytest.approx(list(expected_top.values()), abs=1e-4)
+
+
+def test_sampled_requests_keep_guesses_too_reproducibly_by_seed(plain, guessing, quoting):
+    sampled = SamplingParams(max_tokens=40, temperature=0.7, seed=5, ignore_eos=True)
+    agreed = guessing.engine.num_accepted_guesses
+    first, again = tokens(guessing, [quoting], sampled), tokens(guessing, [quoting], sampled)
+    assert first == again and guessing.engine.num_accepted_guesses > agreed
+    # Near temperature 0 a draw is the greedy choice, and so is every kept guess.
+    cold = replace(sampled, temperature=1e-4)
+    assert tokens(guessing, [quoting], cold) == tokens(plain, [quoting], replace(GREEDY, max_tokens=40))
 
 
 def test_blocks_filled_by_agreed_guesses_serve_the_prefix_cache(guessing, quoting):

@@ -68,7 +68,7 @@ class SchedulerConfig:
 class SpeculativeConfig:
     """Speculative decoding by n-gram lookup (speculative.py), vLLM's "ngram" method by its names."""
 
-    # Tokens guessed per step for each greedy request; 0 turns guessing off.
+    # Tokens guessed per step for each request; 0 turns guessing off.
     num_speculative_tokens: int = 0
     # The longest and shortest runs of the sequence's last tokens looked up earlier in it.
     prompt_lookup_max: int = 4

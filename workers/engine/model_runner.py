@@ -37,7 +37,6 @@ from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
 from workers.engine.sequence import Sequence
-from workers.engine.speculative import accept
 from workers.engine.step_plan import PlanWriter
 from workers.engine.structured_output import token_bitmask
 
@@ -215,6 +214,24 @@ class ModelRunner:
             logits, seqs = self._eager(batch, record=sample)
         if not seqs or not sample:
             return []
+        if not any(seq.draft_token_ids for seq in seqs):
+            return self._sample(logits, seqs)
+        # A sequence with guesses has a row for its next token and one after each guess (speculative.py).
+        plain, guessed, row = [], [], 0
+        while row < len(seqs):
+            seq = seqs[row]
+            (guessed if seq.draft_token_ids else plain).append(row)
+            row += 1 + len(seq.draft_token_ids)
+        sampled = self._sample(logits[plain], [seqs[i] for i in plain]) if plain else []
+        for row in guessed:
+            seq = seqs[row]
+            tokens = self.sampler.verify(logits[row:row + 1 + len(seq.draft_token_ids)], seq.sampling_params,
+                                         self._generator(seq), seq.draft_token_ids)
+            sampled.append(SampledToken(seq, tokens[0], None, tokens[1:]))
+        return sampled
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        """One token for each row, by its sequence's params."""
         params = [seq.sampling_params for seq in seqs]
         generators = [self._generator(seq) for seq in seqs]
         history = None
@@ -225,13 +242,7 @@ class ModelRunner:
             allowed = token_bitmask([seq.grammar for seq in seqs], [seq.output_token_ids for seq in seqs],
                                     self.hf_config.vocab_size)
         out = self.sampler(logits, params, generators, history, allowed)
-        sampled, row = [], 0
-        while row < len(seqs):  # a sequence with guesses has a row for its next token and one after each guess
-            seq, rows = seqs[row], 1 + len(seqs[row].draft_token_ids)
-            tokens = accept(seq.draft_token_ids, out.token_ids[row:row + rows])
-            sampled.append(SampledToken(seq, tokens[0], out.logprobs[row], tokens[1:]))
-            row += rows
-        return sampled
+        return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
     def _eager(self, batch: list[tuple[Sequence, int]], record: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Logits of the sequences whose new tokens reach their end, and those sequences; with `record` (rank 0),

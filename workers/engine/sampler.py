@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.speculative import accept
 from workers.engine.structured_output import apply_token_bitmask
 
 
@@ -186,10 +187,45 @@ class Sampler:
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(logits, params, token_ids))
 
+    def verify(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               guesses: list[int]) -> list[int]:
+        """The tokens one sequence's step yields from its rows' logits: a row for its next token and one after each
+        guess (speculative.py). Greedy: the guesses that equal the model's pick, then its pick. Sampled: each
+        guess is kept with the probability the request's own distribution gives it; at the first refusal a token
+        is drawn from that distribution without the guess, and after the last guess from the next one. Each token
+        then comes from the distribution one token per step would draw it from (rejection sampling, for guesses
+        that are certain rather than drawn)."""
+        logits = logits.float()
+        if params.greedy:
+            return accept(guesses, logits.argmax(dim=-1).tolist())
+        probs = self._probs(logits, [params] * logits.shape[0])
+        generator = generator or self._default_generator(logits.device)
+        for i, guess in enumerate(guesses):
+            if torch.rand((), generator=generator, device=generator.device).item() < probs[i, guess].item():
+                continue
+            residual = probs[i].clone()
+            residual[guess] = 0.0
+            return guesses[:i] + [self._draw(residual, generator)]
+        return guesses + [self._draw(probs[-1], generator)]
+
+    @staticmethod
+    def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+        """One token from a row of (unnormalised) probabilities, by the exponential race on the generator's noise."""
+        noise = torch.empty(probs.shape[0], device=generator.device).exponential_(generator=generator)
+        return int((probs / noise.to(probs.device).clamp_min_(torch.finfo(noise.dtype).tiny)).argmax())
+
     def _sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> torch.Tensor:
         num_rows, vocab_size = logits.shape
+        probs = self._probs(logits, params)
+        noise = self._noise(num_rows, vocab_size, logits.device, generators)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's distribution after temperature, min_p, top-k and top-p."""
+        vocab_size = logits.shape[1]
         device = logits.device
         temperature = torch.tensor([p.temperature for p in params], device=device)
         logits = logits / temperature.unsqueeze(1)
@@ -205,9 +241,7 @@ class Sampler:
             )
             top_p = torch.tensor([p.top_p for p in params], device=device)
             logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1)
-        noise = self._noise(num_rows, vocab_size, device, generators)
-        return (probs / noise).argmax(dim=-1)
+        return logits.softmax(dim=-1)
 
     @staticmethod
     def skip_draw(vocab_size: int, generator: torch.Generator) -> None:

@@ -3,13 +3,15 @@
 Text that quotes its context (a summary citing its source, code edited in place, a form filled from a document)
 repeats runs of tokens it has seen. When the last few tokens of a sequence occurred earlier in it, the tokens that
 followed them there are a guess at what comes next. The engine computes the sequence's next position and the
-guessed ones in one forward pass, like a short prefill chunk; every guess that equals the model's own greedy choice
-is kept, and the first one that differs is replaced by that choice. The output is exactly what one token per step
-would give, in fewer steps: a decode step reads all the weights for one token, and a few more tokens in the same
-pass cost little more.
+guessed ones in one forward pass, like a short prefill chunk. A greedy request keeps every guess that equals the
+model's own choice and replaces the first that differs by that choice: exactly the tokens of one token per step,
+in fewer steps (a decode step reads all the weights for one token, and a few more tokens in the same pass cost
+little more). A sampled request keeps each guess with the probability its distribution gives it and draws a
+replacement from the rest of that distribution (Sampler.verify), so its tokens have the distribution one token per
+step gives them, though not the same draws.
 
-Only greedy requests without logprobs, logit adjustments or a structured output take guesses; the rest of a batch
-decodes one token per step as before.
+Requests with logprobs, logit adjustments or a structured output take no guesses; they decode one token per step
+beside the others.
 """
 
 import numpy as np
@@ -34,10 +36,10 @@ def propose(token_ids: list[int], num_tokens: int, min_n: int, max_n: int) -> li
 
 
 def takes_guesses(seq: Sequence) -> bool:
-    """Whether the sequence's next tokens can be checked against guesses: greedy, decoding, and nothing that needs
-    each token's own sampler call (logprobs, penalties and bans, a grammar)."""
+    """Whether the sequence's next tokens can be checked against guesses: decoding, and nothing that needs each
+    token's own sampler call (logprobs, penalties and bans, a grammar)."""
     params = seq.sampling_params
-    return (params.greedy and params.logprobs is None and not params.adjusts_logits and seq.grammar is None
+    return (params.logprobs is None and not params.adjusts_logits and seq.grammar is None
             and seq.num_new_tokens == 1 and seq.num_output_tokens > 0)
 
 
