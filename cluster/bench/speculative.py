@@ -1,11 +1,12 @@
 """`tandem bench speculative`: speculative decoding by n-gram lookup against one token per step, in one run.
 
-Two workloads of greedy chat requests: "quoting" asks for answers that repeat their prompt (copy a list, add type
+Greedy chat requests in two workloads: "quoting" asks for answers that repeat their prompt (copy a list, add type
 hints to a function), where n-gram guesses are mostly right; "open" asks for new text (a story, an explanation),
-where few are. Each runs one request at a time (the latency case, where a step is one token's worth of work) and
-as one batch, on two engines with the same weights: guessing off, and `--num-speculative-tokens` per step. The
-table gives output tokens per second, the steps taken, the share of guesses the model agreed with and whether
-every reply's tokens equal the one-token-per-step engine's.
+where few are. "quoting-t0.7" samples the quoting requests at temperature 0.7 (seeded), where guesses are kept by
+rejection sampling. Each runs one request at a time (the latency case, where a step is one token's worth of work)
+and as one batch, on two engines with the same weights: guessing off, and `--num-speculative-tokens` per step.
+The table gives output tokens per second, the steps taken, the share of guesses kept and, for greedy requests,
+whether every reply's tokens equal the one-token-per-step engine's.
 
     tandem bench speculative                     # 8 requests per workload, up to 128 tokens each
     tandem bench speculative --quick             # seconds: a smoke test
@@ -57,20 +58,22 @@ def run(args: argparse.Namespace) -> int:
                "speculative": LLM(model, progress=False, num_kv_blocks=1024,
                                   num_speculative_tokens=args.num_speculative_tokens)}
     chat = engines["one-per-step"].apply_chat_template
-    workloads = {name: [chat([{"role": "user", "content": text}]) for text in (texts * requests)[:requests]]
-                 for name, texts in (("quoting", QUOTING), ("open", OPEN))}
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    workloads = {name: ([chat([{"role": "user", "content": text}]) for text in (texts * requests)[:requests]],
+                        [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i if temperature else None)
+                         for i in range(requests)])
+                 for name, texts, temperature in (("quoting", QUOTING, 0.0), ("open", OPEN, 0.0),
+                                                  ("quoting-t0.7", QUOTING, 0.7))}
     for llm in engines.values():
-        llm.generate(workloads["open"][:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm
+        llm.generate(workloads["open"][0][:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm
     rows = []
-    for workload, prompts in workloads.items():
+    for workload, (prompts, params) in workloads.items():
         for mode in ("one at a time", "batch"):
             replies = {}
             for system, llm in engines.items():
                 engine = llm.engine
                 before = (engine.num_steps, engine.num_guessed_tokens, engine.num_accepted_guesses)
                 start = time.perf_counter()
-                outs = [llm.generate(p, params)[0] for p in prompts] if mode == "one at a time" \
+                outs = [llm.generate(p, q)[0] for p, q in zip(prompts, params)] if mode == "one at a time" \
                     else llm.generate(prompts, params)
                 wall = time.perf_counter() - start
                 replies[system] = [out.outputs[0].token_ids for out in outs]
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                  output_tokens=tokens, wall_s=wall, output_tokens_per_s=tokens / wall,
                                  steps=engine.num_steps - before[0], guessed_tokens=guessed,
                                  accepted_guesses=engine.num_accepted_guesses - before[2]))
-            rows[-1]["same_tokens"] = replies["speculative"] == replies["one-per-step"]
+            if params[0].greedy:  # sampled replies are other draws from the same distributions
+                rows[-1]["same_tokens"] = replies["speculative"] == replies["one-per-step"]
     _print(rows)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"{'workload':<9} {'mode':<14} {'system':<13} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'steps':>6} "
+    print(f"{'workload':<12} {'mode':<14} {'system':<13} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'steps':>6} "
           f"{'accepted':>8} {'same':>5}")
     for r in rows:
         accepted = f"{r['accepted_guesses'] / r['guessed_tokens']:.0%}" if r["guessed_tokens"] else "-"
         same = "" if "same_tokens" not in r else ("yes" if r["same_tokens"] else "NO")
-        print(f"{r['workload']:<9} {r['mode']:<14} {r['system']:<13} {r['output_tokens']:>6} {r['wall_s']:>7.2f} "
+        print(f"{r['workload']:<12} {r['mode']:<14} {r['system']:<13} {r['output_tokens']:>6} {r['wall_s']:>7.2f} "
               f"{r['output_tokens_per_s']:>7.1f} {r['steps']:>6} {accepted:>8} {same:>5}")
     for base, spec in zip(rows[::2], rows[1::2]):
         print(f"{base['workload']}, {base['mode']}: speculative / one-per-step output tok/s "
