@@ -48,6 +48,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every decode step eagerly instead of replaying CUDA graphs (graphs are used on cuda "
                         "with the triton backend)")
+    g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding by n-gram lookup: guess K tokens per step from the text's own earlier "
+                        "tokens, kept where the model agrees (default 0: off)")
 
 
 def _remote_args(p: argparse.ArgumentParser) -> None:
@@ -240,7 +243,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def sampling_params(args: argparse.Namespace):

@@ -123,6 +123,14 @@ def test_tandem_generate_takes_the_attention_backend_and_enforce_eager_flags(cap
         build_parser().parse_args(["generate", "--prompt", "hi", "--attention-backend", "flash"])
     assert "argument --attention-backend: invalid choice: 'flash'" in capsys.readouterr().err
 
+
+def test_tandem_generate_and_chat_take_the_speculative_decoding_flag():
+    from cluster.cli import build_parser, engine_kwargs
+
+    for command in (["generate", "--prompt", "hi"], ["chat"]):
+        args = build_parser().parse_args([*command, "--num-speculative-tokens", "4"])
+        assert engine_kwargs(args)["num_speculative_tokens"] == 4
+
 # Files and overrides
 
 
