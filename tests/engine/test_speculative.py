@@ -77,13 +77,22 @@ def test_whatever_ends_the_request_inside_a_run_of_agreed_guesses_ends_it_there(
 
 
 def test_neighbours_that_cannot_take_guesses_decode_as_before(plain, guessing, quoting):
-    others = [replace(GREEDY, max_tokens=40, logprobs=2), replace(GREEDY, max_tokens=40, repetition_penalty=1.2)]
-    batch = [GREEDY, *others, GREEDY]
+    penalised = replace(GREEDY, max_tokens=40, repetition_penalty=1.2)
+    batch = [GREEDY, penalised, GREEDY]
     prompts = [quoting] * len(batch)
     expected, got = plain.generate(prompts, batch), guessing.generate(prompts, batch)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-    for got_top, expected_top in zip(got[1].outputs[0].logprobs, expected[1].outputs[0].logprobs):
-        assert got_top.keys() == expected_top.keys()
+
+
+def test_each_kept_guess_has_the_logprobs_of_its_own_row(plain, guessing, quoting):
+    with_logprobs = replace(GREEDY, max_tokens=40, logprobs=2)
+    agreed = guessing.engine.num_accepted_guesses
+    expected, got = plain.generate(quoting, with_logprobs)[0].outputs[0], \
+        guessing.generate(quoting, with_logprobs)[0].outputs[0]
+    assert got.token_ids == expected.token_ids and guessing.engine.num_accepted_guesses > agreed
+    assert len(got.logprobs) == len(got.token_ids)
+    for token, got_top, expected_top in zip(got.token_ids, got.logprobs, expected.logprobs):
+        assert got_top.keys() == expected_top.keys() and token in got_top
         assert list(got_top.values()) == pytest.approx(list(expected_top.values()), abs=1e-4)
 
 

@@ -326,8 +326,9 @@ class LLMEngine:
         req = self.requests[seq.request_id]
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = time.monotonic()
-        for i, token_id in enumerate([sampled.token_id, *sampled.more_token_ids]):
-            ended = self._take(req, token_id, sampled.logprobs if i == 0 else None)
+        for token_id, logprobs in zip([sampled.token_id, *sampled.more_token_ids],
+                                      [sampled.logprobs, *sampled.more_logprobs]):
+            ended = self._take(req, token_id, logprobs)
             if ended is not None:
                 return ended
         return self._output(req, finished=False)

@@ -51,8 +51,9 @@ class SampledToken:
     token_id: int
     logprobs: dict[int, float] | None
     # The tokens after token_id that the same step yields: the sequence's guesses the model agreed with, then its
-    # own pick where they stopped (speculative.py).
+    # own pick where they stopped (speculative.py); and their logprobs when the request asks for them.
     more_token_ids: list[int] = field(default_factory=list)
+    more_logprobs: list[dict[int, float] | None] = field(default_factory=list)
 
 
 # Prompt positions whose vocabulary-wide logits exist at once, for prompt logprobs: 256 x 128k x 4 B = 128 MiB.
@@ -224,10 +225,12 @@ class ModelRunner:
             row += 1 + len(seq.draft_token_ids)
         sampled = self._sample(logits[plain], [seqs[i] for i in plain]) if plain else []
         for row in guessed:
-            seq = seqs[row]
-            tokens = self.sampler.verify(logits[row:row + 1 + len(seq.draft_token_ids)], seq.sampling_params,
-                                         self._generator(seq), seq.draft_token_ids)
-            sampled.append(SampledToken(seq, tokens[0], None, tokens[1:]))
+            seq, params = seqs[row], seqs[row].sampling_params
+            rows = logits[row:row + 1 + len(seq.draft_token_ids)]
+            tokens = self.sampler.verify(rows, params, self._generator(seq), seq.draft_token_ids)
+            logprobs = [None] * len(tokens) if params.logprobs is None else \
+                top_logprobs(rows[:len(tokens)], tokens, [params.logprobs] * len(tokens))
+            sampled.append(SampledToken(seq, tokens[0], logprobs[0], tokens[1:], logprobs[1:]))
         return sampled
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:

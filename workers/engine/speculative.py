@@ -10,8 +10,8 @@ little more). A sampled request keeps each guess with the probability its distri
 replacement from the rest of that distribution (Sampler.verify), so its tokens have the distribution one token per
 step gives them, though not the same draws.
 
-Requests with logprobs, logit adjustments or a structured output take no guesses; they decode one token per step
-beside the others.
+Requests with logit adjustments or a structured output take no guesses; they decode one token per step beside
+the others. Logprobs come from the row of each kept token, as they would from its own step.
 """
 
 import numpy as np
@@ -36,11 +36,11 @@ def propose(token_ids: list[int], num_tokens: int, min_n: int, max_n: int) -> li
 
 
 def takes_guesses(seq: Sequence) -> bool:
-    """Whether the sequence's next tokens can be checked against guesses: decoding, and nothing that needs each
-    token's own sampler call (logprobs, penalties and bans, a grammar)."""
+    """Whether the sequence's next tokens can be checked against guesses: decoding, and nothing that changes a
+    token's logits by the tokens before it (penalties and bans, a grammar)."""
     params = seq.sampling_params
-    return (params.logprobs is None and not params.adjusts_logits and seq.grammar is None
-            and seq.num_new_tokens == 1 and seq.num_output_tokens > 0)
+    return not params.adjusts_logits and seq.grammar is None and seq.num_new_tokens == 1 \
+        and seq.num_output_tokens > 0
 
 
 def guess(seq: Sequence, config: SpeculativeConfig, max_seq_len: int) -> list[int]:
