@@ -211,8 +211,8 @@ class Sampler:
     @staticmethod
     def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
         """One token from a row of (unnormalised) probabilities, by the exponential race on the generator's noise."""
-        noise = torch.empty(probs.shape[0], device=generator.device).exponential_(generator=generator)
-        return int((probs / noise.to(probs.device).clamp_min_(torch.finfo(noise.dtype).tiny)).argmax())
+        noise = _row_noise(probs.shape[0], generator).to(probs.device)
+        return int((probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax())
 
     def _sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -246,7 +246,7 @@ class Sampler:
     @staticmethod
     def skip_draw(vocab_size: int, generator: torch.Generator) -> None:
         """Consumes the noise of one sampled token from a seeded request's generator, as `_noise` draws it."""
-        torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+        _row_noise(vocab_size, generator)
 
     def _noise(
         self, num_rows: int, vocab_size: int, device: torch.device, generators: list[torch.Generator | None]
@@ -260,8 +260,7 @@ class Sampler:
             noise[unseeded] = draw
         for i, generator in enumerate(generators):
             if generator is not None:
-                row = torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
-                noise[i] = row.to(device)
+                noise[i] = _row_noise(vocab_size, generator).to(device)
         # An exact zero would turn a zero-probability token into nan or a winner; it is rare enough not to bias.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
@@ -280,6 +279,13 @@ class Sampler:
         for i, row in zip(wanted, found):
             out[i] = row
         return out
+
+
+def _row_noise(vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One row of Exp(1) noise from a request's own generator, on that generator's device: every draw a seeded
+    request makes (sampling a token, skipping one another group sampled, verifying a guess) takes this shape, so
+    its generator advances the same way whichever path drew."""
+    return torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
 
 
 def top_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[dict[int, float]]:
