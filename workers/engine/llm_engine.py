@@ -135,11 +135,8 @@ class LLMEngine:
         kept = truncate_prompt(token_ids, params, self.max_model_len)
         if len(kept) < len(token_ids):
             prompt_text, token_ids = None, kept  # the text would no longer be the prompt the model saw
-        self._validate(token_ids, params)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        if params.min_tokens and params.allowed_token_ids and ends.issuperset(params.allowed_token_ids):
-            raise InvalidRequestError("allowed_token_ids", "allows only tokens that end the request, which "
-                                                           "min_tokens holds back")
+        self._validate(token_ids, params, ends)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
                        bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))
         if params.structured_output is not None:
@@ -399,10 +396,15 @@ class LLMEngine:
 
     # -- input checks -----------------------------------------------------------------------------------------
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, token_ids: list[int], params: SamplingParams, ends: set[int]) -> None:
+        """check_request's checks, and those that need this engine: its KV capacity and the tokens that end a
+        request (`ends`)."""
         check_request(token_ids, params, self.vocab_size, self.max_model_len)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(len(token_ids), self.max_seq_len - 1, "the KV cache capacity")
+        if params.min_tokens and params.allowed_token_ids and ends.issuperset(params.allowed_token_ids):
+            raise InvalidRequestError("allowed_token_ids", "allows only tokens that end the request, which "
+                                                           "min_tokens holds back")
 
 
 def _eos_token_ids(model_dir, tokenizer) -> set[int]:
