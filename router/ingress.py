@@ -35,7 +35,7 @@ from router.policy import RouteDecision, RoutingWeights, route
 from router.routing_hint import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.llm import chat_token_ids
-from workers.engine.outputs import RequestOutput, TimeToFirstToken
+from workers.engine.outputs import DeltaAssembler, RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
 from workers.kv.hashing import hash_full_blocks
@@ -150,9 +150,10 @@ class Ingress:
             else:
                 outputs = self.decode.options(stream=True).generate_prefilled.remote(
                     prefilled.handoff, params, prefilled.source, routing=hint)
-        finished = False
+        finished, assembler = False, DeltaAssembler()
         try:
-            async for out in outputs:
+            async for delta in outputs:
+                out = assembler.add(delta)
                 if first:
                     out.ttft, first = TimeToFirstToken.of(out.metrics, time.monotonic() - received), False
                 finished = out.finished

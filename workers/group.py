@@ -11,7 +11,9 @@ CPU; on GPU NCCL for the model's collectives plus gloo for rank 0's step plans. 
 (scheduler, sampler, AsyncLLMEngine); the other ranks run their follower loop until rank 0 stops them.
 
 `WorkerGroup` has AsyncLLMEngine's methods, so servers use a group exactly like an in-process engine, and it is
-small and picklable: a decode group's rank 0 receives the prefill group as an argument and pulls KV from it.
+small and picklable: a decode group's rank 0 receives the prefill group as an argument and pulls KV from it. A
+request's stream leaves rank 0 as deltas (`RequestOutput.as_delta`: only the last output is whole), and stays so
+through the pool's replica to the ingress, which puts it back together.
 """
 
 import asyncio
@@ -122,7 +124,7 @@ class RankWorker:
     # -- rank 0: the engine's interface ---------------------------------------------------------------------
 
     async def generate(self, prompt, params, request_id, cache_salt) -> AsyncIterator[RequestOutput]:
-        async for out in self.engine.generate(prompt, params, request_id, cache_salt):
+        async for out in _as_deltas(self.engine.generate(prompt, params, request_id, cache_salt)):
             yield out
 
     async def prefill(self, prompt, params, request_id, cache_salt) -> KVHandoff:
@@ -136,7 +138,7 @@ class RankWorker:
 
     async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
                                  prefill: "WorkerGroup") -> AsyncIterator[RequestOutput]:
-        async for out in self.engine.generate_prefilled(handoff, params, prefill):
+        async for out in _as_deltas(self.engine.generate_prefilled(handoff, params, prefill)):
             yield out
 
     async def abort(self, request_id: str) -> None:
@@ -284,6 +286,14 @@ class WorkerGroup:
                     self._driver.abort.remote(request_id)
                 except Exception as e:
                     logger.warning("could not abort %s: %s", request_id, e)
+
+
+async def _as_deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """A stream as it leaves rank 0's process: each output with only what is new, the last one whole."""
+    first = True
+    async for out in outputs:
+        yield out.as_delta(first)
+        first = False
 
 
 def rank_actor_name(kv_events: KVEventsTarget | None, rank: int) -> str | None:

@@ -2,6 +2,7 @@
 blocks of a request whose client goes away."""
 
 import asyncio
+import pickle
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from workers.engine.async_engine import AsyncLLMEngine
 from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
 from workers.engine.errors import InvalidRequestError, RequestFailedError
 from workers.engine.llm import LLM
+from workers.engine.outputs import DeltaAssembler
 from workers.engine.sampling_params import SamplingParams
 
 
@@ -30,6 +32,16 @@ def test_stream_deltas_concatenate_to_the_final_text(engine):
     assert outs[-1].finished and all(not o.finished for o in outs[:-1])
     assert "".join(o.outputs[0].delta_text for o in outs) == outs[-1].outputs[0].text
     assert sum(len(o.outputs[0].delta_token_ids) for o in outs) == len(outs[-1].outputs[0].token_ids)
+
+
+def test_a_stream_sent_as_deltas_is_put_back_together_exactly_and_its_messages_stay_small(engine):
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    outs = asyncio.run(collect(engine, "Once upon a time, in a land far away,", params))
+    deltas = [out.as_delta(first=i == 0) for i, out in enumerate(outs)]
+    sizes = [len(pickle.dumps(d)) for d in deltas[1:-1]]
+    assert max(sizes) < 1.5 * min(sizes)  # each carries one token, however long the reply has grown
+    assembler = DeltaAssembler()
+    assert [assembler.add(pickle.loads(pickle.dumps(d))) for d in deltas] == outs
 
 
 def test_concurrent_requests_match_the_offline_api(engine, smollm2_path):

@@ -1,6 +1,13 @@
-"""What the engine hands back per request, in the shape vLLM users know (`out.outputs[0].text`)."""
+"""What the engine hands back per request, in the shape vLLM users know (`out.outputs[0].text`).
 
-from dataclasses import dataclass, field
+Each output holds the whole request so far (its text, tokens and logprobs). Sent to another process as they are,
+a long reply's stream would carry its tokens again with every new token, which grows with the square of its length
+(a 4k-token reply with top-5 logprobs: 4 ms of pickling per token, on the engine's process): so a stream crosses
+processes as deltas (`RequestOutput.as_delta`), each output with only what is new and the last one whole, and the
+side that needs the whole of each output puts them back together (`DeltaAssembler`).
+"""
+
+from dataclasses import dataclass, field, replace
 
 from workers.engine.handoff import KVHandoff
 
@@ -91,3 +98,42 @@ class RequestOutput:
     @property
     def usage(self) -> Usage:
         return Usage(len(self.prompt_token_ids), self.num_cached_tokens, len(self.outputs[0].token_ids))
+
+    def as_delta(self, first: bool) -> "RequestOutput":
+        """This output as a stream sends it to another process: the new tokens, text and logprobs only, the prompt
+        with the `first` output alone; a finished output goes whole (it is sent once, and readers of a stream's
+        last output see everything)."""
+        if self.finished:
+            return self
+        completion = self.outputs[0]
+        logprobs = completion.logprobs
+        if logprobs is not None:
+            logprobs = logprobs[len(logprobs) - len(completion.delta_token_ids):]
+        return replace(self, prompt=self.prompt if first else None,
+                       prompt_token_ids=self.prompt_token_ids if first else [],
+                       outputs=[replace(completion, text="", token_ids=[], logprobs=logprobs)])
+
+
+class DeltaAssembler:
+    """One request's outputs put back together from its stream of `as_delta` outputs, as the engine made them."""
+
+    def __init__(self):
+        self._prompt: str | None = None
+        self._prompt_token_ids: list[int] = []
+        self._text = ""
+        self._token_ids: list[int] = []
+        self._logprobs: list[dict[int, float]] = []
+
+    def add(self, out: RequestOutput) -> RequestOutput:
+        if out.finished:
+            return out
+        if out.prompt_token_ids:
+            self._prompt, self._prompt_token_ids = out.prompt, out.prompt_token_ids
+        completion = out.outputs[0]
+        self._text += completion.delta_text
+        self._token_ids += completion.delta_token_ids
+        if completion.logprobs is not None:
+            self._logprobs += completion.logprobs
+        whole = replace(completion, text=self._text, token_ids=list(self._token_ids),
+                        logprobs=None if completion.logprobs is None else list(self._logprobs))
+        return replace(out, prompt=self._prompt, prompt_token_ids=self._prompt_token_ids, outputs=[whole])
