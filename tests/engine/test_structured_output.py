@@ -4,6 +4,7 @@ transformers' under xgrammar's own logits processor for HF, and the structure ho
 
 import json
 import re
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -119,6 +120,28 @@ def test_a_disaggregated_request_keeps_its_structure_across_the_handoff(smollm2,
     first = d.start_prefilled_request(handoff)
     p.release_pinned("r")
     assert run_until_finished(d, "r", first) == unified
+
+
+def test_a_structure_after_a_marker_leaves_the_output_free_until_the_marker(smollm2, smollm2_path):
+    """As a reasoning model thinks before it answers: the output is the model's own up to the marker's tokens,
+    then held to the structure, which starts afresh there (HF: the structure from the prompt plus the marker)."""
+    prompt = chat(smollm2, "What is the capital of France?")
+    free = smollm2.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0].outputs[0].token_ids
+    marker = tuple(free[1:3])
+    out = smollm2.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, structured_output=(
+        StructuredOutput(choice=CAPITALS, after=marker))))[0].outputs[0]
+    assert out.token_ids[:3] == free[:3]
+    answer = hf_structured(smollm2, smollm2_path, prompt + free[:3], StructuredOutput(choice=CAPITALS), MAX_TOKENS)
+    assert out.token_ids == free[:3] + answer
+    assert smollm2.engine.tokenizer.decode(answer, skip_special_tokens=True) in CAPITALS
+
+
+def test_a_structure_whose_marker_never_comes_leaves_the_whole_output_free(smollm2):
+    prompt = chat(smollm2, "What is the capital of France?")
+    free = SamplingParams(max_tokens=24, temperature=0.0)
+    never = StructuredOutput(choice=CAPITALS, after=(smollm2.engine.vocab_size - 1,))
+    assert smollm2.generate(prompt, replace(free, structured_output=never))[0].outputs[0].token_ids == \
+        smollm2.generate(prompt, free)[0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize(("structure", "reason"), [

@@ -140,7 +140,8 @@ class LLMEngine:
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
                        bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))
         if params.structured_output is not None:
-            seq.grammar = RequestGrammar(grammar or self.compile_grammar(params.structured_output))
+            spec = params.structured_output
+            seq.grammar = RequestGrammar(grammar or self.compile_grammar(spec), spec.after)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         req = self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
         return req

@@ -13,13 +13,18 @@ STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 class StructuredOutput:
     """What the output must match, exactly one of: `json`, a JSON schema (as JSON text, or a dict); `json_object`,
     any JSON object; `regex`; `choice`, one of these strings; `grammar`, an EBNF grammar (xgrammar's GBNF) whose
-    rule `root` is the output. vLLM's StructuredOutputsParams, by the same names."""
+    rule `root` is the output. vLLM's StructuredOutputsParams, by the same names.
+
+    `after`: token ids the output reaches freely before the structure holds the rest, as a reasoning model thinks
+    first and then answers (the API sets it to the end of the thinking, router/reasoning.py); empty: from the
+    first token."""
 
     json: str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] = ()
     grammar: str | None = None
+    after: tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.json, dict):
@@ -27,6 +32,7 @@ class StructuredOutput:
         if isinstance(self.choice, str):
             raise InvalidRequestError("structured_output", "choice must be a list of strings, got one string")
         object.__setattr__(self, "choice", tuple(self.choice))
+        object.__setattr__(self, "after", tuple(self.after))
         given = [name for name in STRUCTURED_KINDS if getattr(self, name)]
         if len(given) != 1:
             raise InvalidRequestError("structured_output", f"give exactly one of json, json_object, regex, choice "

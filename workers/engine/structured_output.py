@@ -89,20 +89,37 @@ def check_structured_output(params: SamplingParams) -> None:
 
 
 class RequestGrammar:
-    """One request's matcher and how many of its output tokens it has taken."""
+    """One request's matcher and how many of its output tokens it has seen. With `after` (StructuredOutput.after)
+    the matcher starts at the token following the first occurrence of those ids; until then the output is free."""
 
-    def __init__(self, compiled: "CompiledGrammar"):
+    def __init__(self, compiled: "CompiledGrammar", after: tuple[int, ...] = ()):
         self.matcher = _xgrammar().GrammarMatcher(compiled)
+        self.after = list(after)
+        self.started = not after
         self.num_accepted = 0
 
     def update(self, output_token_ids: list[int]) -> "RequestGrammar":
         """Takes the tokens generated since the last update. A token the grammar refuses (one sampled where every
         token was masked) is logged and skipped: the mask still holds the rest of the output to the grammar."""
+        if not self.started:
+            start = _end_of(self.after, output_token_ids, max(0, self.num_accepted - len(self.after) + 1))
+            if start is None:
+                self.num_accepted = len(output_token_ids)
+                return self
+            self.started, self.num_accepted = True, start
         for token_id in output_token_ids[self.num_accepted:]:
             if not self.matcher.accept_token(token_id):
                 logger.warning("the structured output's grammar refused token %d; continuing without it", token_id)
         self.num_accepted = len(output_token_ids)
         return self
+
+
+def _end_of(needle: list[int], tokens: list[int], start: int) -> int | None:
+    """The index just past the first occurrence of `needle` in tokens[start:], or None."""
+    for i in range(start, len(tokens) - len(needle) + 1):
+        if tokens[i:i + len(needle)] == needle:
+            return i + len(needle)
+    return None
 
 
 class GrammarCompiler:
@@ -123,12 +140,12 @@ class GrammarCompiler:
 def token_bitmask(grammars: list[RequestGrammar | None], output_token_ids: list[list[int]],
                   vocab_size: int) -> torch.Tensor:
     """[rows, ceil(V / 32)] int32: bit t of a row is set where token t may come next; every bit of a row without a
-    grammar is set."""
+    grammar, or whose grammar has not started, is set."""
     xgr = _xgrammar()
     bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
     for row, (grammar, output) in enumerate(zip(grammars, output_token_ids)):
-        if grammar is not None:
-            grammar.update(output).matcher.fill_next_token_bitmask(bitmask, row)
+        if grammar is not None and grammar.update(output).started:
+            grammar.matcher.fill_next_token_bitmask(bitmask, row)
     return bitmask
 
 
