@@ -8,6 +8,8 @@ Security is off by default for the local quick start and on in the Helm chart.
 import os
 from dataclasses import dataclass, field
 
+from router.reasoning import REASONING_PARSERS
+
 
 def _field(default, doc: str):
     return field(default=default, metadata={"help": doc})
@@ -28,6 +30,11 @@ class ApiConfig:
                                                 "\"hermes\" (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes) or "
                                                 "\"llama3_json\" ({\"name\", \"parameters\"}: Llama 3.1, 3.2); "
                                                 "null: \"auto\" is refused, a named or required choice still works")
+    reasoning_parser: str | None = _field(None, "how a reasoning model's thinking is told from its answer: "
+                                                "\"deepseek_r1\" or \"qwen3\" (both <think>...</think>: "
+                                                "DeepSeek-R1 and its distills, QwQ, Qwen3); the chat API returns it "
+                                                "as reasoning_content, the Responses API as a reasoning item; null: "
+                                                "the reply is all answer")
     max_concurrent_requests: int | None = _field(None, "requests one ingress replica serves at once; more get "
                                                        "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
@@ -47,6 +54,9 @@ class ApiConfig:
         if self.tool_call_parser not in (None, "hermes", "llama3_json"):
             raise ValueError(f"tool_call_parser must be null, \"hermes\" or \"llama3_json\" (got "
                              f"{self.tool_call_parser!r})")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be null or one of {', '.join(REASONING_PARSERS)} (got "
+                             f"{self.reasoning_parser!r})")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -21,10 +21,11 @@ chat_template_kwargs) and Tandem's cache_salt; fields it does not know are ignor
 output comes as OpenAI's response_format (text.format for responses) or vLLM's structured_outputs
 (router/openai_structured.py); a named or required tool_choice is a tool call held to the tool's schema, and "auto"
 finds calls in the model's own format with api.tool_call_parser (router/openai_tools.py). What the engine cannot do
-(suffix, best_of, images) is refused with a 400 naming the field rather than silently ignored. echo puts the prompt
-before each completion and, with logprobs, the prompt tokens' logprobs before the completion's (the first one
-null), as OpenAI's legacy completions did and evaluation harnesses score prompts with; with max_tokens 0, the
-prompt alone.
+(suffix, best_of, images) is refused with a 400 naming the field rather than silently ignored. With
+api.reasoning_parser, a reasoning model's thinking comes apart from its answer (router/reasoning.py). echo puts
+the prompt before each completion and, with logprobs, the prompt tokens' logprobs before the completion's (the
+first one null), as OpenAI's legacy completions did and evaluation harnesses score prompts with; with max_tokens
+0, the prompt alone.
 
 n > 1 and a batch of prompts are one cluster request per choice (choice index = prompt index * n + i), each
 routed on its own; a seeded request's choice i uses seed + i, as vLLM does. Usage counts each prompt once.
@@ -57,6 +58,7 @@ from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
 from router.openai_tools import ToolChoice, chat_tools, tool_choice
+from router.reasoning import reasoning_parser
 from router.response_store import ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
@@ -246,6 +248,7 @@ class OpenAIApi:
         self.created = int(time.time())
         self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
         self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
+        self.reasoning = reasoning_parser(ingress.api.reasoning_parser, ingress.tokenizer)
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, CompletionBody, self._completion_request, self._completion_shape(chat=False))
@@ -283,7 +286,8 @@ class OpenAIApi:
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
                                  choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
-                                 tool_choice=self._tools(body) if chat else None)
+                                 tool_choice=self._tools(body) if chat else None,
+                                 reasoning=self.reasoning if chat else None)
         return shape
 
     def _echo(self, choice: GenerateRequest) -> str:
@@ -303,7 +307,8 @@ class OpenAIApi:
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
         return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
-                              self.store if body.store is not False else None, conversation, self._tools(body))
+                              self.store if body.store is not False else None, conversation, self._tools(body),
+                              self.reasoning)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -458,10 +463,11 @@ class OpenAIApi:
                                         tools, aliases)
         params = _for_tools(self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(),
                                          logprobs, structure), tools)
-        return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
-                 "add_generation_prompt": body.add_generation_prompt is not False,
-                 "continue_final_message": bool(body.continue_final_message),
-                 "chat_template_kwargs": body.chat_template_kwargs}], params
+        prompt = {"messages": _messages(body.messages), "tools": chat_tools(body.tools),
+                  "add_generation_prompt": body.add_generation_prompt is not False,
+                  "continue_final_message": bool(body.continue_final_message),
+                  "chat_template_kwargs": body.chat_template_kwargs}
+        return [prompt], self._after_thinking(params, prompt)
 
     async def _responses_request(self, body: ResponsesBody,
                                  aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
@@ -482,8 +488,20 @@ class OpenAIApi:
         earlier = []
         if body.previous_response_id:
             earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
-        return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
-            params
+        prompt = {"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}
+        return [prompt], self._after_thinking(params, prompt)
+
+    def _after_thinking(self, params: SamplingParams, prompt: dict[str, Any]) -> SamplingParams:
+        """A structure (a format, or a forced tool call) holds the answer, not the thinking: where the chat template
+        opens the thinking in the prompt, the structure starts at its end (router/reasoning.py). Only then is the
+        prompt rendered here as well as in the ingress."""
+        spec = params.structured_output
+        if self.reasoning is None or spec is None:
+            return params
+        token_ids = self.ingress.prompt_token_ids(GenerateRequest(**prompt, params=params))
+        if not self.reasoning.opened_by(token_ids):
+            return params
+        return replace(params, structured_output=replace(spec, after=self.reasoning.end_token_ids))
 
     def _tools(self, body: ChatBody | ResponsesBody) -> ToolChoice | None:
         return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)

@@ -14,6 +14,7 @@ from typing import Any
 from router.errors import ApiError, Kind, classify
 from router.ingress import Ingress
 from router.openai_tools import ToolChoice, tool_call
+from router.reasoning import ReasoningParser, ReasoningSplit
 from router.streams import merged
 from workers.engine.outputs import CompletionOutput, RequestOutput
 
@@ -26,10 +27,13 @@ class ResponseShape:
 
     def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
                  include_usage: bool, echoes: list[str] | None = None, prompt_only: bool = False,
-                 tool_choice: ToolChoice | None = None):
+                 tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
         self.tool_choice = tool_choice  # chat: how each reply may call tools (router/openai_tools.py)
+        self.reasoning = reasoning  # chat: the thinking told from the answer (router/reasoning.py)
+        self.splits: dict[int, ReasoningSplit] = {}
+        self.parts_sent: dict[int, tuple[int, int]] = {}  # streaming with reasoning: (thinking, answer) characters
         self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
         self.content_sent: dict[int, int] = {}  # streaming "required"/"auto": characters sent as content, per choice
         self.top_n = top_n
@@ -52,7 +56,12 @@ class ResponseShape:
                                                            out if self.echoes is not None else None),
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
             if self.chat:
+                thinking = None
+                if self.reasoning is not None:
+                    thinking, _, completion = self._answer(index, out, completion)
                 choice["message"], choice["finish_reason"] = self._message(completion)
+                if self.reasoning is not None:
+                    _with_thinking(choice["message"], thinking)
             else:
                 choice["text"] = self._echo(index) + completion.text
             choices.append(choice)
@@ -107,13 +116,32 @@ class ResponseShape:
         if finish_reason is not None:
             choice["stop_reason"] = completion.stop_reason
         if self.chat:
+            thinking = ""
+            if self.reasoning is not None:
+                _, thinking, completion = self._answer(index, out, completion)
             delta = self._chat_delta(index, completion, finish_reason)
-            if delta is None:
+            if thinking:
+                body, finish_reason = delta if delta is not None else ({}, finish_reason)
+                delta = {"reasoning_content": thinking, "reasoning": thinking, **body}, finish_reason
+            if delta is None or delta == ({}, None) and logprobs is None:
                 return None
             choice["delta"], choice["finish_reason"] = delta
         else:
             choice["text"] = text
         return self._chunk(index, choice)
+
+    def _answer(self, index: int, out: RequestOutput,
+                completion: CompletionOutput) -> tuple[str | None, str, CompletionOutput]:
+        """A reply's thinking so far (None where it does not think), the part of it not yet streamed, and the
+        completion as its answer alone (text and delta_text are the answer's), which tool calls are read from."""
+        if index not in self.splits:
+            self.splits[index] = ReasoningSplit(self.reasoning.opened_by(out.prompt_token_ids))
+        parts = self.splits[index].parts(completion.text, completion.finish_reason is not None)
+        thought, answered = self.parts_sent.get(index, (0, 0))
+        thinking = parts.reasoning or ""
+        self.parts_sent[index] = (len(thinking), len(parts.content))
+        return parts.reasoning, thinking[thought:], replace(completion, text=parts.content,
+                                                            delta_text=parts.content[answered:])
 
     def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:
         """A whole reply and its finish reason: its content and tool calls, when it makes any, or its text."""
@@ -136,6 +164,8 @@ class ResponseShape:
             return self._calls_at_end_delta(index, completion, finish_reason)
         finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         if index not in self.calls_started:
+            if not completion.delta_text and finish_reason is None:
+                return {}, None  # the reply is still thinking: the call starts with its arguments
             self.calls_started.add(index)
             return {"tool_calls": [{"index": 0, **tool_call(choice.name, completion.delta_text)}]}, finish_reason
         if not completion.delta_text:
@@ -211,6 +241,14 @@ class ResponseShape:
 
     def _decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+
+def _with_thinking(message: dict[str, Any], thinking: str | None) -> None:
+    """A message with its thinking, under vLLM's names for it (reasoning_content, and reasoning since 0.11); a
+    reply that thought and gave no answer has content null."""
+    message["reasoning_content"] = message["reasoning"] = thinking
+    if thinking is not None and not message["content"]:
+        message["content"] = None
 
 
 def token_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],

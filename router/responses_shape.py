@@ -1,10 +1,14 @@
 """The Responses API's shape (POST /v1/responses): one response object holding one assistant message, its
 function calls when the request has tools to call, or both, whole or as OpenAI's typed stream of events
-(router/openai_api.py builds the request; router/openai_responses.py shapes the older endpoints).
+(router/openai_api.py builds the request; router/openai_responses.py shapes the older endpoints). With a
+reasoning parser (router/reasoning.py), a reply that thinks has a `reasoning` item (its text as reasoning_text
+content) before the message, and its thinking counts in output_tokens_details.reasoning_tokens.
 
 A stream goes: response.created, response.in_progress, response.output_item.added, response.content_part.added, a
 response.output_text.delta per release of text, then the .done events of the text, the part and the item, and last
-response.completed, or response.incomplete when max_output_tokens cut the answer short. Every event has a
+response.completed, or response.incomplete when max_output_tokens cut the answer short. A reasoning item comes
+first: response.output_item.added, a response.reasoning_text.delta per release of thinking, then
+response.reasoning_text.done and response.output_item.done once the thinking is over. Every event has a
 sequence_number and its type both as the SSE event name and in its data. A reply that may hold tool calls is
 streamed once it is whole: its message's events as above, then each function call as response.output_item.added,
 response.function_call_arguments.delta and .done, and response.output_item.done. A failure after the stream started
@@ -22,6 +26,7 @@ from router.errors import Kind, classify
 from router.ingress import Ingress
 from router.openai_responses import error_body, sse, token_logprobs
 from router.openai_tools import ToolChoice
+from router.reasoning import Parts, ReasoningParser, ReasoningSplit
 from router.response_store import ResponseStore
 from router.streams import merged
 from workers.engine.outputs import RequestOutput
@@ -33,16 +38,24 @@ logger = logging.getLogger(__name__)
 class ResponsesShape:
     def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any],
                  store: ResponseStore | None, conversation: list[dict[str, Any]],
-                 tool_choice: ToolChoice | None = None):
+                 tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None):
         """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...);
         `conversation`: the messages the reply answers, stored with it for a continuation; `tool_choice`: how
-        the reply may call tools (router/openai_tools.py)."""
+        the reply may call tools (router/openai_tools.py); `reasoning`: how its thinking is told from its answer
+        (router/reasoning.py)."""
         self.tokenizer = ingress.tokenizer
         self.params = params
         self.tool_choice = tool_choice
+        self.reasoning = reasoning
+        self.split: ReasoningSplit | None = None
         self.store = store
         self.conversation = conversation
         self.message_id = f"msg_{request_id}"
+        self.reasoning_id = f"rs_{request_id}"
+        # Streaming: which items are open or done, and how much of each text has gone out.
+        self.thinking_started = self.thinking_done = self.message_started = False
+        self.thinking_sent = self.answer_sent = 0
+        self.message_index = 0  # 1 where a reasoning item comes first
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
@@ -55,12 +68,18 @@ class ResponsesShape:
         completion = out.outputs[0]
         incomplete = completion.finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
-        content, calls = completion.text, None
+        parts = self._parts(out)
+        answer_start = self._answer_start(completion.token_ids, parts)
+        content, calls = parts.content, None
         if self.tool_choice is not None:
-            content, calls = self.tool_choice.reply(completion.text, completion.finish_reason == "stop")
-        output = [] if content is None else [self._message(out, status, content if calls else None)]
+            content, calls = self.tool_choice.reply(parts.content, completion.finish_reason == "stop")
+        output = [] if parts.reasoning is None else [self._reasoning_item("completed", parts.reasoning)]
+        if content is not None and (content or parts.reasoning is None):
+            # The text before tool calls has no logprobs of its own.
+            logprobs = [] if calls else self._logprobs(completion.token_ids, completion.logprobs, answer_start)
+            output.append(self._item(status, [self._part(content, logprobs)]))
         output += [_function_call(call) for call in calls or []]
-        response = self._response(status, output, usage=_usage(out),
+        response = self._response(status, output, usage=_usage(out, answer_start),
                                   incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                                   completed_at=None if incomplete else int(time.time()))
         if self.store is not None:
@@ -78,22 +97,16 @@ class ResponsesShape:
                 async for event in self._whole_output_events(last, streams):
                     yield event
                 return
-            yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
-            yield self._event("response.content_part.added", **self._at(), part=self._part("", []))
-            delta = self._delta(last)
-            if delta:
-                yield delta
+            for event in self._deltas(last):
+                yield event
             async with aclosing(merged(streams)) as rest:
                 async for _, last in rest:
-                    delta = self._delta(last)
-                    if delta:
-                        yield delta
+                    for event in self._deltas(last):
+                        yield event
             done = await self.response([last])
-            [item] = done["output"]
-            [part] = item["content"]
-            yield self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"])
-            yield self._event("response.content_part.done", **self._at(), part=part)
-            yield self._event("response.output_item.done", output_index=0, item=item)
+            for item in done["output"]:
+                for event in self._item_done(item):
+                    yield event
             yield self._event(f"response.{done['status']}", response=done)
         except Exception as e:
             error = classify(e)
@@ -119,6 +132,11 @@ class ResponsesShape:
                 at = {"item_id": item["id"], "output_index": index}
                 yield self._event("response.function_call_arguments.delta", **at, delta=item["arguments"])
                 yield self._event("response.function_call_arguments.done", **at, arguments=item["arguments"])
+            elif item["type"] == "reasoning":
+                self.message_index = 1
+                [part] = item["content"]
+                yield self._event("response.reasoning_text.delta", **self._at_thinking(), delta=part["text"])
+                yield self._event("response.reasoning_text.done", **self._at_thinking(), text=part["text"])
             else:
                 [part] = item["content"]
                 yield self._event("response.content_part.added", **self._at(), part=self._part("", []))
@@ -130,13 +148,73 @@ class ResponsesShape:
             yield self._event("response.output_item.done", output_index=index, item=item)
         yield self._event(f"response.{done['status']}", response=done)
 
-    def _delta(self, out: RequestOutput) -> str | None:
+    def _parts(self, out: RequestOutput) -> Parts:
+        """The reply so far as thinking and answer; without a reasoning parser, all answer."""
         completion = out.outputs[0]
-        if not completion.delta_text:
-            return None  # no text released yet (a possible stop string held back); its tokens' logprobs wait too
-        start, self.tokens_sent = self.tokens_sent, len(completion.token_ids)
-        return self._event("response.output_text.delta", **self._at(), delta=completion.delta_text,
-                           logprobs=self._logprobs(completion.token_ids, completion.logprobs, start))
+        if self.reasoning is None:
+            return Parts(None, completion.text, True)
+        if self.split is None:
+            self.split = ReasoningSplit(self.reasoning.opened_by(out.prompt_token_ids))
+        return self.split.parts(completion.text, completion.finish_reason is not None)
+
+    def _answer_start(self, token_ids: list[int], parts: Parts) -> int:
+        """The index of the answer's first token, for its logprobs and the usage's reasoning tokens (all of them
+        where the reply thought and its end of thinking cannot be found among its tokens)."""
+        if parts.reasoning is None:
+            return 0
+        start = self.reasoning.answer_start(token_ids)
+        return len(token_ids) if start is None else start
+
+    def _deltas(self, out: RequestOutput) -> list[str]:
+        """The events a new output makes: the reasoning item opened and its text, closed once the thinking is over,
+        then the message opened and its text. Text not released yet (a possible stop string or tag held back)
+        waits, and its tokens' logprobs with it."""
+        completion, parts, events = out.outputs[0], self._parts(out), []
+        if parts.reasoning is not None and not self.thinking_done:
+            if not self.thinking_started:
+                self.thinking_started, self.message_index = True, 1
+                events.append(self._event("response.output_item.added", output_index=0,
+                                          item=_started(self._reasoning_item("in_progress", ""))))
+            if parts.reasoning[self.thinking_sent:]:
+                events.append(self._event("response.reasoning_text.delta", **self._at_thinking(),
+                                          delta=parts.reasoning[self.thinking_sent:]))
+                self.thinking_sent = len(parts.reasoning)
+            if parts.answering:
+                events += self._item_done(self._reasoning_item("completed", parts.reasoning))
+        if parts.content[self.answer_sent:]:
+            if not self.message_started:
+                self.message_started = True
+                events.append(self._event("response.output_item.added", output_index=self._at()["output_index"],
+                                          item=self._item("in_progress", [])))
+                events.append(self._event("response.content_part.added", **self._at(), part=self._part("", [])))
+            start = max(self.tokens_sent, self._answer_start(completion.token_ids, parts))
+            self.tokens_sent = len(completion.token_ids)
+            events.append(self._event("response.output_text.delta", **self._at(),
+                                      delta=parts.content[self.answer_sent:],
+                                      logprobs=self._logprobs(completion.token_ids, completion.logprobs, start)))
+            self.answer_sent = len(parts.content)
+        return events
+
+    def _item_done(self, item: dict[str, Any]) -> list[str]:
+        """The events that close an item of a streamed reply (opening it first where no text of it was sent)."""
+        if item["type"] == "reasoning":
+            if self.thinking_done:
+                return []
+            self.thinking_done = True
+            [part] = item["content"]
+            return [self._event("response.reasoning_text.done", **self._at_thinking(), text=part["text"]),
+                    self._event("response.output_item.done", output_index=0, item=item)]
+        events = []
+        if not self.message_started:
+            self.message_started = True
+            events.append(self._event("response.output_item.added", output_index=self._at()["output_index"],
+                                      item=self._item("in_progress", [])))
+            events.append(self._event("response.content_part.added", **self._at(), part=self._part("", [])))
+        [part] = item["content"]
+        return events + [
+            self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"]),
+            self._event("response.content_part.done", **self._at(), part=part),
+            self._event("response.output_item.done", output_index=self._at()["output_index"], item=item)]
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                   start: int = 0) -> list[dict[str, Any]]:
@@ -145,14 +223,9 @@ class ResponsesShape:
             return []
         return token_logprobs(self.tokenizer, token_ids[start:], logprobs[start:len(token_ids)], self.params.logprobs)
 
-    def _message(self, out: RequestOutput, status: str, content: str | None = None) -> dict[str, Any]:
-        """The reply as a message item; `content`: the text before its tool calls, which has no logprobs of its
-        own."""
-        completion = out.outputs[0]
-        if content is not None:
-            return self._item(status, [self._part(content, [])])
-        return self._item(status, [self._part(completion.text, self._logprobs(completion.token_ids,
-                                                                               completion.logprobs))])
+    def _reasoning_item(self, status: str, text: str) -> dict[str, Any]:
+        return {"id": self.reasoning_id, "type": "reasoning", "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
 
     def _item(self, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
@@ -162,7 +235,11 @@ class ResponsesShape:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
     def _at(self) -> dict[str, Any]:
-        return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        """Where the message's text goes: after the reasoning item, where the reply thought."""
+        return {"item_id": self.message_id, "output_index": self.message_index, "content_index": 0}
+
+    def _at_thinking(self) -> dict[str, Any]:
+        return {"item_id": self.reasoning_id, "output_index": 0, "content_index": 0}
 
     def _response(self, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
         return {**self.header, "status": status, "output": output, "error": None, "incomplete_details": None,
@@ -186,8 +263,8 @@ def _started(item: dict[str, Any]) -> dict[str, Any]:
     return {**item, "status": "in_progress", **empty}
 
 
-def _usage(out: RequestOutput) -> dict[str, Any]:
+def _usage(out: RequestOutput, reasoning_tokens: int) -> dict[str, Any]:
     usage = out.usage
     return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "output_tokens": usage.generated_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": usage.generated_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.generated_tokens}

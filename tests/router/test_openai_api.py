@@ -42,7 +42,7 @@ def cluster(ray_cluster, tiny_model_factory, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
                            redis_url=redis_url, http_port=HTTP_PORT, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
-                                         tool_call_parser="hermes"))
+                                         tool_call_parser="hermes", reasoning_parser="deepseek_r1"))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
@@ -764,6 +764,68 @@ def test_auto_tool_choice_finds_the_models_own_calls_whole_or_streamed(client, m
     plain = client.chat.completions.create(model=model_name, messages=MESSAGES, tools=[WEATHER], max_tokens=6,
                                            temperature=0).choices[0]
     assert plain.message.tool_calls is None and plain.finish_reason in ("stop", "length")
+
+
+# What a reasoning model (DeepSeek-R1, Qwen3) says: its thinking, then its answer; forced on the random model by a
+# regex (its template does not open the thinking, so the structure holds the reply from its first token).
+THINKING, ANSWER = "The user asks for a capital.", "It is Paris."
+THINKING_REPLY = {"structured_outputs": {"regex": re.escape(f"<think>{THINKING}</think>{ANSWER}")}}
+
+
+def test_a_reply_that_thinks_gives_its_thinking_apart_from_its_answer_whole_or_streamed(client, model_name):
+    """api.reasoning_parser: the thinking is the message's reasoning_content (and reasoning, vLLM's newer name),
+    the answer its content; a stream's deltas add up to the same, and no tag streams as either."""
+    request = dict(model=model_name, messages=MESSAGES, max_tokens=60, temperature=0, extra_body=THINKING_REPLY)
+    message = client.chat.completions.create(**request).choices[0].message
+    assert (message.reasoning_content, message.reasoning, message.content) == (THINKING, THINKING, ANSWER)
+    deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(**request, stream=True)
+              if chunk.choices]
+    assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == THINKING
+    assert "".join(getattr(delta, "reasoning", None) or "" for delta in deltas) == THINKING
+    assert "".join(delta.content or "" for delta in deltas) == ANSWER
+    plain = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=6, temperature=0)
+    assert plain.choices[0].message.reasoning_content is None and plain.choices[0].message.content
+
+
+def test_a_prompt_that_opens_the_thinking_makes_the_reply_think_and_a_structure_wait_for_its_end(client,
+                                                                                               model_name):
+    """As R1's distills' templates end the prompt with <think> (here: the assistant's turn continued from it). Cut
+    off before the end of its thinking, the reply is all thinking; a structure holds only what follows the
+    thinking, so until then the reply is the model's own."""
+    opened = dict(model=model_name, messages=MESSAGES + [{"role": "assistant", "content": "<think>\n"}],
+                  max_tokens=8, temperature=0)
+    continued = {"continue_final_message": True, "add_generation_prompt": False}
+    free = client.chat.completions.create(**opened, extra_body=continued).choices[0].message
+    assert free.content is None and free.reasoning_content
+    held = client.chat.completions.create(**opened, extra_body=continued | {"structured_outputs": {"regex": "a{8}"}})
+    assert (held.choices[0].message.content, held.choices[0].message.reasoning_content) == (
+        None, free.reasoning_content)
+    unopened = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=8, temperature=0,
+                                              extra_body={"structured_outputs": {"regex": "a{8}"}})
+    assert unopened.choices[0].message.content == "a" * 8
+
+
+def test_a_response_that_thinks_has_a_reasoning_item_before_its_message_whole_or_streamed(client, model_name):
+    request = dict(model=model_name, input=MESSAGES[0]["content"], max_output_tokens=60, temperature=0,
+                   extra_body=THINKING_REPLY)
+    whole = client.responses.create(**request)
+    reasoning, message = whole.output
+    assert (reasoning.type, reasoning.content[0].text, reasoning.summary) == ("reasoning", THINKING, [])
+    assert (message.type, whole.output_text) == ("message", ANSWER)
+    assert whole.usage.output_tokens_details.reasoning_tokens > 0
+    events = list(client.responses.create(**request, stream=True))
+    kinds = [kind for i, kind in enumerate(e.type for e in events) if i == 0 or kind != events[i - 1].type]
+    assert kinds == ["response.created", "response.in_progress",
+                     "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.done",
+                     "response.output_item.done",
+                     "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == THINKING
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+    assert {e.output_index for e in events if e.type.startswith("response.output_text")} == {1}
+    assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+    assert events[-1].response.output_text == ANSWER
 
 
 def test_auto_tool_choice_in_the_responses_api_gives_a_message_and_function_calls(client, model_name):

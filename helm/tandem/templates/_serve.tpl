@@ -28,6 +28,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "max_stop_strings" $v.api.maxStopStrings "max_bad_words" $v.api.maxBadWords
       "max_cache_salt_chars" $v.api.maxCacheSaltChars
       "max_choices" $v.api.maxChoices "response_ttl_s" $v.api.responseTtlS "tool_call_parser" $v.api.toolCallParser
+      "reasoning_parser" $v.api.reasoningParser
       "max_concurrent_requests" $v.api.maxConcurrentRequests
       "api_key" nil "tls_cert_file" nil "tls_key_file" nil "tls_client_ca_file" nil -}}
 {{- if $v.tls.enabled -}}

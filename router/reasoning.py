@@ -1,0 +1,80 @@
+"""Reasoning models think before they answer, between <think> and </think> (DeepSeek-R1 and its distills, QwQ,
+Qwen3). With api.reasoning_parser set, as vLLM's --reasoning-parser, the chat API returns the thinking apart from
+the answer (a message's `reasoning_content`, and `reasoning` as newer vLLM names it) and the Responses API as a
+`reasoning` output item before the message. Tool calls and structured outputs concern the answer alone: a
+structure holds the output from the end of the thinking on (StructuredOutput.after).
+
+    deepseek_r1, qwen3    both name the <think>...</think> format, by vLLM's names for it
+
+Where the thinking starts differs by chat template: R1's distills end the prompt with <think>; Qwen3 lets the
+model open it, and with enable_thinking false closes an empty block in the prompt. So a reply is thinking from its
+start when the prompt's last tag opens a block or the reply opens one first, up to </think>; a reply that never
+reaches </think> (cut off by max_tokens) is all thinking, and a reply with no block at all is all answer.
+"""
+
+from dataclasses import dataclass
+
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
+START, END = "<think>", "</think>"
+_PROMPT_TAIL_TOKENS = 16  # enough to hold the template's last tag and the turn markers after it
+
+
+class ReasoningParser:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        # The reasoning models' vocabularies hold </think> as one token, which is what they generate.
+        self.end_token_ids = tuple(tokenizer.encode(END, add_special_tokens=False))
+
+    def opened_by(self, prompt_token_ids: list[int]) -> bool:
+        """Whether the chat template left a thinking block open at the end of the prompt."""
+        tail = self.tokenizer.decode(prompt_token_ids[-_PROMPT_TAIL_TOKENS:])
+        return tail.rfind(START) > tail.rfind(END)
+
+    def answer_start(self, token_ids: list[int]) -> int | None:
+        """The index of the answer's first token: just past the end of the thinking, where the reply generated
+        </think> as the tokenizer writes it; None where it did not."""
+        end = list(self.end_token_ids)
+        for i in range(len(token_ids) - len(end) + 1):
+            if token_ids[i:i + len(end)] == end:
+                return i + len(end)
+        return None
+
+
+@dataclass
+class Parts:
+    reasoning: str | None  # None: the reply does not think (or may still open a block)
+    content: str
+    answering: bool  # the thinking is over, or there is none: what comes next is answer
+
+
+@dataclass
+class ReasoningSplit:
+    """One reply's thinking and answer as its text grows: each call says what is certain so far, so both parts
+    only grow and a stream sends the difference. A tag still being generated ("</thi") is held back."""
+
+    opened: bool  # the prompt left a thinking block open
+
+    def parts(self, text: str, finished: bool) -> Parts:
+        body, start = text, text.lstrip()
+        if start.startswith(START):
+            body = start[len(START):]
+        elif not finished and START.startswith(start):  # may yet open a block (or repeat the prompt's)
+            return Parts("" if self.opened else None, "", False)
+        elif not self.opened:
+            return Parts(None, text, True)
+        end = body.find(END)
+        if end >= 0:
+            return Parts(body[:end], body[end + len(END):], True)
+        return Parts(body if finished else body[:len(body) - _partial_suffix(body, END)], "", finished)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest ending of `text` that begins `tag`."""
+    for keep in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-keep:]):
+            return keep
+    return 0
+
+
+def reasoning_parser(name: str | None, tokenizer) -> ReasoningParser | None:
+    return ReasoningParser(tokenizer) if name is not None else None
