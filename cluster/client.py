@@ -82,6 +82,7 @@ class Chunk:
     usage: Usage | None = None
     ttft: TimeToFirstToken | None = None
     prompt_logprobs: list[dict[int, float]] | None = None  # first chunk: prompt tokens 1.., when asked for
+    reasoning_text: str = ""  # chat with a server reasoning parser: thinking; `text` is then the answer
 
 
 @dataclass
@@ -95,10 +96,12 @@ class Completion:
     ttft: TimeToFirstToken | None = None
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float]] | None = None
+    reasoning_text: str = ""
 
     def add(self, chunk: Chunk) -> Completion:
         self.request_id = self.request_id or chunk.request_id
         self.text += chunk.text
+        self.reasoning_text += chunk.reasoning_text
         self.token_ids.extend(chunk.token_ids)
         if chunk.logprobs:
             self.logprobs = (self.logprobs or []) + chunk.logprobs
@@ -247,7 +250,8 @@ def _chunk(response: pb.GenerateResponse) -> Chunk:
                  usage=Usage(response.usage.prompt_tokens, response.usage.cached_tokens,
                              response.usage.completion_tokens) if response.HasField("usage") else None,
                  ttft=_ttft(response.ttft) if response.HasField("ttft") else None,
-                 prompt_logprobs=[dict(entry.logprobs) for entry in response.prompt_logprobs] or None)
+                 prompt_logprobs=[dict(entry.logprobs) for entry in response.prompt_logprobs] or None,
+                 reasoning_text=response.reasoning_text)
 
 
 def _ttft(ttft: pb.TimeToFirstToken) -> TimeToFirstToken:

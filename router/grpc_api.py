@@ -8,7 +8,7 @@ ingress replicas on one node share the port: gRPC binds it with SO_REUSEPORT and
 
 A request's path here: decode the message (undecodable bytes, e.g. invalid UTF-8, are INVALID_ARGUMENT, not
 INTERNAL) -> refuse unknown fields -> check the API key -> build the engine's request -> stream the ingress's
-outputs as GenerateResponse deltas.
+outputs as GenerateResponse deltas (a chat reply's thinking apart from its answer, with a reasoning parser).
 """
 
 import asyncio
@@ -28,6 +28,7 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from router.api_config import ApiConfig
 from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
+from router.reasoning import ReasoningSplit
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -66,7 +67,7 @@ class GenerationServicer:
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[pb.GenerateResponse]:
-        async for response in self._stream(request, context, self._chat_request):
+        async for response in self._stream(request, context, self._chat_request, chat=True):
             yield response
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
@@ -92,15 +93,21 @@ class GenerationServicer:
         return pb.ListModelsResponse(models=[pb.Model(id=model.name, max_model_len=model.max_model_len,
                                                       block_size=model.block_size)])
 
-    async def _stream(self, request, context: grpc.aio.ServicerContext,
-                      build: Callable[[Message], GenerateRequest]) -> AsyncIterator[pb.GenerateResponse]:
-        outputs = None
+    async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], GenerateRequest],
+                      chat: bool = False) -> AsyncIterator[pb.GenerateResponse]:
+        """`chat`: a reply whose thinking a reasoning parser tells from its answer."""
+        outputs, split = None, None
         try:
             self._check(request)
             outputs = self.ingress.generate(build(request))
             first = True
             async for out in outputs:
-                yield _response(out, first)
+                response = _response(out, first)
+                if chat and self.ingress.reasoning is not None:
+                    if split is None:
+                        split = ReasoningSplit(self.ingress.reasoning.opened_by(out.prompt_token_ids))
+                    _, response.reasoning_text, response.text = split.news(out.outputs[0].text, out.finished)
+                yield response
                 first = False
         except asyncio.CancelledError:
             # The client cancelled, disconnected or its deadline passed: gRPC has already told it so; closing

@@ -32,6 +32,7 @@ from router.kv_index import KVIndexFollower
 from router.load_view import LoadView
 from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
+from router.reasoning import reasoning_parser
 from router.routing_hint import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.llm import chat_token_ids
@@ -96,6 +97,7 @@ class Ingress:
         self._grpc_address = (host, grpc_port) if grpc_port is not None else None
         self._grpc = None
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self.reasoning = reasoning_parser(self.api.reasoning_parser, self.tokenizer)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; the first carries its time-to-first-token breakdown. Bad input raises
@@ -131,7 +133,7 @@ class Ingress:
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
         token_ids = self.validate(request)
         request_id = request.request_id or uuid.uuid4().hex
-        params, salt = request.params, request.cache_salt
+        params, salt = self._after_thinking(request, token_ids), request.cache_salt
         hashes = hash_full_blocks(token_ids, self.model.block_size, salt)
         decision = await self._decide(len(token_ids), hashes)
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
@@ -213,6 +215,15 @@ class Ingress:
             raise invalid("cache_salt", f"at most {api.max_cache_salt_chars} characters, got "
                                         f"{len(request.cache_salt)}")
         return token_ids
+
+    def _after_thinking(self, request: GenerateRequest, token_ids: list[int]) -> SamplingParams:
+        """A structure (a format, or a forced tool call) holds a reasoning model's answer, not its thinking: where
+        the chat template opened the thinking in the prompt, the structure starts at its end (router/reasoning.py)."""
+        params, spec = request.params, request.params.structured_output
+        if self.reasoning is None or spec is None or request.messages is None or \
+                not self.reasoning.opened_by(token_ids):
+            return params
+        return replace(params, structured_output=replace(spec, after=self.reasoning.end_token_ids))
 
     def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
         """The token ids the model sees for the request's prompt: its text tokenized, its ids as they are, or its

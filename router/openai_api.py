@@ -58,7 +58,6 @@ from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
 from router.openai_tools import ToolChoice, chat_tools, tool_choice
-from router.reasoning import reasoning_parser
 from router.response_store import ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape
 from router.streams import close_all, first_of_each, merged
@@ -248,7 +247,7 @@ class OpenAIApi:
         self.created = int(time.time())
         self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
         self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
-        self.reasoning = reasoning_parser(ingress.api.reasoning_parser, ingress.tokenizer)
+        self.reasoning = ingress.reasoning
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, CompletionBody, self._completion_request, self._completion_shape(chat=False))
@@ -463,11 +462,10 @@ class OpenAIApi:
                                         tools, aliases)
         params = _for_tools(self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(),
                                          logprobs, structure), tools)
-        prompt = {"messages": _messages(body.messages), "tools": chat_tools(body.tools),
-                  "add_generation_prompt": body.add_generation_prompt is not False,
-                  "continue_final_message": bool(body.continue_final_message),
-                  "chat_template_kwargs": body.chat_template_kwargs}
-        return [prompt], self._after_thinking(params, prompt)
+        return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
+                 "add_generation_prompt": body.add_generation_prompt is not False,
+                 "continue_final_message": bool(body.continue_final_message),
+                 "chat_template_kwargs": body.chat_template_kwargs}], params
 
     async def _responses_request(self, body: ResponsesBody,
                                  aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
@@ -488,20 +486,8 @@ class OpenAIApi:
         earlier = []
         if body.previous_response_id:
             earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
-        prompt = {"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}
-        return [prompt], self._after_thinking(params, prompt)
-
-    def _after_thinking(self, params: SamplingParams, prompt: dict[str, Any]) -> SamplingParams:
-        """A structure (a format, or a forced tool call) holds the answer, not the thinking: where the chat template
-        opens the thinking in the prompt, the structure starts at its end (router/reasoning.py). Only then is the
-        prompt rendered here as well as in the ingress."""
-        spec = params.structured_output
-        if self.reasoning is None or spec is None:
-            return params
-        token_ids = self.ingress.prompt_token_ids(GenerateRequest(**prompt, params=params))
-        if not self.reasoning.opened_by(token_ids):
-            return params
-        return replace(params, structured_output=replace(spec, after=self.reasoning.end_token_ids))
+        return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
+            params
 
     def _tools(self, body: ChatBody | ResponsesBody) -> ToolChoice | None:
         return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)

@@ -33,7 +33,6 @@ class ResponseShape:
         self.tool_choice = tool_choice  # chat: how each reply may call tools (router/openai_tools.py)
         self.reasoning = reasoning  # chat: the thinking told from the answer (router/reasoning.py)
         self.splits: dict[int, ReasoningSplit] = {}
-        self.parts_sent: dict[int, tuple[int, int]] = {}  # streaming with reasoning: (thinking, answer) characters
         self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
         self.content_sent: dict[int, int] = {}  # streaming "required"/"auto": characters sent as content, per choice
         self.top_n = top_n
@@ -136,12 +135,8 @@ class ResponseShape:
         completion as its answer alone (text and delta_text are the answer's), which tool calls are read from."""
         if index not in self.splits:
             self.splits[index] = ReasoningSplit(self.reasoning.opened_by(out.prompt_token_ids))
-        parts = self.splits[index].parts(completion.text, completion.finish_reason is not None)
-        thought, answered = self.parts_sent.get(index, (0, 0))
-        thinking = parts.reasoning or ""
-        self.parts_sent[index] = (len(thinking), len(parts.content))
-        return parts.reasoning, thinking[thought:], replace(completion, text=parts.content,
-                                                            delta_text=parts.content[answered:])
+        parts, thinking, answer = self.splits[index].news(completion.text, completion.finish_reason is not None)
+        return parts.reasoning, thinking, replace(completion, text=parts.content, delta_text=answer)
 
     def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:
         """A whole reply and its finish reason: its content and tool calls, when it makes any, or its text."""

@@ -12,7 +12,7 @@ start when the prompt's last tag opens a block or the reply opens one first, up 
 reaches </think> (cut off by max_tokens) is all thinking, and a reply with no block at all is all answer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
@@ -50,9 +50,19 @@ class Parts:
 @dataclass
 class ReasoningSplit:
     """One reply's thinking and answer as its text grows: each call says what is certain so far, so both parts
-    only grow and a stream sends the difference. A tag still being generated ("</thi") is held back."""
+    only grow and a stream sends the difference (`news`). A tag still being generated ("</thi") is held back."""
 
     opened: bool  # the prompt left a thinking block open
+    _thinking_sent: int = field(default=0, init=False)
+    _answer_sent: int = field(default=0, init=False)
+
+    def news(self, text: str, finished: bool) -> tuple[Parts, str, str]:
+        """The parts so far, and the thinking and answer not returned by an earlier call."""
+        parts = self.parts(text, finished)
+        thinking = parts.reasoning or ""
+        new = thinking[self._thinking_sent:], parts.content[self._answer_sent:]
+        self._thinking_sent, self._answer_sent = len(thinking), len(parts.content)
+        return parts, *new
 
     def parts(self, text: str, finished: bool) -> Parts:
         body, start = text, text.lstrip()

@@ -59,12 +59,20 @@ def _run_remote(args: argparse.Namespace) -> int:
 
 
 def echo_chunks(chunks: Stream, echo: bool) -> Completion:
-    """A cluster's streamed answer, printing each text delta as it arrives."""
-    completion = Completion()
+    """A cluster's streamed answer, printing each text delta as it arrives; the thinking a server's reasoning
+    parser takes apart from the answer goes to stderr, so stdout holds the answer alone."""
+    completion, thinking = Completion(), False
     with chunks:
         for chunk in chunks:
             completion.add(chunk)
             if echo:
+                if chunk.reasoning_text:
+                    sys.stderr.write(chunk.reasoning_text)
+                    sys.stderr.flush()
+                    thinking = True
+                if chunk.text and thinking:
+                    sys.stderr.write("\n")
+                    thinking = False
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
     if echo:

@@ -41,7 +41,8 @@ def model(tiny_model_factory) -> str:
 @pytest.fixture(scope="module")
 def cluster(model, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=128, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
-                           redis_url=redis_url, grpc_port=PORT, api=ApiConfig(max_tokens=512, max_stop_strings=4))
+                           redis_url=redis_url, grpc_port=PORT, api=ApiConfig(max_tokens=512, max_stop_strings=4,
+                                                                               reasoning_parser="qwen3"))
     serve.run(build_app(config), name=APP, route_prefix=None)
     yield
     serve.delete(APP)
@@ -199,6 +200,21 @@ def test_a_chat_reply_can_continue_the_last_message(stub, model):
     as_ids = generate(stub, token_ids=pb.TokenIds(ids=list(rendered)), sampling=GREEDY)
     assert [t for r in continued for t in r.token_ids] == [t for r in as_ids for t in r.token_ids]
     assert continued[-1].usage.prompt_tokens == len(rendered)
+
+
+def test_a_chat_reply_that_thinks_streams_its_thinking_apart_from_its_answer(stub):
+    """With the cluster's reasoning parser (qwen3), across the prefill->decode handoff; the format is forced on the
+    random model by a regex. Generate has no turn to think in: its text is the model's, tags and all."""
+    thinking, answer = "The user asks for a capital.", "It is Paris."
+    sampling = pb.SamplingParams(max_tokens=60, temperature=0.0, structured_output=pb.StructuredOutput(
+        regex=re.escape(f"<think>{thinking}</think>{answer}")))
+    messages = [pb.ChatMessage(role="user", content="What is the capital of France?")]
+    chat = list(stub.Chat(pb.ChatRequest(messages=messages, sampling=sampling), timeout=60))
+    assert ("".join(r.reasoning_text for r in chat), "".join(r.text for r in chat)) == (thinking, answer)
+    assert chat[-1].finish_reason == "stop"
+    raw = generate(stub, text="What is the capital of France?", sampling=sampling)
+    assert ("".join(r.reasoning_text for r in raw), "".join(r.text for r in raw)) == (
+        "", f"<think>{thinking}</think>{answer}")
 
 
 def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
