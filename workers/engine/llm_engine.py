@@ -381,10 +381,10 @@ class LLMEngine:
         first = req.num_released_tokens == 0
         delta = req.detokenizer.take_delta(finished)
         req.released_text += delta
-        new_ids = seq.output_token_ids[req.num_released_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + req.num_released_tokens:]
         req.num_released_tokens = seq.num_output_tokens
         completion = CompletionOutput(
-            index=0, text=req.released_text, token_ids=list(seq.output_token_ids),
+            index=0, text=req.released_text, token_ids=seq.output_token_ids,  # a copy: the sequence grows on
             finish_reason=seq.finish_reason.value if finished and seq.finish_reason else None,
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
