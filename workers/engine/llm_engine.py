@@ -110,6 +110,9 @@ class LLMEngine:
         self._ids = count()
         logger.info("engine ready: %s, %d KV blocks, context %d", model_dir.name, self.runner.num_kv_blocks,
                     self.max_model_len)
+        if config.speculative.num_speculative_tokens and self.runner.decode_graphs is not None:
+            logger.warning("speculative decoding: a step with guesses runs eagerly, outside the decode CUDA graphs, "
+                           "which can cost more than the guesses save; measure before serving with it")
 
     # -- requests ---------------------------------------------------------------------------------------------
 
