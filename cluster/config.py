@@ -213,15 +213,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in _flags():
         if flag.group not in groups:
             groups[flag.group] = parser.add_argument_group(flag.group)
-        names = ["--" + flag.dotted.replace("_", "-").replace(".", "-")]
-        if flag.dotted == "tensor_parallel_size":
-            names.append("-tp")
+        names = ["--" + flag.dotted.replace("_", "-").replace(".", "-"), *_VLLM_SPELLINGS.get(flag.dotted, [])]
         if flag.hint is bool:
             groups[flag.group].add_argument(*names, dest=flag.dotted, default=None, help=flag.help,
                                             action=argparse.BooleanOptionalAction)
         else:
             groups[flag.group].add_argument(*names, dest=flag.dotted, default=None, help=flag.help,
                                             metavar=flag.dotted.rsplit(".", 1)[-1].upper())
+
+
+# vLLM's spellings of the same settings, which its users type.
+_VLLM_SPELLINGS = {"tensor_parallel_size": ["-tp"], "api.api_key": ["--api-key"],
+                   "api.tool_call_parser": ["--tool-call-parser"], "api.reasoning_parser": ["--reasoning-parser"]}
 
 
 def from_args(args: argparse.Namespace) -> ClusterConfig:

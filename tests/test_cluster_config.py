@@ -214,6 +214,13 @@ def test_flags_override_the_file(tmp_path):
         2, 4, False, "redis://r:6379/0", 2.5, 512, 9000)
 
 
+def test_vllms_spellings_of_the_api_flags_work_too():
+    config = parse("--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes", "--api-key", "k")
+    assert (config.api.reasoning_parser, config.api.tool_call_parser, config.api.api_key) == (
+        "deepseek_r1", "hermes", "k")
+    assert parse("--api-reasoning-parser", "qwen3").api.reasoning_parser == "qwen3"
+
+
 def test_no_flags_give_the_file_or_the_defaults():
     assert parse() == ClusterConfig()
     assert parse("--config", str(EXAMPLE)) == ClusterConfig()
