@@ -34,10 +34,8 @@ class ReasoningParser:
         """The index of the answer's first token: just past the end of the thinking, where the reply generated
         </think> as the tokenizer writes it; None where it did not."""
         end = list(self.end_token_ids)
-        for i in range(len(token_ids) - len(end) + 1):
-            if token_ids[i:i + len(end)] == end:
-                return i + len(end)
-        return None
+        return next((i + len(end) for i in range(len(token_ids) - len(end) + 1) if token_ids[i:i + len(end)] == end),
+                    None)
 
 
 @dataclass
@@ -75,11 +73,12 @@ class ReasoningSplit:
         end = body.find(END)
         if end >= 0:
             return Parts(body[:end], body[end + len(END):], True)
-        return Parts(body if finished else body[:len(body) - _partial_suffix(body, END)], "", finished)
+        return Parts(body if finished else body[:len(body) - partial_tag_length(body, END)], "", finished)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest ending of `text` that begins `tag`."""
+def partial_tag_length(text: str, tag: str) -> int:
+    """The length of the longest ending of `text` that begins `tag`: text a stream holds back, as it may be the
+    start of the tag."""
     for keep in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-keep:]):
             return keep

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from router.openai_tools import tool_call
+from router.reasoning import partial_tag_length
 
 
 class HermesToolParser:
@@ -47,10 +48,7 @@ class HermesToolParser:
         first = text.find(self.start)
         if first >= 0:
             return first
-        for keep in range(min(len(self.start) - 1, len(text)), 0, -1):
-            if self.start.startswith(text[-keep:]):
-                return len(text) - keep
-        return len(text)
+        return len(text) - partial_tag_length(text, self.start)
 
 
 class Llama3JsonToolParser:
