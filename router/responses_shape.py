@@ -9,9 +9,10 @@ response.output_text.delta per release of text, then the .done events of the tex
 response.completed, or response.incomplete when max_output_tokens cut the answer short. A reasoning item comes
 first: response.output_item.added, a response.reasoning_text.delta per release of thinking, then
 response.reasoning_text.done and response.output_item.done once the thinking is over. Every event has a
-sequence_number and its type both as the SSE event name and in its data. A reply that may hold tool calls is
-streamed once it is whole: its message's events as above, then each function call as response.output_item.added,
-response.function_call_arguments.delta and .done, and response.output_item.done. A failure after the stream started
+sequence_number and its type both as the SSE event name and in its data. Function calls go out once the reply is
+whole, after the message, each as response.output_item.added, response.function_call_arguments.delta and .done,
+and response.output_item.done; with tool_choice "auto" the message's text streams up to where a call may start (as
+the parser says), while a forced call's reply has no text to stream. A failure after the stream started
 is an `error` event followed by response.failed. A finished response is stored (router/response_store.py) before
 the client sees its end, so the next turn can continue from it at once; with store: false, or no store, it is not.
 """
@@ -93,10 +94,6 @@ class ResponsesShape:
         try:
             yield self._event("response.created", response=self._response("in_progress", []))
             yield self._event("response.in_progress", response=self._response("in_progress", []))
-            if self.tool_choice is not None:
-                async for event in self._whole_output_events(last, streams):
-                    yield event
-                return
             for event in self._deltas(last):
                 yield event
             async with aclosing(merged(streams)) as rest:
@@ -104,8 +101,8 @@ class ResponsesShape:
                     for event in self._deltas(last):
                         yield event
             done = await self.response([last])
-            for item in done["output"]:
-                for event in self._item_done(item):
+            for index, item in enumerate(done["output"]):
+                for event in self._item_done(item, index):
                     yield event
             yield self._event(f"response.{done['status']}", response=done)
         except Exception as e:
@@ -117,36 +114,6 @@ class ResponsesShape:
             yield self._event("response.failed", response=self._response(
                 "failed", [], error={"code": "server_error" if error.kind is Kind.INTERNAL else body["type"],
                                      "message": body["message"]}))
-
-    async def _whole_output_events(self, last: RequestOutput,
-                                   streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
-        """The events of a reply that may hold tool calls, sent once it is whole: its message (the text before the
-        calls, or all of it where it makes none) and its function calls."""
-        async with aclosing(merged(streams)) as rest:
-            async for _, last in rest:
-                pass
-        done = await self.response([last])
-        for index, item in enumerate(done["output"]):
-            yield self._event("response.output_item.added", output_index=index, item=_started(item))
-            if item["type"] == "function_call":
-                at = {"item_id": item["id"], "output_index": index}
-                yield self._event("response.function_call_arguments.delta", **at, delta=item["arguments"])
-                yield self._event("response.function_call_arguments.done", **at, arguments=item["arguments"])
-            elif item["type"] == "reasoning":
-                self.message_index = 1
-                [part] = item["content"]
-                yield self._event("response.reasoning_text.delta", **self._at_thinking(), delta=part["text"])
-                yield self._event("response.reasoning_text.done", **self._at_thinking(), text=part["text"])
-            else:
-                [part] = item["content"]
-                yield self._event("response.content_part.added", **self._at(), part=self._part("", []))
-                yield self._event("response.output_text.delta", **self._at(), delta=part["text"],
-                                  logprobs=part["logprobs"])
-                yield self._event("response.output_text.done", **self._at(), text=part["text"],
-                                  logprobs=part["logprobs"])
-                yield self._event("response.content_part.done", **self._at(), part=part)
-            yield self._event("response.output_item.done", output_index=index, item=item)
-        yield self._event(f"response.{done['status']}", response=done)
 
     def _parts(self, out: RequestOutput) -> Parts:
         """The reply so far as thinking and answer; without a reasoning parser, all answer."""
@@ -165,10 +132,21 @@ class ResponsesShape:
         start = self.reasoning.answer_start(token_ids)
         return len(token_ids) if start is None else start
 
+    def _streamable(self, answer: str) -> str:
+        """How much of the answer so far can go out as message text: all of it; with tool_choice "auto", what the
+        parser says is surely text, once it holds more than whitespace (a reply that is only calls has no
+        message); with a forced call, none (the answer is the call)."""
+        if self.tool_choice is None:
+            return answer
+        if self.tool_choice.parser is None:
+            return ""
+        text = answer[:self.tool_choice.parser.content_so_far(answer)]
+        return text if self.message_started or text.strip() else ""
+
     def _deltas(self, out: RequestOutput) -> list[str]:
         """The events a new output makes: the reasoning item opened and its text, closed once the thinking is over,
         then the message opened and its text. Text not released yet (a possible stop string or tag held back)
-        waits, and its tokens' logprobs with it."""
+        waits, and its tokens' logprobs with it; function calls go out once the reply is whole."""
         completion, parts, events = out.outputs[0], self._parts(out), []
         if parts.reasoning is not None and not self.thinking_done:
             if not self.thinking_started:
@@ -180,41 +158,57 @@ class ResponsesShape:
                                           delta=parts.reasoning[self.thinking_sent:]))
                 self.thinking_sent = len(parts.reasoning)
             if parts.answering:
-                events += self._item_done(self._reasoning_item("completed", parts.reasoning))
-        if parts.content[self.answer_sent:]:
-            if not self.message_started:
-                self.message_started = True
-                events.append(self._event("response.output_item.added", output_index=self._at()["output_index"],
-                                          item=self._item("in_progress", [])))
-                events.append(self._event("response.content_part.added", **self._at(), part=self._part("", [])))
+                events += self._item_done(self._reasoning_item("completed", parts.reasoning), 0)
+        answer = self._streamable(parts.content)
+        if answer[self.answer_sent:]:
+            events += self._message_started()
             start = max(self.tokens_sent, self._answer_start(completion.token_ids, parts))
             self.tokens_sent = len(completion.token_ids)
-            events.append(self._event("response.output_text.delta", **self._at(),
-                                      delta=parts.content[self.answer_sent:],
+            events.append(self._event("response.output_text.delta", **self._at(), delta=answer[self.answer_sent:],
                                       logprobs=self._logprobs(completion.token_ids, completion.logprobs, start)))
-            self.answer_sent = len(parts.content)
+            self.answer_sent = len(answer)
         return events
 
-    def _item_done(self, item: dict[str, Any]) -> list[str]:
-        """The events that close an item of a streamed reply (opening it first where no text of it was sent)."""
+    def _message_started(self) -> list[str]:
+        if self.message_started:
+            return []
+        self.message_started = True
+        return [self._event("response.output_item.added", output_index=self.message_index,
+                            item=self._item("in_progress", [])),
+                self._event("response.content_part.added", **self._at(), part=self._part("", []))]
+
+    def _item_done(self, item: dict[str, Any], index: int) -> list[str]:
+        """The events that close an item of the reply at output `index`: the part of its text not streamed yet,
+        then its .done events (an item nothing of which was streamed is opened first)."""
+        if item["type"] == "function_call":
+            at = {"item_id": item["id"], "output_index": index}
+            return [self._event("response.output_item.added", output_index=index, item=_started(item)),
+                    self._event("response.function_call_arguments.delta", **at, delta=item["arguments"]),
+                    self._event("response.function_call_arguments.done", **at, arguments=item["arguments"]),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+        [part] = item["content"]
         if item["type"] == "reasoning":
             if self.thinking_done:
                 return []
+            events = []
+            if not self.thinking_started:
+                self.thinking_started, self.message_index = True, 1
+                events.append(self._event("response.output_item.added", output_index=index, item=_started(item)))
+            if part["text"][self.thinking_sent:]:
+                events.append(self._event("response.reasoning_text.delta", **self._at_thinking(),
+                                          delta=part["text"][self.thinking_sent:]))
             self.thinking_done = True
-            [part] = item["content"]
-            return [self._event("response.reasoning_text.done", **self._at_thinking(), text=part["text"]),
-                    self._event("response.output_item.done", output_index=0, item=item)]
-        events = []
-        if not self.message_started:
-            self.message_started = True
-            events.append(self._event("response.output_item.added", output_index=self._at()["output_index"],
-                                      item=self._item("in_progress", [])))
-            events.append(self._event("response.content_part.added", **self._at(), part=self._part("", [])))
-        [part] = item["content"]
+            return events + [self._event("response.reasoning_text.done", **self._at_thinking(), text=part["text"]),
+                             self._event("response.output_item.done", output_index=index, item=item)]
+        events = self._message_started()
+        if part["text"][self.answer_sent:]:
+            # What was held back (a possible call that was text after all), or all of a reply sent whole.
+            events.append(self._event("response.output_text.delta", **self._at(), delta=part["text"][self.answer_sent:],
+                                      logprobs=part["logprobs"] if not self.answer_sent else []))
         return events + [
             self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"]),
             self._event("response.content_part.done", **self._at(), part=part),
-            self._event("response.output_item.done", output_index=self._at()["output_index"], item=item)]
+            self._event("response.output_item.done", output_index=index, item=item)]
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                   start: int = 0) -> list[dict[str, Any]]:

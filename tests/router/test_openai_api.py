@@ -829,11 +829,23 @@ def test_a_response_that_thinks_has_a_reasoning_item_before_its_message_whole_or
 
 
 def test_auto_tool_choice_in_the_responses_api_gives_a_message_and_function_calls(client, model_name):
+    """Whole or streamed; streamed, the message's text goes out as it is generated and the calls once whole."""
     weather = {"type": "function", **WEATHER["function"]}
-    answer = client.responses.create(model=model_name, input="What is the weather in Paris?", tools=[weather],
-                                     max_output_tokens=80, temperature=0,
-                                     extra_body={"structured_outputs": {"regex": re.escape(HERMES_REPLY)}})
+    request = dict(model=model_name, input="What is the weather in Paris?", tools=[weather], max_output_tokens=80,
+                   temperature=0, extra_body={"structured_outputs": {"regex": re.escape(HERMES_REPLY)}})
+    answer = client.responses.create(**request)
     message, call = answer.output
     assert (message.type, message.content[0].text) == ("message", "Let me check.\n")
     assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather",
                                                                   {"city": "Paris", "unit": "C"})
+    events = list(client.responses.create(**request, stream=True))
+    kinds = [kind for i, kind in enumerate(e.type for e in events) if i == 0 or kind != events[i - 1].type]
+    assert kinds == ["response.created", "response.in_progress",
+                     "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     "response.output_item.added", "response.function_call_arguments.delta",
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    text = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(text) == "Let me check.\n" and len(text) > 1
+    assert [(e.item.type, e.output_index) for e in events if e.type == "response.output_item.done"] == [
+        ("message", 0), ("function_call", 1)]
