@@ -201,6 +201,7 @@ class DetokenizeBody(BaseModel):
 
 Body = TypeVar("Body", bound=BaseModel)
 Shape = ResponseShape | ResponsesShape
+Built = tuple[list[dict], SamplingParams, ToolChoice | None]  # a request's prompts, params and tool choice
 
 
 class PayloadTooLarge(Exception):
@@ -276,8 +277,9 @@ class OpenAIApi:
             raise _no_stored_response(response_id, field)
         return stored
 
-    def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest]], Shape]:
-        def shape(body: _Body, request_id: str, choices: list[GenerateRequest]) -> Shape:
+    def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest], ToolChoice | None],
+                                                        Shape]:
+        def shape(body: _Body, request_id: str, choices: list[GenerateRequest], tools: ToolChoice | None) -> Shape:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             echoes = None
             if not chat and body.echo:
@@ -285,7 +287,7 @@ class OpenAIApi:
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
                                  choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
-                                 tool_choice=self._tools(body) if chat else None,
+                                 tool_choice=tools,
                                  reasoning=self.reasoning if chat else None)
         return shape
 
@@ -295,7 +297,8 @@ class OpenAIApi:
             return choice.prompt
         return self.ingress.detokenize(self.ingress.prompt_token_ids(choice), field="prompt")
 
-    def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest]) -> Shape:
+    def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest],
+                         tools: ToolChoice | None) -> Shape:
         text_format = _text_format(body)
         echoed = {"instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
@@ -306,8 +309,7 @@ class OpenAIApi:
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
         return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
-                              self.store if body.store is not False else None, conversation, self._tools(body),
-                              self.reasoning)
+                              self.store if body.store is not False else None, conversation, tools, self.reasoning)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -367,13 +369,13 @@ class OpenAIApi:
         return PlainTextResponse("ok")
 
     async def _serve(self, request: Request, body_type: type[Body],
-                     build: Callable[[Body, dict[str, str]], Awaitable[tuple[list[dict], SamplingParams]]],
-                     shape: Callable[[Body, str, list[GenerateRequest]], Shape]) -> Response:
+                     build: Callable[[Body, dict[str, str]], Awaitable[Built]],
+                     shape: Callable[[Body, str, list[GenerateRequest], ToolChoice | None], Shape]) -> Response:
         aliases: dict[str, str] = {}  # engine field -> the name this API calls it, for error messages
         try:
             self._authorize(request)
             body = await self._parse(request, body_type)
-            prompts, params = await build(body, aliases)
+            prompts, params, tools = await build(body, aliases)
             request_id = body.request_id or uuid.uuid4().hex
             choices = self._choices(body, request_id, prompts, params)
         except PayloadTooLarge as e:
@@ -385,7 +387,7 @@ class OpenAIApi:
             return error_response(error)
         try:
             # Ingress.generate counts each choice
-            return await self._generate(choices, shape(body, request_id, choices), bool(body.stream))
+            return await self._generate(choices, shape(body, request_id, choices, tools), bool(body.stream))
         except Exception as e:
             return error_response(_renamed(classify(e), aliases))
 
@@ -422,8 +424,7 @@ class OpenAIApi:
             logger.debug("ignoring unknown request fields %s", sorted(body.model_extra))
         return body
 
-    async def _completion_request(self, body: CompletionBody,
-                                  aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
+    async def _completion_request(self, body: CompletionBody, aliases: dict[str, str]) -> Built:
         if body.suffix:
             raise invalid("suffix", "suffixes are not supported")
         if body.best_of not in (None, 1):
@@ -447,9 +448,9 @@ class OpenAIApi:
         if body.echo and body.logprobs is not None:
             params = replace(params, prompt_logprobs=body.logprobs)
         aliases["prompt_logprobs"] = "logprobs"
-        return prompts, params
+        return prompts, params, None
 
-    async def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
+    async def _chat_request(self, body: ChatBody, aliases: dict[str, str]) -> Built:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs", "needs logprobs: true")
         tools = self._tools(body)
@@ -465,10 +466,9 @@ class OpenAIApi:
         return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
                  "add_generation_prompt": body.add_generation_prompt is not False,
                  "continue_final_message": bool(body.continue_final_message),
-                 "chat_template_kwargs": body.chat_template_kwargs}], params
+                 "chat_template_kwargs": body.chat_template_kwargs}], params, tools
 
-    async def _responses_request(self, body: ResponsesBody,
-                                 aliases: dict[str, str]) -> tuple[list[dict], SamplingParams]:
+    async def _responses_request(self, body: ResponsesBody, aliases: dict[str, str]) -> Built:
         if body.background:
             raise invalid("background", "background responses are not supported")
         if body.n not in (None, 1):
@@ -487,7 +487,7 @@ class OpenAIApi:
         if body.previous_response_id:
             earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
         return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
-            params
+            params, tools
 
     def _tools(self, body: ChatBody | ResponsesBody) -> ToolChoice | None:
         return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)
