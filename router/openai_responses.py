@@ -133,10 +133,13 @@ class ResponseShape:
                 completion: CompletionOutput) -> tuple[str | None, str, CompletionOutput]:
         """A reply's thinking so far (None where it does not think), the part of it not yet streamed, and the
         completion as its answer alone (text and delta_text are the answer's), which tool calls are read from."""
+        parts, thinking, answer = self._split(index, out).news(completion.text, completion.finish_reason is not None)
+        return parts.reasoning, thinking, replace(completion, text=parts.content, delta_text=answer)
+
+    def _split(self, index: int, out: RequestOutput) -> ReasoningSplit:
         if index not in self.splits:
             self.splits[index] = ReasoningSplit(self.reasoning.opened_by(out.prompt_token_ids))
-        parts, thinking, answer = self.splits[index].news(completion.text, completion.finish_reason is not None)
-        return parts.reasoning, thinking, replace(completion, text=parts.content, delta_text=answer)
+        return self.splits[index]
 
     def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:
         """A whole reply and its finish reason: its content and tool calls, when it makes any, or its text."""
@@ -204,9 +207,14 @@ class ResponseShape:
         prompts = [out.usage for out in outs[::self.choices_per_prompt]]
         prompt_tokens = sum(usage.prompt_tokens for usage in prompts)
         generated = 0 if self.prompt_only else sum(out.usage.generated_tokens for out in outs)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                "total_tokens": prompt_tokens + generated,
-                "prompt_tokens_details": {"cached_tokens": sum(usage.cached_tokens for usage in prompts)}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                 "total_tokens": prompt_tokens + generated,
+                 "prompt_tokens_details": {"cached_tokens": sum(usage.cached_tokens for usage in prompts)}}
+        if self.reasoning is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(
+                self.reasoning.num_thinking_tokens(out.outputs[0].token_ids, self._split(index, out).parts(
+                    out.outputs[0].text, finished=True)) for index, out in enumerate(outs))}
+        return usage
 
     def _echo(self, index: int) -> str:
         return "" if self.echoes is None else self.echoes[index]

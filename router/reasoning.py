@@ -30,6 +30,14 @@ class ReasoningParser:
         tail = self.tokenizer.decode(prompt_token_ids[-_PROMPT_TAIL_TOKENS:])
         return tail.rfind(START) > tail.rfind(END)
 
+    def num_thinking_tokens(self, token_ids: list[int], parts: "Parts") -> int:
+        """How many of a finished reply's tokens are its thinking: those up to the end of it; all of them where it
+        thought and the end is not among its tokens (cut off, or written in other tokens)."""
+        if parts.reasoning is None:
+            return 0
+        start = self.answer_start(token_ids)
+        return len(token_ids) if start is None else start
+
     def answer_start(self, token_ids: list[int]) -> int | None:
         """The index of the answer's first token: just past the end of the thinking, where the reply generated
         </think> as the tokenizer writes it; None where it did not."""

@@ -125,12 +125,8 @@ class ResponsesShape:
         return self.split.parts(completion.text, completion.finish_reason is not None)
 
     def _answer_start(self, token_ids: list[int], parts: Parts) -> int:
-        """The index of the answer's first token, for its logprobs and the usage's reasoning tokens (all of them
-        where the reply thought and its end of thinking cannot be found among its tokens)."""
-        if parts.reasoning is None:
-            return 0
-        start = self.reasoning.answer_start(token_ids)
-        return len(token_ids) if start is None else start
+        """The index of the answer's first token, for its logprobs and the usage's reasoning tokens."""
+        return 0 if self.reasoning is None else self.reasoning.num_thinking_tokens(token_ids, parts)
 
     def _streamable(self, answer: str) -> str:
         """How much of the answer so far can go out as message text: all of it; with tool_choice "auto", what the

@@ -776,8 +776,10 @@ def test_a_reply_that_thinks_gives_its_thinking_apart_from_its_answer_whole_or_s
     """api.reasoning_parser: the thinking is the message's reasoning_content (and reasoning, vLLM's newer name),
     the answer its content; a stream's deltas add up to the same, and no tag streams as either."""
     request = dict(model=model_name, messages=MESSAGES, max_tokens=60, temperature=0, extra_body=THINKING_REPLY)
-    message = client.chat.completions.create(**request).choices[0].message
+    whole = client.chat.completions.create(**request)
+    message = whole.choices[0].message
     assert (message.reasoning_content, message.reasoning, message.content) == (THINKING, THINKING, ANSWER)
+    assert 0 < whole.usage.completion_tokens_details.reasoning_tokens <= whole.usage.completion_tokens
     deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(**request, stream=True)
               if chunk.choices]
     assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == THINKING
