@@ -17,7 +17,7 @@ A graph records `run`, the eager padded step; CPU tests run that without graphs 
 
 import torch
 
-from workers.engine.attention.metadata import AttentionMetadata, pad_block_tables
+from workers.engine.attention.metadata import AttentionMetadata, pad_block_tables, slot_of
 from workers.engine.sequence import Sequence
 
 
@@ -70,7 +70,7 @@ class DecodeGraphs:
         self._inputs[:, :size].copy_(torch.tensor([
             [seq.token_ids[p] for seq, p in zip(seqs, positions)] + [0] * pad,
             positions + [0] * pad,
-            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)] + [self._padding_slot] * pad,
+            [slot_of(seq.block_table, p, bs) for seq, p in zip(seqs, positions)] + [self._padding_slot] * pad,
             [p + 1 for p in positions] + [1] * pad,
         ]))
         # Table columns past a row's own blocks keep older values: the kernels read no block past a context's end.

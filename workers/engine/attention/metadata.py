@@ -52,6 +52,12 @@ def decode_buckets(context_lens: list[int]) -> list[tuple[int, int, int]]:
     return [(start, min(start + size, n), context_lens[min(start + size, n) - 1]) for start in range(0, n, size or 1)]
 
 
+def slot_of(block_table, position, block_size: int):
+    """The KV cache slot of a position: its block's id times the block size, plus its offset in the block. Takes
+    ints and a list, or numpy arrays for a chunk's positions at once."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 def pad_block_tables(tables: list[list[int]], width: int, fill: int, rows: int | None = None) -> torch.Tensor:
     """The sequences' block tables as one [rows, width] CPU tensor, each row padded with `fill`, and rows past the
     tables all `fill`. Built in numpy from one flat copy of the ids: at 256 sequences of 64 blocks, nested Python
