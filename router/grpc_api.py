@@ -28,7 +28,6 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from router.api_config import ApiConfig
 from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
-from router.reasoning import ReasoningSplit
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -105,7 +104,7 @@ class GenerationServicer:
                 response = _response(out, first)
                 if chat and self.ingress.reasoning is not None:
                     if split is None:
-                        split = ReasoningSplit(self.ingress.reasoning.opened_by(out.prompt_token_ids))
+                        split = self.ingress.reasoning.split(out.prompt_token_ids)
                     _, response.reasoning_text, response.text = split.news(out.outputs[0].text, out.finished)
                 yield response
                 first = False

@@ -248,7 +248,6 @@ class OpenAIApi:
         self.created = int(time.time())
         self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
         self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
-        self.reasoning = ingress.reasoning
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, CompletionBody, self._completion_request, self._completion_shape(chat=False))
@@ -288,7 +287,7 @@ class OpenAIApi:
                                  choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
                                  tool_choice=tools,
-                                 reasoning=self.reasoning if chat else None)
+                                 reasoning=self.ingress.reasoning if chat else None)
         return shape
 
     def _echo(self, choice: GenerateRequest) -> str:
@@ -309,7 +308,8 @@ class OpenAIApi:
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
         return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
-                              self.store if body.store is not False else None, conversation, tools, self.reasoning)
+                              self.store if body.store is not False else None, conversation, tools,
+                              self.ingress.reasoning)
 
     async def models(self, request: Request) -> Response:
         try:

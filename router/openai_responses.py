@@ -138,7 +138,7 @@ class ResponseShape:
 
     def _split(self, index: int, out: RequestOutput) -> ReasoningSplit:
         if index not in self.splits:
-            self.splits[index] = ReasoningSplit(self.reasoning.opened_by(out.prompt_token_ids))
+            self.splits[index] = self.reasoning.split(out.prompt_token_ids)
         return self.splits[index]
 
     def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:

@@ -25,6 +25,10 @@ class ReasoningParser:
         # The reasoning models' vocabularies hold </think> as one token, which is what they generate.
         self.end_token_ids = tuple(tokenizer.encode(END, add_special_tokens=False))
 
+    def split(self, prompt_token_ids: list[int]) -> "ReasoningSplit":
+        """A split for one reply to this prompt."""
+        return ReasoningSplit(self.opened_by(prompt_token_ids))
+
     def opened_by(self, prompt_token_ids: list[int]) -> bool:
         """Whether the chat template left a thinking block open at the end of the prompt."""
         tail = self.tokenizer.decode(prompt_token_ids[-_PROMPT_TAIL_TOKENS:])

@@ -121,7 +121,7 @@ class ResponsesShape:
         if self.reasoning is None:
             return Parts(None, completion.text, True)
         if self.split is None:
-            self.split = ReasoningSplit(self.reasoning.opened_by(out.prompt_token_ids))
+            self.split = self.reasoning.split(out.prompt_token_ids)
         return self.split.parts(completion.text, completion.finish_reason is not None)
 
     def _answer_start(self, token_ids: list[int], parts: Parts) -> int:
@@ -145,10 +145,7 @@ class ResponsesShape:
         waits, and its tokens' logprobs with it; function calls go out once the reply is whole."""
         completion, parts, events = out.outputs[0], self._parts(out), []
         if parts.reasoning is not None and not self.thinking_done:
-            if not self.thinking_started:
-                self.thinking_started, self.message_index = True, 1
-                events.append(self._event("response.output_item.added", output_index=0,
-                                          item=_started(self._reasoning_item("in_progress", ""))))
+            events += self._reasoning_started()
             if parts.reasoning[self.thinking_sent:]:
                 events.append(self._event("response.reasoning_text.delta", **self._at_thinking(),
                                           delta=parts.reasoning[self.thinking_sent:]))
@@ -164,6 +161,14 @@ class ResponsesShape:
                                       logprobs=self._logprobs(completion.token_ids, completion.logprobs, start)))
             self.answer_sent = len(answer)
         return events
+
+    def _reasoning_started(self) -> list[str]:
+        """The reasoning item's opening event, the first time; it comes first, so the message follows at 1."""
+        if self.thinking_started:
+            return []
+        self.thinking_started, self.message_index = True, 1
+        return [self._event("response.output_item.added", output_index=0,
+                            item=_started(self._reasoning_item("in_progress", "")))]
 
     def _message_started(self) -> list[str]:
         if self.message_started:
@@ -186,10 +191,7 @@ class ResponsesShape:
         if item["type"] == "reasoning":
             if self.thinking_done:
                 return []
-            events = []
-            if not self.thinking_started:
-                self.thinking_started, self.message_index = True, 1
-                events.append(self._event("response.output_item.added", output_index=index, item=_started(item)))
+            events = self._reasoning_started()
             if part["text"][self.thinking_sent:]:
                 events.append(self._event("response.reasoning_text.delta", **self._at_thinking(),
                                           delta=part["text"][self.thinking_sent:]))
