@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from router.reasoning import REASONING_PARSERS
+from router.tool_parsers import TOOL_CALL_PARSERS
 
 
 def _field(default, doc: str):
@@ -51,8 +52,8 @@ class ApiConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")
-        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
-            raise ValueError(f"tool_call_parser must be null, \"hermes\" or \"llama3_json\" (got "
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be null or one of {', '.join(TOOL_CALL_PARSERS)} (got "
                              f"{self.tool_call_parser!r})")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be null or one of {', '.join(REASONING_PARSERS)} (got "

@@ -212,7 +212,7 @@ class Sampler:
     def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
         """One token from a row of (unnormalised) probabilities, by the exponential race on the generator's noise."""
         noise = _row_noise(probs.shape[0], generator).to(probs.device)
-        return int((probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax())
+        return int((probs / _nonzero(noise)).argmax())
 
     def _sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -261,8 +261,7 @@ class Sampler:
         for i, generator in enumerate(generators):
             if generator is not None:
                 noise[i] = _row_noise(vocab_size, generator).to(device)
-        # An exact zero would turn a zero-probability token into nan or a winner; it is rare enough not to bias.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        return _nonzero(noise)
 
     @staticmethod
     def _logprobs(
@@ -286,6 +285,12 @@ def _row_noise(vocab_size: int, generator: torch.Generator) -> torch.Tensor:
     request makes (sampling a token, skipping one another group sampled, verifying a guess) takes this shape, so
     its generator advances the same way whichever path drew."""
     return torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+
+
+def _nonzero(noise: torch.Tensor) -> torch.Tensor:
+    """Noise ready to divide by: an exact zero would turn a zero-probability token into nan or a winner; it is rare
+    enough that raising it to the smallest positive float does not bias the race."""
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
 def top_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[dict[int, float]]:
