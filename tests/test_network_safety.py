@@ -43,9 +43,10 @@ from tests.engine.test_step_plan import two_ranks
 from tests.kv.cache_traffic import BS, serve
 from workers.engine.block_manager import BlockManager
 from workers.engine.step_plan import PlanReader, Stop, broadcast_bytes, decode, encode
-from workers.group import RankWorker
+from workers.kv_commands import TransferError
 from workers.kv_events import KVEventPublisher, KVKeys
-from workers.kv_transfer import KVChannel, TransferError, listen
+from workers.kv_transfer import KVChannel, listen
+from workers.rank import RankWorker
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = ("cluster", "router", "workers", "proto")

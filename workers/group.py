@@ -5,10 +5,10 @@
         ...
 
 Starting a group: reserve one bundle per rank (STRICT_PACK: one node, so the ranks' collectives stay local; one
-GPU per rank on GPU, a fraction of a CPU on CPU), start the rank actors in their bundles, let rank 0 open a
-TCPStore on a port the OS picks and hand its address to the others, and build the process group from it: gloo on
-CPU; on GPU NCCL for the model's collectives plus gloo for rank 0's step plans. Rank 0 then runs the engine
-(scheduler, sampler, AsyncLLMEngine); the other ranks run their follower loop until rank 0 stops them.
+GPU per rank on GPU, a fraction of a CPU on CPU), start the rank actors (workers/rank.py) in their bundles, let
+rank 0 open a TCPStore on a port the OS picks and hand its address to the others, and build the process group
+from it: gloo on CPU; on GPU NCCL for the model's collectives plus gloo for rank 0's step plans. Rank 0 then runs
+the engine (scheduler, sampler, AsyncLLMEngine); the other ranks run their follower loop until rank 0 stops them.
 
 `WorkerGroup` has AsyncLLMEngine's methods, so servers use a group exactly like an in-process engine, and it is
 small and picklable: a decode group's rank 0 receives the prefill group as an argument and pulls KV from it. A
@@ -17,15 +17,11 @@ through the pool's replica to the ingress, which puts it back together.
 """
 
 import asyncio
-import datetime
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import ray
-import torch.distributed as dist
 from ray.exceptions import RayTaskError
 from ray.util.placement_group import (
     PlacementGroup,
@@ -35,128 +31,18 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.engine.async_engine import AsyncLLMEngine, EngineStats
 from workers.engine.config import EngineConfig
-from workers.engine.follower import Follower
 from workers.engine.handoff import KVHandoff
-from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
-from workers.engine.parallel import TensorParallel
 from workers.engine.recent_prefixes import Prefix
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.stats import EngineStats
 from workers.kv.hashing import BlockHash
-from workers.kv_events import KVEventPublisher
-from workers.kv_transfer import ChannelAddress, KVCommand, listen
+from workers.kv_commands import KVCommand
+from workers.kv_events import KVEventsTarget
+from workers.rank import RENDEZVOUS_TIMEOUT_S, RankWorker
 
 logger = logging.getLogger(__name__)
-
-_RENDEZVOUS_TIMEOUT_S = 300  # covers the slowest rank's model load: ranks join the group only after loading
-
-
-@dataclass(frozen=True)
-class KVEventsTarget:
-    """Where a group publishes its KV events, and the id routers know it by (its Serve replica's id)."""
-
-    redis_url: str
-    group_id: str
-    role: str  # "prefill" or "decode": the ingress weighs the groups' loads by role
-
-
-class RankWorker:
-    """One rank's process. Its async methods run on the actor's event loop; blocking work goes to a thread."""
-
-    def __init__(self, config: EngineConfig, rank: int, size: int, progress: bool, kv_events: KVEventsTarget | None):
-        self.config = config
-        self.rank = rank
-        self.size = size
-        self.progress = progress
-        self.kv_events = kv_events
-        self._publisher: KVEventPublisher | None = None
-        self._store: dist.TCPStore | None = None
-        self.engine: AsyncLLMEngine | None = None
-        self.follower: Follower | None = None
-
-    def __repr__(self) -> str:
-        # Ray's state API and dashboard name actors by their repr: say which pool and rank this process is.
-        role = self.kv_events.role if self.kv_events is not None else "worker"
-        return f"RankWorker({role} rank {self.rank} of {self.size})"
-
-    def rendezvous_address(self) -> ChannelAddress:
-        """Rank 0 hosts the group's store; the others connect to it."""
-        self._store, address = listen(ray.util.get_node_ip_address(), _RENDEZVOUS_TIMEOUT_S, self.size)
-        return address  # the store listens on the node's address only, not on every interface
-
-    async def start(self, address: ChannelAddress) -> None:
-        await asyncio.to_thread(self._start, address)
-
-    def _start(self, address: ChannelAddress) -> None:
-        timeout = datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
-        store = self._store or dist.TCPStore(address.host, address.port, self.size, is_master=False,
-                                             timeout=timeout)
-        tp = TensorParallel()
-        if self.size > 1:
-            cpu_group = dist.ProcessGroupGloo(dist.PrefixStore("tp-gloo", store), self.rank, self.size, timeout)
-            group = cpu_group
-            if self.config.model.device.startswith("cuda"):
-                group = dist.ProcessGroupNCCL(dist.PrefixStore("tp-nccl", store), self.rank, self.size)
-            tp = TensorParallel(self.rank, self.size, group, cpu_group)
-        if tp.is_driver:
-            if self.kv_events is not None:
-                self._publisher = KVEventPublisher(self.kv_events.redis_url, self.kv_events.group_id)
-                self._publisher.start()
-            self.engine = AsyncLLMEngine(LLMEngine(self.config, self.progress, tp, self._publisher))
-            if self._publisher is not None:
-                self._publisher.role = self.kv_events.role
-                self._publisher.load = self.engine.load
-        else:
-            self.follower = Follower(self.config, tp, self.progress)
-
-    async def follow(self) -> None:
-        """A follower's loop; returns when rank 0 stops the group. A follower that fails ends its process: rank 0
-        would otherwise wait on it in a collective until the group's timeout, while its peers' sockets closing
-        makes rank 0's step fail at once, which fails the group's requests and its health check."""
-        try:
-            await asyncio.to_thread(self.follower.run)
-        except Exception:
-            logger.exception("rank %d failed; ending its process so the group fails fast", self.rank)
-            os._exit(1)
-
-    # -- rank 0: the engine's interface ---------------------------------------------------------------------
-
-    async def generate(self, prompt, params, request_id, cache_salt) -> AsyncIterator[RequestOutput]:
-        async for out in _as_deltas(self.engine.generate(prompt, params, request_id, cache_salt)):
-            yield out
-
-    async def prefill(self, prompt, params, request_id, cache_salt) -> KVHandoff:
-        return await self.engine.prefill(prompt, params, request_id, cache_salt)
-
-    async def send_kv(self, command: KVCommand) -> int:
-        return await self.engine.send_kv(command)
-
-    async def release(self, request_id: str) -> None:
-        await self.engine.release(request_id)
-
-    async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None,
-                                 prefill: "WorkerGroup") -> AsyncIterator[RequestOutput]:
-        async for out in _as_deltas(self.engine.generate_prefilled(handoff, params, prefill)):
-            yield out
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
-
-    async def stats(self) -> EngineStats:
-        return await self.engine.stats()
-
-    async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
-        return await self.engine.unique_prefixes(held_elsewhere)
-
-    async def check_health(self) -> None:
-        await self.engine.check_health()
-
-    async def shutdown(self) -> None:
-        await asyncio.to_thread(self.engine.shutdown)
-        if self._publisher is not None:
-            await asyncio.to_thread(self._publisher.close)
 
 
 class WorkerGroup:
@@ -183,11 +69,11 @@ class WorkerGroup:
             pg = own = placement_group([bundle] * size, strategy="STRICT_PACK")
             first_bundle = 0
             try:
-                ray.get(pg.ready(), timeout=_RENDEZVOUS_TIMEOUT_S)
+                ray.get(pg.ready(), timeout=RENDEZVOUS_TIMEOUT_S)
             except ray.exceptions.GetTimeoutError:
                 remove_placement_group(pg)
                 raise RuntimeError(f"could not reserve {size} x {bundle} on one node within "
-                                   f"{_RENDEZVOUS_TIMEOUT_S} s (Ray has {ray.available_resources()} free); lower "
+                                   f"{RENDEZVOUS_TIMEOUT_S} s (Ray has {ray.available_resources()} free); lower "
                                    "num_cpus_per_rank or start Ray with more CPUs") from None
         actor = ray.remote(RankWorker)
         ranks = [actor.options(
@@ -286,14 +172,6 @@ class WorkerGroup:
                     self._driver.abort.remote(request_id)
                 except Exception as e:
                     logger.warning("could not abort %s: %s", request_id, e)
-
-
-async def _as_deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """A stream as it leaves rank 0's process: each output with only what is new, the last one whole."""
-    first = True
-    async for out in outputs:
-        yield out.as_delta(first)
-        first = False
 
 
 def rank_actor_name(kv_events: KVEventsTarget | None, rank: int) -> str | None:

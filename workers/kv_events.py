@@ -144,6 +144,15 @@ def decode_entry(fields: dict[bytes, bytes]) -> tuple[int, KVEvent]:
     return seq, event
 
 
+@dataclass(frozen=True)
+class KVEventsTarget:
+    """Where a group publishes its KV events, and the id routers know it by (its Serve replica's id)."""
+
+    redis_url: str
+    group_id: str
+    role: str  # "prefill" or "decode": the ingress weighs the groups' loads by role
+
+
 class KVEventPublisher:
     """A `KVEventSink` for one group's block manager that writes to Redis without ever blocking the engine.
 

@@ -9,7 +9,8 @@ transfer at a time per peer), and each of its commands runs on every rank of bot
 rank r. Opening a channel is a rendezvous, so both halves start together; a send then only starts (the payload
 goes when the peer receives it), so a sender never blocks its engine on a slow receiver. Every rank of a group
 applies the same commands in the same order, so their channel caches stay identical; when any rank fails, all
-of them drop the channel, and the next transfer opens a new one.
+of them drop the channel, and the next transfer opens a new one. The commands themselves are plain data
+(workers/kv_commands.py).
 """
 
 import datetime
@@ -23,26 +24,19 @@ import torch
 import torch.distributed as dist
 
 from workers.engine.parallel import TensorParallel, all_ranks_ok
+from workers.kv_commands import (
+    ChannelAddress,
+    DropChannel,
+    KVCommand,
+    OpenChannel,
+    TransferError,
+)
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 _MAGIC = 0x7A4B56  # "zKV": catches a peer speaking something else on the channel
 _HEADER_TAG, _PAYLOAD_TAG = 0, 1
 _SENDER, _RECEIVER = 0, 1
-
-
-class TransferError(RuntimeError):
-    """The peer's KV layout differs, or the channel failed or timed out; the channel must be rebuilt."""
-
-
-class TransferRefused(TransferError):
-    """The sender refused before starting (the request's blocks are no longer pinned); the channel is intact."""
-
-
-@dataclass(frozen=True)
-class ChannelAddress:
-    host: str
-    port: int
 
 
 def listen(host: str | None = None, timeout: float = 30.0, world_size: int = 2) -> tuple[dist.TCPStore, ChannelAddress]:
@@ -213,48 +207,6 @@ class ChannelCache:
             self.drop(key)
 
 
-@dataclass(frozen=True)
-class OpenChannel:
-    """Build a channel to a peer group, replacing any channel to it. Both groups run their half at the same time
-    (building a process group is a rendezvous); rank r of the sending group pairs with rank r of the receiver."""
-
-    role: str  # "send" or "recv"
-    peer: str  # the other group: channels are cached per peer
-    store: ChannelAddress  # the rendezvous store of the sending group, hosted by its rank 0
-    channel: str  # the channel's name, chosen by the receiving group
-
-
-@dataclass(frozen=True)
-class TransferCommand:
-    """One group's half of a transfer over an open channel. Every rank of the group runs the same command on its
-    own KV heads."""
-
-    direction: str  # "send" or "recv"
-    request_id: str
-    peer: str
-    channel: str  # must name the open channel: a stale name means the peer rebuilt it, and the transfer fails
-    block_ids: list[int]
-
-
-@dataclass(frozen=True)
-class DropChannel:
-    """Close the channel to a peer (its transfer failed on the other side); the next transfer opens a new one."""
-
-    peer: str
-
-
-@dataclass(frozen=True)
-class TransferPlan:
-    """Both halves of moving one request's blocks, as the receiving group decided them: the channel to open
-    first if there is none, then the send and the receive."""
-
-    send: TransferCommand
-    recv: TransferCommand
-    open_send: OpenChannel | None = None
-    open_recv: OpenChannel | None = None
-
-
-KVCommand = OpenChannel | TransferCommand | DropChannel
 
 
 class KVEndpoint:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from workers.engine.async_engine import EngineStats
 from workers.engine.config import EngineConfig
 from workers.engine.handoff import KVHandoff
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.group import KVEventsTarget, WorkerGroup
+from workers.engine.stats import EngineStats
+from workers.group import WorkerGroup
+from workers.kv_events import KVEventsTarget
 from workers.prefix_handoff import hand_off_prefixes
 from workers.replica_logging import use_serve_logging
 

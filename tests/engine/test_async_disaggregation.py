@@ -15,7 +15,7 @@ from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
 from workers.engine.errors import RequestFailedError
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
-from workers.kv_transfer import TransferCommand
+from workers.kv_commands import TransferCommand
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 NUM_BLOCKS = 256

@@ -22,7 +22,8 @@ from workers.engine.step_plan import (
     decode,
     encode,
 )
-from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand, listen
+from workers.kv_commands import ChannelAddress, DropChannel, OpenChannel, TransferCommand
+from workers.kv_transfer import listen
 
 
 def two_ranks(rank0, rank1):

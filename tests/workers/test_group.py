@@ -4,6 +4,8 @@ requests still end and the group says it is unhealthy."""
 
 import asyncio
 import random
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -149,3 +151,11 @@ def test_32_concurrent_requests_across_groups_with_random_cancels_leak_nothing(m
     assert_all_free(p_stats)
     assert_all_free(d_stats)
     assert p_stats.num_kv_channels == d_stats.num_kv_channels == 1
+
+
+def test_a_pool_replica_process_loads_neither_torch_nor_transformers():
+    """A pool replica only drives its ranks: its process starts without the ML stack (seconds of imports), so a
+    replica added under load is ready sooner."""
+    code = "import sys, workers.server; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

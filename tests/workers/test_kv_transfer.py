@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from workers.kv_transfer import ChannelCache, KVChannel, TransferError, listen
+from workers.kv_commands import TransferError
+from workers.kv_transfer import ChannelCache, KVChannel, listen
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ from workers.engine.config import EngineConfig
 from workers.engine.model_runner import ModelRunner
 from workers.engine.parallel import TensorParallel
 from workers.engine.step_plan import PlanReader, StepPlan, Stop
-from workers.kv_transfer import KVEndpoint, TransferError, run_transfer
+from workers.kv_commands import TransferError
+from workers.kv_transfer import KVEndpoint, run_transfer
 
 logger = logging.getLogger(__name__)
 

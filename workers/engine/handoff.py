@@ -4,7 +4,7 @@ which travel separately over a KV channel (workers/kv_transfer.py)."""
 from dataclasses import dataclass
 
 from workers.kv.hashing import BlockHash
-from workers.kv_transfer import ChannelAddress
+from workers.kv_commands import ChannelAddress
 
 
 @dataclass(frozen=True)

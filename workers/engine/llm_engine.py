@@ -36,15 +36,8 @@ from workers.engine.step_plan import Stop
 from workers.engine.structured_output import GrammarCompiler, RequestGrammar
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
 from workers.kv.hashing import BlockHash
-from workers.kv_transfer import (
-    KVCommand,
-    KVEndpoint,
-    OpenChannel,
-    TransferCommand,
-    TransferPlan,
-    TransferRefused,
-    run_transfer,
-)
+from workers.kv_commands import KVCommand, OpenChannel, TransferCommand, TransferPlan, TransferRefused
+from workers.kv_transfer import KVEndpoint, run_transfer
 
 if TYPE_CHECKING:
     from xgrammar import CompiledGrammar

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from workers.engine.parallel import TensorParallel, group_failures
 from workers.engine.sequence import Sequence
-from workers.kv_transfer import ChannelAddress, DropChannel, OpenChannel, TransferCommand
+from workers.kv_commands import ChannelAddress, DropChannel, OpenChannel, TransferCommand
 
 
 @dataclass(frozen=True)
