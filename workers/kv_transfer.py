@@ -24,13 +24,7 @@ import torch
 import torch.distributed as dist
 
 from workers.engine.parallel import TensorParallel, all_ranks_ok
-from workers.kv_commands import (
-    ChannelAddress,
-    DropChannel,
-    KVCommand,
-    OpenChannel,
-    TransferError,
-)
+from workers.kv_commands import ChannelAddress, DropChannel, KVCommand, OpenChannel, TransferError
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -205,8 +199,6 @@ class ChannelCache:
     def clear(self) -> None:
         for key in list(self._channels):
             self.drop(key)
-
-
 
 
 class KVEndpoint:

@@ -144,7 +144,6 @@ class RankWorker:
             await asyncio.to_thread(self._publisher.close)
 
 
-
 async def _as_deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     """A stream as it leaves rank 0's process: each output with only what is new, the last one whole."""
     first = True
