@@ -143,6 +143,8 @@ class Ingress:
         remote = decision is None or decision.prefill_group is not None
         if self.prefill is not None and remote and params.prompt_logprobs is None:
             prefilled = await self._prefill(token_ids, params, request_id, salt, hint, serve_id)
+            if prefilled is not None:
+                prefilled.source.claim(request_id)  # the decode call may wait in Serve's queue for a while
         with _serve_request_id(serve_id):
             if prefilled is None:
                 # Unified mode, the decode group holds most of the prompt, the request wants prompt logprobs, or

@@ -3,10 +3,12 @@
     async for out in generate_disaggregated(prefill, decode, "Hello", SamplingParams(max_tokens=16)):
         ...
 
-The prefill group computes the prompt's KV and first token and pins the blocks; the decode group takes the
-handoff, pulls the blocks it lacks from the prefill group (or recomputes the prompt if that fails) and streams
-the rest. Both groups are anything with AsyncLLMEngine's interface: in-process engines or Ray worker groups.
-A request that asks for prompt logprobs is prefilled by the decode group, which then has them to stream.
+The prefill group computes the prompt's KV and first token and pins the blocks; the caller claims them for the
+decode group (unclaimed, they go soon: a caller cancelled while its prefill call was on its way never gets the
+handoff). The decode group takes the handoff, pulls the blocks it lacks from the prefill group (or recomputes the
+prompt if that fails) and streams the rest. Both groups are anything with AsyncLLMEngine's interface: in-process
+engines or Ray worker groups. A request that asks for prompt logprobs is prefilled by the decode group, which then
+has them to stream.
 """
 
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ async def generate_disaggregated(prefill: AsyncLLMEngine, decode: AsyncLLMEngine
             yield out
         return
     handoff = await prefill.prefill(prompt, params, request_id, cache_salt)
+    prefill.claim(handoff.request_id)
     finished = False
     try:
         async for out in decode.generate_prefilled(handoff, params, prefill):

@@ -118,6 +118,10 @@ class WorkerGroup:
     async def send_kv(self, command: KVCommand) -> int:
         return await _unwrap(self._driver.send_kv.remote(command))
 
+    def claim(self, request_id: str) -> None:
+        """Sent, not awaited (AsyncLLMEngine.claim): if the group is gone, so are the blocks."""
+        self._driver.claim.remote(request_id)
+
     async def release(self, request_id: str) -> None:
         await _unwrap(self._driver.release.remote(request_id))
 

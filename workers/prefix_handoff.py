@@ -56,6 +56,7 @@ async def hand_off_prefixes(group: WorkerGroup, redis_url: str, group_id: str, r
                 try:
                     handoff = await group.prefill(prefix.token_ids, params, f"handoff-{uuid.uuid4().hex}",
                                                   prefix.cache_salt)
+                    group.claim(handoff.request_id)
                     hint = RoutingHint(len(prefix.token_ids), handoff.block_hashes)
                     async for _ in handle.options(stream=True).generate_prefilled.remote(handoff, params, group,
                                                                                          routing=hint):

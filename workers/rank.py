@@ -118,6 +118,9 @@ class RankWorker:
     async def send_kv(self, command: KVCommand) -> int:
         return await self.engine.send_kv(command)
 
+    def claim(self, request_id: str) -> None:
+        self.engine.claim(request_id)
+
     async def release(self, request_id: str) -> None:
         await self.engine.release(request_id)
 

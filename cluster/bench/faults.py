@@ -114,13 +114,13 @@ def wrong_outputs(outcomes: list[Outcome], expected: list[list[int]]) -> list[Ou
             and (o.status != "OK" or o.token_ids != expected[o.stream.prompt][:o.stream.max_tokens])]
 
 
-async def idle_stats(app: str, pools: tuple[str, ...], timeout_s: float = 45.0) -> dict:
+async def idle_stats(app: str, pools: tuple[str, ...], timeout_s: float = 15.0) -> dict:
     """Each pool's stats once it is idle with every block free, or whatever they are at the timeout. A replica
     whose group was killed answers with an error until Serve has replaced it: that is retried too.
 
-    The timeout outlasts the prefill groups' KV lease (kv_lease_s, 30 s by default): a stream cancelled while Serve
-    is handing its prefill call to a replica can still be prefilled there, with no one to take the handoff, and
-    its blocks stay pinned until the lease ends (the ingress cannot release what it never received)."""
+    The timeout outlasts the prefill groups' claim window (kv_claim_s, 5 s): a stream cancelled while Serve is
+    handing its prefill call to a replica can still be prefilled there, with no one to claim the handoff, and its
+    blocks stay pinned until the window ends (the ingress cannot release what it never received)."""
     from ray import serve
     from ray.exceptions import RayError
 

@@ -238,9 +238,10 @@ def test_32_concurrent_requests_with_random_aborts_leak_no_blocks_pins_or_channe
 
 def test_a_prompt_arriving_at_a_full_decode_cache_waits_for_room_instead_of_failing(model):
     """8 blocks of 16 tokens, 7 of them pinned by a 100-token prompt: a 40-token prompt's KV has nowhere to go
-    until they are released. Its handoff waits for that and then decodes as in one engine; a caller that leaves
-    while it waits ends it, and both sides end clean."""
-    prefill, decode = make_engine(model), make_engine(model, num_kv_blocks=8)
+    until they are released. Its handoff waits for that, its KV kept for it past the prefill engine's claim window
+    (generate_disaggregated claims it), and then decodes as in one engine; a caller that leaves while it waits ends
+    it, and both sides end clean."""
+    prefill, decode = make_engine(model, kv_claim_s=0.2), make_engine(model, num_kv_blocks=8)
     rng = random.Random(6)
     holder, waiting, leaving = ([rng.randrange(49152) for _ in range(n)] for n in (100, 40, 40))
 
@@ -265,5 +266,6 @@ def test_a_prompt_arriving_at_a_full_decode_cache_waits_for_room_instead_of_fail
         decode.shutdown()
     assert (full.num_free_blocks, full.num_running, full.num_receiving) == (1, 0, 0)
     assert outs[-1].outputs[0].token_ids == unified(model, [waiting])[0]
+    assert d_stats.num_kv_transfer_failures == 0
     assert_all_free(p_stats)
     assert_all_free(d_stats)

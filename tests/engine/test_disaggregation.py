@@ -2,13 +2,15 @@
 engine receives only the blocks it lacks and continues; the tokens equal a unified engine's. The KV moves here by
 a direct copy between the two engines' caches; moving it across processes is tests/workers/test_kv_transfer.py."""
 
+import dataclasses
 import random
 import time
 
 import pytest
 import torch
 
-from workers.engine.llm import LLM
+from workers.engine.llm import LLM, engine_config
+from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -93,7 +95,7 @@ def test_received_kv_is_bit_identical_to_what_the_decode_group_computes_itself(p
     plan = d.add_prefilled_request(handoff, GREEDY)
     move(p, d, plan)
     prefill(own, tokens, "x")
-    own_blocks = own.pinned["x"][0].block_table
+    own_blocks = own.pinned["x"].seq.block_table
     for received, computed in zip(d.runner.kv_caches, own.runner.kv_caches):
         for r, c in zip(received, computed):  # K, then V
             r = r[plan.dst_block_ids].flatten(0, 1)[:50]
@@ -122,6 +124,20 @@ def test_an_expired_lease_frees_the_pinned_blocks(path):
     time.sleep(0.01)
     p.step()
     assert not p.pinned and p.block_manager.num_free_blocks == 64
+
+
+def test_an_unclaimed_handoff_frees_its_blocks_after_the_claim_window_and_a_claimed_one_keeps_them(path):
+    """The handoff of a caller that left while its prefill call was on its way reaches nobody, and nobody claims
+    it: its blocks go after kv_claim_s, while a claimed handoff's wait the whole lease for the decode group."""
+    config = engine_config(str(path), num_kv_blocks=64, kv_lease_s=60.0)
+    p = LLMEngine(dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_claim_s=0.0)))
+    prefill(p, prompt(60, 30), "claimed")
+    p.claim_pinned("claimed")
+    prefill(p, prompt(61, 30), "orphan")
+    p.step()
+    p.claim_pinned("orphan")  # too late: nothing is pinned for it any more
+    assert list(p.pinned) == ["claimed"]
+    assert p.block_manager.num_free_blocks == 64 - 2
 
 
 def test_aborts_while_pinned_or_receiving_free_every_block(path):

@@ -56,6 +56,8 @@ class KVSource(Protocol):
 
     def send_kv(self, command: KVCommand) -> Awaitable[int]: ...
 
+    def claim(self, request_id: str) -> None: ...
+
     def release(self, request_id: str) -> Awaitable[None]: ...
 
     def check_health(self) -> Awaitable[None]: ...
@@ -121,6 +123,11 @@ class AsyncLLMEngine:
             return self.engine.transfer_kv(command)
 
         return await self._call(send)
+
+    def claim(self, request_id: str) -> None:
+        """The handoff reached the caller, who passes it on to a decode group: pin its blocks for the whole lease
+        (until now, only for the claim window). Returns at once: a claim must not hold up the request."""
+        self._commands.put(lambda: self.engine.claim_pinned(request_id))
 
     async def release(self, request_id: str) -> None:
         """The decode group has the KV, or gave up on it: unpin the blocks."""

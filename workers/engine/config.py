@@ -46,8 +46,11 @@ class CacheConfig:
     kv_cache_memory_gb: float = 2.0
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
-    # How long a prefill group keeps a finished prompt's blocks pinned for a decode group to fetch.
+    # How long a prefill group keeps a finished prompt's blocks pinned for a decode group to fetch, once the
+    # handoff's receiver has claimed them; unclaimed, only kv_claim_s (a caller that left while its prefill call
+    # was on its way to a replica never receives the handoff, and nobody would release the blocks).
     kv_lease_s: float = 30.0
+    kv_claim_s: float = 5.0
     # A KV transfer (or opening a channel) that takes longer fails, and the decode group recomputes the prompt.
     kv_transfer_timeout_s: float = 30.0
     # Open KV channels per rank (one per peer group); opening one more closes the least recently used.

@@ -17,7 +17,6 @@ class KVHandoff:
     block_ids: list[int]  # the prefill group's blocks holding the prompt's KV, in order
     block_hashes: list[BlockHash]  # hashes of the full blocks among them, so the receiver can skip what it has
     cache_salt: str | None
-    lease_expiry: float  # time.monotonic() on the prefill side after which it frees the blocks by itself
     source: ChannelAddress  # where the decode group rendezvous with the prefill group to open a KV channel
     prefill_queue_s: float = 0.0  # the request's wait in the prefill group's scheduler, for its TTFT breakdown
     prefill_compute_s: float = 0.0  # its prompt's chunks and first token there

@@ -56,6 +56,16 @@ class _Request:
     prefill_only: bool = False
 
 
+@dataclass
+class _Pinned:
+    """A prefilled request's blocks, held for a decode group until `expiry` (time.monotonic())."""
+
+    seq: Sequence
+    metrics: RequestMetrics
+    expiry: float
+    claimed: bool = False
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = False, tp: TensorParallel = TensorParallel(),
                  kv_events: KVEventSink | None = None):
@@ -84,7 +94,7 @@ class LLMEngine:
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)
         self.requests: dict[str, _Request] = {}
         # Prefill role: finished prompts whose blocks stay pinned until a decode group has them (or the lease ends).
-        self.pinned: dict[str, tuple[Sequence, float, RequestMetrics]] = {}  # with each lease's expiry
+        self.pinned: dict[str, _Pinned] = {}
         # Decode role: requests whose blocks are allocated and whose KV is on its way from a prefill group.
         self.receiving: dict[str, Sequence] = {}
         self.num_transfer_failures = 0  # decode role: prompts recomputed because their KV did not arrive
@@ -113,9 +123,9 @@ class LLMEngine:
                     request_id: str | None = None, cache_salt: str | None = None,
                     prefill_only: bool = False, grammar: "CompiledGrammar | None" = None) -> str:
         """Queues a request. With `prefill_only` (the prefill role) it ends after its first token with reason
-        "prefilled", its final output carrying the handoff, and its blocks stay pinned until `release_pinned` or
-        the lease runs out. `grammar` is the request's structured output as `compile_grammar` returned it;
-        without it, the grammar is compiled here."""
+        "prefilled", its final output carrying the handoff, and its blocks stay pinned until `release_pinned`, or
+        for kv_claim_s and after `claim_pinned` for kv_lease_s. `grammar` is the request's structured output as
+        `compile_grammar` returned it; without it, the grammar is compiled here."""
         req = self._new_request(prompt, params, request_id, cache_salt, grammar)
         req.prefill_only = prefill_only
         self.scheduler.add(req.seq)
@@ -154,7 +164,8 @@ class LLMEngine:
 
     def _handoff(self, request_id: str) -> KVHandoff:
         """What a decode group needs to continue a prefilled request, blocks included by id."""
-        seq, expiry, metrics = self.pinned[request_id]
+        pinned = self.pinned[request_id]
+        seq, metrics = pinned.seq, pinned.metrics
         num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
         num_full_blocks = seq.num_prompt_tokens // self.block_size
         return KVHandoff(
@@ -162,25 +173,36 @@ class LLMEngine:
             first_token=seq.token_ids[seq.num_prompt_tokens],
             first_logprobs=seq.logprobs[0] if seq.logprobs else None, num_cached_tokens=seq.num_cached_tokens,
             block_ids=seq.block_table[:num_prompt_blocks], block_hashes=seq.block_hashes[:num_full_blocks],
-            cache_salt=seq.cache_salt, lease_expiry=expiry, source=self.kv.address(),
+            cache_salt=seq.cache_salt, source=self.kv.address(),
             prefill_queue_s=metrics.first_scheduled_time - metrics.arrival_time,
             prefill_compute_s=metrics.first_token_time - metrics.first_scheduled_time)
+
+    def claim_pinned(self, request_id: str) -> None:
+        """The handoff reached its receiver: keep the blocks for the whole lease. A claim that comes after the
+        decode group took them (or the claim window ended) finds nothing to claim."""
+        pinned = self.pinned.get(request_id)
+        if pinned is not None:
+            pinned.expiry, pinned.claimed = time.monotonic() + self.config.cache.kv_lease_s, True
 
     def release_pinned(self, request_id: str) -> None:
         """The decode group has the KV (or the request was aborted): unpin and free the blocks."""
         pinned = self.pinned.pop(request_id, None)
         if pinned is not None:
-            self.block_manager.free(pinned[0])
+            self.block_manager.free(pinned.seq)
 
     def next_lease_expiry(self) -> float | None:
         """When the earliest pinned request's lease ends (time.monotonic()), None if nothing is pinned."""
-        return min((expiry for _, expiry, _ in self.pinned.values()), default=None)
+        return min((pinned.expiry for pinned in self.pinned.values()), default=None)
 
     def expire_leases(self) -> None:
         now = time.monotonic()
-        for request_id in [rid for rid, (_, expiry, _) in self.pinned.items() if expiry <= now]:
-            logger.warning("lease on %s expired before a decode group fetched its KV; freeing its blocks",
-                           request_id)
+        for request_id, pinned in [(rid, p) for rid, p in self.pinned.items() if p.expiry <= now]:
+            if pinned.claimed:
+                logger.warning("lease on %s expired before a decode group fetched its KV; freeing its blocks",
+                               request_id)
+            else:
+                logger.info("nobody claimed %s's handoff (its caller left while the prefill call was on its way); "
+                            "freeing its blocks", request_id)
             self.release_pinned(request_id)
 
     # -- decode role ------------------------------------------------------------------------------------------
@@ -359,7 +381,8 @@ class LLMEngine:
         self.scheduler.finish(seq, reason, free_blocks=not keep_blocks)
         self.receiving.pop(seq.request_id, None)
         if keep_blocks:
-            self.pinned[seq.request_id] = (seq, time.monotonic() + self.config.cache.kv_lease_s, req.metrics)
+            claim_s = min(self.config.cache.kv_claim_s, self.config.cache.kv_lease_s)
+            self.pinned[seq.request_id] = _Pinned(seq, req.metrics, time.monotonic() + claim_s)
         seq.stop_reason = stop_reason
         req.metrics.finished_time = time.monotonic()
         self.num_finished += 1
