@@ -26,6 +26,7 @@ from workers.engine.stats import EngineStats
 from workers.kv.hashing import BlockHash
 from workers.kv_commands import ChannelAddress, KVCommand
 from workers.kv_events import KVEventPublisher, KVEventsTarget
+from workers.replica_logging import use_rank_logging
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -42,6 +43,7 @@ class RankWorker:
     """One rank's process. Its async methods run on the actor's event loop; blocking work goes to a thread."""
 
     def __init__(self, config: EngineConfig, rank: int, size: int, progress: bool, kv_events: KVEventsTarget | None):
+        use_rank_logging()
         self.config = config
         self.rank = rank
         self.size = size

@@ -1,4 +1,4 @@
-"""Tandem's own log lines in a Serve replica's log.
+"""Tandem's own log lines in a Serve replica's log, and in a rank's.
 
 In a replica Serve sets up only its `ray.serve` logger (a file per replica under the session's logs/serve, each
 line tagged with the replica and request id, plus stderr) and leaves the root logger alone, so the INFO lines of
@@ -19,4 +19,18 @@ def use_serve_logging() -> None:
         logger = logging.getLogger(name)
         logger.handlers = list(serve_logger.handlers)
         logger.setLevel(serve_logger.level)
+        logger.propagate = False
+
+
+def use_rank_logging() -> None:
+    """Called in a rank's constructor. A rank is a plain Ray actor, where nothing configures logging, so only
+    warnings reached stderr (Python's last-resort handler) and the engine's INFO lines (its KV cache size, CUDA
+    graphs captured) were lost. They go to stderr, which Ray keeps in the worker's log file and shows on the driver
+    tagged with the actor."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
         logger.propagate = False

@@ -3,9 +3,11 @@
 requests still end and the group says it is unhealthy."""
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -151,6 +153,20 @@ def test_32_concurrent_requests_across_groups_with_random_cancels_leak_nothing(m
     assert_all_free(p_stats)
     assert_all_free(d_stats)
     assert p_stats.num_kv_channels == d_stats.num_kv_channels == 1
+
+
+def test_a_ranks_info_lines_reach_the_workers_log_file(model):
+    """A rank is a plain Ray actor, where nothing configures logging: the engine's INFO lines (the KV cache it
+    got, that it is ready) must still reach the file Ray keeps the worker's stderr in."""
+    group = start(model, 1)
+    try:
+        pid = ray.get(group.ranks[0].__ray_call__.remote(lambda _: os.getpid()))
+    finally:
+        group.shutdown()
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    text = "".join(f.read_text() for f in logs.glob(f"worker-*-{pid}.err"))
+    assert "INFO workers.engine.model_runner: KV cache: 64 blocks" in text
+    assert "INFO workers.engine.llm_engine: engine ready" in text
 
 
 def test_a_pool_replica_process_loads_neither_torch_nor_transformers():
