@@ -133,7 +133,10 @@ class ClusterConfig:
                                             "each request, kept where the model agrees (0: off)", min=0)
     prompt_lookup_max: int = _field(4, "the longest run of a sequence's last tokens looked up earlier in it", min=1)
     prompt_lookup_min: int = _field(2, "the shortest such run", min=1)
-    kv_lease_s: float = _field(30.0, "how long a prefill group pins a finished prompt's blocks", above=0)
+    kv_lease_s: float = _field(30.0, "how long a prefill group pins a finished prompt's blocks once the handoff "
+                                     "is claimed", above=0)
+    kv_claim_s: float = _field(5.0, "how long it pins them until the handoff is claimed (a caller that left while "
+                                    "its prefill call was on its way never claims it)", above=0)
     kv_transfer_timeout_s: float = _field(30.0, "a slower KV transfer fails and decode recomputes", above=0)
     max_kv_channels: int = _field(8, "open KV channels per rank", min=1)
     disaggregate: bool = _field(True, "separate prefill and decode pools; off: the decode pool does both")
@@ -175,6 +178,7 @@ class ClusterConfig:
                               kv_cache_memory_gb=self.kv_cache_memory_gb,
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               enable_prefix_caching=self.enable_prefix_caching, kv_lease_s=self.kv_lease_s,
+                              kv_claim_s=self.kv_claim_s,
                               kv_transfer_timeout_s=self.kv_transfer_timeout_s, max_kv_channels=self.max_kv_channels),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,

@@ -53,6 +53,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "max_num_seqs" $e.maxNumSeqs "max_num_batched_tokens" $e.maxNumBatchedTokens
       "enable_chunked_prefill" $e.enableChunkedPrefill "num_speculative_tokens" $e.numSpeculativeTokens
       "prompt_lookup_max" $e.promptLookupMax "prompt_lookup_min" $e.promptLookupMin "kv_lease_s" $e.kvLeaseS
+      "kv_claim_s" $e.kvClaimS
       "kv_transfer_timeout_s" $e.kvTransferTimeoutS "max_kv_channels" $e.maxKvChannels
       "disaggregate" $v.disaggregate "prefill_router" $v.prefillRouter
       "conditional_disaggregation" $v.conditionalDisaggregation
