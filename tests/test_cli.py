@@ -75,6 +75,16 @@ def test_bad_flag_values_fail_with_a_message_naming_the_field():
         assert field in out.stderr
 
 
+def test_the_commands_a_client_runs_load_neither_torch_nor_transformers():
+    """`generate --url` and `chat --url` only speak gRPC, and bad flags fail before a model loads: they start in
+    about a second instead of the four that importing the ML stack takes."""
+    code = ("import sys, cluster.cli; from cluster.commands import chat, generate; "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_unknown_model_fails_clearly(tmp_path):
     out = tandem("generate", "--prompt", "hi", "--model", str(tmp_path / "missing"))
     assert out.returncode == 2

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
 from cluster.commands.generate import echo_chunks, stream
-from workers.engine.llm import LLM
 
 Reply = Callable[[list[dict[str, str]]], str]  # streams the reply to the conversation so far, returns its text
 
@@ -18,6 +17,8 @@ def run(args: argparse.Namespace) -> int:
             options = remote_options(args)
             return converse(args, lambda messages: echo_chunks(client.chat_stream(messages, **options), True).text)
     params = sampling_params(args)
+    from workers.engine.llm import LLM  # torch: not for --url
+
     llm = LLM(**engine_kwargs(args))
     return converse(args, lambda messages: stream(llm, llm.apply_chat_template(messages), params,
                                                   echo=True).outputs[0].text)

@@ -11,11 +11,14 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
 from cluster.client import Completion, Stream
-from workers.engine.llm import LLM, chat_token_ids, engine_config
-from workers.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from workers.engine.llm import LLM
+    from workers.engine.outputs import RequestOutput
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tensor_parallel_size > 1 or args.disaggregate:
         final = asyncio.run(_run_on_groups(args, params))
     else:
+        from workers.engine.llm import LLM  # torch: not for --url or a bad flag
+
         llm = LLM(**engine_kwargs(args))
         prompt = chat_prompt(llm.tokenizer, args) if args.chat else args.prompt
         final = stream(llm, prompt, params, echo=not args.json)
@@ -34,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def chat_prompt(tokenizer, args: argparse.Namespace) -> list[int]:
+    from workers.engine.llm import chat_token_ids
+
     return chat_token_ids(tokenizer, chat_messages(args))
 
 
@@ -80,7 +87,7 @@ def echo_chunks(chunks: Stream, echo: bool) -> Completion:
     return completion
 
 
-def stream(llm: LLM, prompt, params, echo: bool) -> RequestOutput:
+def stream(llm: "LLM", prompt, params, echo: bool) -> "RequestOutput":
     """Runs one request on the engine loop, printing each text delta as it is released."""
     engine = llm.engine
     request_id = engine.add_request(prompt, params)
@@ -93,11 +100,12 @@ def stream(llm: LLM, prompt, params, echo: bool) -> RequestOutput:
                 return out
 
 
-async def _run_on_groups(args: argparse.Namespace, params) -> RequestOutput:
+async def _run_on_groups(args: argparse.Namespace, params) -> "RequestOutput":
     import ray
     from transformers import AutoTokenizer
 
     from workers.disaggregation import generate_disaggregated
+    from workers.engine.llm import engine_config
     from workers.group import WorkerGroup
 
     kwargs = engine_kwargs(args)
@@ -127,14 +135,14 @@ async def _run_on_groups(args: argparse.Namespace, params) -> RequestOutput:
         ray.shutdown()
 
 
-def _echo(out: RequestOutput, echo: bool) -> None:
+def _echo(out: "RequestOutput", echo: bool) -> None:
     if not echo:
         return
     sys.stdout.write(out.outputs[0].delta_text + ("\n" if out.finished else ""))
     sys.stdout.flush()
 
 
-def to_json(out: RequestOutput) -> dict:
+def to_json(out: "RequestOutput") -> dict:
     completion = out.outputs[0]
     return {
         "request_id": out.request_id,
