@@ -71,7 +71,6 @@ def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsy
     assert tp["tensor_parallel_size"] == 3 and tp["steps"] > 0 and 0 < tp["share"] < 1 and tp["plan_bytes"] > 0
 
 
-
 @pytest.mark.slow
 def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_model_factory):
     """In its own process: the bench starts and stops a Ray of its own."""

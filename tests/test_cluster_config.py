@@ -92,7 +92,6 @@ def test_every_engine_field_reaches_the_engine_config():
     assert config.to_engine_config(model="/cache/resolved").model.model == "/cache/resolved"
 
 
-
 def test_speculative_decoding_takes_its_lookup_lengths_in_order():
     assert error(prompt_lookup_min=5) == "prompt_lookup_min must be <= prompt_lookup_max (got 5 and 4)"
     assert parse("--num-speculative-tokens", "4").to_engine_config().speculative.num_speculative_tokens == 4

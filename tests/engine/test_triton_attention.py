@@ -45,7 +45,6 @@ NUM_KV_HEADS = 2
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-
 @kernels_do_not_run_here
 def test_every_case_under_the_interpreter():
     run_under_the_interpreter(__file__)

@@ -32,7 +32,6 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 
 
-
 @kernels_do_not_run_here
 def test_every_case_under_the_interpreter():
     run_under_the_interpreter(__file__)

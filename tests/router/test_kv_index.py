@@ -97,10 +97,6 @@ def test_memory_follows_what_groups_hold_not_the_history():
 # -- fed from a real Redis ---------------------------------------------------------------------------------------
 
 
-
-
-
-
 @pytest.fixture
 def namespace() -> str:
     return f"test:{uuid.uuid4().hex[:12]}"
