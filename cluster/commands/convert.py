@@ -23,13 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.engine.model_store import DEFAULT_MODEL, convert_gguf, embedded_gguf_path
+    from cluster.config import cache_dir
+    from workers.engine.model_store import DEFAULT_MODEL, convert_gguf, copy_model, resolve_model
 
-    gguf = embedded_gguf_path() if args.gguf.strip().lower() == DEFAULT_MODEL else Path(args.gguf)
-    if gguf.suffix != ".gguf" or not gguf.is_file():
-        raise ConfigError(f"{args.gguf}: not a .gguf file")
     if args.out.exists():
         raise ConfigError(f"{args.out} already exists; name a new folder")
-    convert_gguf(gguf, args.out)
+    if args.gguf.strip().lower() == DEFAULT_MODEL:
+        # The cache holds it once anything ran on it (else this converts it there): a copy takes seconds.
+        copy_model(resolve_model(DEFAULT_MODEL, cache_dir()), args.out)
+    else:
+        gguf = Path(args.gguf)
+        if gguf.suffix != ".gguf" or not gguf.is_file():
+            raise ConfigError(f"{args.gguf}: not a .gguf file")
+        convert_gguf(gguf, args.out)
     print(f"wrote {args.out}: run with --model {args.out}")
     return 0

