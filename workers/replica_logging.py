@@ -23,10 +23,10 @@ def use_serve_logging() -> None:
 
 
 def use_rank_logging() -> None:
-    """Called in a rank's constructor. A rank is a plain Ray actor, where nothing configures logging, so only
-    warnings reached stderr (Python's last-resort handler) and the engine's INFO lines (its KV cache size, CUDA
-    graphs captured) were lost. They go to stderr, which Ray keeps in the worker's log file and shows on the driver
-    tagged with the actor."""
+    """Called in a rank's constructor. A rank is a plain Ray actor, where nothing configures logging: only warnings
+    would reach stderr (Python's last-resort handler), and the engine's INFO lines (its KV cache size, the CUDA
+    graphs it captured) would be lost. They go to stderr, which Ray keeps in the worker's log file and shows on
+    the driver tagged with the actor."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in PACKAGES:

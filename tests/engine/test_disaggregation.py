@@ -128,7 +128,7 @@ def test_an_expired_lease_frees_the_pinned_blocks(path):
 
 def test_an_unclaimed_handoff_frees_its_blocks_after_the_claim_window_and_a_claimed_one_keeps_them(path):
     """The handoff of a caller that left while its prefill call was on its way reaches nobody, and nobody claims
-    it: its blocks go after kv_claim_s, while a claimed handoff's wait the whole lease for the decode group."""
+    it: its blocks go after kv_claim_s, while a claimed handoff's blocks wait the whole lease for the decode group."""
     config = engine_config(str(path), num_kv_blocks=64, kv_lease_s=60.0)
     p = LLMEngine(dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_claim_s=0.0)))
     prefill(p, prompt(60, 30), "claimed")
