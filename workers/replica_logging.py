@@ -15,11 +15,7 @@ PACKAGES = ("cluster", "router", "workers")
 def use_serve_logging() -> None:
     """Called in a replica's constructor, after Serve configured its logger for the replica."""
     serve_logger = logging.getLogger(SERVE_LOGGER)
-    for name in PACKAGES:
-        logger = logging.getLogger(name)
-        logger.handlers = list(serve_logger.handlers)
-        logger.setLevel(serve_logger.level)
-        logger.propagate = False
+    _send_packages_to(list(serve_logger.handlers), serve_logger.level)
 
 
 def use_rank_logging() -> None:
@@ -29,8 +25,12 @@ def use_rank_logging() -> None:
     the driver tagged with the actor."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    _send_packages_to([handler], logging.INFO)
+
+
+def _send_packages_to(handlers: list[logging.Handler], level: int) -> None:
     for name in PACKAGES:
         logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.setLevel(logging.INFO)
+        logger.handlers = list(handlers)
+        logger.setLevel(level)
         logger.propagate = False
