@@ -119,8 +119,13 @@ async def _run_on_groups(args: argparse.Namespace, params) -> "RequestOutput":
              logging_level="WARNING", log_to_driver=args.verbose)
     groups = []
     try:
-        for _ in range(num_groups):
-            groups.append(WorkerGroup.start(config, tp, progress=True))
+        # The groups load their models side by side: a group's start mostly waits on its ranks' processes.
+        started = await asyncio.gather(*(asyncio.to_thread(WorkerGroup.start, config, tp, progress=True)
+                                         for _ in range(num_groups)), return_exceptions=True)
+        groups = [g for g in started if not isinstance(g, BaseException)]
+        failures = [g for g in started if isinstance(g, BaseException)]
+        if failures:
+            raise failures[0]
         if args.disaggregate:
             outputs = generate_disaggregated(groups[0], groups[1], prompt, params)
         else:
