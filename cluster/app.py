@@ -22,6 +22,11 @@ from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.server import EngineServer
 
+# How often a stopping replica checks whether its requests are done (Serve's default is 2 s). The ingress stops
+# before the pools, so Ctrl-C, `serve.delete` and a scale-down each wait two such periods at the least; the
+# routers hear of a stopping replica within milliseconds, well inside one period.
+SHUTDOWN_POLL_S = 0.5
+
 # The prefill routers Tandem's is compared against (tandem bench routing), as RequestRouterConfig arguments.
 BASELINE_ROUTERS = {
     "round-robin": dict(request_router_class=RoundRobinRouter),
@@ -59,7 +64,7 @@ def build_app(config: ClusterConfig) -> Application:
             placement_group_bundles=group_bundles(config),
             placement_group_strategy="STRICT_PACK",
             health_check_period_s=10, health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=60,
+            graceful_shutdown_timeout_s=60, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
         ).bind(engine, tp, config.num_cpus_per_rank, name, config.redis_url)
 
     def router(role: str) -> RequestRouterConfig:
@@ -77,6 +82,7 @@ def build_app(config: ClusterConfig) -> Application:
     # The ingress serves HTTP through Serve's proxy (serve.ingress) and gRPC on its own port.
     return serve.deployment(serve.ingress()(Ingress), name="ingress").options(
         **config.ingress.serve_options(), ray_actor_options={"num_cpus": REPLICA_CPUS},
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
     ).bind(prefill, decode, served_model(config, model_dir), config.api, config.redis_url, asdict(config.routing),
            config.host, config.grpc_port, decides)
 

@@ -52,4 +52,4 @@ def deploy(config: ClusterConfig, timeout_s: float = 900.0) -> None:
         if time.monotonic() > deadline:
             raise DeployError(f"the application is not running after {timeout_s:.0f} s "
                               f"({app.status if app else 'not created'}: {app.message if app else ''})")
-        time.sleep(1)
+        time.sleep(0.25)
