@@ -39,7 +39,7 @@ def cluster(tiny_model_factory, redis_url):
         model=str(tiny_model_factory("llama")), disaggregate=False, num_kv_blocks=256, num_cpus_per_rank=0.5,
         max_num_batched_tokens=128, redis_url=redis_url, grpc_port=16081, http_port=18081,
         decode=PoolConfig(replicas=1, min_replicas=1, max_replicas=2),
-        autoscaling=AutoscalingTargets(prefill_backlog_s=0.05, decode_kv_usage=0.5, downscale_delay_s=15.0,
+        autoscaling=AutoscalingTargets(prefill_backlog_s=0.05, decode_kv_usage=0.5, downscale_delay_s=5.0,
                                        metrics_interval_s=0.5, look_back_s=2.0))
     deploy(config, timeout_s=300)
     yield serve.get_app_handle(APP_NAME)
