@@ -120,9 +120,10 @@ def test_a_structured_output_under_tensor_parallelism_is_one_ranks(tiny_model_fa
     assert all(re.fullmatch(email, out.outputs[0].text) for out in alone)
 
 
-def test_smollm2_three_ranks_match_hf_with_and_without_speculative_decoding(smollm2_path):
+def test_smollm2_three_ranks_match_hf_with_and_without_speculative_guesses(smollm2_path):
     """9 query heads and 3 KV heads: three ranks of 3 query heads and 1 KV head each. With guesses, the step plan
-    carries each sequence's to the other ranks, so every rank computes the same rows of the same pass."""
+    carries each sequence's to the other ranks, so every rank computes the same rows of the same pass. Each reply
+    finds something to guess at in some steps and nothing in others, so passes mix rows with and without guesses."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
@@ -130,7 +131,6 @@ def test_smollm2_three_ranks_match_hf_with_and_without_speculative_decoding(smol
     chats = [[{"role": "user", "content": q}] for q in [SMOLLM2_QUESTIONS[0], quote]]
     prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
                for c in chats]
-    assert_matches_hf(smollm2_path, 3, prompts[:1], 16)
     outs, kept = generate_tp(str(smollm2_path), 3, prompts, SamplingParams(max_tokens=24, temperature=0.0,
                                                                            ignore_eos=True), speculative=4)
     assert [tokens for tokens, _ in outs] == [hf_greedy(smollm2_path, p, 24) for p in prompts]
