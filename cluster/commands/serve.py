@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.app import required_cpus
     from cluster.deploy import DeployError, deploy, drain
     from cluster.redis_server import LocalRedis
+    from cluster.serve_config import APP_NAME
 
     config = from_args(args)  # a bad flag or file fails before anything starts
     redis = LocalRedis() if config.redis_url is None else None
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
               "new ones get UNAVAILABLE / 503", file=sys.stderr, flush=True)
         drain(config.drain_timeout_s)
         print("tandem: shutting down", file=sys.stderr)
-        serve.shutdown()
+        # Deleting the app stops its replicas gracefully; ray.shutdown then takes Serve's controller and proxy
+        # with it. serve.shutdown() would kill the controller under its own calls and print them as failed tasks.
+        serve.delete(APP_NAME)
     finally:
         ray.shutdown()
         if redis is not None:
