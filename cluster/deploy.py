@@ -7,6 +7,7 @@ with the config's HTTP options, then apply the config on the controller.
 """
 
 import time
+from collections.abc import Callable
 
 from cluster.config import ClusterConfig
 from cluster.serve_config import APP_NAME, render_serve_config
@@ -33,8 +34,10 @@ def drain(timeout_s: float) -> int:
     return len(drained)
 
 
-def deploy(config: ClusterConfig, timeout_s: float = 900.0) -> None:
-    """Deploys the application and waits until Serve reports it running (models load, groups start)."""
+def deploy(config: ClusterConfig, timeout_s: float = 900.0, progress: Callable[[str], None] | None = None) -> None:
+    """Deploys the application and waits until Serve reports it running (models load, groups start). A first
+    start can take minutes (a model converted, weights loaded on every rank): `progress` hears each change of the
+    replicas' states, e.g. "prefill: 1 starting; decode: 1 running; ingress: 1 starting"."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
@@ -43,8 +46,12 @@ def deploy(config: ClusterConfig, timeout_s: float = 900.0) -> None:
     serve.start(http_options=schema.http_options.model_dump())
     _get_global_client().deploy_apps(schema)
     deadline = time.monotonic() + timeout_s
+    shown = None
     while True:
         app = serve.status().applications.get(APP_NAME)
+        if progress is not None and app is not None and app.deployments and _replicas(app) != shown:
+            shown = _replicas(app)
+            progress(shown)
         if app is not None and app.status == ApplicationStatus.RUNNING:
             return
         if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
@@ -53,3 +60,9 @@ def deploy(config: ClusterConfig, timeout_s: float = 900.0) -> None:
             raise DeployError(f"the application is not running after {timeout_s:.0f} s "
                               f"({app.status if app else 'not created'}: {app.message if app else ''})")
         time.sleep(0.25)
+
+
+def _replicas(app) -> str:
+    return "; ".join(f"{name}: " + (", ".join(f"{n} {state.lower().replace('_', ' ')}"
+                                              for state, n in deployment.replica_states.items()) or "none yet")
+                     for name, deployment in app.deployments.items())

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size})",
               file=sys.stderr)
         try:
-            deploy(config)
+            deploy(config, progress=lambda replicas: print(f"tandem: replicas: {replicas}", file=sys.stderr,
+                                                            flush=True))
         except DeployError as e:
             print(f"tandem: {e}", file=sys.stderr)
             return 1
