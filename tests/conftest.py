@@ -108,12 +108,22 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_path: P
     return make
 
 
+# Not Serve's default port 8000, where a cluster running on this machine may listen.
+SERVE_HTTP_HOST, SERVE_HTTP_PORT = "127.0.0.1", 18000
+SERVE_HTTP_URL = f"http://{SERVE_HTTP_HOST}:{SERVE_HTTP_PORT}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray instance for the tests that start worker groups or Serve apps. More logical CPUs than
-    the machine has: rank actors take fractions and mostly wait, and a 2-core CI machine must fit several."""
+    the machine has: rank actors take fractions and mostly wait, and a 2-core CI machine must fit several.
+
+    Serve starts here, once, with its HTTP proxy at SERVE_HTTP_URL: the modules' apps take turns behind that
+    proxy instead of each restarting Serve for a port of its own."""
     import ray
+    from ray import serve
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    serve.start(http_options={"host": SERVE_HTTP_HOST, "port": SERVE_HTTP_PORT})
     yield
     ray.shutdown()

@@ -32,11 +32,12 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.api_config import ApiConfig
 from tests.cluster.test_grpc_api import assert_no_blocks_held
+from tests.conftest import SERVE_HTTP_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 APP = "tandem-fuzz"
-HTTP_PORT, GRPC_PORT = 17100, 17101
+GRPC_PORT = 17101
 KEY = "fuzz-key"
 VOCAB, CONTEXT = 49152, 1024
 MAX_TOKENS, MAX_REQUEST_BYTES = 16, 64 * 1024
@@ -58,16 +59,13 @@ FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None
 @pytest.fixture(scope="module")
 def cluster(tiny_model_factory, redis_url):
     model = str(tiny_model_factory("llama"))
-    serve.shutdown()  # an earlier module's Serve listens on other ports; this one's proxy gets its own
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     config = ClusterConfig(model=model, num_kv_blocks=128, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
-                           redis_url=redis_url, host="127.0.0.1", http_port=HTTP_PORT, grpc_port=GRPC_PORT,
+                           redis_url=redis_url, host="127.0.0.1", grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_tokens=MAX_TOKENS, max_stop_strings=4,
                                          max_request_bytes=MAX_REQUEST_BYTES))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield Path(model).name
     serve.delete(APP)
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +262,7 @@ def test_raw_bytes_to_every_rpc_are_served_or_refused_never_internal(channel, cl
 # -- HTTP ------------------------------------------------------------------------------------------------------
 
 def post(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}{path}", body, headers=headers, method="POST")
+    request = urllib.request.Request(SERVE_HTTP_URL + path, body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.headers.get("content-type", ""), response.read()

@@ -37,7 +37,7 @@ from workers.kv.hashing import hash_full_blocks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
-APP, HTTP_PORT, GRPC_PORT = "tandem-tenants", 17110, 17111
+APP, GRPC_PORT = "tandem-tenants", 17111
 VOCAB, BLOCK = 49152, 16
 PROMPT_LEN = 1000  # 62 full blocks: most of the tiny model's 1024-token context, so a cache hit saves the most
 N, ALPHA = 20, 0.001
@@ -48,15 +48,12 @@ A, B = "tenant-a", "tenant-b"
 @pytest.fixture(scope="module")
 def cluster(tiny_model_factory, redis_url):
     model = str(tiny_model_factory("llama"))
-    serve.shutdown()  # this module's Serve listens on its own ports
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     # Room for every prompt below without eviction: a probe of an evicted prefix would prove nothing.
     config = ClusterConfig(model=model, num_kv_blocks=8192, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
-                           redis_url=redis_url, host="127.0.0.1", http_port=HTTP_PORT, grpc_port=GRPC_PORT)
+                           redis_url=redis_url, host="127.0.0.1", grpc_port=GRPC_PORT)
     serve.run(build_app(config), name=APP, route_prefix=None)
     yield
     serve.delete(APP)
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ from transformers import AutoTokenizer
 from cluster.app import build_app
 from cluster.config import ClusterConfig
 from router.api_config import ApiConfig
+from tests.conftest import SERVE_HTTP_URL
 
 pytestmark = pytest.mark.slow
 
 APP = "tandem-openai"
-HTTP_PORT, GRPC_PORT = 18000, 15051  # not the defaults, so another cluster on this machine does not collide
+GRPC_PORT = 15051  # not the default, so another cluster on this machine does not collide
 KEY = "test-key"
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CHOICES = 8
@@ -37,21 +38,18 @@ GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, tiny_model_factory, redis_url):
     model = str(tiny_model_factory("llama"))
-    serve.shutdown()  # a Serve instance an earlier module started listens on the default port; ours gets its own
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
-                           redis_url=redis_url, http_port=HTTP_PORT, grpc_port=GRPC_PORT,
+                           redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
                                          tool_call_parser="hermes", reasoning_parser="deepseek_r1"))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def base_url(cluster) -> str:
-    return f"http://127.0.0.1:{HTTP_PORT}"
+    return SERVE_HTTP_URL
 
 
 @pytest.fixture(scope="module")
