@@ -22,9 +22,9 @@ from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.server import EngineServer
 
-# How often a stopping replica checks whether its requests are done (Serve's default is 2 s). The ingress stops
-# before the pools, so Ctrl-C, `serve.delete` and a scale-down each wait two such periods at the least; the
-# routers hear of a stopping replica within milliseconds, well inside one period.
+# How often a stopping replica checks whether its requests are done (Serve's default is 2 s). Deleting the app
+# (Ctrl-C, `serve.delete`) stops the ingress before the pools, so it waits two such periods at the least, and a
+# scale-down one; the routers hear of a stopping replica within milliseconds, well inside a period.
 SHUTDOWN_POLL_S = 0.5
 
 # The prefill routers Tandem's is compared against (tandem bench routing), as RequestRouterConfig arguments.

@@ -8,9 +8,13 @@ with the config's HTTP options, then apply the config on the controller.
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluster.config import ClusterConfig
 from cluster.serve_config import APP_NAME, render_serve_config
+
+if TYPE_CHECKING:
+    from ray.serve.schema import ApplicationStatusOverview
 
 
 class DeployError(RuntimeError):
@@ -49,9 +53,11 @@ def deploy(config: ClusterConfig, timeout_s: float = 900.0, progress: Callable[[
     shown = None
     while True:
         app = serve.status().applications.get(APP_NAME)
-        if progress is not None and app is not None and app.deployments and _replicas(app) != shown:
-            shown = _replicas(app)
-            progress(shown)
+        if progress is not None and app is not None and app.deployments:
+            replicas = _replicas(app)
+            if replicas != shown:
+                progress(replicas)
+                shown = replicas
         if app is not None and app.status == ApplicationStatus.RUNNING:
             return
         if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
@@ -62,7 +68,7 @@ def deploy(config: ClusterConfig, timeout_s: float = 900.0, progress: Callable[[
         time.sleep(0.25)
 
 
-def _replicas(app) -> str:
+def _replicas(app: "ApplicationStatusOverview") -> str:
     return "; ".join(f"{name}: " + (", ".join(f"{n} {state.lower().replace('_', ' ')}"
                                               for state, n in deployment.replica_states.items()) or "none yet")
                      for name, deployment in app.deployments.items())
