@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
             victim = next(r for r in rank_processes() if (r.pool, r.rank) == (pool, rank))
             kills.append(asdict(asyncio.run(kill_under_load(target, victim, prompts, expected, 16,
                                                             args.long_tokens))))
+        serve.delete(APP)  # gracefully; ray.shutdown then takes Serve's controller without killing its calls
     finally:
-        serve.shutdown()
         ray.shutdown()
         redis.stop()
     print(table(rounds, kills))

@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         processes = cluster_processes(APP)
         log(f"watching {len(processes)} processes: {', '.join(sorted(processes))}")
         soak = asyncio.run(_soak(args, processes))
+        serve.delete(APP)  # gracefully; ray.shutdown then takes Serve's controller without killing its calls
     finally:
-        serve.shutdown()
         ray.shutdown()
         redis.stop()
     warmup = args.warmup_minutes if args.warmup_minutes is not None else min(5.0, args.minutes / 3)
