@@ -6,8 +6,9 @@
     POST /v1/responses           OpenAI's Responses API: input (text or messages) and instructions -> a response
                                  with one assistant message; stream: true sends its typed events. Responses are
                                  stored in the cluster's Redis for api.response_ttl_s (unless store: false), so
-                                 previous_response_id continues a conversation and GET or DELETE
-                                 /v1/responses/{id} retrieves or deletes one (router/response_store.py)
+                                 previous_response_id continues a conversation, GET or DELETE
+                                 /v1/responses/{id} retrieves or deletes one (router/response_store.py) and
+                                 GET /v1/responses/{id}/input_items lists what it answered, a page at a time
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -41,7 +42,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -59,7 +60,7 @@ from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
 from router.openai_tools import ToolChoice, chat_tools, tool_choice
 from router.response_store import ResponseStore, StoredResponse
-from router.responses_shape import ResponsesShape
+from router.responses_shape import ResponsesShape, input_items
 from router.streams import close_all, first_of_each, merged
 from router.tool_parsers import tool_call_parser
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
@@ -233,6 +234,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     app.add_api_route("/v1/responses/{response_id}", api.stored_response, methods=["GET", "DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/input_items", api.list_input_items, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
@@ -267,6 +269,17 @@ class OpenAIApi:
                     raise _no_stored_response(response_id, "response_id")
                 return JSONResponse({"id": response_id, "object": "response", "deleted": True})
             return JSONResponse((await self._stored(response_id, "response_id")).response)
+        except Exception as e:
+            return error_response(classify(e))
+
+    async def list_input_items(self, request: Request, response_id: str) -> Response:
+        """OpenAI's list of a stored response's input items, a page at a time: newest first unless order=asc,
+        `limit` of them (20 unless asked, at most 100), after the item `after` names."""
+        try:
+            self._authorize(request)
+            stored = await self._stored(response_id, "response_id")
+            items = input_items(response_id, stored.conversation[:-1])  # the reply, last, is the output
+            return JSONResponse(_page(items, request.query_params))
         except Exception as e:
             return error_response(classify(e))
 
@@ -554,6 +567,27 @@ def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:
 def _scores_prompt_only(body: CompletionBody) -> bool:
     """echo with max_tokens 0: the prompt (and its logprobs) alone, as scoring clients ask for it."""
     return bool(body.echo) and body.max_tokens == 0
+
+
+def _page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
+    """One page of a list, as OpenAI's cursor pagination has it: `has_more` says whether to ask again with the
+    page's last id as `after`."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("order", f"must be asc or desc, got {order!r}")
+    limit = query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise invalid("limit", f"must be an integer from 1 to 100, got {limit!r}")
+    ordered = items if order == "asc" else items[::-1]
+    start = 0
+    if "after" in query:
+        ids = [item["id"] for item in ordered]
+        if query["after"] not in ids:
+            raise invalid("after", f"no item {query['after']!r} in this list")
+        start = ids.index(query["after"]) + 1
+    data = ordered[start:start + int(limit)]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": start + len(data) < len(ordered)}
 
 
 def _no_stored_response(response_id: str, field: str) -> ApiError:

@@ -260,3 +260,24 @@ def _usage(out: RequestOutput, reasoning_tokens: int) -> dict[str, Any]:
     return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
             "output_tokens": usage.generated_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.generated_tokens}
+
+
+def input_items(response_id: str, conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a response answered (the turns before it included, the request's instructions not), as the Responses
+    API's items, oldest first: GET /v1/responses/{id}/input_items lists them. An item's id is the response's and
+    its place, so every listing of the response pages alike."""
+    base = response_id.removeprefix("resp_")
+    items = []
+    for message in conversation:
+        if message["role"] == "tool":
+            items.append({"id": f"fco_{base}_{len(items)}", "type": "function_call_output", "status": "completed",
+                          "call_id": message.get("tool_call_id"), "output": message["content"]})
+            continue
+        calls = message.get("tool_calls") or []
+        if message["content"] or not calls:
+            kind = "output_text" if message["role"] == "assistant" else "input_text"
+            part = {"type": kind, "text": message["content"]} | ({"annotations": []} if kind == "output_text" else {})
+            items.append({"id": f"msg_{base}_{len(items)}", "type": "message", "status": "completed",
+                          "role": message["role"], "content": [part]})
+        items += [_function_call(call) for call in calls]
+    return items

@@ -403,6 +403,35 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name
         client.responses.retrieve(whole.id)
 
 
+def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(client, model_name):
+    """GET /v1/responses/{id}/input_items: the turns before the response (earlier replies and function calls
+    included; instructions and its own output not), newest first unless asked, in pages the client follows."""
+    first = client.responses.create(model=model_name, instructions="Be brief.", input="My name is Ada.", **RESPONSE)
+    second = client.responses.create(model=model_name, previous_response_id=first.id, input=[
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"role": "user", "content": "And my name?"}], **RESPONSE)
+    items = list(client.responses.input_items.list(second.id, order="asc", limit=2))  # three pages
+    assert [(item.type, getattr(item, "role", None)) for item in items] == [
+        ("message", "user"), ("message", "assistant"), ("function_call", None), ("function_call_output", None),
+        ("message", "user")]
+    assert [items[0].content[0].text, items[1].content[0].text, items[4].content[0].text] == [
+        "My name is Ada.", first.output_text, "And my name?"]
+    assert (items[2].call_id, items[2].name, items[2].arguments) == ("call_1", "get_weather", '{"city": "Paris"}')
+    assert (items[3].call_id, items[3].output) == ("call_1", "sunny")
+    newest_first = client.responses.input_items.list(second.id)
+    assert [item.id for item in newest_first.data] == [item.id for item in reversed(items)]
+    assert not newest_first.has_more and newest_first.first_id == items[-1].id
+    assert [item.content[0].text for item in client.responses.input_items.list(first.id)] == ["My name is Ada."]
+    for query, param in ((dict(limit=0), "limit"), (dict(order="up"), "order"), (dict(after="msg_x"), "after")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.input_items.list(second.id, **query)
+        assert refused.value.param == param
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.responses.input_items.list("resp_unknown")
+    assert refused.value.param == "response_id"
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(tools=[{"type": "function", "name": "weather", "parameters": {"type": "object"}}], tool_choice="any"),
      "tool_choice"),
