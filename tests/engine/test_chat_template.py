@@ -35,3 +35,15 @@ def test_a_conversation_the_template_refuses_is_a_bad_request(tokenizer):
 def test_template_kwargs_cannot_stand_in_for_the_requests_own_fields(tokenizer, name):
     with pytest.raises(InvalidRequestError, match=f"chat_template_kwargs: {name} cannot be set here"):
         chat_token_ids(tokenizer, MESSAGES, template_kwargs={name: False})
+
+
+def test_an_earlier_calls_arguments_render_as_the_object_they_encode(tokenizer):
+    """Qwen2.5's and Llama 3.1's templates write a call's arguments with `tojson`: JSON text from an OpenAI client
+    is parsed first, or the model would see a quoted string; text that is no JSON object is left alone."""
+    tokenizer.chat_template = ("{% for m in messages %}{% for c in m.get('tool_calls', []) %}"
+                               "{{ c.function.name }}{{ c.function.arguments | tojson }}\n{% endfor %}{% endfor %}")
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+             {"id": "call_2", "type": "function", "function": {"name": "clock", "arguments": "not json"}}]
+    conversation = MESSAGES + [{"role": "assistant", "content": "", "tool_calls": calls}]
+    assert chat_token_ids(tokenizer, conversation, add_generation_prompt=False) == tokenizer.encode(
+        'weather{"city": "Paris"}\nclock"not json"\n')

@@ -6,6 +6,7 @@
 """
 
 import inspect
+import json
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -44,12 +45,32 @@ def chat_token_ids(tokenizer, messages: list[Message], add_generation_prompt: bo
     if taken:
         raise InvalidRequestError("chat_template_kwargs", f"{', '.join(taken)} cannot be set here: the request's "
                                                           "own fields decide them")
+    messages = [_with_argument_objects(message) for message in messages]
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=continue_final_message, tokenize=True,
                                                   return_dict=False, **template_kwargs))
     except (TemplateError, ValueError) as e:  # raise_exception() in the template, or a conversation it cannot end
         raise InvalidRequestError("messages", f"the model's chat template refused the conversation: {e}") from None
+
+
+def _with_argument_objects(message: Message) -> Message:
+    """An earlier tool call's arguments as the object they encode: templates render them with `tojson`, as
+    transformers documents them (a dict), while OpenAI's clients send them as JSON text, which would render as one
+    quoted string (Qwen2.5's, Llama 3.1's templates). Text that is not a JSON object stays as it is."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    parsed = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        try:
+            value = json.loads(arguments) if isinstance(arguments, str) else None
+        except json.JSONDecodeError:
+            value = None
+        parsed.append(call if not isinstance(value, dict) else {**call, "function": {**function, "arguments": value}})
+    return {**message, "tool_calls": parsed}
 
 
 def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "auto",
