@@ -82,6 +82,29 @@ def test_sampled_outputs_keep_the_schema(smollm2):
         jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
 
 
+@pytest.mark.parametrize(("text", "taken"), [
+    ('{"city": "Paris"}', True),
+    ('{"city": "Par\x0b"}', False),  # a raw control character, which no JSON parser takes
+    ('{"city": "Pa\tr"}', False),
+    ('{"city": "Pa\\tri"}', True),  # escaped, it is one character of the five allowed
+    ('{"city": "\\"Pa\\u00e9\\""}', True),
+    ('{"city": "Parisian"}', False),
+    ('{"city": "P"}', False),
+])
+def test_a_bounded_strings_characters_are_jsons(smollm2, text, taken):
+    """A string with minLength or maxLength takes what any JSON string takes, each escape counting as one
+    character, so the output always parses."""
+    engine = smollm2.engine
+    info = xgrammar.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=engine.vocab_size)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "minLength": 2, "maxLength": 5}},
+              "required": ["city"], "additionalProperties": False}
+    matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_grammar(
+        grammar_of(StructuredOutput(json=json.dumps(schema)))), terminate_without_stop_token=True)
+    assert (matcher.accept_string(text) and matcher.is_terminated()) == taken
+    if taken:
+        assert 2 <= len(json.loads(text)["city"]) <= 5
+
+
 def test_a_structured_request_leaves_its_batch_neighbours_alone(smollm2):
     plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [chat(smollm2, "Write a haiku about the sea."), chat(smollm2, "What is the capital of Germany?")]

@@ -62,7 +62,8 @@ def grammar_of(spec: StructuredOutput):
             raise InvalidRequestError(FIELD, f"json: the schema is not valid JSON ({e})") from None
     try:
         if spec.json is not None or spec.json_object:
-            return xgr.Grammar.from_json_schema(spec.json or '{"type": "object"}', any_whitespace=False)
+            return _json_strings_held_to_json(
+                xgr.Grammar.from_json_schema(spec.json or '{"type": "object"}', any_whitespace=False))
         if spec.regex is not None:
             return xgr.Grammar.from_regex(spec.regex)
         if spec.choice:
@@ -71,6 +72,24 @@ def grammar_of(spec: StructuredOutput):
         return xgr.Grammar.from_ebnf(spec.grammar)
     except RuntimeError as e:
         raise InvalidRequestError(FIELD, f"{spec.kind}: {_reason(e)}") from None
+
+
+# xgrammar (0.2.x, its issue #800) writes a string with minLength or maxLength as a run of this class: it lets raw
+# control characters through, which no JSON parser takes, and leaves out escapes (\" \n \u00e9 ...).
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+# One character of a JSON string, raw or escaped, as the unbounded strings have it: a length counts either as one.
+_JSON_STRING_CHAR = 'tandem_json_char'
+_JSON_STRING_CHAR_RULE = (rf'{_JSON_STRING_CHAR} ::= [^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9] '
+                          r'[A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])')
+
+
+def _json_strings_held_to_json(grammar):
+    """The schema's grammar with its bounded strings' characters made JSON's, so what it generates parses."""
+    text = str(grammar)
+    if _BOUNDED_STRING_CHAR not in text:
+        return grammar
+    return _xgrammar().Grammar.from_ebnf(f"{text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)}\n"
+                                         f"{_JSON_STRING_CHAR_RULE}\n", root_rule_name="root")
 
 
 def check_structured_output(params: SamplingParams) -> None:
