@@ -8,12 +8,15 @@ ingress replicas on one node share the port: gRPC binds it with SO_REUSEPORT and
 
 A request's path here: decode the message (undecodable bytes, e.g. invalid UTF-8, are INVALID_ARGUMENT, not
 INTERNAL) -> refuse unknown fields -> check the API key -> build the engine's request -> stream the ingress's
-outputs as GenerateResponse deltas (a chat reply's thinking apart from its answer, with a reasoning parser).
+outputs as GenerateResponse deltas (a chat reply's thinking apart from its answer, with a reasoning parser; its
+tool calls on the last response, with tools).
 """
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -28,6 +31,9 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from router.api_config import ApiConfig
 from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
+from router.openai_tools import ToolChoice, tool_choice
+from router.reasoning import ReasoningParser, ReasoningSplit
+from router.tool_parsers import tool_call_parser
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -55,9 +61,13 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Undecod
     return parse
 
 
+Built = tuple[GenerateRequest, ToolChoice | None]
+
+
 class GenerationServicer:
     def __init__(self, ingress: Ingress):
         self.ingress = ingress
+        self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
@@ -92,20 +102,20 @@ class GenerationServicer:
         return pb.ListModelsResponse(models=[pb.Model(id=model.name, max_model_len=model.max_model_len,
                                                       block_size=model.block_size)])
 
-    async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], GenerateRequest],
+    async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], Built],
                       chat: bool = False) -> AsyncIterator[pb.GenerateResponse]:
-        """`chat`: a reply whose thinking a reasoning parser tells from its answer."""
-        outputs, split = None, None
+        """`chat`: a reply whose thinking a reasoning parser tells from its answer, and which may call tools."""
+        outputs = None
         try:
             self._check(request)
-            outputs = self.ingress.generate(build(request))
+            generate_request, tools = build(request)
+            reply = _ChatReply(self.ingress.reasoning, tools) if chat else None
+            outputs = self.ingress.generate(generate_request)
             first = True
             async for out in outputs:
                 response = _response(out, first)
-                if chat and self.ingress.reasoning is not None:
-                    if split is None:
-                        split = self.ingress.reasoning.split(out.prompt_token_ids)
-                    _, response.reasoning_text, response.text = split.news(out.outputs[0].text, out.finished)
+                if reply is not None:
+                    reply.fill(response, out)
                 yield response
                 first = False
         except asyncio.CancelledError:
@@ -135,23 +145,108 @@ class GenerationServicer:
             raise ApiError(Kind.NOT_FOUND, f"model: {model!r} is not served here; this cluster serves "
                                            f"{self.ingress.model.name!r}", "model")
 
-    def _generate_request(self, request: pb.GenerateRequest) -> GenerateRequest:
+    def _generate_request(self, request: pb.GenerateRequest) -> Built:
         which = request.WhichOneof("prompt")
         if which is None:
             raise invalid("prompt", "give text or token_ids")
         return GenerateRequest(prompt=request.text if which == "text" else None,
                                prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
                                params=_sampling(request.sampling), request_id=request.request_id or None,
-                               cache_salt=request.cache_salt or None, model=request.model or None)
+                               cache_salt=request.cache_salt or None, model=request.model or None), None
 
-    def _chat_request(self, request: pb.ChatRequest) -> GenerateRequest:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        return GenerateRequest(messages=messages, params=_sampling(request.sampling),
+    def _chat_request(self, request: pb.ChatRequest) -> Built:
+        tools = [_tool(i, t) for i, t in enumerate(request.tools)] or None
+        which = request.tool_choice.WhichOneof("choice")
+        choice = None if which is None else request.tool_choice.mode if which == "mode" else \
+            {"type": "function", "function": {"name": request.tool_choice.function}}
+        parallel = not request.HasField("parallel_tool_calls") or request.parallel_tool_calls
+        calls = tool_choice(tools, choice, parallel, self.tool_parser)
+        params = _sampling(request.sampling)
+        return GenerateRequest(messages=[_chat_message(m) for m in request.messages],
+                               params=params if calls is None else _held_to(params, calls), tools=tools,
                                request_id=request.request_id or None, cache_salt=request.cache_salt or None,
                                model=request.model or None, add_generation_prompt=not request.continue_final_message,
                                continue_final_message=request.continue_final_message,
                                chat_template_kwargs=MessageToDict(request.chat_template_kwargs)
-                               if request.HasField("chat_template_kwargs") else None)
+                               if request.HasField("chat_template_kwargs") else None), calls
+
+
+class _ChatReply:
+    """What a chat reply's responses carry besides its tokens: with a reasoning parser, its thinking apart from its
+    answer; with tools, the answer's text up to where a call may begin, and the calls once the reply is whole."""
+
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolChoice | None):
+        self.reasoning = reasoning
+        self.tools = tools
+        self.split: ReasoningSplit | None = None
+        self.sent = 0  # with tools: how much of the answer has gone out
+
+    def fill(self, response: pb.GenerateResponse, out: RequestOutput) -> None:
+        completion = out.outputs[0]
+        answer = completion.text
+        if self.reasoning is not None:
+            if self.split is None:
+                self.split = self.reasoning.split(out.prompt_token_ids)
+            parts, response.reasoning_text, response.text = self.split.news(completion.text, out.finished)
+            answer = parts.content
+        if self.tools is not None:
+            self._release(response, answer, completion.finish_reason if out.finished else None)
+
+    def _release(self, response: pb.GenerateResponse, answer: str, finish_reason: str | None) -> None:
+        if finish_reason is None:
+            parser = self.tools.parser
+            upto = self.sent if parser is None else max(self.sent, parser.content_so_far(answer))
+            response.text, self.sent = answer[self.sent:upto], upto
+            return
+        content, calls = self.tools.reply(answer, finish_reason == "stop")
+        response.text = (content or "")[self.sent:]
+        if calls:
+            response.finish_reason = "tool_calls"
+            response.tool_calls.extend(pb.ToolCall(id=call["id"], name=call["function"]["name"],
+                                                   arguments=call["function"]["arguments"]) for call in calls)
+
+
+def _tool(index: int, tool: pb.Tool) -> dict[str, Any]:
+    """A tool in OpenAI chat's layout, which tool_choice and chat templates take."""
+    if not tool.name:
+        raise invalid(f"tools[{index}].name", "must not be empty")
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.HasField("parameters"):
+        function["parameters"] = _json(MessageToDict(tool.parameters))
+    return {"type": "function", "function": function}
+
+
+def _json(value: Any) -> Any:
+    """A Struct's value as the JSON it stands for: protobuf keeps every number as a double, so a schema's
+    {"maxItems": 1} would come back as 1.0."""
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _chat_message(message: pb.ChatMessage) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+            "name": call.name, "arguments": call.arguments}} for call in message.tool_calls]
+    if message.tool_call_id:
+        rendered["tool_call_id"] = message.tool_call_id
+    return rendered
+
+
+def _held_to(params: SamplingParams, calls: ToolChoice) -> SamplingParams:
+    """A forced call is the tool's schema as a structured output, so the caller's cannot come with it; "auto"'s
+    parser reads the format's markers, which some tokenizers count as special tokens: they stay in the text."""
+    if calls.structure is None:
+        return replace(params, skip_special_tokens=False)
+    if params.structured_output is not None:
+        raise invalid("tool_choice", "a forced tool call's arguments follow its tool's schema: ask for a tool "
+                                     "call or a structured_output, not both")
+    return replace(params, structured_output=calls.structure)
 
 
 def _sampling(s: pb.SamplingParams) -> SamplingParams:

@@ -6,6 +6,7 @@ pools; and a second, secured app checks TLS, the API key and back-pressure."""
 
 import asyncio
 import datetime
+import json
 import re
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ def model(tiny_model_factory) -> str:
 def cluster(model, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=128, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
                            redis_url=redis_url, grpc_port=PORT, api=ApiConfig(max_tokens=512, max_stop_strings=4,
-                                                                               reasoning_parser="qwen3"))
+                                                                               reasoning_parser="qwen3",
+                                                                               tool_call_parser="hermes"))
     serve.run(build_app(config), name=APP, route_prefix=None)
     yield
     serve.delete(APP)
@@ -216,6 +218,57 @@ def test_a_chat_reply_that_thinks_streams_its_thinking_apart_from_its_answer(stu
     raw = generate(stub, text="What is the capital of France?", sampling=sampling)
     assert ("".join(r.reasoning_text for r in raw), "".join(r.text for r in raw)) == (
         "", f"<think>{thinking}</think>{answer}")
+
+
+WEATHER = pb.Tool(name="get_weather", description="The weather in a city.", parameters={
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+    "additionalProperties": False})
+CLOCK = pb.Tool(name="get_time", parameters={"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                             "required": ["zone"], "additionalProperties": False})
+ASK = [pb.ChatMessage(role="user", content="What is the weather in Paris?")]
+
+
+def chat(stub, **fields) -> list[pb.GenerateResponse]:
+    return list(stub.Chat(pb.ChatRequest(**fields), timeout=60))
+
+
+def test_a_forced_tool_call_comes_whole_on_the_last_response_held_to_the_tools_schema(stub):
+    """Across the prefill->decode handoff: the random model's reply is held to the schema, so its arguments parse
+    and validate; the text is the reply's alone, which a forced call has none of."""
+    named = chat(stub, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=pb.ToolChoice(function="get_weather"),
+                 sampling=pb.SamplingParams(max_tokens=40, temperature=0.0))
+    [call] = named[-1].tool_calls
+    assert (named[-1].finish_reason, call.name, call.id.startswith("call_")) == ("tool_calls", "get_weather", True)
+    arguments = json.loads(call.arguments)
+    assert set(arguments) == {"city"} and len(arguments["city"]) <= 12
+    assert not any(r.text or r.tool_calls for r in named[:-1]) and not named[-1].text
+    required = chat(stub, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=pb.ToolChoice(mode="required"),
+                    parallel_tool_calls=False, sampling=pb.SamplingParams(max_tokens=60, temperature=0.0))
+    [call] = required[-1].tool_calls
+    assert call.name in ("get_weather", "get_time") and required[-1].finish_reason == "tool_calls"
+    assert set(json.loads(call.arguments)) == {"city" if call.name == "get_weather" else "zone"}
+
+
+# What a Hermes-format model (Qwen2.5) says when it calls a tool, forced here on the random model by a regex.
+HERMES_REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_auto_tool_choice_streams_the_text_and_finds_the_models_own_calls(stub):
+    """The cluster's parser (api.tool_call_parser hermes): no part of a call's markup streams as text, and the
+    calls come on the last response. Its result goes back as a tool message after the assistant's call."""
+    sampling = pb.SamplingParams(max_tokens=80, temperature=0.0, structured_output=pb.StructuredOutput(
+        regex=re.escape(HERMES_REPLY)))
+    responses = chat(stub, messages=ASK, tools=[WEATHER], sampling=sampling)
+    assert "".join(r.text for r in responses) == "Let me check.\n"
+    assert all("<" not in r.text for r in responses) and responses[-1].finish_reason == "tool_calls"
+    [call] = responses[-1].tool_calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    follow_up = [*ASK, pb.ChatMessage(role="assistant", content="Let me check.\n", tool_calls=[call]),
+                 pb.ChatMessage(role="tool", content="sunny", tool_call_id=call.id)]
+    answer = chat(stub, messages=follow_up, tools=[WEATHER], tool_choice=pb.ToolChoice(mode="none"),
+                  sampling=GREEDY)
+    assert answer[-1].finish_reason == "length" and "".join(r.text for r in answer)
+    assert not answer[-1].tool_calls
 
 
 def test_the_first_response_carries_the_time_to_first_token_breakdown(stub):
@@ -403,6 +456,17 @@ BAD_OTHER = {
     "chat template kwargs that set a parameter": ("Chat", pb.ChatRequest(
         messages=[pb.ChatMessage(role="user", content="x")], chat_template_kwargs={"tokenize": False}), INVALID,
         "chat_template_kwargs: tokenize cannot be set here"),
+    "tool_choice naming no tool of the request": ("Chat", pb.ChatRequest(messages=ASK, tools=[WEATHER],
+                                                                        tool_choice=pb.ToolChoice(function="x")),
+                                                  INVALID, "tool_choice: names 'x'"),
+    "tool_choice required without tools": ("Chat", pb.ChatRequest(messages=ASK, tool_choice=pb.ToolChoice(
+        mode="required")), INVALID, "tool_choice"),
+    "tool_choice of an unknown mode": ("Chat", pb.ChatRequest(messages=ASK, tools=[WEATHER], tool_choice=pb.ToolChoice(
+        mode="any")), INVALID, "tool_choice: must be"),
+    "a tool without a name": ("Chat", pb.ChatRequest(messages=ASK, tools=[pb.Tool()]), INVALID, "tools[0].name"),
+    "a forced tool call and a structured output": ("Chat", pb.ChatRequest(
+        messages=ASK, tools=[WEATHER], tool_choice=pb.ToolChoice(mode="required"),
+        sampling=sampling(structured_output=pb.StructuredOutput(json_object=True))), INVALID, "tool_choice"),
     "detokenize id = vocab": ("Detokenize", pb.DetokenizeRequest(token_ids=[VOCAB]), INVALID, "token_ids"),
     "tokenize for an unknown model": ("Tokenize", pb.TokenizeRequest(model="nope", text="x"), NOT_FOUND, "model"),
 }
