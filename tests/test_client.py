@@ -138,6 +138,30 @@ def test_vllms_token_bans_truncation_and_template_variables_are_options(client):
         client.chat([("user", "Hi")], chat_template_kwargs={"tokenize": False})
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+
+
+def test_chat_calls_a_tool_and_carries_the_conversation_on_from_its_result(client):
+    asked = [("user", "What is the weather in Paris?")]
+    reply = client.chat(asked, tools=[WEATHER], tool_choice="get_weather", max_tokens=40, temperature=0.0)
+    [call] = reply.tool_calls
+    assert (reply.finish_reason, reply.text, call.name) == ("tool_calls", "", "get_weather")
+    assert set(json.loads(call.arguments)) == {"city"}
+    chunks = list(client.chat_stream(asked, tools=[WEATHER["function"]], tool_choice="required", max_tokens=60,
+                                     temperature=0.0))
+    assert chunks[-1].tool_calls and not any(c.tool_calls for c in chunks[:-1])
+    result = {"role": "tool", "content": "sunny", "tool_call_id": call.id}
+    openai_layout = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    follow_ups = [client.chat([{"role": "user", "content": asked[0][1]}, {"role": "assistant", "tool_calls": [c]},
+                               result], **GREEDY) for c in (call, openai_layout)]
+    assert follow_ups[0].token_ids == follow_ups[1].token_ids and follow_ups[0].finish_reason == "length"
+    with pytest.raises(TandemError, match="tool_call_parser") as raised:  # this server reads no model's own format
+        client.chat(asked, tools=[WEATHER])
+    assert raised.value.code == INVALID
+
+
 def test_tokenize_detokenize_models_and_health(client, model):
     ids = client.tokenize("Hello world")
     assert ids and all(isinstance(t, int) for t in ids)
