@@ -37,7 +37,7 @@ def wait_until(condition, timeout_s: float) -> float:
 def cluster(tiny_model_factory, redis_url):
     config = ClusterConfig(
         model=str(tiny_model_factory("llama")), disaggregate=False, num_kv_blocks=256, num_cpus_per_rank=0.5,
-        max_num_batched_tokens=128, redis_url=redis_url, grpc_port=16081, http_port=18081,
+        max_num_batched_tokens=128, redis_url=redis_url, grpc_port=16081,
         decode=PoolConfig(replicas=1, min_replicas=1, max_replicas=2),
         autoscaling=AutoscalingTargets(prefill_backlog_s=0.05, decode_kv_usage=0.5, downscale_delay_s=5.0,
                                        metrics_interval_s=0.5, look_back_s=2.0))

@@ -51,7 +51,7 @@ PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 def config(model: str, redis_url: str, replicas: int = 1) -> ClusterConfig:
     return ClusterConfig(model=model, disaggregate=False, num_kv_blocks=512, num_cpus_per_rank=0.5,
-                         redis_url=redis_url, grpc_port=16085, http_port=18085, decode=PoolConfig(replicas=replicas))
+                         redis_url=redis_url, grpc_port=16085, decode=PoolConfig(replicas=replicas))
 
 
 def scale_decode_pool(cluster: ClusterConfig, replicas: int) -> None:
