@@ -126,6 +126,7 @@ def test_serve_answers_over_grpc_and_http_and_stops_cleanly_on_ctrl_c(tiny_model
     assert f"serving gRPC on 0.0.0.0:{grpc_port}" in output and "shutting down" in output
     assert "tandem: replicas: prefill: 1 running; decode: 1 running; ingress: 1 running" in output
     assert "failed" not in output, output  # a clean stop reports no failed task, Serve's or Ray's
+    assert not [line for line in output.splitlines() if line.startswith("INFO ")], output  # Serve's, without -v
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@ Ctrl-C or SIGTERM, which drains the requests in flight and then shuts everything
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -20,6 +21,9 @@ def run(args: argparse.Namespace) -> int:
     from cluster.redis_server import LocalRedis
     from cluster.serve_config import APP_NAME
 
+    if not args.verbose:
+        # Serve's own INFO lines on this console ("Started Serve", "Deleting app"): the lines below say the same.
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     config = from_args(args)  # a bad flag or file fails before anything starts
     redis = LocalRedis() if config.redis_url is None else None
     if redis is not None:
