@@ -9,6 +9,7 @@
                                  previous_response_id continues a conversation, GET or DELETE
                                  /v1/responses/{id} retrieves or deletes one (router/response_store.py) and
                                  GET /v1/responses/{id}/input_items lists what it answered, a page at a time
+                                 (POST /v1/responses/{id}/cancel: a 400, as no response runs in the background)
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -235,6 +236,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     app.add_api_route("/v1/responses/{response_id}", api.stored_response, methods=["GET", "DELETE"])
     app.add_api_route("/v1/responses/{response_id}/input_items", api.list_input_items, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}/cancel", api.cancel_response, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
@@ -280,6 +282,18 @@ class OpenAIApi:
             stored = await self._stored(response_id, "response_id")
             items = input_items(response_id, stored.conversation[:-1])  # the reply, last, is the output
             return JSONResponse(_page(items, request.query_params))
+        except Exception as e:
+            return error_response(classify(e))
+
+    async def cancel_response(self, request: Request, response_id: str) -> Response:
+        """OpenAI cancels background responses only, and this server runs none (background is refused): every
+        stored response has finished, so there is nothing to cancel. A client that wants to stop one in flight
+        closes its stream or connection, which aborts it."""
+        try:
+            self._authorize(request)
+            await self._stored(response_id, "response_id")
+            raise invalid("response_id", "only a background response can be cancelled, and this server runs none: "
+                                         "this one has finished (to stop a response in flight, close its stream)")
         except Exception as e:
             return error_response(classify(e))
 

@@ -405,7 +405,8 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name
 
 def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(client, model_name):
     """GET /v1/responses/{id}/input_items: the turns before the response (earlier replies and function calls
-    included; instructions and its own output not), newest first unless asked, in pages the client follows."""
+    included; instructions and its own output not), newest first unless asked, in pages the client follows. A
+    stored response has finished, so cancelling it is a 400."""
     first = client.responses.create(model=model_name, instructions="Be brief.", input="My name is Ada.", **RESPONSE)
     second = client.responses.create(model=model_name, previous_response_id=first.id, input=[
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -430,6 +431,11 @@ def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(cl
     with pytest.raises(openai.NotFoundError) as refused:
         client.responses.input_items.list("resp_unknown")
     assert refused.value.param == "response_id"
+    # Only background responses can be cancelled, and none runs here: a finished one says so.
+    with pytest.raises(openai.BadRequestError, match="only a background response can be cancelled"):
+        client.responses.cancel(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_unknown")
 
 
 @pytest.mark.parametrize("kwargs, param", [
