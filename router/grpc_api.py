@@ -34,8 +34,10 @@ from router.ingress import GenerateRequest, Ingress
 from router.openai_tools import ToolChoice, tool_choice
 from router.reasoning import ReasoningParser, ReasoningSplit
 from router.tool_parsers import tool_call_parser
+from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
+from workers.engine.structured_output import check_structured_output
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +248,12 @@ def _held_to(params: SamplingParams, calls: ToolChoice) -> SamplingParams:
     if params.structured_output is not None:
         raise invalid("tool_choice", "a forced tool call's arguments follow its tool's schema: ask for a tool "
                                      "call or a structured_output, not both")
-    return replace(params, structured_output=calls.structure)
+    held = replace(params, structured_output=calls.structure)
+    try:
+        check_structured_output(held)  # here, so that a refusal names the tools, as the caller sent no structure
+    except InvalidRequestError as e:
+        raise invalid("tools", e.message) from None
+    return held
 
 
 def _sampling(s: pb.SamplingParams) -> SamplingParams:

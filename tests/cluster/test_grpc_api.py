@@ -464,6 +464,9 @@ BAD_OTHER = {
     "tool_choice of an unknown mode": ("Chat", pb.ChatRequest(messages=ASK, tools=[WEATHER], tool_choice=pb.ToolChoice(
         mode="any")), INVALID, "tool_choice: must be"),
     "a tool without a name": ("Chat", pb.ChatRequest(messages=ASK, tools=[pb.Tool()]), INVALID, "tools[0].name"),
+    "a forced tool call ignoring EOS": ("Chat", pb.ChatRequest(messages=ASK, tools=[WEATHER], tool_choice=pb.ToolChoice(
+        function="get_weather"), sampling=sampling(ignore_eos=True)), INVALID, "tools: cannot be combined with "
+                                                                              "ignore_eos"),
     "a forced tool call and a structured output": ("Chat", pb.ChatRequest(
         messages=ASK, tools=[WEATHER], tool_choice=pb.ToolChoice(mode="required"),
         sampling=sampling(structured_output=pb.StructuredOutput(json_object=True))), INVALID, "tool_choice"),
