@@ -196,8 +196,7 @@ class _ChatReply:
 
     def _release(self, response: pb.GenerateResponse, answer: str, finish_reason: str | None) -> None:
         if finish_reason is None:
-            parser = self.tools.parser
-            upto = self.sent if parser is None else max(self.sent, parser.content_so_far(answer))
+            upto = max(self.sent, self.tools.text_so_far(answer))
             response.text, self.sent = answer[self.sent:upto], upto
             return
         content, calls = self.tools.reply(answer, finish_reason == "stop")

@@ -176,8 +176,7 @@ class ResponseShape:
         the parser's say; with "required", none (the whole reply is calls)."""
         sent = self.content_sent.get(index, 0)
         if finish_reason is None:
-            parser = self.tool_choice.parser
-            upto = 0 if parser is None else parser.content_so_far(completion.text)
+            upto = self.tool_choice.text_so_far(completion.text)
             self.content_sent[index] = max(sent, upto)
             return ({"content": completion.text[sent:upto]}, None) if upto > sent else None
         message, finish_reason = self._message(completion)

@@ -36,6 +36,11 @@ class ToolChoice:
     structure: StructuredOutput | None
     parser: "ToolCallParser | None" = None
 
+    def text_so_far(self, text: str) -> int:
+        """How much of a reply still being generated is surely text, not a call: with "auto", the parser's say; a
+        forced call's reply has none (it is the call)."""
+        return 0 if self.parser is None else self.parser.content_so_far(text)
+
     def reply(self, text: str, stopped: bool) -> tuple[str | None, list[dict[str, Any]] | None]:
         """A finished reply's content and OpenAI tool_calls; (text, None) where it holds no whole call (a forced
         call cut off by max_tokens: `stopped` false)."""

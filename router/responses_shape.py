@@ -134,9 +134,7 @@ class ResponsesShape:
         message); with a forced call, none (the answer is the call)."""
         if self.tool_choice is None:
             return answer
-        if self.tool_choice.parser is None:
-            return ""
-        text = answer[:self.tool_choice.parser.content_so_far(answer)]
+        text = answer[:self.tool_choice.text_so_far(answer)]
         return text if self.message_started or text.strip() else ""
 
     def _deltas(self, out: RequestOutput) -> list[str]:
