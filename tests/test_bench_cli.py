@@ -76,7 +76,7 @@ def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_mo
     """In its own process: the bench starts and stops a Ray of its own."""
     path = tmp_path / "routing.json"
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "routing", "--model",
-                          str(tiny_model_factory("llama")), "--prefill-replicas", "2", "--system-prompts", "2",
+                          str(tiny_model_factory("llama")), "--prefill-replicas", "1", "--system-prompts", "2",
                           "--users", "1", "--turns", "2", "--system-tokens", "48", "--arrival-rate", "0",
                           "--think-s", "0.1", "--max-tokens", "4", "--kv-cache-gb", "0.25", "--routers",
                           "prefix-cache", "round-robin", "--workloads", "shared", "--json", str(path)],
