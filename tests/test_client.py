@@ -1,5 +1,6 @@
 """The Python client (cluster/client.py) and `tandem generate/chat --url`, against one real Serve app (unified
-mode, a tiny random Llama) over a socket: whole results equal their streams, every RPC answers in plain
+mode, `disaggregate: false`: no prefill pool, the decode pool's replicas prefill too; a tiny random Llama) over a
+socket: whole results equal their streams, every RPC answers in plain
 dataclasses, server errors, deadlines and client-side mistakes are TandemErrors with the gRPC code, leaving a
 stream early cancels the request and frees its blocks, and the CLI prints the same completion or exits 1."""
 
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer
 from cluster.app import build_app
 from cluster.client import AsyncTandemClient, Chunk, Completion, Model, TandemClient, TandemError
 from cluster.config import ClusterConfig
+from tests.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -68,6 +70,15 @@ def assert_idle(timeout_s: float = 20.0):
     stats = wait_until_idle(timeout_s)
     assert (stats.num_running, stats.num_waiting) == (0, 0)
     assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_the_unified_app_has_no_prefill_pool_gives_hfs_tokens_and_serves_a_repeat_from_its_prefix_cache(client,
+                                                                                                         model):
+    prompt = [(11 * j) % 49152 for j in range(40)]  # no other test sends it: the first time, nothing is cached
+    first, second = (client.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True) for _ in range(2))
+    assert set(serve.status().applications[APP].deployments) == {"ingress", "decode"}
+    assert first.token_ids == second.token_ids == hf_greedy(model, prompt, 8)
+    assert (first.usage.cached_tokens, second.usage.cached_tokens) == (0, 32)
 
 
 # -- every method -----------------------------------------------------------------------------------------------
