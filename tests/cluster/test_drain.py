@@ -105,7 +105,9 @@ def test_serve_answers_then_ctrl_c_drains_it_and_a_sigterm_meanwhile_changes_not
             server.kill()
             server.communicate()
     status, body = answered
-    assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] == "length"
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 4
     status, body = bad_prompt
     assert status == 400 and json.loads(body)["error"]["param"] == "prompt"
     assert [m.id for m in models.models] == [model.name]
