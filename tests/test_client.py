@@ -1,8 +1,8 @@
 """The Python client (cluster/client.py) and `tandem generate/chat --url`, against one real Serve app (unified
 mode, `disaggregate: false`: no prefill pool, the decode pool's replicas prefill too; a tiny random Llama) over a
-socket: whole results equal their streams, every RPC answers in plain
-dataclasses, server errors, deadlines and client-side mistakes are TandemErrors with the gRPC code, leaving a
-stream early cancels the request and frees its blocks, and the CLI prints the same completion or exits 1."""
+socket: whole results equal their streams, every RPC answers in plain dataclasses, server errors, deadlines and
+client-side mistakes are TandemErrors with the gRPC code, leaving a stream early cancels the request and frees its
+blocks, and the CLI prints the same completion or exits 1."""
 
 import asyncio
 import json
