@@ -13,9 +13,10 @@ from typing import Any
 
 from router.errors import ApiError, Kind, classify
 from router.ingress import Ingress
-from router.openai_tools import ToolChoice, tool_call
+from router.openai_tools import ToolChoice
 from router.reasoning import ReasoningParser, ReasoningSplit
 from router.streams import merged
+from router.tool_call_json import CallSoFar, tool_call
 from workers.engine.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class ResponseShape:
         self.tool_choice = tool_choice  # chat: how each reply may call tools (router/openai_tools.py)
         self.reasoning = reasoning  # chat: the thinking told from the answer (router/reasoning.py)
         self.splits: dict[int, ReasoningSplit] = {}
-        self.calls_started: set[int] = set()  # streaming a named call: choices whose call's id and name are sent
-        self.content_sent: dict[int, int] = {}  # streaming "required"/"auto": characters sent as content, per choice
+        self.content_sent: dict[int, int] = {}  # streaming with tools: characters sent as content, per choice
+        self.arguments_sent: dict[int, list[int]] = {}  # streaming with tools: per choice, its calls begun
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
@@ -118,13 +119,12 @@ class ResponseShape:
             thinking = ""
             if self.reasoning is not None:
                 _, thinking, completion = self._answer(index, out, completion)
-            delta = self._chat_delta(index, completion, finish_reason)
+            delta, finish_reason = self._chat_delta(index, completion, finish_reason)
             if thinking:
-                body, finish_reason = delta if delta is not None else ({}, finish_reason)
-                delta = {"reasoning_content": thinking, "reasoning": thinking, **body}, finish_reason
-            if delta is None or delta == ({}, None) and logprobs is None:
+                delta = {"reasoning_content": thinking, "reasoning": thinking, **delta}
+            if not delta and finish_reason is None and logprobs is None:
                 return None
-            choice["delta"], choice["finish_reason"] = delta
+            choice["delta"], choice["finish_reason"] = delta, finish_reason
         else:
             choice["text"] = text
         return self._chunk(index, choice)
@@ -151,40 +151,31 @@ class ResponseShape:
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
     def _chat_delta(self, index: int, completion: CompletionOutput,
-                    finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
-        """A chunk's delta and finish reason; None: nothing to send yet. A named call streams its arguments as
-        they come; a list of calls ("required") is sent whole at the end, once it parses; with "auto", text streams
-        as content up to where a call may start, and the calls are sent at the end."""
+                    finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A chunk's delta and finish reason. With tools, text streams as content up to where a call may start
+        (with "auto", the parser's say; a forced call's reply has none), and each call goes out once its name is
+        whole (its id and name), then its arguments as they are generated. At the end, the whole reply decides:
+        the rest of its content and of its calls. A reply whose calls began streaming but do not parse in the end
+        (a call cut off by max_tokens) ends there, as what was sent cannot be taken back."""
         choice = self.tool_choice
         if choice is None:
             return ({"content": completion.delta_text} if completion.delta_text else {}), finish_reason
-        if choice.name is None:
-            return self._calls_at_end_delta(index, completion, finish_reason)
-        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        if index not in self.calls_started:
-            if not completion.delta_text and finish_reason is None:
-                return {}, None  # the reply is still thinking: the call starts with its arguments
-            self.calls_started.add(index)
-            return {"tool_calls": [{"index": 0, **tool_call(choice.name, completion.delta_text)}]}, finish_reason
-        if not completion.delta_text:
-            return {}, finish_reason
-        return {"tool_calls": [{"index": 0, "function": {"arguments": completion.delta_text}}]}, finish_reason
-
-    def _calls_at_end_delta(self, index: int, completion: CompletionOutput,
-                            finish_reason: str | None) -> tuple[dict[str, Any], str | None] | None:
-        """The calls go out once the reply is whole; before that, only text that cannot begin a call: with "auto",
-        the parser's say; with "required", none (the whole reply is calls)."""
         sent = self.content_sent.get(index, 0)
+        started = self.arguments_sent.setdefault(index, [])  # per call begun: how much of its arguments went out
         if finish_reason is None:
-            upto = self.tool_choice.text_so_far(completion.text)
-            self.content_sent[index] = max(sent, upto)
-            return ({"content": completion.text[sent:upto]}, None) if upto > sent else None
-        message, finish_reason = self._message(completion)
+            content = completion.text[:choice.text_so_far(completion.text)]
+            calls = choice.calls_so_far(completion.text)
+        else:
+            message, finish_reason = self._message(completion)
+            calls = [CallSoFar(call["function"]["name"], call["function"]["arguments"])
+                     for call in message.get("tool_calls") or []]
+            content = (message["content"] or "") if calls or not started else ""
         delta: dict[str, Any] = {}
-        if (message["content"] or "")[sent:]:
-            delta["content"] = message["content"][sent:]
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        if content[sent:]:
+            delta["content"] = content[sent:]
+            self.content_sent[index] = len(content)
+        if deltas := _call_deltas(calls, started):
+            delta["tool_calls"] = deltas
         return delta, finish_reason
 
     def _chunk(self, index: int, choice: dict[str, Any]) -> str:
@@ -277,6 +268,23 @@ def sse(data: dict[str, Any], event: str | None = None) -> str:
     """One server-sent event; the Responses API names each event by its type."""
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _call_deltas(calls: list[CallSoFar], started: list[int]) -> list[dict[str, Any]]:
+    """The tool-call deltas of calls so far, given how much of each call's arguments went out (`started`, which
+    this updates): a call's first delta has its id and name, once the name is whole; the next ones, what is new
+    of its arguments."""
+    deltas = []
+    for i, call in enumerate(calls):
+        if call.name is None:
+            break
+        if i == len(started):
+            deltas.append({"index": i, **tool_call(call.name, call.arguments)})
+            started.append(len(call.arguments))
+        elif call.arguments[started[i]:]:
+            deltas.append({"index": i, "function": {"arguments": call.arguments[started[i]:]}})
+            started[i] = len(call.arguments)
+    return deltas
 
 
 def error_body(error: ApiError) -> dict[str, Any]:

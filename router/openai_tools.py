@@ -10,15 +10,17 @@ tool_call_parser, router/tool_parsers.py) finds in the text.
                                                                 refused where none is configured, as vLLM does
     tool_choice "none"                                          plain text; the tools only reach the template
 
-The tools also go to the chat template, so a model trained for tools sees them as it was trained to.
+The tools also go to the chat template, so a model trained for tools sees them as it was trained to. A call's
+arguments are the JSON text the model wrote for them, which a stream sends as it is generated
+(router/tool_call_json.py reads it).
 """
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from router.errors import invalid
+from router.tool_call_json import CallSoFar, calls_in_sequence, space, tool_call
 from workers.engine.sampling_params import StructuredOutput
 
 if TYPE_CHECKING:
@@ -41,6 +43,16 @@ class ToolChoice:
         forced call's reply has none (it is the call)."""
         return 0 if self.parser is None else self.parser.content_so_far(text)
 
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        """The calls begun in a reply still being generated, whose arguments a stream sends as they come: with
+        "auto", those the parser finds; a named call's reply is its arguments; "required"'s is a list of calls."""
+        if self.parser is not None:
+            return self.parser.calls_so_far(text)
+        if self.name is not None:
+            return [CallSoFar(self.name, text)] if text else []
+        at = space(text, 0)
+        return calls_in_sequence(text, at + 1, ",", ("parameters",)) if text[at:at + 1] == "[" else []
+
     def reply(self, text: str, stopped: bool) -> tuple[str | None, list[dict[str, Any]] | None]:
         """A finished reply's content and OpenAI tool_calls; (text, None) where it holds no whole call (a forced
         call cut off by max_tokens: `stopped` false)."""
@@ -52,17 +64,7 @@ class ToolChoice:
             value = None
         if value is None:
             return text, None
-        if self.name is not None:
-            return None, [tool_call(self.name, text)]
-        return None, [tool_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]
-
-
-def tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+        return None, [tool_call(call.name, call.arguments) for call in self.calls_so_far(text)]
 
 
 def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: bool = True,

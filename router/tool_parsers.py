@@ -6,39 +6,36 @@ chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
     llama3_json   the whole reply is {"name": ..., "parameters": {...}}, or several separated by ";", optionally
                   after <|python_tag|>: Llama 3.1 and 3.2
 
-Each has `parse(text) -> (content, calls)` for a finished reply and `content_so_far(text)` for one still being
-generated: how much of it is surely text, which streams as content while the rest waits for the end.
+Each has `parse(text) -> (content, calls)` for a finished reply and, for one still being generated,
+`content_so_far(text)`, how much of it is surely text, which streams as content, and `calls_so_far(text)`, the
+calls begun in it, whose arguments stream as they are generated.
+
 """
 
-import json
-import re
 from typing import Any
 
-from router.openai_tools import tool_call
 from router.reasoning import partial_tag_length
+from router.tool_call_json import CallSoFar, call_so_far, calls_in_sequence, space, whole_call
 
 
 class HermesToolParser:
     start, end = "<tool_call>", "</tool_call>"
-    _call = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+    argument_keys = ("arguments",)
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """The reply's content (the text before the first call; None if only whitespace) and its tool calls, or
-        (text, None) where it makes none or one of them is not a call (not JSON, no name)."""
+        (text, None) where it makes none or one of them is not a whole call (not JSON, no name, not closed)."""
         first = text.find(self.start)
         if first < 0:
             return text, None
-        calls = []
-        for body in self._call.findall(text):
-            try:
-                call = json.loads(body)
-            except json.JSONDecodeError:
+        calls, at = [], first
+        while at >= 0:
+            call, end = whole_call(text, space(text, at + len(self.start)), self.argument_keys)
+            close = space(text, end)
+            if call is None or not text.startswith(self.end, close):
                 return text, None
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                return text, None
-            calls.append(tool_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
-        if not calls:
-            return text, None
+            calls.append(call)
+            at = text.find(self.start, close + len(self.end))
         content = text[:first]
         return (content if content.strip() else None), calls
 
@@ -50,25 +47,36 @@ class HermesToolParser:
             return first
         return len(text) - partial_tag_length(text, self.start)
 
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        """A call per <tool_call> opened so far."""
+        calls, at = [], text.find(self.start)
+        while at >= 0:
+            body = space(text, at + len(self.start))
+            if text[body:body + 1] != "{":
+                break
+            call, end = call_so_far(text, body, self.argument_keys)
+            calls.append(call)
+            if end is None:
+                break
+            at = text.find(self.start, end)
+        return calls
+
 
 class Llama3JsonToolParser:
     tag = "<|python_tag|>"
+    argument_keys = ("parameters", "arguments")
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """No content and the calls, where the whole reply is calls; else (text, None)."""
-        body = text.strip().removeprefix(self.tag).lstrip()
+        body = self._body(text)
         if not body.startswith("{"):
             return text, None
-        decoder, calls, at = json.JSONDecoder(), [], 0
+        calls, at = [], 0
         while at < len(body):
-            try:
-                call, at = decoder.raw_decode(body, at)
-            except json.JSONDecodeError:
+            call, at = whole_call(body, at, self.argument_keys)
+            if call is None:
                 return text, None
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                return text, None
-            arguments = call.get("parameters", call.get("arguments", {}))
-            calls.append(tool_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
+            calls.append(call)
             while at < len(body) and body[at] in "; \n\t":
                 at += 1
         return None, calls
@@ -80,6 +88,12 @@ class Llama3JsonToolParser:
         if start.startswith(("{", self.tag)) or self.tag.startswith(start):
             return 0
         return len(text)
+
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        return calls_in_sequence(self._body(text), 0, ";", self.argument_keys)
+
+    def _body(self, text: str) -> str:
+        return text.strip().removeprefix(self.tag).lstrip()
 
 
 ToolCallParser = HermesToolParser | Llama3JsonToolParser

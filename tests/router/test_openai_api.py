@@ -536,17 +536,19 @@ SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in 
 
 
 def streamed_calls(chunks) -> tuple[list[dict], set]:
-    """Tool calls put together from a stream's deltas, as the openai client's users do, and the finish reasons."""
+    """Tool calls put together from a stream's deltas, as the openai client's users do (with how many deltas
+    carried a part of each call's arguments), and the finish reasons."""
     calls: dict[int, dict] = {}
     finish = set()
     for chunk in chunks:
         for choice in chunk.choices:
             finish.add(choice.finish_reason)
             for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": "", "parts": 0})
                 call["id"] = call["id"] or delta.id
                 call["name"] += delta.function.name or ""
                 call["arguments"] += delta.function.arguments or ""
+                call["parts"] += bool(delta.function.arguments)
     return [calls[i] for i in sorted(calls)], finish - {None}
 
 
@@ -554,7 +556,7 @@ def streamed_calls(chunks) -> tuple[list[dict], set]:
 def test_a_forced_tool_choice_is_a_tool_call_whole_or_streamed(client, model_name, tool_choice):
     """Named: one call of that function; required: calls of the request's tools (here one, as
     parallel_tool_calls false asks: the random model would go on listing calls). Either way each call's arguments
-    follow its tool's schema, and the stream puts together the same calls."""
+    follow its tool's schema, and the stream puts together the same calls, their arguments sent as generated."""
     request = dict(model=model_name, messages=MESSAGES, tools=[WEATHER, CLOCK], tool_choice=tool_choice,
                    parallel_tool_calls=False, max_tokens=60, temperature=0)
     whole = client.chat.completions.create(**request).choices[0]
@@ -569,7 +571,7 @@ def test_a_forced_tool_choice_is_a_tool_call_whole_or_streamed(client, model_nam
     assert finish == {"tool_calls"}
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in calls]
-    assert all(c["id"] and c["id"].startswith("call_") for c in streamed)
+    assert all(c["id"] and c["id"].startswith("call_") and c["parts"] > 1 for c in streamed)
 
 
 def test_a_conversation_carries_the_calls_and_their_results(client, model_name):
@@ -781,7 +783,8 @@ HERMES_REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments":
 
 def test_auto_tool_choice_finds_the_models_own_calls_whole_or_streamed(client, model_name):
     """The cluster's parser (api.tool_call_parser hermes) turns the format's calls into tool_calls; the text
-    before them is the content, and no part of a call's markup ever streams as content."""
+    before them is the content, and no part of a call's markup ever streams as content. Streamed, a call's
+    arguments go out as they are generated, and add up to the whole reply's."""
     forced = {"structured_outputs": {"regex": re.escape(HERMES_REPLY)}}
     request = dict(model=model_name, messages=MESSAGES, tools=[WEATHER, CLOCK], max_tokens=80, temperature=0,
                    extra_body=forced)
@@ -794,6 +797,7 @@ def test_auto_tool_choice_finds_the_models_own_calls_whole_or_streamed(client, m
     streamed, finish = streamed_calls(chunks)
     assert (content, finish) == ("Let me check.\n", {"tool_calls"})
     assert [(c["name"], c["arguments"]) for c in streamed] == [(call.function.name, call.function.arguments)]
+    assert streamed[0]["parts"] > 1
     plain = client.chat.completions.create(model=model_name, messages=MESSAGES, tools=[WEATHER], max_tokens=6,
                                            temperature=0).choices[0]
     assert plain.message.tool_calls is None and plain.finish_reason in ("stop", "length")

@@ -6,6 +6,7 @@ import pytest
 
 from router.errors import ApiError
 from router.openai_tools import tool_choice
+from router.tool_call_json import CallSoFar
 from router.tool_parsers import HermesToolParser, Llama3JsonToolParser
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -31,6 +32,7 @@ def test_text_before_and_calls_in_the_hermes_format_are_found():
     "<tool_call>\n{not json}\n</tool_call>",
     '<tool_call>\n{"arguments": {}}\n</tool_call>',
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
+    CALL + '<tool_call>\n{"name": "get_weather", "arguments": {}}',  # the second one cut off before its end tag
 ])
 def test_a_reply_without_a_whole_call_is_text(text):
     assert HermesToolParser().parse(text) == (text, None)
@@ -74,6 +76,48 @@ def test_a_llama3_reply_that_is_not_all_calls_is_text(text):
 ])
 def test_a_llama3_reply_streams_as_content_once_it_cannot_be_a_call(text, content):
     assert text[:Llama3JsonToolParser().content_so_far(text)] == content
+
+
+# Whole replies, each with a call whose arguments hold what a scanner could take for their end: braces, quotes and
+# the call's own markup inside strings, and an object nested in them. With each, the calls whose arguments go out
+# in parts: all but those written before the call's name.
+TRICKY = '{"note": "a } or \\"{\\" and </tool_call>", "when": {"day": "today"}}'
+STREAMED = {
+    "hermes": (dict(parser=HermesToolParser()),
+               f'Let me look.\n{CALL}\n<tool_call>\n{{"name": "get_time", "arguments": {TRICKY}}}\n</tool_call>',
+               {0, 1}),
+    "llama3_json": (dict(parser=Llama3JsonToolParser()),
+                    f'<|python_tag|>{{"name": "get_weather", "parameters": {{"city":"Paris"}}}}; '
+                    f'{{"parameters": {TRICKY}, "name": "get_time"}}', {0}),
+    "required": (dict(choice="required"),
+                 f'[{{"name": "get_weather", "parameters": {{}}}}, {{"name": "get_time", "parameters": {TRICKY}}}]',
+                 {0, 1}),
+    "named": (dict(choice={"type": "function", "function": {"name": "get_weather"}}), TRICKY, {0}),
+}
+
+
+@pytest.mark.parametrize("kind", STREAMED)
+def test_calls_stream_as_generated_and_add_up_to_the_whole_replys_calls(kind):
+    """Each prefix of a reply, as a stream sees it: a call's name shows once whole, its arguments only grow and
+    end as the whole reply's, which are the model's own text."""
+    arguments, reply, in_parts = STREAMED[kind]
+    choice = tool_choice([WEATHER], **{"choice": "auto"} | arguments)
+    _, whole = choice.reply(reply, stopped=True)
+    assert [json.loads(call["function"]["arguments"]) for call in whole][-1] == json.loads(TRICKY)
+    seen, partial = [CallSoFar(None, "")] * len(whole), set()
+    for end in range(len(reply) + 1):
+        calls = choice.calls_so_far(reply[:end])
+        assert len(calls) <= len(whole)
+        for i, (call, final) in enumerate(zip(calls, whole)):
+            assert call.name in (None, final["function"]["name"])
+            assert call.arguments.startswith(seen[i].arguments)
+            assert final["function"]["arguments"].startswith(call.arguments)
+            if call.name is not None and 0 < len(call.arguments) < len(final["function"]["arguments"]):
+                partial.add(i)
+            seen[i] = call
+    assert [(call.name, call.arguments) for call in seen] == [
+        (call["function"]["name"], call["function"]["arguments"]) for call in whole]
+    assert partial == in_parts
 
 
 def test_auto_needs_a_parser_and_the_forced_choices_do_not():

@@ -1,0 +1,96 @@
+"""Tool calls in the JSON text a model writes, read while it is still being generated: a call's name once
+whole, and its arguments as the raw JSON text the model wrote for them, so a stream's argument deltas add up to
+exactly the arguments of the whole reply (router/tool_parsers.py finds the JSON in each model's format;
+router/openai_tools.py in a forced call's reply)."""
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"\s*")
+
+
+@dataclass(frozen=True)
+class CallSoFar:
+    """A tool call as far as it has been generated: its name once whole (None before), and the text of its
+    arguments so far, which only grows as the reply does, so a stream sends what is new."""
+
+    name: str | None
+    arguments: str
+
+
+def call_so_far(text: str, at: int, argument_keys: tuple[str, ...]) -> tuple[CallSoFar, int | None]:
+    """The call in the JSON object that starts at text[at] ("{") and may be cut off, and where the object ends
+    (None while it is not whole). Its arguments are the value of the first of `argument_keys` in it: an object
+    grows as it is generated; any other value counts once whole."""
+    name, arguments = None, ""
+    at = space(text, at + 1)
+    while at < len(text):
+        if text[at] == "}":
+            return CallSoFar(name, arguments), at + 1
+        try:
+            key, at = _DECODER.raw_decode(text, at)
+        except json.JSONDecodeError:
+            break
+        at = space(text, at)
+        if text[at:at + 1] != ":":
+            break
+        start = space(text, at + 1)
+        try:
+            value, at = _DECODER.raw_decode(text, start)
+        except json.JSONDecodeError:
+            if key in argument_keys and not arguments and text[start:start + 1] == "{":
+                arguments = text[start:]
+            break
+        if key == "name" and isinstance(value, str) and name is None:
+            name = value
+        elif key in argument_keys and not arguments:
+            arguments = text[start:at]
+        at = space(text, at)
+        if text[at:at + 1] == ",":
+            at = space(text, at + 1)
+    return CallSoFar(name, arguments), None
+
+
+def calls_in_sequence(text: str, at: int, separator: str, argument_keys: tuple[str, ...]) -> list[CallSoFar]:
+    """The calls in JSON objects one after another from text[at], `separator` (and white space) between them:
+    those whole and the one still being generated."""
+    calls = []
+    at = space(text, at)
+    while text[at:at + 1] == "{":
+        call, end = call_so_far(text, at, argument_keys)
+        calls.append(call)
+        if end is None:
+            break
+        at = space(text, end)
+        while text[at:at + 1] and text[at] in separator:
+            at = space(text, at + 1)
+    return calls
+
+
+def whole_call(text: str, at: int, argument_keys: tuple[str, ...]) -> tuple[dict[str, Any] | None, int]:
+    """The tool call (OpenAI's layout) in the JSON object at text[at], and where the object ends; None where it
+    is no whole call (not JSON, not an object, no name)."""
+    try:
+        value, end = _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError:
+        return None, at
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None, end
+    call, _ = call_so_far(text, at, argument_keys)
+    return tool_call(value["name"], call.arguments or "{}"), end
+
+
+def space(text: str, at: int) -> int:
+    return _SPACE.match(text, at).end()
+
+
+def tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
