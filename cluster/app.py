@@ -88,8 +88,9 @@ def build_app(config: ClusterConfig) -> Application:
 
 
 def served_model(config: ClusterConfig, model_dir: str) -> ServedModel:
-    """The model as clients name it: the configured name ('smollm2') or the folder's name, not a local path."""
+    """The model as clients name it: served_model_name, else the configured name ('smollm2') or the folder's
+    name, not a local path."""
     hf_config = load_hf_config(model_dir)
     max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
-    return ServedModel(name=Path(config.model).name, path=model_dir, max_model_len=max_len,
-                       vocab_size=hf_config.vocab_size, block_size=config.block_size)
+    return ServedModel(name=config.served_model_name or Path(config.model).name, path=model_dir,
+                       max_model_len=max_len, vocab_size=hf_config.vocab_size, block_size=config.block_size)

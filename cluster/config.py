@@ -110,6 +110,8 @@ class ClusterConfig:
     """The whole cluster: the model and engine every group runs, the pools, routing and the endpoints."""
 
     model: str = _field("smollm2", "'smollm2' (embedded SmolLM2-135M-Instruct) or a local HF model folder")
+    served_model_name: str | None = _field(None, "the model's name in the APIs, which requests give as `model` "
+                                                 "(null: the model folder's name, or 'smollm2')")
     device: str = _field("cpu", "where every rank runs", choices=("cpu", "cuda"))
     dtype: str = _field("auto", "weights and KV precision; auto = float32 on CPU, bfloat16 on GPU",
                         choices=("auto", "float32", "bfloat16", "float16"))

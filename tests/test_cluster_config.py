@@ -215,9 +215,10 @@ def test_flags_override_the_file(tmp_path):
 
 
 def test_vllms_spellings_of_the_api_flags_work_too():
-    config = parse("--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes", "--api-key", "k")
-    assert (config.api.reasoning_parser, config.api.tool_call_parser, config.api.api_key) == (
-        "deepseek_r1", "hermes", "k")
+    config = parse("--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes", "--api-key", "k",
+                   "--served-model-name", "acme/chat")
+    assert (config.api.reasoning_parser, config.api.tool_call_parser, config.api.api_key,
+            config.served_model_name) == ("deepseek_r1", "hermes", "k", "acme/chat")
     assert parse("--api-reasoning-parser", "qwen3").api.reasoning_parser == "qwen3"
 
 

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 APP = "tandem-openai"
 GRPC_PORT = 15051  # not the default, so another cluster on this machine does not collide
 KEY = "test-key"
+SERVED_NAME = "acme/tiny-chat"  # served_model_name: the name clients give, not the model folder's
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CHOICES = 8
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
@@ -38,8 +39,8 @@ GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, tiny_model_factory, redis_url):
     model = str(tiny_model_factory("llama"))
-    config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
-                           redis_url=redis_url, grpc_port=GRPC_PORT,
+    config = ClusterConfig(model=model, served_model_name=SERVED_NAME, num_kv_blocks=64, num_cpus_per_rank=0.5,
+                           disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
                                          tool_call_parser="hermes", reasoning_parser="deepseek_r1"))
     serve.run(build_app(config), name=APP, route_prefix="/")
@@ -81,10 +82,13 @@ def metric(base_url: str, sample: str) -> float:
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
-def test_models_lists_the_served_model(client, cluster):
+def test_models_lists_the_served_model_by_its_served_name(client, cluster):
     [model] = client.models.list().data
-    assert (model.id, model.object, model.owned_by) == (Path(cluster).name, "model", "tandem")
+    assert (model.id, model.object, model.owned_by) == (SERVED_NAME, "model", "tandem")
     assert model.max_model_len == 1024  # the tiny model's context
+    assert client.completions.create(model=SERVED_NAME, prompt="Hi", max_tokens=1).model == SERVED_NAME
+    with pytest.raises(openai.NotFoundError, match=SERVED_NAME):
+        client.completions.create(model=Path(cluster).name, prompt="Hi", max_tokens=1)
 
 
 def test_a_model_is_retrieved_by_its_name(client, model_name):
