@@ -6,8 +6,10 @@ tool_call_parser, router/tool_parsers.py) finds in the text.
     tool_choice {"type": "function", "function": {"name": N}}   the reply is N's arguments, one JSON object
     tool_choice "required"                                      a JSON array of one or more {"name", "parameters"}
                                                                 (one alone with parallel_tool_calls false)
-    tool_choice "auto" (the default with tools)                 text, tool calls or both, found by the parser;
-                                                                refused where none is configured, as vLLM does
+    tool_choice "auto" (the default with tools)                 text, tool calls or both, found by the parser
+                                                                (the first call alone with parallel_tool_calls
+                                                                false); refused where none is configured, as
+                                                                vLLM does
     tool_choice "none"                                          plain text; the tools only reach the template
 
 The tools also go to the chat template, so a model trained for tools sees them as it was trained to. A call's
@@ -32,11 +34,13 @@ _ANY_OBJECT = {"type": "object"}
 @dataclass(frozen=True)
 class ToolChoice:
     """What the reply is: the arguments of the function `name`; (name None) a list of calls; or, with a `parser`
-    ("auto"), whatever the model says, calls found in it."""
+    ("auto"), whatever the model says, calls found in it, the first alone where `parallel` is false (the model
+    decides how many it makes; a structure holds "required" to one)."""
 
     name: str | None
     structure: StructuredOutput | None
     parser: "ToolCallParser | None" = None
+    parallel: bool = True
 
     def text_so_far(self, text: str) -> int:
         """How much of a reply still being generated is surely text, not a call: with "auto", the parser's say; a
@@ -47,7 +51,8 @@ class ToolChoice:
         """The calls begun in a reply still being generated, whose arguments a stream sends as they come: with
         "auto", those the parser finds; a named call's reply is its arguments; "required"'s is a list of calls."""
         if self.parser is not None:
-            return self.parser.calls_so_far(text)
+            calls = self.parser.calls_so_far(text)
+            return calls if self.parallel else calls[:1]
         if self.name is not None:
             return [CallSoFar(self.name, text)] if text else []
         at = space(text, 0)
@@ -57,7 +62,8 @@ class ToolChoice:
         """A finished reply's content and OpenAI tool_calls; (text, None) where it holds no whole call (a forced
         call cut off by max_tokens: `stopped` false)."""
         if self.parser is not None:
-            return self.parser.parse(text)
+            content, calls = self.parser.parse(text)
+            return content, calls if self.parallel or calls is None else calls[:1]
         try:
             value = json.loads(text) if stopped else None
         except json.JSONDecodeError:
@@ -81,7 +87,7 @@ def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: b
             raise invalid("tool_choice", "\"auto\" needs a parser for the model's tool-call format, which this "
                                          "server is not configured with (api.tool_call_parser): send \"required\", "
                                          "name a function, or send \"none\"")
-        return ToolChoice(None, None, parser)
+        return ToolChoice(None, None, parser, parallel)
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": schema},
                   "required": ["name", "parameters"]} for name, schema in schemas.items()]

@@ -120,6 +120,17 @@ def test_calls_stream_as_generated_and_add_up_to_the_whole_replys_calls(kind):
     assert partial == in_parts
 
 
+@pytest.mark.parametrize("parser", [HermesToolParser(), Llama3JsonToolParser()])
+def test_auto_without_parallel_calls_keeps_the_first_call_whole_or_streamed(parser):
+    """The model decides how many calls it makes; parallel_tool_calls false hands back its first alone."""
+    text = STREAMED["hermes" if isinstance(parser, HermesToolParser) else "llama3_json"][1]
+    single, parallel = (tool_choice([WEATHER], "auto", allowed, parser) for allowed in (False, True))
+    assert len(parallel.reply(text, stopped=True)[1]) == 2 and len(parallel.calls_so_far(text)) == 2
+    [call] = single.reply(text, stopped=True)[1]
+    assert arguments_by_name([call]) == [("get_weather", {"city": "Paris"})]
+    assert [c.name for c in single.calls_so_far(text)] == ["get_weather"]
+
+
 def test_auto_needs_a_parser_and_the_forced_choices_do_not():
     with pytest.raises(ApiError, match="api.tool_call_parser"):
         tool_choice([WEATHER], "auto")
