@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from cluster.client import TandemClient, TandemError
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: an LLM serving engine and cluster.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("--version", action="version", version=f"tandem {package_version('tandem')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt and stream it to stdout",

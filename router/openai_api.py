@@ -14,6 +14,7 @@
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
     GET  /health                 "ok", or 503 while the replica drains (no API key)
+    GET  /version                vLLM's: {"version": Tandem's} (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
 Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
@@ -46,6 +47,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import replace
+from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -242,6 +244,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/metrics", api.metrics, methods=["GET"])
     return app
 
@@ -394,6 +397,9 @@ class OpenAIApi:
         if self.ingress.draining:
             return PlainTextResponse("draining", status_code=503)
         return PlainTextResponse("ok")
+
+    async def version(self) -> JSONResponse:
+        return JSONResponse({"version": package_version("tandem")})
 
     async def _serve(self, request: Request, body_type: type[Body],
                      build: Callable[[Body, dict[str, str]], Awaitable[Built]],

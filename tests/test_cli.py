@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def test_help_explains_every_command():
         assert command in out.stdout
     gen = tandem("generate", "--help")
     assert "--max-tokens" in gen.stdout and "--model" in gen.stdout and "smollm2" in gen.stdout
+    assert tandem("--version").stdout == f"tandem {version('tandem')}\n"
 
 
 def test_generate_answers_with_the_embedded_model_as_json(smollm2_path):

@@ -8,6 +8,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -626,7 +627,7 @@ def test_an_oversized_body_is_a_413(client, model_name):
     assert refused.value.status_code == 413 and refused.value.body["code"] == 413
 
 
-def test_v1_needs_the_api_key_and_health_and_metrics_do_not(base_url, model_name):
+def test_v1_needs_the_api_key_and_health_metrics_and_version_do_not(base_url, model_name):
     stranger = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as refused:
         stranger.completions.create(model=model_name, prompt="Hello", max_tokens=2)
@@ -638,6 +639,8 @@ def test_v1_needs_the_api_key_and_health_and_metrics_do_not(base_url, model_name
     assert get(f"{base_url}/health")[::2] == (200, "ok")
     status, content_type, _ = get(f"{base_url}/metrics")
     assert status == 200 and content_type.startswith("text/plain")
+    status, _, body = get(f"{base_url}/version")
+    assert status == 200 and json.loads(body) == {"version": version("tandem")}
 
 
 def test_raw_server_sent_events_end_with_done(base_url, model_name):
