@@ -9,18 +9,21 @@ response.output_text.delta per release of text, then the .done events of the tex
 response.completed, or response.incomplete when max_output_tokens cut the answer short. A reasoning item comes
 first: response.output_item.added, a response.reasoning_text.delta per release of thinking, then
 response.reasoning_text.done and response.output_item.done once the thinking is over. Every event has a
-sequence_number and its type both as the SSE event name and in its data. Function calls go out once the reply is
-whole, after the message, each as response.output_item.added, response.function_call_arguments.delta and .done,
-and response.output_item.done; with tool_choice "auto" the message's text streams up to where a call may start (as
-the parser says), while a forced call's reply has no text to stream. A failure after the stream started
-is an `error` event followed by response.failed. A finished response is stored (router/response_store.py) before
-the client sees its end, so the next turn can continue from it at once; with store: false, or no store, it is not.
+sequence_number and its type both as the SSE event name and in its data. Function calls follow the message: with
+tool_choice "auto" the message's text streams up to where a call may start (as the parser says), while a forced
+call's reply has no text to stream. Once the first call's name is whole, the message is done; each call is a
+response.output_item.added, then a response.function_call_arguments.delta per release of its arguments, and once
+the reply is whole, .done and response.output_item.done. A call cut off by max_output_tokens ends incomplete with
+the arguments it had. A failure after the stream started is an `error` event followed by response.failed. A
+finished response is stored (router/response_store.py) before the client sees its end, so the next turn can
+continue from it at once; with store: false, or no store, it is not.
 """
 
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from itertools import takewhile
 from typing import Any
 
 from router.errors import Kind, classify
@@ -30,6 +33,7 @@ from router.openai_tools import ToolChoice
 from router.reasoning import Parts, ReasoningParser, ReasoningSplit
 from router.response_store import ResponseStore
 from router.streams import merged
+from router.tool_call_json import CallSoFar, tool_call
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
@@ -57,6 +61,8 @@ class ResponsesShape:
         self.thinking_started = self.thinking_done = self.message_started = False
         self.thinking_sent = self.answer_sent = 0
         self.message_index = 0  # 1 where a reasoning item comes first
+        self.message_done: dict[str, Any] | None = None  # the message, closed as the first call began
+        self.calls_opened: list[dict[str, Any]] = []  # function_call items begun, their arguments as sent so far
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
@@ -71,15 +77,22 @@ class ResponsesShape:
         status = "incomplete" if incomplete else "completed"
         parts = self._parts(out)
         answer_start = self._answer_start(completion.token_ids, parts)
-        content, calls = parts.content, None
+        content, calls, cut = parts.content, None, []
         if self.tool_choice is not None:
             content, calls = self.tool_choice.reply(parts.content, completion.finish_reason == "stop")
+            if calls is None:  # calls begun but not whole (cut off by max_output_tokens): they end incomplete
+                cut = list(takewhile(lambda call: call.name is not None, self.tool_choice.calls_so_far(content)))
         output = [] if parts.reasoning is None else [self._reasoning_item("completed", parts.reasoning)]
-        if content is not None and (content or parts.reasoning is None):
+        text = content[:self.tool_choice.text_so_far(content)] if cut else content
+        if self.message_done is not None:
+            output.append(self.message_done)
+        elif text is not None and (text.strip() if cut else (text or parts.reasoning is None)):
             # The text before tool calls has no logprobs of its own.
-            logprobs = [] if calls else self._logprobs(completion.token_ids, completion.logprobs, answer_start)
-            output.append(self._item(status, [self._part(content, logprobs)]))
-        output += [_function_call(call) for call in calls or []]
+            logprobs = [] if calls or cut else self._logprobs(completion.token_ids, completion.logprobs, answer_start)
+            output.append(self._item(status, [self._part(text, logprobs)]))
+        output += [_function_call(call, self._opened(i)) for i, call in enumerate(calls or [])]
+        output += [_function_call(tool_call(call.name, call.arguments), self._opened(i), "incomplete")
+                   for i, call in enumerate(cut)]
         response = self._response(status, output, usage=_usage(out, answer_start),
                                   incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                                   completed_at=None if incomplete else int(time.time()))
@@ -158,7 +171,41 @@ class ResponsesShape:
             events.append(self._event("response.output_text.delta", **self._at(), delta=answer[self.answer_sent:],
                                       logprobs=self._logprobs(completion.token_ids, completion.logprobs, start)))
             self.answer_sent = len(answer)
+        if self.tool_choice is not None and parts.answering:
+            events += self._call_deltas(answer, self.tool_choice.calls_so_far(parts.content))
         return events
+
+    def _call_deltas(self, text: str, calls: list[CallSoFar]) -> list[str]:
+        """Each call begun in the reply, once its name is whole: the message closed before the first (its `text`
+        is all there is: the rest of the reply is calls), the call's item opened, then its arguments as they
+        are generated."""
+        events = []
+        for i, call in enumerate(calls):
+            if call.name is None:
+                break
+            if i == len(self.calls_opened):
+                if i == 0 and self.message_started:
+                    message = self._item("completed", [self._part(text, [])])
+                    events += self._item_done(message, self.message_index)
+                    self.message_done = message
+                self.calls_opened.append(_function_call(tool_call(call.name, ""), status="in_progress"))
+                events.append(self._event("response.output_item.added", output_index=self._call_index(i),
+                                          item=self.calls_opened[i]))
+            opened = self.calls_opened[i]
+            if call.arguments[len(opened["arguments"]):]:
+                events.append(self._event("response.function_call_arguments.delta", item_id=opened["id"],
+                                          output_index=self._call_index(i),
+                                          delta=call.arguments[len(opened["arguments"]):]))
+                opened["arguments"] = call.arguments
+        return events
+
+    def _opened(self, i: int) -> dict[str, Any] | None:
+        """The item a stream opened for the reply's call i, whose ids the whole response keeps; None if none."""
+        return self.calls_opened[i] if i < len(self.calls_opened) else None
+
+    def _call_index(self, i: int) -> int:
+        """The output index of the reply's call i: after the reasoning item and the message, where they are."""
+        return self.message_index + (self.message_done is not None) + i
 
     def _reasoning_started(self) -> list[str]:
         """The reasoning item's opening event, the first time; it comes first, so the message follows at 1."""
@@ -181,10 +228,16 @@ class ResponsesShape:
         then its .done events (an item nothing of which was streamed is opened first)."""
         if item["type"] == "function_call":
             at = {"item_id": item["id"], "output_index": index}
-            return [self._event("response.output_item.added", output_index=index, item=_started(item)),
-                    self._event("response.function_call_arguments.delta", **at, delta=item["arguments"]),
-                    self._event("response.function_call_arguments.done", **at, arguments=item["arguments"]),
-                    self._event("response.output_item.done", output_index=index, item=item)]
+            sent = next((opened["arguments"] for opened in self.calls_opened if opened["id"] == item["id"]), None)
+            events = [] if sent is not None else [
+                self._event("response.output_item.added", output_index=index, item=_started(item))]
+            rest = item["arguments"][len(sent or ""):]
+            if rest or sent is None:
+                events.append(self._event("response.function_call_arguments.delta", **at, delta=rest))
+            return events + [self._event("response.function_call_arguments.done", **at, arguments=item["arguments"]),
+                             self._event("response.output_item.done", output_index=index, item=item)]
+        if item["type"] == "message" and self.message_done is not None:
+            return []  # closed as the first call began
         [part] = item["content"]
         if item["type"] == "reasoning":
             if self.thinking_done:
@@ -241,10 +294,13 @@ class ResponsesShape:
         return sse(event, event=kind)
 
 
-def _function_call(call: dict[str, Any]) -> dict[str, Any]:
-    """A chat tool call as a Responses API output item."""
-    return {"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": "completed",
+def _function_call(call: dict[str, Any], opened: dict[str, Any] | None = None,
+                   status: str = "completed") -> dict[str, Any]:
+    """A chat tool call as a Responses API output item; `opened`: the item a stream began for it, whose ids it
+    keeps."""
+    item = {"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": status,
             "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+    return item if opened is None else item | {"id": opened["id"], "call_id": opened["call_id"]}
 
 
 def _started(item: dict[str, Any]) -> dict[str, Any]:

@@ -756,7 +756,7 @@ def test_a_bad_structure_is_a_400_naming_the_field(client, model_name, kwargs, p
 
 def test_a_response_can_be_a_function_call_and_continue_from_its_output(client, model_name):
     """The Responses API's layout of tools, calls and their outputs: a forced call comes back as function_call
-    items (streamed once whole), and its output, sent as the next input, continues the stored conversation."""
+    items (streamed as generated), and its output, sent as the next input, continues the stored conversation."""
     weather = {"type": "function", **WEATHER["function"]}
     request = dict(model=model_name, input="What is the weather in Paris?", tools=[weather, {
         "type": "function", **CLOCK["function"]}], tool_choice={"type": "function", "name": "get_weather"},
@@ -767,12 +767,16 @@ def test_a_response_can_be_a_function_call_and_continue_from_its_output(client, 
                                                                  "completed")
     jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_weather"])
     with client.responses.stream(**request) as stream:
-        kinds = [event.type for event in stream]
+        events = list(stream)
         [streamed] = stream.get_final_response().output
+    kinds = [kind for i, kind in enumerate(e.type for e in events) if i == 0 or kind != events[i - 1].type]
     assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
                      "response.function_call_arguments.delta", "response.function_call_arguments.done",
                      "response.output_item.done", "response.completed"]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == streamed.arguments and len(deltas) > 1
     assert (streamed.name, streamed.arguments) == (call.name, call.arguments) and streamed.call_id != call.call_id
+    assert {e.item.call_id for e in events if e.type.startswith("response.output_item")} == {streamed.call_id}
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
     follow_up = client.responses.create(model=model_name, previous_response_id=whole.id, input=[result],
                                         max_output_tokens=4, temperature=0)
@@ -874,8 +878,27 @@ def test_a_response_that_thinks_has_a_reasoning_item_before_its_message_whole_or
     assert events[-1].response.output_text == ANSWER
 
 
+def test_a_call_cut_off_by_max_output_tokens_ends_incomplete_whole_or_streamed(client, model_name):
+    """As far as its arguments went, in an incomplete response, rather than as text."""
+    weather = {"type": "function", **WEATHER["function"]}
+    request = dict(model=model_name, input="What is the weather in Paris?", tools=[weather], temperature=0,
+                   tool_choice={"type": "function", "name": "get_weather"})
+    full = client.responses.create(**request, max_output_tokens=60).output[0].arguments
+    whole = client.responses.create(**request, max_output_tokens=4)
+    [call] = whole.output
+    assert (whole.status, call.type, call.status, call.name) == ("incomplete", "function_call", "incomplete",
+                                                                 "get_weather")
+    assert full.startswith(call.arguments) and 0 < len(call.arguments) < len(full)
+    events = list(client.responses.create(**request, max_output_tokens=4, stream=True))
+    [streamed] = events[-1].response.output
+    assert (events[-1].type, streamed.status, streamed.arguments) == ("response.incomplete", "incomplete",
+                                                                      call.arguments)
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
+
+
 def test_auto_tool_choice_in_the_responses_api_gives_a_message_and_function_calls(client, model_name):
-    """Whole or streamed; streamed, the message's text goes out as it is generated and the calls once whole."""
+    """Whole or streamed; streamed, the message's text goes out as it is generated, then the calls' arguments,
+    and the stream's items are the whole response's."""
     weather = {"type": "function", **WEATHER["function"]}
     request = dict(model=model_name, input="What is the weather in Paris?", tools=[weather], max_output_tokens=80,
                    temperature=0, extra_body={"structured_outputs": {"regex": re.escape(HERMES_REPLY)}})
@@ -895,3 +918,7 @@ def test_auto_tool_choice_in_the_responses_api_gives_a_message_and_function_call
     assert "".join(text) == "Let me check.\n" and len(text) > 1
     assert [(e.item.type, e.output_index) for e in events if e.type == "response.output_item.done"] == [
         ("message", 0), ("function_call", 1)]
+    arguments = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert "".join(arguments) == call.arguments and len(arguments) > 1
+    done = events[-1].response.output
+    assert [item.id for item in done] == [e.item.id for e in events if e.type == "response.output_item.added"]
