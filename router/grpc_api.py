@@ -33,6 +33,7 @@ from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.openai_tools import ToolChoice, tool_choice
 from router.reasoning import ReasoningParser, ReasoningSplit
+from router.tool_call_json import CallSoFar, CallStream
 from router.tool_parsers import tool_call_parser
 from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import RequestOutput
@@ -175,13 +176,16 @@ class GenerationServicer:
 
 class _ChatReply:
     """What a chat reply's responses carry besides its tokens: with a reasoning parser, its thinking apart from its
-    answer; with tools, the answer's text up to where a call may begin, and the calls once the reply is whole."""
+    answer; with tools, the answer's text up to where a call may begin, the calls' deltas as they are generated,
+    and the calls whole at the end. A reply whose calls began but do not parse in the end (cut off by max_tokens)
+    ends there, as what was sent cannot be taken back."""
 
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolChoice | None):
         self.reasoning = reasoning
         self.tools = tools
         self.split: ReasoningSplit | None = None
         self.sent = 0  # with tools: how much of the answer has gone out
+        self.calls = CallStream()
 
     def fill(self, response: pb.GenerateResponse, out: RequestOutput) -> None:
         completion = out.outputs[0]
@@ -198,13 +202,22 @@ class _ChatReply:
         if finish_reason is None:
             upto = max(self.sent, self.tools.text_so_far(answer))
             response.text, self.sent = answer[self.sent:upto], upto
+            self._deltas(response, self.tools.calls_so_far(answer))
             return
         content, calls = self.tools.reply(answer, finish_reason == "stop")
+        if calls is None:
+            response.text = "" if self.calls.ids else (content or "")[self.sent:]
+            return
         response.text = (content or "")[self.sent:]
-        if calls:
-            response.finish_reason = "tool_calls"
-            response.tool_calls.extend(pb.ToolCall(id=call["id"], name=call["function"]["name"],
-                                                   arguments=call["function"]["arguments"]) for call in calls)
+        self._deltas(response, [CallSoFar(call["function"]["name"], call["function"]["arguments"]) for call in calls])
+        response.finish_reason = "tool_calls"
+        response.tool_calls.extend(pb.ToolCall(id=call["id"], name=call["function"]["name"],
+                                               arguments=call["function"]["arguments"])
+                                   for call in self.calls.with_ids(calls))
+
+    def _deltas(self, response: pb.GenerateResponse, calls: list[CallSoFar]) -> None:
+        response.tool_call_deltas.extend(pb.ToolCallDelta(index=d.index, id=d.id or "", name=d.name or "",
+                                                          arguments=d.arguments) for d in self.calls.deltas(calls))
 
 
 def _tool(index: int, tool: pb.Tool) -> dict[str, Any]:

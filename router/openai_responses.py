@@ -16,7 +16,7 @@ from router.ingress import Ingress
 from router.openai_tools import ToolChoice
 from router.reasoning import ReasoningParser, ReasoningSplit
 from router.streams import merged
-from router.tool_call_json import CallSoFar, tool_call
+from router.tool_call_json import CallDelta, CallSoFar, CallStream
 from workers.engine.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class ResponseShape:
         self.reasoning = reasoning  # chat: the thinking told from the answer (router/reasoning.py)
         self.splits: dict[int, ReasoningSplit] = {}
         self.content_sent: dict[int, int] = {}  # streaming with tools: characters sent as content, per choice
-        self.arguments_sent: dict[int, list[int]] = {}  # streaming with tools: per choice, its calls begun
+        self.call_streams: dict[int, CallStream] = {}  # streaming with tools: per choice, what of its calls went out
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
@@ -161,7 +161,7 @@ class ResponseShape:
         if choice is None:
             return ({"content": completion.delta_text} if completion.delta_text else {}), finish_reason
         sent = self.content_sent.get(index, 0)
-        started = self.arguments_sent.setdefault(index, [])  # per call begun: how much of its arguments went out
+        stream = self.call_streams.setdefault(index, CallStream())
         if finish_reason is None:
             content = completion.text[:choice.text_so_far(completion.text)]
             calls = choice.calls_so_far(completion.text)
@@ -169,13 +169,13 @@ class ResponseShape:
             message, finish_reason = self._message(completion)
             calls = [CallSoFar(call["function"]["name"], call["function"]["arguments"])
                      for call in message.get("tool_calls") or []]
-            content = (message["content"] or "") if calls or not started else ""
+            content = (message["content"] or "") if calls or not stream.ids else ""
         delta: dict[str, Any] = {}
         if content[sent:]:
             delta["content"] = content[sent:]
             self.content_sent[index] = len(content)
-        if deltas := _call_deltas(calls, started):
-            delta["tool_calls"] = deltas
+        if deltas := stream.deltas(calls):
+            delta["tool_calls"] = [_tool_call_delta(d) for d in deltas]
         return delta, finish_reason
 
     def _chunk(self, index: int, choice: dict[str, Any]) -> str:
@@ -270,21 +270,12 @@ def sse(data: dict[str, Any], event: str | None = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _call_deltas(calls: list[CallSoFar], started: list[int]) -> list[dict[str, Any]]:
-    """The tool-call deltas of calls so far, given how much of each call's arguments went out (`started`, which
-    this updates): a call's first delta has its id and name, once the name is whole; the next ones, what is new
-    of its arguments."""
-    deltas = []
-    for i, call in enumerate(calls):
-        if call.name is None:
-            break
-        if i == len(started):
-            deltas.append({"index": i, **tool_call(call.name, call.arguments)})
-            started.append(len(call.arguments))
-        elif call.arguments[started[i]:]:
-            deltas.append({"index": i, "function": {"arguments": call.arguments[started[i]:]}})
-            started[i] = len(call.arguments)
-    return deltas
+def _tool_call_delta(delta: CallDelta) -> dict[str, Any]:
+    """A call's delta in a chat chunk: its first carries the call's id and name, the next ones only arguments."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    return {"index": delta.index, "id": delta.id, "type": "function",
+            "function": {"name": delta.name, "arguments": delta.arguments}}
 
 
 def error_body(error: ApiError) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from router.openai_tools import ToolChoice
 from router.reasoning import Parts, ReasoningParser, ReasoningSplit
 from router.response_store import ResponseStore
 from router.streams import merged
-from router.tool_call_json import CallSoFar, tool_call
+from router.tool_call_json import CallSoFar, CallStream, tool_call
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
@@ -62,7 +62,7 @@ class ResponsesShape:
         self.thinking_sent = self.answer_sent = 0
         self.message_index = 0  # 1 where a reasoning item comes first
         self.message_done: dict[str, Any] | None = None  # the message, closed as the first call began
-        self.calls_opened: list[dict[str, Any]] = []  # function_call items begun, their arguments as sent so far
+        self.calls = CallStream()  # what of the reply's calls went out
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
@@ -81,7 +81,9 @@ class ResponsesShape:
         if self.tool_choice is not None:
             content, calls = self.tool_choice.reply(parts.content, completion.finish_reason == "stop")
             if calls is None:  # calls begun but not whole (cut off by max_output_tokens): they end incomplete
-                cut = list(takewhile(lambda call: call.name is not None, self.tool_choice.calls_so_far(content)))
+                cut = [tool_call(call.name, call.arguments) for call in takewhile(
+                    lambda call: call.name is not None, self.tool_choice.calls_so_far(content))]
+            calls, cut = calls and self.calls.with_ids(calls), self.calls.with_ids(cut)
         output = [] if parts.reasoning is None else [self._reasoning_item("completed", parts.reasoning)]
         text = content[:self.tool_choice.text_so_far(content)] if cut else content
         if self.message_done is not None:
@@ -90,9 +92,8 @@ class ResponsesShape:
             # The text before tool calls has no logprobs of its own.
             logprobs = [] if calls or cut else self._logprobs(completion.token_ids, completion.logprobs, answer_start)
             output.append(self._item(status, [self._part(text, logprobs)]))
-        output += [_function_call(call, self._opened(i)) for i, call in enumerate(calls or [])]
-        output += [_function_call(tool_call(call.name, call.arguments), self._opened(i), "incomplete")
-                   for i, call in enumerate(cut)]
+        output += [_function_call(call) for call in calls or []]
+        output += [_function_call(call, "incomplete") for call in cut]
         response = self._response(status, output, usage=_usage(out, answer_start),
                                   incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                                   completed_at=None if incomplete else int(time.time()))
@@ -180,28 +181,20 @@ class ResponsesShape:
         is all there is: the rest of the reply is calls), the call's item opened, then its arguments as they
         are generated."""
         events = []
-        for i, call in enumerate(calls):
-            if call.name is None:
-                break
-            if i == len(self.calls_opened):
-                if i == 0 and self.message_started:
-                    message = self._item("completed", [self._part(text, [])])
-                    events += self._item_done(message, self.message_index)
-                    self.message_done = message
-                self.calls_opened.append(_function_call(tool_call(call.name, ""), status="in_progress"))
-                events.append(self._event("response.output_item.added", output_index=self._call_index(i),
-                                          item=self.calls_opened[i]))
-            opened = self.calls_opened[i]
-            if call.arguments[len(opened["arguments"]):]:
-                events.append(self._event("response.function_call_arguments.delta", item_id=opened["id"],
-                                          output_index=self._call_index(i),
-                                          delta=call.arguments[len(opened["arguments"]):]))
-                opened["arguments"] = call.arguments
+        for delta in self.calls.deltas(calls):
+            if delta.index == 0 and delta.id is not None and self.message_started:
+                message = self._item("completed", [self._part(text, [])])
+                events += self._item_done(message, self.message_index)
+                self.message_done = message
+            at = self._call_index(delta.index)
+            if delta.id is not None:
+                call = {"id": delta.id, "function": {"name": delta.name, "arguments": ""}}
+                events.append(self._event("response.output_item.added", output_index=at,
+                                          item=_function_call(call, "in_progress")))
+            if delta.arguments:
+                events.append(self._event("response.function_call_arguments.delta", output_index=at,
+                                          item_id=_item_id(self.calls.ids[delta.index]), delta=delta.arguments))
         return events
-
-    def _opened(self, i: int) -> dict[str, Any] | None:
-        """The item a stream opened for the reply's call i, whose ids the whole response keeps; None if none."""
-        return self.calls_opened[i] if i < len(self.calls_opened) else None
 
     def _call_index(self, i: int) -> int:
         """The output index of the reply's call i: after the reasoning item and the message, where they are."""
@@ -228,12 +221,13 @@ class ResponsesShape:
         then its .done events (an item nothing of which was streamed is opened first)."""
         if item["type"] == "function_call":
             at = {"item_id": item["id"], "output_index": index}
-            sent = next((opened["arguments"] for opened in self.calls_opened if opened["id"] == item["id"]), None)
-            events = [] if sent is not None else [
+            streamed = item["call_id"] in self.calls.ids
+            sent = self.calls.sent[self.calls.ids.index(item["call_id"])] if streamed else 0
+            events = [] if streamed else [
                 self._event("response.output_item.added", output_index=index, item=_started(item))]
-            rest = item["arguments"][len(sent or ""):]
-            if rest or sent is None:
-                events.append(self._event("response.function_call_arguments.delta", **at, delta=rest))
+            if item["arguments"][sent:] or not streamed:
+                events.append(self._event("response.function_call_arguments.delta", **at,
+                                          delta=item["arguments"][sent:]))
             return events + [self._event("response.function_call_arguments.done", **at, arguments=item["arguments"]),
                              self._event("response.output_item.done", output_index=index, item=item)]
         if item["type"] == "message" and self.message_done is not None:
@@ -294,13 +288,14 @@ class ResponsesShape:
         return sse(event, event=kind)
 
 
-def _function_call(call: dict[str, Any], opened: dict[str, Any] | None = None,
-                   status: str = "completed") -> dict[str, Any]:
-    """A chat tool call as a Responses API output item; `opened`: the item a stream began for it, whose ids it
-    keeps."""
-    item = {"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": status,
+def _function_call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    """A chat tool call as a Responses API output item."""
+    return {"id": _item_id(call["id"]), "type": "function_call", "status": status,
             "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
-    return item if opened is None else item | {"id": opened["id"], "call_id": opened["call_id"]}
+
+
+def _item_id(call_id: str) -> str:
+    return f"fc_{call_id.removeprefix('call_')}"
 
 
 def _started(item: dict[str, Any]) -> dict[str, Any]:

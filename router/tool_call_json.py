@@ -1,7 +1,8 @@
 """Tool calls in the JSON text a model writes, read while it is still being generated: a call's name once
 whole, and its arguments as the raw JSON text the model wrote for them, so a stream's argument deltas add up to
 exactly the arguments of the whole reply (router/tool_parsers.py finds the JSON in each model's format;
-router/openai_tools.py in a forced call's reply)."""
+router/openai_tools.py in a forced call's reply). A CallStream keeps what of them a stream has sent, for each API
+to send in its own shape."""
 
 import json
 import re
@@ -94,3 +95,41 @@ def tool_call(name: str, arguments: str) -> dict[str, Any]:
 
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """What a stream sends of a call: on its first delta its id and name (None after), and the part of its
+    arguments not sent before."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+class CallStream:
+    """What of a reply's calls a stream has sent: each call goes out once its name is whole, then what is new of
+    its arguments as the reply grows."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []  # per call begun, in order
+        self.sent: list[int] = []  # per call begun: the characters of its arguments sent
+
+    def deltas(self, calls: list[CallSoFar]) -> list[CallDelta]:
+        deltas = []
+        for i, call in enumerate(calls):
+            if call.name is None:
+                break
+            if i == len(self.ids):
+                self.ids.append(call_id())
+                self.sent.append(0)
+                deltas.append(CallDelta(i, self.ids[i], call.name, call.arguments))
+            elif call.arguments[self.sent[i]:]:
+                deltas.append(CallDelta(i, None, None, call.arguments[self.sent[i]:]))
+            self.sent[i] = len(call.arguments)
+        return deltas
+
+    def with_ids(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A whole reply's calls (OpenAI's layout) with the ids this stream gave those it began."""
+        return [{**call, "id": self.ids[i]} if i < len(self.ids) else call for i, call in enumerate(calls)]

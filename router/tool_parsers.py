@@ -9,7 +9,6 @@ chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
 Each has `parse(text) -> (content, calls)` for a finished reply and, for one still being generated,
 `content_so_far(text)`, how much of it is surely text, which streams as content, and `calls_so_far(text)`, the
 calls begun in it, whose arguments stream as they are generated.
-
 """
 
 from typing import Any

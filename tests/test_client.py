@@ -163,6 +163,10 @@ def test_chat_calls_a_tool_and_carries_the_conversation_on_from_its_result(clien
     chunks = list(client.chat_stream(asked, tools=[WEATHER["function"]], tool_choice="required", max_tokens=60,
                                      temperature=0.0))
     assert chunks[-1].tool_calls and not any(c.tool_calls for c in chunks[:-1])
+    deltas = [d for c in chunks for d in c.tool_call_deltas or ()]
+    assert [(d.index, d.id, d.name) for d in deltas[:1]] == [(0, chunks[-1].tool_calls[0].id,
+                                                             chunks[-1].tool_calls[0].name)]
+    assert "".join(d.arguments for d in deltas) == chunks[-1].tool_calls[0].arguments and len(deltas) > 1
     result = {"role": "tool", "content": "sunny", "tool_call_id": call.id}
     openai_layout = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
     follow_ups = [client.chat([{"role": "user", "content": asked[0][1]}, {"role": "assistant", "tool_calls": [c]},

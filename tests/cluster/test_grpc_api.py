@@ -232,9 +232,20 @@ def chat(stub, **fields) -> list[pb.GenerateResponse]:
     return list(stub.Chat(pb.ChatRequest(**fields), timeout=60))
 
 
-def test_a_forced_tool_call_comes_whole_on_the_last_response_held_to_the_tools_schema(stub):
+def streamed_calls(responses: list[pb.GenerateResponse]) -> list[tuple[str, str, str, int]]:
+    """Each call put together from the responses' tool_call_deltas: (id, name, arguments, how many deltas)."""
+    calls: dict[int, list] = {}
+    for delta in (d for r in responses for d in r.tool_call_deltas):
+        call = calls.setdefault(delta.index, ["", "", "", 0])
+        call[0], call[1] = call[0] + delta.id, call[1] + delta.name
+        call[2], call[3] = call[2] + delta.arguments, call[3] + 1
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def test_a_forced_tool_call_streams_and_comes_whole_on_the_last_response_held_to_the_tools_schema(stub):
     """Across the prefill->decode handoff: the random model's reply is held to the schema, so its arguments parse
-    and validate; the text is the reply's alone, which a forced call has none of."""
+    and validate; the text is the reply's alone, which a forced call has none of. The call's deltas add up to
+    it."""
     named = chat(stub, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=pb.ToolChoice(function="get_weather"),
                  sampling=pb.SamplingParams(max_tokens=40, temperature=0.0))
     [call] = named[-1].tool_calls
@@ -242,6 +253,8 @@ def test_a_forced_tool_call_comes_whole_on_the_last_response_held_to_the_tools_s
     arguments = json.loads(call.arguments)
     assert set(arguments) == {"city"} and len(arguments["city"]) <= 12
     assert not any(r.text or r.tool_calls for r in named[:-1]) and not named[-1].text
+    [(call_id, name, streamed, deltas)] = streamed_calls(named)
+    assert (call_id, name, streamed) == (call.id, call.name, call.arguments) and deltas > 1
     required = chat(stub, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=pb.ToolChoice(mode="required"),
                     parallel_tool_calls=False, sampling=pb.SamplingParams(max_tokens=60, temperature=0.0))
     [call] = required[-1].tool_calls
@@ -254,8 +267,9 @@ HERMES_REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments":
 
 
 def test_auto_tool_choice_streams_the_text_and_finds_the_models_own_calls(stub):
-    """The cluster's parser (api.tool_call_parser hermes): no part of a call's markup streams as text, and the
-    calls come on the last response. Its result goes back as a tool message after the assistant's call."""
+    """The cluster's parser (api.tool_call_parser hermes): no part of a call's markup streams as text, the calls
+    stream as deltas and come whole on the last response. Its result goes back as a tool message after the
+    assistant's call."""
     sampling = pb.SamplingParams(max_tokens=80, temperature=0.0, structured_output=pb.StructuredOutput(
         regex=re.escape(HERMES_REPLY)))
     responses = chat(stub, messages=ASK, tools=[WEATHER], sampling=sampling)
@@ -263,6 +277,8 @@ def test_auto_tool_choice_streams_the_text_and_finds_the_models_own_calls(stub):
     assert all("<" not in r.text for r in responses) and responses[-1].finish_reason == "tool_calls"
     [call] = responses[-1].tool_calls
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    [(call_id, name, streamed, deltas)] = streamed_calls(responses)
+    assert (call_id, name, streamed) == (call.id, call.name, call.arguments) and deltas > 1
     follow_up = [*ASK, pb.ChatMessage(role="assistant", content="Let me check.\n", tool_calls=[call]),
                  pb.ChatMessage(role="tool", content="sunny", tool_call_id=call.id)]
     answer = chat(stub, messages=follow_up, tools=[WEATHER], tool_choice=pb.ToolChoice(mode="none"),
