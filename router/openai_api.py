@@ -75,6 +75,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: with include_usage, every chunk has its usage so far
 
 
 class _Body(BaseModel):
@@ -310,11 +311,13 @@ class OpenAIApi:
                                                         Shape]:
         def shape(body: _Body, request_id: str, choices: list[GenerateRequest], tools: ToolChoice | None) -> Shape:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            continuous_usage = include_usage and bool(body.stream_options.continuous_usage_stats)
             echoes = None
             if not chat and body.echo:
                 echoes = [self._echo(c) for c in choices]
             return ResponseShape(self.ingress, request_id, chat, choices[0].params.logprobs,
-                                 choices_per_prompt=body.n or 1, include_usage=include_usage, echoes=echoes,
+                                 choices_per_prompt=body.n or 1, include_usage=include_usage,
+                                 continuous_usage=continuous_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
                                  tool_choice=tools,
                                  reasoning=self.ingress.reasoning if chat else None)
@@ -697,7 +700,7 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
-_NESTED_FIELDS = {"role", "content", "type", "text", "include_usage"}
+_NESTED_FIELDS = {"role", "content", "type", "text", "include_usage", "continuous_usage_stats"}
 
 
 def _field_path(loc: tuple) -> str | None:

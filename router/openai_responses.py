@@ -27,7 +27,8 @@ class ResponseShape:
     one choice per cluster request (n for each prompt, in order)."""
 
     def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
-                 include_usage: bool, echoes: list[str] | None = None, prompt_only: bool = False,
+                 include_usage: bool, continuous_usage: bool = False, echoes: list[str] | None = None,
+                 prompt_only: bool = False,
                  tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None):
         self.tokenizer = ingress.tokenizer
         self.chat = chat
@@ -39,6 +40,7 @@ class ResponseShape:
         self.top_n = top_n
         self.choices_per_prompt = choices_per_prompt
         self.include_usage = include_usage  # streaming: a last chunk with the usage, and "usage": null before it
+        self.continuous_usage = continuous_usage  # ... or, before it, each chunk's choice's usage so far
         self.echoes = echoes  # completions' echo: each choice's prompt text, sent ahead of its completion
         self.echoed: set[int] = set()  # choices whose stream has sent its prompt
         self.prompt_only = prompt_only  # echo with max_tokens 0: the generated token is left out
@@ -72,9 +74,10 @@ class ResponseShape:
         lasts = list(firsts)
         try:
             if self.chat:
-                for index in range(len(firsts)):
-                    yield self._chunk(index, {"delta": {"role": "assistant", "content": (
-                        "" if self.tool_choice is None else None)}, "logprobs": None, "finish_reason": None})
+                for index, first in enumerate(firsts):
+                    opening = {"role": "assistant", "content": "" if self.tool_choice is None else None}
+                    yield self._chunk(index, self._usage_so_far(first, before_tokens=True),
+                                      {"delta": opening, "logprobs": None, "finish_reason": None})
             for index, first in enumerate(firsts):
                 chunk = self._delta(index, first)
                 if chunk:
@@ -127,7 +130,7 @@ class ResponseShape:
             choice["delta"], choice["finish_reason"] = delta, finish_reason
         else:
             choice["text"] = text
-        return self._chunk(index, choice)
+        return self._chunk(index, self._usage_so_far(out), choice)
 
     def _answer(self, index: int, out: RequestOutput,
                 completion: CompletionOutput) -> tuple[str | None, str, CompletionOutput]:
@@ -178,11 +181,18 @@ class ResponseShape:
             delta["tool_calls"] = [_tool_call_delta(d) for d in deltas]
         return delta, finish_reason
 
-    def _chunk(self, index: int, choice: dict[str, Any]) -> str:
+    def _chunk(self, index: int, usage: dict[str, int], choice: dict[str, Any]) -> str:
         chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": index, **choice}]}
         if self.include_usage:
-            chunk["usage"] = None
+            chunk["usage"] = usage if self.continuous_usage else None
         return sse(chunk)
+
+    def _usage_so_far(self, out: RequestOutput, before_tokens: bool = False) -> dict[str, int]:
+        """vLLM's continuous_usage_stats: a chunk's choice's prompt and the tokens it has generated so far (none
+        in the chunk that opens a chat message, `before_tokens`)."""
+        generated = 0 if self.prompt_only or before_tokens else out.usage.generated_tokens
+        return {"prompt_tokens": out.usage.prompt_tokens, "completion_tokens": generated,
+                "total_tokens": out.usage.prompt_tokens + generated}
 
     def _visible(self, out: RequestOutput) -> CompletionOutput:
         """The completion as the client sees it: none at all when only the prompt was asked for."""

@@ -188,15 +188,20 @@ def test_n_choices_are_sampled_apart_and_each_is_reproducible(client, model_name
 
 
 def test_streamed_choices_interleave_and_add_up_to_the_whole_ones(client, model_name):
+    """With vLLM's continuous_usage_stats, every chunk also says its choice's usage so far."""
     request = dict(model=model_name, messages=MESSAGES, n=2, max_tokens=12, temperature=1.0, seed=3,
                    extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**request)
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request))
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **request))
     for choice in whole.choices:
-        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
-        assert mine[0].delta.role == "assistant"
-        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
-        assert mine[-1].finish_reason == "length"
+        mine = [c for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert mine[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in mine) == choice.message.content
+        assert mine[-1].choices[0].finish_reason == "length"
+        generated = [c.usage.completion_tokens for c in mine]
+        assert generated == sorted(generated) and (generated[0], generated[-1]) == (0, 12)
+        assert {c.usage.prompt_tokens for c in mine} == {whole.usage.prompt_tokens}
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
     assert all(len(c.choices) <= 1 for c in chunks)
 
