@@ -171,6 +171,7 @@ class Options(TypedDict, total=False):
     allowed_token_ids: Sequence[int]  # only these may be generated
     bad_words: Sequence[str]  # never generated
     truncate_prompt_tokens: int | None  # keep the prompt's last k tokens (-1: as many as the context allows)
+    priority: int | None  # with the server's scheduling_policy "priority": lower runs first
     cache_salt: str | None  # requests with different salts never share cached KV
     continue_final_message: bool  # chat: the reply continues the last message instead of opening a turn
     chat_template_kwargs: Mapping[str, Any] | None  # chat: the template's own variables, e.g. enable_thinking
@@ -190,7 +191,7 @@ class Options(TypedDict, total=False):
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "logprobs", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "logit_bias", "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens",
-                   "structured_output", "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
+                   "structured_output", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "priority")
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 _OPTIONS = frozenset(Options.__annotations__)
 

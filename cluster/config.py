@@ -25,6 +25,7 @@ from router.api_config import ApiConfig
 from router.policy import RoutingWeights
 from workers.engine.config import (
     ATTENTION_BACKENDS,
+    SCHEDULING_POLICIES,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -131,6 +132,9 @@ class ClusterConfig:
     max_num_seqs: int = _field(64, "most sequences in one batch", min=1)
     max_num_batched_tokens: int = _field(1024, "per-step token budget; longer prompts prefill in chunks", min=1)
     enable_chunked_prefill: bool = _field(True, "split prompts longer than the step budget")
+    scheduling_policy: str = _field("fcfs", "fcfs: requests run in arrival order; priority: by each request's "
+                                            "priority (lower first), then arrival, the lowest preempted first",
+                                    choices=SCHEDULING_POLICIES)
     num_speculative_tokens: int = _field(0, "speculative decoding by n-gram lookup: tokens guessed per step for "
                                             "each request, kept where the model agrees (0: off)", min=0)
     prompt_lookup_max: int = _field(4, "the longest run of a sequence's last tokens looked up earlier in it", min=1)
@@ -184,7 +188,8 @@ class ClusterConfig:
                               kv_transfer_timeout_s=self.kv_transfer_timeout_s, max_kv_channels=self.max_kv_channels),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
-                                      enable_chunked_prefill=self.enable_chunked_prefill),
+                                      enable_chunked_prefill=self.enable_chunked_prefill,
+                                      policy=self.scheduling_policy),
             speculative=SpeculativeConfig(num_speculative_tokens=self.num_speculative_tokens,
                                           prompt_lookup_max=self.prompt_lookup_max,
                                           prompt_lookup_min=self.prompt_lookup_min),

@@ -278,7 +278,7 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
                           allowed_token_ids=tuple(s.allowed_token_ids), bad_words=tuple(s.bad_words),
                           ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output,
-                          logit_bias=dict(s.logit_bias),
+                          logit_bias=dict(s.logit_bias), priority=s.priority,
                           structured_output=_structured(s.structured_output) if s.HasField("structured_output")
                           else None)
 

@@ -107,6 +107,7 @@ class _Body(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    priority: int | None = None  # vLLM's: with scheduling_policy "priority", lower runs first
     request_id: str | None = None
     cache_salt: str | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -538,7 +539,7 @@ class OpenAIApi:
         given = {name: getattr(body, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
             "frequency_penalty", "repetition_penalty", "min_tokens", "allowed_token_ids", "bad_words",
-            "truncate_prompt_tokens") if getattr(body, name) is not None}
+            "truncate_prompt_tokens", "priority") if getattr(body, name) is not None}
         if body.logit_bias:
             given["logit_bias"] = _token_biases(body.logit_bias)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos),

@@ -39,7 +39,7 @@ def model(tiny_model_factory) -> str:
 @pytest.fixture(scope="module")
 def cluster(model, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, disaggregate=False,
-                           redis_url=redis_url, grpc_port=PORT)
+                           scheduling_policy="priority", redis_url=redis_url, grpc_port=PORT)
     serve.run(build_app(config), name=APP, route_prefix=None)
     yield
     serve.delete(APP)
@@ -147,6 +147,7 @@ def test_vllms_token_bans_truncation_and_template_variables_are_options(client):
         client.chat([("user", "Hi")], **GREEDY).token_ids  # the template has no such variable
     with pytest.raises(TandemError, match="chat_template_kwargs: tokenize cannot be set here"):
         client.chat([("user", "Hi")], chat_template_kwargs={"tokenize": False})
+    assert client.generate("Hello", priority=-3, **GREEDY).token_ids == plain.token_ids  # scheduling_policy priority
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",

@@ -435,6 +435,8 @@ BAD_GENERATE = {
                            "bad_words: at most 256 words"),
     "truncate_prompt_tokens 0": (dict(text="hi", sampling=sampling(truncate_prompt_tokens=0)), INVALID,
                                  "truncate_prompt_tokens"),
+    "a priority on a server that runs requests in arrival order": (dict(text="hi", sampling=sampling(priority=1)),
+                                                                   INVALID, "priority: this server runs requests"),
     "structured output with bad words": (dict(text="hi", sampling=sampling(
         bad_words=["x"], structured_output=pb.StructuredOutput(json_object=True))), INVALID, "bad_words"),
     "logit_bias token -1": (dict(text="hi", sampling=sampling(logit_bias={-1: 1})), INVALID, "logit_bias"),

@@ -13,7 +13,8 @@ from workers.engine.errors import (
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+GREEDY_FIELDS = dict(max_tokens=4, temperature=0.0)
+GREEDY = SamplingParams(**GREEDY_FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def llm(tiny_model_factory):
     ({"seed": -1}, "seed"),
     ({"logprobs": -1}, "logprobs"),
     ({"stop": [""]}, "stop"),
+    ({"priority": 1.5}, "priority"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as e:
@@ -76,6 +78,15 @@ def test_too_many_logprobs_and_out_of_vocab_token_ids_are_rejected(llm):
         llm.generate([1, 2, 3], SamplingParams(logit_bias={10**9: 1.0}))
     with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
         llm.generate([1, 2, 3], SamplingParams(allowed_token_ids=[5, 10**9]))
+
+
+def test_a_priority_needs_the_priority_scheduling_policy(llm, tiny_model_factory):
+    with pytest.raises(InvalidRequestError, match="priority: this server runs requests in arrival order"):
+        llm.generate([1, 2, 3], SamplingParams(priority=1))
+    by_priority = LLM(str(tiny_model_factory("llama")), num_kv_blocks=16, scheduling_policy="priority",
+                      progress=False)
+    assert by_priority.generate([1, 2, 3], SamplingParams(priority=1, **GREEDY_FIELDS))[0].outputs[0].token_ids == \
+        llm.generate([1, 2, 3], GREEDY)[0].outputs[0].token_ids
 
 
 def test_bans_that_leave_no_token_to_take_are_refused(llm):

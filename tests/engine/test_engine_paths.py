@@ -3,6 +3,7 @@ prefill, alone vs inside a batch of 32, and after preemption. Reference: the sam
 without caching, which test_parity checks against HF transformers."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -80,11 +81,14 @@ def test_a_batch_of_32_mixed_prompts_gives_each_its_solo_tokens(model_path, refe
     assert [o.num_cached_tokens for o in outs[-3:]] == [32, 32, 32]
 
 
-def test_preempted_requests_recompute_to_the_same_tokens(model_path, reference):
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_preempted_requests_recompute_to_the_same_tokens(model_path, reference, policy):
     # 12 blocks of 16 tokens cannot hold four 40-token prompts growing by 24 tokens each: preemption must happen.
-    llm = LLM(str(model_path), num_kv_blocks=12, progress=False)
+    # By priority, the oldest request ranks last, so the one preempted is not the one FCFS would pick.
+    llm = LLM(str(model_path), num_kv_blocks=12, scheduling_policy=policy, progress=False)
     prompts = prompts_with_shared_prefix(6, 4, 0, (40, 40))
-    outs = llm.generate(prompts, GREEDY)
+    params = [GREEDY if policy == "fcfs" else replace(GREEDY, priority=-i) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params)
     assert llm.engine.scheduler.num_preemptions > 0, "the test setup must force a preemption"
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference(prompt)

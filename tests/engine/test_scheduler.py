@@ -152,6 +152,36 @@ def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
     assert out.scheduled[0][0] is b and out.scheduled[0][1] == b.num_tokens - b.num_computed_tokens
 
 
+def test_priority_admits_by_priority_then_arrival_and_fcfs_by_arrival_alone():
+    for policy, expected in (("priority", ["urgent", "r0", "r2", "r1"]), ("fcfs", ["r0", "r1", "r2", "urgent"])):
+        sched, _ = make(max_num_seqs=1, max_num_batched_tokens=100, policy=policy)
+        for rid, priority in (("r0", 0), ("r1", 5), ("r2", 0), ("urgent", -1)):
+            sched.add(Sequence(rid, [1, 2, 3], SamplingParams(priority=priority), BS))
+        admitted = []
+        while sched.has_unfinished():
+            [(s, _)] = sched.schedule().scheduled
+            admitted.append(s.request_id)
+            sched.finish(s, FinishReason.LENGTH)
+        assert admitted == expected, policy
+
+
+def test_out_of_blocks_preempts_the_lowest_priority_first_and_it_waits_behind_its_betters():
+    sched, bm = make(num_blocks=4, max_num_batched_tokens=100, policy="priority")
+    low, high = (Sequence(rid, list(range(start, start + 4)), SamplingParams(priority=p), BS)
+                 for rid, start, p in (("low", 0, 1), ("high", 50, 0)))
+    sched.add(low)
+    sched.add(high)  # newer, so FCFS would preempt it
+    advance(sched, sched.schedule())
+    for _ in range(4):
+        advance(sched, sched.schedule())
+    assert bm.num_free_blocks == 0
+    out = sched.schedule()
+    assert out.preempted == [low] and [s.request_id for s, _ in out.scheduled] == ["high"]
+    later = Sequence("later", list(range(90, 94)), SamplingParams(priority=0), BS)
+    sched.add(later)
+    assert [s.request_id for s in sched.waiting] == ["later", "low"]
+
+
 def test_abort_storm_at_every_phase_leaks_no_blocks():
     rng = random.Random(0)
     sched, bm = make(num_blocks=24, max_num_batched_tokens=16, max_num_seqs=6)

@@ -40,7 +40,8 @@ CORE_KINDS = {"Service", "StatefulSet", "Secret", "PodDisruptionBudget", "Networ
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "unified": {"disaggregate": False},
-    "served-name": {"model": {"servedModelName": "meta-llama/Llama-3.1-8B-Instruct"}},
+    "served-name-priority": {"model": {"servedModelName": "meta-llama/Llama-3.1-8B-Instruct"},
+                             "engine": {"schedulingPolicy": "priority"}},
     "mtls-and-key-value": {"tls": {"clientCA": {"enabled": True, "secretName": "corp-ca", "key": "bundle.pem"}},
                            "apiKey": {"value": "s3cret"}},
     "external-redis": {"redis": {"enabled": False, "external": {"url": "redis://redis.shared:6379/2"}}},
@@ -383,7 +384,7 @@ def test_notes_say_how_to_call_it():
     insecure = render(VALUE_SETS["insecure-cpu-hostpath"])["tandem/templates/NOTES.txt"]
     assert "grpcurl -plaintext localhost:50051 list" in insecure and "TANDEM_API_KEY" not in insecure
     assert '"model": "Llama-3.1-8B-Instruct"' in notes  # the folder's name, which the cluster serves it as
-    named = render(VALUE_SETS["served-name"])["tandem/templates/NOTES.txt"]
+    named = render(VALUE_SETS["served-name-priority"])["tandem/templates/NOTES.txt"]
     assert '"model": "meta-llama/Llama-3.1-8B-Instruct"' in named
 
 

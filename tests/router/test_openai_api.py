@@ -298,6 +298,7 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(client, model_name, tokeniz
     (dict(extra_body={"allowed_token_ids": [10**9]}), "allowed_token_ids"),
     (dict(extra_body={"bad_words": [""]}), "bad_words"),
     (dict(extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
+    (dict(extra_body={"priority": 1}), "priority"),  # this server schedules in arrival order
 ])
 def test_bad_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
     request = dict(model=model_name, prompt="Hello", max_tokens=4) | kwargs

@@ -7,6 +7,7 @@ code that computes them, never written back here.
 from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("torch", "triton")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ class SchedulerConfig:
     # The per-step token budget; a prompt longer than what is left of it is prefilled in chunks.
     max_num_batched_tokens: int = 1024
     enable_chunked_prefill: bool = True
+    # "fcfs": requests run in arrival order; "priority": by SamplingParams.priority (lower first), then arrival,
+    # and the lowest-priority running sequence is preempted first when blocks run out.
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r} (choose from "
+                             f"{', '.join(SCHEDULING_POLICIES)})")
 
 
 @dataclass(frozen=True)

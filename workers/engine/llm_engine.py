@@ -422,6 +422,9 @@ class LLMEngine:
         check_request(token_ids, params, self.vocab_size, self.max_model_len)
         if len(token_ids) >= self.max_seq_len:
             raise PromptTooLongError(len(token_ids), self.max_seq_len - 1, "the KV cache capacity")
+        if params.priority and self.scheduler.config.policy != "priority":
+            raise InvalidRequestError("priority", "this server runs requests in arrival order (scheduling_policy "
+                                                  "fcfs); leave priority at 0")
         if params.min_tokens and params.allowed_token_ids and ends.issuperset(params.allowed_token_ids):
             raise InvalidRequestError("allowed_token_ids", "allows only tokens that end the request, which "
                                                            "min_tokens holds back")

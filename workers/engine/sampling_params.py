@@ -63,6 +63,8 @@ class SamplingParams:
     position has no logits. `structured_output` holds the output to a JSON schema, a regex, a list of choices or
     a grammar (structured_output.py). `truncate_prompt_tokens` keeps only the prompt's last k tokens (-1: as many
     as the context allows), for callers that would rather lose the start of a long prompt than be refused.
+    `priority` orders requests where the engine's scheduling policy is "priority" (vLLM's: lower runs first,
+    ties by arrival); it travels with the other params, so the prefill and the decode group both honour it.
 
     The logits are adjusted before greedy or sampled choice, in vLLM's order: `allowed_token_ids` bans every
     other token; `bad_words` bans the token that would complete any of these words (tokenized as at the start of
@@ -94,6 +96,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = ()  # empty: every token
     bad_words: tuple[str, ...] = ()
     truncate_prompt_tokens: int | None = None
+    priority: int = 0
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.
@@ -171,6 +174,8 @@ class SamplingParams:
             if not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
                 raise InvalidRequestError("logit_bias", f"biases must be in [-100, 100], got {value!r} for "
                                                         f"token {token}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise InvalidRequestError("priority", f"must be an integer, got {self.priority!r}")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise InvalidRequestError("structured_output", f"must be a StructuredOutput or a dict of its fields, got "
                                                            f"{type(self.structured_output).__name__}")

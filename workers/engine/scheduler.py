@@ -5,6 +5,10 @@ tokens, capped by the step's token budget, so a long prompt is prefilled in chun
 decodes; a decoding sequence with guesses at its next tokens (speculative.py) asks for those too. Running sequences
 go first; waiting ones are admitted while blocks, budget and seats last. When blocks run out, the newest running
 sequence is preempted by recompute.
+
+Under the "priority" policy both queues are kept in priority order (SamplingParams.priority, lower first; arrival
+breaks ties): waiting sequences are admitted by it, running ones get the budget by it, and the one preempted is
+the newest of the lowest priority. Under "fcfs" every sequence ranks alike, which is arrival order.
 """
 
 from collections import deque
@@ -34,7 +38,24 @@ class Scheduler:
         self.num_preemptions = 0  # a running total, exported as a metric
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._wait(seq)
+
+    def _rank(self, seq: Sequence) -> int:
+        return seq.sampling_params.priority if self.config.policy == "priority" else 0
+
+    def _wait(self, seq: Sequence, again: bool = False) -> None:
+        """Into the waiting queue behind those that rank before it or alike; `again` (a preempted sequence,
+        which has waited its turn already) ahead of those that rank alike."""
+        rank = self._rank(seq)
+        at = next((i for i, other in enumerate(self.waiting)
+                   if self._rank(other) > rank or again and self._rank(other) == rank), len(self.waiting))
+        self.waiting.insert(at, seq)
+
+    def _run(self, seq: Sequence) -> None:
+        """Into the running list behind those that rank before it or alike: the last one is preempted first."""
+        rank = self._rank(seq)
+        at = next((i for i, other in enumerate(self.running) if self._rank(other) > rank), len(self.running))
+        self.running.insert(at, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -113,7 +134,7 @@ class Scheduler:
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             out.scheduled.append((seq, num_new))
             budget -= num_new
             in_progress |= self._blocks_in_progress([seq])  # a twin behind it in the queue waits for it too
@@ -135,13 +156,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.block_manager.free(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        self._wait(seq, again=True)
 
     def add_running(self, seq: Sequence) -> None:
         """Admit a sequence whose blocks are allocated and whose KV is already computed (it came from a prefill
         group), so it decodes from the next step on."""
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self._run(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason, free_blocks: bool = True) -> None:
         """End a sequence wherever it is (waiting or running); its blocks are freed unless the caller keeps them

@@ -52,7 +52,8 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "block_size" $e.blockSize "num_kv_blocks" $e.numKvBlocks "kv_cache_memory_gb" $e.kvCacheMemoryGb
       "gpu_memory_utilization" $e.gpuMemoryUtilization "enable_prefix_caching" $e.enablePrefixCaching
       "max_num_seqs" $e.maxNumSeqs "max_num_batched_tokens" $e.maxNumBatchedTokens
-      "enable_chunked_prefill" $e.enableChunkedPrefill "num_speculative_tokens" $e.numSpeculativeTokens
+      "enable_chunked_prefill" $e.enableChunkedPrefill "scheduling_policy" $e.schedulingPolicy
+      "num_speculative_tokens" $e.numSpeculativeTokens
       "prompt_lookup_max" $e.promptLookupMax "prompt_lookup_min" $e.promptLookupMin "kv_lease_s" $e.kvLeaseS
       "kv_claim_s" $e.kvClaimS
       "kv_transfer_timeout_s" $e.kvTransferTimeoutS "max_kv_channels" $e.maxKvChannels
