@@ -47,15 +47,23 @@ class Scheduler:
         """Into the waiting queue behind those that rank before it or alike; `again` (a preempted sequence,
         which has waited its turn already) ahead of those that rank alike."""
         rank = self._rank(seq)
-        at = next((i for i, other in enumerate(self.waiting)
-                   if self._rank(other) > rank or again and self._rank(other) == rank), len(self.waiting))
+        if again:
+            at = next((i for i, other in enumerate(self.waiting) if self._rank(other) >= rank), len(self.waiting))
+        else:
+            at = self._behind(self.waiting, rank)
         self.waiting.insert(at, seq)
 
     def _run(self, seq: Sequence) -> None:
         """Into the running list behind those that rank before it or alike: the last one is preempted first."""
-        rank = self._rank(seq)
-        at = next((i for i, other in enumerate(self.running) if self._rank(other) > rank), len(self.running))
-        self.running.insert(at, seq)
+        self.running.insert(self._behind(self.running, self._rank(seq)), seq)
+
+    def _behind(self, queue: deque[Sequence] | list[Sequence], rank: int) -> int:
+        """Just behind the last sequence of a queue kept in rank order that ranks before `rank` or alike. The scan
+        starts at the back, so in arrival order (fcfs, or a rank no one exceeds) it ends at once."""
+        for i in range(len(queue) - 1, -1, -1):
+            if self._rank(queue[i]) <= rank:
+                return i + 1
+        return 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
