@@ -76,8 +76,8 @@ class ResponseShape:
             if self.chat:
                 for index, first in enumerate(firsts):
                     opening = {"role": "assistant", "content": "" if self.tool_choice is None else None}
-                    yield self._chunk(index, self._usage_so_far(first, before_tokens=True),
-                                      {"delta": opening, "logprobs": None, "finish_reason": None})
+                    yield self._chunk(index, first, {"delta": opening, "logprobs": None, "finish_reason": None},
+                                      opening=True)
             for index, first in enumerate(firsts):
                 chunk = self._delta(index, first)
                 if chunk:
@@ -130,7 +130,7 @@ class ResponseShape:
             choice["delta"], choice["finish_reason"] = delta, finish_reason
         else:
             choice["text"] = text
-        return self._chunk(index, self._usage_so_far(out), choice)
+        return self._chunk(index, out, choice)
 
     def _answer(self, index: int, out: RequestOutput,
                 completion: CompletionOutput) -> tuple[str | None, str, CompletionOutput]:
@@ -181,18 +181,19 @@ class ResponseShape:
             delta["tool_calls"] = [_tool_call_delta(d) for d in deltas]
         return delta, finish_reason
 
-    def _chunk(self, index: int, usage: dict[str, int], choice: dict[str, Any]) -> str:
+    def _chunk(self, index: int, out: RequestOutput, choice: dict[str, Any], opening: bool = False) -> str:
+        """`opening`: the chunk that opens a chat message, before any of its tokens."""
         chunk = {**self.header, "object": self._chunk_object, "choices": [{"index": index, **choice}]}
         if self.include_usage:
-            chunk["usage"] = usage if self.continuous_usage else None
+            chunk["usage"] = self._usage_so_far(out, opening) if self.continuous_usage else None
         return sse(chunk)
 
-    def _usage_so_far(self, out: RequestOutput, before_tokens: bool = False) -> dict[str, int]:
-        """vLLM's continuous_usage_stats: a chunk's choice's prompt and the tokens it has generated so far (none
-        in the chunk that opens a chat message, `before_tokens`)."""
-        generated = 0 if self.prompt_only or before_tokens else out.usage.generated_tokens
-        return {"prompt_tokens": out.usage.prompt_tokens, "completion_tokens": generated,
-                "total_tokens": out.usage.prompt_tokens + generated}
+    def _usage_so_far(self, out: RequestOutput, opening: bool) -> dict[str, int]:
+        """vLLM's continuous_usage_stats: a chunk's choice's prompt and the tokens it has generated so far."""
+        usage = out.usage
+        generated = 0 if self.prompt_only or opening else usage.generated_tokens
+        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": generated,
+                "total_tokens": usage.prompt_tokens + generated}
 
     def _visible(self, out: RequestOutput) -> CompletionOutput:
         """The completion as the client sees it: none at all when only the prompt was asked for."""
