@@ -33,7 +33,7 @@ from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.openai_tools import ToolChoice, tool_choice
 from router.reasoning import ReasoningParser, ReasoningSplit
-from router.tool_call_json import CallSoFar, CallStream
+from router.tool_call_json import CallDelta, CallStream
 from router.tool_parsers import tool_call_parser
 from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import RequestOutput
@@ -202,22 +202,23 @@ class _ChatReply:
         if finish_reason is None:
             upto = max(self.sent, self.tools.text_so_far(answer))
             response.text, self.sent = answer[self.sent:upto], upto
-            self._deltas(response, self.tools.calls_so_far(answer))
+            self._deltas(response, self.calls.deltas(self.tools.calls_so_far(answer)))
             return
         content, calls = self.tools.reply(answer, finish_reason == "stop")
         if calls is None:
             response.text = "" if self.calls.ids else (content or "")[self.sent:]
             return
         response.text = (content or "")[self.sent:]
-        self._deltas(response, [CallSoFar(call["function"]["name"], call["function"]["arguments"]) for call in calls])
+        self._deltas(response, self.calls.finish(calls))
         response.finish_reason = "tool_calls"
         response.tool_calls.extend(pb.ToolCall(id=call["id"], name=call["function"]["name"],
                                                arguments=call["function"]["arguments"])
                                    for call in self.calls.with_ids(calls))
 
-    def _deltas(self, response: pb.GenerateResponse, calls: list[CallSoFar]) -> None:
+    @staticmethod
+    def _deltas(response: pb.GenerateResponse, deltas: list[CallDelta]) -> None:
         response.tool_call_deltas.extend(pb.ToolCallDelta(index=d.index, id=d.id or "", name=d.name or "",
-                                                          arguments=d.arguments) for d in self.calls.deltas(calls))
+                                                          arguments=d.arguments) for d in deltas)
 
 
 def _tool(index: int, tool: pb.Tool) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from router.ingress import Ingress
 from router.openai_tools import ToolChoice
 from router.reasoning import ReasoningParser, ReasoningSplit
 from router.streams import merged
-from router.tool_call_json import CallDelta, CallSoFar, CallStream
+from router.tool_call_json import CallDelta, CallStream
 from workers.engine.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -167,17 +167,17 @@ class ResponseShape:
         stream = self.call_streams.setdefault(index, CallStream())
         if finish_reason is None:
             content = completion.text[:choice.text_so_far(completion.text)]
-            calls = choice.calls_so_far(completion.text)
+            deltas = stream.deltas(choice.calls_so_far(completion.text))
         else:
             message, finish_reason = self._message(completion)
-            calls = [CallSoFar(call["function"]["name"], call["function"]["arguments"])
-                     for call in message.get("tool_calls") or []]
+            calls = message.get("tool_calls") or []
             content = (message["content"] or "") if calls or not stream.ids else ""
+            deltas = stream.finish(calls)
         delta: dict[str, Any] = {}
         if content[sent:]:
             delta["content"] = content[sent:]
             self.content_sent[index] = len(content)
-        if deltas := stream.deltas(calls):
+        if deltas:
             delta["tool_calls"] = [_tool_call_delta(d) for d in deltas]
         return delta, finish_reason
 

@@ -130,6 +130,10 @@ class CallStream:
             self.sent[i] = len(call.arguments)
         return deltas
 
+    def finish(self, calls: list[dict[str, Any]]) -> list[CallDelta]:
+        """The deltas that complete a whole reply's calls (OpenAI's layout)."""
+        return self.deltas([CallSoFar(call["function"]["name"], call["function"]["arguments"]) for call in calls])
+
     def with_ids(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A whole reply's calls (OpenAI's layout) with the ids this stream gave those it began."""
         return [{**call, "id": self.ids[i]} if i < len(self.ids) else call for i, call in enumerate(calls)]
