@@ -103,14 +103,7 @@ class Ingress:
         """Streams the request's outputs; the first carries its time-to-first-token breakdown. Bad input raises
         before anything runs (an ApiError or an InvalidRequestError naming the field)."""
         received = time.monotonic()
-        if self.draining:
-            self.metrics.request_refused(Kind.UNAVAILABLE.name.lower())
-            raise ApiError(Kind.UNAVAILABLE, "this server is shutting down; retry on another replica")
-        limit = self.api.max_concurrent_requests
-        if limit is not None and self._active >= limit:
-            self.metrics.request_refused(Kind.RESOURCE_EXHAUSTED.name.lower())
-            raise ApiError(Kind.RESOURCE_EXHAUSTED, f"this ingress replica is serving its limit of {limit} "
-                                                    "requests; retry later")
+        self.admit()
         self._active += 1
         self.metrics.request_started()
         outcome, ttft, token_times, usage = Kind.INTERNAL, None, [], None
@@ -129,6 +122,18 @@ class Ingress:
         finally:
             self._active -= 1
             self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage)
+
+    def admit(self) -> None:
+        """Refuses a new request while the replica drains (UNAVAILABLE) or serves its limit (RESOURCE_EXHAUSTED),
+        and counts the refusal; a background response asks before it is accepted, as generate() does."""
+        if self.draining:
+            self.metrics.request_refused(Kind.UNAVAILABLE.name.lower())
+            raise ApiError(Kind.UNAVAILABLE, "this server is shutting down; retry on another replica")
+        limit = self.api.max_concurrent_requests
+        if limit is not None and self._active >= limit:
+            self.metrics.request_refused(Kind.RESOURCE_EXHAUSTED.name.lower())
+            raise ApiError(Kind.RESOURCE_EXHAUSTED, f"this ingress replica is serving its limit of {limit} "
+                                                    "requests; retry later")
 
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
         token_ids = self.validate(request)
@@ -303,9 +308,12 @@ class Ingress:
         return serve.get_replica_context().replica_id.unique_id
 
     async def __del__(self):
-        """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish."""
+        """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish, and the
+        requests no call waits on (background responses) too, for as long as Serve grants."""
         if self._grpc is not None:
             await self._grpc.drain()
+        while self._active:
+            await asyncio.sleep(0.1)
 
 
 @contextmanager

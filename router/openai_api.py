@@ -8,8 +8,10 @@
                                  stored in the cluster's Redis for api.response_ttl_s (unless store: false), so
                                  previous_response_id continues a conversation, GET or DELETE
                                  /v1/responses/{id} retrieves or deletes one (router/response_store.py) and
-                                 GET /v1/responses/{id}/input_items lists what it answered, a page at a time
-                                 (POST /v1/responses/{id}/cancel: a 400, as no response runs in the background)
+                                 GET /v1/responses/{id}/input_items lists what it answered, a page at a time.
+                                 background: true accepts it at once and runs it detached (router/background.py):
+                                 GET polls it, GET ?stream=true&starting_after=N streams its events again (if it
+                                 was created streaming), POST /v1/responses/{id}/cancel stops it
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -45,8 +47,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import aclosing
 from dataclasses import replace
+from functools import partial
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
@@ -56,15 +58,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
+from router.background import BackgroundResponses
 from router.errors import ApiError, Kind, classify, invalid
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
 from router.openai_tools import ToolChoice, chat_tools, tool_choice
-from router.response_store import ResponseStore, StoredResponse
+from router.response_store import RUNNING, ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape, input_items
-from router.streams import close_all, first_of_each, merged
+from router.streams import close_all, first_of_each, lasts
 from router.tool_parsers import tool_call_parser
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -218,7 +221,7 @@ class EventStream(StreamingResponse):
     """Server-sent events whose generator is closed however the response ends (a client that disconnected
     included), so the ingress's stream behind it is closed at once, not when the garbage collector gets to it."""
 
-    def __init__(self, events: AsyncIterator[str], close: Callable[[], Awaitable[None]]):
+    def __init__(self, events: AsyncIterator[str], close: Callable[[], Awaitable[None]] | None = None):
         super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         self._close = close
 
@@ -227,7 +230,8 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-            await self._close()  # the requests' streams, even when the events never started
+            if self._close is not None:
+                await self._close()  # the requests' streams, even when the events never started
 
 
 def build_http_app(ingress: Ingress) -> FastAPI:
@@ -256,6 +260,7 @@ class OpenAIApi:
         self.ingress = ingress
         self.created = int(time.time())
         self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
+        self.background = BackgroundResponses(ingress, self.store) if self.store is not None else None
         self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
 
     async def completions(self, request: Request) -> Response:
@@ -268,14 +273,25 @@ class OpenAIApi:
         return await self._serve(request, ResponsesBody, self._responses_request, self._responses_shape)
 
     async def stored_response(self, request: Request, response_id: str) -> Response:
-        """GET: the response as it was returned; DELETE: forget it, as OpenAI answers a deletion."""
+        """GET: the response as it was returned, or as a background one stands; with stream=true, a background
+        response's events from after the sequence number starting_after on, as they come. DELETE: forget it, as
+        OpenAI answers a deletion."""
         try:
             self._authorize(request)
             if request.method == "DELETE":
                 if self.store is None or not await self.store.delete(response_id):
                     raise _no_stored_response(response_id, "response_id")
                 return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-            return JSONResponse((await self._stored(response_id, "response_id")).response)
+            stored = await self._stored(response_id, "response_id")
+            if request.query_params.get("stream", "false").lower() != "true":
+                return JSONResponse(stored.response)
+            if not stored.events:
+                raise invalid("stream", "only a background response created with stream: true can be streamed "
+                                        "again; GET it without stream")
+            after = request.query_params.get("starting_after", "-1")
+            if not after.lstrip("-").isdigit() or int(after) < -1:
+                raise invalid("starting_after", f"must be an event's sequence number, got {after!r}")
+            return EventStream(self.store.events(response_id, int(after)))
         except Exception as e:
             return error_response(classify(e))
 
@@ -291,14 +307,22 @@ class OpenAIApi:
             return error_response(classify(e))
 
     async def cancel_response(self, request: Request, response_id: str) -> Response:
-        """OpenAI cancels background responses only, and this server runs none (background is refused): every
-        stored response has finished, so there is nothing to cancel. A client that wants to stop one in flight
-        closes its stream or connection, which aborts it."""
+        """Cancels a background response, whichever replica runs it: it is stored as cancelled at once, and its
+        request stops within a beat (router/background.py). Cancelling one that has ended returns it as it ended,
+        as OpenAI does, so a second cancellation is harmless. Other responses cannot be cancelled: a client stops
+        one in flight by closing its stream or connection."""
         try:
             self._authorize(request)
-            await self._stored(response_id, "response_id")
-            raise invalid("response_id", "only a background response can be cancelled, and this server runs none: "
-                                         "this one has finished (to stop a response in flight, close its stream)")
+            stored = await self._stored(response_id, "response_id")
+            if not stored.response.get("background"):
+                raise invalid("response_id", "only a background response can be cancelled (to stop a response "
+                                             "in flight, close its stream)")
+            if stored.response["status"] in RUNNING:
+                cancelled = await self.store.cancel(stored)
+                if cancelled is not None:
+                    return JSONResponse(cancelled)
+                stored = await self._stored(response_id, "response_id")  # it ended meanwhile
+            return JSONResponse(stored.response)
         except Exception as e:
             return error_response(classify(e))
 
@@ -333,7 +357,8 @@ class OpenAIApi:
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest],
                          tools: ToolChoice | None) -> Shape:
         text_format = _text_format(body)
-        echoed = {"instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
+        echoed = {"background": bool(body.background), "instructions": body.instructions,
+                  "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
                   "parallel_tool_calls": body.parallel_tool_calls is not False,
                   "previous_response_id": body.previous_response_id,
@@ -341,8 +366,10 @@ class OpenAIApi:
                            if text_format is not None else {"type": "text"}}}
         messages = choices[0].messages
         conversation = messages[1:] if body.instructions is not None else messages  # instructions are not kept
-        return ResponsesShape(self.ingress, request_id, choices[0].params, echoed,
-                              self.store if body.store is not False else None, conversation, tools,
+        save = None
+        if self.store is not None and body.store is not False:
+            save = partial(self.store.advance, events=bool(body.stream)) if body.background else self.store.save
+        return ResponsesShape(self.ingress, request_id, choices[0].params, echoed, save, conversation, tools,
                               self.ingress.reasoning)
 
     async def models(self, request: Request) -> Response:
@@ -415,6 +442,9 @@ class OpenAIApi:
             prompts, params, tools = await build(body, aliases)
             request_id = body.request_id or uuid.uuid4().hex
             choices = self._choices(body, request_id, prompts, params)
+            background = isinstance(body, ResponsesBody) and bool(body.background)
+            if background:
+                self.ingress.validate(choices[0])  # bad input is a 400 now, not a response that fails later
         except PayloadTooLarge as e:
             self._count_refused(Kind.INVALID_ARGUMENT)
             return _refused(e)
@@ -424,6 +454,8 @@ class OpenAIApi:
             return error_response(error)
         try:
             # Ingress.generate counts each choice
+            if background:
+                return await self._in_background(choices, shape(body, request_id, choices, tools), bool(body.stream))
             return await self._generate(choices, shape(body, request_id, choices, tools), bool(body.stream))
         except Exception as e:
             return error_response(_renamed(classify(e), aliases))
@@ -506,8 +538,9 @@ class OpenAIApi:
                  "chat_template_kwargs": body.chat_template_kwargs}], params, tools
 
     async def _responses_request(self, body: ResponsesBody, aliases: dict[str, str]) -> Built:
-        if body.background:
-            raise invalid("background", "background responses are not supported")
+        if body.background and (body.store is False or self.store is None):
+            raise invalid("background", "a background response is stored, to be polled: it needs store: true"
+                          if self.store is not None else "background responses need the cluster's Redis store")
         if body.n not in (None, 1):
             raise invalid("n", "a response has one output; use /v1/chat/completions for n > 1")
         tools = self._tools(body)
@@ -522,7 +555,15 @@ class OpenAIApi:
         instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
         earlier = []
         if body.previous_response_id:
-            earlier = (await self._stored(body.previous_response_id, "previous_response_id")).conversation
+            previous = await self._stored(body.previous_response_id, "previous_response_id")
+            status = previous.response.get("status")
+            if status in RUNNING:
+                raise invalid("previous_response_id", f"response {body.previous_response_id!r} is still {status}: "
+                                                      "continue it once it ends")
+            if status in ("failed", "cancelled"):
+                raise invalid("previous_response_id", f"response {body.previous_response_id!r} was {status}: it "
+                                                      "has no reply to continue from")
+            earlier = previous.conversation
         return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
             params, tools
 
@@ -573,11 +614,15 @@ class OpenAIApi:
         firsts = await first_of_each(streams)
         if stream:
             return EventStream(shape.events(firsts, streams), close=lambda: close_all(streams))
-        lasts = list(firsts)
-        async with aclosing(merged(streams)) as rest:
-            async for i, out in rest:
-                lasts[i] = out
-        return JSONResponse(await shape.response(lasts))
+        return JSONResponse(await shape.response(await lasts(firsts, streams)))
+
+    async def _in_background(self, choices: list[GenerateRequest], shape: ResponsesShape, stream: bool) -> Response:
+        """The response queued, or with `stream`, its events as its run makes them: a client that hangs up leaves
+        it running, and can stream it again from where it left off."""
+        queued = await self.background.start(choices[0], shape, events=stream)
+        if stream:
+            return EventStream(self.store.events(queued["id"], after=-1))
+        return JSONResponse(queued)
 
 
 def _token_biases(logit_bias: dict[str, float]) -> dict[int, float]:

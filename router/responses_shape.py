@@ -16,22 +16,22 @@ response.output_item.added, then a response.function_call_arguments.delta per re
 the reply is whole, .done and response.output_item.done. A call cut off by max_output_tokens ends incomplete with
 the arguments it had. A failure after the stream started is an `error` event followed by response.failed. A
 finished response is stored (router/response_store.py) before the client sees its end, so the next turn can
-continue from it at once; with store: false, or no store, it is not.
+continue from it at once, and one that failed is stored as failed; with store: false, or no store, neither is. A
+background response (router/background.py) is created queued, and its shape saves each state it reaches.
 """
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from itertools import takewhile
 from typing import Any
 
-from router.errors import Kind, classify
+from router.errors import ApiError, Kind, classify
 from router.ingress import Ingress
 from router.openai_responses import error_body, sse, token_logprobs
 from router.openai_tools import ToolChoice
 from router.reasoning import Parts, ReasoningParser, ReasoningSplit
-from router.response_store import ResponseStore
 from router.streams import merged
 from router.tool_call_json import CallSoFar, CallStream, tool_call
 from workers.engine.outputs import RequestOutput
@@ -40,20 +40,23 @@ from workers.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+Save = Callable[[dict[str, Any], list[dict[str, Any]]], Awaitable[bool]]  # (response, conversation) -> stored?
+
+
 class ResponsesShape:
     def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any],
-                 store: ResponseStore | None, conversation: list[dict[str, Any]],
+                 save: Save | None, conversation: list[dict[str, Any]],
                  tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None):
         """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...);
-        `conversation`: the messages the reply answers, stored with it for a continuation; `tool_choice`: how
-        the reply may call tools (router/openai_tools.py); `reasoning`: how its thinking is told from its answer
-        (router/reasoning.py)."""
+        `save`: stores the response as it ends (None: it is not stored); `conversation`: the messages the reply
+        answers, stored with it for a continuation; `tool_choice`: how the reply may call tools
+        (router/openai_tools.py); `reasoning`: how its thinking is told from its answer (router/reasoning.py)."""
         self.tokenizer = ingress.tokenizer
         self.params = params
         self.tool_choice = tool_choice
         self.reasoning = reasoning
         self.split: ReasoningSplit | None = None
-        self.store = store
+        self.save = save
         self.conversation = conversation
         self.message_id = f"msg_{request_id}"
         self.reasoning_id = f"rs_{request_id}"
@@ -66,7 +69,7 @@ class ResponsesShape:
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "model": ingress.model.name, "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
-                       "store": store is not None, "truncation": "disabled", **echoed}
+                       "store": save is not None, "truncation": "disabled", **echoed}
         self.sequence_number = 0
         self.tokens_sent = 0  # tokens whose logprobs a delta carried: text held back carries its tokens later
 
@@ -97,16 +100,36 @@ class ResponsesShape:
         response = self._response(status, output, usage=_usage(out, answer_start),
                                   incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
                                   completed_at=None if incomplete else int(time.time()))
-        if self.store is not None:
+        if self.save is not None:
             reply = {"role": "assistant", "content": content or ""} | ({"tool_calls": calls} if calls else {})
-            response["store"] = await self.store.save(response, [*self.conversation, reply])
+            response["store"] = await self.save(response, [*self.conversation, reply])
         return response
+
+    @property
+    def response_id(self) -> str:
+        return self.header["id"]
+
+    def pending(self, status: str) -> dict[str, Any]:
+        """The response before its output: queued, or in progress."""
+        return self._response(status, [])
+
+    async def fail(self, error: ApiError) -> list[str]:
+        """A response that failed: stored as failed, and the events that end its stream (an `error` event, then
+        response.failed)."""
+        body = error_body(error)
+        failed = self._response("failed", [], error={
+            "code": "server_error" if error.kind is Kind.INTERNAL else body["type"], "message": body["message"]})
+        if self.save is not None:
+            await self.save(failed, self.conversation)
+        return [self._event("error", code=str(body["code"]), message=body["message"], param=body["param"]),
+                self._event("response.failed", response=failed)]
 
     async def events(self, firsts: list[RequestOutput],
                      streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         [last] = firsts
         try:
-            yield self._event("response.created", response=self._response("in_progress", []))
+            created = "queued" if self.header["background"] else "in_progress"
+            yield self._event("response.created", response=self._response(created, []))
             yield self._event("response.in_progress", response=self._response("in_progress", []))
             for event in self._deltas(last):
                 yield event
@@ -122,12 +145,9 @@ class ResponsesShape:
         except Exception as e:
             error = classify(e)
             if error.kind is Kind.INTERNAL:
-                logger.exception("response %s failed while streaming", self.header["id"])
-            body = error_body(error)
-            yield self._event("error", code=str(body["code"]), message=body["message"], param=body["param"])
-            yield self._event("response.failed", response=self._response(
-                "failed", [], error={"code": "server_error" if error.kind is Kind.INTERNAL else body["type"],
-                                     "message": body["message"]}))
+                logger.exception("response %s failed while streaming", self.response_id)
+            for event in await self.fail(error):
+                yield event
 
     def _parts(self, out: RequestOutput) -> Parts:
         """The reply so far as thinking and answer; without a reasoning parser, all answer."""

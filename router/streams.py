@@ -3,6 +3,7 @@ cluster request per choice, and its response interleaves their outputs as they c
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -42,6 +43,15 @@ async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
                 yield i, item
     finally:
         await _abandon(reads, streams)
+
+
+async def lasts(firsts: list[T], streams: list[AsyncIterator[T]]) -> list[T]:
+    """Every stream's last item, its first given (read by first_of_each)."""
+    last = list(firsts)
+    async with aclosing(merged(streams)) as rest:
+        async for i, item in rest:
+            last[i] = item
+    return last
 
 
 async def close_all(streams: list[AsyncIterator[T]]) -> None:

@@ -416,8 +416,8 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name
 
 def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(client, model_name):
     """GET /v1/responses/{id}/input_items: the turns before the response (earlier replies and function calls
-    included; instructions and its own output not), newest first unless asked, in pages the client follows. A
-    stored response has finished, so cancelling it is a 400."""
+    included; instructions and its own output not), newest first unless asked, in pages the client follows. Only
+    a background response can be cancelled, or streamed again."""
     first = client.responses.create(model=model_name, instructions="Be brief.", input="My name is Ada.", **RESPONSE)
     second = client.responses.create(model=model_name, previous_response_id=first.id, input=[
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -442,11 +442,84 @@ def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(cl
     with pytest.raises(openai.NotFoundError) as refused:
         client.responses.input_items.list("resp_unknown")
     assert refused.value.param == "response_id"
-    # Only background responses can be cancelled, and none runs here: a finished one says so.
     with pytest.raises(openai.BadRequestError, match="only a background response can be cancelled"):
         client.responses.cancel(second.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.retrieve(second.id, stream=True)
+    assert refused.value.param == "stream"
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_unknown")
+
+
+def finished(client: openai.OpenAI, response_id: str):
+    """A background response polled until it ends."""
+    deadline = time.monotonic() + 60
+    while (response := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, f"still {response.status}"
+        time.sleep(0.1)
+    return response
+
+
+def test_a_background_response_is_queued_at_once_and_polled_to_the_answer_a_foreground_one_gives(client,
+                                                                                                 model_name):
+    asked = dict(model=model_name, instructions="Be brief.", input="My name is Ada.", **RESPONSE)
+    queued = client.responses.create(background=True, **asked)
+    assert (queued.status, queued.background, queued.output) == ("queued", True, [])
+    done = finished(client, queued.id)
+    foreground = client.responses.create(**asked)
+    assert (done.status, done.output_text, done.usage.input_tokens, done.usage.output_tokens) == (
+        foreground.status, foreground.output_text, foreground.usage.input_tokens, foreground.usage.output_tokens)
+    assert done.background and not foreground.background
+    # It is stored like any response: the conversation continues from it.
+    following = dict(input="What is my name?", **RESPONSE)
+    assert client.responses.create(model=model_name, previous_response_id=done.id, **following).output_text == \
+        client.responses.create(model=model_name, previous_response_id=foreground.id, **following).output_text
+
+
+def test_a_background_stream_outlives_its_client_and_is_streamed_again_from_where_it_left_off(client, model_name):
+    asked = dict(model=model_name, input=PROMPT, **RESPONSE)
+    stream = client.responses.create(background=True, stream=True, **asked)
+    seen = [next(stream) for _ in range(5)]  # created, in progress, the message opened, its first text
+    stream.close()  # the client hangs up: the response runs on
+    assert (seen[0].type, seen[0].response.status, seen[0].response.background) == ("response.created", "queued",
+                                                                                      True)
+    response_id = seen[0].response.id
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number))
+    events = seen + rest
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[-1].type == "response.incomplete"  # max_output_tokens ended it
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text == client.responses.create(**asked).output_text
+    assert finished(client, response_id).output_text == text
+    # Streamed again from the start, it is the same events.
+    again = list(client.responses.retrieve(response_id, stream=True))
+    assert [event.model_dump() for event in again] == [event.model_dump() for event in events]
+
+
+def test_cancelling_a_background_response_stops_its_request_and_frees_its_blocks(client, model_name, base_url):
+    cancelled_before = metric(base_url, 'tandem_requests_total{outcome="cancelled"}')
+    queued = client.responses.create(model=model_name, input="Once upon a time", background=True,
+                                     max_output_tokens=1000, temperature=0, extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError, match="is still"):  # a conversation goes on once a response ends
+        client.responses.create(model=model_name, previous_response_id=queued.id, input="And then?")
+    cancelled = client.responses.cancel(queued.id)
+    assert (cancelled.id, cancelled.status) == (queued.id, "cancelled")
+    assert client.responses.retrieve(queued.id).status == "cancelled"
+    assert client.responses.cancel(queued.id).status == "cancelled"  # a second cancellation changes nothing
+    with pytest.raises(openai.BadRequestError, match="was cancelled"):
+        client.responses.create(model=model_name, previous_response_id=queued.id, input="And then?")
+    decode = serve.get_deployment_handle("decode", app_name=APP)
+    deadline = time.monotonic() + 30
+    while True:
+        stats = decode.stats.remote().result()
+        idle = stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_blocks
+        if idle and metric(base_url, 'tandem_requests_total{outcome="cancelled"}') > cancelled_before:
+            break
+        assert time.monotonic() < deadline, f"still busy: {stats}"
+        time.sleep(0.2)
+    # A finished background response is returned as it ended.
+    done = client.responses.create(model=model_name, input="Hi", background=True, **RESPONSE)
+    assert client.responses.cancel(finished(client, done.id).id).status == "incomplete"
 
 
 @pytest.mark.parametrize("kwargs, param", [
@@ -465,6 +538,8 @@ def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(cl
     (dict(max_output_tokens=0), "max_output_tokens"),
     (dict(temperature=-1, stream=True), "temperature"),
     (dict(extra_body={"n": 2}), "n"),
+    (dict(background=True, store=False), "background"),
+    (dict(background=True, input="hi " * 2000), "input"),  # refused as it comes, not failed later
 ])
 def test_bad_responses_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
     with pytest.raises(openai.BadRequestError) as refused:
