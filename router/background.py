@@ -59,8 +59,14 @@ class BackgroundResponses:
                 await asyncio.wait({work}, timeout=RUN_BEAT_S)
         finally:
             work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            await self.store.finish(response_id, events)
+            [outcome] = await asyncio.gather(work, return_exceptions=True)
+            if isinstance(outcome, Exception):  # its state could not be saved (Redis failed)
+                logger.error("background response %s: %s", response_id, outcome)
+            try:
+                await self.store.finish(response_id, events)
+            except redis.RedisError as e:
+                logger.warning("background response %s: its run was not closed (its run key lapses): %s",
+                               response_id, e)
 
     async def _cancelled(self, response_id: str) -> bool:
         try:

@@ -12,6 +12,8 @@
                                  background: true accepts it at once and runs it detached (router/background.py):
                                  GET polls it, GET ?stream=true&starting_after=N streams its events again (if it
                                  was created streaming), POST /v1/responses/{id}/cancel stops it
+    POST /v1/responses/input_tokens  OpenAI's: how many tokens a Responses API request's prompt has (its
+                                 instructions, the conversation it continues, its input and tools), unrun
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -46,11 +48,12 @@ import hmac
 import logging
 import time
 import uuid
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from importlib.metadata import version as package_version
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -186,9 +189,22 @@ class ResponsesBody(_Body):
     top_logprobs: int | None = None
     include: list[str] | None = None
     previous_response_id: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
     store: bool | None = True
     background: bool | None = None
     metadata: dict[str, str] | None = None
+
+
+class InputTokensBody(BaseModel):
+    """What POST /v1/responses/input_tokens reads of a Responses API request: what makes up its prompt."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    tools: list[dict] | None = None
 
 
 class TokenizeBody(BaseModel):
@@ -242,6 +258,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/responses", api.responses, methods=["POST"])
+    app.add_api_route("/v1/responses/input_tokens", api.input_tokens, methods=["POST"])
     app.add_api_route("/v1/responses/{response_id}", api.stored_response, methods=["GET", "DELETE"])
     app.add_api_route("/v1/responses/{response_id}/input_items", api.list_input_items, methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}/cancel", api.cancel_response, methods=["POST"])
@@ -357,7 +374,8 @@ class OpenAIApi:
     def _responses_shape(self, body: ResponsesBody, request_id: str, choices: list[GenerateRequest],
                          tools: ToolChoice | None) -> Shape:
         text_format = _text_format(body)
-        echoed = {"background": bool(body.background), "instructions": body.instructions,
+        echoed = {"background": bool(body.background), "truncation": body.truncation or "disabled",
+                  "instructions": body.instructions,
                   "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
                   "parallel_tool_calls": body.parallel_tool_calls is not False,
@@ -406,6 +424,15 @@ class OpenAIApi:
         except Exception as e:
             return _refused(e)
         return JSONResponse({"count": len(ids), "max_model_len": self.ingress.model.max_model_len, "tokens": ids})
+
+    async def input_tokens(self, request: Request) -> Response:
+        try:
+            body = await self._tokenizer_request(request, InputTokensBody)
+            ids = self.ingress.prompt_token_ids(GenerateRequest(messages=await self._responses_messages(body),
+                                                                tools=chat_tools(body.tools)))
+        except Exception as e:
+            return _refused(e)
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
 
     async def detokenize(self, request: Request) -> Response:
         try:
@@ -552,6 +579,11 @@ class OpenAIApi:
                                         tools, aliases)
         params = _for_tools(self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None,
                                          structure), tools)
+        return [{"messages": await self._responses_messages(body), "tools": chat_tools(body.tools)}], params, tools
+
+    async def _responses_messages(self, body: ResponsesBody | InputTokensBody) -> list[dict[str, Any]]:
+        """A Responses API request's prompt as chat messages: its instructions, the stored conversation it
+        continues, then its input."""
         instructions = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
         earlier = []
         if body.previous_response_id:
@@ -564,8 +596,28 @@ class OpenAIApi:
                 raise invalid("previous_response_id", f"response {body.previous_response_id!r} was {status}: it "
                                                       "has no reply to continue from")
             earlier = previous.conversation
-        return [{"messages": instructions + earlier + _input_messages(body.input), "tools": chat_tools(body.tools)}], \
-            params, tools
+        given = [] if body.input is None else _input_messages(body.input)
+        if not earlier and not given:
+            raise invalid("input", "give the input, or previous_response_id to count the conversation it continues")
+        if body.truncation == "auto":
+            return instructions + self._latest_turns_that_fit(instructions, earlier + given, chat_tools(body.tools))
+        return instructions + earlier + given
+
+    def _latest_turns_that_fit(self, instructions: list[dict[str, Any]], messages: list[dict[str, Any]],
+                               tools: list[dict] | None) -> list[dict[str, Any]]:
+        """truncation: auto, as OpenAI has it: the conversation's oldest turns dropped, until the prompt leaves
+        room for a reply. A turn is dropped whole (a user message and all that answered it), so no reply or tool
+        output is left without what it answers; the instructions stay. Where even the last turn does not fit, it
+        is kept, and refused as too long as it would be without truncation."""
+        starts = [0] + [i for i, message in enumerate(messages) if i and message["role"] == "user"]
+        room = self.ingress.model.max_model_len - 1
+
+        def fits(start: int) -> bool:
+            prompt = GenerateRequest(messages=instructions + messages[start:], tools=tools)
+            return len(self.ingress.prompt_token_ids(prompt)) <= room
+
+        first = bisect_left(range(len(starts)), True, key=lambda i: fits(starts[i]))  # fewer turns, fewer tokens
+        return messages[starts[min(first, len(starts) - 1)]:]
 
     def _tools(self, body: ChatBody | ResponsesBody) -> ToolChoice | None:
         return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)

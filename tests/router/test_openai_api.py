@@ -451,6 +451,42 @@ def test_a_stored_responses_input_items_are_what_it_answered_a_page_at_a_time(cl
         client.responses.cancel("resp_unknown")
 
 
+def test_input_tokens_counts_the_prompt_a_response_would_read(client, model_name):
+    asked = dict(model=model_name, instructions="Be brief.", input="My name is Ada.")
+    first = client.responses.create(**asked, **RESPONSE)
+    assert client.responses.input_tokens.count(**asked).input_tokens == first.usage.input_tokens
+    following = dict(model=model_name, previous_response_id=first.id, input="What is my name?")
+    counted = client.responses.input_tokens.count(**following)
+    assert (counted.object, counted.input_tokens) == (
+        "response.input_tokens", client.responses.create(**following, **RESPONSE).usage.input_tokens)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.input_tokens.count(model=model_name)
+    assert refused.value.param == "input"
+
+
+def test_truncation_auto_drops_the_oldest_turns_whole_until_the_prompt_fits(client, model_name, base_url):
+    said = "The old city walls had seven gates, each named for the road that left through it. " * 5
+    conversation = [{"role": role, "content": f"{i}: {said}"} for i in range(8) for role in ("user", "assistant")]
+    conversation.append({"role": "user", "content": "Which gate was the oldest?"})
+    asked = dict(model=model_name, instructions="Be brief.", input=conversation, **RESPONSE)
+    with pytest.raises(openai.BadRequestError) as refused:  # the model's 1024 tokens cannot hold it all
+        client.responses.create(**asked)
+    assert refused.value.param == "input"
+    truncated = client.responses.create(truncation="auto", **asked)
+
+    def prompt_tokens(messages: list[dict]) -> int:
+        return post(base_url, "/tokenize", {"messages": [{"role": "system", "content": "Be brief."}, *messages]})[1][
+            "count"]
+
+    kept = next(conversation[i:] for i in range(0, len(conversation), 2) if prompt_tokens(conversation[i:]) < 1024)
+    assert 1 < len(kept) < len(conversation)
+    latest = client.responses.create(model=model_name, instructions="Be brief.", input=kept, **RESPONSE)
+    assert (truncated.truncation, truncated.output_text, truncated.usage.input_tokens) == (
+        "auto", latest.output_text, latest.usage.input_tokens)
+    assert client.responses.input_tokens.count(model=model_name, instructions="Be brief.", input=conversation,
+                                               truncation="auto").input_tokens == latest.usage.input_tokens
+
+
 def finished(client: openai.OpenAI, response_id: str):
     """A background response polled until it ends."""
     deadline = time.monotonic() + 60
