@@ -2,8 +2,6 @@
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 
@@ -72,23 +70,21 @@ def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_model_factory):
-    """In its own process: the bench starts and stops a Ray of its own."""
+def test_routing_bench_runs_each_router_and_writes_its_figures(tmp_path, tiny_model_factory, ray_cluster, capsys):
+    """On the session's Ray, which the bench uses (and leaves running) rather than start one of its own."""
     path = tmp_path / "routing.json"
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "routing", "--model",
-                          str(tiny_model_factory("llama")), "--prefill-replicas", "1", "--system-prompts", "2",
-                          "--users", "1", "--turns", "2", "--system-tokens", "48", "--arrival-rate", "0",
-                          "--think-s", "0.1", "--max-tokens", "4", "--kv-cache-gb", "0.25", "--routers",
-                          "prefix-cache", "round-robin", "--workloads", "shared", "--json", str(path)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert main(["bench", "routing", "--model", str(tiny_model_factory("llama")), "--prefill-replicas", "1",
+                 "--system-prompts", "2", "--users", "1", "--turns", "2", "--system-tokens", "48", "--arrival-rate",
+                 "0", "--think-s", "0.1", "--max-tokens", "4", "--kv-cache-gb", "0.25", "--routers", "prefix-cache",
+                 "round-robin", "--workloads", "shared", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
     doc = json.loads(path.read_text())
     assert [(r["workload"], r["router"], r["requests"]) for r in doc["results"]] == [
         ("shared", "prefix-cache", 4), ("shared", "round-robin", 4)]
     assert all(0 <= r["hit_rate"] <= 1 and r["oracle_hit_rate"] > 0 and r["output_tokens_per_s"] > 0
                for r in doc["results"])
     assert all(r["ttft_stages_mean_s"]["prefill_compute_s"] > 0 for r in doc["results"])
-    assert "of oracle" in out.stdout and "mean TTFT by stage" in out.stdout
+    assert "of oracle" in out and "mean TTFT by stage" in out
 
 
 def test_quick_structured_bench_compares_free_and_schema_runs(tmp_path, capsys):

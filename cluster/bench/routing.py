@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from cluster.redis_server import LocalRedis
 
     redis = LocalRedis()
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
+    own_ray = not ray.is_initialized()  # a caller already connected to a Ray keeps it
+    if own_ray:
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
     results = []
     try:
         for workload in args.workloads:
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"bench routing: {workload} workload, {router} router ...", file=sys.stderr, flush=True)
                 results.append(_run_one(args, workload, router, redis.url))
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
         redis.stop()
     print(table(results))
     path = Path(args.json)

@@ -17,9 +17,10 @@ def run(args: argparse.Namespace) -> int:
             options = remote_options(args)
             return converse(args, lambda messages: echo_chunks(client.chat_stream(messages, **options), True).text)
     params = sampling_params(args)
-    from workers.engine.llm import LLM  # torch: not for --url
+    kwargs = engine_kwargs(args)  # finds the model: one that is not there fails before torch loads
+    from workers.engine.llm import LLM  # torch: not for --url, a bad flag or a missing model
 
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(**kwargs)
     return converse(args, lambda messages: stream(llm, llm.apply_chat_template(messages), params,
                                                   echo=True).outputs[0].text)
 

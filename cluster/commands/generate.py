@@ -28,9 +28,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tensor_parallel_size > 1 or args.disaggregate:
         final = asyncio.run(_run_on_groups(args, params))
     else:
-        from workers.engine.llm import LLM  # torch: not for --url or a bad flag
+        kwargs = engine_kwargs(args)  # finds the model: one that is not there fails before torch loads
+        from workers.engine.llm import LLM  # torch: not for --url, a bad flag or a missing model
 
-        llm = LLM(**engine_kwargs(args))
+        llm = LLM(**kwargs)
         prompt = chat_prompt(llm.tokenizer, args) if args.chat else args.prompt
         final = stream(llm, prompt, params, echo=not args.json)
     if args.json:
