@@ -375,8 +375,7 @@ class OpenAIApi:
                          tools: ToolChoice | None) -> Shape:
         text_format = _text_format(body)
         echoed = {"background": bool(body.background), "truncation": body.truncation or "disabled",
-                  "instructions": body.instructions,
-                  "metadata": body.metadata or {}, "user": body.user,
+                  "instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
                   "parallel_tool_calls": body.parallel_tool_calls is not False,
                   "previous_response_id": body.previous_response_id,

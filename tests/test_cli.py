@@ -44,19 +44,12 @@ def test_generate_streams_plain_text(smollm2_path):
     assert out.stdout.strip()
 
 
-def test_min_tokens_keeps_a_short_answer_going(smollm2_path):
+def test_min_tokens_keeps_a_short_answer_going_and_prompt_logprobs_come_in_the_json(smollm2_path):
     out = tandem("generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "40",
-                 "--min-tokens", "40", "--json")
+                 "--min-tokens", "40", "--prompt-logprobs", "1", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)  # the answer alone ends with EOS well before 40 tokens
     assert (result["finish_reason"], result["usage"]["generated_tokens"]) == ("length", 40)
-
-
-def test_prompt_logprobs_come_in_the_json(smollm2_path):
-    out = tandem("generate", "--prompt", "The capital of France is", "--max-tokens", "2", "--prompt-logprobs", "1",
-                 "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
     entries = result["prompt_logprobs"]
     assert len(entries) == result["usage"]["prompt_tokens"] and entries[0] is None
     assert all(1 <= len(entry) <= 2 for entry in entries[1:])  # the top one, and the prompt's token if it differs

@@ -544,15 +544,7 @@ def test_cancelling_a_background_response_stops_its_request_and_frees_its_blocks
     assert client.responses.cancel(queued.id).status == "cancelled"  # a second cancellation changes nothing
     with pytest.raises(openai.BadRequestError, match="was cancelled"):
         client.responses.create(model=model_name, previous_response_id=queued.id, input="And then?")
-    decode = serve.get_deployment_handle("decode", app_name=APP)
-    deadline = time.monotonic() + 30
-    while True:
-        stats = decode.stats.remote().result()
-        idle = stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_blocks
-        if idle and metric(base_url, 'tandem_requests_total{outcome="cancelled"}') > cancelled_before:
-            break
-        assert time.monotonic() < deadline, f"still busy: {stats}"
-        time.sleep(0.2)
+    wait_until_cancelled_and_idle(base_url, cancelled_before)
     # A finished background response is returned as it ended.
     done = client.responses.create(model=model_name, input="Hi", background=True, **RESPONSE)
     assert client.responses.cancel(finished(client, done.id).id).status == "incomplete"
@@ -797,16 +789,21 @@ def test_a_client_that_hangs_up_mid_stream_frees_every_block(client, model_name,
                                        stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))  # the first token arrived: the request holds KV blocks and is decoding
     stream.close()
+    wait_until_cancelled_and_idle(base_url, cancelled)
+    assert metric(base_url, "tandem_requests_running") == 0
+
+
+def wait_until_cancelled_and_idle(base_url: str, cancelled_before: float) -> None:
+    """Until a request more than before has ended cancelled, and the decode group holds no request and no block."""
     decode = serve.get_deployment_handle("decode", app_name=APP)
     deadline = time.monotonic() + 30
     while True:
         stats = decode.stats.remote().result()
         idle = stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_blocks
-        if idle and metric(base_url, 'tandem_requests_total{outcome="cancelled"}') > cancelled:
-            break
+        if idle and metric(base_url, 'tandem_requests_total{outcome="cancelled"}') > cancelled_before:
+            return
         assert time.monotonic() < deadline, f"still busy: {stats}"
         time.sleep(0.2)
-    assert metric(base_url, "tandem_requests_running") == 0
 
 
 class City(BaseModel):
