@@ -136,6 +136,7 @@ class ResponseStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             if events:
                 pipe.xadd(self._key(response_id, "events"), {"end": 1})
+                pipe.expire(self._key(response_id, "events"), self._ttl_s)  # ended before its first event, too
             pipe.delete(self._key(response_id, "run"))
             await pipe.execute()
 

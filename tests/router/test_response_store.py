@@ -82,8 +82,10 @@ def test_a_background_response_whose_replica_stopped_refreshing_its_run_reads_as
 
 
 def test_a_background_responses_events_are_read_from_any_point_as_they_come(redis_url):
+    namespace = f"test-responses-{uuid.uuid4().hex}"
+
     async def scenario():
-        store = ResponseStore(redis_url, ttl_s=30, namespace=f"test-responses-{uuid.uuid4().hex}")
+        store = ResponseStore(redis_url, ttl_s=30, namespace=namespace)
         await store.start(_running(), CONVERSATION[:1], events=True)
         await store.add_event("resp_bg", "event 0")
         reader = asyncio.ensure_future(_read(store.events("resp_bg", after=-1)))
@@ -98,6 +100,7 @@ def test_a_background_responses_events_are_read_from_any_point_as_they_come(redi
     whole, late, replayed = asyncio.run(scenario())
     assert whole == ["event 0", "event 1", "event 2"]
     assert late == ["event 2"] and replayed == ["event 1", "event 2"]
+    assert 0 < redis.Redis.from_url(redis_url).ttl(f"{{{namespace}}}:response-events:resp_bg") <= 30  # they expire
 
 
 async def _read(events) -> list[str]:
