@@ -306,7 +306,7 @@ class OpenAIApi:
                 raise invalid("stream", "only a background response created with stream: true can be streamed "
                                         "again; GET it without stream")
             after = request.query_params.get("starting_after", "-1")
-            if not after.lstrip("-").isdigit() or int(after) < -1:
+            if not (after == "-1" or after.isascii() and after.isdigit()):
                 raise invalid("starting_after", f"must be an event's sequence number, got {after!r}")
             return EventStream(self.store.events(response_id, int(after)))
         except Exception as e:

@@ -530,6 +530,10 @@ def test_a_background_stream_outlives_its_client_and_is_streamed_again_from_wher
     # Streamed again from the start, it is the same events.
     again = list(client.responses.retrieve(response_id, stream=True))
     assert [event.model_dump() for event in again] == [event.model_dump() for event in events]
+    for bad in ("--5", "-2", "x"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.retrieve(response_id, stream=True, extra_query={"starting_after": bad})
+        assert refused.value.param == "starting_after"
 
 
 def test_cancelling_a_background_response_stops_its_request_and_frees_its_blocks(client, model_name, base_url):
