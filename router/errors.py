@@ -90,6 +90,15 @@ def classify(error: BaseException) -> ApiError:
     return ApiError(Kind.INTERNAL, f"internal error: {type(error).__name__}: {_first_line(error)}")
 
 
+def renamed(error: ApiError, aliases: dict[str, str]) -> ApiError:
+    """The engine's field name replaced by the API's (prompt_token_ids -> prompt, ...)."""
+    if error.field not in aliases:
+        return error
+    name = aliases[error.field]
+    message = name + error.message[len(error.field):] if error.message.startswith(error.field) else error.message
+    return ApiError(error.kind, message, name)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

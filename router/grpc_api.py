@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.api_config import ApiConfig
-from router.errors import ApiError, Kind, classify, invalid
+from router.errors import ApiError, Kind, classify, invalid, renamed
 from router.ingress import GenerateRequest, Ingress
 from router.openai_tools import ToolChoice, tool_choice
 from router.reasoning import ReasoningParser, ReasoningSplit
@@ -46,6 +46,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # Open to every caller, with or without an API key: probes and tooling.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# The engine's name for a field -> tandem.v1's, so an error names the field the caller set.
+_FIELD_NAMES = {"prompt_token_ids": "token_ids"}
 
 
 class Undecodable:
@@ -331,7 +333,7 @@ def _response(out: RequestOutput, first: bool) -> pb.GenerateResponse:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    api_error = classify(error)
+    api_error = renamed(classify(error), _FIELD_NAMES)
     if api_error.kind is Kind.INTERNAL:
         logger.exception("gRPC call failed", exc_info=error)
     await context.abort(api_error.kind.grpc_code, api_error.message)

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from router.background import BackgroundResponses
-from router.errors import ApiError, Kind, classify, invalid
+from router.errors import ApiError, Kind, classify, invalid, renamed
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_responses import ResponseShape
@@ -475,7 +475,7 @@ class OpenAIApi:
             self._count_refused(Kind.INVALID_ARGUMENT)
             return _refused(e)
         except Exception as e:
-            error = _renamed(classify(e), aliases)
+            error = renamed(classify(e), aliases)
             self._count_refused(error.kind)
             return error_response(error)
         try:
@@ -484,7 +484,7 @@ class OpenAIApi:
                 return await self._in_background(choices, shape(body, request_id, choices, tools), bool(body.stream))
             return await self._generate(choices, shape(body, request_id, choices, tools), bool(body.stream))
         except Exception as e:
-            return error_response(_renamed(classify(e), aliases))
+            return error_response(renamed(classify(e), aliases))
 
     def _count_refused(self, kind: Kind) -> None:
         """A request refused before it reached Ingress.generate still counts in tandem_requests_total."""
@@ -814,15 +814,6 @@ def _field_path(loc: tuple) -> str | None:
         else:
             break
     return path
-
-
-def _renamed(error: ApiError, aliases: dict[str, str]) -> ApiError:
-    """The engine's field name replaced by this API's (prompt_token_ids -> prompt, ...)."""
-    if error.field not in aliases:
-        return error
-    name = aliases[error.field]
-    message = name + error.message[len(error.field):] if error.message.startswith(error.field) else error.message
-    return ApiError(error.kind, message, name)
 
 
 def _error_json(status: int, kind: str, message: str, param: str | None, headers=None) -> JSONResponse:
