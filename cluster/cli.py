@@ -13,6 +13,7 @@
     tandem bench kernels                                   # Triton attention kernels vs torch vs the roofline
     tandem bench chaos                                     # cancel storms and killed ranks: nothing hangs or leaks
     tandem bench soak --minutes 30                         # steady load: memory slopes, KV index, free blocks
+    tandem bench serve --request-rate 4                    # a running server's TTFT, TPOT and throughput
 """
 
 import argparse
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import chaos, engine, kernels, routing, soak, speculative, structured, transfer
+    from cluster.bench import chaos, engine, kernels, routing, serve, soak, speculative, structured, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
     speculative.add_arguments(bench_sub.add_parser(
         "speculative", help="speculative decoding by n-gram lookup vs one token per step: tok/s, acceptance"))
+    serve.add_arguments(bench_sub.add_parser(
+        "serve", help="a running server under load through its HTTP or gRPC API: TTFT, TPOT, ITL, throughput",
+        description="Sends the same seeded prompts to each --url at a set request rate, streamed, as vLLM's "
+                    "`vllm bench serve` does, and compares the targets side by side."))
     soak.add_arguments(bench_sub.add_parser(
         "soak", help="steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
         description="Samples every cluster process's memory, each pool's free KV blocks and the router's KV "
@@ -223,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import convert
 
             return convert.run(args)
-        from cluster.bench import chaos, engine, kernels, routing, soak, speculative, structured, transfer
+        from cluster.bench import chaos, engine, kernels, routing, serve, soak, speculative, structured, transfer
 
-        benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "soak": soak,
-                   "speculative": speculative, "structured": structured, "transfer": transfer}
+        benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "serve": serve,
+                   "soak": soak, "speculative": speculative, "structured": structured, "transfer": transfer}
         return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """`tandem bench engine --quick` end to end, in-process: every phase runs and the JSON holds what the docs promise."""
 
 import json
+import math
 import random
+import statistics
 
 import pytest
 
+from cluster.bench import serve as serve_bench
 from cluster.bench import workloads
 from cluster.cli import main
 
@@ -54,6 +57,14 @@ def test_workloads_are_seeded_and_shaped():
     for wave in s.waves:
         for prefix, prompt in zip(s.prefixes, wave):
             assert prompt[:50] == prefix and 2 <= len(prompt) - 50 <= 6
+
+
+def test_serve_bench_arrivals_are_a_seeded_poisson_process_or_all_at_once():
+    gaps = serve_bench.arrival_gaps(4000, 8.0, seed=3)
+    assert gaps == serve_bench.arrival_gaps(4000, 8.0, seed=3)  # every target gets the same schedule
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 8.0, rel=0.05)
+    assert statistics.stdev(gaps) == pytest.approx(1 / 8.0, rel=0.1)  # exponential: the spread equals the mean
+    assert serve_bench.arrival_gaps(5, math.inf, seed=3) == [0.0] * 5
 
 
 def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsys, smollm2_path):

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API end to end: a real unified cluster (an ingress and one decode group of a tiny
 Llama) behind Serve's HTTP proxy, called with the real `openai` client. Streamed and whole answers agree, usage
 counts what the engine did, errors have OpenAI's shape with the right status and field, the API key guards /v1,
-and a client that hangs up mid-stream leaves no KV block in use."""
+and a client that hangs up mid-stream leaves no KV block in use. `tandem bench serve` measures it over HTTP and
+gRPC."""
 
 import json
 import re
@@ -20,6 +21,7 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from cluster.app import build_app
+from cluster.cli import main
 from cluster.config import ClusterConfig
 from router.api_config import ApiConfig
 from tests.conftest import SERVE_HTTP_URL
@@ -1040,3 +1042,38 @@ def test_auto_tool_choice_in_the_responses_api_gives_a_message_and_function_call
     assert "".join(arguments) == call.arguments and len(arguments) > 1
     done = events[-1].response.output
     assert [item.id for item in done] == [e.item.id for e in events if e.type == "response.output_item.added"]
+
+
+def test_bench_serve_sends_the_same_requests_over_http_and_grpc_and_reports_each(cluster, base_url, tmp_path,
+                                                                                  capsys):
+    """`tandem bench serve`, a client of both of this cluster's APIs. One request at a time, so the later users
+    of each system prompt find its blocks cached; each target's requests have their own cache salt, so the gRPC
+    run finds nothing of the HTTP run's in the cache: both runs report the same cached tokens."""
+    path, prefix, own, out = tmp_path / "serve.json", 32, 8, 4  # 32 tokens: two whole KV blocks
+    argv = ["bench", "serve", "--url", base_url, "--url", f"grpc://localhost:{GRPC_PORT}", "--api-key", KEY,
+            "--tokenizer", cluster, "--dataset", "shared-prefix", "--num-prefixes", "2", "--prefix-len", str(prefix),
+            "--input-len", str(own), "--num-prompts", "6", "--output-len", str(out), "--max-concurrency", "1",
+            "--json", str(path)]
+    assert main(argv) == 0
+
+    http, grpc_ = json.loads(path.read_text())["results"]
+    for result in (http, grpc_):
+        assert (result["completed"], result["failed"], result["errors"]) == (6, 0, {})
+        assert [r["prompt_tokens"] for r in result["requests"]] == [prefix + own] * 6  # the ids, as sent
+        assert [r["output_tokens"] for r in result["requests"]] == [out] * 6
+        # A chunk may carry several tokens (text held back until its characters are whole), never none.
+        assert all(0 < r["ttft_s"] <= r["latency_s"] and 1 <= r["chunks"] <= out and len(r["itl_s"]) == r["chunks"] - 1
+                   for r in result["requests"])
+        assert result["output_tokens_per_s"] == pytest.approx(6 * out / result["duration_s"])
+        assert result["ttft_ms"]["p50"] <= result["ttft_ms"]["p99"]
+    assert http["cached_tokens"] == grpc_["cached_tokens"] == 4 * prefix
+    table = capsys.readouterr().out
+    assert f"grpc://localhost:{GRPC_PORT} / first" in table and "TPOT p99, ms" in table
+
+
+def test_bench_serve_stops_at_once_on_a_target_it_cannot_use(cluster, base_url, capsys):
+    common = ["bench", "serve", "--tokenizer", cluster, "--num-prompts", "1", "--json", "/dev/null"]
+    assert main(common + ["--url", base_url, "--api-key", "wrong"]) == 1
+    assert "cannot list the models of" in capsys.readouterr().err
+    assert main(common + ["--url", "ftp://localhost:21"]) == 2
+    assert "the scheme must be http" in capsys.readouterr().err
