@@ -35,6 +35,8 @@ APIS = ("completions", "chat")
 DATASETS = ("random", "shared-prefix")
 TOP_ERRORS = 3  # distinct error messages printed per target
 WARM_UP_TOKENS = 8
+# The stages of the time to first token that Tandem's gRPC responses report (cluster.client.TimeToFirstToken).
+TTFT_STAGES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +102,8 @@ class Outcome:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)  # gaps between chunks that carried tokens
     chunks: int = 0  # streamed chunks that carried tokens
+    # Where the server says the time to first token went (Tandem's gRPC API): stage -> seconds.
+    server_ttft_s: dict[str, float] | None = None
 
     def chunk_arrived(self, at_s: float) -> None:
         if self.chunks == 0:
@@ -136,6 +140,7 @@ class Summary:
     tpot_ms: dict[str, float | None]
     itl_ms: dict[str, float | None]
     latency_s: dict[str, float | None]
+    server_ttft_ms: dict[str, float] | None  # stage -> mean, where the server reports them
     errors: dict[str, int]  # message -> requests that failed with it
     requests: list[Outcome]  # in prompt order, for the JSON file
 
@@ -243,6 +248,8 @@ class GrpcTarget:
                 async for chunk in stream:
                     if chunk.token_ids:
                         outcome.chunk_arrived(time.perf_counter() - started)
+                    if chunk.ttft is not None:
+                        outcome.server_ttft_s = {stage: getattr(chunk.ttft, f"{stage}_s") for stage in TTFT_STAGES}
                     if chunk.usage is not None:
                         outcome.prompt_tokens = chunk.usage.prompt_tokens
                         outcome.cached_tokens = chunk.usage.cached_tokens
@@ -327,6 +334,7 @@ def summarize(target: str, outcomes: list[Outcome], duration_s: float) -> Summar
         tpot_ms=_stats([o.tpot_s * 1000 for o in done if o.tpot_s is not None]),
         itl_ms=_stats([gap * 1000 for o in done for gap in o.itl_s]),
         latency_s=_stats([o.latency_s for o in done]),
+        server_ttft_ms=_stage_means([o.server_ttft_s for o in done if o.server_ttft_s is not None]),
         errors=dict(Counter(o.error for o in outcomes if not o.ok).most_common()), requests=outcomes)
 
 
@@ -350,6 +358,10 @@ def format_table(summaries: list[Summary]) -> str:
                             ("latency", "s", "latency_s")):
         for stat in ("mean", "p50", "p90", "p99"):
             add(f"{name} {stat}, {unit}", [getattr(s, key)[stat] for s in summaries], ".3f" if unit == "s" else ".1f")
+        if key == "ttft_ms" and any(s.server_ttft_ms for s in summaries):
+            for stage in TTFT_STAGES:
+                add(f"  server: {stage.replace('_', ' ')} mean, ms",
+                    [s.server_ttft_ms[stage] if s.server_ttft_ms else None for s in summaries], ".1f")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -443,6 +455,12 @@ def _stats(values: list[float]) -> dict[str, float | None]:
         return dict(mean=None, p50=None, p90=None, p99=None)
     return dict(mean=sum(values) / len(values), p50=percentile(values, 50), p90=percentile(values, 90),
                 p99=percentile(values, 99))
+
+
+def _stage_means(reports: list[dict[str, float]]) -> dict[str, float] | None:
+    if not reports:
+        return None
+    return {stage: 1000 * sum(r[stage] for r in reports) / len(reports) for stage in TTFT_STAGES}
 
 
 def _has_tokens(chunk: dict) -> bool:

@@ -1067,8 +1067,12 @@ def test_bench_serve_sends_the_same_requests_over_http_and_grpc_and_reports_each
         assert result["output_tokens_per_s"] == pytest.approx(6 * out / result["duration_s"])
         assert result["ttft_ms"]["p50"] <= result["ttft_ms"]["p99"]
     assert http["cached_tokens"] == grpc_["cached_tokens"] == 4 * prefix
+    # Only gRPC responses say where the time to first token went; the stages add up to no more than the client saw.
+    assert http["server_ttft_ms"] is None and grpc_["server_ttft_ms"]["prefill_compute"] > 0
+    assert sum(grpc_["server_ttft_ms"].values()) <= grpc_["ttft_ms"]["mean"]
     table = capsys.readouterr().out
     assert f"grpc://localhost:{GRPC_PORT} / first" in table and "TPOT p99, ms" in table
+    assert "server: prefill compute mean, ms" in table
 
 
 def test_bench_serve_stops_at_once_on_a_target_it_cannot_use(cluster, base_url, capsys):
