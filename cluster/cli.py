@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.config import add_arguments as add_cluster_arguments
 
     add_cluster_arguments(serve_parser)
+    serve_parser.add_argument("--log-stats-interval", type=float, default=10.0, metavar="S",
+                              help="seconds between the console's throughput and load lines while the cluster "
+                                   "works (0: none, as vLLM's --disable-log-stats; default: %(default)s)")
 
     from cluster.commands import config as config_command
 

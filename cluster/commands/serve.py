@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from cluster.config import from_args
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: serving gRPC on {config.host}:{config.grpc_port} (tandem.v1.Generation, health, reflection; "
               f"{tls}{key}) and HTTP on http://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
               f"/metrics); KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
-        stop.wait()
+        _log_stats_until(stop, config.redis_url, args.log_stats_interval)
         print(f"tandem: draining: finishing the requests in flight (up to {config.drain_timeout_s:.0f} s) while "
               "new ones get UNAVAILABLE / 503", file=sys.stderr, flush=True)
         drain(config.drain_timeout_s)
@@ -64,3 +65,22 @@ def run(args: argparse.Namespace) -> int:
         if redis is not None:
             redis.stop()
     return 0
+
+
+def _log_stats_until(stop: threading.Event, redis_url: str, interval_s: float) -> None:
+    """Prints the pools' throughput and load every interval while they work, until `stop` is set."""
+    from cluster.stats_log import StatsLog
+
+    if interval_s <= 0:
+        stop.wait()
+        return
+    stats = StatsLog(redis_url)
+    while True:
+        try:
+            lines = stats.lines(time.monotonic())  # the first read is the baseline: no line
+        except Exception as e:  # Redis away for a moment: the console misses a line, the cluster carries on
+            lines = [f"no load reports ({type(e).__name__}: {e})"]
+        for line in lines:
+            print(f"tandem: {line}", file=sys.stderr, flush=True)
+        if stop.wait(interval_s):
+            return

@@ -1,10 +1,11 @@
 """`tandem serve`, the README's main command, from start to stop: it reports its replicas coming up, answers over
 gRPC and HTTP, and Ctrl-C or SIGTERM drains it: streams in flight finish with every token, new calls are refused
 (gRPC UNAVAILABLE, HTTP 503) while they do, the process exits 0 and quietly, and none of the processes it started
-(Ray's, the replicas', the ranks', redis-server) outlives it. A real server in its own process, real clients over
-sockets."""
+(Ray's, the replicas', the ranks', redis-server) outlives it. While it works, its console says what each pool
+does. A real server in its own process, real clients over sockets."""
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -62,7 +63,8 @@ def test_serve_answers_then_ctrl_c_drains_it_and_a_sigterm_meanwhile_changes_not
     http_port, grpc_port, model = free_port(), free_port(), tiny_model_factory("llama")
     server = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--num-kv-blocks", "128",
-         "--num-cpus-per-rank", "0.5", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+         "--num-cpus-per-rank", "0.5", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+         "--log-stats-interval", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     completions = f"http://127.0.0.1:{http_port}/v1/completions"
     try:
@@ -121,6 +123,10 @@ def test_serve_answers_then_ctrl_c_drains_it_and_a_sigterm_meanwhile_changes_not
     assert f"serving gRPC on 0.0.0.0:{grpc_port}" in output
     assert "tandem: replicas: prefill: 1 running; decode: 1 running; ingress: 1 running" in output
     assert "draining" in output and "shutting down" in output
+    # While it works, the console says what each pool does, as vLLM's stats lines.
+    generating = [float(m) for m in re.findall(r"tandem: decode pool, 1 group: .* generation ([0-9.]+) tok/s", output)]
+    assert generating and max(generating) > 0, output
+    assert "tandem: prefill pool, 1 group: prompt" in output
     assert "failed" not in output, output  # a clean stop reports no failed task, Serve's or Ray's
     assert not [line for line in output.splitlines() if line.startswith("INFO ")], output  # Serve's, without -v
     time.sleep(2)

@@ -81,7 +81,8 @@ def test_each_instance_has_its_own_registry():
 def report(role: str, **overrides) -> dict:
     load = dict(role=role, running_seqs=3, queued_prefill_tokens=120, free_blocks=48, total_blocks=64,
                 waiting_seqs=2, pinned_seqs=4, finished=10, prompt_tokens=400, cached_prompt_tokens=100,
-                kv_bytes_sent=0, kv_bytes_received=0, kv_transfer_failures=0, guessed_tokens=0, accepted_guesses=0)
+                kv_bytes_sent=0, kv_bytes_received=0, kv_transfer_failures=0, guessed_tokens=0, accepted_guesses=0,
+                computed_prompt_tokens=300, generated_tokens=0)
     return {**load, **overrides}
 
 
@@ -93,7 +94,8 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     client.sadd(keys.groups, "p1", "d1", "gone")  # "gone": its report expired with its heartbeat
     client.set(keys.load("p1"), json.dumps(report("prefill", kv_bytes_sent=8192)))
     client.set(keys.load("d1"), json.dumps(report("decode", free_blocks=16, kv_bytes_received=8192,
-                                                  kv_transfer_failures=1, guessed_tokens=40, accepted_guesses=28)))
+                                                  kv_transfer_failures=1, guessed_tokens=40, accepted_guesses=28,
+                                                  computed_prompt_tokens=0, generated_tokens=900)))
 
     async def scrape():
         view = LoadView(redis_url, namespace=keys.namespace)
@@ -115,6 +117,8 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     assert got[("tandem_group_kv_cache_usage_ratio", d1)] == 0.75
     assert got[("tandem_group_prefix_cache_hit_rate", p1)] == 0.25
     assert got[("tandem_group_kv_sent_bytes_total", p1)] == 8192
+    assert got[("tandem_group_computed_prompt_tokens_total", p1)] == 300
+    assert got[("tandem_group_generated_tokens_total", d1)] == 900
     assert got[("tandem_group_kv_received_bytes_total", d1)] == 8192
     assert got[("tandem_group_kv_transfer_failures_total", d1)] == 1
     assert (got[("tandem_group_spec_guessed_tokens_total", d1)], got[("tandem_group_spec_accepted_tokens_total", d1)]) \

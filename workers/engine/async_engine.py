@@ -217,7 +217,8 @@ class AsyncLLMEngine:
                            eng.kv.bytes_received, eng.num_transfer_failures, sched.num_queued_prefill_tokens(),
                            eng.num_finished,
                            eng.num_prompt_tokens, eng.num_cached_prompt_tokens, eng.num_computed_prompt_tokens,
-                           eng.num_steps, eng.step_seconds, eng.num_guessed_tokens, eng.num_accepted_guesses)
+                           eng.num_steps, eng.step_seconds, eng.num_guessed_tokens, eng.num_accepted_guesses,
+                           eng.num_generated_tokens)
 
     def _update_load(self) -> None:
         stats = self._read_stats()
@@ -227,6 +228,8 @@ class AsyncLLMEngine:
                       "busy_seqs": stats.num_busy_seqs,
                       "finished": stats.num_finished,
                       "prompt_tokens": stats.num_prompt_tokens, "cached_prompt_tokens": stats.num_cached_prompt_tokens,
+                      "computed_prompt_tokens": stats.num_computed_prompt_tokens,
+                      "generated_tokens": stats.num_generated_tokens,
                       "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
                       "kv_transfer_failures": stats.num_kv_transfer_failures,
                       "guessed_tokens": stats.num_guessed_tokens, "accepted_guesses": stats.num_accepted_guesses}

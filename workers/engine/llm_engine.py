@@ -105,6 +105,7 @@ class LLMEngine:
         # Running totals over steps, for the autoscaler: prompt tokens computed (chunks, not cache hits), the
         # steps run and the seconds they took.
         self.num_computed_prompt_tokens = 0
+        self.num_generated_tokens = 0  # tokens appended to sequences (a prefill group's first tokens too)
         self.num_steps = 0
         self.step_seconds = 0.0
         # Speculative decoding's running totals: guesses computed, and those the model agreed with.
@@ -353,6 +354,7 @@ class LLMEngine:
         """Appends one token; the request's final output if that token ends it."""
         seq = req.seq
         seq.append_token(token_id)
+        self.num_generated_tokens += 1
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         if req.prefill_only:

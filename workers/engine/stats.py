@@ -25,6 +25,7 @@ class EngineStats:
     step_seconds: float = 0.0
     num_guessed_tokens: int = 0  # speculative decoding's guesses computed, and those the model agreed with
     num_accepted_guesses: int = 0
+    num_generated_tokens: int = 0  # running total of tokens sampled and kept
 
     @property
     def kv_usage(self) -> float:
