@@ -67,6 +67,17 @@ def test_serve_bench_arrivals_are_a_seeded_poisson_process_or_all_at_once():
     assert serve_bench.arrival_gaps(5, math.inf, seed=3) == [0.0] * 5
 
 
+def test_serve_bench_goodput_counts_the_requests_within_every_objective():
+    reply = serve_bench.Outcome(ok=True, ttft_s=0.2, latency_s=1.2, output_tokens=11)  # TPOT 100 ms
+    assert reply.meets({"ttft": 250}) and not reply.meets({"ttft": 150})
+    assert reply.meets({"tpot": 100, "e2el": 1200}) and not reply.meets({"ttft": 250, "tpot": 90})
+    assert not serve_bench.Outcome(ok=False).meets({"e2el": 10**9})
+    assert serve_bench.parse_slos(["ttft:500", "e2el:2000"]) == {"ttft": 500.0, "e2el": 2000.0}
+    for bad in ("ttft", "itl:5", "tpot:0", "tpot:x", "e2el:nan"):
+        with pytest.raises(ValueError, match=f"--goodput {bad}"):
+            serve_bench.parse_slos([bad])
+
+
 def test_transfer_bench_moves_each_length_and_writes_its_figures(tmp_path, capsys, smollm2_path):
     path = tmp_path / "transfer.json"
     assert main(["bench", "transfer", "--lengths", "40", "16", "--repeats", "1", "--json", str(path)]) == 0

@@ -35,6 +35,7 @@ APIS = ("completions", "chat")
 DATASETS = ("random", "shared-prefix")
 TOP_ERRORS = 3  # distinct error messages printed per target
 WARM_UP_TOKENS = 8
+SLO_NAMES = ("ttft", "tpot", "e2el")  # vLLM's --goodput names: time to first token, per output token, end to end
 # The stages of the time to first token that Tandem's gRPC responses report (cluster.client.TimeToFirstToken).
 TTFT_STAGES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
 
@@ -69,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests per second, arriving as a Poisson process (default: inf, all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="requests in flight at most; later arrivals wait for one to end")
+    parser.add_argument("--goodput", nargs="+", default=[], metavar="SLO",
+                        help="service-level objectives in ms, as vLLM's: ttft:MS, tpot:MS, e2el:MS; goodput is the "
+                             "requests a second that meet every one")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="generate exactly --output-len tokens (vLLM's ignore_eos)")
     parser.add_argument("--isolate-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -119,6 +123,12 @@ class Outcome:
         self.error = "" if self.ok else "the stream ended without a token"
         return self
 
+    def meets(self, slos_ms: dict[str, float]) -> bool:
+        """Within every objective (a one-token reply has no TPOT to miss)."""
+        tpot = self.tpot_s
+        measured = dict(ttft=self.ttft_s, tpot=0.0 if tpot is None else tpot, e2el=self.latency_s)
+        return self.ok and all(measured[name] * 1000 <= limit for name, limit in slos_ms.items())
+
     @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first; None for a one-token reply."""
@@ -141,12 +151,17 @@ class Summary:
     itl_ms: dict[str, float | None]
     latency_s: dict[str, float | None]
     server_ttft_ms: dict[str, float] | None  # stage -> mean, where the server reports them
+    good: int | None  # requests within every --goodput objective; None without objectives
     errors: dict[str, int]  # message -> requests that failed with it
     requests: list[Outcome]  # in prompt order, for the JSON file
 
     @property
     def requests_per_s(self) -> float:
         return self.completed / self.duration_s
+
+    @property
+    def goodput_per_s(self) -> float | None:
+        return None if self.good is None else self.good / self.duration_s
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -157,7 +172,8 @@ class Summary:
         return (self.prompt_tokens + self.output_tokens) / self.duration_s
 
     def as_dict(self) -> dict:
-        return asdict(self) | dict(requests_per_s=self.requests_per_s, output_tokens_per_s=self.output_tokens_per_s,
+        return asdict(self) | dict(requests_per_s=self.requests_per_s, goodput_per_s=self.goodput_per_s,
+                                   output_tokens_per_s=self.output_tokens_per_s,
                                    total_tokens_per_s=self.total_tokens_per_s)
 
 
@@ -273,6 +289,21 @@ def target_kind(url: str) -> str:
     raise ValueError(f"--url {url}: the scheme must be http, https, grpc or grpcs, or none for gRPC")
 
 
+def parse_slos(specs: list[str]) -> dict[str, float]:
+    """--goodput's NAME:MS pairs; ValueError naming the one that is not."""
+    slos = {}
+    for spec in specs:
+        name, _, value = spec.partition(":")
+        try:
+            limit = float(value)
+        except ValueError:
+            limit = -1.0
+        if name not in SLO_NAMES or not limit > 0:
+            raise ValueError(f"--goodput {spec}: give ttft, tpot or e2el and a positive number of ms, e.g. ttft:500")
+        slos[name] = limit
+    return slos
+
+
 def make_prompts(args: argparse.Namespace) -> list[Prompt]:
     """The same prompts for every target, seeded: token ids cut from the corpus, and their text for chat."""
     from transformers import AutoTokenizer
@@ -324,7 +355,7 @@ async def drive(target: HttpTarget | GrpcTarget, prompts: list[Prompt], gaps: li
     return list(outcomes), time.perf_counter() - started
 
 
-def summarize(target: str, outcomes: list[Outcome], duration_s: float) -> Summary:
+def summarize(target: str, outcomes: list[Outcome], duration_s: float, slos_ms: dict[str, float]) -> Summary:
     done = [o for o in outcomes if o.ok]
     return Summary(
         target=target, completed=len(done), failed=len(outcomes) - len(done), duration_s=duration_s,
@@ -335,6 +366,7 @@ def summarize(target: str, outcomes: list[Outcome], duration_s: float) -> Summar
         itl_ms=_stats([gap * 1000 for o in done for gap in o.itl_s]),
         latency_s=_stats([o.latency_s for o in done]),
         server_ttft_ms=_stage_means([o.server_ttft_s for o in done if o.server_ttft_s is not None]),
+        good=sum(o.meets(slos_ms) for o in done) if slos_ms else None,
         errors=dict(Counter(o.error for o in outcomes if not o.ok).most_common()), requests=outcomes)
 
 
@@ -350,6 +382,8 @@ def format_table(summaries: list[Summary]) -> str:
     add("requests failed", [s.failed for s in summaries], "d")
     add("duration, s", [s.duration_s for s in summaries], ".2f")
     add("requests/s", [s.requests_per_s for s in summaries], ".2f")
+    if summaries[0].good is not None:
+        add("goodput (within every SLO), requests/s", [s.goodput_per_s for s in summaries], ".2f")
     add("output tokens/s", [s.output_tokens_per_s for s in summaries], ".1f")
     add("total tokens/s", [s.total_tokens_per_s for s in summaries], ".1f")
     add("prompt tokens cached, %", [100 * s.cached_tokens / s.prompt_tokens if s.prompt_tokens else None
@@ -377,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY") or os.environ.get("OPENAI_API_KEY")
     try:
         kinds = [target_kind(url) for url in urls]
+        slos_ms = parse_slos(args.goodput)
     except ValueError as e:
         print(f"tandem bench serve: {e}", file=sys.stderr)
         return 2
@@ -398,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
     summaries = []
     for url, target, model in zip(urls, targets, models):
         salt = dict(cache_salt=uuid.uuid4().hex) if args.isolate_cache else {}
-        summary = asyncio.run(_bench_target(target, url, model, args, prompts, gaps, sampling | salt))
+        summary = asyncio.run(_bench_target(target, url, model, args, prompts, gaps, sampling | salt, slos_ms))
         if summary is None:
             return 1
         summaries.append(summary)
@@ -417,8 +452,8 @@ async def _first_model(make_target: Callable[[], "HttpTarget | GrpcTarget"]) -> 
 
 
 async def _bench_target(make_target: Callable[[], "HttpTarget | GrpcTarget"], url: str, model: str,
-                        args: argparse.Namespace, prompts: list[Prompt], gaps: list[float],
-                        sampling: dict) -> Summary | None:
+                        args: argparse.Namespace, prompts: list[Prompt], gaps: list[float], sampling: dict,
+                        slos_ms: dict[str, float]) -> Summary | None:
     """One target: a request to warm it and check it answers, then the measured run. None, with the reason on
     stderr, when it refuses the warm-up. The warm-up's prompt is shorter than a KV block, so it leaves nothing
     in a prefix cache for the measured requests to hit."""
@@ -435,7 +470,7 @@ async def _bench_target(make_target: Callable[[], "HttpTarget | GrpcTarget"], ur
         with tqdm(total=len(prompts), desc=url, unit="req", file=sys.stderr, disable=None) as progress:
             outcomes, duration = await drive(target, prompts, gaps, model, sampling, args.max_concurrency,
                                              progress)
-        return summarize(url, outcomes, duration)
+        return summarize(url, outcomes, duration, slos_ms)
     finally:
         await target.close()
 

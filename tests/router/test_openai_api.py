@@ -1053,12 +1053,12 @@ def test_bench_serve_sends_the_same_requests_over_http_and_grpc_and_reports_each
     argv = ["bench", "serve", "--url", base_url, "--url", f"grpc://localhost:{GRPC_PORT}", "--api-key", KEY,
             "--tokenizer", cluster, "--dataset", "shared-prefix", "--num-prefixes", "2", "--prefix-len", str(prefix),
             "--input-len", str(own), "--num-prompts", "6", "--output-len", str(out), "--max-concurrency", "1",
-            "--json", str(path)]
+            "--goodput", "e2el:600000", "--json", str(path)]
     assert main(argv) == 0
 
     http, grpc_ = json.loads(path.read_text())["results"]
     for result in (http, grpc_):
-        assert (result["completed"], result["failed"], result["errors"]) == (6, 0, {})
+        assert (result["completed"], result["failed"], result["errors"], result["good"]) == (6, 0, {}, 6)
         assert [r["prompt_tokens"] for r in result["requests"]] == [prefix + own] * 6  # the ids, as sent
         assert [r["output_tokens"] for r in result["requests"]] == [out] * 6
         # A chunk may carry several tokens (text held back until its characters are whole), never none.
