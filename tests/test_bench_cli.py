@@ -1,11 +1,13 @@
 """`tandem bench engine --quick` end to end, in-process: every phase runs and the JSON holds what the docs promise."""
 
+import argparse
 import json
 import math
 import random
 import statistics
 
 import pytest
+from transformers import AutoTokenizer
 
 from cluster.bench import serve as serve_bench
 from cluster.bench import workloads
@@ -65,6 +67,32 @@ def test_serve_bench_arrivals_are_a_seeded_poisson_process_or_all_at_once():
     assert sum(gaps) / len(gaps) == pytest.approx(1 / 8.0, rel=0.05)
     assert statistics.stdev(gaps) == pytest.approx(1 / 8.0, rel=0.1)  # exponential: the spread equals the mean
     assert serve_bench.arrival_gaps(5, math.inf, seed=3) == [0.0] * 5
+
+
+def test_serve_bench_reads_sharegpt_conversations_and_jsonl_prompts_as_vllms_bench_does(tmp_path, smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    encode = tokenizer.encode
+    reply = "The capital of France is Paris, a city on the Seine."
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "What is the capital of France, please?"},
+                           {"from": "gpt", "value": reply}]},
+        {"conversations": [{"from": "human", "value": "Only one turn here."}]},
+        {"conversations": [{"from": "human", "value": "Say nothing much at all, please."},
+                           {"from": "gpt", "value": "Ok"}]},  # a reply under 4 tokens: skipped, as vLLM does
+        {"conversations": [{"from": "human", "value": "x " * 1100}, {"from": "gpt", "value": reply}]}]))  # too long
+    args = argparse.Namespace(seed=0, num_prompts=10, output_len=7)
+    [prompt] = serve_bench.sharegpt_prompts(sharegpt, encode, args)
+    assert prompt.text == "What is the capital of France, please?"
+    assert (prompt.token_ids, prompt.output_tokens) == (encode(prompt.text), len(encode(reply)))
+
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text('{"prompt": "Hello there"}\n\n{"prompt": "Bye", "output_tokens": 3}\n{"prompt": "unused"}\n')
+    prompts = serve_bench.jsonl_prompts(lines, encode, argparse.Namespace(num_prompts=2, output_len=7))
+    assert [(p.text, p.output_tokens) for p in prompts] == [("Hello there", 7), ("Bye", 3)]
+    lines.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:2"):
+        serve_bench.jsonl_prompts(lines, encode, argparse.Namespace(num_prompts=5, output_len=7))
 
 
 def test_serve_bench_goodput_counts_the_requests_within_every_objective():

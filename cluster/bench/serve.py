@@ -4,8 +4,9 @@ What vLLM's `vllm bench serve` does, for Tandem and any OpenAI-compatible server
 (Poisson) or all at once, at most --max-concurrency at a time, each one streamed; measured per request are the
 time to first token (TTFT), the time per output token after it (TPOT), the gaps between streamed chunks (ITL) and
 the whole request's latency, and overall the request and token throughput. The prompts are cut from real English
-text (the standard library's docstrings, as `tandem bench engine` does) with the model's tokenizer, so every
-target gets the same token ids: HTTP completions and gRPC `Generate` send them as ids, chat sends their text.
+text (the standard library's docstrings, as `tandem bench engine` does) with the model's tokenizer, or read from a
+ShareGPT or JSONL file, so every target gets the same token ids: HTTP completions and gRPC `Generate` send them as
+ids, chat sends their text.
 
 Several --url targets run the same requests with the same arrival times, one after the other, so one run compares
 the gRPC and HTTP front doors of a cluster, or Tandem and another server: the table has a column of ratios to the
@@ -32,7 +33,9 @@ from urllib.parse import urlsplit
 from cluster.bench.report import percentile
 
 APIS = ("completions", "chat")
-DATASETS = ("random", "shared-prefix")
+DATASETS = ("random", "shared-prefix", "sharegpt", "jsonl")
+# vLLM's bounds on ShareGPT conversations, so the two benches draw the same requests from the same file.
+SHAREGPT_MIN_TOKENS, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
 TOP_ERRORS = 3  # distinct error messages printed per target
 WARM_UP_TOKENS = 8
 SLO_NAMES = ("ttft", "tpot", "e2el")  # vLLM's --goodput names: time to first token, per output token, end to end
@@ -53,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model whose tokenizer cuts the prompts: smollm2, a HF folder or a .gguf file")
     parser.add_argument("--dataset", choices=DATASETS, default="random",
                         help="random: independent prompts; shared-prefix: --num-prefixes system prompts of "
-                             "--prefix-len tokens, each followed by its own --input-len tokens")
+                             "--prefix-len tokens, each followed by its own --input-len tokens; sharegpt: the first "
+                             "turns of ShareGPT conversations (--dataset-path, a JSON file, as vLLM's bench reads "
+                             "it: each reply's length is its request's output length); jsonl: a JSON object a line "
+                             "(--dataset-path) with a \"prompt\" and optionally \"output_tokens\"")
+    parser.add_argument("--dataset-path", default=None, help="the file of --dataset sharegpt or jsonl")
     parser.add_argument("--num-prompts", type=int, default=100,
                         help="requests sent to each target (default: %(default)s)")
     parser.add_argument("--input-len", type=int, default=256,
@@ -90,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class Prompt:
     token_ids: list[int]
-    text: str  # the ids decoded, for chat
+    text: str  # what chat sends
+    output_tokens: int  # max_tokens
 
 
 @dataclass
@@ -200,11 +208,10 @@ class HttpTarget:
 
         if self._api == "chat":
             path, body = "/v1/chat/completions", dict(messages=[{"role": "user", "content": prompt.text}],
-                                                      max_completion_tokens=sampling["max_tokens"])
+                                                      max_completion_tokens=prompt.output_tokens)
         else:
-            path, body = "/v1/completions", dict(prompt=prompt.token_ids, max_tokens=sampling["max_tokens"])
-        body |= dict(model=model, stream=True, stream_options={"include_usage": True}) | \
-            {name: value for name, value in sampling.items() if name != "max_tokens"}
+            path, body = "/v1/completions", dict(prompt=prompt.token_ids, max_tokens=prompt.output_tokens)
+        body |= dict(model=model, stream=True, stream_options={"include_usage": True}) | sampling
         outcome = Outcome()
         started = time.perf_counter()
         try:
@@ -254,9 +261,10 @@ class GrpcTarget:
         from cluster.client import TandemError
 
         if self._api == "chat":
-            stream = self._client.chat_stream([{"role": "user", "content": prompt.text}], model=model, **sampling)
+            stream = self._client.chat_stream([{"role": "user", "content": prompt.text}], model=model,
+                                              max_tokens=prompt.output_tokens, **sampling)
         else:
-            stream = self._client.stream(prompt.token_ids, model=model, **sampling)
+            stream = self._client.stream(prompt.token_ids, model=model, max_tokens=prompt.output_tokens, **sampling)
         outcome = Outcome()
         started = time.perf_counter()
         try:
@@ -289,6 +297,16 @@ def target_kind(url: str) -> str:
     raise ValueError(f"--url {url}: the scheme must be http, https, grpc or grpcs, or none for gRPC")
 
 
+def check_sizes(args: argparse.Namespace) -> None:
+    sizes = {name: getattr(args, name) for name in ("num_prompts", "input_len", "output_len", "prefix_len",
+                                                    "num_prefixes", "max_concurrency")}
+    bad = [f"--{name.replace('_', '-')}" for name, size in sizes.items() if size is not None and size < 1]
+    if not args.request_rate > 0:
+        bad.append("--request-rate")
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be positive")
+
+
 def parse_slos(specs: list[str]) -> dict[str, float]:
     """--goodput's NAME:MS pairs; ValueError naming the one that is not."""
     slos = {}
@@ -313,6 +331,14 @@ def make_prompts(args: argparse.Namespace) -> list[Prompt]:
     from workers.engine.model_store import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(args.tokenizer, cache_dir())))
+    if args.dataset in ("sharegpt", "jsonl"):
+        if not args.dataset_path:
+            raise ValueError(f"--dataset {args.dataset} reads --dataset-path: give the file")
+        read = sharegpt_prompts if args.dataset == "sharegpt" else jsonl_prompts
+        prompts = read(Path(args.dataset_path), lambda text: tokenizer(text, verbose=False).input_ids, args)
+        if not prompts:
+            raise ValueError(f"{args.dataset_path}: no usable prompt")
+        return prompts
     corpus = workloads.corpus_token_ids(lambda text: tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
     rng = random.Random(args.seed)
     if args.dataset == "shared-prefix":
@@ -324,7 +350,51 @@ def make_prompts(args: argparse.Namespace) -> list[Prompt]:
         low = max(1, round(args.input_len * (1 - args.input_range_ratio)))
         high = max(low, round(args.input_len * (1 + args.input_range_ratio)))
         token_lists = workloads.mixed_workload(corpus, args.num_prompts, low, high, args.output_len, rng).prompts
-    return [Prompt(ids, tokenizer.decode(ids)) for ids in token_lists]
+    return [Prompt(ids, tokenizer.decode(ids), args.output_len) for ids in token_lists]
+
+
+def sharegpt_prompts(path: Path, encode: Callable[[str], list[int]], args: argparse.Namespace) -> list[Prompt]:
+    """Conversations shuffled by --seed; the first human turn is the prompt and the reply's length its output
+    length; too short or too long pairs are skipped (vLLM's bounds)."""
+    try:
+        conversations = [entry["conversations"] for entry in json.loads(path.read_text())
+                         if len(entry.get("conversations") or []) >= 2]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a ShareGPT file (a JSON list of {{\"conversations\": [...]}}): {e}") from None
+    random.Random(args.seed).shuffle(conversations)
+    prompts = []
+    for turns in conversations:
+        text, reply = (turn.get("value") if isinstance(turn, dict) else None for turn in turns[:2])
+        if not isinstance(text, str) or not isinstance(reply, str):
+            continue
+        ids, output_tokens = encode(text), len(encode(reply))
+        if min(len(ids), output_tokens) < SHAREGPT_MIN_TOKENS or len(ids) > SHAREGPT_MAX_PROMPT or \
+                len(ids) + output_tokens > SHAREGPT_MAX_TOTAL:
+            continue
+        prompts.append(Prompt(ids, text, output_tokens))
+        if len(prompts) == args.num_prompts:
+            break
+    return prompts
+
+
+def jsonl_prompts(path: Path, encode: Callable[[str], list[int]], args: argparse.Namespace) -> list[Prompt]:
+    """The first --num-prompts lines, in order; a line without "output_tokens" generates --output-len."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if len(prompts) == args.num_prompts:
+            break
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            text, output_tokens = entry["prompt"], entry.get("output_tokens", args.output_len)
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"{path}:{number}: give a JSON object with a \"prompt\"") from None
+        if not isinstance(text, str) or not text or isinstance(output_tokens, bool) or \
+                not isinstance(output_tokens, int) or output_tokens < 1:
+            raise ValueError(f"{path}:{number}: \"prompt\" must be text and \"output_tokens\" a positive integer")
+        prompts.append(Prompt(encode(text), text, output_tokens))
+    return prompts
 
 
 def arrival_gaps(count: int, rate: float, seed: int) -> list[float]:
@@ -410,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
     urls = args.url or ["http://localhost:8000"]
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY") or os.environ.get("OPENAI_API_KEY")
     try:
+        check_sizes(args)
         kinds = [target_kind(url) for url in urls]
         slos_ms = parse_slos(args.goodput)
     except ValueError as e:
@@ -426,10 +497,16 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         models.append(args.model or listed)
-    log(f"cutting {args.num_prompts} prompts with {args.tokenizer}'s tokenizer")
-    prompts = make_prompts(args)
+    try:
+        prompts = make_prompts(args)
+    except (ValueError, OSError) as e:  # an unreadable dataset file, or more prompts than the corpus holds
+        print(f"tandem bench serve: {e}", file=sys.stderr)
+        return 2
+    log(f"{len(prompts)} prompts ({args.dataset}, {args.tokenizer}'s tokenizer): "
+        f"{sum(len(p.token_ids) for p in prompts)} prompt tokens, up to {sum(p.output_tokens for p in prompts)} "
+        f"output tokens")
     gaps = arrival_gaps(len(prompts), args.request_rate, args.seed)
-    sampling = dict(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=args.ignore_eos)
+    sampling = dict(temperature=args.temperature, ignore_eos=args.ignore_eos)
     summaries = []
     for url, target, model in zip(urls, targets, models):
         salt = dict(cache_salt=uuid.uuid4().hex) if args.isolate_cache else {}
@@ -461,8 +538,9 @@ async def _bench_target(make_target: Callable[[], "HttpTarget | GrpcTarget"], ur
 
     target = make_target()
     try:
-        warm = await target.send(Prompt(prompts[0].token_ids[-WARM_UP_TOKENS:], prompts[0].text[-WARM_UP_TOKENS:]),
-                                 model, sampling | dict(max_tokens=2))
+        first = prompts[0]
+        warm = await target.send(Prompt(first.token_ids[-WARM_UP_TOKENS:], first.text[-WARM_UP_TOKENS:], 2), model,
+                                 sampling)
         if not warm.ok:
             print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}", file=sys.stderr)
             return None

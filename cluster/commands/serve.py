@@ -52,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: serving gRPC on {config.host}:{config.grpc_port} (tandem.v1.Generation, health, reflection; "
               f"{tls}{key}) and HTTP on http://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
               f"/metrics); KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
-        _log_stats_until(stop, config.redis_url, args.log_stats_interval)
+        # The pools' throughput lines go on through the drain, which is when an operator most wants to see them.
+        stats_done = threading.Event()
+        stats = threading.Thread(target=_log_stats_until, args=(stats_done, config.redis_url, args.log_stats_interval),
+                                 name="tandem-stats", daemon=True)
+        stats.start()
+        stop.wait()
         print(f"tandem: draining: finishing the requests in flight (up to {config.drain_timeout_s:.0f} s) while "
               "new ones get UNAVAILABLE / 503", file=sys.stderr, flush=True)
         drain(config.drain_timeout_s)
+        stats_done.set()
+        stats.join()
         print("tandem: shutting down", file=sys.stderr)
         # Deleting the app stops its replicas gracefully; ray.shutdown then takes Serve's controller and proxy
         # with it. serve.shutdown() would kill the controller under its own calls and print them as failed tasks.
@@ -72,7 +79,6 @@ def _log_stats_until(stop: threading.Event, redis_url: str, interval_s: float) -
     from cluster.stats_log import StatsLog
 
     if interval_s <= 0:
-        stop.wait()
         return
     stats = StatsLog(redis_url)
     while True:

@@ -1081,3 +1081,5 @@ def test_bench_serve_stops_at_once_on_a_target_it_cannot_use(cluster, base_url, 
     assert "cannot list the models of" in capsys.readouterr().err
     assert main(common + ["--url", "ftp://localhost:21"]) == 2
     assert "the scheme must be http" in capsys.readouterr().err
+    assert main(common + ["--url", base_url, "--output-len", "0", "--request-rate", "0"]) == 2
+    assert "--output-len, --request-rate: must be positive" in capsys.readouterr().err
