@@ -542,7 +542,9 @@ async def _bench_target(make_target: Callable[[], "HttpTarget | GrpcTarget"], ur
         warm = await target.send(Prompt(first.token_ids[-WARM_UP_TOKENS:], first.text[-WARM_UP_TOKENS:], 2), model,
                                  sampling)
         if not warm.ok:
-            print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}", file=sys.stderr)
+            hint = " (a server without vLLM's fields: try --no-ignore-eos --no-isolate-cache)" \
+                if "ignore_eos" in warm.error or "cache_salt" in warm.error else ""
+            print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}{hint}", file=sys.stderr)
             return None
         log(f"{url}: {len(prompts)} requests to {model} ({args.api}), rate {args.request_rate:g}/s")
         with tqdm(total=len(prompts), desc=url, unit="req", file=sys.stderr, disable=None) as progress:

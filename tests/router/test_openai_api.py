@@ -1083,3 +1083,5 @@ def test_bench_serve_stops_at_once_on_a_target_it_cannot_use(cluster, base_url, 
     assert "the scheme must be http" in capsys.readouterr().err
     assert main(common + ["--url", base_url, "--output-len", "0", "--request-rate", "0"]) == 2
     assert "--output-len, --request-rate: must be positive" in capsys.readouterr().err
+    assert main(common + ["--url", base_url, "--api-key", KEY, "--temperature", "-1"]) == 1
+    assert "refused the warm-up request: HTTP 400: temperature" in capsys.readouterr().err
