@@ -1,7 +1,9 @@
 """The cluster's throughput and load on `tandem serve`'s console while it works, as vLLM's engine logs its own:
 
-    tandem: prefill pool, 1 group: prompt 153.5 tok/s computed (60% cached), running 0, waiting 0, KV cache 0.7% used
     tandem: decode pool, 1 group: generation 45.7 tok/s, running 7, waiting 0, KV cache 3.8% used
+
+and for a prefill pool the prompt tokens it computed a second, the share its prefix cache supplied, and the
+requests whose KV awaits a decode group (a queue that grows when decode falls behind).
 
 Read from the load reports each worker group writes to Redis every second (workers/kv_events.py), so the lines
 cover every replica of every pool, wherever it runs. Rates are the change in each group's running totals since
@@ -26,11 +28,13 @@ class PoolLine:
     cached_pct: float | None  # of the prompt tokens of requests that finished in the interval
     running: int
     waiting: int
+    pinned: int  # prefilled requests whose KV waits for a decode group: a queue that grows when decode lags
     kv_used_pct: float
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting or self.computed_prompt_tokens_per_s or self.generated_tokens_per_s)
+        return bool(self.running or self.waiting or self.pinned or self.computed_prompt_tokens_per_s or
+                    self.generated_tokens_per_s)
 
     def __str__(self) -> str:
         """A prefill pool's generation is one token per prompt, and a decode pool computes prompts only when it
@@ -41,9 +45,12 @@ class PoolLine:
             parts.append(f"prompt {self.computed_prompt_tokens_per_s:.1f} tok/s computed{cached}")
         if self.role != "prefill":
             parts.append(f"generation {self.generated_tokens_per_s:.1f} tok/s")
+        parts += [f"running {self.running}", f"waiting {self.waiting}"]
+        if self.role == "prefill":
+            parts.append(f"awaiting decode {self.pinned}")
         plural = "" if self.groups == 1 else "s"
-        return (f"{self.role} pool, {self.groups} group{plural}: {', '.join(parts)}, running {self.running}, "
-                f"waiting {self.waiting}, KV cache {self.kv_used_pct:.1f}% used")
+        return (f"{self.role} pool, {self.groups} group{plural}: {', '.join(parts)}, KV cache {self.kv_used_pct:.1f}% "
+                f"used")
 
 
 def pool_lines(before: dict[str, dict], now: dict[str, dict], elapsed_s: float) -> list[PoolLine]:
@@ -65,6 +72,7 @@ def pool_lines(before: dict[str, dict], now: dict[str, dict], elapsed_s: float) 
             cached_pct=100 * delta["cached_prompt_tokens"] / delta["prompt_tokens"] if delta["prompt_tokens"] else None,
             running=sum(new.get("running_seqs", 0) for _, new in pairs),
             waiting=sum(new.get("waiting_seqs", 0) for _, new in pairs),
+            pinned=sum(new.get("pinned_seqs", 0) for _, new in pairs),
             kv_used_pct=100 * (1 - free_blocks / total_blocks) if total_blocks else 0.0))
     return lines
 

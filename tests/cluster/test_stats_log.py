@@ -6,7 +6,7 @@ from cluster.stats_log import pool_lines
 
 
 def report(role: str, **fields) -> dict:
-    base = dict(running_seqs=0, waiting_seqs=0, free_blocks=100, total_blocks=100, prompt_tokens=0,
+    base = dict(running_seqs=0, waiting_seqs=0, pinned_seqs=0, free_blocks=100, total_blocks=100, prompt_tokens=0,
                 cached_prompt_tokens=0, computed_prompt_tokens=0, generated_tokens=0)
     return {"role": role, **base, **fields}
 
@@ -19,7 +19,7 @@ def test_each_pool_sums_its_groups_rates_over_the_interval_and_their_load_now():
                         running_seqs=3, free_blocks=60),
            "d2": report("decode", generated_tokens=150, waiting_seqs=2, free_blocks=90),
            "p1": report("prefill", computed_prompt_tokens=5000, prompt_tokens=6000, cached_prompt_tokens=1000,
-                        generated_tokens=10)}
+                        generated_tokens=10, pinned_seqs=4)}
     decode, prefill = pool_lines(before, now, elapsed_s=10.0)
     assert (decode.role, decode.groups, prefill.role, prefill.groups) == ("decode", 2, "prefill", 1)
     assert decode.generated_tokens_per_s == 50.0  # (400 + 100) / 10
@@ -28,7 +28,7 @@ def test_each_pool_sums_its_groups_rates_over_the_interval_and_their_load_now():
     assert prefill.computed_prompt_tokens_per_s == 100.0 and prefill.cached_pct == 50.0
     assert str(decode) == "decode pool, 2 groups: generation 50.0 tok/s, running 3, waiting 2, KV cache 25.0% used"
     assert str(prefill) == ("prefill pool, 1 group: prompt 100.0 tok/s computed (50% cached), running 0, waiting 0, "
-                            "KV cache 0.0% used")
+                            "awaiting decode 4, KV cache 0.0% used")
     unified = pool_lines({}, {"u": report("decode", computed_prompt_tokens=80, prompt_tokens=100,
                                           cached_prompt_tokens=20, generated_tokens=30)}, elapsed_s=1.0)
     assert str(unified[0]).startswith("decode pool, 1 group: prompt 80.0 tok/s computed (20% cached), generation 30.0")
