@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from router.reasoning import REASONING_PARSERS
 from router.tool_parsers import TOOL_CALL_PARSERS
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 def _field(default, doc: str):
     return field(default=default, metadata={"help": doc})
@@ -27,6 +29,10 @@ class ApiConfig:
     response_ttl_s: int = _field(600, "how long a stored Responses API response can be retrieved or continued "
                                       "(previous_response_id), in seconds; Redis holds each (with its "
                                       "conversation) that long")
+    response_store_url: str | None = _field(None, "redis://[:password@]host:port/db where stored Responses API "
+                                                  "responses (and background runs) live (null: the cluster's "
+                                                  "Redis, which holds the KV-block index and may run without "
+                                                  "persistence, so a restart forgets them)")
     tool_call_parser: str | None = _field(None, "how tool_choice \"auto\" finds tool calls in the model's text: "
                                                 "\"hermes\" (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes) or "
                                                 "\"llama3_json\" ({\"name\", \"parameters\"}: Llama 3.1, 3.2); "
@@ -52,6 +58,9 @@ class ApiConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")
+        if self.response_store_url is not None and not self.response_store_url.startswith(_REDIS_SCHEMES):
+            raise ValueError(f"response_store_url must be a Redis URL ({', '.join(_REDIS_SCHEMES)}...) (got "
+                             f"{self.response_store_url!r})")
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"tool_call_parser must be null or one of {', '.join(TOOL_CALL_PARSERS)} (got "
                              f"{self.tool_call_parser!r})")

@@ -276,7 +276,8 @@ class OpenAIApi:
     def __init__(self, ingress: Ingress):
         self.ingress = ingress
         self.created = int(time.time())
-        self.store = ResponseStore(ingress.redis_url, ingress.api.response_ttl_s) if ingress.redis_url else None
+        store_url = ingress.api.response_store_url or ingress.redis_url
+        self.store = ResponseStore(store_url, ingress.api.response_ttl_s) if store_url else None
         self.background = BackgroundResponses(ingress, self.store) if self.store is not None else None
         self.tool_parser = tool_call_parser(ingress.api.tool_call_parser)  # tool_choice "auto" needs one
 

@@ -183,6 +183,8 @@ def test_a_value_out_of_range_is_named():
     assert error(grpc_port=70000) == "grpc_port must be <= 65535 (got 70000)"
     assert error(grpc_port=8000) == "grpc_port and http_port must differ (both 8000)"
     assert error(routing__running_seq=-1) == "routing.running_seq must be >= 0 (got -1.0)"
+    assert error(api__response_store_url="http://cache:6379") == \
+        "api.response_store_url must be a Redis URL (redis://, rediss://, unix://...) (got 'http://cache:6379')"
 
 
 def test_autoscaling_bounds_must_be_set_together_and_hold_the_replica_count():

@@ -44,7 +44,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                              "engine": {"schedulingPolicy": "priority"}},
     "mtls-and-key-value": {"tls": {"clientCA": {"enabled": True, "secretName": "corp-ca", "key": "bundle.pem"}},
                            "apiKey": {"value": "s3cret"}},
-    "external-redis": {"redis": {"enabled": False, "external": {"url": "redis://redis.shared:6379/2"}}},
+    "external-redis": {"redis": {"enabled": False, "external": {"url": "redis://redis.shared:6379/2"}},
+                       "api": {"responseStoreUrl": "redis://responses.shared:6379/0"}},
     "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                "podMonitor": {"enabled": True}}},
     "tp2-autoscaling": {
@@ -354,7 +355,10 @@ def test_redis_is_the_one_the_config_names():
         assert selects(rule["from"][0]["podSelector"], template["metadata"]["labels"]), name
     external = objects(VALUE_SETS["external-redis"])
     assert not [o for o in external if o["kind"] in ("StatefulSet", "NetworkPolicy")]
-    assert serve_config(external)["applications"][0]["args"]["redis_url"] == "redis://redis.shared:6379/2"
+    assert args["api"]["response_store_url"] is None  # stored responses share the index's Redis
+    shared = serve_config(external)["applications"][0]["args"]
+    assert (shared["redis_url"], shared["api"]["response_store_url"]) == ("redis://redis.shared:6379/2",
+                                                                          "redis://responses.shared:6379/0")
 
 
 def test_models_are_mounted_read_only_on_every_ray_pod():
@@ -408,6 +412,7 @@ BAD_VALUES = {
     "no-model-volume": ({"model": {"pvc": {"claimName": ""}}}, r"no model volume: set model.pvc.claimName"),
     "model-outside-volume": ({"model": {"path": "/data/llama"}}, r"/model/path': .*does not match"),
     "no-redis": ({"redis": {"enabled": False}}, r"redis.enabled is false: set redis.external.url"),
+    "response-store-not-redis": ({"api": {"responseStoreUrl": "http://cache:6379"}}, r"responseStoreUrl"),
     "cpu-limit-too-small": ({"engine": {"tensorParallelSize": 2, "numCpusPerRank": 4},
                              "decode": {"gpusPerPod": 2}, "prefill": {"gpusPerPod": 2}},
                             r"prefill.resources.limits.cpu \(8\) is below what its 1 TP group\(s\) per pod reserve"),

@@ -9,6 +9,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
+import redis
 from pydantic import BaseModel, Field
 from ray import serve
 from transformers import AutoTokenizer
@@ -23,6 +25,7 @@ from transformers import AutoTokenizer
 from cluster.app import build_app
 from cluster.cli import main
 from cluster.config import ClusterConfig
+from cluster.redis_server import LocalRedis
 from router.api_config import ApiConfig
 from tests.conftest import SERVE_HTTP_URL
 
@@ -40,12 +43,21 @@ GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_cluster, tiny_model_factory, redis_url):
+def response_store() -> Iterator[str]:
+    """A Redis of its own for stored responses (api.response_store_url), apart from the KV index's."""
+    server = LocalRedis()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, tiny_model_factory, redis_url, response_store):
     model = str(tiny_model_factory("llama"))
     config = ClusterConfig(model=model, served_model_name=SERVED_NAME, num_kv_blocks=64, num_cpus_per_rank=0.5,
                            disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
-                                         tool_call_parser="hermes", reasoning_parser="deepseek_r1"))
+                                         tool_call_parser="hermes", reasoning_parser="deepseek_r1",
+                                         response_store_url=response_store))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
@@ -386,9 +398,12 @@ def test_a_response_carries_token_logprobs_when_asked(client, model_name):
     assert client.responses.create(model=model_name, input=PROMPT, **RESPONSE).output[0].content[0].logprobs == []
 
 
-def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name):
+def test_a_stored_response_is_retrieved_continued_and_deleted(client, model_name, response_store, redis_url):
     first = client.responses.create(model=model_name, instructions="Be brief.", input="My name is Ada.", **RESPONSE)
     assert first.store and client.responses.retrieve(first.id).output_text == first.output_text
+    # Kept in the Redis api.response_store_url names, not in the KV index's.
+    assert [list(redis.Redis.from_url(url).scan_iter(f"*{first.id}*")) != [] for url in (response_store, redis_url)] \
+        == [True, False]
     # The next turn starts from the stored conversation (not its instructions), whichever replica serves it.
     second = client.responses.create(model=model_name, previous_response_id=first.id, input="What is my name?",
                                      **RESPONSE)
