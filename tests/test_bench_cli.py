@@ -95,6 +95,14 @@ def test_serve_bench_reads_sharegpt_conversations_and_jsonl_prompts_as_vllms_ben
         serve_bench.jsonl_prompts(lines, encode, argparse.Namespace(num_prompts=5, output_len=7))
 
 
+def test_serve_bench_says_which_flag_fits_a_server_that_refuses_the_requests_shape():
+    args = argparse.Namespace(tokenizer="smollm2")
+    assert "--no-ignore-eos" in serve_bench._hint("HTTP 400: Unrecognized request argument supplied: ignore_eos", args)
+    assert "smollm2's tokenizer: give the served model's as --tokenizer" in serve_bench._hint(
+        "INVALID_ARGUMENT: token_ids: token id 50000 is outside the vocabulary [0, 32000)", args)
+    assert serve_bench._hint("HTTP 400: temperature: must be a finite number >= 0", args) == ""
+
+
 def test_serve_bench_goodput_counts_the_requests_within_every_objective():
     reply = serve_bench.Outcome(ok=True, ttft_s=0.2, latency_s=1.2, output_tokens=11)  # TPOT 100 ms
     assert reply.meets({"ttft": 250}) and not reply.meets({"ttft": 150})

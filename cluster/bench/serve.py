@@ -542,9 +542,8 @@ async def _bench_target(make_target: Callable[[], "HttpTarget | GrpcTarget"], ur
         warm = await target.send(Prompt(first.token_ids[-WARM_UP_TOKENS:], first.text[-WARM_UP_TOKENS:], 2), model,
                                  sampling)
         if not warm.ok:
-            hint = " (a server without vLLM's fields: try --no-ignore-eos --no-isolate-cache)" \
-                if "ignore_eos" in warm.error or "cache_salt" in warm.error else ""
-            print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}{hint}", file=sys.stderr)
+            print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}{_hint(warm.error, args)}",
+                  file=sys.stderr)
             return None
         log(f"{url}: {len(prompts)} requests to {model} ({args.api}), rate {args.request_rate:g}/s")
         with tqdm(total=len(prompts), desc=url, unit="req", file=sys.stderr, disable=None) as progress:
@@ -563,6 +562,15 @@ def _write_json(path: Path, args: argparse.Namespace, summaries: list[Summary]) 
               if k not in ("api_key", "command", "bench", "verbose")}
     path.write_text(json.dumps(dict(config=config, machine=machine_info(),
                                     results=[s.as_dict() for s in summaries]), indent=2) + "\n")
+
+
+def _hint(error: str, args: argparse.Namespace) -> str:
+    """What to change when a server refuses the requests' shape rather than the load."""
+    if "ignore_eos" in error or "cache_salt" in error:  # OpenAI's own API knows neither of vLLM's fields
+        return " (a server without vLLM's fields: try --no-ignore-eos --no-isolate-cache)"
+    if "vocabulary" in error:
+        return f" (the prompts were cut with {args.tokenizer}'s tokenizer: give the served model's as --tokenizer)"
+    return ""
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
