@@ -16,7 +16,6 @@ runs repeated against one server, each start with none of their prompts cached (
 
 import argparse
 import asyncio
-import functools
 import json
 import math
 import os
@@ -220,7 +219,9 @@ class HttpTarget:
                     outcome.error = f"HTTP {response.status}: {_message(await response.json(content_type=None))}"
                     return outcome
                 async for line in response.content:
-                    data = line.decode().removeprefix("data:").strip() if line.startswith(b"data:") else "[DONE]"
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line.decode().removeprefix("data:").strip()
                     if data == "[DONE]":
                         continue
                     chunk = json.loads(data)
@@ -486,72 +487,69 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tandem bench serve: {e}", file=sys.stderr)
         return 2
-    targets = [functools.partial(HttpTarget if kind == "http" else GrpcTarget, url, args.api, api_key, args.timeout)
+    return asyncio.run(_bench(args, urls, kinds, api_key, slos_ms))
+
+
+async def _bench(args: argparse.Namespace, urls: list[str], kinds: list[str], api_key: str | None,
+                 slos_ms: dict[str, float]) -> int:
+    """Every target in turn, on one event loop that owns all their connections."""
+    targets = [(HttpTarget if kind == "http" else GrpcTarget)(url, args.api, api_key, args.timeout)
                for url, kind in zip(urls, kinds)]
-    models = []
-    for url, target in zip(urls, targets):  # before the prompts are cut: a wrong URL or key fails at once
-        try:
-            listed = asyncio.run(_first_model(target))
-        except Exception as e:  # refused connection, DNS, TLS, a bad key: this target can't be measured
-            print(f"tandem bench serve: cannot list the models of {url}: {type(e).__name__}: {e}",
-                  file=sys.stderr)
-            return 1
-        models.append(args.model or listed)
     try:
-        prompts = make_prompts(args)
-    except (ValueError, OSError) as e:  # an unreadable dataset file, or more prompts than the corpus holds
-        print(f"tandem bench serve: {e}", file=sys.stderr)
-        return 2
-    log(f"{len(prompts)} prompts ({args.dataset}, {args.tokenizer}'s tokenizer): "
-        f"{sum(len(p.token_ids) for p in prompts)} prompt tokens, up to {sum(p.output_tokens for p in prompts)} "
-        f"output tokens")
-    gaps = arrival_gaps(len(prompts), args.request_rate, args.seed)
-    sampling = dict(temperature=args.temperature, ignore_eos=args.ignore_eos)
-    summaries = []
-    for url, target, model in zip(urls, targets, models):
-        salt = dict(cache_salt=uuid.uuid4().hex) if args.isolate_cache else {}
-        summary = asyncio.run(_bench_target(target, url, model, args, prompts, gaps, sampling | salt, slos_ms))
-        if summary is None:
-            return 1
-        summaries.append(summary)
+        models = []
+        for url, target in zip(urls, targets):  # before the prompts are cut: a wrong URL or key fails at once
+            try:
+                listed = (await target.models())[0]
+            except Exception as e:  # refused connection, DNS, TLS, a bad key: this target can't be measured
+                print(f"tandem bench serve: cannot list the models of {url}: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+                return 1
+            models.append(args.model or listed)
+        try:
+            prompts = make_prompts(args)
+        except (ValueError, OSError) as e:  # an unreadable dataset file, or more prompts than the corpus holds
+            print(f"tandem bench serve: {e}", file=sys.stderr)
+            return 2
+        log(f"{len(prompts)} prompts ({args.dataset}, {args.tokenizer}'s tokenizer): "
+            f"{sum(len(p.token_ids) for p in prompts)} prompt tokens, up to {sum(p.output_tokens for p in prompts)} "
+            f"output tokens")
+        gaps = arrival_gaps(len(prompts), args.request_rate, args.seed)
+        sampling = dict(temperature=args.temperature, ignore_eos=args.ignore_eos)
+        summaries = []
+        for url, target, model in zip(urls, targets, models):
+            salt = dict(cache_salt=uuid.uuid4().hex) if args.isolate_cache else {}
+            summary = await _bench_target(target, url, model, args, prompts, gaps, sampling | salt, slos_ms)
+            if summary is None:
+                return 1
+            summaries.append(summary)
+    finally:
+        for target in targets:
+            await target.close()
     print(format_table(summaries))
     _write_json(Path(args.json), args, summaries)
     print(f"\nwrote {args.json}")
     return 0 if all(s.completed for s in summaries) else 1
 
 
-async def _first_model(make_target: Callable[[], "HttpTarget | GrpcTarget"]) -> str:
-    target = make_target()  # its connections belong to this event loop
-    try:
-        return (await target.models())[0]
-    finally:
-        await target.close()
-
-
-async def _bench_target(make_target: Callable[[], "HttpTarget | GrpcTarget"], url: str, model: str,
-                        args: argparse.Namespace, prompts: list[Prompt], gaps: list[float], sampling: dict,
+async def _bench_target(target: "HttpTarget | GrpcTarget", url: str, model: str, args: argparse.Namespace,
+                        prompts: list[Prompt], gaps: list[float], sampling: dict,
                         slos_ms: dict[str, float]) -> Summary | None:
     """One target: a request to warm it and check it answers, then the measured run. None, with the reason on
     stderr, when it refuses the warm-up. The warm-up's prompt is shorter than a KV block, so it leaves nothing
     in a prefix cache for the measured requests to hit."""
     from tqdm import tqdm
 
-    target = make_target()
-    try:
-        first = prompts[0]
-        warm = await target.send(Prompt(first.token_ids[-WARM_UP_TOKENS:], first.text[-WARM_UP_TOKENS:], 2), model,
-                                 sampling)
-        if not warm.ok:
-            print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}{_hint(warm.error, args)}",
-                  file=sys.stderr)
-            return None
-        log(f"{url}: {len(prompts)} requests to {model} ({args.api}), rate {args.request_rate:g}/s")
-        with tqdm(total=len(prompts), desc=url, unit="req", file=sys.stderr, disable=None) as progress:
-            outcomes, duration = await drive(target, prompts, gaps, model, sampling, args.max_concurrency,
-                                             progress)
-        return summarize(url, outcomes, duration, slos_ms)
-    finally:
-        await target.close()
+    first = prompts[0]
+    warm = await target.send(Prompt(first.token_ids[-WARM_UP_TOKENS:], first.text[-WARM_UP_TOKENS:], 2), model,
+                             sampling)
+    if not warm.ok:
+        print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}{_hint(warm.error, args)}",
+              file=sys.stderr)
+        return None
+    log(f"{url}: {len(prompts)} requests to {model} ({args.api}), rate {args.request_rate:g}/s")
+    with tqdm(total=len(prompts), desc=url, unit="req", file=sys.stderr, disable=None) as progress:
+        outcomes, duration = await drive(target, prompts, gaps, model, sampling, args.max_concurrency, progress)
+    return summarize(url, outcomes, duration, slos_ms)
 
 
 def _write_json(path: Path, args: argparse.Namespace, summaries: list[Summary]) -> None:
