@@ -48,11 +48,11 @@ async def hand_off_prefixes(group: WorkerGroup, redis_url: str, group_id: str, r
     started = time.monotonic()
     prefixes = await group.unique_prefixes(await held_by_others(redis_url, group_id, role))
     handle = serve.get_deployment_handle(deployment.name, deployment.app_name)
-    params = SamplingParams(max_tokens=1, temperature=0.0)
     handed_off = tokens = 0
     try:
         async with asyncio.timeout(budget_s):
             for prefix in prefixes:
+                params = SamplingParams(max_tokens=1, temperature=0.0, lora=prefix.lora)
                 try:
                     handoff = await group.prefill(prefix.token_ids, params, f"handoff-{uuid.uuid4().hex}",
                                                   prefix.cache_salt)

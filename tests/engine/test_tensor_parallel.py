@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from tests.engine.test_parity import SMOLLM2_QUESTIONS, assert_prompt_logprobs_match_hf, random_prompts
 from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -34,13 +35,14 @@ pytestmark = pytest.mark.slow
 _TIMEOUT_S = 120
 
 
-def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]], params: SamplingParams,
-               speculative: int, results: mp.Queue) -> None:
+def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]],
+               params: SamplingParams | list[SamplingParams], speculative: int, lora_modules: dict[str, str],
+               results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
         tp = TensorParallel(rank, size, dist.ProcessGroupGloo(store, rank, size))
-        config = EngineConfig(model=ModelConfig(model), cache=CacheConfig(num_kv_blocks=64),
+        config = EngineConfig(model=ModelConfig(model, lora_modules=lora_modules), cache=CacheConfig(num_kv_blocks=64),
                               scheduler=SchedulerConfig(max_num_batched_tokens=64),
                               speculative=SpeculativeConfig(num_speculative_tokens=speculative))
         if rank > 0:
@@ -48,7 +50,8 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
             results.put((rank, "stopped"))
             return
         engine = LLMEngine(config, tp=tp)
-        ids = [engine.add_request(p, params) for p in prompts]
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, each)]
         done: dict[str, tuple[list[int], list | None]] = {}
         while engine.has_unfinished_requests():
             done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
@@ -59,14 +62,16 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
         results.put((rank, repr(e)))
 
 
-def generate_tp(model: str, size: int, prompts: list[list[int]], params: SamplingParams,
-                speculative: int = 0) -> tuple[list[tuple[list[int], list | None]], int]:
+def generate_tp(model: str, size: int, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                speculative: int = 0, lora_modules: dict[str, str] | None = None
+                ) -> tuple[list[tuple[list[int], list | None]], int]:
     """Rank 0's greedy tokens and prompt logprobs, and the guesses it kept (with `speculative` tokens guessed per
-    step), once every follower has stopped cleanly."""
+    step), once every follower has stopped cleanly. `params` is one for all prompts or one each."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, speculative, results))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, speculative,
+                                                      lora_modules or {}, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -118,6 +123,22 @@ def test_a_structured_output_under_tensor_parallelism_is_one_ranks(tiny_model_fa
     assert [tokens for tokens, _ in generate_tp(str(path), 2, prompts, params)[0]] == \
         [out.outputs[0].token_ids for out in alone]
     assert all(re.fullmatch(email, out.outputs[0].text) for out in alone)
+
+
+def test_lora_adapters_under_tensor_parallelism_match_hf_on_the_merged_weights(tiny_model_factory, tmp_path):
+    """Column-parallel projections keep their rows of B, row-parallel ones their columns of A, whose partial
+    product the all-reduce sums; base and adapter requests share the steps."""
+    path = tiny_model_factory("llama")
+    adapter = write_adapter(tmp_path / "adapter", path, ATTENTION + MLP, rank=4, alpha=8, seed=7, std=0.2)
+    prompts = random_prompts(6, [9, 70])
+    greedy = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, lora=lora) for lora in (None, "a")]
+    requests = [(prompt, p) for prompt in prompts for p in greedy]
+    outs, _ = generate_tp(str(path), 2, [prompt for prompt, _ in requests], [p for _, p in requests],
+                          lora_modules={"a": str(adapter.folder)})
+    merged = merged_model(adapter, path, tmp_path / "merged")
+    expected = [hf_greedy(merged if p.lora else path, prompt, 16) for prompt, p in requests]
+    assert [tokens for tokens, _ in outs] == expected
+    assert expected[0] != expected[1] or expected[2] != expected[3]  # the adapter changes what the model says
 
 
 def test_smollm2_three_ranks_match_hf_with_and_without_speculative_guesses(smollm2_path):

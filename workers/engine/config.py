@@ -27,6 +27,8 @@ class ModelConfig:
     enforce_eager: bool = False
     # The largest decode batch captured as a graph; larger batches (and any batch with a prefill) run eagerly.
     max_graph_batch_size: int = 256
+    # LoRA adapters requests may name (SamplingParams.lora): name -> PEFT folder, all loaded at start (lora.py).
+    lora_modules: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -80,10 +80,12 @@ def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "
                   kv_lease_s: float = 30.0, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                   enable_chunked_prefill: bool = True, attention_backend: str = "torch",
                   enforce_eager: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 4,
-                  prompt_lookup_min: int = 2, scheduling_policy: str = "fcfs") -> EngineConfig:
+                  prompt_lookup_min: int = 2, scheduling_policy: str = "fcfs",
+                  lora_modules: dict[str, str] | None = None) -> EngineConfig:
     """The nested EngineConfig from flat keyword arguments, as LLM(...) and the command line take them."""
     return EngineConfig(
-        model=ModelConfig(model, device, dtype, max_model_len, seed, attention_backend, enforce_eager),
+        model=ModelConfig(model, device, dtype, max_model_len, seed, attention_backend, enforce_eager,
+                          lora_modules=dict(lora_modules or {})),
         cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
                           enable_prefix_caching, kv_lease_s),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy),

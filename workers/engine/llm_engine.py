@@ -379,7 +379,7 @@ class LLMEngine:
         seq = req.seq
         if self.block_manager.enable_prefix_caching:
             num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
-            self.recent_prefixes.record(seq.token_ids, seq.block_hashes[:num_full], seq.cache_salt)
+            self.recent_prefixes.record(seq.token_ids, seq.block_hashes[:num_full], seq.cache_salt, seq.lora)
         self.scheduler.finish(seq, reason, free_blocks=not keep_blocks)
         self.receiving.pop(seq.request_id, None)
         if keep_blocks:
@@ -427,6 +427,10 @@ class LLMEngine:
         if params.priority and self.scheduler.config.policy != "priority":
             raise InvalidRequestError("priority", "this server runs requests in arrival order (scheduling_policy "
                                                   "fcfs); leave priority at 0")
+        adapters = self.runner.lora_names
+        if params.lora is not None and params.lora not in adapters:
+            raise InvalidRequestError("lora", f"no LoRA adapter {params.lora!r} here; this engine serves "
+                                              f"{', '.join(map(repr, adapters)) or 'none'} (engine lora_modules)")
         if params.min_tokens and params.allowed_token_ids and ends.issuperset(params.allowed_token_ids):
             raise InvalidRequestError("allowed_token_ids", "allows only tokens that end the request, which "
                                                            "min_tokens holds back")

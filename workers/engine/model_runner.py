@@ -13,6 +13,8 @@ forward pass on their mirrors of the requests and join the collectives, but only
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from workers.engine.config import CacheConfig, EngineConfig
 from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.layers.rotary import RotaryEmbedding
+from workers.engine.lora import LoRAAdapters
 from workers.engine.model_store import resolve_model
 from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
@@ -101,6 +104,8 @@ class ModelRunner:
             model = LlamaForCausalLM(hf_config, backend, tp)
         self.model = model.to(self.dtype).to_empty(device=self.device).eval()
         load_weights(self.model, model_dir, progress)
+        self.lora = LoRAAdapters(self.model, model_config.lora_modules, tp) if model_config.lora_modules else None
+        self.lora_names = self.lora.names if self.lora is not None else ()
         self.num_kv_blocks = self._num_kv_blocks(cache_config)
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler(model_config.seed)
@@ -209,9 +214,10 @@ class ModelRunner:
         # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
         # attention backend can batch decodes of similar length together.
         batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
-        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs.
+        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs, and
+        # with the base weights only.
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch) and \
-                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions for seq, _ in batch):
+                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions or seq.lora for seq, _ in batch):
             logits, seqs = self._padded_decode([seq for seq, _ in batch])
         else:
             logits, seqs = self._eager(batch, record=sample)
@@ -253,13 +259,29 @@ class ModelRunner:
         """Logits of the sequences whose new tokens reach their end, and those sequences; with `record` (rank 0),
         the prompt logprobs of the positions computed are added to their sequences."""
         input_ids, positions, meta, sample_rows, prompt_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        with self._adapters(batch):
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if prompt_rows:
             self._prompt_logprobs(hidden, prompt_rows, record)
         if not sample_rows:
             return None, []
         rows, seqs = zip(*sample_rows)
         return self.model.compute_logits(hidden[list(rows)]), list(seqs)
+
+    @contextmanager
+    def _adapters(self, batch: list[tuple[Sequence, int]]) -> Iterator[None]:
+        """Where the step has rows of LoRA adapters: their rows set for the projections, and the fused small-batch
+        kernels (which know only the base weights) off."""
+        if self.lora is None or not any(seq.lora for seq, _ in batch):
+            yield
+            return
+        fusion, max_rows = self.model.fusion, self.model.fusion.max_rows
+        fusion.max_rows = 0
+        try:
+            with self.lora.running(self.lora.groups(batch)):
+                yield
+        finally:
+            fusion.max_rows = max_rows
 
     def _padded_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """As _eager, for a decode-only batch: a one-token chunk that does not end its prompt samples nothing."""

@@ -19,6 +19,7 @@ from workers.kv.hashing import BlockHash
 class Prefix:
     token_ids: list[int]  # whole blocks
     cache_salt: str | None
+    lora: str | None = None  # the adapter whose KV the blocks hold
 
 
 @dataclass
@@ -26,6 +27,7 @@ class _Entry:
     token_ids: array  # 8 bytes a token, not a Python int object each
     block_hashes: list[BlockHash]
     cache_salt: str | None
+    lora: str | None
 
 
 class RecentPrefixes:
@@ -38,14 +40,15 @@ class RecentPrefixes:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record(self, token_ids: Sequence[int], block_hashes: Sequence[BlockHash], cache_salt: str | None) -> None:
+    def record(self, token_ids: Sequence[int], block_hashes: Sequence[BlockHash], cache_salt: str | None,
+               lora: str | None = None) -> None:
         """A finished sequence's computed full blocks: `block_hashes` and the tokens they cover."""
         if not block_hashes:
             return
         for replaced in block_hashes:
             self._drop(self._entries.pop(replaced, None))
         self._entries[block_hashes[-1]] = entry = _Entry(array("l", token_ids[:len(block_hashes) * self.block_size]),
-                                                         list(block_hashes), cache_salt)
+                                                         list(block_hashes), cache_salt, lora)
         self._num_tokens += len(entry.token_ids)
         while self._num_tokens > self.capacity_tokens:
             self._drop(self._entries.popitem(last=False)[1])
@@ -64,6 +67,7 @@ class RecentPrefixes:
                               len(entry.block_hashes))
             held = entry.block_hashes[:num_cached]
             if any(h not in held_elsewhere and h not in listed for h in held):
-                prefixes.append(Prefix(entry.token_ids[:num_cached * self.block_size].tolist(), entry.cache_salt))
+                prefixes.append(Prefix(entry.token_ids[:num_cached * self.block_size].tolist(), entry.cache_salt,
+                                       entry.lora))
                 listed.update(held)
         return prefixes

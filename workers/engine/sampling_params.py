@@ -65,6 +65,8 @@ class SamplingParams:
     as the context allows), for callers that would rather lose the start of a long prompt than be refused.
     `priority` orders requests where the engine's scheduling policy is "priority" (vLLM's: lower runs first,
     ties by arrival); it travels with the other params, so the prefill and the decode group both honour it.
+    `lora` names the LoRA adapter that runs the request (one of the engine's lora_modules; None: the base model),
+    and travels the same way, so every group that computes the request's KV computes it with the adapter.
 
     The logits are adjusted before greedy or sampled choice, in vLLM's order: `allowed_token_ids` bans every
     other token; `bad_words` bans the token that would complete any of these words (tokenized as at the start of
@@ -97,6 +99,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     truncate_prompt_tokens: int | None = None
     priority: int = 0
+    lora: str | None = None
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.
@@ -176,6 +179,8 @@ class SamplingParams:
                                                         f"token {token}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise InvalidRequestError("priority", f"must be an integer, got {self.priority!r}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise InvalidRequestError("lora", f"must be an adapter's name or None, got {self.lora!r}")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise InvalidRequestError("structured_output", f"must be a StructuredOutput or a dict of its fields, got "
                                                            f"{type(self.structured_output).__name__}")

@@ -68,7 +68,11 @@ class Sequence:
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
-        self.block_hashes = hash_full_blocks(self.token_ids, self.block_size, self.cache_salt)
+        self.block_hashes = hash_full_blocks(self.token_ids, self.block_size, self.cache_salt, lora=self.lora)
+
+    @property
+    def lora(self) -> str | None:
+        return self.sampling_params.lora
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +107,8 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         if self.num_tokens % self.block_size == 0:
-            self.block_hashes = hash_full_blocks(self.token_ids, self.block_size, self.cache_salt, self.block_hashes)
+            self.block_hashes = hash_full_blocks(self.token_ids, self.block_size, self.cache_salt, self.block_hashes,
+                                                 self.lora)
 
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: drop all KV; prompt and generated tokens are re-prefilled later."""

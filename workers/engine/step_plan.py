@@ -36,6 +36,7 @@ class ScheduledChunk:
     reset_blocks: bool = False  # the table was rebuilt (preemption): replace it with new_block_ids
     num_prompt_logprob_positions: int = 0  # the head runs on these positions too (all ranks take part)
     draft_token_ids: list[int] = field(default_factory=list)  # guesses computed after the next token (speculative.py)
+    lora: str | None = None  # the request's LoRA adapter (lora.py)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class MirroredRequest:
     num_computed_tokens: int = 0
     num_prompt_logprob_positions: int = 0
     draft_token_ids: list[int] = field(default_factory=list)
+    lora: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +88,7 @@ class PlanWriter:
             new_blocks = list(table) if reset else table[len(blocks_sent):]
             chunks.append(ScheduledChunk(seq.request_id, seq.num_computed_tokens, num_new,
                                          seq.token_ids[num_tokens_sent:], new_blocks, reset,
-                                         seq.num_prompt_logprob_positions, list(seq.draft_token_ids)))
+                                         seq.num_prompt_logprob_positions, list(seq.draft_token_ids), seq.lora))
             self._sent[seq.request_id] = (seq.num_tokens, list(table))
         self.send(StepPlan(chunks, self._finished))
         self._finished = []
@@ -130,6 +132,7 @@ class PlanReader:
             mirror.num_computed_tokens = chunk.num_computed_tokens
             mirror.num_prompt_logprob_positions = chunk.num_prompt_logprob_positions
             mirror.draft_token_ids = list(chunk.draft_token_ids)
+            mirror.lora = chunk.lora
             batch.append((mirror, chunk.num_new_tokens))
         return batch
 

@@ -8,9 +8,13 @@ costs one all-reduce in total.
 Projections reading the same input (q/k/v, gate/up) are fused into one matmul. Each layer's `weight_loader`
 takes one full checkpoint tensor (or a lazy slice of it) and copies only this rank's rows or columns into its
 place, so the loader never needs to know how a layer is laid out or sharded.
+
+A layer that LoRA adapters change holds them in `lora` (lora.py), which adds their products for the step's rows
+that run an adapter.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,9 @@ from workers.engine.layers.weights import (
     default_weight_loader,
 )
 from workers.engine.parallel import TensorParallel, all_reduce, divide, shard_heads
+
+if TYPE_CHECKING:
+    from workers.engine.lora import LoRALayer
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class _Rows:
 class _ShardedColumns(nn.Module):
     """Holds, for each fused projection in order, one block of rows cut from its checkpoint tensor."""
 
+    lora: "LoRALayer | None" = None
+
     def __init__(self, in_features: int, rows: list[_Rows], bias: bool):
         super().__init__()
         self.rows = rows
@@ -44,7 +53,8 @@ class _ShardedColumns(nn.Module):
         self.bias = nn.Parameter(torch.empty(sum(self.out_sizes))) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora.add(x, y)
 
     def weight_loader(self, param: nn.Parameter, source: WeightSource, shard: int = 0) -> None:
         rows = self.rows[shard]
@@ -83,6 +93,8 @@ class RowParallelLinear(nn.Module):
     The bias is held whole by every rank and added once, after the sum, so it is not counted `size` times.
     """
 
+    lora: "LoRALayer | None" = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
         super().__init__()
         self.tp = tp
@@ -92,9 +104,12 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp.size == 1 else None)
+        if self.lora is not None:
+            y = self.lora.add(x, y)  # a partial product, like the base one
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = all_reduce(F.linear(x, self.weight), self.tp)
+            return y
+        y = all_reduce(y, self.tp)
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, source: WeightSource) -> None:

@@ -1,0 +1,113 @@
+"""LoRA adapters (workers/engine/lora.py): a request naming an adapter gets the greedy tokens HF transformers gives
+with that adapter merged into the weights, while requests of other adapters and of the base model share its
+batch; KV computed under one adapter is never a cache hit for another; adapters that cannot run are refused
+with the reason, at start."""
+
+import json
+
+import pytest
+import torch
+
+from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
+from workers.engine.errors import InvalidRequestError
+from workers.engine.llm import LLM
+from workers.engine.lora import AdapterConfig, LoRAError
+from workers.engine.sampling_params import SamplingParams
+
+NEW = 16
+PROMPTS = ["The three primary colors are", "def add(a, b):\n    return",
+           "A long time ago, in a village by the sea, there lived an old fisherman who every morning walked down to "
+           "the harbour, untied his boat and rowed out past the rocks where the gulls waited for him. One day"]
+
+
+def greedy(lora: str | None = None) -> SamplingParams:
+    return SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora=lora)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, smollm2_path):
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "every-projection": write_adapter(root / "every", smollm2_path, ATTENTION + MLP, rank=8, alpha=16, seed=1),
+        # rsLoRA's scaling, and layers the adapter leaves alone.
+        "q-v-even-layers": write_adapter(root / "qv", smollm2_path, ("q_proj", "v_proj"), rank=4, alpha=8, seed=2,
+                                         use_rslora=True, layers=range(0, 30, 2), std=0.08),
+    }
+
+
+@pytest.fixture(scope="module")
+def llm(adapters, smollm2_path):
+    # A 32-token step budget prefills the long prompt in chunks.
+    return LLM(str(smollm2_path), num_kv_blocks=512, max_num_batched_tokens=32,
+               lora_modules={name: str(adapter.folder) for name, adapter in adapters.items()}, progress=False)
+
+
+def token_ids(llm, prompt: str) -> list[int]:
+    return llm.tokenizer(prompt)["input_ids"]
+
+
+def test_each_adapter_gives_the_tokens_of_its_merged_weights_in_one_mixed_batch(llm, adapters, smollm2_path,
+                                                                                   tmp_path):
+    names = [None, *adapters]
+    requests = [(prompt, name) for prompt in PROMPTS for name in names]
+    outputs = llm.generate([token_ids(llm, p) for p, _ in requests], [greedy(name) for _, name in requests])
+    got = {(p, name): out.outputs[0].token_ids for (p, name), out in zip(requests, outputs)}
+
+    references = {None: smollm2_path} | {name: merged_model(adapter, smollm2_path, tmp_path / name)
+                                        for name, adapter in adapters.items()}
+    for (prompt, name), tokens in got.items():
+        assert tokens == hf_greedy(references[name], token_ids(llm, prompt), NEW), (name, prompt)
+    for name in adapters:  # else the comparison could not tell an adapter from the base model
+        assert any(got[p, name] != got[p, None] for p in PROMPTS), name
+
+
+def test_kv_computed_under_one_adapter_is_no_cache_hit_for_another(llm):
+    prompt = token_ids(llm, "Not yet cached: " + PROMPTS[2])
+    first = llm.generate(prompt, greedy("every-projection"))[0]
+    other = llm.generate(prompt, greedy("q-v-even-layers"))[0]
+    base = llm.generate(prompt, greedy())[0]
+    again = llm.generate(prompt, greedy("every-projection"))[0]
+    full_blocks = (len(prompt) - 1) // 16 * 16
+    assert first.num_cached_tokens == other.num_cached_tokens == base.num_cached_tokens == 0
+    assert again.num_cached_tokens == full_blocks
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_a_request_naming_an_adapter_not_loaded_is_refused(llm):
+    with pytest.raises(InvalidRequestError, match=r"no LoRA adapter 'sql' here; this engine serves "
+                                                  r"'every-projection', 'q-v-even-layers'"):
+        llm.generate("Hi", greedy("sql"))
+
+
+def test_an_adapter_of_another_model_is_refused_at_start(tmp_path, smollm2_path, tiny_model_factory):
+    other = write_adapter(tmp_path / "other", tiny_model_factory("llama"), ("q_proj",), rank=4, alpha=4, seed=3)
+    with pytest.raises(LoRAError, match=r"'other': layer 0 q_proj has A \(4, \d+\) .* an adapter of another model"):
+        LLM(str(smollm2_path), num_kv_blocks=16, lora_modules={"other": str(other.folder)}, progress=False)
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"use_dora": True}, r"use_dora=True is not supported"),
+    ({"fan_in_fan_out": True}, r"fan_in_fan_out=True is not supported"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
+    ({"peft_type": "IA3"}, r"peft_type is 'IA3'; only LORA adapters run"),
+    ({"r": 0}, r"r must be a positive integer"),
+])
+def test_adapter_options_that_change_the_arithmetic_otherwise_are_refused(tmp_path, adapters, option, message):
+    config = json.loads((adapters["every-projection"].folder / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | option))
+    with pytest.raises(LoRAError, match=message):
+        AdapterConfig.read("bad", tmp_path)
+
+
+def test_an_adapter_changing_the_embeddings_is_refused_with_what_it_changes(tmp_path, adapters, smollm2_path):
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((adapters["every-projection"].folder / "adapter_config.json")
+                                                .read_text())
+    from safetensors.torch import save_file
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 49152)},
+              folder / "adapter_model.safetensors")
+    with pytest.raises(LoRAError, match=r"embed_tokens.lora_embedding_A is not a LoRA weight of a decoder layer's "
+                                        r"projection"):
+        LLM(str(smollm2_path), num_kv_blocks=16, lora_modules={"embeddings": str(folder)}, progress=False)

@@ -1,0 +1,214 @@
+"""LoRA adapters served beside the base model: each request names one (or none), and one batch mixes them.
+
+An adapter is a PEFT folder (adapter_config.json and adapter_model.safetensors), the format `peft` saves and the
+Hub holds. Its low-rank pairs stay unmerged, so the base weights serve every request and an adapter costs
+rank x (in + out) numbers per projection: a projection adds (x A^T) B^T x scaling to the output rows of the
+requests that name the adapter, as PEFT's LoraLayer and vLLM's LoRA layers do.
+
+A fused projection (q/k/v, gate/up) holds its parts' pairs side by side, A stacked on the rank axis and B
+block-diagonal, so it costs two matmuls per adapter whatever it fuses. Under tensor parallelism a column-parallel
+projection keeps the rows of B that its output shard has, a row-parallel one the columns of A its input shard
+has; the latter's product joins the partial output before the all-reduce, which sums it as it sums the base
+product.
+
+Every adapter is loaded when the engine starts (engine lora_modules, as vLLM's --lora-modules), so a request
+naming one never waits for a load, and one naming another is refused. Steps with an adapter's rows run eagerly:
+the CUDA graphs and the fused small-batch kernels know only the base weights.
+"""
+
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from workers.engine.layers.linear import RowParallelLinear
+from workers.engine.parallel import TensorParallel
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# checkpoint projection -> (its module in a decoder layer, its part of that module)
+PROJECTIONS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
+               "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
+               "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
+               "down_proj": ("mlp.down_proj", 0)}
+
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT may keep the adapter's name before .weight)
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class LoRAError(ValueError):
+    """An adapter that cannot run on this model; the message names the adapter and what is wrong."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int
+    scaling: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora
+
+    @staticmethod
+    def read(name: str, folder: Path) -> "AdapterConfig":
+        """The parts of PEFT's LoraConfig that change the arithmetic; an option Tandem does not implement is
+        refused rather than silently run another way."""
+        path = folder / CONFIG_FILE
+        try:
+            config = json.loads(path.read_text())
+        except OSError as e:
+            raise LoRAError(f"LoRA adapter {name!r}: cannot read {path}: {e.strerror} (an adapter is a PEFT folder "
+                            f"holding {CONFIG_FILE} and {WEIGHTS_FILE})") from None
+        except json.JSONDecodeError as e:
+            raise LoRAError(f"LoRA adapter {name!r}: {path} is not JSON: {e}") from None
+        if config.get("peft_type", "LORA") != "LORA":
+            raise LoRAError(f"LoRA adapter {name!r}: peft_type is {config['peft_type']!r}; only LORA adapters run")
+        unsupported = {"fan_in_fan_out": False, "use_dora": False, "bias": "none", "modules_to_save": None,
+                       "rank_pattern": {}, "alpha_pattern": {}}
+        for key, plain in unsupported.items():
+            if config.get(key) not in (plain, None):
+                raise LoRAError(f"LoRA adapter {name!r}: {key}={config[key]!r} is not supported (only {plain!r})")
+        rank, alpha = config.get("r"), config.get("lora_alpha")
+        if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+            raise LoRAError(f"LoRA adapter {name!r}: r must be a positive integer and lora_alpha a number (got "
+                            f"{rank!r} and {alpha!r})")
+        return AdapterConfig(rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
+
+
+class StepAdapters:
+    """The rows of this step's tokens each adapter runs, as (adapter slot, row indices or None for all rows):
+    set by the runner around a forward pass, read by every projection."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+
+
+class LoRALayer:
+    """One projection's pairs, an (A, B) per adapter slot (None where the adapter leaves it alone), with the
+    scaling folded into B."""
+
+    def __init__(self, step: StepAdapters, num_adapters: int):
+        self.step = step
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_adapters
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for slot, rows in self.step.groups:
+            pair = self.pairs[slot]
+            if pair is None:
+                continue
+            a, b = pair
+            if rows is None:
+                y = y + F.linear(F.linear(x, a), b)
+            else:
+                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b))
+        return y
+
+
+class LoRAAdapters:
+    """The engine's adapters, attached to every projection of the model; an adapter's slot is its place in
+    `names`."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, str], tp: TensorParallel):
+        self.names = tuple(modules)
+        self.step = StepAdapters()
+        self.tp = tp
+        self._layers = model.model.layers
+        self._projections = {(i, path): _module(layer, path) for i, layer in enumerate(self._layers)
+                             for path in {path for path, _ in PROJECTIONS.values()}}
+        for module in self._projections.values():
+            module.lora = LoRALayer(self.step, len(self.names))
+        for slot, (name, folder) in enumerate(modules.items()):
+            self._load(slot, name, Path(folder).expanduser())
+
+    def _load(self, slot: int, name: str, folder: Path) -> None:
+        config = AdapterConfig.read(name, folder)
+        path = folder / WEIGHTS_FILE
+        if not path.is_file():
+            raise LoRAError(f"LoRA adapter {name!r}: {path} not found (an adapter is a PEFT folder holding "
+                            f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+        parts: dict[tuple[int, str], dict[str, dict[str, torch.Tensor]]] = {}
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                match = _KEY.search(key)
+                if match is None:
+                    raise LoRAError(f"LoRA adapter {name!r}: {key} is not a LoRA weight of a decoder layer's "
+                                    f"projection ({', '.join(PROJECTIONS)}), the only ones adapters may change here")
+                index, projection, which = int(match[1]), match[2], match[3]
+                if projection not in PROJECTIONS or index >= len(self._layers):
+                    raise LoRAError(f"LoRA adapter {name!r}: {key} names no projection of this model (it has "
+                                    f"{len(self._layers)} layers of {', '.join(PROJECTIONS)})")
+                path_in_layer, _ = PROJECTIONS[projection]
+                parts.setdefault((index, path_in_layer), {}).setdefault(projection, {})[which] = f.get_tensor(key)
+        if not parts:
+            raise LoRAError(f"LoRA adapter {name!r}: {path} holds no LoRA weights")
+        for (index, path_in_layer), found in parts.items():
+            module = self._projections[index, path_in_layer]
+            module.lora.pairs[slot] = self._shard(name, module, found, config, index)
+
+    def _shard(self, name: str, module: nn.Module, found: dict[str, dict[str, torch.Tensor]],
+               config: AdapterConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (A, B) of one module, from its parts' full checkpoint pairs."""
+        weight = module.weight
+        a_parts, b_parts = [], []
+        for projection, pair in found.items():
+            where = f"layer {index} {projection}"
+            if set(pair) != {"A", "B"}:
+                raise LoRAError(f"LoRA adapter {name!r}: {where} has lora_{''.join(pair)} without its pair")
+            a, b = pair["A"].to(torch.float32), pair["B"].to(torch.float32) * config.scaling
+            if isinstance(module, RowParallelLinear):
+                expected = ((a.shape[0], module.in_features), (weight.shape[0], a.shape[0]))
+            else:
+                rows = module.rows[PROJECTIONS[projection][1]]
+                expected = ((a.shape[0], weight.shape[1]), (rows.total, a.shape[0]))
+            if (tuple(a.shape), tuple(b.shape)) != expected:
+                raise LoRAError(f"LoRA adapter {name!r}: {where} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                                f"which do not fit this model ({expected[0]} and {expected[1]}): an adapter of "
+                                f"another model?")
+            if isinstance(module, RowParallelLinear):
+                start = self.tp.rank * module.in_local
+                a_parts.append(a[:, start:start + module.in_local])
+                b_parts.append(b)
+            else:
+                part = PROJECTIONS[projection][1]
+                rows = module.rows[part]
+                local = torch.zeros(weight.shape[0], b.shape[1])
+                offset = sum(module.out_sizes[:part])
+                local[offset:offset + rows.size] = b[rows.start:rows.start + rows.size]
+                a_parts.append(a)
+                b_parts.append(local)
+        a, b = torch.cat(a_parts), torch.cat(b_parts, dim=1)
+        return a.to(dtype=weight.dtype, device=weight.device), b.to(dtype=weight.dtype, device=weight.device)
+
+    def groups(self, batch: Sequence[tuple[object, int]]) -> list[tuple[int, torch.Tensor | None]]:
+        """Each adapter's rows of a step whose items (a sequence with a `lora`, its number of input rows) lie in
+        order, as the runner lays out their tokens."""
+        rows: dict[int, list[int]] = {}
+        start = 0
+        for seq, n in batch:
+            if seq.lora is not None:
+                rows.setdefault(self.names.index(seq.lora), []).extend(range(start, start + n))
+            start += n
+        if len(rows) == 1 and len(next(iter(rows.values()))) == start:
+            return [(next(iter(rows)), None)]
+        device = next(iter(self._projections.values())).weight.device
+        return [(slot, torch.tensor(r, dtype=torch.long, device=device)) for slot, r in rows.items()]
+
+    @contextmanager
+    def running(self, groups: list[tuple[int, torch.Tensor | None]]) -> Iterator[None]:
+        self.step.groups = groups
+        try:
+            yield
+        finally:
+            self.step.groups = []
+
+
+def _module(layer: nn.Module, path: str) -> nn.Module:
+    module = layer
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
