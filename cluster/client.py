@@ -142,6 +142,7 @@ class Model:
     id: str  # the name requests pass as `model`
     max_model_len: int  # longest prompt plus completion, in tokens
     block_size: int  # tokens per KV block
+    parent: str | None = None  # for a LoRA adapter, the model it runs on
 
 
 class Options(TypedDict, total=False):
@@ -432,7 +433,7 @@ class TandemClient:
 
     def models(self, *, timeout: float | None = None) -> list[Model]:
         response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [Model(m.id, m.max_model_len, m.block_size) for m in response.models]
+        return [Model(m.id, m.max_model_len, m.block_size, m.parent or None) for m in response.models]
 
     def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         """True when the server reports SERVING; False when it is not serving, draining or unreachable."""
@@ -558,7 +559,7 @@ class AsyncTandemClient:
 
     async def models(self, *, timeout: float | None = None) -> list[Model]:
         response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [Model(m.id, m.max_model_len, m.block_size) for m in response.models]
+        return [Model(m.id, m.max_model_len, m.block_size, m.parent or None) for m in response.models]
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         try:

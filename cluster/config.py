@@ -113,6 +113,9 @@ class ClusterConfig:
     model: str = _field("smollm2", "'smollm2' (embedded SmolLM2-135M-Instruct) or a local HF model folder")
     served_model_name: str | None = _field(None, "the model's name in the APIs, which requests give as `model` "
                                                  "(null: the model folder's name, or 'smollm2')")
+    lora_modules: dict[str, str] = field(default_factory=dict, metadata={"help": (
+        "LoRA adapters (PEFT folders) every group loads at start, which requests name as `model`: "
+        "NAME=PATH[,NAME=PATH...] as a flag, a mapping of names to paths in YAML")})
     device: str = _field("cpu", "where every rank runs", choices=("cpu", "cuda"))
     dtype: str = _field("auto", "weights and KV precision; auto = float32 on CPU, bfloat16 on GPU",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -169,6 +172,9 @@ class ClusterConfig:
         _check_ranges(self)
         if self.grpc_port == self.http_port:
             raise ConfigError(f"grpc_port and http_port must differ (both {self.grpc_port})")
+        served = self.served_model_name or Path(self.model).name
+        if served in self.lora_modules:
+            raise ConfigError(f"lora_modules: the adapter name {served!r} is the model's own; name it otherwise")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"prompt_lookup_min must be <= prompt_lookup_max (got {self.prompt_lookup_min} and "
                               f"{self.prompt_lookup_max})")
@@ -179,7 +185,8 @@ class ClusterConfig:
         return EngineConfig(
             model=ModelConfig(model=model or self.model, device=self.device, dtype=self.dtype,
                               max_model_len=self.max_model_len, seed=self.seed,
-                              attention_backend=self.attention_backend, enforce_eager=self.enforce_eager),
+                              attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
+                              lora_modules=dict(self.lora_modules)),
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
                               kv_cache_memory_gb=self.kv_cache_memory_gb,
                               gpu_memory_utilization=self.gpu_memory_utilization,
@@ -245,8 +252,18 @@ def from_args(args: argparse.Namespace) -> ClusterConfig:
         raw = getattr(args, flag.dotted, None)
         if raw is not None:
             # Strings stay as typed (a model folder named "yes" is not a boolean); numbers and null are read as YAML.
-            overrides[flag.dotted] = raw if flag.hint in (bool, str, str | None) else yaml.safe_load(raw)
+            overrides[flag.dotted] = raw if flag.hint in (bool, str, str | None) else \
+                _named_paths(raw) if flag.hint == dict[str, str] else yaml.safe_load(raw)
     return load_config(args.config, overrides)
+
+
+def _named_paths(raw: str) -> dict[str, str] | str:
+    """NAME=PATH pairs, separated by commas or spaces (vLLM's --lora-modules), as a mapping; text that is not
+    such pairs is returned as it is, for the field's check to refuse with the field's name."""
+    pairs = [pair.partition("=") for pair in raw.replace(",", " ").split()]
+    if not all(name and sep and path for name, sep, path in pairs):
+        return raw
+    return {name: path for name, _, path in pairs}
 
 
 @dataclass(frozen=True)
@@ -322,6 +339,12 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 
 def _checked(value: Any, hint: Any, name: str) -> Any:
     """`value` if it has the field's type (an integer also passes as a number), else a ConfigError."""
+    if hint == dict[str, str]:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                     for k, v in value.items()):
+            raise ConfigError(f"{name} must be a mapping of names to paths, or NAME=PATH pairs as a flag "
+                              f"(got {value!r})")
+        return dict(value)
     optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     kind = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
     if value is None and optional:

@@ -104,8 +104,10 @@ class GenerationServicer:
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
         model = self.ingress.model
-        return pb.ListModelsResponse(models=[pb.Model(id=model.name, max_model_len=model.max_model_len,
-                                                      block_size=model.block_size)])
+        base = pb.Model(id=model.name, max_model_len=model.max_model_len, block_size=model.block_size)
+        adapters = [pb.Model(id=name, max_model_len=model.max_model_len, block_size=model.block_size,
+                             parent=model.name) for name in model.adapters]
+        return pb.ListModelsResponse(models=[base, *adapters])
 
     async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], Built],
                       chat: bool = False) -> AsyncIterator[pb.GenerateResponse]:
@@ -146,9 +148,8 @@ class GenerationServicer:
         if unknown:
             raise invalid(unknown, "unknown field (not in tandem.v1): this server does not know what it means")
         model = getattr(request, "model", "")
-        if model and model != self.ingress.model.name:
-            raise ApiError(Kind.NOT_FOUND, f"model: {model!r} is not served here; this cluster serves "
-                                           f"{self.ingress.model.name!r}", "model")
+        if model:
+            self.ingress.check_model(model)
 
     def _generate_request(self, request: pb.GenerateRequest) -> Built:
         which = request.WhichOneof("prompt")

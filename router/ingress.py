@@ -71,6 +71,7 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     block_size: int
+    adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads, which requests name as `model`
 
 
 class Ingress:
@@ -138,8 +139,9 @@ class Ingress:
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
         token_ids = self.validate(request)
         request_id = request.request_id or uuid.uuid4().hex
-        params, salt = self._after_thinking(request, token_ids), request.cache_salt
-        hashes = hash_full_blocks(token_ids, self.model.block_size, salt)
+        salt, lora = request.cache_salt, self.check_model(request.model) if request.model else None
+        params = replace(self._after_thinking(request, token_ids), lora=lora)
+        hashes = hash_full_blocks(token_ids, self.model.block_size, salt, lora=lora)
         decision = await self._decide(len(token_ids), hashes)
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
         first, prefilled = True, None
@@ -255,10 +257,18 @@ class Ingress:
             raise invalid(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def check_model(self, name: str) -> None:
-        if name != self.model.name:
-            raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves "
-                                           f"{self.model.name!r}", "model")
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` names, None for the base model; any other name is NOT_FOUND."""
+        if name == self.model.name:
+            return None
+        if name in self.model.adapters:
+            return name
+        served = ", ".join(repr(n) for n in (self.model.name, *self.model.adapters))
+        raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves {served}", "model")
+
+    def model_name(self, requested: str | None) -> str:
+        """The name a response gives: the adapter's where the request named one, else the served model's."""
+        return requested if requested and self.check_model(requested) else self.model.name
 
     def _chat_token_ids(self, request: GenerateRequest) -> list[int]:
         messages = request.messages

@@ -363,7 +363,8 @@ class OpenAIApi:
                                  continuous_usage=continuous_usage, echoes=echoes,
                                  prompt_only=not chat and _scores_prompt_only(body),
                                  tool_choice=tools,
-                                 reasoning=self.ingress.reasoning if chat else None)
+                                 reasoning=self.ingress.reasoning if chat else None,
+                                 model=self.ingress.model_name(body.model))
         return shape
 
     def _echo(self, choice: GenerateRequest) -> str:
@@ -379,7 +380,7 @@ class OpenAIApi:
                   "instructions": body.instructions, "metadata": body.metadata or {}, "user": body.user,
                   "tools": body.tools or [], "tool_choice": body.tool_choice or "none",
                   "parallel_tool_calls": body.parallel_tool_calls is not False,
-                  "previous_response_id": body.previous_response_id,
+                  "previous_response_id": body.previous_response_id, "model": self.ingress.model_name(body.model),
                   "text": {"format": text_format.model_dump(by_alias=True, exclude_none=True)
                            if text_format is not None else {"type": "text"}}}
         messages = choices[0].messages
@@ -395,7 +396,8 @@ class OpenAIApi:
             self._authorize(request)
         except ApiError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        names = (self.ingress.model.name, *self.ingress.model.adapters)
+        return JSONResponse({"object": "list", "data": [self._model_card(name) for name in names]})
 
     async def model(self, request: Request, model: str) -> Response:
         try:
@@ -403,12 +405,14 @@ class OpenAIApi:
             self.ingress.check_model(model)
         except Exception as e:
             return error_response(classify(e))
-        return JSONResponse(self._model_card())
+        return JSONResponse(self._model_card(model))
 
-    def _model_card(self) -> dict:
+    def _model_card(self, name: str) -> dict:
+        """The served model's card, or a LoRA adapter's, whose parent is the served model (vLLM's cards)."""
         model = self.ingress.model
-        return {"id": model.name, "object": "model", "created": self.created, "owned_by": "tandem",
-                "root": model.name, "parent": None, "max_model_len": model.max_model_len}
+        parent = None if name == model.name else model.name
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "tandem", "root": name,
+                "parent": parent, "max_model_len": model.max_model_len}
 
     async def tokenize(self, request: Request) -> Response:
         try:

@@ -29,7 +29,8 @@ class ResponseShape:
     def __init__(self, ingress: Ingress, request_id: str, chat: bool, top_n: int | None, choices_per_prompt: int,
                  include_usage: bool, continuous_usage: bool = False, echoes: list[str] | None = None,
                  prompt_only: bool = False,
-                 tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None):
+                 tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None, *, model: str):
+        """`model`: the name the response gives (the served model's, or the LoRA adapter's the request named)."""
         self.tokenizer = ingress.tokenizer
         self.chat = chat
         self.tool_choice = tool_choice  # chat: how each reply may call tools (router/openai_tools.py)
@@ -45,7 +46,7 @@ class ResponseShape:
         self.echoed: set[int] = set()  # choices whose stream has sent its prompt
         self.prompt_only = prompt_only  # echo with max_tokens 0: the generated token is left out
         prefix, self.object = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
-        self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": ingress.model.name}
+        self.header = {"id": f"{prefix}-{request_id}", "created": int(time.time()), "model": model}
         self.text_offsets: dict[int, int] = {}  # completions' logprobs.text_offset runs on across chunks
 
     async def response(self, outs: list[RequestOutput]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class ResponsesShape:
     def __init__(self, ingress: Ingress, request_id: str, params: SamplingParams, echoed: dict[str, Any],
                  save: Save | None, conversation: list[dict[str, Any]],
                  tool_choice: ToolChoice | None = None, reasoning: ReasoningParser | None = None):
-        """`echoed`: the request's settings a response object repeats (instructions, metadata, tools, ...);
+        """`echoed`: the request's settings a response object repeats (model, instructions, metadata, tools, ...);
         `save`: stores the response as it ends (None: it is not stored); `conversation`: the messages the reply
         answers, stored with it for a continuation; `tool_choice`: how the reply may call tools
         (router/openai_tools.py); `reasoning`: how its thinking is told from its answer (router/reasoning.py)."""
@@ -67,7 +67,7 @@ class ResponsesShape:
         self.message_done: dict[str, Any] | None = None  # the message, closed as the first call began
         self.calls = CallStream()  # what of the reply's calls went out
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
-                       "model": ingress.model.name, "max_output_tokens": params.max_tokens,
+                       "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
                        "store": save is not None, **echoed}
         self.sequence_number = 0

@@ -92,6 +92,25 @@ def test_every_engine_field_reaches_the_engine_config():
     assert config.to_engine_config(model="/cache/resolved").model.model == "/cache/resolved"
 
 
+def test_lora_adapters_come_as_a_mapping_in_a_file_or_as_name_path_pairs_in_a_flag(tmp_path):
+    path = write(tmp_path, "lora_modules:\n  sql: /adapters/sql\n  chat: /adapters/chat\n")
+    expected = {"sql": "/adapters/sql", "chat": "/adapters/chat"}
+    assert load_config(path).lora_modules == expected
+    assert parse("--lora-modules", "sql=/adapters/sql,chat=/adapters/chat").lora_modules == expected
+    assert parse("--lora-modules", "sql=/adapters/sql chat=/adapters/chat").to_engine_config().model.lora_modules \
+        == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--lora-modules", "/adapters/sql"), r"lora_modules must be a mapping of names to paths, or NAME=PATH pairs "
+                                          r"as a flag \(got '/adapters/sql'\)"),
+    (("--lora-modules", "smollm2=/adapters/sql"), r"lora_modules: the adapter name 'smollm2' is the model's own"),
+])
+def test_lora_adapters_that_cannot_be_named_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(*argv)
+
+
 def test_speculative_decoding_takes_its_lookup_lengths_in_order():
     assert error(prompt_lookup_min=5) == "prompt_lookup_min must be <= prompt_lookup_max (got 5 and 4)"
     assert parse("--num-speculative-tokens", "4").to_engine_config().speculative.num_speculative_tokens == 4

@@ -40,7 +40,8 @@ CORE_KINDS = {"Service", "StatefulSet", "Secret", "PodDisruptionBudget", "Networ
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "unified": {"disaggregate": False},
-    "served-name-priority": {"model": {"servedModelName": "meta-llama/Llama-3.1-8B-Instruct"},
+    "served-name-priority": {"model": {"servedModelName": "meta-llama/Llama-3.1-8B-Instruct",
+                                       "loraModules": {"sql": "/models/adapters/sql-lora"}},
                              "engine": {"schedulingPolicy": "priority"}},
     "mtls-and-key-value": {"tls": {"clientCA": {"enabled": True, "secretName": "corp-ca", "key": "bundle.pem"}},
                            "apiKey": {"value": "s3cret"}},
@@ -411,6 +412,8 @@ BAD_VALUES = {
     "no-api-key": ({"apiKey": {"existingSecret": ""}}, r"apiKey.enabled is true but no key is given"),
     "no-model-volume": ({"model": {"pvc": {"claimName": ""}}}, r"no model volume: set model.pvc.claimName"),
     "model-outside-volume": ({"model": {"path": "/data/llama"}}, r"/model/path': .*does not match"),
+    "adapter-outside-volume": ({"model": {"loraModules": {"sql": "/data/sql"}}},
+                               r"/model/loraModules/sql': .*does not match"),
     "no-redis": ({"redis": {"enabled": False}}, r"redis.enabled is false: set redis.external.url"),
     "response-store-not-redis": ({"api": {"responseStoreUrl": "http://cache:6379"}}, r"responseStoreUrl"),
     "cpu-limit-too-small": ({"engine": {"tensorParallelSize": 2, "numCpusPerRank": 4},

@@ -24,10 +24,13 @@ from transformers import AutoTokenizer
 
 from cluster.app import build_app
 from cluster.cli import main
+from cluster.client import TandemClient
 from cluster.config import ClusterConfig
 from cluster.redis_server import LocalRedis
 from router.api_config import ApiConfig
 from tests.conftest import SERVE_HTTP_URL
+from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, Adapter, merged_model, write_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +38,7 @@ APP = "tandem-openai"
 GRPC_PORT = 15051  # not the default, so another cluster on this machine does not collide
 KEY = "test-key"
 SERVED_NAME = "acme/tiny-chat"  # served_model_name: the name clients give, not the model folder's
+ADAPTER = "acme/tiny-sql-lora"  # a LoRA adapter on it, which clients give as `model` too
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CHOICES = 8
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
@@ -51,9 +55,16 @@ def response_store() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_cluster, tiny_model_factory, redis_url, response_store):
+def adapter(tiny_model_factory, tmp_path_factory) -> Adapter:
+    return write_adapter(tmp_path_factory.mktemp("lora"), tiny_model_factory("llama"), ATTENTION + MLP, rank=4,
+                         alpha=8, seed=5, std=0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter):
     model = str(tiny_model_factory("llama"))
-    config = ClusterConfig(model=model, served_model_name=SERVED_NAME, num_kv_blocks=64, num_cpus_per_rank=0.5,
+    config = ClusterConfig(model=model, served_model_name=SERVED_NAME, lora_modules={ADAPTER: str(adapter.folder)},
+                           num_kv_blocks=64, num_cpus_per_rank=0.5,
                            disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
                                          tool_call_parser="hermes", reasoning_parser="deepseek_r1",
@@ -98,12 +109,29 @@ def metric(base_url: str, sample: str) -> float:
 
 
 def test_models_lists_the_served_model_by_its_served_name(client, cluster):
-    [model] = client.models.list().data
-    assert (model.id, model.object, model.owned_by) == (SERVED_NAME, "model", "tandem")
+    model, adapter = client.models.list().data
+    assert (model.id, model.object, model.owned_by, model.parent) == (SERVED_NAME, "model", "tandem", None)
+    assert (adapter.id, adapter.parent) == (ADAPTER, SERVED_NAME)
     assert model.max_model_len == 1024  # the tiny model's context
     assert client.completions.create(model=SERVED_NAME, prompt="Hi", max_tokens=1).model == SERVED_NAME
     with pytest.raises(openai.NotFoundError, match=SERVED_NAME):
         client.completions.create(model=Path(cluster).name, prompt="Hi", max_tokens=1)
+
+
+def test_a_lora_adapter_answers_with_the_tokens_of_its_merged_weights_over_http_and_grpc(client, cluster, adapter,
+                                                                                         tokenizer, tmp_path):
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    expected = hf_greedy(merged_model(adapter, Path(cluster), tmp_path / "merged"), prompt_ids, 12)
+    assert expected != hf_greedy(cluster, prompt_ids, 12)  # else the adapter could be left out unnoticed
+    grpc = TandemClient(f"localhost:{GRPC_PORT}", api_key=KEY)
+    assert [(m.id, m.parent) for m in grpc.models()] == [(SERVED_NAME, None), (ADAPTER, SERVED_NAME)]
+    answer = grpc.generate(prompt_ids, model=ADAPTER, max_tokens=12, temperature=0, ignore_eos=True)
+    assert answer.token_ids == expected
+    completion = client.completions.create(model=ADAPTER, prompt=prompt_ids, **GREEDY)
+    assert (completion.model, completion.choices[0].text) == (ADAPTER, answer.text)
+    assert client.models.retrieve(ADAPTER).parent == SERVED_NAME
+    with pytest.raises(openai.NotFoundError, match=rf"this cluster serves '{SERVED_NAME}', '{ADAPTER}'"):
+        client.completions.create(model="acme/other-lora", prompt="Hi", max_tokens=1)
 
 
 def test_a_model_is_retrieved_by_its_name(client, model_name):

@@ -47,7 +47,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "decode_step_s" $a.decodeStepS "downscale_delay_s" $a.downscaleDelayS
       "metrics_interval_s" $a.metricsIntervalS "look_back_s" $a.lookBackS -}}
 {{- $config := dict
-      "model" $v.model.path "served_model_name" $v.model.servedModelName
+      "model" $v.model.path "served_model_name" $v.model.servedModelName "lora_modules" $v.model.loraModules
       "device" $e.device "dtype" $e.dtype "max_model_len" $e.maxModelLen "seed" $e.seed
       "tensor_parallel_size" $e.tensorParallelSize "num_cpus_per_rank" $e.numCpusPerRank
       "block_size" $e.blockSize "num_kv_blocks" $e.numKvBlocks "kv_cache_memory_gb" $e.kvCacheMemoryGb
