@@ -5,6 +5,7 @@ a stream the caller abandons frees every block on both pools."""
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -15,6 +16,7 @@ from cluster.config import ClusterConfig, PoolConfig
 from router.ingress import GenerateRequest
 from router.kv_index import KVIndexFollower
 from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, Adapter, merged_model, write_adapter
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.hashing import hash_full_blocks
@@ -33,9 +35,16 @@ def model(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
-def ingress(model, redis_url):
+def adapter(model, tmp_path_factory) -> Adapter:
+    return write_adapter(tmp_path_factory.mktemp("lora"), Path(model), ATTENTION + MLP, rank=4, alpha=8, seed=4,
+                         std=0.2)
+
+
+@pytest.fixture(scope="module")
+def ingress(model, redis_url, adapter):
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
-                           prefill=PoolConfig(replicas=2), redis_url=redis_url, grpc_port=GRPC_PORT)
+                           prefill=PoolConfig(replicas=2), redis_url=redis_url, grpc_port=GRPC_PORT,
+                           lora_modules={"tiny-lora": str(adapter.folder)})
     handle = serve.run(build_app(config), name="tandem-test", route_prefix=None)
     yield handle
     serve.delete("tandem-test")
@@ -63,6 +72,16 @@ def test_disaggregated_cluster_gives_hfs_greedy_tokens(ingress, model):
                                       for p in prompts))
 
     assert asyncio.run(run()) == [hf_greedy(model, p, GREEDY.max_tokens) for p in prompts]
+
+
+def test_a_lora_adapters_request_gets_its_adapters_tokens_through_prefill_transfer_and_decode(ingress, model, adapter,
+                                                                                              tmp_path):
+    prompt = [(11 * j) % 49152 for j in range(45)]
+    request = GenerateRequest(prompt_token_ids=prompt, params=GREEDY, model="tiny-lora")
+    out = asyncio.run(final(ingress, request))
+    expected = hf_greedy(merged_model(adapter, Path(model), tmp_path / "merged"), prompt, GREEDY.max_tokens)
+    assert out.outputs[0].token_ids == expected != hf_greedy(model, prompt, GREEDY.max_tokens)
+    assert out.metrics.kv_transfer_bytes > 0  # the decode group received the prompt's KV from a prefill group
 
 
 def test_chat_messages_are_rendered_with_the_models_template(ingress, model):

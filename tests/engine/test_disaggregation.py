@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.llm import LLM, engine_config
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
@@ -30,8 +32,8 @@ def prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(49152) for _ in range(n)]
 
 
-def prefill(p, tokens, request_id):
-    p.add_request(tokens, GREEDY, request_id=request_id, prefill_only=True)
+def prefill(p, tokens, request_id, params=GREEDY):
+    p.add_request(tokens, params, request_id=request_id, prefill_only=True)
     while True:
         for out in p.step():
             if out.request_id == request_id:
@@ -45,9 +47,9 @@ def move(p, d, plan):
         dv[plan.dst_block_ids] = pv[plan.src_block_ids]
 
 
-def disaggregated(p, d, tokens, request_id):
-    handoff = prefill(p, tokens, request_id)
-    plan = d.add_prefilled_request(handoff, GREEDY)
+def disaggregated(p, d, tokens, request_id, params=GREEDY):
+    handoff = prefill(p, tokens, request_id, params)
+    plan = d.add_prefilled_request(handoff, params)
     move(p, d, plan)
     first = d.start_prefilled_request(handoff)
     p.release_pinned(request_id)
@@ -75,6 +77,20 @@ def test_prefill_then_decode_gives_the_unified_tokens_and_frees_everything(path)
         assert plan.num_cached_blocks == 0 and len(plan.src_block_ids) == -(-n // 16)
     assert not p.pinned and p.block_manager.num_free_blocks == 64
     assert not d.has_unfinished_requests() and d.block_manager.num_free_blocks == 64
+
+
+def test_a_lora_request_continues_on_the_decode_engine_under_its_adapter(path, tmp_path):
+    """The adapter travels in the request's params: the decode engine computes its tokens with it and caches its
+    blocks under the adapter's hashes, which a base request of the same prompt does not find."""
+    adapter = write_adapter(tmp_path / "adapter", path, ATTENTION + MLP, rank=4, alpha=8, seed=9, std=0.2)
+    p, d = (engine(path, lora_modules={"a": str(adapter.folder)}) for _ in range(2))
+    tokens, params = prompt(11, 40), dataclasses.replace(GREEDY, lora="a")
+    plan, out = disaggregated(p, d, tokens, "lora", params)
+    assert out == hf_greedy(merged_model(adapter, path, tmp_path / "merged"), tokens, 16) != unified(path, tokens)
+    assert plan.num_cached_blocks == 0
+    base_plan, base = disaggregated(p, d, tokens, "base")
+    assert base == unified(path, tokens) and base_plan.num_cached_blocks == 0
+    assert d.add_prefilled_request(prefill(p, tokens, "again", params), params).num_cached_blocks == 2
 
 
 def test_decode_group_receives_only_the_blocks_its_prefix_cache_lacks(path):
