@@ -14,6 +14,7 @@
     tandem bench chaos                                     # cancel storms and killed ranks: nothing hangs or leaks
     tandem bench soak --minutes 30                         # steady load: memory slopes, KV index, free blocks
     tandem bench serve --request-rate 4                    # a running server's TTFT, TPOT and throughput
+    tandem bench lora                                      # LoRA adapters' cost: base vs one vs several mixed
 """
 
 import argparse
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import chaos, engine, kernels, routing, serve, soak, speculative, structured, transfer
+    from cluster.bench import chaos, engine, kernels, lora, routing, serve, soak, speculative, structured, transfer
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
     speculative.add_arguments(bench_sub.add_parser(
         "speculative", help="speculative decoding by n-gram lookup vs one token per step: tok/s, acceptance"))
+    lora.add_arguments(bench_sub.add_parser(
+        "lora", help="LoRA adapters' cost: base model vs one adapter vs several mixed in a batch, tok/s"))
     serve.add_arguments(bench_sub.add_parser(
         "serve", help="a running server under load through its HTTP or gRPC API: TTFT, TPOT, ITL, throughput",
         description="Sends the same seeded prompts to each --url at a set request rate, streamed, as vLLM's "
@@ -231,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import convert
 
             return convert.run(args)
-        from cluster.bench import chaos, engine, kernels, routing, serve, soak, speculative, structured, transfer
+        from cluster.bench import chaos, engine, kernels, lora, routing, serve, soak, speculative, structured, transfer
 
-        benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "routing": routing, "serve": serve,
-                   "soak": soak, "speculative": speculative, "structured": structured, "transfer": transfer}
+        benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "lora": lora, "routing": routing,
+                   "serve": serve, "soak": soak, "speculative": speculative, "structured": structured,
+                   "transfer": transfer}
         return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)

@@ -253,11 +253,11 @@ def from_args(args: argparse.Namespace) -> ClusterConfig:
         if raw is not None:
             # Strings stay as typed (a model folder named "yes" is not a boolean); numbers and null are read as YAML.
             overrides[flag.dotted] = raw if flag.hint in (bool, str, str | None) else \
-                _named_paths(raw) if flag.hint == dict[str, str] else yaml.safe_load(raw)
+                named_paths(raw) if flag.hint == dict[str, str] else yaml.safe_load(raw)
     return load_config(args.config, overrides)
 
 
-def _named_paths(raw: str) -> dict[str, str] | str:
+def named_paths(raw: str) -> dict[str, str] | str:
     """NAME=PATH pairs, separated by commas or spaces (vLLM's --lora-modules), as a mapping; text that is not
     such pairs is returned as it is, for the field's check to refuse with the field's name."""
     pairs = [pair.partition("=") for pair in raw.replace(",", " ").split()]

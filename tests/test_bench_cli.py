@@ -168,3 +168,19 @@ def test_quick_speculative_bench_gives_the_same_tokens_in_fewer_steps_where_text
     sampled = [r for r in rows[1::2] if r["workload"] == "quoting-t0.7"]
     assert sampled and all("same_tokens" not in r and r["accepted_guesses"] > 0 for r in sampled)
     assert "speculative / one-per-step output tok/s" in capsys.readouterr().out
+
+
+def test_quick_lora_bench_runs_base_one_adapter_and_a_mix_and_mixing_changes_no_reply(tmp_path, capsys):
+    path = tmp_path / "lora.json"
+    assert main(["bench", "lora", "--quick", "--adapters", "2", "--rank", "4", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["adapters"] == ["random-0", "random-1"]
+    assert [(r["run"], r["adapters"]) for r in report["results"]] == [
+        ("base model", 0), ("one adapter", 1), ("base + 2 adapters mixed", 2)]
+    assert report["results"][-1]["same_tokens"] is True  # 1 if a mixed request's tokens differ from its run alone
+    assert "vs base" in capsys.readouterr().out
+
+
+def test_lora_bench_refuses_adapters_given_as_anything_but_name_path_pairs(capsys):
+    assert main(["bench", "lora", "--quick", "--lora-modules", "/adapters/sql"]) == 2
+    assert "--lora-modules takes NAME=PATH pairs" in capsys.readouterr().err

@@ -6,7 +6,8 @@ rank x (in + out) numbers per projection: a projection adds (x A^T) B^T x scalin
 requests that name the adapter, as PEFT's LoraLayer and vLLM's LoRA layers do.
 
 A fused projection (q/k/v, gate/up) holds its parts' pairs side by side, A stacked on the rank axis and B
-block-diagonal, so it costs two matmuls per adapter whatever it fuses. Under tensor parallelism a column-parallel
+block-diagonal, so it costs two matmuls whatever it fuses; a step that mixes adapters runs them all in two
+(LoRALayer). Under tensor parallelism a column-parallel
 projection keeps the rows of B that its output shard has, a row-parallel one the columns of A its input shard
 has; the latter's product joins the partial output before the all-reduce, which sums it as it sums the base
 product.
@@ -81,32 +82,55 @@ class AdapterConfig:
 
 
 class StepAdapters:
-    """The rows of this step's tokens each adapter runs, as (adapter slot, row indices or None for all rows):
-    set by the runner around a forward pass, read by every projection."""
+    """Which adapter each row of this step's tokens runs, set by the runner around a forward pass and read by every
+    projection: `slot` where every row runs the same adapter, else `row_slots`, each row's slot (-1: the base
+    model)."""
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.slot: int | None = None
+        self.row_slots: torch.Tensor | None = None
 
 
 class LoRALayer:
-    """One projection's pairs, an (A, B) per adapter slot (None where the adapter leaves it alone), with the
-    scaling folded into B."""
+    """One projection's pairs, an (A, B^T) per adapter slot (None where the adapter leaves it alone), with the
+    scaling folded into B.
+
+    A step that mixes adapters runs them all at once: every adapter's A stacked on the rank axis, so x A^T is one
+    matmul over every row and rank; each row keeps the ranks of its own adapter (a mask), and one matmul with the
+    B's side by side adds them. The ranks a row does not keep are computed for nothing, which costs less than a
+    gather, two matmuls and a scatter for each adapter in the step."""
 
     def __init__(self, step: StepAdapters, num_adapters: int):
         self.step = step
         self.pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_adapters
+        self.stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # A's, B^T's, each rank's slot
+
+    def stack(self) -> None:
+        """Lays the loaded pairs out for mixed steps, both on the rank axis; each pair is then a (contiguous)
+        view into them."""
+        present = [(slot, pair) for slot, pair in enumerate(self.pairs) if pair is not None]
+        if not present:
+            return
+        a = torch.cat([pair[0] for _, pair in present])
+        bt = torch.cat([pair[1] for _, pair in present])
+        slots = torch.cat([torch.full((pair[0].shape[0],), slot, device=a.device) for slot, pair in present])
+        self.stacked = a, bt, slots
+        start = 0
+        for slot, (pair_a, _) in present:
+            end = start + pair_a.shape[0]
+            self.pairs[slot] = a[start:end], bt[start:end]
+            start = end
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for slot, rows in self.step.groups:
-            pair = self.pairs[slot]
-            if pair is None:
-                continue
-            a, b = pair
-            if rows is None:
-                y = y + F.linear(F.linear(x, a), b)
-            else:
-                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b))
-        return y
+        step = self.step
+        if step.slot is not None:
+            pair = self.pairs[step.slot]
+            return y if pair is None else y + F.linear(x, pair[0]) @ pair[1]
+        if step.row_slots is None or self.stacked is None:
+            return y
+        a, bt, slots = self.stacked
+        kept = (step.row_slots[:, None] == slots).to(x.dtype)
+        return y + (F.linear(x, a) * kept) @ bt
 
 
 class LoRAAdapters:
@@ -124,6 +148,9 @@ class LoRAAdapters:
             module.lora = LoRALayer(self.step, len(self.names))
         for slot, (name, folder) in enumerate(modules.items()):
             self._load(slot, name, Path(folder).expanduser())
+        for module in self._projections.values():
+            module.lora.stack()
+        self._device = next(iter(self._projections.values())).weight.device
 
     def _load(self, slot: int, name: str, folder: Path) -> None:
         config = AdapterConfig.read(name, folder)
@@ -152,7 +179,7 @@ class LoRAAdapters:
 
     def _shard(self, name: str, module: nn.Module, found: dict[str, dict[str, torch.Tensor]],
                config: AdapterConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (A, B) of one module, from its parts' full checkpoint pairs."""
+        """This rank's (A, B^T) of one module, from its parts' full checkpoint pairs."""
         weight = module.weight
         a_parts, b_parts = [], []
         for projection, pair in found.items():
@@ -181,30 +208,22 @@ class LoRAAdapters:
                 local[offset:offset + rows.size] = b[rows.start:rows.start + rows.size]
                 a_parts.append(a)
                 b_parts.append(local)
-        a, b = torch.cat(a_parts), torch.cat(b_parts, dim=1)
-        return a.to(dtype=weight.dtype, device=weight.device), b.to(dtype=weight.dtype, device=weight.device)
-
-    def groups(self, batch: Sequence[tuple[object, int]]) -> list[tuple[int, torch.Tensor | None]]:
-        """Each adapter's rows of a step whose items (a sequence with a `lora`, its number of input rows) lie in
-        order, as the runner lays out their tokens."""
-        rows: dict[int, list[int]] = {}
-        start = 0
-        for seq, n in batch:
-            if seq.lora is not None:
-                rows.setdefault(self.names.index(seq.lora), []).extend(range(start, start + n))
-            start += n
-        if len(rows) == 1 and len(next(iter(rows.values()))) == start:
-            return [(next(iter(rows)), None)]
-        device = next(iter(self._projections.values())).weight.device
-        return [(slot, torch.tensor(r, dtype=torch.long, device=device)) for slot, r in rows.items()]
+        a, bt = torch.cat(a_parts), torch.cat(b_parts, dim=1).T.contiguous()
+        return a.to(dtype=weight.dtype, device=weight.device), bt.to(dtype=weight.dtype, device=weight.device)
 
     @contextmanager
-    def running(self, groups: list[tuple[int, torch.Tensor | None]]) -> Iterator[None]:
-        self.step.groups = groups
+    def running(self, batch: Sequence[tuple[object, int]]) -> Iterator[None]:
+        """Sets each row's adapter for a step whose items (a sequence with a `lora`, its number of input rows) lie
+        in order, as the runner lays out their tokens."""
+        slots = [-1 if seq.lora is None else self.names.index(seq.lora) for seq, n in batch for _ in range(n)]
+        if len(set(slots)) == 1:
+            self.step.slot = None if slots[0] == -1 else slots[0]
+        else:
+            self.step.row_slots = torch.tensor(slots, device=self._device)
         try:
             yield
         finally:
-            self.step.groups = []
+            self.step.slot = self.step.row_slots = None
 
 
 def _module(layer: nn.Module, path: str) -> nn.Module:

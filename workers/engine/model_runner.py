@@ -278,7 +278,7 @@ class ModelRunner:
         fusion, max_rows = self.model.fusion, self.model.fusion.max_rows
         fusion.max_rows = 0
         try:
-            with self.lora.running(self.lora.groups(batch)):
+            with self.lora.running(batch):
                 yield
         finally:
             fusion.max_rows = max_rows
