@@ -20,8 +20,6 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
 from cluster.bench import sizes
 from cluster.bench.machine import machine_info
 
@@ -46,6 +44,7 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
                          use_rslora: bool = False, std: float = 0.04) -> Path:
     """A LoRA adapter for the model in PEFT's format, with random A and B (PEFT starts B at zero, which would
     change nothing) on `targets` in `layers` (every layer by default)."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 

@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # ray.init installed its own, which exits at once
         pools = "a prefill pool and a decode pool" if config.disaggregate else "a decode pool (unified mode)"
         served = f", served as {config.served_model_name!r}" if config.served_model_name else ""
+        adapters = f", LoRA adapters {', '.join(config.lora_modules)}" if config.lora_modules else ""
         print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size}"
-              f"{served})", file=sys.stderr)
+              f"{served}{adapters})", file=sys.stderr)
         try:
             deploy(config, progress=lambda replicas: print(f"tandem: replicas: {replicas}", file=sys.stderr,
                                                             flush=True))

@@ -18,6 +18,7 @@ the CUDA graphs and the fused small-batch kernels know only the base weights.
 """
 
 import json
+import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,8 @@ from torch import nn
 
 from workers.engine.layers.linear import RowParallelLinear
 from workers.engine.parallel import TensorParallel
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -176,6 +179,8 @@ class LoRAAdapters:
         for (index, path_in_layer), found in parts.items():
             module = self._projections[index, path_in_layer]
             module.lora.pairs[slot] = self._shard(name, module, found, config, index)
+        logger.info("LoRA adapter %r from %s: rank %d, scaling %g, %d projections", name, folder, config.rank,
+                    config.scaling, sum(len(found) for found in parts.values()))
 
     def _shard(self, name: str, module: nn.Module, found: dict[str, dict[str, torch.Tensor]],
                config: AdapterConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
