@@ -100,6 +100,16 @@ def test_adapter_options_that_change_the_arithmetic_otherwise_are_refused(tmp_pa
         AdapterConfig.read("bad", tmp_path)
 
 
+def test_an_adapter_saved_as_a_pickle_is_refused_with_how_to_save_it(tmp_path, adapters, smollm2_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((adapters["every-projection"].folder / "adapter_config.json")
+                                                .read_text())
+    (folder / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(LoRAError, match=r"'pickled': .* holds adapter_model.bin, a pickle, which is not loaded"):
+        LLM(str(smollm2_path), num_kv_blocks=16, lora_modules={"pickled": str(folder)}, progress=False)
+
+
 def test_an_adapter_changing_the_embeddings_is_refused_with_what_it_changes(tmp_path, adapters, smollm2_path):
     folder = tmp_path / "embeddings"
     folder.mkdir()
@@ -111,3 +121,30 @@ def test_an_adapter_changing_the_embeddings_is_refused_with_what_it_changes(tmp_
     with pytest.raises(LoRAError, match=r"embed_tokens.lora_embedding_A is not a LoRA weight of a decoder layer's "
                                         r"projection"):
         LLM(str(smollm2_path), num_kv_blocks=16, lora_modules={"embeddings": str(folder)}, progress=False)
+
+
+def test_an_adapter_as_peft_saves_it_gives_the_tokens_peft_gives(tmp_path, smollm2_path, llm):
+    """PEFT's own adapter format (its key names, its config's many fields, "all-linear") against PEFT's own forward
+    pass, unmerged as ours is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    base.generation_config.eos_token_id = None  # exactly NEW tokens, as the engine's ignore_eos
+    config = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, config).eval()
+    model.save_pretrained(tmp_path / "peft")
+    prompt = token_ids(llm, PROMPTS[0])
+
+    def generate() -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=NEW)
+        return out[0, len(prompt):].tolist()
+
+    expected = generate()
+    with model.disable_adapter():
+        assert generate() != expected
+    engine = LLM(str(smollm2_path), num_kv_blocks=64, lora_modules={"peft": str(tmp_path / "peft")}, progress=False)
+    assert engine.generate(prompt, greedy("peft"))[0].outputs[0].token_ids == expected

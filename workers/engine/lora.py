@@ -158,6 +158,10 @@ class LoRAAdapters:
     def _load(self, slot: int, name: str, folder: Path) -> None:
         config = AdapterConfig.read(name, folder)
         path = folder / WEIGHTS_FILE
+        if (folder / "adapter_model.bin").is_file() and not path.is_file():
+            raise LoRAError(f"LoRA adapter {name!r}: {folder} holds adapter_model.bin, a pickle, which is not loaded "
+                            f"(unpickling runs whatever it holds): save the adapter as {WEIGHTS_FILE} (PEFT's "
+                            f"default, safe_serialization=True)")
         if not path.is_file():
             raise LoRAError(f"LoRA adapter {name!r}: {path} not found (an adapter is a PEFT folder holding "
                             f"{CONFIG_FILE} and {WEIGHTS_FILE})")
