@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from tests.engine.test_parity import assert_prompt_logprobs_match_hf
 from tests.hf_reference import hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.errors import InvalidRequestError
@@ -60,6 +61,22 @@ def test_each_adapter_gives_the_tokens_of_its_merged_weights_in_one_mixed_batch(
         assert tokens == hf_greedy(references[name], token_ids(llm, prompt), NEW), (name, prompt)
     for name in adapters:  # else the comparison could not tell an adapter from the base model
         assert any(got[p, name] != got[p, None] for p in PROMPTS), name
+
+
+def test_guesses_and_prompt_logprobs_run_under_the_adapter_too(adapters, smollm2_path, tmp_path):
+    """Speculative guesses are rows of the adapter's step like its next token's, and the prompt's logprobs come
+    from the adapter's forward pass: the tokens and logprobs of HF on the merged weights."""
+    adapter = adapters["every-projection"]
+    merged = merged_model(adapter, smollm2_path, tmp_path / "merged")
+    engine = LLM(str(smollm2_path), num_kv_blocks=256, num_speculative_tokens=4,
+                 lora_modules={"a": str(adapter.folder)}, progress=False)
+    quote = "Repeat exactly: the quick fox jumps over the lazy dog, the slow fox jumps over the tired dog. " * 2
+    prompt = token_ids(engine, quote)
+    out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, lora="a",
+                                                 prompt_logprobs=2))[0]
+    assert out.outputs[0].token_ids == hf_greedy(merged, prompt, 24)
+    assert engine.engine.num_accepted_guesses > 0
+    assert_prompt_logprobs_match_hf(out.prompt_logprobs, prompt, merged, 2)
 
 
 def test_kv_computed_under_one_adapter_is_no_cache_hit_for_another(llm):
