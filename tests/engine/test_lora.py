@@ -140,6 +140,7 @@ def test_an_adapter_changing_the_embeddings_is_refused_with_what_it_changes(tmp_
         LLM(str(smollm2_path), num_kv_blocks=16, lora_modules={"embeddings": str(folder)}, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's call into HF
 def test_an_adapter_as_peft_saves_it_gives_the_tokens_peft_gives(tmp_path, smollm2_path, llm):
     """PEFT's own adapter format (its key names, its config's many fields, "all-linear") against PEFT's own forward
     pass, unmerged as ours is."""
