@@ -91,7 +91,8 @@ class Ingress:
         self._index = KVIndexFollower(redis_url) if redis_url and prefill and decide else None
         self._loads = LoadView(redis_url) if redis_url else None
         self.redis_url = redis_url  # the HTTP API stores Responses API responses there
-        self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None)
+        self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None,
+                                      model.adapters)
         self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
         self.draining = False  # set by drain(): new requests are refused while those in flight finish
         self._index_started = False
@@ -122,7 +123,8 @@ class Ingress:
             raise
         finally:
             self._active -= 1
-            self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage)
+            adapter = request.model if request.model in self.model.adapters else None
+            self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage, adapter)
 
     def admit(self) -> None:
         """Refuses a new request while the replica drains (UNAVAILABLE) or serves its limit (RESOURCE_EXHAUSTED),

@@ -56,6 +56,20 @@ def test_a_finished_request_is_counted_in_every_request_metric():
     assert got[("tandem_generation_tokens_total", ())] == 3
 
 
+def test_requests_naming_a_lora_adapter_are_counted_per_adapter_from_the_start():
+    metrics = IngressMetrics(adapters=("sql", "chat"))
+    assert render(metrics)[("tandem_lora_requests_total", (("adapter", "chat"),))] == 0
+    for adapter, generated in (("sql", 5), ("sql", 7), (None, 11)):
+        metrics.request_started()
+        metrics.request_finished("ok", ttft(0.1), [1.0], Usage(prompt_tokens=9, cached_tokens=0,
+                                                                generated_tokens=generated), adapter)
+    got = render(metrics)
+    assert got[("tandem_lora_requests_total", (("adapter", "sql"),))] == 2
+    assert got[("tandem_lora_generation_tokens_total", (("adapter", "sql"),))] == 12
+    assert got[("tandem_lora_requests_total", (("adapter", "chat"),))] == 0
+    assert got[("tandem_generation_tokens_total", ())] == 23  # the base model's requests and the adapters' alike
+
+
 def test_a_failed_request_counts_its_outcome_but_no_latency():
     metrics = IngressMetrics()
     metrics.request_started()

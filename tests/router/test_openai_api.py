@@ -132,6 +132,8 @@ def test_a_lora_adapter_answers_with_the_tokens_of_its_merged_weights_over_http_
     assert client.models.retrieve(ADAPTER).parent == SERVED_NAME
     with pytest.raises(openai.NotFoundError, match=rf"this cluster serves '{SERVED_NAME}', '{ADAPTER}'"):
         client.completions.create(model="acme/other-lora", prompt="Hi", max_tokens=1)
+    assert metric(SERVE_HTTP_URL, f'tandem_lora_requests_total{{adapter="{ADAPTER}"}}') == 2
+    assert metric(SERVE_HTTP_URL, f'tandem_lora_generation_tokens_total{{adapter="{ADAPTER}"}}') == 24
 
 
 def test_a_model_is_retrieved_by_its_name(client, model_name):
