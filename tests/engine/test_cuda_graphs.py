@@ -12,6 +12,7 @@ The tiny models are conftest's, with a word-level tokenizer instead of SmolLM2's
 that lacks the embedded model.
 """
 
+import dataclasses
 import functools
 import random
 
@@ -23,6 +24,7 @@ from cluster.bench.engine_roofline import agreement
 from cluster.bench.random_model import write_tokenizer
 from tests.conftest import build_tiny_model
 from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from workers.engine.layers import triton_projections
 from workers.engine.layers.fusion import SmallBatchFusion
@@ -200,6 +202,24 @@ def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, 
           f"{match_pct:.0f}% of prompts agree on all, {share:.0%} of tokens agree before the first difference")
     assert llm.engine.runner.decode_graphs.num_replays > 0
     assert share >= 0.5
+
+
+@gpu
+@pytest.mark.gpu
+def test_lora_decode_steps_replay_graphs_of_their_own_and_equal_hf_on_the_merged_weights(tiny_model, tmp_path):
+    """float32: a batch mixing the base model and an adapter gives HF's tokens on the merged weights for the
+    adapter's requests and on the base weights for the others, its decode steps replaying the adapters' graphs."""
+    path = tiny_model("llama")
+    adapter = write_adapter(tmp_path / "adapter", path, ATTENTION + MLP, rank=4, alpha=8, seed=7, std=0.2)
+    llm = gpu_llm(path, "float32", lora_modules={"a": str(adapter.folder)})
+    graphs = llm.engine.runner.decode_graphs
+    assert set(graphs.lora_graphs) == set(graphs.graphs) == {1, 2, 4, 8}
+    batch, loras = prompts(3), [None, "a", None, "a", "a"]
+    outs = llm.generate(batch, [dataclasses.replace(params(n), lora=lora) for n, lora in zip(MAX_TOKENS, loras)])
+    merged = merged_model(adapter, path, tmp_path / "merged")
+    assert [out.outputs[0].token_ids for out in outs] == [
+        hf_greedy_on_gpu(merged if lora else path, torch.float32, p, n) for p, n, lora in zip(batch, MAX_TOKENS, loras)]
+    assert graphs.num_replays > 0
 
 
 @gpu

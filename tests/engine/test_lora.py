@@ -63,6 +63,22 @@ def test_each_adapter_gives_the_tokens_of_its_merged_weights_in_one_mixed_batch(
         assert any(got[p, name] != got[p, None] for p in PROMPTS), name
 
 
+def test_padded_decode_steps_run_each_row_under_its_adapter(adapters, smollm2_path, tmp_path):
+    """The padded decode step a CUDA graph records (run eagerly on CPU): each row's adapter comes from a static
+    buffer, so one graph serves any mix of adapters, padding rows none."""
+    engine = LLM(str(smollm2_path), num_kv_blocks=256,
+                 lora_modules={name: str(adapter.folder) for name, adapter in adapters.items()}, progress=False)
+    engine.engine.runner.use_padded_decode(max_batch_size=4, capture=False)
+    names = [None, "every-projection", "q-v-even-layers"]
+    prompts = [token_ids(engine, p) for p in PROMPTS]
+    outs = engine.generate(prompts, [greedy(name) for name in names])
+    slots = engine.engine.runner.decode_graphs.adapter_slots.tolist()
+    assert sorted(slots[:3]) == [-1, 0, 1] and slots[3] == -1  # the last step: three rows and a padding row
+    references = [smollm2_path] + [merged_model(adapters[n], smollm2_path, tmp_path / n) for n in names[1:]]
+    for prompt, out, reference in zip(prompts, outs, references):
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, NEW)
+
+
 def test_guesses_and_prompt_logprobs_run_under_the_adapter_too(adapters, smollm2_path, tmp_path):
     """Speculative guesses are rows of the adapter's step like its next token's, and the prompt's logprobs come
     from the adapter's forward pass: the tokens and logprobs of HF on the merged weights."""

@@ -12,12 +12,17 @@ that may now belong to another sequence. The attention grid is fixed at capture,
 into as many partitions as `max_context` tokens would take, and the decode kernel sizes them to each sequence's own
 length.
 
+With LoRA adapters each size has a second graph, for steps with an adapter's rows: it reads each row's adapter
+from one more static buffer (padding rows: none) and runs every adapter's ranks the way a mixed eager step does
+(lora.py), so one graph serves any mix. Steps of the base model alone keep the graphs without them.
+
 A graph records `run`, the eager padded step; CPU tests run that without graphs to check the padding.
 """
 
 import torch
 
 from workers.engine.attention.metadata import AttentionMetadata, pad_block_tables, slot_of
+from workers.engine.lora import LoRAAdapters
 from workers.engine.sequence import Sequence
 
 
@@ -29,19 +34,23 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 padding_block: int, block_size: int, max_context: int, batch_sizes: list[int]):
+                 padding_block: int, block_size: int, max_context: int, batch_sizes: list[int],
+                 lora: LoRAAdapters | None = None):
         self.model = model
+        self.lora = lora
         self.kv_caches = kv_caches
         self.padding_block = padding_block
         self.block_size = block_size
         self.max_context = max_context
         self.batch_sizes = batch_sizes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # with LoRA adapters: the steps with their rows
         self.num_replays = 0  # steps a graph ran, for logs and tests
         rows, device = batch_sizes[-1], kv_caches[0][0].device
-        # Token ids, positions, slot mapping and context lengths, one row each, so a step copies them in at once.
-        self._inputs = torch.empty((4, rows), dtype=torch.long, device=device)
-        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self._inputs
+        # Token ids, positions, slot mapping, context lengths and LoRA adapter slots, one row each, so a step copies
+        # them in at once.
+        self._inputs = torch.empty((5, rows), dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.adapter_slots = self._inputs
         self.block_tables = torch.empty((rows, -(-max_context // block_size)), dtype=torch.long, device=device)
         weight = next(model.parameters())
         self.logits = torch.zeros((rows, model.config.vocab_size), dtype=weight.dtype, device=device)
@@ -54,9 +63,10 @@ class DecodeGraphs:
     def forward(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), vocab] of one decode step: a view of the static buffer, valid until the next step."""
         size = self.prepare(seqs)
-        graph = self.graphs.get(size)
+        adapters = any(seq.lora for seq in seqs)
+        graph = (self.lora_graphs if adapters else self.graphs).get(size)
         if graph is None:
-            self.run(size)
+            self.run(size, adapters)
         else:
             graph.replay()
             self.num_replays += 1
@@ -72,6 +82,7 @@ class DecodeGraphs:
             positions + [0] * pad,
             [slot_of(seq.block_table, p, bs) for seq, p in zip(seqs, positions)] + [self._padding_slot] * pad,
             [p + 1 for p in positions] + [1] * pad,
+            [self._adapter_slot(seq) for seq in seqs] + [-1] * pad,
         ]))
         # Table columns past a row's own blocks keep older values: the kernels read no block past a context's end.
         width = max(len(seq.block_table) for seq in seqs)
@@ -79,8 +90,12 @@ class DecodeGraphs:
                                                                 self.padding_block, rows=size))
         return size
 
-    def run(self, size: int) -> torch.Tensor:
-        """The model on the first `size` rows of the static buffers, its logits copied into the static logits."""
+    def run(self, size: int, adapters: bool = False) -> torch.Tensor:
+        """The model on the first `size` rows of the static buffers, its logits copied into the static logits;
+        with `adapters`, each row under the LoRA adapter its slot names."""
+        if adapters:
+            with self.lora.rows(self.adapter_slots[:size], self.model.fusion):
+                return self.run(size)
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], prefills=[], num_prefill_tokens=0,
                                  decode_block_tables=self.block_tables[:size],
                                  decode_context_lens=self.context_lens[:size],
@@ -90,18 +105,22 @@ class DecodeGraphs:
         return self.logits[:size].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
-    def capture(self, sizes: list[int] | None = None) -> None:
+    def capture(self, sizes: list[int] | None = None, adapters: bool = True) -> None:
         """Captures the given batch sizes (all by default) on padding rows alone, largest first, so the smaller
-        graphs reuse the largest one's memory pool. A size captured before is replaced."""
+        graphs reuse the largest one's memory pool; with LoRA adapters (and `adapters`) their graphs too. A size
+        captured before is replaced."""
         self._pad_all()
         pool = torch.cuda.graph_pool_handle()
+        kinds = [(False, self.graphs)] + ([(True, self.lora_graphs)] if adapters and self.lora is not None else [])
         for size in sorted(sizes or self.batch_sizes, reverse=True):
-            self.run(size)  # outside the capture: Triton compiles and tunes, cuBLAS picks its kernels, workspaces grow
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.run(size)
-            self.graphs[size] = graph
+            for with_adapters, graphs in kinds:
+                # First outside the capture: Triton compiles and tunes, cuBLAS picks its kernels, workspaces grow.
+                self.run(size, with_adapters)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.run(size, with_adapters)
+                graphs[size] = graph
 
     def replay_ms(self, size: int, repeats: int = 50) -> float:
         """Device milliseconds of one replay of the graph of `size` on what the static buffers hold (padding rows
@@ -117,11 +136,14 @@ class DecodeGraphs:
         end.synchronize()
         return start.elapsed_time(end) / repeats
 
+    def _adapter_slot(self, seq: Sequence) -> int:
+        return -1 if seq.lora is None else self.lora.names.index(seq.lora)
+
     @property
     def _padding_slot(self) -> int:
         return self.padding_block * self.block_size
 
     def _pad_all(self) -> None:
-        """Makes every row a padding row: token 0 at position 0, in the padding block's first slot."""
-        self._inputs.copy_(torch.tensor([0, 0, self._padding_slot, 1])[:, None])
+        """Makes every row a padding row: token 0 at position 0, in the padding block's first slot, no adapter."""
+        self._inputs.copy_(torch.tensor([0, 0, self._padding_slot, 1, -1])[:, None])
         self.block_tables.fill_(self.padding_block)

@@ -13,8 +13,9 @@ has; the latter's product joins the partial output before the all-reduce, which 
 product.
 
 Every adapter is loaded when the engine starts (engine lora_modules, as vLLM's --lora-modules), so a request
-naming one never waits for a load, and one naming another is refused. Steps with an adapter's rows run eagerly:
-the CUDA graphs and the fused small-batch kernels know only the base weights.
+naming one never waits for a load, and one naming another is refused. Steps with an adapter's rows skip the fused
+small-batch kernels, which know only the base weights; their decode steps replay CUDA graphs of their own
+(cuda_graphs.py).
 """
 
 import json
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.layers.linear import RowParallelLinear
 from workers.engine.parallel import TensorParallel
 
@@ -220,19 +222,26 @@ class LoRAAdapters:
         a, bt = torch.cat(a_parts), torch.cat(b_parts, dim=1).T.contiguous()
         return a.to(dtype=weight.dtype, device=weight.device), bt.to(dtype=weight.dtype, device=weight.device)
 
+    def slots(self, batch: Sequence[tuple[object, int]]) -> list[int]:
+        """Each row's adapter slot (-1: the base model) for a step whose items (a sequence with a `lora`, its number
+        of input rows) lie in order, as the runner lays out their tokens."""
+        return [-1 if seq.lora is None else self.names.index(seq.lora) for seq, n in batch for _ in range(n)]
+
     @contextmanager
-    def running(self, batch: Sequence[tuple[object, int]]) -> Iterator[None]:
-        """Sets each row's adapter for a step whose items (a sequence with a `lora`, its number of input rows) lie
-        in order, as the runner lays out their tokens."""
-        slots = [-1 if seq.lora is None else self.names.index(seq.lora) for seq, n in batch for _ in range(n)]
-        if len(set(slots)) == 1:
-            self.step.slot = None if slots[0] == -1 else slots[0]
+    def rows(self, row_slots: torch.Tensor | list[int], fusion: SmallBatchFusion) -> Iterator[None]:
+        """Runs the step's rows under their adapters, and without the fused small-batch kernels, which know only
+        the base weights. A list that names one adapter alone runs that adapter's pair on every row; a tensor (a
+        CUDA graph's static buffer) runs the mixed way, whatever it will hold."""
+        if isinstance(row_slots, list) and len(set(row_slots)) == 1:
+            self.step.slot = None if row_slots[0] == -1 else row_slots[0]
         else:
-            self.step.row_slots = torch.tensor(slots, device=self._device)
+            self.step.row_slots = torch.as_tensor(row_slots, device=self._device)
+        max_rows, fusion.max_rows = fusion.max_rows, 0
         try:
             yield
         finally:
             self.step.slot = self.step.row_slots = None
+            fusion.max_rows = max_rows
 
 
 def _module(layer: nn.Module, path: str) -> nn.Module:

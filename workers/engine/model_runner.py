@@ -130,7 +130,7 @@ class ModelRunner:
         as CUDA graphs with `capture`, else eagerly (how CPU tests check the padding)."""
         self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, padding_block=self.num_kv_blocks,
                                           block_size=self.block_size, max_context=self.max_model_len,
-                                          batch_sizes=graph_batch_sizes(max_batch_size))
+                                          batch_sizes=graph_batch_sizes(max_batch_size), lora=self.lora)
         if capture:
             start = time.monotonic()
             self.decode_graphs.capture()
@@ -155,7 +155,7 @@ class ModelRunner:
             fusion.max_rows, fusion.chained = way.max_rows, way.chained
             try:
                 if name != "unfused":  # those graphs are the ones just captured
-                    graphs.capture(small)
+                    graphs.capture(small, adapters=False)  # LoRA steps never run the fused kernels
                 self.fusion_replay_ms[name] = graphs.replay_ms(small[0])
                 captured[name] = {b: graphs.graphs[b] for b in small}
             except Exception:  # noqa: BLE001 - the unfused way always stands
@@ -214,10 +214,9 @@ class ModelRunner:
         # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
         # attention backend can batch decodes of similar length together.
         batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
-        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs, and
-        # with the base weights only.
+        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs.
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch) and \
-                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions or seq.lora for seq, _ in batch):
+                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions for seq, _ in batch):
             logits, seqs = self._padded_decode([seq for seq, _ in batch])
         else:
             logits, seqs = self._eager(batch, record=sample)
@@ -270,18 +269,12 @@ class ModelRunner:
 
     @contextmanager
     def _adapters(self, batch: list[tuple[Sequence, int]]) -> Iterator[None]:
-        """Where the step has rows of LoRA adapters: their rows set for the projections, and the fused small-batch
-        kernels (which know only the base weights) off."""
+        """Where the step has rows of LoRA adapters, runs them under their adapters (lora.py)."""
         if self.lora is None or not any(seq.lora for seq, _ in batch):
             yield
             return
-        fusion, max_rows = self.model.fusion, self.model.fusion.max_rows
-        fusion.max_rows = 0
-        try:
-            with self.lora.running(batch):
-                yield
-        finally:
-            fusion.max_rows = max_rows
+        with self.lora.rows(self.lora.slots(batch), self.model.fusion):
+            yield
 
     def _padded_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """As _eager, for a decode-only batch: a one-token chunk that does not end its prompt samples nothing."""
