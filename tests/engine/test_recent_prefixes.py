@@ -81,3 +81,15 @@ def test_the_oldest_entries_go_once_the_tokens_kept_pass_capacity():
         recent.record(tokens, hashes, None)
     cached = {h for _, hashes in chains for h in hashes}
     assert [p.token_ids for p in recent.unique(cached, held_elsewhere=set())] == [[2] * 4, [1] * 4]
+
+
+def test_a_prefix_computed_under_a_lora_adapter_is_handed_on_under_it():
+    """Its blocks hold the adapter's KV: the survivor must compute the last block under the same adapter, or the
+    hashes it caches would name other KV."""
+    recent = RecentPrefixes(BS, capacity_tokens=1024)
+    tokens = SYSTEM + [1, 2, 3, 4]
+    base, adapted = hash_full_blocks(tokens, BS), hash_full_blocks(tokens, BS, lora="sql")
+    recent.record(tokens, base, None)
+    recent.record(tokens, adapted, None, "sql")
+    prefixes = recent.unique(cached=set(base) | set(adapted), held_elsewhere=set())
+    assert [(p.token_ids, p.lora) for p in prefixes] == [(tokens, "sql"), (tokens, None)]

@@ -31,6 +31,15 @@ def test_cache_salt_changes_every_block_and_none_equals_empty():
     assert hash_full_blocks(tokens, 16, "tenant-b") != salted
 
 
+def test_a_lora_adapter_changes_every_block_apart_from_any_salt():
+    tokens = list(range(32))
+    plain, adapted = hash_full_blocks(tokens, 16), hash_full_blocks(tokens, 16, lora="sql")
+    assert all(p != a for p, a in zip(plain, adapted))
+    assert hash_full_blocks(tokens, 16, "sql") != adapted  # a tenant salted "sql" is not the adapter "sql"
+    both = hash_full_blocks(tokens, 16, "tenant-a", lora="sql")
+    assert both not in (adapted, hash_full_blocks(tokens, 16, "tenant-a"))
+
+
 def test_the_hash_is_sha256_of_parent_or_root_and_little_endian_uint32_tokens():
     first = hash_block_tokens(None, list(range(16)))
     assert first.hex() == "82c998455cefa32034683043b05ff6a7fa3097d7e2623ebc2c6ae6c14eeaad11"
@@ -40,3 +49,6 @@ def test_the_hash_is_sha256_of_parent_or_root_and_little_endian_uint32_tokens():
     salted = hash_block_tokens(None, [7] * 16, "ab")
     assert salted == hashlib.sha256(b"tandem-kv-v1" + struct.pack("<I", 2) + b"ab"
                                     + struct.pack("<16I", *[7] * 16)).digest()
+    adapted = hash_block_tokens(None, [7] * 16, "ab", lora="sql")
+    assert adapted == hashlib.sha256(b"tandem-kv-v1" + struct.pack("<I", 2) + b"ab" + b"lora" + struct.pack("<I", 3)
+                                     + b"sql" + struct.pack("<16I", *[7] * 16)).digest()
