@@ -181,6 +181,10 @@ def test_quick_lora_bench_runs_base_one_adapter_and_a_mix_and_mixing_changes_no_
     assert "vs base" in capsys.readouterr().out
 
 
-def test_lora_bench_refuses_adapters_given_as_anything_but_name_path_pairs(capsys):
-    assert main(["bench", "lora", "--quick", "--lora-modules", "/adapters/sql"]) == 2
-    assert "--lora-modules takes NAME=PATH pairs" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-modules", "/adapters/sql"], "--lora-modules takes NAME=PATH pairs"),
+    (["--adapters", "0"], "--adapters and --rank must be at least 1 (got 0 and 16)"),
+])
+def test_lora_bench_refuses_adapters_it_cannot_make_or_read(flags, message, capsys):
+    assert main(["bench", "lora", "--quick", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from workers.engine.sampling_params import SamplingParams
 
     requests, max_tokens = sizes.sizes(args, _FULL, _QUICK)
+    if not args.lora_modules and (args.adapters < 1 or args.rank < 1):
+        print(f"tandem bench lora: --adapters and --rank must be at least 1 (got {args.adapters} and {args.rank})",
+              file=sys.stderr)
+        return 2
     model_dir = resolve_model(args.model, cache_dir())
     with tempfile.TemporaryDirectory() as scratch:
         if args.lora_modules:
