@@ -73,6 +73,11 @@ class ServedModel:
     block_size: int
     adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads, which requests name as `model`
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """What requests may give as `model`: the model's name, then its adapters'."""
+        return self.name, *self.adapters
+
 
 class Ingress:
     def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: ServedModel,
@@ -265,7 +270,7 @@ class Ingress:
             return None
         if name in self.model.adapters:
             return name
-        served = ", ".join(repr(n) for n in (self.model.name, *self.model.adapters))
+        served = ", ".join(repr(n) for n in self.model.names)
         raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves {served}", "model")
 
     def model_name(self, requested: str | None) -> str:

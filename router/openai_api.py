@@ -396,8 +396,7 @@ class OpenAIApi:
             self._authorize(request)
         except ApiError as e:
             return error_response(e)
-        names = (self.ingress.model.name, *self.ingress.model.adapters)
-        return JSONResponse({"object": "list", "data": [self._model_card(name) for name in names]})
+        return JSONResponse({"object": "list", "data": [self._model_card(name) for name in self.ingress.model.names]})
 
     async def model(self, request: Request, model: str) -> Response:
         try:

@@ -23,7 +23,6 @@ from pathlib import Path
 from cluster.bench import sizes
 from cluster.bench.machine import machine_info
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TOPICS = ["a lighthouse keeper", "the tides", "a chess opening", "bread dough rising", "a comet", "river otters",
            "the printing press", "a violin's strings"]
 _FULL, _QUICK = dict(requests=32, max_tokens=64), dict(requests=4, max_tokens=8)
@@ -40,13 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: float, seed: int,
-                         targets: tuple[str, ...] = PROJECTIONS, layers: range | None = None,
+                         targets: tuple[str, ...] | None = None, layers: range | None = None,
                          use_rslora: bool = False, std: float = 0.04) -> Path:
     """A LoRA adapter for the model in PEFT's format, with random A and B (PEFT starts B at zero, which would
-    change nothing) on `targets` in `layers` (every layer by default)."""
+    change nothing) on `targets` (every projection adapters may change by default) in `layers` (every layer by
+    default)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from workers.engine.lora import PROJECTIONS
 
     shapes = {}
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -56,8 +58,9 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in layers if layers is not None else range(num_layers):
-        for target in targets:
-            module = f"model.layers.{i}.{'self_attn' if target in PROJECTIONS[:4] else 'mlp'}.{target}"
+        for target in targets or tuple(PROJECTIONS):
+            block = PROJECTIONS[target][0].split(".")[0]  # self_attn or mlp
+            module = f"model.layers.{i}.{block}.{target}"
             out_features, in_features = shapes[f"{module}.weight"]
             tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features,
                                                                              generator=generator) * std
@@ -67,7 +70,7 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir), "r": rank,
-         "lora_alpha": alpha, "target_modules": list(targets), "use_rslora": use_rslora, "bias": "none",
+         "lora_alpha": alpha, "target_modules": list(targets or PROJECTIONS), "use_rslora": use_rslora, "bias": "none",
          "fan_in_fan_out": False, "lora_dropout": 0.0, "modules_to_save": None}))
     return folder
 

@@ -77,12 +77,13 @@ class DecodeGraphs:
         size, bs = next(b for b in self.batch_sizes if b >= len(seqs)), self.block_size
         pad = size - len(seqs)
         positions = [seq.num_computed_tokens for seq in seqs]
+        adapter_slots = [-1] * len(seqs) if self.lora is None else [self.lora.slot_of(seq.lora) for seq in seqs]
         self._inputs[:, :size].copy_(torch.tensor([
             [seq.token_ids[p] for seq, p in zip(seqs, positions)] + [0] * pad,
             positions + [0] * pad,
             [slot_of(seq.block_table, p, bs) for seq, p in zip(seqs, positions)] + [self._padding_slot] * pad,
             [p + 1 for p in positions] + [1] * pad,
-            [self._adapter_slot(seq) for seq in seqs] + [-1] * pad,
+            adapter_slots + [-1] * pad,
         ]))
         # Table columns past a row's own blocks keep older values: the kernels read no block past a context's end.
         width = max(len(seq.block_table) for seq in seqs)
@@ -135,9 +136,6 @@ class DecodeGraphs:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / repeats
-
-    def _adapter_slot(self, seq: Sequence) -> int:
-        return -1 if seq.lora is None else self.lora.names.index(seq.lora)
 
     @property
     def _padding_slot(self) -> int:

@@ -427,7 +427,7 @@ class LLMEngine:
         if params.priority and self.scheduler.config.policy != "priority":
             raise InvalidRequestError("priority", "this server runs requests in arrival order (scheduling_policy "
                                                   "fcfs); leave priority at 0")
-        adapters = self.runner.lora_names
+        adapters = self.runner.lora.names if self.runner.lora is not None else ()
         if params.lora is not None and params.lora not in adapters:
             raise InvalidRequestError("lora", f"no LoRA adapter {params.lora!r} here; this engine serves "
                                               f"{', '.join(map(repr, adapters)) or 'none'} (engine lora_modules)")

@@ -222,10 +222,14 @@ class LoRAAdapters:
         a, bt = torch.cat(a_parts), torch.cat(b_parts, dim=1).T.contiguous()
         return a.to(dtype=weight.dtype, device=weight.device), bt.to(dtype=weight.dtype, device=weight.device)
 
+    def slot_of(self, lora: str | None) -> int:
+        """An adapter's slot, -1 for the base model."""
+        return -1 if lora is None else self.names.index(lora)
+
     def slots(self, batch: Sequence[tuple[object, int]]) -> list[int]:
-        """Each row's adapter slot (-1: the base model) for a step whose items (a sequence with a `lora`, its number
-        of input rows) lie in order, as the runner lays out their tokens."""
-        return [-1 if seq.lora is None else self.names.index(seq.lora) for seq, n in batch for _ in range(n)]
+        """Each row's adapter slot for a step whose items (a sequence with a `lora`, its number of input rows) lie
+        in order, as the runner lays out their tokens."""
+        return [self.slot_of(seq.lora) for seq, n in batch for _ in range(n)]
 
     @contextmanager
     def rows(self, row_slots: torch.Tensor | list[int], fusion: SmallBatchFusion) -> Iterator[None]:

@@ -105,7 +105,6 @@ class ModelRunner:
         self.model = model.to(self.dtype).to_empty(device=self.device).eval()
         load_weights(self.model, model_dir, progress)
         self.lora = LoRAAdapters(self.model, model_config.lora_modules, tp) if model_config.lora_modules else None
-        self.lora_names = self.lora.names if self.lora is not None else ()
         self.num_kv_blocks = self._num_kv_blocks(cache_config)
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler(model_config.seed)
