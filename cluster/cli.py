@@ -8,6 +8,7 @@
     tandem serve                                           # the cluster: ingress, prefill and decode pools
     tandem convert model.gguf ./model-hf                   # a GGUF file as a Hugging Face folder
     tandem generate --prompt "Hi" --choice yes --choice no # structured output (also --json-schema, --regex)
+    tandem generate --prompt "SELECT" --lora ./adapters/sql # through a LoRA adapter (a PEFT folder)
     tandem bench engine                                    # Tandem vs HF transformers, table + JSON
     tandem bench routing                                   # our router vs round-robin, power-of-two, ...
     tandem bench kernels                                   # Triton attention kernels vs torch vs the roofline
@@ -27,7 +28,7 @@ from pathlib import Path
 from cluster.client import TandemClient, TandemError
 from cluster.config import ConfigError, cache_dir
 from workers.engine.config import ATTENTION_BACKENDS
-from workers.engine.errors import InvalidRequestError, ModelNotFoundError
+from workers.engine.errors import InvalidRequestError, LoRAError, ModelNotFoundError
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="'smollm2' (the embedded SmolLM2-135M-Instruct, the default) or the path of a local "
                         "Hugging Face folder with config.json, *.safetensors and tokenizer files; with --url, the "
                         "served model's name (default: the cluster's model)")
+    g.add_argument("--lora", metavar="FOLDER", default=None,
+                   help="run the requests through this LoRA adapter on top of the model: a PEFT folder "
+                        "(adapter_config.json + adapter_model.safetensors); with --url, name one of the cluster's "
+                        "adapters with --model instead")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV precision; auto = float32 on CPU, bfloat16 on GPU")
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                    "serve": serve, "soak": soak, "speculative": speculative, "structured": structured,
                    "transfer": transfer}
         return benches[args.bench].run(args)
-    except (ModelNotFoundError, InvalidRequestError, ConfigError) as e:
+    except (ModelNotFoundError, InvalidRequestError, LoRAError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
     except TandemError as e:  # the cluster refused or failed the request (--url)
@@ -257,13 +262,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-                enforce_eager=args.enforce_eager, num_speculative_tokens=args.num_speculative_tokens)
+                enforce_eager=args.enforce_eager, num_speculative_tokens=args.num_speculative_tokens,
+                lora_modules={adapter_name(args): args.lora} if args.lora else None)
+
+
+def adapter_name(args: argparse.Namespace) -> str | None:
+    """--lora's adapter goes by its folder's name in the engine's table and its messages."""
+    return Path(args.lora).resolve().name if args.lora else None
 
 
 def sampling_params(args: argparse.Namespace):
     from workers.engine.sampling_params import SamplingParams
 
-    return SamplingParams(**_sampling_fields(args))
+    return SamplingParams(**_sampling_fields(args), lora=adapter_name(args))
 
 
 def connect(args: argparse.Namespace) -> TandemClient:

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.hf_reference import hf_greedy
+from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +77,29 @@ def test_unknown_model_fails_clearly(tmp_path):
     out = tandem("generate", "--prompt", "hi", "--model", str(tmp_path / "missing"))
     assert out.returncode == 2
     assert "not found" in out.stderr and "smollm2" in out.stderr
+
+
+def test_generate_through_a_lora_adapter_gives_the_tokens_of_its_merged_weights(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("llama")
+    adapter = write_adapter(tmp_path / "sql", model, ATTENTION + MLP, rank=4, alpha=8, seed=3, std=0.2)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    out = tandem("generate", "--model", str(model), "--lora", str(adapter.folder), "--prompt", prompt,
+                 "--max-tokens", "8", "--ignore-eos", "--json", "--num-kv-blocks", "64")
+    assert out.returncode == 0, out.stderr
+    prompt_ids = AutoTokenizer.from_pretrained(model).encode(prompt)
+    tokens = json.loads(out.stdout)["token_ids"]
+    assert tokens == hf_greedy(merged_model(adapter, model, tmp_path / "merged"), prompt_ids, 8)
+    assert tokens != hf_greedy(model, prompt_ids, 8)  # else the adapter could have been left out unnoticed
+
+
+def test_a_lora_adapter_that_is_not_there_fails_clearly(tiny_model_factory, tmp_path):
+    out = tandem("generate", "--model", str(tiny_model_factory("llama")), "--lora", str(tmp_path / "sql"),
+                 "--prompt", "hi", "--num-kv-blocks", "64")
+    assert out.returncode == 2
+    assert "tandem: error: LoRA adapter 'sql': cannot read" in out.stderr and "Traceback" not in out.stderr
+    out = tandem("generate", "--url", "localhost:1", "--lora", str(tmp_path / "sql"), "--prompt", "hi")
+    assert out.returncode == 2  # a cluster's adapters are loaded at its start, and named with --model
+    assert "--model NAME" in out.stderr
 
 
 @pytest.mark.slow

@@ -6,12 +6,15 @@ import sys
 from collections.abc import Callable
 
 from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
-from cluster.commands.generate import echo_chunks, stream
+from cluster.commands.generate import LORA_WITH_URL, echo_chunks, stream
 
 Reply = Callable[[list[dict[str, str]]], str]  # streams the reply to the conversation so far, returns its text
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.url and args.lora:
+        print(LORA_WITH_URL, file=sys.stderr)
+        return 2
     if args.url:
         with connect(args) as client:
             options = remote_options(args)

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
 from cluster.client import Completion, Stream
 
+LORA_WITH_URL = ("tandem: error: --lora loads an adapter in this process; a cluster serves the adapters it was "
+                 "started with (tandem serve --lora-modules NAME=PATH) by name: --model NAME")
+
 if TYPE_CHECKING:
     from workers.engine.llm import LLM
     from workers.engine.outputs import RequestOutput
@@ -55,6 +58,9 @@ def _run_remote(args: argparse.Namespace) -> int:
     if args.tensor_parallel_size > 1 or args.disaggregate:
         print("tandem: error: --url sends the request to a running cluster; --tensor-parallel-size and "
               "--disaggregate are the cluster's settings there (tandem serve)", file=sys.stderr)
+        return 2
+    if args.lora:
+        print(LORA_WITH_URL, file=sys.stderr)
         return 2
     with connect(args) as client:
         options = remote_options(args)

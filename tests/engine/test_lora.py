@@ -11,9 +11,9 @@ import torch
 from tests.engine.test_parity import assert_prompt_logprobs_match_hf
 from tests.hf_reference import hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
-from workers.engine.errors import InvalidRequestError
+from workers.engine.errors import InvalidRequestError, LoRAError
 from workers.engine.llm import LLM
-from workers.engine.lora import AdapterConfig, LoRAError
+from workers.engine.lora import AdapterConfig
 from workers.engine.sampling_params import SamplingParams
 
 NEW = 16

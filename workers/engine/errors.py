@@ -52,3 +52,7 @@ class RequestFailedError(RuntimeError):
 
 class GroupBrokenError(RequestFailedError):
     """A collective of a tensor-parallel group failed (a rank died or left): the group cannot go on."""
+
+
+class LoRAError(ValueError):
+    """A LoRA adapter that cannot run on this model; the message names the adapter and what is wrong."""

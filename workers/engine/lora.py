@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from workers.engine.errors import LoRAError
 from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.layers.linear import RowParallelLinear
 from workers.engine.parallel import TensorParallel
@@ -49,10 +50,6 @@ PROJECTIONS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_pr
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT may keep the adapter's name before .weight)
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-
-
-class LoRAError(ValueError):
-    """An adapter that cannot run on this model; the message names the adapter and what is wrong."""
 
 
 @dataclass(frozen=True)
