@@ -36,7 +36,7 @@ QUOTING = ["Repeat this list exactly, line by line:\n" + "".join(
     for n, animal in enumerate(_ANIMALS)]
 OPEN = [f"Write a short story about a {animal} who learns to sail." if n % 2 == 0 else
         f"Explain in a few sentences how a {animal} survives the winter." for n, animal in enumerate(_ANIMALS)]
-_FULL, _QUICK = dict(requests=8, max_tokens=128), dict(requests=2, max_tokens=16)
+_FULL, _QUICK = dict(requests=8, max_tokens=128), dict(requests=2, max_tokens=8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

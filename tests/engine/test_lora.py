@@ -38,6 +38,13 @@ def adapters(tmp_path_factory, smollm2_path):
 
 
 @pytest.fixture(scope="module")
+def merged(adapters, smollm2_path, tmp_path_factory):
+    """Each adapter merged into a copy of the model: what HF transformers runs as the adapter's reference."""
+    root = tmp_path_factory.mktemp("merged")
+    return {name: merged_model(adapter, smollm2_path, root / name) for name, adapter in adapters.items()}
+
+
+@pytest.fixture(scope="module")
 def llm(adapters, smollm2_path):
     # A 32-token step budget prefills the long prompt in chunks.
     return LLM(str(smollm2_path), num_kv_blocks=512, max_num_batched_tokens=32,
@@ -48,22 +55,20 @@ def token_ids(llm, prompt: str) -> list[int]:
     return llm.tokenizer(prompt)["input_ids"]
 
 
-def test_each_adapter_gives_the_tokens_of_its_merged_weights_in_one_mixed_batch(llm, adapters, smollm2_path,
-                                                                                   tmp_path):
+def test_each_adapter_gives_the_tokens_of_its_merged_weights_in_one_mixed_batch(llm, adapters, merged, smollm2_path):
     names = [None, *adapters]
     requests = [(prompt, name) for prompt in PROMPTS for name in names]
     outputs = llm.generate([token_ids(llm, p) for p, _ in requests], [greedy(name) for _, name in requests])
     got = {(p, name): out.outputs[0].token_ids for (p, name), out in zip(requests, outputs)}
 
-    references = {None: smollm2_path} | {name: merged_model(adapter, smollm2_path, tmp_path / name)
-                                        for name, adapter in adapters.items()}
+    references = {None: smollm2_path} | merged
     for (prompt, name), tokens in got.items():
         assert tokens == hf_greedy(references[name], token_ids(llm, prompt), NEW), (name, prompt)
     for name in adapters:  # else the comparison could not tell an adapter from the base model
         assert any(got[p, name] != got[p, None] for p in PROMPTS), name
 
 
-def test_padded_decode_steps_run_each_row_under_its_adapter(adapters, smollm2_path, tmp_path):
+def test_padded_decode_steps_run_each_row_under_its_adapter(adapters, merged, smollm2_path):
     """The padded decode step a CUDA graph records (run eagerly on CPU): each row's adapter comes from a static
     buffer, so one graph serves any mix of adapters, padding rows none."""
     engine = LLM(str(smollm2_path), num_kv_blocks=256,
@@ -74,25 +79,23 @@ def test_padded_decode_steps_run_each_row_under_its_adapter(adapters, smollm2_pa
     outs = engine.generate(prompts, [greedy(name) for name in names])
     slots = engine.engine.runner.decode_graphs.adapter_slots.tolist()
     assert sorted(slots[:3]) == [-1, 0, 1] and slots[3] == -1  # the last step: three rows and a padding row
-    references = [smollm2_path] + [merged_model(adapters[n], smollm2_path, tmp_path / n) for n in names[1:]]
+    references = [smollm2_path] + [merged[n] for n in names[1:]]
     for prompt, out, reference in zip(prompts, outs, references):
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt, NEW)
 
 
-def test_guesses_and_prompt_logprobs_run_under_the_adapter_too(adapters, smollm2_path, tmp_path):
+def test_guesses_and_prompt_logprobs_run_under_the_adapter_too(adapters, merged, smollm2_path):
     """Speculative guesses are rows of the adapter's step like its next token's, and the prompt's logprobs come
     from the adapter's forward pass: the tokens and logprobs of HF on the merged weights."""
-    adapter = adapters["every-projection"]
-    merged = merged_model(adapter, smollm2_path, tmp_path / "merged")
     engine = LLM(str(smollm2_path), num_kv_blocks=256, num_speculative_tokens=4,
-                 lora_modules={"a": str(adapter.folder)}, progress=False)
+                 lora_modules={"a": str(adapters["every-projection"].folder)}, progress=False)
     quote = "Repeat exactly: the quick fox jumps over the lazy dog, the slow fox jumps over the tired dog. " * 2
     prompt = token_ids(engine, quote)
     out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, lora="a",
                                                  prompt_logprobs=2))[0]
-    assert out.outputs[0].token_ids == hf_greedy(merged, prompt, 24)
+    assert out.outputs[0].token_ids == hf_greedy(merged["every-projection"], prompt, 24)
     assert engine.engine.num_accepted_guesses > 0
-    assert_prompt_logprobs_match_hf(out.prompt_logprobs, prompt, merged, 2)
+    assert_prompt_logprobs_match_hf(out.prompt_logprobs, prompt, merged["every-projection"], 2)
 
 
 def test_kv_computed_under_one_adapter_is_no_cache_hit_for_another(llm):
