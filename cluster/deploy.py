@@ -6,6 +6,7 @@ options but not the application's policy. Serve's own `serve run CONFIG` does th
 with the config's HTTP options, then apply the config on the controller.
 """
 
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -61,11 +62,22 @@ def deploy(config: ClusterConfig, timeout_s: float = 900.0, progress: Callable[[
         if app is not None and app.status == ApplicationStatus.RUNNING:
             return
         if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-            raise DeployError(f"the application failed to deploy: {app.message}")
+            raise DeployError(f"the application failed to deploy: {app.message}{_reasons(app)}")
         if time.monotonic() > deadline:
             raise DeployError(f"the application is not running after {timeout_s:.0f} s "
                               f"({app.status if app else 'not created'}: {app.message if app else ''})")
         time.sleep(0.25)
+
+
+def _reasons(app: "ApplicationStatusOverview") -> str:
+    """What each deployment that failed raised: the last line of the traceback in its message (the exception a
+    replica's constructor raised, e.g. a worker group's LoRAError), one line per deployment."""
+    reasons = []
+    for name, deployment in app.deployments.items():
+        lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", deployment.message or "").splitlines() if line.strip()]
+        if deployment.status != "HEALTHY" and lines:
+            reasons.append(f"\n  {name}: {lines[-1].strip()}")
+    return "".join(reasons)
 
 
 def _replicas(app: "ApplicationStatusOverview") -> str:

@@ -102,6 +102,12 @@ def test_a_lora_adapter_that_is_not_there_fails_clearly(tiny_model_factory, tmp_
     assert "--model NAME" in out.stderr
 
 
+def test_serve_refuses_an_adapter_folder_that_is_not_one_before_starting_anything(tmp_path):
+    out = tandem("serve", "--lora-modules", f"sql={tmp_path / 'sql'}")
+    assert out.returncode == 2
+    assert "tandem: error: LoRA adapter 'sql': cannot read" in out.stderr and "starting" not in out.stderr
+
+
 @pytest.mark.slow
 def test_generate_on_disaggregated_tensor_parallel_groups_gives_hfs_tokens(tiny_model_factory):
     """-tp 2 --disaggregate: a local Ray, a prefill and a decode group of two ranks each, the KV moved between."""

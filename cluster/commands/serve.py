@@ -21,11 +21,14 @@ def run(args: argparse.Namespace) -> int:
     from cluster.deploy import DeployError, deploy, drain
     from cluster.redis_server import LocalRedis
     from cluster.serve_config import APP_NAME
+    from workers.engine.lora_folder import read_folder
 
     if not args.verbose:
         # Serve's own INFO lines on this console ("Started Serve", "Deleting app"): the lines below say the same.
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     config = from_args(args)  # a bad flag or file fails before anything starts
+    for name, folder in config.lora_modules.items():  # and so does an adapter folder that is not one
+        read_folder(name, folder)
     redis = LocalRedis() if config.redis_url is None else None
     if redis is not None:
         config = dataclasses.replace(config, redis_url=redis.url)

@@ -13,7 +13,7 @@ from tests.hf_reference import hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.errors import InvalidRequestError, LoRAError
 from workers.engine.llm import LLM
-from workers.engine.lora import AdapterConfig
+from workers.engine.lora_folder import AdapterConfig
 from workers.engine.sampling_params import SamplingParams
 
 NEW = 16

@@ -18,13 +18,10 @@ small-batch kernels, which know only the base weights; their decode steps replay
 (cuda_graphs.py).
 """
 
-import json
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +32,10 @@ from torch import nn
 from workers.engine.errors import LoRAError
 from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.layers.linear import RowParallelLinear
+from workers.engine.lora_folder import AdapterConfig, read_folder
 from workers.engine.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 # checkpoint projection -> (its module in a decoder layer, its part of that module)
 PROJECTIONS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
@@ -50,37 +45,6 @@ PROJECTIONS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_pr
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT may keep the adapter's name before .weight)
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    rank: int
-    scaling: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora
-
-    @staticmethod
-    def read(name: str, folder: Path) -> "AdapterConfig":
-        """The parts of PEFT's LoraConfig that change the arithmetic; an option Tandem does not implement is
-        refused rather than silently run another way."""
-        path = folder / CONFIG_FILE
-        try:
-            config = json.loads(path.read_text())
-        except OSError as e:
-            raise LoRAError(f"LoRA adapter {name!r}: cannot read {path}: {e.strerror} (an adapter is a PEFT folder "
-                            f"holding {CONFIG_FILE} and {WEIGHTS_FILE})") from None
-        except json.JSONDecodeError as e:
-            raise LoRAError(f"LoRA adapter {name!r}: {path} is not JSON: {e}") from None
-        if config.get("peft_type", "LORA") != "LORA":
-            raise LoRAError(f"LoRA adapter {name!r}: peft_type is {config['peft_type']!r}; only LORA adapters run")
-        unsupported = {"fan_in_fan_out": False, "use_dora": False, "bias": "none", "modules_to_save": None,
-                       "rank_pattern": {}, "alpha_pattern": {}}
-        for key, plain in unsupported.items():
-            if config.get(key) not in (plain, None):
-                raise LoRAError(f"LoRA adapter {name!r}: {key}={config[key]!r} is not supported (only {plain!r})")
-        rank, alpha = config.get("r"), config.get("lora_alpha")
-        if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
-            raise LoRAError(f"LoRA adapter {name!r}: r must be a positive integer and lora_alpha a number (got "
-                            f"{rank!r} and {alpha!r})")
-        return AdapterConfig(rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
 
 
 class StepAdapters:
@@ -149,21 +113,13 @@ class LoRAAdapters:
         for module in self._projections.values():
             module.lora = LoRALayer(self.step, len(self.names))
         for slot, (name, folder) in enumerate(modules.items()):
-            self._load(slot, name, Path(folder).expanduser())
+            self._load(slot, name, Path(folder))
         for module in self._projections.values():
             module.lora.stack()
         self._device = next(iter(self._projections.values())).weight.device
 
     def _load(self, slot: int, name: str, folder: Path) -> None:
-        config = AdapterConfig.read(name, folder)
-        path = folder / WEIGHTS_FILE
-        if (folder / "adapter_model.bin").is_file() and not path.is_file():
-            raise LoRAError(f"LoRA adapter {name!r}: {folder} holds adapter_model.bin, a pickle, which is not loaded "
-                            f"(unpickling runs whatever it holds): save the adapter as {WEIGHTS_FILE} (PEFT's "
-                            f"default, safe_serialization=True)")
-        if not path.is_file():
-            raise LoRAError(f"LoRA adapter {name!r}: {path} not found (an adapter is a PEFT folder holding "
-                            f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+        config, path = read_folder(name, folder)
         parts: dict[tuple[int, str], dict[str, dict[str, torch.Tensor]]] = {}
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
