@@ -206,12 +206,18 @@ def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, 
 
 @gpu
 @pytest.mark.gpu
-def test_lora_decode_steps_replay_graphs_of_their_own_and_equal_hf_on_the_merged_weights(tiny_model, tmp_path):
+@pytest.mark.parametrize("loaded", ["at start", "added while running"])
+def test_lora_decode_steps_replay_graphs_of_their_own_and_equal_hf_on_the_merged_weights(tiny_model, tmp_path, loaded):
     """float32: a batch mixing the base model and an adapter gives HF's tokens on the merged weights for the
-    adapter's requests and on the base weights for the others, its decode steps replaying the adapters' graphs."""
+    adapter's requests and on the base weights for the others, its decode steps replaying the adapters' graphs
+    (captured again when an adapter is added to a running engine)."""
     path = tiny_model("llama")
     adapter = write_adapter(tmp_path / "adapter", path, ATTENTION + MLP, rank=4, alpha=8, seed=7, std=0.2)
-    llm = gpu_llm(path, "float32", lora_modules={"a": str(adapter.folder)})
+    if loaded == "at start":
+        llm = gpu_llm(path, "float32", lora_modules={"a": str(adapter.folder)})
+    else:
+        llm = gpu_llm(path, "float32")
+        llm.add_lora("a", str(adapter.folder))
     graphs = llm.engine.runner.decode_graphs
     assert set(graphs.lora_graphs) == set(graphs.graphs) == {1, 2, 4, 8}
     batch, loras = prompts(3), [None, "a", None, "a", "a"]

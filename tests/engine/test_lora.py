@@ -1,12 +1,13 @@
 """LoRA adapters (workers/engine/lora.py): a request naming an adapter gets the greedy tokens HF transformers gives
 with that adapter merged into the weights, while requests of other adapters and of the base model share its
-batch; KV computed under one adapter is never a cache hit for another; adapters that cannot run are refused
-with the reason, at start."""
+batch, whether loaded at start or added to a running engine; KV computed under one adapter is never a cache hit
+for another; adapters that cannot run are refused with the reason."""
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.engine.test_parity import assert_prompt_logprobs_match_hf
 from tests.hf_reference import hf_greedy
@@ -114,6 +115,44 @@ def test_a_request_naming_an_adapter_not_loaded_is_refused(llm):
     with pytest.raises(InvalidRequestError, match=r"no LoRA adapter 'sql' here; this engine serves "
                                                   r"'every-projection', 'q-v-even-layers'"):
         llm.generate("Hi", greedy("sql"))
+
+
+def test_adapters_added_to_a_running_engine_give_the_tokens_of_their_merged_weights(adapters, merged, smollm2_path):
+    """LLM.add_lora between steps, on an engine started without adapters: the adapter added first keeps its
+    tokens once a second joins it, and the padded decode steps that CUDA graphs record run both."""
+    engine = LLM(str(smollm2_path), num_kv_blocks=256, progress=False)
+    engine.engine.runner.use_padded_decode(max_batch_size=4, capture=False)
+    prompts = [token_ids(engine, p) for p in PROMPTS]
+    engine.add_lora("first", str(adapters["every-projection"].folder))
+    alone = engine.generate(prompts[1], greedy("first"))[0].outputs[0].token_ids
+    engine.add_lora("second", str(adapters["q-v-even-layers"].folder))
+    outs = engine.generate(prompts, [greedy(None), greedy("first"), greedy("second")])
+    references = [smollm2_path, merged["every-projection"], merged["q-v-even-layers"]]
+    for prompt, out, reference in zip(prompts, outs, references):
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, NEW)
+    assert outs[1].outputs[0].token_ids == alone
+
+
+def test_an_adapter_refused_while_the_engine_runs_leaves_the_others_as_they_were(adapters, merged, smollm2_path,
+                                                                                 tmp_path):
+    """The last layer's pair does not fit: every layer before it was read and checked, and none took its pair, so
+    the next adapter gets the next slot and its own tokens."""
+    engine = LLM(str(smollm2_path), num_kv_blocks=128, progress=False,
+                 lora_modules={"first": str(adapters["every-projection"].folder)})
+    bad = write_adapter(tmp_path / "bad", smollm2_path, ATTENTION, rank=4, alpha=8, seed=5).folder
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in weights if ".layers.29.self_attn.o_proj.lora_A" in k)
+    weights[key] = weights[key][:, :100].contiguous()
+    save_file(weights, bad / "adapter_model.safetensors")
+    with pytest.raises(LoRAError, match=r"'bad': layer 29 o_proj has A \(4, 100\)"):
+        engine.add_lora("bad", str(bad))
+    with pytest.raises(LoRAError, match="'first' is loaded already"):
+        engine.add_lora("first", str(adapters["q-v-even-layers"].folder))
+    engine.add_lora("second", str(adapters["q-v-even-layers"].folder))
+    prompts = [token_ids(engine, p) for p in PROMPTS[:2]]
+    outs = engine.generate(prompts, [greedy("first"), greedy("second")])
+    for prompt, out, name in zip(prompts, outs, ["every-projection", "q-v-even-layers"]):
+        assert out.outputs[0].token_ids == hf_greedy(merged[name], prompt, NEW), name
 
 
 def test_an_adapter_of_another_model_is_refused_at_start(tmp_path, smollm2_path, tiny_model_factory):

@@ -106,13 +106,14 @@ class DecodeGraphs:
         return self.logits[:size].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
-    def capture(self, sizes: list[int] | None = None, adapters: bool = True) -> None:
+    def capture(self, sizes: list[int] | None = None, adapters: bool = True, base: bool = True) -> None:
         """Captures the given batch sizes (all by default) on padding rows alone, largest first, so the smaller
-        graphs reuse the largest one's memory pool; with LoRA adapters (and `adapters`) their graphs too. A size
-        captured before is replaced."""
+        graphs reuse the largest one's memory pool: the base model's (with `base`) and, with LoRA adapters (and
+        `adapters`), those of steps with adapters' rows. A size captured before is replaced."""
         self._pad_all()
         pool = torch.cuda.graph_pool_handle()
-        kinds = [(False, self.graphs)] + ([(True, self.lora_graphs)] if adapters and self.lora is not None else [])
+        kinds = ([(False, self.graphs)] if base else []) + (
+            [(True, self.lora_graphs)] if adapters and self.lora is not None else [])
         for size in sorted(sizes or self.batch_sizes, reverse=True):
             for with_adapters, graphs in kinds:
                 # First outside the capture: Triton compiles and tunes, cuBLAS picks its kernels, workspaces grow.

@@ -102,6 +102,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def add_lora(self, name: str, folder: str) -> None:
+        """Loads the LoRA adapter in `folder` (a PEFT folder) under `name`, which requests then give as
+        SamplingParams(lora=name), beside the adapters of lora_modules; as vLLM's LLM adds a LoRARequest's."""
+        self.engine.add_lora(name, folder)
+
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
                  cache_salt: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

@@ -21,6 +21,7 @@ from workers.engine.errors import (
     DuplicateRequestError,
     InvalidRequestError,
     KVCacheFullError,
+    LoRAError,
     PromptTooLongError,
 )
 from workers.engine.handoff import KVHandoff, ReceivePlan
@@ -117,6 +118,14 @@ class LLMEngine:
         if config.speculative.num_speculative_tokens and self.runner.decode_graphs is not None:
             logger.warning("speculative decoding: a step with guesses runs eagerly, outside the decode CUDA graphs, "
                            "which can cost more than the guesses save; measure before serving with it")
+
+    def add_lora(self, name: str, folder: str) -> None:
+        """Loads a LoRA adapter that requests may then name (SamplingParams.lora), between steps. Only an engine
+        of one rank: a tensor-parallel group's ranks load their shards at start (lora_modules)."""
+        if self.runner.followers is not None:
+            raise LoRAError(f"LoRA adapter {name!r}: a tensor-parallel group loads its adapters at start "
+                            "(lora_modules)")
+        self.runner.add_lora(name, folder)
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -430,7 +439,8 @@ class LLMEngine:
         adapters = self.runner.lora.names if self.runner.lora is not None else ()
         if params.lora is not None and params.lora not in adapters:
             raise InvalidRequestError("lora", f"no LoRA adapter {params.lora!r} here; this engine serves "
-                                              f"{', '.join(map(repr, adapters)) or 'none'} (engine lora_modules)")
+                                              f"{', '.join(map(repr, adapters)) or 'none'} (lora_modules, or "
+                                              "LLM.add_lora)")
         if params.min_tokens and params.allowed_token_ids and ends.issuperset(params.allowed_token_ids):
             raise InvalidRequestError("allowed_token_ids", "allows only tokens that end the request, which "
                                                            "min_tokens holds back")

@@ -12,8 +12,10 @@ projection keeps the rows of B that its output shard has, a row-parallel one the
 has; the latter's product joins the partial output before the all-reduce, which sums it as it sums the base
 product.
 
-Every adapter is loaded when the engine starts (engine lora_modules, as vLLM's --lora-modules), so a request
-naming one never waits for a load, and one naming another is refused. Steps with an adapter's rows skip the fused
+Adapters are loaded when the engine starts (engine lora_modules, as vLLM's --lora-modules), or added to an
+engine in this process between steps (LLM.add_lora, as vLLM's), so a request naming one never waits for a load,
+and one naming another is refused. An adapter's name stays its weights' for the engine's life (no unload), which
+is what lets the name alone key its cached KV blocks. Steps with an adapter's rows skip the fused
 small-batch kernels, which know only the base weights; their decode steps replay CUDA graphs of their own
 (cuda_graphs.py).
 """
@@ -66,9 +68,9 @@ class LoRALayer:
     B's side by side adds them. The ranks a row does not keep are computed for nothing, which costs less than a
     gather, two matmuls and a scatter for each adapter in the step."""
 
-    def __init__(self, step: StepAdapters, num_adapters: int):
+    def __init__(self, step: StepAdapters):
         self.step = step
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_adapters
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # by adapter slot
         self.stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # A's, B^T's, each rank's slot
 
     def stack(self) -> None:
@@ -104,21 +106,32 @@ class LoRAAdapters:
     `names`."""
 
     def __init__(self, model: nn.Module, modules: dict[str, str], tp: TensorParallel):
-        self.names = tuple(modules)
+        self.names: tuple[str, ...] = ()
         self.step = StepAdapters()
         self.tp = tp
         self._layers = model.model.layers
         self._projections = {(i, path): _module(layer, path) for i, layer in enumerate(self._layers)
                              for path in {path for path, _ in PROJECTIONS.values()}}
         for module in self._projections.values():
-            module.lora = LoRALayer(self.step, len(self.names))
-        for slot, (name, folder) in enumerate(modules.items()):
-            self._load(slot, name, Path(folder))
-        for module in self._projections.values():
-            module.lora.stack()
+            module.lora = LoRALayer(self.step)
         self._device = next(iter(self._projections.values())).weight.device
+        for name, folder in modules.items():
+            self.add(name, folder)
 
-    def _load(self, slot: int, name: str, folder: Path) -> None:
+    def add(self, name: str, folder: Path | str) -> None:
+        """Loads the adapter into the next slot. Every pair is read and checked before any layer takes one, so an
+        adapter refused here leaves the others as they were."""
+        if name in self.names:
+            raise LoRAError(f"LoRA adapter {name!r} is loaded already; give another adapter another name")
+        pairs = self._read(name, Path(folder))
+        for module in self._projections.values():
+            module.lora.pairs.append(pairs.get(module))
+            if module in pairs:
+                module.lora.stack()
+        self.names += (name,)
+
+    def _read(self, name: str, folder: Path) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (A, B^T) of each module the adapter changes."""
         config, path = read_folder(name, folder)
         parts: dict[tuple[int, str], dict[str, dict[str, torch.Tensor]]] = {}
         with safe_open(path, framework="pt") as f:
@@ -135,11 +148,13 @@ class LoRAAdapters:
                 parts.setdefault((index, path_in_layer), {}).setdefault(projection, {})[which] = f.get_tensor(key)
         if not parts:
             raise LoRAError(f"LoRA adapter {name!r}: {path} holds no LoRA weights")
+        pairs = {}
         for (index, path_in_layer), found in parts.items():
             module = self._projections[index, path_in_layer]
-            module.lora.pairs[slot] = self._shard(name, module, found, config, index)
+            pairs[module] = self._shard(name, module, found, config, index)
         logger.info("LoRA adapter %r from %s: rank %d, scaling %g, %d projections", name, folder, config.rank,
                     config.scaling, sum(len(found) for found in parts.values()))
+        return pairs
 
     def _shard(self, name: str, module: nn.Module, found: dict[str, dict[str, torch.Tensor]],
                config: AdapterConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:

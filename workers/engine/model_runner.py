@@ -196,6 +196,18 @@ class ModelRunner:
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
 
+    def add_lora(self, name: str, folder: str) -> None:
+        """Loads a LoRA adapter between steps (lora.py). Where decode steps replay CUDA graphs, those of steps
+        with adapters' rows are captured again: the ones before read the adapter table this load replaced."""
+        if self.lora is None:
+            self.lora = LoRAAdapters(self.model, {}, self.tp)
+        self.lora.add(name, folder)
+        graphs = self.decode_graphs
+        if graphs is not None:
+            graphs.lora = self.lora
+            if graphs.graphs:
+                graphs.capture(base=False)
+
     def release(self, request_id: str) -> None:
         """Forget a finished request's random generator and token history (and, on rank 0, the followers' mirror
         of it)."""
