@@ -254,8 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """LLM(...) keyword arguments from the shared engine flags."""
+    """LLM(...) keyword arguments from the shared engine flags; a model or adapter that is not there fails here,
+    before torch loads."""
+    from workers.engine.lora_folder import read_folder
     from workers.engine.model_store import resolve_model
+
+    if args.lora:
+        read_folder(adapter_name(args), args.lora)
 
     return dict(model=str(resolve_model(args.model or "smollm2", cache_dir())), device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
