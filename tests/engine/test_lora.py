@@ -14,7 +14,7 @@ from tests.hf_reference import hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.errors import InvalidRequestError, LoRAError
 from workers.engine.llm import LLM
-from workers.engine.lora_folder import AdapterConfig
+from workers.engine.lora_folder import AdapterConfig, read_folder
 from workers.engine.sampling_params import SamplingParams
 
 NEW = 16
@@ -175,22 +175,22 @@ def test_adapter_options_that_change_the_arithmetic_otherwise_are_refused(tmp_pa
         AdapterConfig.read("bad", tmp_path)
 
 
-def test_an_adapter_saved_as_a_pickle_is_refused_with_how_to_save_it(tmp_path, adapters, smollm2_path):
-    folder = tmp_path / "pickled"
+def config_only(folder, adapter):
+    """A folder holding the adapter's config and nothing else yet."""
     folder.mkdir()
-    (folder / "adapter_config.json").write_text((adapters["every-projection"].folder / "adapter_config.json")
-                                                .read_text())
+    (folder / "adapter_config.json").write_text((adapter.folder / "adapter_config.json").read_text())
+    return folder
+
+
+def test_an_adapter_saved_as_a_pickle_is_refused_with_how_to_save_it(tmp_path, adapters):
+    folder = config_only(tmp_path / "pickled", adapters["every-projection"])
     (folder / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(LoRAError, match=r"'pickled': .* holds adapter_model.bin, a pickle, which is not loaded"):
-        LLM(str(smollm2_path), num_kv_blocks=16, lora_modules={"pickled": str(folder)}, progress=False)
+        read_folder("pickled", folder)
 
 
 def test_an_adapter_changing_the_embeddings_is_refused_with_what_it_changes(tmp_path, adapters, smollm2_path):
-    folder = tmp_path / "embeddings"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text((adapters["every-projection"].folder / "adapter_config.json")
-                                                .read_text())
-    from safetensors.torch import save_file
+    folder = config_only(tmp_path / "embeddings", adapters["every-projection"])
     save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 49152)},
               folder / "adapter_model.safetensors")
     with pytest.raises(LoRAError, match=r"embed_tokens.lora_embedding_A is not a LoRA weight of a decoder layer's "
