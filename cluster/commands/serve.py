@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from cluster.config import from_args
+from cluster.config import cache_dir, from_args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.redis_server import LocalRedis
     from cluster.serve_config import APP_NAME
     from workers.engine.lora_folder import read_folder
+    from workers.engine.model_store import resolve_model
 
     if not args.verbose:
         # Serve's own INFO lines on this console ("Started Serve", "Deleting app"): the lines below say the same.
@@ -29,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     config = from_args(args)  # a bad flag or file fails before anything starts
     for name, folder in config.lora_modules.items():  # and so does an adapter folder that is not one
         read_folder(name, folder)
+    # A GGUF model (the embedded one on a first start) converts here, its progress on this console, rather than
+    # silently inside the application's build; that finds the folder then.
+    resolve_model(config.model, cache_dir())
     redis = LocalRedis() if config.redis_url is None else None
     if redis is not None:
         config = dataclasses.replace(config, redis_url=redis.url)
