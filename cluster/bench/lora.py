@@ -50,6 +50,7 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
 
     from workers.engine.lora import PROJECTIONS
 
+    targets = targets or tuple(PROJECTIONS)
     shapes = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
@@ -58,7 +59,7 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in layers if layers is not None else range(num_layers):
-        for target in targets or tuple(PROJECTIONS):
+        for target in targets:
             block = PROJECTIONS[target][0].split(".")[0]  # self_attn or mlp
             module = f"model.layers.{i}.{block}.{target}"
             out_features, in_features = shapes[f"{module}.weight"]
@@ -70,7 +71,7 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir), "r": rank,
-         "lora_alpha": alpha, "target_modules": list(targets or PROJECTIONS), "use_rslora": use_rslora, "bias": "none",
+         "lora_alpha": alpha, "target_modules": list(targets), "use_rslora": use_rslora, "bias": "none",
          "fan_in_fan_out": False, "lora_dropout": 0.0, "modules_to_save": None}))
     return folder
 
