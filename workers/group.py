@@ -137,6 +137,9 @@ class WorkerGroup:
     async def stats(self) -> EngineStats:
         return await _unwrap(self._driver.stats.remote())
 
+    async def load_adapter(self, name: str, folder: str) -> None:
+        await _unwrap(self._driver.load_adapter.remote(name, folder))
+
     async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
         """The prefixes this group should hand on before it goes (workers/engine/recent_prefixes.py)."""
         return await _unwrap(self._driver.unique_prefixes.remote(held_elsewhere))

@@ -137,6 +137,9 @@ class RankWorker:
     async def stats(self) -> EngineStats:
         return await self.engine.stats()
 
+    async def load_adapter(self, name: str, folder: str) -> None:
+        await self.engine.load_adapter(name, folder)
+
     async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
         return await self.engine.unique_prefixes(held_elsewhere)
 

@@ -100,6 +100,11 @@ class EngineServer:
     async def abort(self, request_id: str) -> None:
         await self.group.abort(request_id)
 
+    async def load_adapter(self, name: str, folder: str) -> None:
+        """The ingress's check of a LoRA adapter it is asked to load while the cluster runs: this group loads it
+        (the others will when a request names it)."""
+        await self.group.load_adapter(name, folder)
+
     async def stats(self):
         return await self.group.stats()
 

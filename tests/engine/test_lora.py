@@ -155,6 +155,61 @@ def test_an_adapter_refused_while_the_engine_runs_leaves_the_others_as_they_were
         assert out.outputs[0].token_ids == hf_greedy(merged[name], prompt, NEW), name
 
 
+def brought(name: str, adapter) -> SamplingParams:
+    """A request that brings its adapter's folder, as a cluster that loads adapters while it runs sends it."""
+    return SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora=name, lora_path=str(adapter.folder))
+
+
+def test_a_request_that_brings_its_adapters_folder_loads_it_and_the_least_recently_used_beyond_max_loras_goes(
+        adapters, merged, smollm2_path):
+    """With max_loras=1, loading a second adapter drops the first, which no request runs; a request naming the
+    first again reads it again. The adapter started with stays whatever happens, and the padded decode steps that
+    CUDA graphs record keep every row under its own adapter as slots come and go."""
+    engine = LLM(str(smollm2_path), num_kv_blocks=256, max_loras=1, progress=False,
+                 lora_modules={"pinned": str(adapters["q-v-even-layers"].folder)})
+    engine.engine.runner.use_padded_decode(max_batch_size=4, capture=False)
+    runner = engine.engine.runner
+    every, qv = adapters["every-projection"], adapters["q-v-even-layers"]
+    prompts = [token_ids(engine, p) for p in PROMPTS]
+    first = engine.generate(prompts[0], brought("a@1", every))[0].outputs[0].token_ids
+    assert runner.lora.names == ("pinned", "a@1")
+    engine.generate(prompts[0], brought("b@2", qv))
+    assert runner.lora.names == ("pinned", "b@2")
+    outs = engine.generate(prompts, [brought("a@1", every), greedy("pinned"), brought("b@2", qv)])
+    # a@1's request came first: its load dropped b@2, idle then; b@2's load kept a@1, whose request was queued.
+    assert runner.lora.names == ("pinned", "a@1", "b@2")
+    assert outs[0].outputs[0].token_ids == first == hf_greedy(merged["every-projection"], prompts[0], NEW)
+    for prompt, out in zip(prompts[1:], outs[1:]):
+        assert out.outputs[0].token_ids == hf_greedy(merged["q-v-even-layers"], prompt, NEW)
+
+
+def test_an_adapter_a_running_request_uses_is_not_dropped(adapters, merged, smollm2_path):
+    """Past max_loras the adapters in use stay: more are loaded than max_loras for as long as they run."""
+    engine = LLM(str(smollm2_path), num_kv_blocks=256, max_loras=1, progress=False)
+    every, qv = adapters["every-projection"], adapters["q-v-even-layers"]
+    prompts = [token_ids(engine, p) for p in PROMPTS[:2]]
+    engine.engine.add_request(prompts[0], brought("a@1", every), "a")
+    engine.engine.step()
+    engine.engine.add_request(prompts[1], brought("b@2", qv), "b")
+    assert engine.engine.runner.lora.names == ("a@1", "b@2")
+    outs = {}
+    while engine.engine.has_unfinished_requests():
+        outs.update({out.request_id: out for out in engine.engine.step() if out.finished})
+    assert outs["a"].outputs[0].token_ids == hf_greedy(merged["every-projection"], prompts[0], NEW)
+    assert outs["b"].outputs[0].token_ids == hf_greedy(merged["q-v-even-layers"], prompts[1], NEW)
+
+
+def test_a_request_bringing_a_folder_that_is_no_adapter_of_this_model_is_refused_and_loads_nothing(
+        tmp_path, smollm2_path, tiny_model_factory, adapters):
+    engine = LLM(str(smollm2_path), num_kv_blocks=16, max_loras=1, progress=False)
+    other = write_adapter(tmp_path / "other", tiny_model_factory("llama"), ("q_proj",), rank=4, alpha=4, seed=3)
+    with pytest.raises(LoRAError, match=r"'other@1': layer 0 q_proj has A \(4, \d+\) .* an adapter of another"):
+        engine.generate("Hi", brought("other@1", other))
+    with pytest.raises(LoRAError, match=r"'gone@2': cannot read .*adapter_config.json"):
+        engine.generate("Hi", SamplingParams(lora="gone@2", lora_path=str(tmp_path / "gone")))
+    assert engine.engine.runner.lora.names == () and not engine.engine.requests
+
+
 def test_an_adapter_of_another_model_is_refused_at_start(tmp_path, smollm2_path, tiny_model_factory):
     other = write_adapter(tmp_path / "other", tiny_model_factory("llama"), ("q_proj",), rank=4, alpha=4, seed=3)
     with pytest.raises(LoRAError, match=r"'other': layer 0 q_proj has A \(4, \d+\) .* an adapter of another model"):

@@ -13,6 +13,8 @@ from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.sequence import Sequence
 from workers.engine.step_plan import (
+    DropAdapter,
+    LoadAdapter,
     PlanReader,
     PlanWriter,
     ScheduledChunk,
@@ -116,7 +118,8 @@ def test_control_messages_round_trip_and_nothing_else_is_rebuilt():
     messages = [StepPlan([ScheduledChunk("r1", 16, 1, [5], [3]), ScheduledChunk("r2", 0, 40, list(range(40)),
                                                                              [1, 2, 3], reset_blocks=True)], ["x"]),
                 Stop(), OpenChannel("send", "peer", ChannelAddress("10.0.0.2", 29500), "c1"),
-                TransferCommand("recv", "r1", "peer", "c1", [4, 5]), DropChannel("peer")]
+                TransferCommand("recv", "r1", "peer", "c1", [4, 5]), DropChannel("peer"),
+                LoadAdapter("sql@1", "/adapters/sql"), DropAdapter("sql@1")]
     assert [decode(encode(m)) for m in messages] == messages
     for hostile in (pickle.dumps(Stop()), b'{"os.system": ["true"]}', b'{"Stop": [1]}', b'{"Stop": {}}',
                     b'{"StepPlan": [[], []], "Stop": []}', b'{}',

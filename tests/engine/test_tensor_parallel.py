@@ -37,12 +37,13 @@ _TIMEOUT_S = 120
 
 def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams], speculative: int, lora_modules: dict[str, str],
-               results: mp.Queue) -> None:
+               one_at_a_time: bool, results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
         tp = TensorParallel(rank, size, dist.ProcessGroupGloo(store, rank, size))
-        config = EngineConfig(model=ModelConfig(model, lora_modules=lora_modules), cache=CacheConfig(num_kv_blocks=64),
+        config = EngineConfig(model=ModelConfig(model, lora_modules=lora_modules, max_loras=1),
+                              cache=CacheConfig(num_kv_blocks=64),
                               scheduler=SchedulerConfig(max_num_batched_tokens=64),
                               speculative=SpeculativeConfig(num_speculative_tokens=speculative))
         if rank > 0:
@@ -51,11 +52,13 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
             return
         engine = LLMEngine(config, tp=tp)
         each = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, each)]
-        done: dict[str, tuple[list[int], list | None]] = {}
-        while engine.has_unfinished_requests():
-            done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
-                        if o.finished)
+        waves = [[item] for item in zip(prompts, each)] if one_at_a_time else [list(zip(prompts, each))]
+        ids, done = [], {}
+        for wave in waves:
+            ids += [engine.add_request(prompt, p) for prompt, p in wave]
+            while engine.has_unfinished_requests():
+                done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
+                            if o.finished)
         engine.shutdown()
         results.put((rank, ([done[i] for i in ids], engine.num_accepted_guesses)))
     except Exception as e:  # the parent reports it; a silent child would leave it waiting for the timeout
@@ -63,15 +66,17 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
 
 
 def generate_tp(model: str, size: int, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                speculative: int = 0, lora_modules: dict[str, str] | None = None
+                speculative: int = 0, lora_modules: dict[str, str] | None = None, one_at_a_time: bool = False
                 ) -> tuple[list[tuple[list[int], list | None]], int]:
     """Rank 0's greedy tokens and prompt logprobs, and the guesses it kept (with `speculative` tokens guessed per
-    step), once every follower has stopped cleanly. `params` is one for all prompts or one each."""
+    step), once every follower has stopped cleanly. `params` is one for all prompts or one each; `one_at_a_time`
+    runs each request alone, after the one before has finished. The engine keeps one adapter of those requests
+    bring (max_loras=1)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, speculative,
-                                                      lora_modules or {}, results))
+                                                      lora_modules or {}, one_at_a_time, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -139,6 +144,24 @@ def test_lora_adapters_under_tensor_parallelism_match_hf_on_the_merged_weights(t
     expected = [hf_greedy(merged if p.lora else path, prompt, 16) for prompt, p in requests]
     assert [tokens for tokens, _ in outs] == expected
     assert expected[0] != expected[1] or expected[2] != expected[3]  # the adapter changes what the model says
+
+
+def test_adapters_requests_bring_are_loaded_and_dropped_on_every_rank(tiny_model_factory, tmp_path):
+    """Requests that bring their adapter's folder (a cluster loading adapters while it runs), one at a time, with
+    max_loras=1: each load drops the other adapter, on rank 0 and, through the step plans, on the follower, and
+    every request gets HF's tokens on its adapter's merged weights."""
+    path = tiny_model_factory("llama")
+    adapters = [write_adapter(tmp_path / name, path, ATTENTION + MLP, rank=4, alpha=8, seed=seed, std=0.2)
+                for name, seed in (("a", 7), ("b", 8))]
+    prompt = random_prompts(1, [9])[0]
+    params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, lora=f"{name}@1",
+                             lora_path=str(adapter.folder))
+              for name, adapter in zip("abab", adapters * 2)]
+    outs, _ = generate_tp(str(path), 2, [prompt] * 4, params, one_at_a_time=True)
+    expected = [hf_greedy(merged_model(adapter, path, tmp_path / f"merged-{i}"), prompt, 16)
+                for i, adapter in enumerate(adapters)]
+    assert expected[0] != expected[1]
+    assert [tokens for tokens, _ in outs] == expected * 2
 
 
 def test_smollm2_three_ranks_match_hf_with_and_without_speculative_guesses(smollm2_path):

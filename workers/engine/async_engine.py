@@ -195,6 +195,11 @@ class AsyncLLMEngine:
     async def stats(self) -> EngineStats:
         return await self._call(self._read_stats)
 
+    async def load_adapter(self, name: str, folder: str) -> None:
+        """A LoRA adapter loaded between steps as a request naming it with its folder would load it
+        (adapter_cache.py); raises LoRAError for a folder that is not an adapter of this model."""
+        await self._call(lambda: self.engine.load_adapter(name, folder))
+
     async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
         return await self._call(lambda: self.engine.unique_prefixes(held_elsewhere))
 

@@ -29,8 +29,13 @@ class ModelConfig:
     max_graph_batch_size: int = 256
     # LoRA adapters requests may name (SamplingParams.lora): name -> PEFT folder, all loaded at start (lora.py).
     lora_modules: dict[str, str] = field(default_factory=dict)
+    # Adapters loaded as requests name them (SamplingParams.lora_path) that the engine keeps; past that many, the
+    # least recently used one no request is running is dropped (adapter_cache.py).
+    max_loras: int = 8
 
     def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1 (got {self.max_loras})")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention_backend!r} "
                              f"(choose from {', '.join(ATTENTION_BACKENDS)})")

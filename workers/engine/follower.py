@@ -6,7 +6,7 @@ import logging
 from workers.engine.config import EngineConfig
 from workers.engine.model_runner import ModelRunner
 from workers.engine.parallel import TensorParallel
-from workers.engine.step_plan import PlanReader, StepPlan, Stop
+from workers.engine.step_plan import DropAdapter, LoadAdapter, PlanReader, StepPlan, Stop
 from workers.kv_commands import TransferError
 from workers.kv_transfer import KVEndpoint, run_transfer
 
@@ -31,6 +31,11 @@ class Follower:
                 self.runner.execute(self.reader.apply(message), sample=False)
             elif isinstance(message, Stop):
                 break
+            elif isinstance(message, LoadAdapter):
+                # Rank 0 read the same folder; a rank that cannot (a folder its node lacks) ends the group.
+                self.runner.add_lora(message.name, message.folder)
+            elif isinstance(message, DropAdapter):
+                self.runner.remove_lora(message.name)
             else:
                 try:
                     run_transfer(self.kv, message, self.runner.kv_caches, self.tp)

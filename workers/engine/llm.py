@@ -81,11 +81,11 @@ def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "
                   enable_chunked_prefill: bool = True, attention_backend: str = "torch",
                   enforce_eager: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 4,
                   prompt_lookup_min: int = 2, scheduling_policy: str = "fcfs",
-                  lora_modules: dict[str, str] | None = None) -> EngineConfig:
+                  lora_modules: dict[str, str] | None = None, max_loras: int = 8) -> EngineConfig:
     """The nested EngineConfig from flat keyword arguments, as LLM(...) and the command line take them."""
     return EngineConfig(
         model=ModelConfig(model, device, dtype, max_model_len, seed, attention_backend, enforce_eager,
-                          lora_modules=dict(lora_modules or {})),
+                          lora_modules=dict(lora_modules or {}), max_loras=max_loras),
         cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
                           enable_prefix_caching, kv_lease_s),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy),

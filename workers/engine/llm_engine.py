@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, GenerationConfig
 
+from workers.engine.adapter_cache import AdapterCache
 from workers.engine.block_manager import BlockManager, KVEventSink
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
@@ -21,7 +22,6 @@ from workers.engine.errors import (
     DuplicateRequestError,
     InvalidRequestError,
     KVCacheFullError,
-    LoRAError,
     PromptTooLongError,
 )
 from workers.engine.handoff import KVHandoff, ReceivePlan
@@ -94,6 +94,7 @@ class LLMEngine:
         # A sequence may never outgrow the whole cache: alone, it must always fit.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)
         self.requests: dict[str, _Request] = {}
+        self.adapters = AdapterCache(self.runner, config.model.max_loras)  # those requests bring (lora_path)
         # Prefill role: finished prompts whose blocks stay pinned until a decode group has them (or the lease ends).
         self.pinned: dict[str, _Pinned] = {}
         # Decode role: requests whose blocks are allocated and whose KV is on its way from a prefill group.
@@ -120,12 +121,17 @@ class LLMEngine:
                            "which can cost more than the guesses save; measure before serving with it")
 
     def add_lora(self, name: str, folder: str) -> None:
-        """Loads a LoRA adapter that requests may then name (SamplingParams.lora), between steps. Only an engine
-        of one rank: a tensor-parallel group's ranks load their shards at start (lora_modules)."""
-        if self.runner.followers is not None:
-            raise LoRAError(f"LoRA adapter {name!r}: a tensor-parallel group loads its adapters at start "
-                            "(lora_modules)")
+        """Loads a LoRA adapter that requests may then name (SamplingParams.lora), between steps, for the
+        engine's life."""
         self.runner.add_lora(name, folder)
+
+    def load_adapter(self, name: str, folder: str) -> None:
+        """Loads an adapter as the first request naming it with its folder does (adapter_cache.py): how a cluster
+        checks an adapter it is asked to load while it runs, on a group of the model itself."""
+        self.adapters.use(name, folder, self._adapters_in_use())
+
+    def _adapters_in_use(self) -> set[str]:
+        return {req.seq.lora for req in self.requests.values() if req.seq.lora is not None}
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -152,6 +158,8 @@ class LLMEngine:
         if len(kept) < len(token_ids):
             prompt_text, token_ids = None, kept  # the text would no longer be the prompt the model saw
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if params.lora_path is not None:
+            self.adapters.use(params.lora, params.lora_path, self._adapters_in_use())
         self._validate(token_ids, params, ends)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
                        bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))

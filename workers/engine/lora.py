@@ -12,12 +12,12 @@ projection keeps the rows of B that its output shard has, a row-parallel one the
 has; the latter's product joins the partial output before the all-reduce, which sums it as it sums the base
 product.
 
-Adapters are loaded when the engine starts (engine lora_modules, as vLLM's --lora-modules), or added to an
-engine in this process between steps (LLM.add_lora, as vLLM's), so a request naming one never waits for a load,
-and one naming another is refused. An adapter's name stays its weights' for the engine's life (no unload), which
-is what lets the name alone key its cached KV blocks. Steps with an adapter's rows skip the fused
-small-batch kernels, which know only the base weights; their decode steps replay CUDA graphs of their own
-(cuda_graphs.py).
+Adapters are loaded when the engine starts (engine lora_modules, as vLLM's --lora-modules), added to an engine
+between steps (LLM.add_lora, as vLLM's), or loaded by the first request that names one with its folder (a cluster
+that loads adapters while it runs; adapter_cache.py, which also drops them again). A name is its weights' for
+good: a name dropped and read again has the same weights, which is what lets the name alone key its cached KV
+blocks. Steps with an adapter's rows skip the fused small-batch kernels, which know only the base weights; their
+decode steps replay CUDA graphs of their own (cuda_graphs.py).
 """
 
 import logging
@@ -78,6 +78,7 @@ class LoRALayer:
         view into them."""
         present = [(slot, pair) for slot, pair in enumerate(self.pairs) if pair is not None]
         if not present:
+            self.stacked = None
             return
         a = torch.cat([pair[0] for _, pair in present])
         bt = torch.cat([pair[1] for _, pair in present])
@@ -129,6 +130,14 @@ class LoRAAdapters:
             if module in pairs:
                 module.lora.stack()
         self.names += (name,)
+
+    def remove(self, name: str) -> None:
+        """Drops the adapter; those after it move up a slot, also in every layer's stacked pairs."""
+        slot = self.names.index(name)
+        for module in self._projections.values():
+            module.lora.pairs.pop(slot)
+            module.lora.stack()
+        self.names = self.names[:slot] + self.names[slot + 1:]
 
     def _read(self, name: str, folder: Path) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         """This rank's (A, B^T) of each module the adapter changes."""

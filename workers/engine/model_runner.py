@@ -42,7 +42,7 @@ from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
 from workers.engine.sequence import Sequence
-from workers.engine.step_plan import PlanWriter
+from workers.engine.step_plan import DropAdapter, LoadAdapter, PlanWriter
 from workers.engine.structured_output import token_bitmask
 
 logger = logging.getLogger(__name__)
@@ -197,11 +197,24 @@ class ModelRunner:
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
 
     def add_lora(self, name: str, folder: str) -> None:
-        """Loads a LoRA adapter between steps (lora.py). Where decode steps replay CUDA graphs, those of steps
-        with adapters' rows are captured again: the ones before read the adapter table this load replaced."""
+        """Loads a LoRA adapter between steps (lora.py); rank 0 has the followers load their shards of it once its
+        own loaded. Where decode steps replay CUDA graphs, those of steps with adapters' rows are captured again:
+        the ones before read the adapter table this load replaced."""
         if self.lora is None:
             self.lora = LoRAAdapters(self.model, {}, self.tp)
         self.lora.add(name, folder)
+        if self.followers is not None:
+            self.followers.send(LoadAdapter(name, str(folder)))
+        self._recapture_adapter_graphs()
+
+    def remove_lora(self, name: str) -> None:
+        """Drops a LoRA adapter between steps, on every rank; its requests must have ended."""
+        self.lora.remove(name)
+        if self.followers is not None:
+            self.followers.send(DropAdapter(name))
+        self._recapture_adapter_graphs()
+
+    def _recapture_adapter_graphs(self) -> None:
         graphs = self.decode_graphs
         if graphs is not None:
             graphs.lora = self.lora

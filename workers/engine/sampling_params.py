@@ -67,6 +67,8 @@ class SamplingParams:
     ties by arrival); it travels with the other params, so the prefill and the decode group both honour it.
     `lora` names the LoRA adapter that runs the request (one of the engine's lora_modules; None: the base model),
     and travels the same way, so every group that computes the request's KV computes it with the adapter.
+    `lora_path` is the adapter's folder, for an adapter the cluster loaded while it runs: a group that has not
+    loaded it yet reads it from there (adapter_cache.py).
 
     The logits are adjusted before greedy or sampled choice, in vLLM's order: `allowed_token_ids` bans every
     other token; `bad_words` bans the token that would complete any of these words (tokenized as at the start of
@@ -100,6 +102,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     priority: int = 0
     lora: str | None = None
+    lora_path: str | None = None
 
     def __post_init__(self):
         # Accept lists and a lone string for convenience, store tuples so the params stay hashable/frozen.
@@ -181,6 +184,9 @@ class SamplingParams:
             raise InvalidRequestError("priority", f"must be an integer, got {self.priority!r}")
         if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
             raise InvalidRequestError("lora", f"must be an adapter's name or None, got {self.lora!r}")
+        if self.lora_path is not None and (self.lora is None or not isinstance(self.lora_path, str)):
+            raise InvalidRequestError("lora_path", f"must be the folder of the adapter `lora` names, got "
+                                                   f"{self.lora_path!r} for lora={self.lora!r}")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise InvalidRequestError("structured_output", f"must be a StructuredOutput or a dict of its fields, got "
                                                            f"{type(self.structured_output).__name__}")
