@@ -7,11 +7,11 @@ token and rarely a block afterwards), the step's guesses at its next tokens (spe
 requests that ended. Followers keep a mirror of each request (its
 tokens and block table) and run the same forward pass on it; they never sample, since rank 0 alone decides.
 
-Other commands (a KV transfer, a LoRA adapter to load or drop, stop) travel the same way, so a follower does everything in the order rank 0
-did it. Messages travel as JSON with a type name per dataclass, and a follower rebuilds only the message types
-listed in `_MESSAGES`: the group's process group listens on the network, and unpickling what arrives there would
-run whatever a sender put in it. This is the control plane, a few hundred bytes per step; KV tensors never go
-through it.
+Other commands (a KV transfer, a LoRA adapter to load or drop, stop) travel the same way, so a follower does
+everything in the order rank 0 did it. Messages travel as JSON with a type name per dataclass, and a follower
+rebuilds only the message types listed in `_MESSAGES`: the group's process group listens on the network, and
+unpickling what arrives there would run whatever a sender put in it. This is the control plane, a few hundred
+bytes per step; KV tensors never go through it.
 """
 
 import json
