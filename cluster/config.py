@@ -116,6 +116,9 @@ class ClusterConfig:
     lora_modules: dict[str, str] = field(default_factory=dict, metadata={"help": (
         "LoRA adapters (PEFT folders) every group loads at start, which requests name as `model`: "
         "NAME=PATH[,NAME=PATH...] as a flag, a mapping of names to paths in YAML")})
+    max_loras: int = _field(8, "LoRA adapters loaded while the cluster runs (api.allow_runtime_lora) that a group "
+                               "keeps; past that, the least recently used one no request runs is dropped, and read "
+                               "again when a request names it", min=1)
     device: str = _field("cpu", "where every rank runs", choices=("cpu", "cuda"))
     dtype: str = _field("auto", "weights and KV precision; auto = float32 on CPU, bfloat16 on GPU",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -186,7 +189,7 @@ class ClusterConfig:
             model=ModelConfig(model=model or self.model, device=self.device, dtype=self.dtype,
                               max_model_len=self.max_model_len, seed=self.seed,
                               attention_backend=self.attention_backend, enforce_eager=self.enforce_eager,
-                              lora_modules=dict(self.lora_modules)),
+                              lora_modules=dict(self.lora_modules), max_loras=self.max_loras),
             cache=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
                               kv_cache_memory_gb=self.kv_cache_memory_gb,
                               gpu_memory_utilization=self.gpu_memory_utilization,

@@ -44,6 +44,10 @@ class ApiConfig:
                                                 "the reply is all answer")
     max_concurrent_requests: int | None = _field(None, "requests one ingress replica serves at once; more get "
                                                        "RESOURCE_EXHAUSTED / 429 at once (null: no limit)")
+    allow_runtime_lora: bool = _field(False, "clients may load and unload LoRA adapters while the cluster runs "
+                                             "(POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM's "
+                                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING); an adapter's folder must be "
+                                             "readable at the same absolute path wherever a worker group runs")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
                                        "(null: $TANDEM_API_KEY when set, else no key)")
     tls_cert_file: str | None = _field(None, "PEM server certificate: gRPC and HTTP speak TLS (read where the "

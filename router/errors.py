@@ -17,6 +17,7 @@ from workers.engine.errors import (
     DuplicateRequestError,
     InvalidRequestError,
     KVCacheFullError,
+    LoRAError,
     ModelNotFoundError,
     RequestFailedError,
 )
@@ -73,6 +74,11 @@ def classify(error: BaseException) -> ApiError:
         return ApiError(Kind.INVALID_ARGUMENT, f"{error.field}: {error.message}", error.field)
     if isinstance(error, DuplicateRequestError):
         return ApiError(Kind.INVALID_ARGUMENT, f"request_id: {error}", "request_id")
+    if isinstance(error, LoRAError):
+        # A group could not read an adapter loaded while the cluster runs (a folder its node lacks, or that has
+        # changed since): not the caller's mistake, and retrying will not help.
+        return ApiError(Kind.INTERNAL, f"a worker group could not load the adapter: {getattr(error, 'cause', error)}",
+                        "model")
     if isinstance(error, ModelNotFoundError):
         return ApiError(Kind.NOT_FOUND, str(error), "model")
     if isinstance(error, (BackPressureError, KVCacheFullError)):

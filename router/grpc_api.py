@@ -106,7 +106,7 @@ class GenerationServicer:
         model = self.ingress.model
         base = pb.Model(id=model.name, max_model_len=model.max_model_len, block_size=model.block_size)
         adapters = [pb.Model(id=name, max_model_len=model.max_model_len, block_size=model.block_size,
-                             parent=model.name) for name in model.adapters]
+                             parent=model.name) for name in self.ingress.lora.names]
         return pb.ListModelsResponse(models=[base, *adapters])
 
     async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], Built],

@@ -30,12 +30,15 @@ from router.api_config import ApiConfig
 from router.errors import ApiError, Kind, classify, invalid
 from router.kv_index import KVIndexFollower
 from router.load_view import LoadView
+from router.lora_registry import Adapter, LoRARegistry
 from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
 from router.reasoning import reasoning_parser
 from router.routing_hint import RoutingHint
 from workers.engine.async_engine import release_quietly
+from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
+from workers.engine.lora_folder import read_folder
 from workers.engine.outputs import DeltaAssembler, RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
@@ -71,12 +74,7 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     block_size: int
-    adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads, which requests name as `model`
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """What requests may give as `model`: the model's name, then its adapters'."""
-        return self.name, *self.adapters
+    adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads at start, which requests name as `model`
 
 
 class Ingress:
@@ -96,6 +94,7 @@ class Ingress:
         self._index = KVIndexFollower(redis_url) if redis_url and prefill and decide else None
         self._loads = LoadView(redis_url) if redis_url else None
         self.redis_url = redis_url  # the HTTP API stores Responses API responses there
+        self.lora = LoRARegistry(model.name, model.adapters, redis_url)
         self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None,
                                       model.adapters)
         self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
@@ -128,7 +127,7 @@ class Ingress:
             raise
         finally:
             self._active -= 1
-            adapter = request.model if request.model in self.model.adapters else None
+            adapter = request.model if request.model and self.lora.get(request.model) else None
             self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage, adapter)
 
     def admit(self) -> None:
@@ -146,9 +145,11 @@ class Ingress:
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
         token_ids = self.validate(request)
         request_id = request.request_id or uuid.uuid4().hex
-        salt, lora = request.cache_salt, self.check_model(request.model) if request.model else None
-        params = replace(self._after_thinking(request, token_ids), lora=lora)
-        hashes = hash_full_blocks(token_ids, self.model.block_size, salt, lora=lora)
+        salt, adapter = request.cache_salt, self.check_model(request.model) if request.model else None
+        params = self._after_thinking(request, token_ids)
+        if adapter is not None:
+            params = replace(params, lora=adapter.key, lora_path=adapter.path)
+        hashes = hash_full_blocks(token_ids, self.model.block_size, salt, lora=params.lora)
         decision = await self._decide(len(token_ids), hashes)
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
         first, prefilled = True, None
@@ -264,14 +265,63 @@ class Ingress:
             raise invalid(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def check_model(self, name: str) -> str | None:
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """What requests may give as `model`: the model's name, then its LoRA adapters'."""
+        return self.model.name, *self.lora.names
+
+    def check_model(self, name: str) -> Adapter | None:
         """The LoRA adapter a request's `model` names, None for the base model; any other name is NOT_FOUND."""
         if name == self.model.name:
             return None
-        if name in self.model.adapters:
-            return name
-        served = ", ".join(repr(n) for n in self.model.names)
+        adapter = self.lora.get(name)
+        if adapter is not None:
+            return adapter
+        served = ", ".join(repr(n) for n in self.model_names)
         raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves {served}", "model")
+
+    async def load_lora_adapter(self, name: str, path: str, replace_loaded: bool = False) -> None:
+        """Serves a LoRA adapter from now on (vLLM's /v1/load_lora_adapter; `replace_loaded` is its load_inplace):
+        its folder is read here, and a decode group loads it, checking it against the model itself, before it is
+        recorded for every ingress replica (router/lora_registry.py). Other groups load it when a request names
+        it."""
+        self._check_runtime_lora()
+        if not name:
+            raise invalid("lora_name", "must not be empty")
+        if name == self.model.name or name in self.lora.started_with:
+            raise invalid("lora_name", f"{name!r} is {'the model' if name == self.model.name else 'an adapter'} "
+                                       "this cluster started with; give the adapter another name")
+        if not path.startswith("/"):
+            raise invalid("lora_path", f"must be an absolute path, where every worker group reads the adapter "
+                                       f"(got {path!r})")
+        if self.lora.get(name) is not None and not replace_loaded:
+            raise ApiError(Kind.INVALID_ARGUMENT, f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        adapter = None
+        try:
+            read_folder(name, path)
+            adapter = await self.lora.new(name, path)
+            await self.decode.load_adapter.remote(adapter.key, path)
+        except LoRAError as e:  # a group's (through Serve, its cause) names the adapter by its key
+            message = str(getattr(e, "cause", e))
+            raise invalid("lora_path", message.replace(repr(adapter.key), repr(name)) if adapter else message) \
+                from None
+        await self.lora.add(adapter, replace_loaded)
+        logger.info("LoRA adapter %r loaded from %s (groups know it as %r)", name, path, adapter.key)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Stops serving an adapter loaded while the cluster runs (vLLM's /v1/unload_lora_adapter). Requests
+        running under it finish; groups drop its weights when they need the room (max_loras)."""
+        self._check_runtime_lora()
+        if name in self.lora.started_with:
+            raise invalid("lora_name", f"{name!r} is an adapter this cluster started with (lora_modules), which "
+                                       "stays")
+        await self.lora.remove(name)
+        logger.info("LoRA adapter %r unloaded", name)
+
+    def _check_runtime_lora(self) -> None:
+        if not self.api.allow_runtime_lora:
+            raise ApiError(Kind.NOT_FOUND, "loading LoRA adapters while the cluster runs is off; start it with "
+                                           "api.allow_runtime_lora (--api-allow-runtime-lora)")
 
     def model_name(self, requested: str | None) -> str:
         """The name a response gives: the adapter's where the request named one, else the served model's."""
@@ -302,6 +352,8 @@ class Ingress:
 
         if self._grpc_address is not None:
             self._grpc = await start_grpc_server(self, *self._grpc_address)
+        if self.api.allow_runtime_lora:
+            self.lora.follow()
         return build_http_app(self)
 
     async def check_health(self) -> None:

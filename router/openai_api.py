@@ -224,6 +224,20 @@ class DetokenizeBody(BaseModel):
     tokens: list[int]
 
 
+class LoadLoRABody(BaseModel):
+    """vLLM's LoadLoRAAdapterRequest."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRABody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str
+
+
 Body = TypeVar("Body", bound=BaseModel)
 Shape = ResponseShape | ResponsesShape
 Built = tuple[list[dict], SamplingParams, ToolChoice | None]  # a request's prompts, params and tool choice
@@ -264,6 +278,8 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/responses/{response_id}/cancel", api.cancel_response, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
+    app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"])
+    app.add_api_route("/v1/unload_lora_adapter", api.unload_lora_adapter, methods=["POST"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/health", api.health, methods=["GET"])
@@ -396,7 +412,7 @@ class OpenAIApi:
             self._authorize(request)
         except ApiError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [self._model_card(name) for name in self.ingress.model.names]})
+        return JSONResponse({"object": "list", "data": [self._model_card(name) for name in self.ingress.model_names]})
 
     async def model(self, request: Request, model: str) -> Response:
         try:
@@ -412,6 +428,25 @@ class OpenAIApi:
         parent = None if name == model.name else model.name
         return {"id": name, "object": "model", "created": self.created, "owned_by": "tandem", "root": name,
                 "parent": parent, "max_model_len": model.max_model_len}
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's endpoint, and its answer: plain text on success."""
+        try:
+            self._authorize(request)
+            body = await self._parse(request, LoadLoRABody)
+            await self.ingress.load_lora_adapter(body.lora_name, body.lora_path, body.load_inplace)
+        except Exception as e:
+            return _refused(e)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._parse(request, UnloadLoRABody)
+            await self.ingress.unload_lora_adapter(body.lora_name)
+        except Exception as e:
+            return _refused(e)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def tokenize(self, request: Request) -> Response:
         try:

@@ -13,6 +13,7 @@ from ray import serve
 
 from cluster.app import build_app
 from cluster.config import ClusterConfig, PoolConfig
+from router.api_config import ApiConfig
 from router.ingress import GenerateRequest
 from router.kv_index import KVIndexFollower
 from tests.hf_reference import hf_greedy
@@ -44,7 +45,7 @@ def adapter(model, tmp_path_factory) -> Adapter:
 def ingress(model, redis_url, adapter):
     config = ClusterConfig(model=model, num_kv_blocks=64, num_cpus_per_rank=0.5, kv_transfer_timeout_s=10,
                            prefill=PoolConfig(replicas=2), redis_url=redis_url, grpc_port=GRPC_PORT,
-                           lora_modules={"tiny-lora": str(adapter.folder)})
+                           lora_modules={"tiny-lora": str(adapter.folder)}, api=ApiConfig(allow_runtime_lora=True))
     handle = serve.run(build_app(config), name="tandem-test", route_prefix=None)
     yield handle
     serve.delete("tandem-test")
@@ -74,11 +75,20 @@ def test_disaggregated_cluster_gives_hfs_greedy_tokens(ingress, model):
     assert asyncio.run(run()) == [hf_greedy(model, p, GREEDY.max_tokens) for p in prompts]
 
 
+@pytest.mark.parametrize("loaded", ["at start", "while the cluster runs"])
 def test_a_lora_adapters_request_gets_its_adapters_tokens_through_prefill_transfer_and_decode(ingress, model, adapter,
-                                                                                              tmp_path):
+                                                                                              tmp_path, loaded):
+    """An adapter loaded while the cluster runs reaches the prefill group that computes the prompt, and the decode
+    group that continues it, with the request that names it."""
     prompt = [(11 * j) % 49152 for j in range(45)]
-    request = GenerateRequest(prompt_token_ids=prompt, params=GREEDY, model="tiny-lora")
+    name = "tiny-lora"
+    if loaded == "while the cluster runs":
+        name = "tiny-lora-later"
+        ingress.load_lora_adapter.remote(name, str(adapter.folder)).result()
+    request = GenerateRequest(prompt_token_ids=prompt, params=GREEDY, model=name)
     out = asyncio.run(final(ingress, request))
+    if name != "tiny-lora":
+        ingress.unload_lora_adapter.remote(name).result()
     expected = hf_greedy(merged_model(adapter, Path(model), tmp_path / "merged"), prompt, GREEDY.max_tokens)
     assert out.outputs[0].token_ids == expected != hf_greedy(model, prompt, GREEDY.max_tokens)
     assert out.metrics.kv_transfer_bytes > 0  # the decode group received the prompt's KV from a prefill group

@@ -68,7 +68,7 @@ def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter)
                            disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
                                          tool_call_parser="hermes", reasoning_parser="deepseek_r1",
-                                         response_store_url=response_store))
+                                         response_store_url=response_store, allow_runtime_lora=True))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
@@ -134,6 +134,68 @@ def test_a_lora_adapter_answers_with_the_tokens_of_its_merged_weights_over_http_
         client.completions.create(model="acme/other-lora", prompt="Hi", max_tokens=1)
     assert metric(SERVE_HTTP_URL, f'tandem_lora_requests_total{{adapter="{ADAPTER}"}}') == 2
     assert metric(SERVE_HTTP_URL, f'tandem_lora_generation_tokens_total{{adapter="{ADAPTER}"}}') == 24
+
+
+def lora_call(base_url: str, path: str, body: dict) -> tuple[int, str]:
+    """vLLM's LoRA endpoints answer success in plain text, errors in JSON."""
+    request = urllib.request.Request(f"{base_url}/v1/{path}", json.dumps(body).encode(),
+                                     headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+
+
+def test_an_adapter_loaded_while_the_cluster_runs_answers_with_its_merged_weights_until_unloaded(
+        base_url, client, cluster, tokenizer, tmp_path, smollm2_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: a loaded adapter is listed, named by requests over
+    HTTP and gRPC, and replaced in place (load_inplace) by another folder's weights, never answering with the
+    weights it had before; unloaded, it is NOT_FOUND. Folders that are no adapter of this model are refused with
+    the reason, before any request can name them."""
+    name = "acme/loaded-later"
+    first, second = (write_adapter(tmp_path / f"a{seed}", Path(cluster), ATTENTION + MLP, rank=4, alpha=8, seed=seed,
+                                   std=0.2) for seed in (11, 12))
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    expected = [hf_greedy(merged_model(a, Path(cluster), tmp_path / f"merged{i}"), prompt_ids, 12)
+                for i, a in enumerate((first, second))]
+    assert expected[0] != expected[1]
+
+    assert lora_call(base_url, "load_lora_adapter", {"lora_name": name, "lora_path": str(first.folder)}) == \
+        (200, f"Success: LoRA adapter '{name}' added successfully.")
+    assert [(m.id, m.parent) for m in client.models.list().data][-1] == (name, SERVED_NAME)
+    assert client.completions.create(model=name, prompt=prompt_ids, **GREEDY).choices[0].text == \
+        tokenizer.decode(expected[0])
+    grpc = TandemClient(f"localhost:{GRPC_PORT}", api_key=KEY)
+    assert (name, SERVED_NAME) in [(m.id, m.parent) for m in grpc.models()]
+    assert grpc.generate(prompt_ids, model=name, max_tokens=12, temperature=0, ignore_eos=True).token_ids == expected[0]
+    assert lora_call(base_url, "load_lora_adapter", {"lora_name": name, "lora_path": str(second.folder)}) == \
+        (400, f"The lora adapter '{name}' has already been loaded.")
+
+    assert lora_call(base_url, "load_lora_adapter", {"lora_name": name, "lora_path": str(second.folder),
+                                                     "load_inplace": True})[0] == 200
+    # The same prompt again: the first weights' cached KV blocks are no hit for the second's.
+    completion = client.completions.create(model=name, prompt=prompt_ids, **GREEDY)
+    assert completion.choices[0].text == tokenizer.decode(expected[1]) and completion.model == name
+    assert metric(base_url, f'tandem_lora_requests_total{{adapter="{name}"}}') == 3
+
+    assert lora_call(base_url, "unload_lora_adapter", {"lora_name": name}) == \
+        (200, f"Success: LoRA adapter '{name}' removed successfully.")
+    with pytest.raises(openai.NotFoundError, match=f"'{name}' is not served here"):
+        client.completions.create(model=name, prompt="Hi", max_tokens=1)
+    assert lora_call(base_url, "unload_lora_adapter", {"lora_name": name}) == \
+        (404, f"The lora adapter '{name}' cannot be found.")
+    assert lora_call(base_url, "unload_lora_adapter", {"lora_name": ADAPTER})[0] == 400  # started with it
+
+    other_model = write_adapter(tmp_path / "other", smollm2_path, ("q_proj",), rank=4, alpha=8, seed=1,
+                                layers=range(1)).folder
+    for path, message in [(str(tmp_path / "nowhere"), r"lora_path: LoRA adapter 'x': cannot read"),
+                          ("relative/folder", r"lora_path: must be an absolute path"),
+                          (str(other_model), r"lora_path: LoRA adapter 'x': layer 0 q_proj has A .* an adapter "
+                                             r"of another model")]:
+        status, error = lora_call(base_url, "load_lora_adapter", {"lora_name": "x", "lora_path": path})
+        assert status == 400 and re.match(message, error), error
+    assert [m.id for m in client.models.list().data] == [SERVED_NAME, ADAPTER]
 
 
 def test_a_model_is_retrieved_by_its_name(client, model_name):

@@ -30,7 +30,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "max_choices" $v.api.maxChoices "response_ttl_s" $v.api.responseTtlS
       "response_store_url" ($v.api.responseStoreUrl | default nil) "tool_call_parser" $v.api.toolCallParser
       "reasoning_parser" $v.api.reasoningParser
-      "max_concurrent_requests" $v.api.maxConcurrentRequests
+      "max_concurrent_requests" $v.api.maxConcurrentRequests "allow_runtime_lora" $v.api.allowRuntimeLora
       "api_key" nil "tls_cert_file" nil "tls_key_file" nil "tls_client_ca_file" nil -}}
 {{- if $v.tls.enabled -}}
 {{- $_ := set $api "tls_cert_file" (printf "%s/tls.crt" (include "tandem.tlsDir" .)) -}}
@@ -48,6 +48,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "metrics_interval_s" $a.metricsIntervalS "look_back_s" $a.lookBackS -}}
 {{- $config := dict
       "model" $v.model.path "served_model_name" $v.model.servedModelName "lora_modules" $v.model.loraModules
+      "max_loras" $v.model.maxLoras
       "device" $e.device "dtype" $e.dtype "max_model_len" $e.maxModelLen "seed" $e.seed
       "tensor_parallel_size" $e.tensorParallelSize "num_cpus_per_rank" $e.numCpusPerRank
       "block_size" $e.blockSize "num_kv_blocks" $e.numKvBlocks "kv_cache_memory_gb" $e.kvCacheMemoryGb

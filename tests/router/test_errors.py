@@ -1,0 +1,28 @@
+"""What the API says of the errors a request's path can raise (router/errors.py)."""
+
+import pytest
+import ray
+
+from router.errors import Kind, classify
+from workers.engine.errors import InvalidRequestError, LoRAError
+
+
+@ray.remote
+def _load_adapter() -> None:
+    raise LoRAError("LoRA adapter 'sql@3': cannot read /adapters/sql/adapter_config.json: No such file or directory")
+
+
+def test_an_adapter_a_group_cannot_read_is_an_internal_error_with_the_groups_reason(ray_cluster):
+    """Raised in a worker group, the error arrives wrapped in Ray's traceback; the message is the group's own."""
+    with pytest.raises(LoRAError) as raised:
+        ray.get(_load_adapter.remote())
+    error = classify(raised.value)
+    assert (error.kind, error.field) == (Kind.INTERNAL, "model")
+    assert error.message == ("a worker group could not load the adapter: LoRA adapter 'sql@3': cannot read "
+                             "/adapters/sql/adapter_config.json: No such file or directory")
+
+
+def test_bad_input_names_its_field():
+    error = classify(InvalidRequestError("max_tokens", "must be at least 1, got 0"))
+    assert (error.kind, error.field, error.message) == (Kind.INVALID_ARGUMENT, "max_tokens",
+                                                        "max_tokens: must be at least 1, got 0")
