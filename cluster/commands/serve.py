@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: serving gRPC on {config.host}:{config.grpc_port} (tandem.v1.Generation, health, reflection; "
               f"{tls}{key}) and HTTP on http://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
               f"/metrics); KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
+        if config.api.allow_runtime_lora:
+            print("tandem: LoRA adapters may be loaded while it runs: POST /v1/load_lora_adapter {lora_name, "
+                  "lora_path}, /v1/unload_lora_adapter {lora_name}", file=sys.stderr, flush=True)
         # The pools' throughput lines go on through the drain, which is when an operator most wants to see them.
         stats_done = threading.Event()
         stats = threading.Thread(target=_log_stats_until, args=(stats_done, config.redis_url, args.log_stats_interval),
