@@ -52,7 +52,7 @@ async def hand_off_prefixes(group: WorkerGroup, redis_url: str, group_id: str, r
     try:
         async with asyncio.timeout(budget_s):
             for prefix in prefixes:
-                params = SamplingParams(max_tokens=1, temperature=0.0, lora=prefix.lora)
+                params = SamplingParams(max_tokens=1, temperature=0.0, lora=prefix.lora, lora_path=prefix.lora_path)
                 try:
                     handoff = await group.prefill(prefix.token_ids, params, f"handoff-{uuid.uuid4().hex}",
                                                   prefix.cache_salt)

@@ -85,11 +85,14 @@ def test_the_oldest_entries_go_once_the_tokens_kept_pass_capacity():
 
 def test_a_prefix_computed_under_a_lora_adapter_is_handed_on_under_it():
     """Its blocks hold the adapter's KV: the survivor must compute the last block under the same adapter, or the
-    hashes it caches would name other KV."""
+    hashes it caches would name other KV; one loaded while the cluster runs goes with its folder, which the
+    survivor may not have loaded."""
     recent = RecentPrefixes(BS, capacity_tokens=1024)
     tokens = SYSTEM + [1, 2, 3, 4]
-    base, adapted = hash_full_blocks(tokens, BS), hash_full_blocks(tokens, BS, lora="sql")
+    base, adapted, loaded = (hash_full_blocks(tokens, BS, lora=lora) for lora in (None, "sql", "chat@3"))
     recent.record(tokens, base, None)
     recent.record(tokens, adapted, None, "sql")
-    prefixes = recent.unique(cached=set(base) | set(adapted), held_elsewhere=set())
-    assert [(p.token_ids, p.lora) for p in prefixes] == [(tokens, "sql"), (tokens, None)]
+    recent.record(tokens, loaded, None, "chat@3", "/adapters/chat")
+    prefixes = recent.unique(cached=set(base) | set(adapted) | set(loaded), held_elsewhere=set())
+    assert [(p.token_ids, p.lora, p.lora_path) for p in prefixes] == [
+        (tokens, "chat@3", "/adapters/chat"), (tokens, "sql", None), (tokens, None, None)]

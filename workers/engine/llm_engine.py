@@ -396,7 +396,8 @@ class LLMEngine:
         seq = req.seq
         if self.block_manager.enable_prefix_caching:
             num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
-            self.recent_prefixes.record(seq.token_ids, seq.block_hashes[:num_full], seq.cache_salt, seq.lora)
+            self.recent_prefixes.record(seq.token_ids, seq.block_hashes[:num_full], seq.cache_salt, seq.lora,
+                                        seq.sampling_params.lora_path)
         self.scheduler.finish(seq, reason, free_blocks=not keep_blocks)
         self.receiving.pop(seq.request_id, None)
         if keep_blocks:

@@ -20,6 +20,7 @@ class Prefix:
     token_ids: list[int]  # whole blocks
     cache_salt: str | None
     lora: str | None = None  # the adapter whose KV the blocks hold
+    lora_path: str | None = None  # its folder, for an adapter loaded while the cluster runs (adapter_cache.py)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class _Entry:
     block_hashes: list[BlockHash]
     cache_salt: str | None
     lora: str | None
+    lora_path: str | None
 
 
 class RecentPrefixes:
@@ -41,14 +43,14 @@ class RecentPrefixes:
         return len(self._entries)
 
     def record(self, token_ids: Sequence[int], block_hashes: Sequence[BlockHash], cache_salt: str | None,
-               lora: str | None = None) -> None:
+               lora: str | None = None, lora_path: str | None = None) -> None:
         """A finished sequence's computed full blocks: `block_hashes` and the tokens they cover."""
         if not block_hashes:
             return
         for replaced in block_hashes:
             self._drop(self._entries.pop(replaced, None))
         self._entries[block_hashes[-1]] = entry = _Entry(array("l", token_ids[:len(block_hashes) * self.block_size]),
-                                                         list(block_hashes), cache_salt, lora)
+                                                         list(block_hashes), cache_salt, lora, lora_path)
         self._num_tokens += len(entry.token_ids)
         while self._num_tokens > self.capacity_tokens:
             self._drop(self._entries.popitem(last=False)[1])
@@ -68,6 +70,6 @@ class RecentPrefixes:
             held = entry.block_hashes[:num_cached]
             if any(h not in held_elsewhere and h not in listed for h in held):
                 prefixes.append(Prefix(entry.token_ids[:num_cached * self.block_size].tolist(), entry.cache_salt,
-                                       entry.lora))
+                                       entry.lora, entry.lora_path))
                 listed.update(held)
         return prefixes
