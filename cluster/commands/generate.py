@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from cluster.cli import connect, engine_kwargs, remote_options, sampling_params
 from cluster.client import Completion, Stream
 
-LORA_WITH_URL = ("tandem: error: --lora loads an adapter in this process; a cluster serves the adapters it was "
-                 "started with (tandem serve --lora-modules NAME=PATH) by name: --model NAME")
+LORA_WITH_URL = ("tandem: error: --lora loads an adapter in this process; a cluster serves its adapters (tandem "
+                 "serve --lora-modules NAME=PATH, or POST /v1/load_lora_adapter) by name: --model NAME")
 
 if TYPE_CHECKING:
     from workers.engine.llm import LLM
