@@ -94,4 +94,4 @@ def served_model(config: ClusterConfig, model_dir: str) -> ServedModel:
     max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
     return ServedModel(name=config.served_model_name or Path(config.model).name, path=model_dir,
                        max_model_len=max_len, vocab_size=hf_config.vocab_size, block_size=config.block_size,
-                       adapters=tuple(config.lora_modules))
+                       adapters=tuple(config.lora_modules), lora_dir=config.lora_dir)

@@ -116,9 +116,13 @@ class ClusterConfig:
     lora_modules: dict[str, str] = field(default_factory=dict, metadata={"help": (
         "LoRA adapters (PEFT folders) every group loads at start, which requests name as `model`: "
         "NAME=PATH[,NAME=PATH...] as a flag, a mapping of names to paths in YAML")})
-    max_loras: int = _field(8, "LoRA adapters loaded while the cluster runs (api.allow_runtime_lora) that a group "
-                               "keeps; past that, the least recently used one no request runs is dropped, and read "
-                               "again when a request names it", min=1)
+    lora_dir: str | None = _field(None, "a folder of LoRA adapters, each in a subfolder named as requests name it "
+                                        "(<lora_dir>/<name>): a request naming an adapter not loaded yet loads it "
+                                        "from there (vLLM's filesystem LoRA resolver); an absolute path every "
+                                        "worker group can read")
+    max_loras: int = _field(8, "LoRA adapters loaded while the cluster runs (lora_dir, api.allow_runtime_lora) "
+                               "that a group keeps; past that, the least recently used one no request runs is "
+                               "dropped, and read again when a request names it", min=1)
     device: str = _field("cpu", "where every rank runs", choices=("cpu", "cuda"))
     dtype: str = _field("auto", "weights and KV precision; auto = float32 on CPU, bfloat16 on GPU",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -178,6 +182,9 @@ class ClusterConfig:
         served = self.served_model_name or Path(self.model).name
         if served in self.lora_modules:
             raise ConfigError(f"lora_modules: the adapter name {served!r} is the model's own; name it otherwise")
+        if self.lora_dir is not None and not self.lora_dir.startswith("/"):
+            raise ConfigError(f"lora_dir must be an absolute path, the same wherever a worker group runs (got "
+                              f"{self.lora_dir!r})")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"prompt_lookup_min must be <= prompt_lookup_max (got {self.prompt_lookup_min} and "
                               f"{self.prompt_lookup_max})")

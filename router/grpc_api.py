@@ -86,7 +86,7 @@ class GenerationServicer:
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
-            self._check(request)
+            await self._check(request)
             ids = self.ingress.tokenizer.encode(request.text, add_special_tokens=False)
             return pb.TokenizeResponse(token_ids=ids)
         except Exception as e:
@@ -95,7 +95,7 @@ class GenerationServicer:
     async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
                          ) -> pb.DetokenizeResponse:
         try:
-            self._check(request)
+            await self._check(request)
             text = self.ingress.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
             return pb.DetokenizeResponse(text=text)
         except Exception as e:
@@ -114,7 +114,7 @@ class GenerationServicer:
         """`chat`: a reply whose thinking a reasoning parser tells from its answer, and which may call tools."""
         outputs = None
         try:
-            self._check(request)
+            await self._check(request)
             generate_request, tools = build(request)
             reply = _ChatReply(self.ingress.reasoning, tools) if chat else None
             outputs = self.ingress.generate(generate_request)
@@ -140,7 +140,7 @@ class GenerationServicer:
             if outputs is not None:
                 await outputs.aclose()
 
-    def _check(self, request) -> None:
+    async def _check(self, request) -> None:
         """Undecodable or unknown input is refused before anything runs."""
         if isinstance(request, Undecodable):
             raise ApiError(Kind.INVALID_ARGUMENT, request.reason)
@@ -149,6 +149,7 @@ class GenerationServicer:
             raise invalid(unknown, "unknown field (not in tandem.v1): this server does not know what it means")
         model = getattr(request, "model", "")
         if model:
+            await self.ingress.resolve_model(model)
             self.ingress.check_model(model)
 
     def _generate_request(self, request: pb.GenerateRequest) -> Built:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ray.serve import context as serve_context
@@ -38,7 +39,7 @@ from router.routing_hint import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
-from workers.engine.lora_folder import read_folder
+from workers.engine.lora_folder import CONFIG_FILE, read_folder
 from workers.engine.outputs import DeltaAssembler, RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
@@ -75,6 +76,8 @@ class ServedModel:
     vocab_size: int
     block_size: int
     adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads at start, which requests name as `model`
+    # Where an adapter a request names is looked for when it is not loaded: the folder <lora_dir>/<name>.
+    lora_dir: str | None = None
 
 
 class Ingress:
@@ -95,6 +98,7 @@ class Ingress:
         self._loads = LoadView(redis_url) if redis_url else None
         self.redis_url = redis_url  # the HTTP API stores Responses API responses there
         self.lora = LoRARegistry(model.name, model.adapters, redis_url)
+        self._resolving = asyncio.Lock()  # one adapter found in lora_dir is loaded at a time
         self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None,
                                       model.adapters)
         self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
@@ -143,6 +147,7 @@ class Ingress:
                                                     "requests; retry later")
 
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
+        await self.resolve_model(request.model)
         token_ids = self.validate(request)
         request_id = request.request_id or uuid.uuid4().hex
         salt, adapter = request.cache_salt, self.check_model(request.model) if request.model else None
@@ -280,12 +285,37 @@ class Ingress:
         served = ", ".join(repr(n) for n in self.model_names)
         raise ApiError(Kind.NOT_FOUND, f"model: {name!r} is not served here; this cluster serves {served}", "model")
 
+    async def resolve_model(self, name: str | None) -> None:
+        """Loads the adapter a request names when it is not loaded yet and lora_dir holds it (vLLM's filesystem
+        LoRA resolver, Ray Serve LLM's dynamic LoRA loading); a name it does not hold is left to check_model."""
+        if not name or name == self.model.name or self.lora.get(name) is not None:
+            return
+        folder = self._in_lora_dir(name)
+        if folder is None:
+            return
+        async with self._resolving:
+            if self.lora.get(name) is None:  # not loaded meanwhile by a request before this one
+                try:
+                    await self._load_lora_adapter(name, folder, replace_loaded=False)
+                except ApiError as e:
+                    raise ApiError(e.kind, f"model: {e.message}", "model") from None
+
+    def _in_lora_dir(self, name: str) -> str | None:
+        """<lora_dir>/<name> if it is an adapter folder inside lora_dir (a name may hold "/", never "..")."""
+        if self.model.lora_dir is None or ".." in name.split("/") or name.startswith("/"):
+            return None
+        folder = Path(self.model.lora_dir, name)
+        return str(folder) if (folder / CONFIG_FILE).is_file() else None
+
     async def load_lora_adapter(self, name: str, path: str, replace_loaded: bool = False) -> None:
         """Serves a LoRA adapter from now on (vLLM's /v1/load_lora_adapter; `replace_loaded` is its load_inplace):
         its folder is read here, and a decode group loads it, checking it against the model itself, before it is
         recorded for every ingress replica (router/lora_registry.py). Other groups load it when a request names
         it."""
         self._check_runtime_lora()
+        await self._load_lora_adapter(name, path, replace_loaded)
+
+    async def _load_lora_adapter(self, name: str, path: str, replace_loaded: bool) -> None:
         if not name:
             raise invalid("lora_name", "must not be empty")
         if name == self.model.name or name in self.lora.started_with:
@@ -352,7 +382,7 @@ class Ingress:
 
         if self._grpc_address is not None:
             self._grpc = await start_grpc_server(self, *self._grpc_address)
-        if self.api.allow_runtime_lora:
+        if self.api.allow_runtime_lora or self.model.lora_dir is not None:
             self.lora.follow()
         return build_http_app(self)
 

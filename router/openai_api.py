@@ -417,6 +417,7 @@ class OpenAIApi:
     async def model(self, request: Request, model: str) -> Response:
         try:
             self._authorize(request)
+            await self.ingress.resolve_model(model)
             self.ingress.check_model(model)
         except Exception as e:
             return error_response(classify(e))
@@ -556,6 +557,7 @@ class OpenAIApi:
             raise ApiError(Kind.INVALID_ARGUMENT, f"{path}: {error['msg']}" if path else error["msg"], path) from None
         if body.model_extra:
             logger.debug("ignoring unknown request fields %s", sorted(body.model_extra))
+        await self.ingress.resolve_model(getattr(body, "model", None))
         return body
 
     async def _completion_request(self, body: CompletionBody, aliases: dict[str, str]) -> Built:

@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     config = from_args(args)  # a bad flag or file fails before anything starts
     for name, folder in config.lora_modules.items():  # and so does an adapter folder that is not one
         read_folder(name, folder)
+    if config.lora_dir is not None and not os.path.isdir(config.lora_dir):
+        print(f"tandem: error: lora_dir {config.lora_dir} is not a folder", file=sys.stderr)
+        return 2
     # A GGUF model (the embedded one on a first start) converts here, its progress on this console, rather than
     # silently inside the application's build; that finds the folder then.
     resolve_model(config.model, cache_dir())

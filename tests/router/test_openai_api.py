@@ -6,10 +6,12 @@ gRPC."""
 
 import json
 import re
+import shutil
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
@@ -61,9 +63,16 @@ def adapter(tiny_model_factory, tmp_path_factory) -> Adapter:
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter):
+def lora_dir(tmp_path_factory) -> Path:
+    """The cluster's lora_dir: adapters put there later are loaded by the first request naming them."""
+    return tmp_path_factory.mktemp("lora-dir")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter, lora_dir):
     model = str(tiny_model_factory("llama"))
     config = ClusterConfig(model=model, served_model_name=SERVED_NAME, lora_modules={ADAPTER: str(adapter.folder)},
+                           lora_dir=str(lora_dir),
                            num_kv_blocks=64, num_cpus_per_rank=0.5,
                            disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
@@ -196,6 +205,34 @@ def test_an_adapter_loaded_while_the_cluster_runs_answers_with_its_merged_weight
         status, error = lora_call(base_url, "load_lora_adapter", {"lora_name": "x", "lora_path": path})
         assert status == 400 and re.match(message, error), error
     assert [m.id for m in client.models.list().data] == [SERVED_NAME, ADAPTER]
+
+
+def test_an_adapter_put_in_lora_dir_is_loaded_by_the_first_requests_that_name_it(client, cluster, tokenizer, lora_dir,
+                                                                                  adapter, tmp_path):
+    """vLLM's filesystem LoRA resolver: <lora_dir>/<name> is loaded when a request names it, once however many
+    requests name it at the same time, over HTTP and gRPC alike; a name outside lora_dir stays NOT_FOUND."""
+    names = ["acme/found-lora", "found-by-grpc"]
+    adapters = [write_adapter(lora_dir / name, Path(cluster), ATTENTION + MLP, rank=4, alpha=8, seed=21 + i, std=0.2)
+                for i, name in enumerate(names)]
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    expected = [hf_greedy(merged_model(a, Path(cluster), tmp_path / f"merged{i}"), prompt_ids, 12)
+                for i, a in enumerate(adapters)]
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda _: client.completions.create(model=names[0], prompt=prompt_ids, **GREEDY)
+                              .choices[0].text, range(3)))
+    assert texts == [tokenizer.decode(expected[0])] * 3
+    grpc = TandemClient(f"localhost:{GRPC_PORT}", api_key=KEY)
+    assert grpc.generate(prompt_ids, model=names[1], max_tokens=12, temperature=0, ignore_eos=True).token_ids == \
+        expected[1]
+    assert [m.id for m in client.models.list().data][-2:] == names
+    assert (lora_dir / ".." / adapter.folder.name / "adapter_config.json").is_file()
+    for outside in [f"../{adapter.folder.name}", f"{lora_dir}/acme/found-lora", "acme/missing"]:
+        with pytest.raises(openai.NotFoundError, match="is not served here"):
+            client.completions.create(model=outside, prompt="Hi", max_tokens=1)
+    for name in names:  # the module's other tests list the models started with
+        assert lora_call(SERVE_HTTP_URL, "unload_lora_adapter", {"lora_name": name})[0] == 200
+    shutil.rmtree(lora_dir / "acme")
+    shutil.rmtree(lora_dir / names[1])
 
 
 def test_a_model_is_retrieved_by_its_name(client, model_name):

@@ -48,7 +48,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "metrics_interval_s" $a.metricsIntervalS "look_back_s" $a.lookBackS -}}
 {{- $config := dict
       "model" $v.model.path "served_model_name" $v.model.servedModelName "lora_modules" $v.model.loraModules
-      "max_loras" $v.model.maxLoras
+      "lora_dir" $v.model.loraDir "max_loras" $v.model.maxLoras
       "device" $e.device "dtype" $e.dtype "max_model_len" $e.maxModelLen "seed" $e.seed
       "tensor_parallel_size" $e.tensorParallelSize "num_cpus_per_rank" $e.numCpusPerRank
       "block_size" $e.blockSize "num_kv_blocks" $e.numKvBlocks "kv_cache_memory_gb" $e.kvCacheMemoryGb
