@@ -97,14 +97,18 @@ def test_a_lora_adapter_that_is_not_there_fails_clearly_before_the_model_loads(t
     assert out.returncode == 2
     assert "tandem: error: LoRA adapter 'sql': cannot read" in out.stderr and "Traceback" not in out.stderr
     out = tandem("generate", "--url", "localhost:1", "--lora", str(tmp_path / "sql"), "--prompt", "hi")
-    assert out.returncode == 2  # a cluster's adapters are loaded at its start, and named with --model
+    assert out.returncode == 2  # a cluster's adapters are loaded there, and named with --model
     assert "--model NAME" in out.stderr
 
 
-def test_serve_refuses_an_adapter_folder_that_is_not_one_before_starting_anything(tmp_path):
+def test_serve_refuses_adapter_folders_that_are_not_there_before_starting_anything(tmp_path):
     out = tandem("serve", "--lora-modules", f"sql={tmp_path / 'sql'}")
     assert out.returncode == 2
     assert "tandem: error: LoRA adapter 'sql': cannot read" in out.stderr and "starting" not in out.stderr
+    out = tandem("serve", "--lora-dir", str(tmp_path / "adapters"))
+    assert out.returncode == 2
+    assert f"tandem: error: lora_dir {tmp_path / 'adapters'} is not a folder" in out.stderr
+    assert "starting" not in out.stderr
 
 
 @pytest.mark.slow
