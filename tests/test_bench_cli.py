@@ -178,6 +178,7 @@ def test_quick_lora_bench_runs_base_one_adapter_and_a_mix_and_mixing_changes_no_
     assert [(r["run"], r["adapters"]) for r in report["results"]] == [
         ("base model", 0), ("one adapter", 1), ("base + 2 adapters mixed", 2)]
     assert report["results"][-1]["same_tokens"] is True  # 1 if a mixed request's tokens differ from its run alone
+    assert set(report["load_on_first_use"]) == {"first_ms", "loaded_ms"}
     assert "vs base" in capsys.readouterr().out
 
 

@@ -6,7 +6,8 @@ all on one adapter, and spread round-robin over the base model and every adapter
 each step holds rows of several adapters). Each run has a cache salt of its own, so each computes its prompts.
 The table gives output tokens per second and the ratio to the base model's; and, for the mixed run, whether each
 request's tokens equal those it got in the run of its own adapter alone (a batch's other adapters must not change
-a reply).
+a reply). Last, the time to the first token of a request whose adapter the engine loads on its way (as a cluster's
+groups load an adapter loaded while the cluster runs), against the same request once it is loaded.
 
     tandem bench lora                    # 32 requests of up to 64 tokens, 4 adapters of rank 16
     tandem bench lora --quick            # seconds: a smoke test
@@ -78,9 +79,7 @@ def write_random_adapter(folder: Path, model_dir: Path, *, rank: int, alpha: flo
 
 def run(args: argparse.Namespace) -> int:
     from cluster.config import cache_dir, named_paths
-    from workers.engine.llm import LLM
     from workers.engine.model_store import resolve_model
-    from workers.engine.sampling_params import SamplingParams
 
     requests, max_tokens = sizes.sizes(args, _FULL, _QUICK)
     if not args.lora_modules and (args.adapters < 1 or args.rank < 1):
@@ -98,8 +97,14 @@ def run(args: argparse.Namespace) -> int:
             modules = {f"random-{i}": str(write_random_adapter(Path(scratch) / str(i), model_dir, rank=args.rank,
                                                                alpha=args.rank, seed=i))
                        for i in range(args.adapters)}
-        llm = LLM(str(model_dir), progress=False, num_kv_blocks=4096, max_num_seqs=max(requests, 1),
-                  lora_modules=modules)
+        return _bench(args, model_dir, modules, requests, max_tokens)
+
+
+def _bench(args: argparse.Namespace, model_dir: Path, modules: dict[str, str], requests: int, max_tokens: int) -> int:
+    from workers.engine.llm import LLM
+    from workers.engine.sampling_params import SamplingParams
+
+    llm = LLM(str(model_dir), progress=False, num_kv_blocks=4096, max_num_seqs=max(requests, 1), lora_modules=modules)
     names = list(modules)
     prompts = [llm.apply_chat_template([{"role": "user", "content": f"Tell me about {_TOPICS[i % len(_TOPICS)]}."}])
                for i in range(requests)]
@@ -118,12 +123,29 @@ def run(args: argparse.Namespace) -> int:
                          wall_s=wall, output_tokens_per_s=tokens / wall))
     rows[-1]["same_tokens"] = _mixed_replies_match(replies, runs, names)
     _print(rows)
+    load = _first_use(llm, prompts[0], modules[names[0]])
+    print(f"a request naming an adapter not loaded yet (lora_path): {load['first_ms']:.0f} ms to its first token, "
+          f"{load['loaded_ms']:.0f} ms once loaded: loading costs {load['first_ms'] - load['loaded_ms']:.0f} ms")
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(config=dict(model=args.model, requests=requests, max_tokens=max_tokens,
                                                 adapters=names, rank=None if args.lora_modules else args.rank),
-                                    machine=machine_info(), results=rows), indent=2) + "\n")
+                                    machine=machine_info(), results=rows, load_on_first_use=load), indent=2) + "\n")
     return 0 if rows[-1]["same_tokens"] else 1
+
+
+def _first_use(llm, prompt: list[int], folder: str) -> dict[str, float]:
+    """The time to the first token of a request that brings an adapter's folder (a cluster's adapter loaded while
+    it runs), when the engine has not loaded it and then once it has; each prompt computed whole (a fresh salt)."""
+    from workers.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, lora=f"loaded-later@{uuid.uuid4().hex}", lora_path=folder)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        llm.generate(prompt, params, cache_salt=uuid.uuid4().hex)
+        times.append((time.perf_counter() - start) * 1000)
+    return dict(first_ms=times[0], loaded_ms=times[1])
 
 
 def _mixed_replies_match(replies: dict[str, list[list[int]]], runs: dict[str, list[str | None]],
