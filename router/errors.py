@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 import grpc
+import redis
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -86,6 +87,8 @@ def classify(error: BaseException) -> ApiError:
     if isinstance(error, (DeploymentUnavailableError, ReplicaUnavailableError, ActorDiedError,
                           ActorUnavailableError, RayActorError)):
         return ApiError(Kind.UNAVAILABLE, f"no healthy worker group could take the request ({_first_line(error)})")
+    if isinstance(error, redis.RedisError):  # what the cluster keeps there (adapters, stored responses) is out of reach
+        return ApiError(Kind.UNAVAILABLE, f"the cluster's Redis did not answer; retry ({_first_line(error)})")
     if isinstance(error, RequestFailedError):
         return ApiError(Kind.UNAVAILABLE, f"the worker group failed while running the request; retry "
                                           f"({_first_line(error)})")
