@@ -329,7 +329,7 @@ class Ingress:
         adapter = None
         try:
             read_folder(name, path)
-            adapter = await self.lora.new(name, path)
+            adapter = self.lora.new(name, path)
             await self.decode.load_adapter.remote(adapter.key, path)
         except LoRAError as e:  # a group's (through Serve, its cause) names the adapter by its key
             message = str(getattr(e, "cause", e))

@@ -1,22 +1,24 @@
 """The LoRA adapters a cluster serves: those it started with (lora_modules, which every group loads at start) and
-those loaded while it runs (POST /v1/load_lora_adapter, with api.allow_runtime_lora), as vLLM's
-VLLM_ALLOW_RUNTIME_LORA_UPDATING allows.
+those loaded while it runs (POST /v1/load_lora_adapter with api.allow_runtime_lora, as vLLM's
+VLLM_ALLOW_RUNTIME_LORA_UPDATING allows, or found in lora_dir by the first request that names them).
 
 An adapter loaded while the cluster runs lives in a Redis hash, so every ingress replica serves the same ones; a
-replica reads the hash every second, and at once after a load or unload it made itself. The
-groups are never told: a request for such an adapter carries its folder (SamplingParams.lora_path), and a group
-loads it when a request first names it there (workers/engine/adapter_cache.py). The folder must be readable at
-the same path wherever a group runs (a volume every pod mounts, in Kubernetes).
+replica reads the hash every second, and at once after a load or unload it made itself. The groups are never
+told: a request for such an adapter carries its folder (SamplingParams.lora_path), and a group loads it when a
+request first names it there (workers/engine/adapter_cache.py). The folder must be readable at the same path
+wherever a group runs (a volume every pod mounts, in Kubernetes).
 
 Groups know an adapter by a key, not by the name clients give: each load of a name gets a key of its own (the name
-and the load's number), so an adapter unloaded and loaded again from another folder, or replaced in place, can
-never be mistaken for the weights it had before, by a group that still holds them or by the KV blocks cached
-under them.
+and a random id), so an adapter unloaded and loaded again from another folder, or replaced in place, can never be
+mistaken for the weights it had before, by a group that still holds them or by the KV blocks cached under them;
+nor after a Redis that lost its data, since the id is not a count kept there.
 """
 
 import asyncio
 import json
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 
 import redis.asyncio
@@ -33,12 +35,13 @@ _READ_EVERY_S = 1.0
 class Adapter:
     name: str  # what requests give as `model`
     path: str | None = None  # its folder, for an adapter loaded while the cluster runs; None: loaded at start
-    load: int = 0  # that load's number, unique in the cluster
+    load_id: str = ""  # that load's, unique in the cluster
+    loaded_at: float = 0.0  # when (time.time()), which orders the adapters' list
 
     @property
     def key(self) -> str:
         """What groups know it by (SamplingParams.lora)."""
-        return self.name if self.path is None else f"{self.name}@{self.load}"
+        return self.name if self.path is None else f"{self.name}@{self.load_id}"
 
 
 class LoRARegistry:
@@ -48,7 +51,6 @@ class LoRARegistry:
         self.started_with = {name: Adapter(name) for name in started_with}
         self._redis = redis.asyncio.Redis.from_url(redis_url) if redis_url else None
         self._hash = f"{_PREFIX}:adapters:{model}"
-        self._counter = f"{_PREFIX}:loads:{model}"
         self._loaded: dict[str, Adapter] = {}
         self._reader: asyncio.Task | None = None
 
@@ -79,18 +81,19 @@ class LoRARegistry:
         for name, value in (await self._store().hgetall(self._hash)).items():
             try:
                 entry = json.loads(value)
-                loaded.append(Adapter(name.decode(), str(entry["path"]), int(entry["load"])))
+                loaded.append(Adapter(name.decode(), str(entry["path"]), str(entry["id"]), float(entry["at"])))
             except (ValueError, KeyError, TypeError) as e:
                 logger.warning("ignoring LoRA adapter entry %r: %s: %s", name, type(e).__name__, e)
-        self._loaded = {adapter.name: adapter for adapter in sorted(loaded, key=lambda adapter: adapter.load)}
+        self._loaded = {adapter.name: adapter for adapter in sorted(loaded, key=lambda adapter: adapter.loaded_at)}
 
-    async def new(self, name: str, path: str) -> Adapter:
+    def new(self, name: str, path: str) -> Adapter:
         """The adapter under a key no load of any adapter had before, not recorded yet."""
-        return Adapter(name, path, await self._store().incr(self._counter))
+        self._store()
+        return Adapter(name, path, uuid.uuid4().hex[:12], time.time())
 
     async def add(self, adapter: Adapter, replace: bool) -> None:
         """Records the load; without `replace`, a name loaded already (by any replica) is refused."""
-        value = json.dumps({"load": adapter.load, "path": adapter.path})
+        value = json.dumps({"path": adapter.path, "id": adapter.load_id, "at": adapter.loaded_at})
         if replace:
             await self._store().hset(self._hash, adapter.name, value)
         elif not await self._store().hsetnx(self._hash, adapter.name, value):

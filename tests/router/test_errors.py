@@ -36,7 +36,7 @@ def test_a_redis_that_does_not_answer_makes_the_cluster_unavailable_not_broken()
     """Loading an adapter while the cluster runs records it in Redis: with Redis gone, the caller may retry."""
     async def load() -> None:
         registry = LoRARegistry("model", (), "redis://127.0.0.1:1")  # nothing listens there
-        await registry.new("sql", "/adapters/sql")
+        await registry.add(registry.new("sql", "/adapters/sql"), replace=False)
 
     with pytest.raises(redis.RedisError) as raised:
         asyncio.run(load())

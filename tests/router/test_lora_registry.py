@@ -15,22 +15,22 @@ def test_what_one_replica_loads_and_unloads_the_others_serve_and_stop_serving(re
     async def run():
         model = f"model-{uuid.uuid4().hex}"  # a cluster of its own in the shared Redis
         one, other = (LoRARegistry(model, ("started",), redis_url) for _ in range(2))
-        sql = await one.new("sql", "/adapters/sql")
+        sql = one.new("sql", "/adapters/sql")
         await one.add(sql, replace=False)
         assert (one.names, other.names) == (("started", "sql"), ("started",))
         await other.read()
-        assert other.get("sql") == sql and other.get("sql").key == f"sql@{sql.load}"
+        assert other.get("sql") == sql and other.get("sql").key == f"sql@{sql.load_id}"
         assert other.get("started") == Adapter("started") and other.get("started").key == "started"
 
         with pytest.raises(ApiError, match="The lora adapter 'sql' has already been loaded.") as refused:
-            await other.add(await other.new("sql", "/adapters/sql-v2"), replace=False)
+            await other.add(other.new("sql", "/adapters/sql-v2"), replace=False)
         assert refused.value.kind is Kind.INVALID_ARGUMENT
-        replacement = await other.new("sql", "/adapters/sql-v2")
+        replacement = other.new("sql", "/adapters/sql-v2")
         await other.add(replacement, replace=True)
         await one.read()
         assert one.get("sql") == replacement and replacement.key != sql.key
 
-        chat = await other.new("chat", "/adapters/chat")
+        chat = other.new("chat", "/adapters/chat")
         await other.add(chat, replace=False)
         await one.read()
         assert one.names == ("started", "sql", "chat")  # in the order of their (last) loads
@@ -50,7 +50,7 @@ def test_without_redis_only_the_adapters_started_with_are_served():
         registry = LoRARegistry("model", ("started",), None)
         assert registry.names == ("started",)
         with pytest.raises(ApiError, match="needs its Redis") as refused:
-            await registry.new("sql", "/adapters/sql")
+            registry.new("sql", "/adapters/sql")
         assert refused.value.kind is Kind.UNAVAILABLE
 
     asyncio.run(run())
