@@ -152,6 +152,12 @@ _GROUP_METRICS = (
      lambda r: r["guessed_tokens"]),
     ("tandem_group_spec_accepted_tokens", "Of those, the ones the model agreed with (kept)", "counter",
      lambda r: r["accepted_guesses"]),
+    ("tandem_group_lora_adapters", "LoRA adapters the group holds now (started with, and loaded on demand)", "gauge",
+     lambda r: r["lora_adapters"]),
+    ("tandem_group_lora_loads", "LoRA adapters the group loaded as requests named them", "counter",
+     lambda r: r["lora_loads"]),
+    ("tandem_group_lora_drops", "Of those, the ones dropped again for room (max_loras)", "counter",
+     lambda r: r["lora_drops"]),
 )
 
 

@@ -96,7 +96,7 @@ def report(role: str, **overrides) -> dict:
     load = dict(role=role, running_seqs=3, queued_prefill_tokens=120, free_blocks=48, total_blocks=64,
                 waiting_seqs=2, pinned_seqs=4, finished=10, prompt_tokens=400, cached_prompt_tokens=100,
                 kv_bytes_sent=0, kv_bytes_received=0, kv_transfer_failures=0, guessed_tokens=0, accepted_guesses=0,
-                computed_prompt_tokens=300, generated_tokens=0)
+                computed_prompt_tokens=300, generated_tokens=0, lora_adapters=0, lora_loads=0, lora_drops=0)
     return {**load, **overrides}
 
 
@@ -109,7 +109,8 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     client.set(keys.load("p1"), json.dumps(report("prefill", kv_bytes_sent=8192)))
     client.set(keys.load("d1"), json.dumps(report("decode", free_blocks=16, kv_bytes_received=8192,
                                                   kv_transfer_failures=1, guessed_tokens=40, accepted_guesses=28,
-                                                  computed_prompt_tokens=0, generated_tokens=900)))
+                                                  computed_prompt_tokens=0, generated_tokens=900, lora_adapters=3,
+                                                  lora_loads=5, lora_drops=2)))
 
     async def scrape():
         view = LoadView(redis_url, namespace=keys.namespace)
@@ -137,6 +138,7 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     assert got[("tandem_group_kv_transfer_failures_total", d1)] == 1
     assert (got[("tandem_group_spec_guessed_tokens_total", d1)], got[("tandem_group_spec_accepted_tokens_total", d1)]) \
         == (40, 28)
+    assert [got[(f"tandem_group_lora_{name}", d1)] for name in ("adapters", "loads_total", "drops_total")] == [3, 5, 2]
     assert not any(dict(labels).get("group") == "gone" for _, labels in got)
     assert later[("tandem_group_running_seqs", d1)] == 7  # read again for the next scrape
 

@@ -145,6 +145,12 @@ def test_a_lora_adapter_answers_with_the_tokens_of_its_merged_weights_over_http_
     assert metric(SERVE_HTTP_URL, f'tandem_lora_generation_tokens_total{{adapter="{ADAPTER}"}}') == 24
 
 
+def group_metric(base_url: str, name: str) -> float:
+    """A group metric summed over the cluster's groups (one here: the unified decode group)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in get(f"{base_url}/metrics")[2].splitlines()
+               if line.startswith(name + "{"))
+
+
 def lora_call(base_url: str, path: str, body: dict) -> tuple[int, str]:
     """vLLM's LoRA endpoints answer success in plain text, errors in JSON."""
     request = urllib.request.Request(f"{base_url}/v1/{path}", json.dumps(body).encode(),
@@ -187,6 +193,12 @@ def test_an_adapter_loaded_while_the_cluster_runs_answers_with_its_merged_weight
     completion = client.completions.create(model=name, prompt=prompt_ids, **GREEDY)
     assert completion.choices[0].text == tokenizer.decode(expected[1]) and completion.model == name
     assert metric(base_url, f'tandem_lora_requests_total{{adapter="{name}"}}') == 3
+    # The decode group loaded both folders under their keys; its load report says so within a second or two.
+    deadline = time.monotonic() + 10
+    while group_metric(base_url, "tandem_group_lora_loads_total") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_metric(base_url, "tandem_group_lora_loads_total") == 2
+    assert group_metric(base_url, "tandem_group_lora_adapters") == 3  # with the adapter started with
 
     assert lora_call(base_url, "unload_lora_adapter", {"lora_name": name}) == \
         (200, f"Success: LoRA adapter '{name}' removed successfully.")

@@ -25,6 +25,8 @@ class AdapterCache:
         self.runner = runner
         self.max_loras = max_loras
         self._loaded: OrderedDict[str, str] = OrderedDict()  # name -> folder, least recently used first
+        self.num_loads = 0  # running totals, for metrics
+        self.num_drops = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -41,10 +43,12 @@ class AdapterCache:
             return  # loaded at start, or by LLM.add_lora
         self.runner.add_lora(name, folder)
         self._loaded[name] = folder
+        self.num_loads += 1
         idle = [n for n in self._loaded if n != name and n not in in_use]
         while len(self._loaded) > self.max_loras and idle:
             dropped = idle.pop(0)
             self.runner.remove_lora(dropped)
             del self._loaded[dropped]
+            self.num_drops += 1
             logger.info("LoRA adapter %r dropped: more than max_loras=%d adapters loaded, and it went unused "
                         "longest", dropped, self.max_loras)

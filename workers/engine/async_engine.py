@@ -223,7 +223,8 @@ class AsyncLLMEngine:
                            eng.num_finished,
                            eng.num_prompt_tokens, eng.num_cached_prompt_tokens, eng.num_computed_prompt_tokens,
                            eng.num_steps, eng.step_seconds, eng.num_guessed_tokens, eng.num_accepted_guesses,
-                           eng.num_generated_tokens)
+                           eng.num_generated_tokens, eng.num_lora_adapters, eng.adapters.num_loads,
+                           eng.adapters.num_drops)
 
     def _update_load(self) -> None:
         stats = self._read_stats()
@@ -237,7 +238,9 @@ class AsyncLLMEngine:
                       "generated_tokens": stats.num_generated_tokens,
                       "kv_bytes_sent": stats.kv_bytes_sent, "kv_bytes_received": stats.kv_bytes_received,
                       "kv_transfer_failures": stats.num_kv_transfer_failures,
-                      "guessed_tokens": stats.num_guessed_tokens, "accepted_guesses": stats.num_accepted_guesses}
+                      "guessed_tokens": stats.num_guessed_tokens, "accepted_guesses": stats.num_accepted_guesses,
+                      "lora_adapters": stats.num_lora_adapters, "lora_loads": stats.num_lora_loads,
+                      "lora_drops": stats.num_lora_drops}
 
     def _wake_room_waiters(self) -> None:
         """Wakes the prefilled requests waiting for blocks once more are free than at the end of the last

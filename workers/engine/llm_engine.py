@@ -130,6 +130,10 @@ class LLMEngine:
         checks an adapter it is asked to load while it runs, on a group of the model itself."""
         self.adapters.use(name, folder, self._adapters_in_use())
 
+    @property
+    def num_lora_adapters(self) -> int:
+        return len(self.runner.lora.names) if self.runner.lora is not None else 0
+
     def _adapters_in_use(self) -> set[str]:
         return {req.seq.lora for req in self.requests.values() if req.seq.lora is not None}
 

@@ -26,6 +26,9 @@ class EngineStats:
     num_guessed_tokens: int = 0  # speculative decoding's guesses computed, and those the model agreed with
     num_accepted_guesses: int = 0
     num_generated_tokens: int = 0  # running total of tokens sampled and kept
+    num_lora_adapters: int = 0  # LoRA adapters loaded now, at start and on demand (adapter_cache.py)
+    num_lora_loads: int = 0  # running totals of adapters loaded on demand, and of those dropped again
+    num_lora_drops: int = 0
 
     @property
     def kv_usage(self) -> float:
