@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a user message; gRPC Chat)")
     parser.add_argument("--model", default=None,
                         help="the name requests give as `model` (default: the first one each target lists)")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
+                        help="LoRA adapters the target serves: each request names one of them as its `model`, drawn "
+                             "at random (seeded by --seed), as vLLM's bench does")
     parser.add_argument("--tokenizer", default="smollm2",
                         help="the model whose tokenizer cuts the prompts: smollm2, a HF folder or a .gguf file")
     parser.add_argument("--dataset", choices=DATASETS, default="random",
@@ -106,6 +109,7 @@ class Outcome:
 
     ok: bool = False
     error: str = ""
+    model: str = ""  # the `model` it named
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
@@ -404,22 +408,23 @@ def arrival_gaps(count: int, rate: float, seed: int) -> list[float]:
     return [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in range(count)]
 
 
-async def drive(target: HttpTarget | GrpcTarget, prompts: list[Prompt], gaps: list[float], model: str,
+async def drive(target: HttpTarget | GrpcTarget, prompts: list[Prompt], gaps: list[float], models: list[str],
                 sampling: dict, max_concurrency: int | None, progress) -> tuple[list[Outcome], float]:
-    """Sends every prompt on its schedule and waits for all; returns the outcomes in prompt order and the wall
-    time from the first send to the last reply."""
+    """Sends every prompt on its schedule, under its own `model`, and waits for all; returns the outcomes in
+    prompt order and the wall time from the first send to the last reply."""
     slots = asyncio.Semaphore(max_concurrency or len(prompts))
 
-    async def one(prompt: Prompt) -> Outcome:
+    async def one(prompt: Prompt, model: str) -> Outcome:
         async with slots:
             outcome = await target.send(prompt, model, sampling)
+        outcome.model = model
         progress.update(1)
         return outcome
 
     started = time.perf_counter()
     tasks = []
-    for prompt, gap in zip(prompts, gaps):
-        tasks.append(asyncio.ensure_future(one(prompt)))
+    for prompt, model, gap in zip(prompts, models, gaps):
+        tasks.append(asyncio.ensure_future(one(prompt, model)))
         if gap:
             await asyncio.sleep(gap)
     outcomes = await asyncio.gather(*tasks)
@@ -546,9 +551,16 @@ async def _bench_target(target: "HttpTarget | GrpcTarget", url: str, model: str,
         print(f"tandem bench serve: {url} refused the warm-up request: {warm.error}{_hint(warm.error, args)}",
               file=sys.stderr)
         return None
-    log(f"{url}: {len(prompts)} requests to {model} ({args.api}), rate {args.request_rate:g}/s")
+    if args.lora_modules:
+        rng = random.Random(args.seed)
+        models = [rng.choice(args.lora_modules) for _ in prompts]
+        log(f"{url}: {len(prompts)} requests spread over the adapters {', '.join(args.lora_modules)} ({args.api}), "
+            f"rate {args.request_rate:g}/s")
+    else:
+        models = [model] * len(prompts)
+        log(f"{url}: {len(prompts)} requests to {model} ({args.api}), rate {args.request_rate:g}/s")
     with tqdm(total=len(prompts), desc=url, unit="req", file=sys.stderr, disable=None) as progress:
-        outcomes, duration = await drive(target, prompts, gaps, model, sampling, args.max_concurrency, progress)
+        outcomes, duration = await drive(target, prompts, gaps, models, sampling, args.max_concurrency, progress)
     return summarize(url, outcomes, duration, slos_ms)
 
 

@@ -1231,6 +1231,23 @@ def test_bench_serve_sends_the_same_requests_over_http_and_grpc_and_reports_each
     assert "server: prefill compute mean, ms" in table
 
 
+def test_bench_serve_spreads_its_requests_over_the_lora_adapters_it_is_given(cluster, base_url, tmp_path):
+    """vLLM's --lora-modules: each request names one of them, drawn at random by --seed, the same for each
+    target."""
+    path = tmp_path / "serve.json"
+    before = metric(base_url, f'tandem_lora_requests_total{{adapter="{ADAPTER}"}}')
+    argv = ["bench", "serve", "--url", base_url, "--url", f"grpc://localhost:{GRPC_PORT}", "--api-key", KEY,
+            "--tokenizer", cluster, "--num-prompts", "8", "--input-len", "8", "--output-len", "2",
+            "--lora-modules", ADAPTER, SERVED_NAME, "--json", str(path)]
+    assert main(argv) == 0
+    http, grpc_ = json.loads(path.read_text())["results"]
+    models = [r["model"] for r in http["requests"]]
+    assert [r["model"] for r in grpc_["requests"]] == models and set(models) == {ADAPTER, SERVED_NAME}
+    assert http["completed"] == grpc_["completed"] == 8
+    # Each target's warm-up names the base model; its measured requests named the adapter this often.
+    assert metric(base_url, f'tandem_lora_requests_total{{adapter="{ADAPTER}"}}') - before == 2 * models.count(ADAPTER)
+
+
 def test_bench_serve_stops_at_once_on_a_target_it_cannot_use(cluster, base_url, capsys):
     common = ["bench", "serve", "--tokenizer", cluster, "--num-prompts", "1", "--json", "/dev/null"]
     assert main(common + ["--url", base_url, "--api-key", "wrong"]) == 1
