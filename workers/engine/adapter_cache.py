@@ -28,10 +28,6 @@ class AdapterCache:
         self.num_loads = 0  # running totals, for metrics
         self.num_drops = 0
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._loaded)
-
     def use(self, name: str, folder: str, in_use: Container[str]) -> None:
         """Makes sure the adapter is loaded, then drops the least recently used ones that `in_use` does not
         name while more than max_loras are loaded. Raises LoRAError (and loads nothing) for a folder that is not
