@@ -206,22 +206,31 @@ def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("loaded", ["at start", "added while running"])
+@pytest.mark.parametrize("loaded", ["at start", "added while running", "on demand, after dropping another"])
 def test_lora_decode_steps_replay_graphs_of_their_own_and_equal_hf_on_the_merged_weights(tiny_model, tmp_path, loaded):
     """float32: a batch mixing the base model and an adapter gives HF's tokens on the merged weights for the
     adapter's requests and on the base weights for the others, its decode steps replaying the adapters' graphs
-    (captured again when an adapter is added to a running engine)."""
+    (captured again when an adapter is added to a running engine, or loaded by a request that brings its folder
+    and drops another: max_loras=1)."""
     path = tiny_model("llama")
     adapter = write_adapter(tmp_path / "adapter", path, ATTENTION + MLP, rank=4, alpha=8, seed=7, std=0.2)
+    folder = None
     if loaded == "at start":
         llm = gpu_llm(path, "float32", lora_modules={"a": str(adapter.folder)})
-    else:
+    elif loaded == "added while running":
         llm = gpu_llm(path, "float32")
         llm.add_lora("a", str(adapter.folder))
+    else:
+        llm = gpu_llm(path, "float32", max_loras=1)
+        other = write_adapter(tmp_path / "other", path, ATTENTION, rank=4, alpha=8, seed=8, std=0.2)
+        llm.generate(prompts(1), dataclasses.replace(params(4), lora="b@1", lora_path=str(other.folder)))
+        folder = str(adapter.folder)
     graphs = llm.engine.runner.decode_graphs
     assert set(graphs.lora_graphs) == set(graphs.graphs) == {1, 2, 4, 8}
     batch, loras = prompts(3), [None, "a", None, "a", "a"]
-    outs = llm.generate(batch, [dataclasses.replace(params(n), lora=lora) for n, lora in zip(MAX_TOKENS, loras)])
+    outs = llm.generate(batch, [dataclasses.replace(params(n), lora=lora, lora_path=folder if lora else None)
+                                for n, lora in zip(MAX_TOKENS, loras)])
+    assert llm.engine.runner.lora.names == ("a",)
     merged = merged_model(adapter, path, tmp_path / "merged")
     assert [out.outputs[0].token_ids for out in outs] == [
         hf_greedy_on_gpu(merged if lora else path, torch.float32, p, n) for p, n, lora in zip(batch, MAX_TOKENS, loras)]
