@@ -297,8 +297,9 @@ class Ingress:
             if self.lora.get(name) is None:  # not loaded meanwhile by a request before this one
                 try:
                     await self._load_lora_adapter(name, folder, replace_loaded=False)
-                except ApiError as e:
-                    raise ApiError(e.kind, f"model: {e.message}", "model") from None
+                except ApiError as e:  # the request's field is `model`, whatever the load's was
+                    message = e.message.removeprefix(f"{e.field}: ") if e.field else e.message
+                    raise ApiError(e.kind, f"model: {message}", "model") from None
 
     def _in_lora_dir(self, name: str) -> str | None:
         """<lora_dir>/<name> if it is an adapter folder inside lora_dir (a name may hold "/", never "..")."""

@@ -220,9 +220,10 @@ def test_an_adapter_loaded_while_the_cluster_runs_answers_with_its_merged_weight
 
 
 def test_an_adapter_put_in_lora_dir_is_loaded_by_the_first_requests_that_name_it(client, cluster, tokenizer, lora_dir,
-                                                                                  adapter, tmp_path):
+                                                                                  adapter, tmp_path, smollm2_path):
     """vLLM's filesystem LoRA resolver: <lora_dir>/<name> is loaded when a request names it, once however many
-    requests name it at the same time, over HTTP and gRPC alike; a name outside lora_dir stays NOT_FOUND."""
+    requests name it at the same time, over HTTP and gRPC alike; one that does not fit the model is refused with
+    the reason, and a name outside lora_dir stays NOT_FOUND."""
     names = ["acme/found-lora", "found-by-grpc"]
     adapters = [write_adapter(lora_dir / name, Path(cluster), ATTENTION + MLP, rank=4, alpha=8, seed=21 + i, std=0.2)
                 for i, name in enumerate(names)]
@@ -237,14 +238,19 @@ def test_an_adapter_put_in_lora_dir_is_loaded_by_the_first_requests_that_name_it
     assert grpc.generate(prompt_ids, model=names[1], max_tokens=12, temperature=0, ignore_eos=True).token_ids == \
         expected[1]
     assert [m.id for m in client.models.list().data][-2:] == names
+    write_adapter(lora_dir / "of-another-model", smollm2_path, ("q_proj",), rank=4, alpha=8, seed=1, layers=range(1))
+    with pytest.raises(openai.BadRequestError, match=r"model: LoRA adapter 'of-another-model': layer 0 q_proj has A") \
+            as refused:
+        client.completions.create(model="of-another-model", prompt="Hi", max_tokens=1)
+    assert refused.value.body["param"] == "model"
     assert (lora_dir / ".." / adapter.folder.name / "adapter_config.json").is_file()
     for outside in [f"../{adapter.folder.name}", f"{lora_dir}/acme/found-lora", "acme/missing"]:
         with pytest.raises(openai.NotFoundError, match="is not served here"):
             client.completions.create(model=outside, prompt="Hi", max_tokens=1)
     for name in names:  # the module's other tests list the models started with
         assert lora_call(SERVE_HTTP_URL, "unload_lora_adapter", {"lora_name": name})[0] == 200
-    shutil.rmtree(lora_dir / "acme")
-    shutil.rmtree(lora_dir / names[1])
+    for folder in ("acme", names[1], "of-another-model"):
+        shutil.rmtree(lora_dir / folder)
 
 
 def test_a_model_is_retrieved_by_its_name(client, model_name):
