@@ -39,7 +39,7 @@ from router.routing_hint import RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
-from workers.engine.lora_folder import CONFIG_FILE, read_folder
+from workers.engine.lora_folder import CONFIG_FILE
 from workers.engine.outputs import DeltaAssembler, RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
@@ -294,12 +294,14 @@ class Ingress:
         if folder is None:
             return
         async with self._resolving:
-            if self.lora.get(name) is None:  # not loaded meanwhile by a request before this one
-                try:
-                    await self._load_lora_adapter(name, folder, replace_loaded=False)
-                except ApiError as e:  # the request's field is `model`, whatever the load's was
-                    message = e.message.removeprefix(f"{e.field}: ") if e.field else e.message
-                    raise ApiError(e.kind, f"model: {message}", "model") from None
+            if self.lora.get(name) is not None:  # loaded meanwhile by a request before this one
+                return
+            try:
+                await self._load_lora_adapter(name, folder, replace_loaded=False, path_field="model")
+            except ApiError:
+                await self.lora.read()
+                if self.lora.get(name) is None:  # not another ingress replica's load that came first
+                    raise
 
     def _in_lora_dir(self, name: str) -> str | None:
         """<lora_dir>/<name> if it is an adapter folder inside lora_dir (a name may hold "/", never "..")."""
@@ -310,32 +312,30 @@ class Ingress:
 
     async def load_lora_adapter(self, name: str, path: str, replace_loaded: bool = False) -> None:
         """Serves a LoRA adapter from now on (vLLM's /v1/load_lora_adapter; `replace_loaded` is its load_inplace):
-        its folder is read here, and a decode group loads it, checking it against the model itself, before it is
+        a decode group loads it, checking the folder and the adapter against the model itself, before it is
         recorded for every ingress replica (router/lora_registry.py). Other groups load it when a request names
         it."""
         self._check_runtime_lora()
         await self._load_lora_adapter(name, path, replace_loaded)
 
-    async def _load_lora_adapter(self, name: str, path: str, replace_loaded: bool) -> None:
+    async def _load_lora_adapter(self, name: str, path: str, replace_loaded: bool,
+                                 path_field: str = "lora_path") -> None:
+        """`path_field`: the request field a bad folder is blamed on."""
         if not name:
             raise invalid("lora_name", "must not be empty")
         if name == self.model.name or name in self.lora.started_with:
             raise invalid("lora_name", f"{name!r} is {'the model' if name == self.model.name else 'an adapter'} "
                                        "this cluster started with; give the adapter another name")
         if not path.startswith("/"):
-            raise invalid("lora_path", f"must be an absolute path, where every worker group reads the adapter "
-                                       f"(got {path!r})")
+            raise invalid(path_field, f"must be an absolute path, where every worker group reads the adapter "
+                                      f"(got {path!r})")
         if self.lora.get(name) is not None and not replace_loaded:
             raise ApiError(Kind.INVALID_ARGUMENT, f"The lora adapter '{name}' has already been loaded.", "lora_name")
-        adapter = None
+        adapter = self.lora.new(name, path)
         try:
-            read_folder(name, path)
-            adapter = self.lora.new(name, path)
             await self.decode.load_adapter.remote(adapter.key, path)
-        except LoRAError as e:  # a group's (through Serve, its cause) names the adapter by its key
-            message = str(getattr(e, "cause", e))
-            raise invalid("lora_path", message.replace(repr(adapter.key), repr(name)) if adapter else message) \
-                from None
+        except LoRAError as e:  # the group's (through Serve, its cause's) names the adapter by its key
+            raise invalid(path_field, str(getattr(e, "cause", e)).replace(repr(adapter.key), repr(name))) from None
         await self.lora.add(adapter, replace_loaded)
         logger.info("LoRA adapter %r loaded from %s (groups know it as %r)", name, path, adapter.key)
 

@@ -13,7 +13,7 @@ adapter read again has the weights it had, and the KV blocks cached under its na
 
 import logging
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Callable
 
 from workers.engine.model_runner import ModelRunner
 
@@ -28,10 +28,10 @@ class AdapterCache:
         self.num_loads = 0  # running totals, for metrics
         self.num_drops = 0
 
-    def use(self, name: str, folder: str, in_use: Container[str]) -> None:
-        """Makes sure the adapter is loaded, then drops the least recently used ones that `in_use` does not
-        name while more than max_loras are loaded. Raises LoRAError (and loads nothing) for a folder that is not
-        an adapter of this model."""
+    def use(self, name: str, folder: str, in_use: Callable[[], set[str]]) -> None:
+        """Makes sure the adapter is loaded, then drops the least recently used ones that no request runs
+        (`in_use()`, asked only after a load) while more than max_loras are loaded. Raises LoRAError (and loads
+        nothing) for a folder that is not an adapter of this model."""
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
@@ -40,7 +40,8 @@ class AdapterCache:
         self.runner.add_lora(name, folder)
         self._loaded[name] = folder
         self.num_loads += 1
-        idle = [n for n in self._loaded if n != name and n not in in_use]
+        running = in_use()
+        idle = [n for n in self._loaded if n != name and n not in running]
         while len(self._loaded) > self.max_loras and idle:
             dropped = idle.pop(0)
             self.runner.remove_lora(dropped)

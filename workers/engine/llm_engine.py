@@ -128,7 +128,7 @@ class LLMEngine:
     def load_adapter(self, name: str, folder: str) -> None:
         """Loads an adapter as the first request naming it with its folder does (adapter_cache.py): how a cluster
         checks an adapter it is asked to load while it runs, on a group of the model itself."""
-        self.adapters.use(name, folder, self._adapters_in_use())
+        self.adapters.use(name, folder, self._adapters_in_use)
 
     @property
     def num_lora_adapters(self) -> int:
@@ -163,7 +163,7 @@ class LLMEngine:
             prompt_text, token_ids = None, kept  # the text would no longer be the prompt the model saw
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         if params.lora_path is not None:
-            self.adapters.use(params.lora, params.lora_path, self._adapters_in_use())
+            self.adapters.use(params.lora, params.lora_path, self._adapters_in_use)
         self._validate(token_ids, params, ends)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
                        bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))
