@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.engine.config import EngineConfig
 from workers.engine.handoff import KVHandoff
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import Continuation, RequestOutput
 from workers.engine.recent_prefixes import Prefix
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.stats import EngineStats
@@ -98,10 +98,11 @@ class WorkerGroup:
         return self.ranks[0]
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, cache_salt: str | None = None,
+                       continuation: Continuation | None = None) -> AsyncIterator[RequestOutput]:
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         stream = self._driver.generate.options(num_returns="streaming").remote(prompt, params, request_id,
-                                                                               cache_salt)
+                                                                               cache_salt, continuation)
         async for out in self._stream(stream, request_id):
             yield out
 

@@ -110,8 +110,8 @@ class RankWorker:
 
     # -- rank 0: the engine's interface ---------------------------------------------------------------------
 
-    async def generate(self, prompt, params, request_id, cache_salt) -> AsyncIterator[RequestOutput]:
-        async for out in _as_deltas(self.engine.generate(prompt, params, request_id, cache_salt)):
+    async def generate(self, prompt, params, request_id, cache_salt, continuation=None) -> AsyncIterator[RequestOutput]:
+        async for out in _as_deltas(self.engine.generate(prompt, params, request_id, cache_salt, continuation)):
             yield out
 
     async def prefill(self, prompt, params, request_id, cache_salt) -> KVHandoff:

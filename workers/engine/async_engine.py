@@ -27,7 +27,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.errors import GroupBrokenError, KVCacheFullError, RequestFailedError
 from workers.engine.handoff import KVHandoff
 from workers.engine.llm_engine import LLMEngine
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import Continuation, RequestOutput
 from workers.engine.recent_prefixes import Prefix
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.stats import EngineStats
@@ -89,15 +89,18 @@ class AsyncLLMEngine:
         return cls(LLMEngine(config))
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, cache_salt: str | None = None,
+                       continuation: Continuation | None = None) -> AsyncIterator[RequestOutput]:
         """Yields one output per new token (deltas in `outputs[0].delta_text`); the last has `finished`.
+        `continuation`: as LLMEngine.add_request's.
 
         Bad input raises (a ValueError subclass) before anything is yielded.
         """
         rid = request_id if request_id is not None else uuid.uuid4().hex
         grammar = await self._compile_grammar(params)
         outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt,
-                                                                            grammar=grammar))
+                                                                            grammar=grammar,
+                                                                            continuation=continuation))
         async for out in self._stream(rid, outputs):
             yield out
 

@@ -52,6 +52,15 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
 
+    def resume(self, token_ids: list[int], sent: str) -> bool:
+        """Catches up with output another engine generated, searched for stop strings and handed out up to `sent`.
+        False if `sent` is not how that output's text begins (the tokens are not the ones that made it)."""
+        for token_id in token_ids:
+            self.append(token_id)
+        self._stop_checked = len(self.output_text)
+        self._sent = len(sent)
+        return self.output_text.startswith(sent)
+
     def check_stop(self, search: bool = True) -> str | None:
         """Returns the stop string that matched, after cutting `output_text` there; call it after every append.
 

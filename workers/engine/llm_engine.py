@@ -26,7 +26,7 @@ from workers.engine.errors import (
 )
 from workers.engine.handoff import KVHandoff, ReceivePlan
 from workers.engine.model_runner import ModelRunner, SampledToken
-from workers.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from workers.engine.outputs import CompletionOutput, Continuation, RequestMetrics, RequestOutput
 from workers.engine.parallel import TensorParallel
 from workers.engine.recent_prefixes import Prefix, RecentPrefixes
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
@@ -141,18 +141,22 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
-                    prefill_only: bool = False, grammar: "CompiledGrammar | None" = None) -> str:
+                    prefill_only: bool = False, grammar: "CompiledGrammar | None" = None,
+                    continuation: Continuation | None = None) -> str:
         """Queues a request. With `prefill_only` (the prefill role) it ends after its first token with reason
         "prefilled", its final output carrying the handoff, and its blocks stay pinned until `release_pinned`, or
         for kv_claim_s and after `claim_pinned` for kv_lease_s. `grammar` is the request's structured output as
-        `compile_grammar` returned it; without it, the grammar is compiled here."""
-        req = self._new_request(prompt, params, request_id, cache_salt, grammar)
+        `compile_grammar` returned it; without it, the grammar is compiled here. With `continuation` the request
+        takes over from a group that was lost while running it: its outputs carry on from what that group had
+        streamed."""
+        req = self._new_request(prompt, params, request_id, cache_salt, grammar, continuation)
         req.prefill_only = prefill_only
         self.scheduler.add(req.seq)
         return req.seq.request_id
 
     def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
-                     cache_salt: str | None, grammar: "CompiledGrammar | None" = None) -> _Request:
+                     cache_salt: str | None, grammar: "CompiledGrammar | None" = None,
+                     continuation: Continuation | None = None) -> _Request:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.pinned:
@@ -171,8 +175,34 @@ class LLMEngine:
             spec = params.structured_output
             seq.grammar = RequestGrammar(grammar or self.compile_grammar(spec), spec.after)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
-        req = self.requests[request_id] = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
+        req = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
+        if continuation is not None:
+            self._continue(req, continuation)
+        self.requests[request_id] = req
         return req
+
+    def _continue(self, req: _Request, continuation: Continuation) -> None:
+        """Makes `continuation`'s tokens the request's output so far, as if this engine had generated and streamed
+        them: the scheduler then computes their KV with the prompt's, as after a preemption."""
+        seq, params = req.seq, req.seq.sampling_params
+        generated = continuation.token_ids
+        if len(generated) >= params.max_tokens or seq.num_tokens + len(generated) >= self.max_seq_len:
+            raise InvalidRequestError("continuation", f"{len(generated)} generated tokens leave no room for another "
+                                                      f"(max_tokens {params.max_tokens}, prompt {seq.num_tokens})")
+        bad = next((t for t in generated if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("continuation", f"token id {bad} is outside the vocabulary "
+                                                      f"[0, {self.vocab_size})")
+        if params.logprobs is not None and len(continuation.logprobs or ()) != len(generated):
+            raise InvalidRequestError("continuation", "logprobs must have one entry per generated token")
+        if not req.detokenizer.resume(generated, continuation.text):
+            raise InvalidRequestError("continuation", "text is not the text of its token ids")
+        for token_id in generated:
+            seq.append_token(token_id)
+            self.runner.skip_draw(seq)  # a seeded request's next token comes from the draw after theirs
+        if params.logprobs is not None:
+            seq.logprobs = list(continuation.logprobs)
+        req.released_text, req.num_released_tokens = continuation.text, len(generated)
 
     def compile_grammar(self, spec: StructuredOutput) -> "CompiledGrammar":
         """A structured output's grammar, compiled against this engine's vocabulary. Callable from any thread:

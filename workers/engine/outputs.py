@@ -114,6 +114,23 @@ class RequestOutput:
                        outputs=[replace(completion, text="", token_ids=[], logprobs=logprobs)])
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """What a request had streamed when the group running it was lost. The engine that takes it over
+    (LLMEngine.add_request) counts these tokens as generated, for max_tokens, min_tokens, penalties, stop strings,
+    the structured output and a seeded request's draws, and computes their KV with the prompt's: the rest is then
+    what the lost group would have generated."""
+
+    token_ids: list[int]
+    text: str  # what the caller received; the lost group may have held back a tail that could begin a stop string
+    logprobs: list[dict[int, float]] | None = None
+
+    @classmethod
+    def of(cls, out: "RequestOutput") -> "Continuation":
+        completion = out.outputs[0]
+        return cls(list(completion.token_ids), completion.text, completion.logprobs)
+
+
 class DeltaAssembler:
     """One request's outputs put back together from its stream of `as_delta` outputs, as the engine made them."""
 
