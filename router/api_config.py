@@ -48,6 +48,10 @@ class ApiConfig:
                                              "(POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM's "
                                              "VLLM_ALLOW_RUNTIME_LORA_UPDATING); an adapter's folder must be "
                                              "readable at the same absolute path wherever a worker group runs")
+    migration_limit: int = _field(3, "times a request moves to another decode group when the one streaming it is "
+                                     "lost (its process or node died); the new group carries on from the tokens "
+                                     "already streamed, so the caller sees one stream (Dynamo's request migration); "
+                                     "0: such a request ends UNAVAILABLE")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
                                        "(null: $TANDEM_API_KEY when set, else no key)")
     tls_cert_file: str | None = _field(None, "PEM server certificate: gRPC and HTTP speak TLS (read where the "
@@ -62,6 +66,8 @@ class ApiConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0 (got {self.migration_limit!r})")
         if self.response_store_url is not None and not self.response_store_url.startswith(_REDIS_SCHEMES):
             raise ValueError(f"response_store_url must be a Redis URL ({', '.join(_REDIS_SCHEMES)}...) (got "
                              f"{self.response_store_url!r})")

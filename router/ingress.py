@@ -8,9 +8,11 @@ prefill replica with the least work (router/request_router.py ranks them inside 
 mode (no prefill pool) the decode replica does all of it, as it does when no prefill group can take a request (the
 pool is down or its group failed) and for a request that wants prompt logprobs. A caller that goes away (or whose
 deadline passes) cancels the stream, which cancels the call on whichever group holds the request, so every block is
-freed. Each replica is also the cluster's front door: it serves the gRPC API (router/grpc_api.py) on its own port
-and the OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP proxy. The ingress is stateless: any
-number of replicas serve the same pools.
+freed. A decode group lost mid-stream (a rank or its node died) does not end the request: it moves to another
+decode group, which computes the prompt and the tokens already streamed and carries on from there (up to
+api.migration_limit times). Each replica is also the cluster's front door: it serves the gRPC API
+(router/grpc_api.py) on its own port and the OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP
+proxy. The ingress is stateless: any number of replicas serve the same pools.
 """
 
 import asyncio
@@ -40,13 +42,17 @@ from workers.engine.async_engine import release_quietly
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
 from workers.engine.lora_folder import CONFIG_FILE
-from workers.engine.outputs import DeltaAssembler, RequestOutput, TimeToFirstToken
+from workers.engine.outputs import Continuation, DeltaAssembler, RequestOutput, TimeToFirstToken
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
 from workers.kv.hashing import hash_full_blocks
 from workers.replica_logging import use_serve_logging
 
 logger = logging.getLogger(__name__)
+
+# Before a request's first move to another decode group, doubling for each further move up to the most: about the
+# time Serve's request router takes to see a lost group's report (request_routing_stats_period_s).
+_MIGRATION_PAUSE_S, _MAX_MIGRATION_PAUSE_S = 0.5, 4.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class Ingress:
         hashes = hash_full_blocks(token_ids, self.model.block_size, salt, lora=params.lora)
         decision = await self._decide(len(token_ids), hashes)
         hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
-        first, prefilled = True, None
+        prefilled = None
         serve_id = uuid.uuid4().hex
         # The prompt logprobs come from the group that computes the prompt, and only the decode group streams.
         remote = decision is None or decision.prefill_group is not None
@@ -174,14 +180,31 @@ class Ingress:
             else:
                 outputs = self.decode.options(stream=True).generate_prefilled.remote(
                     prefilled.handoff, params, prefilled.source, routing=hint)
-        finished, assembler = False, DeltaAssembler()
+        # `head`: the request's first output, `last`: its latest; both None until the first.
+        finished, assembler, head, last, migrations = False, DeltaAssembler(), None, None, 0
         try:
-            async for delta in outputs:
-                out = assembler.add(delta)
-                if first:
-                    out.ttft, first = TimeToFirstToken.of(out.metrics, time.monotonic() - received), False
-                finished = out.finished
-                yield out
+            while True:
+                try:
+                    async for delta in outputs:
+                        out = assembler.add(delta)
+                        if head is None:
+                            out.ttft = TimeToFirstToken.of(out.metrics, time.monotonic() - received)
+                            head = out
+                        elif migrations:
+                            out = _as_first_served(out, head)
+                        finished, last = out.finished, out
+                        yield out
+                    return
+                except Exception as e:
+                    if classify(e).kind is not Kind.UNAVAILABLE or migrations == self.api.migration_limit:
+                        raise
+                    migrations += 1
+                    error = e
+                outputs.cancel()
+                if prefilled is not None:
+                    await release_quietly(prefilled.source, request_id)
+                    prefilled = None
+                outputs = await self._migrate(token_ids, params, request_id, salt, hint, last, migrations, error)
         finally:
             if not finished:
                 # The caller left (cancelled, deadline, disconnect): stop the request wherever it is, and don't
@@ -189,6 +212,25 @@ class Ingress:
                 outputs.cancel()
                 if prefilled is not None:
                     await release_quietly(prefilled.source, request_id)
+
+    async def _migrate(self, token_ids: list[int], params: SamplingParams, request_id: str, salt: str | None,
+                       hint: RoutingHint, last: RequestOutput | None, migration: int, error: Exception):
+        """The request's stream on another decode group, after the one streaming it was lost: that group
+        computes the prompt and the tokens already streamed (up to `last`), then carries on (Continuation), so
+        the caller's stream goes on as if nothing had happened. A short pause first lets Serve and the request router
+        learn that the lost group is gone (a group whose rank died reports itself out of service)."""
+        self.metrics.migrations.inc()
+        continuation = None
+        if last is not None:
+            continuation = Continuation.of(last)
+            params = replace(params, prompt_logprobs=None)  # the caller has them, with the first output
+        logger.warning("%s: its decode group was lost after %d token(s) (%s); moving it to another (%d of at most "
+                       "%d)", request_id, len(continuation.token_ids) if continuation else 0,
+                       classify(error).message, migration, self.api.migration_limit)
+        await asyncio.sleep(min(_MIGRATION_PAUSE_S * 2 ** (migration - 1), _MAX_MIGRATION_PAUSE_S))
+        with _serve_request_id(uuid.uuid4().hex):
+            return self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
+                                                                    continuation=continuation, routing=hint)
 
     async def _prefill(self, token_ids: list[int], params, request_id: str, salt: str | None,
                        hint: RoutingHint, serve_id: str):
@@ -414,6 +456,13 @@ class Ingress:
             await self._grpc.drain()
         while self._active:
             await asyncio.sleep(0.1)
+
+
+def _as_first_served(out: RequestOutput, head: RequestOutput) -> RequestOutput:
+    """An output of a migrated request as the caller's first group would have made it: the prompt's cached tokens
+    and prompt logprobs are those of that group (the next one computed the prompt again)."""
+    return replace(out, num_cached_tokens=head.num_cached_tokens,
+                   prompt_logprobs=head.prompt_logprobs if out.finished else None)
 
 
 @contextmanager

@@ -65,6 +65,8 @@ class IngressMetrics:
         self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated", registry=r)
         self.kv_transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes moved from prefill to decode groups",
                                          registry=r)
+        self.migrations = Counter("tandem_request_migrations", "Times a request moved to another decode group after "
+                                  "the one streaming it was lost", registry=r)
         self.running = Gauge("tandem_requests_running", "Requests this ingress replica is serving now", registry=r)
         self.lora_requests = Counter("tandem_lora_requests", "Requests that named a LoRA adapter, by adapter",
                                      ["adapter"], registry=r)

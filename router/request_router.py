@@ -24,7 +24,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, R
 
 from router.kv_index import KVIndex, KVIndexFollower
 from router.policy import GroupLoad, RoutingWeights, rank_prefill, route
-from router.routing_hint import RoutingHint
+from router.routing_hint import OUT_OF_SERVICE, RoutingHint
 from workers.kv.hashing import BlockHash
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,11 @@ class PrefixCacheRouter(RequestRouter):
         if not self._started:
             self._started = True
             await self.follower.start()  # the index is warm from Redis's snapshot when this returns
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        # A group out of service (a rank died) comes last until Serve replaces it: the ingress moves its requests
+        # to another group, which must not be that one again.
+        serving = [r for r in candidate_replicas if not (r.routing_stats or {}).get(OUT_OF_SERVICE)]
+        lost = [[r] for r in candidate_replicas if r not in serving] if serving else []
+        by_id = {r.replica_id.unique_id: r for r in serving or candidate_replicas}
         cached = self._match(hint.block_hashes)
         loads = [self._load(group, replica) for group, replica in by_id.items()]
         if self.role == "prefill":
@@ -72,7 +76,7 @@ class PrefixCacheRouter(RequestRouter):
         self._chosen[pending_request.metadata.internal_request_id] = (
             best.group_id, max(1, hint.num_tokens - best.cached_blocks * self.block_size),
             time.monotonic() + _CHOSEN_MEMORY_S)
-        return [[by_id[cost.group_id]] for cost in ranked]
+        return [[by_id[cost.group_id]] for cost in ranked] + lost
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:

@@ -15,3 +15,7 @@ from workers.kv.hashing import BlockHash
 class RoutingHint:
     num_tokens: int
     block_hashes: list[BlockHash]  # of the prompt's full blocks, salted by its cache_salt
+
+
+# A replica's routing stat (EngineServer.record_routing_stats) when its group can no longer serve: a rank died.
+OUT_OF_SERVICE = "out_of_service"

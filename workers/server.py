@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from router.routing_hint import OUT_OF_SERVICE
 from workers.engine.config import EngineConfig
 from workers.engine.handoff import KVHandoff
-from workers.engine.outputs import RequestOutput
+from workers.engine.outputs import Continuation, RequestOutput
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.stats import EngineStats
 from workers.group import WorkerGroup
@@ -81,8 +82,11 @@ class EngineServer:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, cache_salt: str | None = None,
+                       continuation: Continuation | None = None,
                        routing: object = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.group.generate(prompt, params, request_id, cache_salt):
+        """`continuation`: the request's output so far, when the ingress moves it here from a group that was lost
+        (LLMEngine.add_request)."""
+        async for out in self.group.generate(prompt, params, request_id, cache_salt, continuation):
             yield out
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -110,8 +114,13 @@ class EngineServer:
 
     async def record_routing_stats(self) -> dict[str, float]:
         """The load the request router weighs this replica by, polled by Serve every second; its sequences are
-        all the group holds work for (EngineStats.num_busy_seqs)."""
-        stats = await self.group.stats()
+        all the group holds work for (EngineStats.num_busy_seqs). A group that lost a rank says it is out of
+        service, so the router sends requests elsewhere before Serve's next health check replaces it."""
+        try:
+            await self.group.check_health()
+            stats = await self.group.stats()
+        except Exception:
+            return {OUT_OF_SERVICE: 1.0}
         return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
                 "queued_prefill_tokens": stats.num_queued_prefill_tokens, "running_seqs": stats.num_busy_seqs}
 

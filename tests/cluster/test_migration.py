@@ -1,0 +1,121 @@
+"""A decode group lost mid-stream costs its callers nothing: the ingress moves each of its requests to the other
+decode group, which carries on from the tokens already streamed, and every caller receives one whole stream with
+exactly the tokens the request would have had (greedy, and seeded sampling too). A real Serve app (a prefill
+replica and two decode replicas, one rank each), a real redis-server, gRPC streams over a socket, and SIGKILL of
+the busier decode group's rank while they run."""
+
+import asyncio
+import os
+import random
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import build_app
+from cluster.config import ClusterConfig, PoolConfig
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
+from tests.conftest import SERVE_HTTP_URL
+from workers.engine.llm import LLM
+from workers.engine.sampling_params import SamplingParams
+from workers.group import RANK_ACTOR_PREFIX
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+APP, PORT = "tandem-migration", 16111
+STREAMS, MAX_TOKENS = 8, 160
+
+
+def params(i: int) -> SamplingParams:
+    """Streams 0, 1, 4, 5 greedy, 2, 3, 6, 7 sampled under a seed of their own: whichever way the two decode groups
+    share them, each has some of both kinds."""
+    if i // 2 % 2 == 0:
+        return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_k=50, seed=100 + i, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory) -> str:
+    return str(tiny_model_factory("llama"))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(8)
+    return [[rng.randrange(49152) for _ in range(rng.randint(20, 60))] for _ in range(STREAMS)]
+
+
+@pytest.fixture(scope="module")
+def expected(model, prompts) -> list[list[int]]:
+    llm = LLM(model, num_kv_blocks=256, progress=False)
+    return [llm.generate(p, params(i))[0].outputs[0].token_ids for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def cluster(model, redis_url):
+    config = ClusterConfig(model=model, num_kv_blocks=256, num_cpus_per_rank=0.5, redis_url=redis_url,
+                           grpc_port=PORT, kv_transfer_timeout_s=10, decode=PoolConfig(replicas=2))
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    yield
+    serve.delete(APP)
+
+
+def decode_rank_zero() -> dict[str, tuple[int, int]]:
+    """Each decode group's rank 0: its running requests and its process id."""
+    found = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"{RANK_ACTOR_PREFIX}decode:") and actor["name"].endswith(":0"):
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            found[actor["name"]] = (ray.get(handle.stats.remote()).num_running,
+                                    ray.get(handle.__ray_call__.remote(lambda _: os.getpid())))
+    return found
+
+
+def migrations() -> float:
+    with urllib.request.urlopen(f"{SERVE_HTTP_URL}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return float(next(line for line in lines if line.startswith("tandem_request_migrations_total ")).split()[1])
+
+
+async def stream(stub, prompt: list[int], i: int, received: list[int]) -> str:
+    p = params(i)
+    sampling = pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k,
+                                 ignore_eos=True, **({"seed": p.seed} if p.seed is not None else {}))
+    try:
+        async for response in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling),
+                                            timeout=120):
+            received.extend(response.token_ids)
+    except grpc.aio.AioRpcError as e:
+        return f"{e.code().name}: {e.details()}"
+    return "OK"
+
+
+async def kill_the_busier_decode_group_mid_stream(prompts) -> tuple[list[str], list[list[int]], int]:
+    received: list[list[int]] = [[] for _ in prompts]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        running = [asyncio.create_task(stream(stub, p, i, received[i])) for i, p in enumerate(prompts)]
+        deadline = time.monotonic() + 60
+        while min(map(len, received)) < 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        busiest, (num_running, pid) = max(decode_rank_zero().items(), key=lambda item: item[1][0])
+        os.kill(pid, signal.SIGKILL)
+        at_kill = [len(r) for r in received]
+        statuses = await asyncio.gather(*running)
+    assert max(at_kill) < MAX_TOKENS, "the streams ended before the kill: nothing was lost mid-stream"
+    return statuses, received, num_running
+
+
+def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exact_tokens(cluster, prompts,
+                                                                                         expected):
+    before = migrations()
+    statuses, received, moved = asyncio.run(kill_the_busier_decode_group_mid_stream(prompts))
+    assert statuses == ["OK"] * STREAMS
+    assert received == expected
+    assert moved > 0
+    assert migrations() - before >= moved
