@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-tokens", type=int, default=64)
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="ranks per group; at 2 or more the kill takes a follower rank of the decode group")
+    parser.add_argument("--decode-replicas", type=int, default=2,
+                        help="decode groups: with 2 or more, the streams of the killed one move to another and "
+                             "complete with their exact tokens; with 1 they end UNAVAILABLE")
     parser.add_argument("--num-cpus-per-rank", type=float, default=0.5)
     parser.add_argument("--grpc-port", type=int, default=50151)
     parser.add_argument("--seed", type=int, default=0)
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.bench.faults import kill_under_load, prompt_set, rank_processes
+    from cluster.bench.faults import kill_under_load, prompt_set
     from cluster.config import ClusterConfig, PoolConfig
     from cluster.redis_server import LocalRedis
     from workers.engine.llm import LLM
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     config = ClusterConfig(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                            num_cpus_per_rank=args.num_cpus_per_rank, grpc_port=args.grpc_port,
-                           prefill=PoolConfig(max_ongoing_requests=256), decode=PoolConfig(max_ongoing_requests=256))
+                           prefill=PoolConfig(max_ongoing_requests=256),
+                           decode=PoolConfig(replicas=args.decode_replicas, max_ongoing_requests=256))
     log(f"reference: greedy tokens of {args.model} offline")
     llm = LLM(config.model, progress=False)
     prompts = prompt_set(rng, llm.engine.vocab_size)
@@ -61,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         kills = []
         for pool, rank in (("decode", args.tensor_parallel_size - 1), ("prefill", 0)):
             log(f"killing rank {rank} of the {pool} group under load")
-            victim = next(r for r in rank_processes() if (r.pool, r.rank) == (pool, rank))
-            kills.append(asdict(asyncio.run(kill_under_load(target, victim, prompts, expected, 16,
+            kills.append(asdict(asyncio.run(kill_under_load(target, pool, rank, prompts, expected, 16,
                                                             args.long_tokens))))
         serve.delete(APP)  # gracefully; ray.shutdown then takes Serve's controller without killing its calls
     finally:
@@ -98,7 +101,7 @@ async def _storm(args, target: str, prompts, expected, rng: random.Random) -> li
         plan = plan_round(rng, len(prompts), args.streams, args.long_streams, args.short_tokens, args.long_tokens,
                           first_token_s * 4)
         outcomes = await storm_round(target, prompts, plan)
-        stats = await idle_stats(APP, ("prefill", "decode"))
+        stats = await idle_stats()
         rounds.append(dict(round=i, streams=len(plan), wrong=len(wrong_outputs(outcomes, expected)),
                            leaks=leaks(stats), cancelled={how: sum(o.stream.how == how for o in outcomes)
                                                           for how in HOW[1:]}))

@@ -7,9 +7,10 @@ return exactly the greedy tokens of the same prompt; after each round every pool
 free (the prefix cache's blocks count as free: they are evictable), nothing pinned for a transfer and nothing
 being received. KV channels stay open between rounds by design (one per rank pair, reused).
 
-Rank kill: SIGKILL one rank of a pool's group (one replica per pool) while streams run. Every stream must end
-within the health-check period + 10 s, with its exact tokens or UNAVAILABLE; Serve then replaces the group and
-new requests succeed.
+Rank kill: SIGKILL one rank of the pool's busiest group while streams run. Every stream must end within the
+health-check period + 10 s, with its exact tokens or UNAVAILABLE; Serve then replaces the group and new requests
+succeed. The ingress moves a lost decode group's streams to another decode group, so where the pool has one, they
+all complete with their exact tokens.
 
 `tandem bench chaos` (cluster/bench/chaos.py) and the CI tests (tests/cluster/test_chaos.py) run this code, the
 tests with fewer rounds.
@@ -21,6 +22,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -114,20 +116,20 @@ def wrong_outputs(outcomes: list[Outcome], expected: list[list[int]]) -> list[Ou
             and (o.status != "OK" or o.token_ids != expected[o.stream.prompt][:o.stream.max_tokens])]
 
 
-async def idle_stats(app: str, pools: tuple[str, ...], timeout_s: float = 15.0) -> dict:
-    """Each pool's stats once it is idle with every block free, or whatever they are at the timeout. A replica
-    whose group was killed answers with an error until Serve has replaced it: that is retried too.
+async def idle_stats(timeout_s: float = 15.0) -> dict:
+    """Every group's stats (by "pool group id") once all are idle with every block free, or whatever they are at
+    the timeout. A group with a killed rank may answer with an error until Serve has replaced it: that is retried
+    too.
 
     The timeout outlasts the prefill groups' claim window (kv_claim_s, 5 s): a stream cancelled while Serve is
     handing its prefill call to a replica can still be prefilled there, with no one to claim the handoff, and its
     blocks stay pinned until the window ends (the ingress cannot release what it never received)."""
-    from ray import serve
     from ray.exceptions import RayError
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            stats = {name: await serve.get_deployment_handle(name, app_name=app).stats.remote() for name in pools}
+            stats = {f"{r.pool} {r.group}": await r.handle.stats.remote() for r in rank_actors() if r.rank == 0}
         except RayError:
             if time.monotonic() > deadline:
                 raise
@@ -148,25 +150,46 @@ def leaks(stats: dict) -> list[str]:
 
 
 @dataclass(frozen=True)
+class RankActor:
+    pool: str
+    group: str  # the pool replica's id
+    rank: int
+    handle: Any
+
+
+@dataclass(frozen=True)
 class Rank:
     pool: str
+    group: str
     rank: int
     pid: int
+    num_running: int  # the group's running requests, from its rank 0
 
 
-def rank_processes() -> list[Rank]:
-    """The live rank processes of the pools' groups, found by their actor names (workers/group.py)."""
+def rank_actors() -> list[RankActor]:
+    """The live ranks of the pools' groups, found by their actor names (workers/group.py)."""
     import ray
 
     from workers.group import RANK_ACTOR_PREFIX
 
-    ranks = []
+    found = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["name"].startswith(RANK_ACTOR_PREFIX):
-            pool, _, rank = actor["name"][len(RANK_ACTOR_PREFIX):].split(":")
-            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            ranks.append(Rank(pool, int(rank), ray.get(handle.__ray_call__.remote(lambda _: os.getpid()))))
-    return ranks
+            pool, group, rank = actor["name"][len(RANK_ACTOR_PREFIX):].split(":")
+            found.append(RankActor(pool, group, int(rank), ray.get_actor(actor["name"],
+                                                                         namespace=actor["namespace"])))
+    return found
+
+
+def rank_processes() -> list[Rank]:
+    """The live rank processes of the pools' groups, the busiest groups first."""
+    import ray
+
+    actors = rank_actors()
+    running = {(a.pool, a.group): ray.get(a.handle.stats.remote()).num_running for a in actors if a.rank == 0}
+    ranks = [Rank(a.pool, a.group, a.rank, ray.get(a.handle.__ray_call__.remote(lambda _: os.getpid())),
+                  running.get((a.pool, a.group), 0)) for a in actors]
+    return sorted(ranks, key=lambda r: -r.num_running)
 
 
 @dataclass
@@ -182,13 +205,15 @@ class KillResult:
     recovered_s: float = float("nan")  # until a new request to the pool succeeded again
 
 
-async def kill_under_load(target: str, victim: Rank, prompts: list[list[int]], expected: list[list[int]],
+async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[int]], expected: list[list[int]],
                           streams: int, max_tokens: int, recover_timeout_s: float = 120.0) -> KillResult:
+    """Kills `rank` of the pool's group that runs the most streams, a second after they start."""
     plan = [Stream(i % len(prompts), max_tokens, "finish") for i in range(streams)]
     async with grpc.aio.insecure_channel(target) as channel:
         stub = tandem_pb2_grpc.GenerationStub(channel)
         running = [asyncio.create_task(run_stream(stub, s, prompts[s.prompt])) for s in plan]
         await asyncio.sleep(1.0)
+        victim = next(r for r in await asyncio.to_thread(rank_processes) if (r.pool, r.rank) == (pool, rank))
         killed = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         outcomes = await asyncio.wait_for(asyncio.gather(*running), HEALTH_CHECK_PERIOD_S + 10 + 60)
