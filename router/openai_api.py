@@ -21,9 +21,9 @@
     GET  /version                vLLM's: {"version": Tandem's} (no API key)
     GET  /metrics                Prometheus text (router/metrics.py; no API key)
 
-Fields follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words,
-truncate_prompt_tokens, request_id; for chat, add_generation_prompt, continue_final_message and
+Fields (router/openai_bodies.py) follow OpenAI's, with vLLM's extensions (top_k, min_p, repetition_penalty,
+min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids,
+bad_words, truncate_prompt_tokens, request_id; for chat, add_generation_prompt, continue_final_message and
 chat_template_kwargs) and Tandem's cache_salt; fields it does not know are ignored, as vLLM does. Structured
 output comes as OpenAI's response_format (text.format for responses) or vLLM's structured_outputs
 (router/openai_structured.py); a named or required tool_choice is a tool call held to the tool's schema, and "auto"
@@ -53,18 +53,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from importlib.metadata import version as package_version
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from router.background import BackgroundResponses
 from router.errors import ApiError, Kind, classify, invalid, renamed
 from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
+from router.openai_bodies import (
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    DetokenizeBody,
+    GenerationBody,
+    InputItem,
+    InputTokensBody,
+    LoadLoRABody,
+    ResponsesBody,
+    TokenizeBody,
+    UnloadLoRABody,
+)
 from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
 from router.openai_tools import ToolChoice, chat_tools, tool_choice
@@ -77,165 +90,6 @@ from workers.engine.sampling_params import SamplingParams, StructuredOutput
 logger = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions; chat defaults to the context
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False  # vLLM's: with include_usage, every chunk has its usage so far
-
-
-class _Body(BaseModel):
-    """What both endpoints take; everything optional, and null means the default (clients send nulls)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool | None = False
-    min_tokens: int | None = None
-    include_stop_str_in_output: bool | None = False
-    skip_special_tokens: bool | None = True
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
-    truncate_prompt_tokens: int | None = None
-    priority: int | None = None  # vLLM's: with scheduling_policy "priority", lower runs first
-    request_id: str | None = None
-    cache_salt: str | None = None
-    structured_outputs: dict[str, Any] | None = None
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
-    response_format: ResponseFormat | None = None
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[ContentPart] | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool message: the call it answers
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage]
-    add_generation_prompt: bool | None = True  # vLLM's: open the assistant's turn
-    continue_final_message: bool | None = False  # vLLM's: continue the last message instead
-    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: the template's own variables
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
-
-
-class InputItem(BaseModel):
-    """An item of a Responses API input: a message (the default type), an earlier function call or its output."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str = "message"
-    role: str | None = None
-    content: str | list[ContentPart] | None = None
-    call_id: str | None = None  # function_call, function_call_output
-    name: str | None = None  # function_call
-    arguments: str | None = None  # function_call
-    output: str | None = None  # function_call_output
-
-
-class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    format: ResponseFormat | None = None
-
-
-class ResponsesBody(_Body):
-    input: str | list[InputItem]
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
-    text: TextConfig | None = None
-    top_logprobs: int | None = None
-    include: list[str] | None = None
-    previous_response_id: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None
-    store: bool | None = True
-    background: bool | None = None
-    metadata: dict[str, str] | None = None
-
-
-class InputTokensBody(BaseModel):
-    """What POST /v1/responses/input_tokens reads of a Responses API request: what makes up its prompt."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    input: str | list[InputItem] | None = None
-    instructions: str | None = None
-    previous_response_id: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None
-    tools: list[dict] | None = None
-
-
-class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = True
-    add_generation_prompt: bool | None = True
-    continue_final_message: bool | None = False
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    tokens: list[int]
-
-
-class LoadLoRABody(BaseModel):
-    """vLLM's LoadLoRAAdapterRequest."""
-
-    model_config = ConfigDict(extra="allow")
-    lora_name: str
-    lora_path: str
-    load_inplace: bool = False
-
-
-class UnloadLoRABody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    lora_name: str
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -366,9 +220,10 @@ class OpenAIApi:
             raise _no_stored_response(response_id, field)
         return stored
 
-    def _completion_shape(self, chat: bool) -> Callable[[_Body, str, list[GenerateRequest], ToolChoice | None],
-                                                        Shape]:
-        def shape(body: _Body, request_id: str, choices: list[GenerateRequest], tools: ToolChoice | None) -> Shape:
+    def _completion_shape(self, chat: bool) -> Callable[[GenerationBody, str, list[GenerateRequest],
+                                                         ToolChoice | None], Shape]:
+        def shape(body: GenerationBody, request_id: str, choices: list[GenerateRequest],
+                  tools: ToolChoice | None) -> Shape:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             continuous_usage = include_usage and bool(body.stream_options.continuous_usage_stats)
             echoes = None
@@ -667,7 +522,7 @@ class OpenAIApi:
         return min(self.ingress.api.max_tokens or model_len, model_len)
 
     @staticmethod
-    def _params(body: _Body, max_tokens: int, logprobs: int | None,
+    def _params(body: GenerationBody, max_tokens: int, logprobs: int | None,
                 structured_output: StructuredOutput | None) -> SamplingParams:
         given = {name: getattr(body, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
@@ -680,7 +535,7 @@ class OpenAIApi:
                               skip_special_tokens=body.skip_special_tokens is not False,
                               structured_output=structured_output, **given)
 
-    def _choices(self, body: _Body, request_id: str, prompts: list[dict],
+    def _choices(self, body: GenerationBody, request_id: str, prompts: list[dict],
                  params: SamplingParams) -> list[GenerateRequest]:
         """One cluster request per choice, n for each prompt in order; choice i of a seeded request is seeded
         seed + i, so the n choices differ and each is reproducible."""
