@@ -13,17 +13,16 @@ import urllib.request
 
 import grpc
 import pytest
-import ray
 from ray import serve
 
 from cluster.app import build_app
+from cluster.bench import faults
 from cluster.config import ClusterConfig, PoolConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from tests.conftest import SERVE_HTTP_URL
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
-from workers.group import RANK_ACTOR_PREFIX
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -65,17 +64,6 @@ def cluster(model, redis_url):
     serve.delete(APP)
 
 
-def decode_rank_zero() -> dict[str, tuple[int, int]]:
-    """Each decode group's rank 0: its running requests and its process id."""
-    found = {}
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"{RANK_ACTOR_PREFIX}decode:") and actor["name"].endswith(":0"):
-            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            found[actor["name"]] = (ray.get(handle.stats.remote()).num_running,
-                                    ray.get(handle.__ray_call__.remote(lambda _: os.getpid())))
-    return found
-
-
 def migrations() -> float:
     with urllib.request.urlopen(f"{SERVE_HTTP_URL}/metrics", timeout=30) as response:
         lines = response.read().decode().splitlines()
@@ -103,12 +91,12 @@ async def kill_the_busier_decode_group_mid_stream(prompts) -> tuple[list[str], l
         deadline = time.monotonic() + 60
         while min(map(len, received)) < 8 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        busiest, (num_running, pid) = max(decode_rank_zero().items(), key=lambda item: item[1][0])
-        os.kill(pid, signal.SIGKILL)
+        victim = next(r for r in await asyncio.to_thread(faults.rank_processes) if r.pool == "decode")  # busiest
+        os.kill(victim.pid, signal.SIGKILL)
         at_kill = [len(r) for r in received]
         statuses = await asyncio.gather(*running)
     assert max(at_kill) < MAX_TOKENS, "the streams ended before the kill: nothing was lost mid-stream"
-    return statuses, received, num_running
+    return statuses, received, victim.num_running
 
 
 def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exact_tokens(cluster, prompts,
