@@ -435,6 +435,16 @@ class TandemClient:
         response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
         return [Model(m.id, m.max_model_len, m.block_size, m.parent or None) for m in response.models]
 
+    def load_lora_adapter(self, name: str, path: str, *, load_inplace: bool = False,
+                          timeout: float | None = None) -> None:
+        """Serves the PEFT adapter at `path` (absolute, where the worker groups run) as model `name` (the server
+        needs api.allow_runtime_lora)."""
+        request = pb.LoadLoRAAdapterRequest(lora_name=name, lora_path=path, load_inplace=load_inplace)
+        self._unary(self._stub.LoadLoRAAdapter, request, timeout)
+
+    def unload_lora_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        self._unary(self._stub.UnloadLoRAAdapter, pb.UnloadLoRAAdapterRequest(lora_name=name), timeout)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         """True when the server reports SERVING; False when it is not serving, draining or unreachable."""
         try:
@@ -560,6 +570,14 @@ class AsyncTandemClient:
     async def models(self, *, timeout: float | None = None) -> list[Model]:
         response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
         return [Model(m.id, m.max_model_len, m.block_size, m.parent or None) for m in response.models]
+
+    async def load_lora_adapter(self, name: str, path: str, *, load_inplace: bool = False,
+                                timeout: float | None = None) -> None:
+        request = pb.LoadLoRAAdapterRequest(lora_name=name, lora_path=path, load_inplace=load_inplace)
+        await self._unary(self._stub.LoadLoRAAdapter, request, timeout)
+
+    async def unload_lora_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        await self._unary(self._stub.UnloadLoRAAdapter, pb.UnloadLoRAAdapterRequest(lora_name=name), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         try:

@@ -109,6 +109,24 @@ class GenerationServicer:
                              parent=model.name) for name in self.ingress.lora.names]
         return pb.ListModelsResponse(models=[base, *adapters])
 
+    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.LoadLoRAAdapterResponse:
+        try:
+            await self._check(request)
+            await self.ingress.load_lora_adapter(request.lora_name, request.lora_path, request.load_inplace)
+            return pb.LoadLoRAAdapterResponse()
+        except Exception as e:
+            await _abort(context, e)
+
+    async def UnloadLoRAAdapter(self, request: pb.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+                                ) -> pb.UnloadLoRAAdapterResponse:
+        try:
+            await self._check(request)
+            await self.ingress.unload_lora_adapter(request.lora_name)
+            return pb.UnloadLoRAAdapterResponse()
+        except Exception as e:
+            await _abort(context, e)
+
     async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], Built],
                       chat: bool = False) -> AsyncIterator[pb.GenerateResponse]:
         """`chat`: a reply whose thinking a reasoning parser tells from its answer, and which may call tools."""

@@ -50,7 +50,8 @@ GRPC_ANSWERS = {OK, INVALID, NOT_FOUND, UNAUTHENTICATED, EXHAUSTED}
 HTTP_ANSWERS = {200, 400, 401, 404, 413, 429}
 GRPC_KEY = (("authorization", f"Bearer {KEY}"),)
 JSON_KEY = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
-METHODS = {"Generate": True, "Chat": True, "Tokenize": False, "Detokenize": False, "ListModels": False}
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"]
+METHODS = {m.name: m.server_streaming for m in SERVICE.methods}  # every RPC of tandem.v1, streaming or not
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -213,8 +214,9 @@ def test_tokenize_detokenize_and_list_models_answer_ok_or_a_documented_status(ch
 @given(key=WRONG_KEYS, method=st.sampled_from(sorted(METHODS)), data=st.data())
 def test_a_wrong_api_key_is_unauthenticated_whatever_the_request(channel, cluster, key, method, data):
     request = {"Generate": generate_requests(cluster), "Chat": chat_requests(cluster),
-               "Tokenize": st.builds(pb.TokenizeRequest, text=TEXT), "Detokenize": st.builds(pb.DetokenizeRequest),
-               "ListModels": st.just(pb.ListModelsRequest())}[method]
+               "Tokenize": st.builds(pb.TokenizeRequest, text=TEXT),
+               "LoadLoRAAdapter": st.builds(pb.LoadLoRAAdapterRequest, lora_name=TEXT, lora_path=TEXT),
+               }.get(method, st.builds(getattr(pb, SERVICE.methods_by_name[method].input_type.name)))
     call = getattr(tandem_pb2_grpc.GenerationStub(channel), method)
     code, details, _ = grpc_answer(lambda: call(data.draw(request), metadata=(("authorization", key),), timeout=60),
                                    METHODS[method])

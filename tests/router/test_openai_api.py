@@ -20,13 +20,14 @@ import jsonschema
 import openai
 import pytest
 import redis
+from grpc import StatusCode
 from pydantic import BaseModel, Field
 from ray import serve
 from transformers import AutoTokenizer
 
 from cluster.app import build_app
 from cluster.cli import main
-from cluster.client import TandemClient
+from cluster.client import TandemClient, TandemError
 from cluster.config import ClusterConfig
 from cluster.redis_server import LocalRedis
 from router.api_config import ApiConfig
@@ -217,6 +218,33 @@ def test_an_adapter_loaded_while_the_cluster_runs_answers_with_its_merged_weight
         status, error = lora_call(base_url, "load_lora_adapter", {"lora_name": "x", "lora_path": path})
         assert status == 400 and re.match(message, error), error
     assert [m.id for m in client.models.list().data] == [SERVED_NAME, ADAPTER]
+
+
+def test_the_grpc_api_loads_and_unloads_adapters_with_the_http_apis_checks(cluster, tokenizer, tmp_path):
+    """LoadLoRAAdapter and UnloadLoRAAdapter answer as /v1/load_lora_adapter and /v1/unload_lora_adapter do, in
+    gRPC's status codes."""
+    name = "grpc-loaded"
+    adapter = write_adapter(tmp_path / "a", Path(cluster), ATTENTION + MLP, rank=4, alpha=8, seed=13, std=0.2)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    expected = hf_greedy(merged_model(adapter, Path(cluster), tmp_path / "merged"), prompt_ids, 12)
+    client = TandemClient(f"localhost:{GRPC_PORT}", api_key=KEY)
+
+    def refusal(call, *args) -> tuple[StatusCode, str]:
+        with pytest.raises(TandemError) as refused:
+            call(*args)
+        return refused.value.code, refused.value.details
+
+    client.load_lora_adapter(name, str(adapter.folder))
+    assert (name, SERVED_NAME) in [(m.id, m.parent) for m in client.models()]
+    assert client.generate(prompt_ids, model=name, max_tokens=12, temperature=0, ignore_eos=True).token_ids == expected
+    assert refusal(client.load_lora_adapter, name, str(adapter.folder)) == \
+        (StatusCode.INVALID_ARGUMENT, f"The lora adapter '{name}' has already been loaded.")
+    assert refusal(client.load_lora_adapter, "x", "relative/folder")[0] is StatusCode.INVALID_ARGUMENT
+    client.unload_lora_adapter(name)
+    assert refusal(lambda: client.generate("Hi", model=name, max_tokens=1))[0] is StatusCode.NOT_FOUND
+    assert refusal(client.unload_lora_adapter, name) == \
+        (StatusCode.NOT_FOUND, f"The lora adapter '{name}' cannot be found.")
+    assert refusal(client.unload_lora_adapter, ADAPTER)[0] is StatusCode.INVALID_ARGUMENT  # started with it
 
 
 def test_an_adapter_put_in_lora_dir_is_loaded_by_the_first_requests_that_name_it(client, cluster, tokenizer, lora_dir,

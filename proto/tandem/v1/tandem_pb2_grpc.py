@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Text generation on the cluster's model.
+    """Text generation on the cluster's model and the LoRA adapters it serves.
     """
 
     def __init__(self, channel):
@@ -60,10 +60,20 @@ class GenerationStub:
                 request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/tandem.v1.Generation/LoadLoRAAdapter',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/tandem.v1.Generation/UnloadLoRAAdapter',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
-    """Text generation on the cluster's model.
+    """Text generation on the cluster's model and the LoRA adapters it serves.
     """
 
     def Generate(self, request, context):
@@ -101,6 +111,23 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Serves a LoRA adapter from now on under lora_name, which requests then pass as `model` (vLLM's
+        /v1/load_lora_adapter). A worker group loads it first, so a folder that is no adapter of this model is
+        INVALID_ARGUMENT naming why. Only with the server's api.allow_runtime_lora (else NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Stops serving an adapter LoadLoRAAdapter loaded (NOT_FOUND if none is loaded under that name); requests
+        running under it finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +156,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.FromString,
                     response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.SerializeToString,
             ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.UnloadLoRAAdapterResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Generation', rpc_method_handlers)
@@ -138,7 +175,7 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Text generation on the cluster's model.
+    """Text generation on the cluster's model and the LoRA adapters it serves.
     """
 
     @staticmethod
@@ -266,6 +303,60 @@ class Generation:
             '/tandem.v1.Generation/ListModels',
             proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.SerializeToString,
             proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Generation/LoadLoRAAdapter',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Generation/UnloadLoRAAdapter',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
