@@ -13,8 +13,9 @@ tool calls on the last response, with tools).
 """
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -69,6 +70,20 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Undecod
 Built = tuple[GenerateRequest, ToolChoice | None]
 
 
+def _unary(answer: Callable[[Any, Message], Awaitable[Message]]):
+    """A unary RPC: undecodable input, unknown fields and an unknown model are refused first, and any failure is
+    answered with its documented status."""
+    @functools.wraps(answer)
+    async def call(servicer: "GenerationServicer", request: Message, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            await servicer._check(request)
+            return await answer(servicer, request)
+        except Exception as e:
+            await _abort(context, e)
+
+    return call
+
+
 class GenerationServicer:
     def __init__(self, ingress: Ingress):
         self.ingress = ingress
@@ -84,48 +99,32 @@ class GenerationServicer:
         async for response in self._stream(request, context, self._chat_request, chat=True):
             yield response
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        try:
-            await self._check(request)
-            ids = self.ingress.tokenizer.encode(request.text, add_special_tokens=False)
-            return pb.TokenizeResponse(token_ids=ids)
-        except Exception as e:
-            await _abort(context, e)
+    @_unary
+    async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        return pb.TokenizeResponse(token_ids=self.ingress.tokenizer.encode(request.text, add_special_tokens=False))
 
-    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.DetokenizeResponse:
-        try:
-            await self._check(request)
-            text = self.ingress.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
-            return pb.DetokenizeResponse(text=text)
-        except Exception as e:
-            await _abort(context, e)
+    @_unary
+    async def Detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        text = self.ingress.detokenize(list(request.token_ids), skip_special_tokens=request.skip_special_tokens)
+        return pb.DetokenizeResponse(text=text)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ListModelsResponse:
+    @_unary
+    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         model = self.ingress.model
         base = pb.Model(id=model.name, max_model_len=model.max_model_len, block_size=model.block_size)
         adapters = [pb.Model(id=name, max_model_len=model.max_model_len, block_size=model.block_size,
                              parent=model.name) for name in self.ingress.lora.names]
         return pb.ListModelsResponse(models=[base, *adapters])
 
-    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest, context: grpc.aio.ServicerContext
-                              ) -> pb.LoadLoRAAdapterResponse:
-        try:
-            await self._check(request)
-            await self.ingress.load_lora_adapter(request.lora_name, request.lora_path, request.load_inplace)
-            return pb.LoadLoRAAdapterResponse()
-        except Exception as e:
-            await _abort(context, e)
+    @_unary
+    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest) -> pb.LoadLoRAAdapterResponse:
+        await self.ingress.load_lora_adapter(request.lora_name, request.lora_path, request.load_inplace)
+        return pb.LoadLoRAAdapterResponse()
 
-    async def UnloadLoRAAdapter(self, request: pb.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
-                                ) -> pb.UnloadLoRAAdapterResponse:
-        try:
-            await self._check(request)
-            await self.ingress.unload_lora_adapter(request.lora_name)
-            return pb.UnloadLoRAAdapterResponse()
-        except Exception as e:
-            await _abort(context, e)
+    @_unary
+    async def UnloadLoRAAdapter(self, request: pb.UnloadLoRAAdapterRequest) -> pb.UnloadLoRAAdapterResponse:
+        await self.ingress.unload_lora_adapter(request.lora_name)
+        return pb.UnloadLoRAAdapterResponse()
 
     async def _stream(self, request, context: grpc.aio.ServicerContext, build: Callable[[Message], Built],
                       chat: bool = False) -> AsyncIterator[pb.GenerateResponse]:

@@ -524,6 +524,17 @@ def test_undecodable_bytes_and_unknown_fields_are_invalid_arguments_not_internal
     assert unknown_nested.code() == INVALID and "sampling.#100" in unknown_nested.details()
 
 
+@pytest.mark.parametrize("method", [m.name for m in pb.DESCRIPTOR.services_by_name["Generation"].methods
+                                    if not m.server_streaming])
+def test_every_unary_rpc_refuses_a_field_tandem_v1_does_not_define(cluster, method):
+    with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        call = channel.unary_unary(f"/tandem.v1.Generation/{method}", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(bytes([0xa0, 0x06, 0x01]), timeout=30)  # field 100
+    assert refused.value.code() == INVALID and "#100" in refused.value.details()
+
+
 def test_after_the_bad_input_the_server_is_healthy_and_no_block_is_leaked(stub):
     """Runs after the corpus above (tests run in file order)."""
     with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
