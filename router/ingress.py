@@ -181,7 +181,7 @@ class Ingress:
                 outputs = self.decode.options(stream=True).generate_prefilled.remote(
                     prefilled.handoff, params, prefilled.source, routing=hint)
         # `head`: the request's first output, `last`: its latest; both None until the first.
-        finished, assembler, head, last, migrations = False, DeltaAssembler(), None, None, 0
+        assembler, head, last, migrations = DeltaAssembler(), None, None, 0
         try:
             while True:
                 try:
@@ -192,29 +192,24 @@ class Ingress:
                             head = out
                         elif migrations:
                             out = _as_first_served(out, head)
-                        finished, last = out.finished, out
+                        last = out
                         yield out
                     return
                 except Exception as e:
-                    if classify(e).kind is not Kind.UNAVAILABLE or migrations == self.api.migration_limit:
+                    error = classify(e)
+                    if error.kind is not Kind.UNAVAILABLE or migrations == self.api.migration_limit:
                         raise
                     migrations += 1
-                    error = e
-                outputs.cancel()
-                if prefilled is not None:
-                    await release_quietly(prefilled.source, request_id)
-                    prefilled = None
+                await _let_go(outputs, prefilled, request_id)
+                prefilled = None
                 outputs = await self._migrate(token_ids, params, request_id, salt, hint, last, migrations, error)
         finally:
-            if not finished:
-                # The caller left (cancelled, deadline, disconnect): stop the request wherever it is, and don't
-                # let the prefill group hold its blocks for the whole lease.
-                outputs.cancel()
-                if prefilled is not None:
-                    await release_quietly(prefilled.source, request_id)
+            if last is None or not last.finished:
+                # The caller left (cancelled, deadline, disconnect): stop the request wherever it is.
+                await _let_go(outputs, prefilled, request_id)
 
     async def _migrate(self, token_ids: list[int], params: SamplingParams, request_id: str, salt: str | None,
-                       hint: RoutingHint, last: RequestOutput | None, migration: int, error: Exception):
+                       hint: RoutingHint, last: RequestOutput | None, migration: int, error: ApiError):
         """The request's stream on another decode group, after the one streaming it was lost: that group
         computes the prompt and the tokens already streamed (up to `last`), then carries on (Continuation), so
         the caller's stream goes on as if nothing had happened. A short pause first lets Serve and the request router
@@ -226,7 +221,7 @@ class Ingress:
             params = replace(params, prompt_logprobs=None)  # the caller has them, with the first output
         logger.warning("%s: its decode group was lost after %d token(s) (%s); moving it to another (%d of at most "
                        "%d)", request_id, len(continuation.token_ids) if continuation else 0,
-                       classify(error).message, migration, self.api.migration_limit)
+                       error.message, migration, self.api.migration_limit)
         await asyncio.sleep(min(_MIGRATION_PAUSE_S * 2 ** (migration - 1), _MAX_MIGRATION_PAUSE_S))
         with _serve_request_id(uuid.uuid4().hex):
             return self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
@@ -456,6 +451,14 @@ class Ingress:
             await self._grpc.drain()
         while self._active:
             await asyncio.sleep(0.1)
+
+
+async def _let_go(outputs, prefilled, request_id: str) -> None:
+    """Stops the request's decode stream and unpins its KV on the prefill group that holds it, if one does, so
+    that group does not hold the blocks for the whole lease."""
+    outputs.cancel()
+    if prefilled is not None:
+        await release_quietly(prefilled.source, request_id)
 
 
 def _as_first_served(out: RequestOutput, head: RequestOutput) -> RequestOutput:
