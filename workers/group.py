@@ -145,15 +145,16 @@ class WorkerGroup:
         """The prefixes this group should hand on before it goes (workers/engine/recent_prefixes.py)."""
         return await _unwrap(self._driver.unique_prefixes.remote(held_elsewhere))
 
-    async def check_health(self) -> None:
-        """Raises unless rank 0 answers, the group is not broken and every follower is still in its loop."""
+    async def check_health(self) -> EngineStats:
+        """Raises unless rank 0 answers, the group is not broken and every follower is still in its loop; the
+        group's stats otherwise (AsyncLLMEngine.check_health)."""
         ended = []
         if self._follower_loops:
             ended, _ = ray.wait(self._follower_loops, num_returns=len(self._follower_loops), timeout=0)
         if ended:
             await _unwrap(ended[0])  # raises the follower's error
             raise RuntimeError("a follower rank left its loop")
-        await _unwrap(self._driver.check_health.remote())
+        return await _unwrap(self._driver.check_health.remote())
 
     def shutdown(self) -> None:
         """Stops the followers through rank 0, then ends the actors and frees the reserved resources."""

@@ -143,8 +143,8 @@ class RankWorker:
     async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
         return await self.engine.unique_prefixes(held_elsewhere)
 
-    async def check_health(self) -> None:
-        await self.engine.check_health()
+    async def check_health(self) -> EngineStats:
+        return await self.engine.check_health()
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.engine.shutdown)

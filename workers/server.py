@@ -117,8 +117,7 @@ class EngineServer:
         all the group holds work for (EngineStats.num_busy_seqs). A group that lost a rank says it is out of
         service, so the router sends requests elsewhere before Serve's next health check replaces it."""
         try:
-            await self.group.check_health()
-            stats = await self.group.stats()
+            stats = await self.group.check_health()
         except Exception:
             return {OUT_OF_SERVICE: 1.0}
         return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,

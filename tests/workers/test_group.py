@@ -99,10 +99,11 @@ def test_killing_the_prefill_actor_after_prefill_makes_the_decode_group_recomput
     assert_all_free(d_stats)
 
 
-def test_a_group_whose_follower_died_is_unhealthy(model):
+def test_a_healthy_group_answers_with_its_stats_and_one_whose_follower_died_is_unhealthy(model):
     group = start(model, 2)
     try:
-        asyncio.run(group.check_health())
+        stats = asyncio.run(group.check_health())
+        assert stats.num_blocks > 0 and stats.num_free_blocks == stats.num_blocks
         ray.kill(group.ranks[1])
         with pytest.raises(ray.exceptions.RayActorError):
             asyncio.run(_wait_unhealthy(group))

@@ -60,7 +60,7 @@ class KVSource(Protocol):
 
     def release(self, request_id: str) -> Awaitable[None]: ...
 
-    def check_health(self) -> Awaitable[None]: ...
+    def check_health(self) -> Awaitable[EngineStats]: ...
 
 
 class AsyncLLMEngine:
@@ -206,11 +206,13 @@ class AsyncLLMEngine:
     async def unique_prefixes(self, held_elsewhere: set[BlockHash]) -> list[Prefix]:
         return await self._call(lambda: self.engine.unique_prefixes(held_elsewhere))
 
-    async def check_health(self) -> None:
-        """Raises once the group is broken; an answer at all shows the engine thread is alive."""
-        await self._call(lambda: None)
+    async def check_health(self) -> EngineStats:
+        """Raises once the group is broken; an answer at all shows the engine thread is alive. The answer is the
+        group's stats, so a caller that weighs the group by its load learns both in one call."""
+        stats = await self._call(self._read_stats)
         if self.broken is not None:
             raise RuntimeError(f"worker group out of service: {self.broken}")
+        return stats
 
     def load(self) -> dict[str, int]:
         """The group's load as of its last step, readable from any thread without waiting for the engine (the
