@@ -161,25 +161,7 @@ class Ingress:
         if adapter is not None:
             params = replace(params, lora=adapter.key, lora_path=adapter.path)
         hashes = hash_full_blocks(token_ids, self.model.block_size, salt, lora=params.lora)
-        decision = await self._decide(len(token_ids), hashes)
-        hint = RoutingHint(len(token_ids), hashes)  # each pool's request router picks the replica by its cost
-        prefilled = None
-        serve_id = uuid.uuid4().hex
-        # The prompt logprobs come from the group that computes the prompt, and only the decode group streams.
-        remote = decision is None or decision.prefill_group is not None
-        if self.prefill is not None and remote and params.prompt_logprobs is None:
-            prefilled = await self._prefill(token_ids, params, request_id, salt, hint, serve_id)
-            if prefilled is not None:
-                prefilled.source.claim(request_id)  # the decode call may wait in Serve's queue for a while
-        with _serve_request_id(serve_id):
-            if prefilled is None:
-                # Unified mode, the decode group holds most of the prompt, the request wants prompt logprobs, or
-                # no prefill group could take it: the decode group prefills (the rest of) the prompt itself.
-                outputs = self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
-                                                                           routing=hint)
-            else:
-                outputs = self.decode.options(stream=True).generate_prefilled.remote(
-                    prefilled.handoff, params, prefilled.source, routing=hint)
+        outputs, prefilled = await self._start(token_ids, params, request_id, salt, hashes)
         # `head`: the request's first output, `last`: its latest; both None until the first.
         assembler, head, last, migrations = DeltaAssembler(), None, None, 0
         try:
@@ -202,18 +184,46 @@ class Ingress:
                     migrations += 1
                 await _let_go(outputs, prefilled, request_id)
                 prefilled = None
-                outputs = await self._migrate(token_ids, params, request_id, salt, hint, last, migrations, error)
+                outputs, prefilled = await self._migrate(token_ids, params, request_id, salt, hashes, last,
+                                                         migrations, error)
         finally:
             if last is None or not last.finished:
                 # The caller left (cancelled, deadline, disconnect): stop the request wherever it is.
                 await _let_go(outputs, prefilled, request_id)
 
+    async def _start(self, token_ids: list[int], params: SamplingParams, request_id: str, salt: str | None,
+                     hashes: list, continuation: Continuation | None = None):
+        """The request's stream from a decode group, and the prefill pool's handoff when a prefill group computed
+        the prompt (and the continuation's tokens) for it; None when the decode group computes them itself."""
+        num_tokens = len(token_ids) + (len(continuation.token_ids) if continuation is not None else 0)
+        decision = await self._decide(num_tokens, hashes)
+        hint = RoutingHint(num_tokens, hashes)  # each pool's request router picks the replica by its cost
+        prefilled = None
+        serve_id = uuid.uuid4().hex
+        # The prompt logprobs come from the group that computes the prompt, and only the decode group streams.
+        remote = decision is None or decision.prefill_group is not None
+        if self.prefill is not None and remote and params.prompt_logprobs is None:
+            prefilled = await self._prefill(token_ids, params, request_id, salt, hint, serve_id, continuation)
+            if prefilled is not None:
+                prefilled.source.claim(request_id)  # the decode call may wait in Serve's queue for a while
+        with _serve_request_id(serve_id):
+            if prefilled is None:
+                # Unified mode, the decode group holds most of the prompt, the request wants prompt logprobs, or
+                # no prefill group could take it: the decode group prefills (the rest of) the prompt itself.
+                outputs = self.decode.options(stream=True).generate.remote(
+                    token_ids, params, request_id, salt, continuation=continuation, routing=hint)
+            else:
+                outputs = self.decode.options(stream=True).generate_prefilled.remote(
+                    prefilled.handoff, params, prefilled.source, routing=hint)
+        return outputs, prefilled
+
     async def _migrate(self, token_ids: list[int], params: SamplingParams, request_id: str, salt: str | None,
-                       hint: RoutingHint, last: RequestOutput | None, migration: int, error: ApiError):
-        """The request's stream on another decode group, after the one streaming it was lost: that group
-        computes the prompt and the tokens already streamed (up to `last`), then carries on (Continuation), so
-        the caller's stream goes on as if nothing had happened. A short pause first lets Serve and the request router
-        learn that the lost group is gone (a group whose rank died reports itself out of service)."""
+                       hashes: list, last: RequestOutput | None, migration: int, error: ApiError):
+        """The request started again (`_start`) after the decode group streaming it was lost, as a continuation
+        of what the caller received (up to `last`): the prompt and those tokens are computed again, by the prefill
+        pool as for a new request, and the new decode group carries on, so the caller's stream goes on as if
+        nothing had happened. A short pause first lets Serve and the request router learn that the lost group is
+        gone (a group whose rank died reports itself out of service)."""
         self.metrics.migrations.inc()
         continuation = None
         if last is not None:
@@ -223,17 +233,16 @@ class Ingress:
                        "%d)", request_id, len(continuation.token_ids) if continuation else 0,
                        error.message, migration, self.api.migration_limit)
         await asyncio.sleep(min(_MIGRATION_PAUSE_S * 2 ** (migration - 1), _MAX_MIGRATION_PAUSE_S))
-        with _serve_request_id(uuid.uuid4().hex):
-            return self.decode.options(stream=True).generate.remote(token_ids, params, request_id, salt,
-                                                                    continuation=continuation, routing=hint)
+        return await self._start(token_ids, params, request_id, salt, hashes, continuation)
 
     async def _prefill(self, token_ids: list[int], params, request_id: str, salt: str | None,
-                       hint: RoutingHint, serve_id: str):
+                       hint: RoutingHint, serve_id: str, continuation: Continuation | None):
         """The prefill pool's handoff, or None when no prefill group could take the request (the pool is down, or
         its group failed while prefilling): losing the prefill pool slows requests down, it does not fail them."""
         try:
             with _serve_request_id(serve_id):
-                call = self.prefill.prefill.remote(token_ids, params, request_id, salt, routing=hint)
+                call = self.prefill.prefill.remote(token_ids, params, request_id, salt, continuation=continuation,
+                                                   routing=hint)
             return await _cancelling(call)
         except Exception as e:
             error = classify(e)

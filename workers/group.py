@@ -107,10 +107,11 @@ class WorkerGroup:
             yield out
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
-                      request_id: str | None = None, cache_salt: str | None = None) -> KVHandoff:
+                      request_id: str | None = None, cache_salt: str | None = None,
+                      continuation: Continuation | None = None) -> KVHandoff:
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         try:
-            return await _unwrap(self._driver.prefill.remote(prompt, params, request_id, cache_salt))
+            return await _unwrap(self._driver.prefill.remote(prompt, params, request_id, cache_salt, continuation))
         except asyncio.CancelledError:
             # Leaving an actor call does not stop it: abort it there, or its blocks stay pinned for the lease.
             self._driver.abort.remote(request_id)

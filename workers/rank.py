@@ -114,8 +114,8 @@ class RankWorker:
         async for out in _as_deltas(self.engine.generate(prompt, params, request_id, cache_salt, continuation)):
             yield out
 
-    async def prefill(self, prompt, params, request_id, cache_salt) -> KVHandoff:
-        return await self.engine.prefill(prompt, params, request_id, cache_salt)
+    async def prefill(self, prompt, params, request_id, cache_salt, continuation=None) -> KVHandoff:
+        return await self.engine.prefill(prompt, params, request_id, cache_salt, continuation)
 
     async def send_kv(self, command: KVCommand) -> int:
         return await self.engine.send_kv(command)

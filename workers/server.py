@@ -91,10 +91,10 @@ class EngineServer:
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None, cache_salt: str | None = None,
-                      routing: object = None) -> Prefilled:
+                      continuation: Continuation | None = None, routing: object = None) -> Prefilled:
         """`routing`, here and below, is the request router's hint (router/request_router.py); the replica has
-        no use for it."""
-        return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt), self.group)
+        no use for it. `continuation` as for generate: the handoff then carries it, with the KV of its tokens."""
+        return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt, continuation), self.group)
 
     async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None, source: WorkerGroup,
                                  routing: object = None) -> AsyncIterator[RequestOutput]:

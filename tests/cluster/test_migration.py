@@ -1,5 +1,6 @@
 """A decode group lost mid-stream costs its callers nothing: the ingress moves each of its requests to the other
-decode group, which carries on from the tokens already streamed, and every caller receives one whole stream with
+decode group, which carries on from the tokens already streamed (the prefill pool computes them again with the
+prompt), and every caller receives one whole stream with
 exactly the tokens the request would have had (greedy, and seeded sampling too). A real Serve app (a prefill
 replica and two decode replicas, one rank each), a real redis-server, gRPC streams over a socket, and SIGKILL of
 the busier decode group's rank while they run."""
@@ -107,3 +108,8 @@ def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exac
     assert received == expected
     assert moved > 0
     assert migrations() - before >= moved
+    stats = asyncio.run(faults.idle_stats())
+    assert not faults.leaks(stats)
+    # Each moved request's prompt and streamed tokens were computed again by the prefill pool, as a new request's
+    # prompt is, not by the decode group it moved to.
+    assert sum(s.num_finished for name, s in stats.items() if name.startswith("prefill ")) == STREAMS + moved

@@ -2,12 +2,14 @@
 stream stopped: from what the caller had received (tokens, text, logprobs), the new engine's outputs complete
 the same request the lost one would have completed, for greedy and seeded requests, penalties and min_tokens,
 stop strings that straddle the cut, and structured outputs. The reference is the same request run through
-uninterrupted on one engine (test_engine_paths checks that against HF)."""
+uninterrupted on one engine (test_engine_paths checks that against HF). A prefill group can compute a continuation
+too, and hand it with its KV to a decode group, which carries on the same way."""
 
 import random
 
 import pytest
 
+from tests.engine.test_disaggregation import move
 from workers.engine.errors import InvalidRequestError
 from workers.engine.llm import LLM
 from workers.engine.outputs import Continuation, RequestOutput
@@ -107,6 +109,42 @@ def test_a_structured_output_holds_across_the_cut(lost, taker, prompt):
     outs = run(lost, prompt, params)
     assert len(outs) > 6
     assert_carries_on(outs, run(taker, prompt, params, Continuation.of(outs[5])), 6)
+
+
+@pytest.fixture(scope="module")
+def prefiller(model_path) -> LLM:
+    """A prefill group's engine: it computes a moved request's prompt and continuation for the taker."""
+    return LLM(model_path, num_kv_blocks=256, progress=False)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=2),
+    SamplingParams(max_tokens=NEW, temperature=1.0, top_p=0.95, seed=5, ignore_eos=True),
+], ids=["greedy with logprobs", "seeded sampling"])
+def test_a_continuation_prefilled_by_a_prefill_group_carries_on_at_the_decode_group(lost, prefiller, taker, prompt,
+                                                                                     params):
+    outs = run(lost, prompt, params)
+    k = 11  # with the 37-token prompt, its KV ends inside the fourth block
+    continuation = Continuation.of(outs[k - 1])
+    p, d = prefiller.engine, taker.engine
+    p.add_request(prompt, params, "moved", prefill_only=True, continuation=continuation)
+    handoff = next(o for o in p.step() if o.request_id == "moved").handoff
+    assert handoff.continuation == continuation
+    assert len(handoff.block_ids) == -(-(len(prompt) + k) // p.block_size)
+    plan = d.add_prefilled_request(handoff, params)
+    move(p, d, plan)
+    taken = [d.start_prefilled_request(handoff)]
+    p.release_pinned("moved")
+    while not taken[-1].finished:
+        taken += [o for o in d.step() if o.request_id == "moved"]
+    assert_carries_on(outs, taken, k)
+    if params.logprobs is not None:
+        whole, final = outs[-1].outputs[0].logprobs, taken[-1].outputs[0].logprobs
+        assert [entry.keys() for entry in final] == [entry.keys() for entry in whole]
+        assert [v for entry in final[k:] for v in entry.values()] == pytest.approx(
+            [v for entry in whole[k:] for v in entry.values()], abs=1e-4)
+    for engine in (p, d):
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.pinned
 
 
 @pytest.mark.parametrize("continuation, why", [

@@ -105,13 +105,16 @@ class AsyncLLMEngine:
             yield out
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
-                      request_id: str | None = None, cache_salt: str | None = None) -> KVHandoff:
+                      request_id: str | None = None, cache_salt: str | None = None,
+                      continuation: Continuation | None = None) -> KVHandoff:
         """The prefill role: computes the prompt's KV and first token, and pins the blocks under a lease for a
-        decode group; the handoff says where they are. Raises RequestFailedError if the request ends otherwise."""
+        decode group; the handoff says where they are. With `continuation` (a request moved from a lost decode
+        group) the KV of its tokens too, and the token after them. Raises RequestFailedError if the request ends
+        otherwise."""
         rid = request_id if request_id is not None else uuid.uuid4().hex
         grammar = await self._compile_grammar(params)
-        outputs, _ = await self._start(rid, lambda: self.engine.add_request(prompt, params, rid, cache_salt,
-                                                                            prefill_only=True, grammar=grammar))
+        outputs, _ = await self._start(rid, lambda: self.engine.add_request(
+            prompt, params, rid, cache_salt, prefill_only=True, grammar=grammar, continuation=continuation))
         async for out in self._stream(rid, outputs):
             if out.finished and out.outputs[0].finish_reason != "prefilled":
                 raise RequestFailedError(f"request {rid} was aborted during prefill")

@@ -55,6 +55,7 @@ class _Request:
     released_text: str = ""
     num_released_tokens: int = 0
     prefill_only: bool = False
+    continuation: Continuation | None = None  # what a group that lost the request had streamed
 
 
 @dataclass
@@ -203,6 +204,7 @@ class LLMEngine:
         if params.logprobs is not None:
             seq.logprobs = list(continuation.logprobs)
         req.released_text, req.num_released_tokens = continuation.text, len(generated)
+        req.continuation = continuation
 
     def compile_grammar(self, spec: StructuredOutput) -> "CompiledGrammar":
         """A structured output's grammar, compiled against this engine's vocabulary. Callable from any thread:
@@ -214,20 +216,19 @@ class LLMEngine:
 
     # -- prefill role -----------------------------------------------------------------------------------------
 
-    def _handoff(self, request_id: str) -> KVHandoff:
-        """What a decode group needs to continue a prefilled request, blocks included by id."""
-        pinned = self.pinned[request_id]
-        seq, metrics = pinned.seq, pinned.metrics
-        num_prompt_blocks = -(-seq.num_prompt_tokens // self.block_size)
-        num_full_blocks = seq.num_prompt_tokens // self.block_size
+    def _handoff(self, req: _Request) -> KVHandoff:
+        """What a decode group needs to continue a prefilled request, blocks included by id: the KV of every
+        token but the one sampled here (the prompt's, and a continuation's)."""
+        seq, metrics = req.seq, req.metrics
+        num_kv_tokens = seq.num_tokens - 1
         return KVHandoff(
-            request_id=request_id, prompt_token_ids=list(seq.prompt_token_ids),
-            first_token=seq.token_ids[seq.num_prompt_tokens],
-            first_logprobs=seq.logprobs[0] if seq.logprobs else None, num_cached_tokens=seq.num_cached_tokens,
-            block_ids=seq.block_table[:num_prompt_blocks], block_hashes=seq.block_hashes[:num_full_blocks],
-            cache_salt=seq.cache_salt, source=self.kv.address(),
-            prefill_queue_s=metrics.first_scheduled_time - metrics.arrival_time,
-            prefill_compute_s=metrics.first_token_time - metrics.first_scheduled_time)
+            request_id=seq.request_id, prompt_token_ids=list(seq.prompt_token_ids), first_token=seq.token_ids[-1],
+            first_logprobs=seq.logprobs[-1] if seq.logprobs else None, num_cached_tokens=seq.num_cached_tokens,
+            block_ids=seq.block_table[:-(-num_kv_tokens // self.block_size)],
+            block_hashes=seq.block_hashes[:num_kv_tokens // self.block_size], cache_salt=seq.cache_salt,
+            source=self.kv.address(), prefill_queue_s=metrics.first_scheduled_time - metrics.arrival_time,
+            prefill_compute_s=metrics.first_token_time - metrics.first_scheduled_time,
+            continuation=req.continuation)
 
     def claim_pinned(self, request_id: str) -> None:
         """The handoff reached its receiver: keep the blocks for the whole lease. A claim that comes after the
@@ -261,10 +262,11 @@ class LLMEngine:
 
     def add_prefilled_request(self, handoff: KVHandoff, params: SamplingParams | None = None,
                               grammar: "CompiledGrammar | None" = None) -> ReceivePlan:
-        """Allocates blocks for a prompt whose KV comes from a prefill group and says which blocks to receive:
-        prompt blocks this group already holds in its prefix cache are shared, not sent again. `grammar` as for
-        add_request."""
-        req = self._new_request(handoff.prompt_token_ids, params, handoff.request_id, handoff.cache_salt, grammar)
+        """Allocates blocks for a prompt (and a continuation) whose KV comes from a prefill group and says which
+        blocks to receive: blocks this group already holds in its prefix cache are shared, not sent again.
+        `grammar` as for add_request."""
+        req = self._new_request(handoff.prompt_token_ids, params, handoff.request_id, handoff.cache_salt, grammar,
+                                handoff.continuation)
         seq = req.seq
         hits = self.block_manager.get_computed_blocks(seq)
         if not self.block_manager.allocate_slots(seq, seq.num_tokens - len(hits) * self.block_size, hits):
@@ -272,7 +274,8 @@ class LLMEngine:
             raise KVCacheFullError(f"no free KV blocks for the {seq.num_tokens}-token prompt of {seq.request_id}")
         # Usage reports the prompt tokens the cluster did not compute: the prefill group's cache hits, or the
         # blocks this group already held if it had more.
-        seq.num_cached_tokens = max(len(hits) * self.block_size, handoff.num_cached_tokens)
+        seq.num_cached_tokens = min(max(len(hits) * self.block_size, handoff.num_cached_tokens),
+                                    seq.num_prompt_tokens)
         self.receiving[seq.request_id] = seq
         return ReceivePlan(seq.request_id, len(hits), handoff.block_ids[len(hits):], seq.block_table[len(hits):])
 
@@ -302,12 +305,13 @@ class LLMEngine:
         return run_transfer(self.kv, command, self.runner.kv_caches, self.tp)
 
     def start_prefilled_request(self, handoff: KVHandoff) -> RequestOutput:
-        """The KV has arrived: the request joins the running batch with its whole prompt computed, and its first
-        token, sampled by the prefill group, is emitted here as if this group had sampled it."""
+        """The KV has arrived: the request joins the running batch with its whole prompt (and continuation)
+        computed, and its first token, sampled by the prefill group, is emitted here as if this group had sampled
+        it."""
         seq = self.receiving.pop(handoff.request_id)
         metrics = self.requests[seq.request_id].metrics
         metrics.prefill_queue_s, metrics.prefill_compute_s = handoff.prefill_queue_s, handoff.prefill_compute_s
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens
         self.block_manager.cache_full_blocks(seq)
         self.scheduler.add_running(seq)
         # A seeded request's next token must come from its generator's second draw, as in one engine.
@@ -446,7 +450,7 @@ class LLMEngine:
         del self.requests[seq.request_id]
         out = self._output(req, finished=True)
         if keep_blocks:
-            out.handoff = self._handoff(seq.request_id)
+            out.handoff = self._handoff(req)
         return out
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
