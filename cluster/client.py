@@ -342,12 +342,27 @@ def _serving(status: int) -> bool:
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-class Stream:
-    """The chunks of one streaming call. The call starts at the first chunk asked for; leaving early (break,
-    close(), the `with` block's end, or dropping the stream) cancels it."""
+class _StreamingCall:
+    """One streaming call, started by `start` at the first chunk asked for; leaving early (break, close(), the
+    `with` block's end, or dropping the stream) cancels it."""
 
     def __init__(self, start: Callable[[], Any]):
         self._start, self._call, self._done = start, None, False
+
+    def close(self) -> None:
+        if self._call is not None and not self._done:
+            self._call.cancel()
+        self._done = True
+
+    def __del__(self) -> None:  # a stream dropped mid-way (a `for` left by break) cancels its call
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the channel or its event loop is already gone
+            pass
+
+
+class Stream(_StreamingCall):
+    """The chunks of one streaming call (see _StreamingCall)."""
 
     def __iter__(self) -> Stream:
         return self
@@ -369,22 +384,11 @@ class Stream:
             self.close()
             raise
 
-    def close(self) -> None:
-        if self._call is not None and not self._done:
-            self._call.cancel()
-        self._done = True
-
     def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:  # a stream dropped mid-way (a `for` left by break) cancels its call
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - the channel or its event loop is already gone
-            pass
 
 
 class TandemClient:
@@ -479,11 +483,8 @@ def _collect(chunks: Stream) -> Completion:
     return completion
 
 
-class AsyncStream:
+class AsyncStream(_StreamingCall):
     """The chunks of one streaming call on asyncio; as Stream (`async for`, `async with`, close())."""
-
-    def __init__(self, start: Callable[[], Any]):
-        self._start, self._call, self._done = start, None, False
 
     def __aiter__(self) -> AsyncStream:
         return self
@@ -506,11 +507,6 @@ class AsyncStream:
             raise StopAsyncIteration
         return _chunk(response)
 
-    def close(self) -> None:
-        if self._call is not None and not self._done:
-            self._call.cancel()
-        self._done = True
-
     async def aclose(self) -> None:
         self.close()
 
@@ -519,12 +515,6 @@ class AsyncStream:
 
     async def __aexit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:  # a stream dropped mid-way (a `for` left by break) cancels its call
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - the channel or its event loop is already gone
-            pass
 
 
 class AsyncTandemClient:
