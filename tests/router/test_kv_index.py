@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,17 @@ def follower(url: str, namespace: str) -> KVIndexFollower:
     return KVIndexFollower(url, namespace=namespace, block_ms=50, liveness_interval_s=0.1)
 
 
+@asynccontextmanager
+async def following(url: str, namespace: str) -> AsyncIterator[KVIndexFollower]:
+    """A router's follower, started (warm with what Redis holds) for the block and stopped after it."""
+    router = follower(url, namespace)
+    await router.start()
+    try:
+        yield router
+    finally:
+        await router.stop()
+
+
 async def wait_for(condition, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -136,13 +149,9 @@ def test_a_router_started_after_the_events_is_warm_at_once(group, redis_url, nam
     assert p0.flush() and p1.flush()
 
     async def scenario():
-        router = follower(redis_url, namespace)
-        await router.start()
-        try:
+        async with following(redis_url, namespace) as router:
             assert router.index.blocks("g0") == set(bm0.cached)
             assert router.index.blocks("g1") == set(bm1.cached)
-        finally:
-            await router.stop()
 
     asyncio.run(scenario())
 
@@ -183,9 +192,7 @@ def test_an_event_delivered_twice_is_applied_once(group, redis_url, namespace):
     events = KVKeys(namespace).events
 
     async def scenario():
-        router = follower(redis_url, namespace)
-        await router.start()
-        try:
+        async with following(redis_url, namespace) as router:
             serve(bm, range(8), "a")
             assert publisher.flush()
             stored = client.xrevrange(events, count=1)[0][1]
@@ -194,8 +201,6 @@ def test_an_event_delivered_twice_is_applied_once(group, redis_url, namespace):
             client.xadd(events, stored)  # the old "stored" again, e.g. from a retried write
             await router.wait_caught_up()
             assert router.index.blocks("g0") == set(bm.cached)
-        finally:
-            await router.stop()
 
     asyncio.run(scenario())
     client.close()
@@ -207,17 +212,13 @@ def test_a_gap_in_a_groups_sequence_reloads_the_snapshot(group, redis_url, names
     phantom = b"\x07" * 32
 
     async def scenario():
-        router = follower(redis_url, namespace)
-        await router.start()
-        try:
+        async with following(redis_url, namespace) as router:
             client.xadd(KVKeys(namespace).events, {"group": "g0", "kind": "stored", "seq": 99, "hashes": phantom,
                                                     "parent": b"", "ts": 0})  # seq 1..98 never arrive
             churn(bm, 50)
             assert publisher.flush()
             await router.wait_caught_up()
             assert router.index.blocks("g0") == set(bm.cached)
-        finally:
-            await router.stop()
 
     asyncio.run(scenario())
     client.close()
@@ -229,9 +230,7 @@ def test_a_redis_that_lost_its_data_is_noticed(group, redis_url, namespace):
     keys = KVKeys(namespace)
 
     async def scenario():
-        router = follower(redis_url, namespace)
-        await router.start()
-        try:
+        async with following(redis_url, namespace) as router:
             churn(bm, 50)
             assert publisher.flush()
             await router.wait_caught_up()
@@ -240,8 +239,6 @@ def test_a_redis_that_lost_its_data_is_noticed(group, redis_url, namespace):
             assert publisher.flush()
             await router.wait_caught_up()
             assert router.index.blocks("g0") == client.smembers(keys.blocks("g0"))
-        finally:
-            await router.stop()
 
     asyncio.run(scenario())
     client.close()
@@ -251,9 +248,7 @@ def test_a_group_that_closes_or_resets_its_cache_is_dropped(group, redis_url, na
     (p0, bm0), (p1, bm1) = group("g0"), group("g1")
 
     async def scenario():
-        router = follower(redis_url, namespace)
-        await router.start()
-        try:
+        async with following(redis_url, namespace) as router:
             churn(bm0, 20)
             churn(bm1, 20, seed=1)
             assert p0.flush() and p1.flush()
@@ -264,8 +259,6 @@ def test_a_group_that_closes_or_resets_its_cache_is_dropped(group, redis_url, na
             assert p1.flush()
             await router.wait_caught_up()
             assert router.index.groups() == set() and len(router.index) == 0
-        finally:
-            await router.stop()
 
     asyncio.run(scenario())
 
