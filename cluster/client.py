@@ -335,6 +335,23 @@ def _credentials(tls: bool, root_certificates: Pem | None, private_key: Pem | No
     return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
 
 
+def _channel_options(options: Sequence[tuple[str, Any]], retries: int) -> list[tuple[str, Any]]:
+    """The caller's channel arguments, and a service config that retries UNAVAILABLE calls (gRPC allows at most
+    5 attempts) unless they bring their own."""
+    if not 0 <= retries <= _MAX_RETRIES:
+        raise ValueError(f"retries must be in [0, {_MAX_RETRIES}] (gRPC makes at most {_MAX_RETRIES + 1} attempts), "
+                         f"got {retries}")
+    options = list(options)
+    if retries and not any(name == "grpc.service_config" for name, _ in options):
+        policy = {"maxAttempts": retries + 1, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["UNAVAILABLE"]}
+        options.append(("grpc.service_config", json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": policy}]})))
+    return options
+
+
+_MAX_RETRIES = 4
+
+
 def _serving(status: int) -> bool:
     return status == health_pb2.HealthCheckResponse.SERVING
 
@@ -395,13 +412,18 @@ class TandemClient:
     """Tandem's gRPC API over one channel. `timeout` is the default deadline of every call in seconds (None: no
     deadline); `api_key` is sent as 'authorization: Bearer <key>'; TLS is on with `tls=True` (the system's root
     certificates) or when any of `root_certificates`, `private_key`, `certificate_chain` (mutual TLS) is given,
-    each a PEM file's path or its bytes."""
+    each a PEM file's path or its bytes. A call refused with UNAVAILABLE before any answer (a replica draining,
+    a lost connection, no worker group free) is tried again up to `retries` times, after 0.2 s to 2 s (gRPC's retry
+    policy, within the call's deadline); a stream that has received a chunk is never tried again, so nothing is
+    generated twice. `options` are gRPC channel arguments; a "grpc.service_config" among them replaces the
+    retries."""
 
     def __init__(self, url: str = "localhost:50051", *, api_key: str | None = None, tls: bool = False,
                  root_certificates: Pem | None = None, private_key: Pem | None = None,
                  certificate_chain: Pem | None = None, timeout: float | None = None, metadata: Metadata = (),
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), retries: int = 3):
         credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
+        options = _channel_options(options, retries)
         self._channel = grpc.secure_channel(url, credentials, options) if credentials \
             else grpc.insecure_channel(url, options)
         self._stub = tandem_pb2_grpc.GenerationStub(self._channel)
@@ -524,8 +546,9 @@ class AsyncTandemClient:
     def __init__(self, url: str = "localhost:50051", *, api_key: str | None = None, tls: bool = False,
                  root_certificates: Pem | None = None, private_key: Pem | None = None,
                  certificate_chain: Pem | None = None, timeout: float | None = None, metadata: Metadata = (),
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), retries: int = 3):
         credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
+        options = _channel_options(options, retries)
         self._channel = grpc.aio.secure_channel(url, credentials, options) if credentials \
             else grpc.aio.insecure_channel(url, options)
         self._stub = tandem_pb2_grpc.GenerationStub(self._channel)

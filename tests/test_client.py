@@ -1,13 +1,17 @@
 """The Python client (cluster/client.py) and `tandem generate/chat --url`, against one real Serve app (unified
 mode, `disaggregate: false`: no prefill pool, the decode pool's replicas prefill too; a tiny random Llama) over a
 socket: whole results equal their streams, every RPC answers in plain dataclasses, server errors, deadlines and
-client-side mistakes are TandemErrors with the gRPC code, leaving a stream early cancels the request and frees its
-blocks, and the CLI prints the same completion or exits 1."""
+client-side mistakes are TandemErrors with the gRPC code, a draining replica's refusal is tried again on another,
+leaving a stream early cancels the request and frees its blocks, and the CLI prints the same completion or exits
+1."""
 
 import asyncio
+import gc
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from transformers import AutoTokenizer
 from cluster.app import build_app
 from cluster.client import AsyncTandemClient, Chunk, Completion, Model, TandemClient, TandemError
 from cluster.config import ClusterConfig
+from router.grpc_api import start_grpc_server
+from router.ingress import Ingress, ServedModel
 from tests.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -286,6 +292,47 @@ def test_mutual_tls_from_paths_or_bytes_and_the_api_key_reach_the_server(tmp_pat
         assert [m.id for m in asyncio.run(main())] == ["Bearer sesame"]
     finally:
         server.stop(None)
+
+
+@pytest.fixture
+def draining_replica(model):
+    """A second ingress replica, draining (as `tandem serve` leaves each replica while its calls finish on Ctrl-C):
+    it refuses every new request with UNAVAILABLE. Its own event loop runs in a thread, as Serve's would."""
+    ingress = Ingress(None, None, ServedModel("tiny", model, max_model_len=1024, vocab_size=49152, block_size=16))
+    ingress.draining = True
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = asyncio.run_coroutine_threadsafe(start_grpc_server(ingress, "127.0.0.1", port), loop).result(30)
+    yield f"127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(server.server.stop(None), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+    loop.close()
+    del server, ingress
+    gc.collect()  # here, under the test's filter: outside Serve nothing awaits the ingress's async __del__
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .Ingress.__del__. was never awaited")
+def test_a_refusal_from_a_draining_replica_is_tried_again_on_another(cluster, draining_replica, model):
+    """The client's channel balances over both replicas (gRPC's round_robin), so every other call is refused."""
+    target, balanced = f"ipv4:{draining_replica},{URL}", [("grpc.lb_policy_name", "round_robin")]
+    expected = hf_greedy(model, [5, 6, 7], GREEDY["max_tokens"])
+    with TandemClient(target, timeout=60, options=balanced) as retrying:
+        assert [retrying.generate([5, 6, 7], **GREEDY).token_ids for _ in range(6)] == [expected] * 6
+    refused = []
+    with TandemClient(target, timeout=60, options=balanced, retries=0) as once:
+        for _ in range(6):
+            try:
+                assert once.generate([5, 6, 7], **GREEDY).token_ids == expected
+            except TandemError as e:
+                refused.append(e)
+    assert refused and all(e.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.details for e in refused)
+    with pytest.raises(ValueError, match="retries"):
+        TandemClient(URL, retries=5)
 
 
 # -- the asyncio client -----------------------------------------------------------------------------------------
