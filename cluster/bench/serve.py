@@ -256,7 +256,9 @@ class GrpcTarget:
         from cluster.client import AsyncTandemClient
 
         parts = urlsplit(url if "//" in url else f"grpc://{url}")
-        self._client = AsyncTandemClient(parts.netloc, api_key=api_key, tls=parts.scheme == "grpcs", timeout=timeout)
+        # No retries: a refused request counts as failed, as it does over HTTP here.
+        self._client = AsyncTandemClient(parts.netloc, api_key=api_key, tls=parts.scheme == "grpcs", timeout=timeout,
+                                         retries=0)
         self._api = api
 
     async def models(self) -> list[str]:
