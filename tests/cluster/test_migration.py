@@ -107,9 +107,10 @@ def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exac
     assert statuses == ["OK"] * STREAMS
     assert received == expected
     assert moved > 0
-    assert migrations() - before >= moved
+    moves = migrations() - before
+    assert moves >= moved  # a move that lands on the lost group before the routers know moves again
     stats = asyncio.run(faults.idle_stats())
     assert not faults.leaks(stats)
-    # Each moved request's prompt and streamed tokens were computed again by the prefill pool, as a new request's
-    # prompt is, not by the decode group it moved to.
-    assert sum(s.num_finished for name, s in stats.items() if name.startswith("prefill ")) == STREAMS + moved
+    # For each move, the request's prompt and streamed tokens were computed again by the prefill pool, as a new
+    # request's prompt is, not by the decode group it moved to.
+    assert sum(s.num_finished for name, s in stats.items() if name.startswith("prefill ")) == STREAMS + moves

@@ -314,7 +314,8 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_tokens
         self.block_manager.cache_full_blocks(seq)
         self.scheduler.add_running(seq)
-        # A seeded request's next token must come from its generator's second draw, as in one engine.
+        # A seeded request's next token must come from its generator's draw after the prefill group's, as in one
+        # engine.
         self.runner.skip_draw(seq)
         return self._process(SampledToken(seq, handoff.first_token, handoff.first_logprobs))
 
