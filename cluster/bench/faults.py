@@ -202,7 +202,7 @@ class KillResult:
     other: list[str] = field(default_factory=list)  # any other ending (a failure of the promise)
     slowest_end_s: float = 0.0  # the last of them to end, seconds after the kill
     within_s: float = HEALTH_CHECK_PERIOD_S + 10  # the promise: every one ends within this
-    recovered_s: float = float("nan")  # until a new request to the pool succeeded again
+    recovered_s: float = float("nan")  # until a request sent after the kill first succeeded with its exact tokens
 
 
 async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[int]], expected: list[list[int]],
@@ -216,6 +216,7 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
         victim = next(r for r in await asyncio.to_thread(rank_processes) if (r.pool, r.rank) == (pool, rank))
         killed = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
+        serving = asyncio.create_task(_serving_again(stub, prompts[0], expected[0][:4], killed, recover_timeout_s))
         outcomes = await asyncio.wait_for(asyncio.gather(*running), HEALTH_CHECK_PERIOD_S + 10 + 60)
         result = KillResult(victim.pool, victim.rank, len(outcomes), 0, 0)
         for o in outcomes:
@@ -226,13 +227,19 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
             else:
                 result.other.append(f"{o.status} after {len(o.token_ids)} tokens: {o.detail}")
         result.slowest_end_s = max(o.ended_at for o in outcomes) - killed
-        while time.monotonic() - killed < recover_timeout_s:
-            probe = await run_stream(stub, Stream(0, 4, "finish"), prompts[0])
-            if probe.status == "OK" and probe.token_ids == expected[0][:4]:
-                result.recovered_s = time.monotonic() - killed
-                break
-            await asyncio.sleep(1.0)
+        result.recovered_s = await serving
     return result
+
+
+async def _serving_again(stub, prompt: list[int], expected: list[int], since: float, timeout_s: float) -> float:
+    """Seconds from `since` until a new request (one short stream a second, beside those in flight) ends with its
+    exact tokens; nan if none does within `timeout_s`."""
+    while time.monotonic() - since < timeout_s:
+        probe = await run_stream(stub, Stream(0, len(expected), "finish"), prompt)
+        if probe.status == "OK" and probe.token_ids == expected:
+            return time.monotonic() - since
+        await asyncio.sleep(1.0)
+    return float("nan")
 
 
 def prompt_set(rng: random.Random, vocab_size: int, count: int = 16) -> list[list[int]]:

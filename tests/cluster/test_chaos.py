@@ -70,11 +70,11 @@ def test_the_streams_of_a_group_with_a_killed_rank_complete_and_serve_replaces_t
                                                                                         expected, pool, rank):
     """Every stream in flight completes with its exact tokens within the health-check period + 10 s: a lost
     prefill group's requests are prefilled by a decode group, a lost decode group's move to the other one and
-    carry on; then the pool serves again."""
+    carry on; new requests are served meanwhile, and nothing stays held once Serve has replaced the group."""
     result = asyncio.run(faults.kill_under_load(TARGET, pool, rank, prompts, expected, streams=12,
                                                max_tokens=LONG_TOKENS))
     assert result.other == []
     assert result.completed == result.in_flight == 12
     assert result.slowest_end_s < faults.HEALTH_CHECK_PERIOD_S + 10
-    assert result.recovered_s < 120
+    assert result.recovered_s < faults.HEALTH_CHECK_PERIOD_S + 10
     assert faults.leaks(asyncio.run(faults.idle_stats(timeout_s=60))) == []
