@@ -18,6 +18,7 @@ from cluster.serve_config import REPLICA_CPUS, group_bundles
 from router.baselines import PrefixTreeRouter, RoundRobinRouter, SGLangCacheAwareRouter
 from router.ingress import Ingress, ServedModel
 from router.request_router import PrefixCacheRouter
+from router.routing_hint import ROUTING_STATS_PERIOD_S
 from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.server import EngineServer
@@ -69,7 +70,7 @@ def build_app(config: ClusterConfig) -> Application:
 
     def router(role: str) -> RequestRouterConfig:
         return RequestRouterConfig(
-            request_router_class=PrefixCacheRouter, request_routing_stats_period_s=1,
+            request_router_class=PrefixCacheRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
             request_router_kwargs=dict(redis_url=config.redis_url, role=role, block_size=config.block_size,
                                        weights=asdict(config.routing)))
 

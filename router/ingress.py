@@ -37,7 +37,7 @@ from router.lora_registry import Adapter, LoRARegistry
 from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
 from router.reasoning import reasoning_parser
-from router.routing_hint import RoutingHint
+from router.routing_hint import ROUTING_STATS_PERIOD_S, RoutingHint
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
@@ -50,9 +50,10 @@ from workers.replica_logging import use_serve_logging
 
 logger = logging.getLogger(__name__)
 
-# Before a request's first move to another decode group, doubling for each further move up to the most: about the
-# time Serve's request router takes to see a lost group's report (request_routing_stats_period_s).
-_MIGRATION_PAUSE_S, _MAX_MIGRATION_PAUSE_S = 0.5, 4.0
+# Before a request's first move to another decode group: a routing-stats period and the poll's own call, so the
+# request router has seen the lost group's report and the move does not land on it; doubling for each further move,
+# up to the most.
+_MIGRATION_PAUSE_S, _MAX_MIGRATION_PAUSE_S = ROUTING_STATS_PERIOD_S + 0.25, 4.0
 
 
 @dataclass(frozen=True)

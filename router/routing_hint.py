@@ -19,3 +19,6 @@ class RoutingHint:
 
 # A replica's routing stat (EngineServer.record_routing_stats) when its group can no longer serve: a rank died.
 OUT_OF_SERVICE = "out_of_service"
+# How often Serve asks each pool replica for its routing stats (request_routing_stats_period_s): the request routers
+# know of a group that lost a rank within one period.
+ROUTING_STATS_PERIOD_S = 1.0

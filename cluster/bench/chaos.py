@@ -117,11 +117,12 @@ def table(rounds: list[dict], kills: list[dict]) -> str:
              *(f"| cancelled: {how.replace('_', ' ')} | {n} |" for how, n in cancelled.items()),
              f"| finished streams with wrong tokens | {sum(r['wrong'] for r in rounds)} |",
              f"| rounds leaving anything held | {sum(bool(r['leaks']) for r in rounds)} |", "",
-             "| rank killed | in flight | exact | UNAVAILABLE | other | last ended after kill | serving again after |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| rank killed | in flight | exact | UNAVAILABLE | other | last ended after kill | new requests served "
+             "after | group replaced after |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k['pool']} rank {k['rank']} | {k['in_flight']} | {k['completed']} | {k['unavailable']} | "
               f"{len(k['other'])} | {k['slowest_end_s']:.1f} s (limit {k['within_s']:.0f} s) | "
-              f"{k['recovered_s']:.1f} s |" for k in kills]
+              f"{k['recovered_s']:.1f} s | {k['replaced_s']:.1f} s |" for k in kills]
     return "\n".join(lines)
 
 

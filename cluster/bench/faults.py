@@ -8,9 +8,9 @@ free (the prefix cache's blocks count as free: they are evictable), nothing pinn
 being received. KV channels stay open between rounds by design (one per rank pair, reused).
 
 Rank kill: SIGKILL one rank of the pool's busiest group while streams run. Every stream must end within the
-health-check period + 10 s, with its exact tokens or UNAVAILABLE; Serve then replaces the group and new requests
-succeed. The ingress moves a lost decode group's streams to another decode group, so where the pool has one, they
-all complete with their exact tokens.
+health-check period + 10 s, with its exact tokens or UNAVAILABLE, and new requests sent meanwhile succeed; Serve
+then replaces the group, and the next fault starts on a whole cluster. The ingress moves a lost decode group's
+streams to another decode group, so where the pool has one, they all complete with their exact tokens.
 
 `tandem bench chaos` (cluster/bench/chaos.py) and the CI tests (tests/cluster/test_chaos.py) run this code, the
 tests with fewer rounds.
@@ -182,14 +182,26 @@ def rank_actors() -> list[RankActor]:
 
 
 def rank_processes() -> list[Rank]:
-    """The live rank processes of the pools' groups, the busiest groups first."""
+    """The rank processes of the pools' groups that serve (rank 0 answers its health check: not a group still
+    starting or one that lost a rank), the busiest groups first."""
     import ray
 
     actors = rank_actors()
-    running = {(a.pool, a.group): ray.get(a.handle.stats.remote()).num_running for a in actors if a.rank == 0}
+    running = {}
+    for a in actors:
+        if a.rank == 0:
+            try:
+                running[a.pool, a.group] = ray.get(a.handle.check_health.remote()).num_running
+            except ray.exceptions.RayError:
+                pass
     ranks = [Rank(a.pool, a.group, a.rank, ray.get(a.handle.__ray_call__.remote(lambda _: os.getpid())),
-                  running.get((a.pool, a.group), 0)) for a in actors]
+                  running[a.pool, a.group]) for a in actors if (a.pool, a.group) in running]
     return sorted(ranks, key=lambda r: -r.num_running)
+
+
+def _serving_groups(pool: str) -> set[str]:
+    """The ids of the pool's groups whose rank 0 answers its health check."""
+    return {r.group for r in rank_processes() if r.pool == pool and r.rank == 0}
 
 
 @dataclass
@@ -203,6 +215,7 @@ class KillResult:
     slowest_end_s: float = 0.0  # the last of them to end, seconds after the kill
     within_s: float = HEALTH_CHECK_PERIOD_S + 10  # the promise: every one ends within this
     recovered_s: float = float("nan")  # until a request sent after the kill first succeeded with its exact tokens
+    replaced_s: float = float("nan")  # until the pool had as many groups serving as before, the victim's not one
 
 
 async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[int]], expected: list[list[int]],
@@ -213,10 +226,13 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
         stub = tandem_pb2_grpc.GenerationStub(channel)
         running = [asyncio.create_task(run_stream(stub, s, prompts[s.prompt])) for s in plan]
         await asyncio.sleep(1.0)
-        victim = next(r for r in await asyncio.to_thread(rank_processes) if (r.pool, r.rank) == (pool, rank))
+        ranks = await asyncio.to_thread(rank_processes)
+        victim = next(r for r in ranks if (r.pool, r.rank) == (pool, rank))
+        num_groups = len({r.group for r in ranks if r.pool == pool})
         killed = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         serving = asyncio.create_task(_serving_again(stub, prompts[0], expected[0][:4], killed, recover_timeout_s))
+        replaced = asyncio.create_task(_replaced(victim, num_groups, killed, recover_timeout_s))
         outcomes = await asyncio.wait_for(asyncio.gather(*running), HEALTH_CHECK_PERIOD_S + 10 + 60)
         result = KillResult(victim.pool, victim.rank, len(outcomes), 0, 0)
         for o in outcomes:
@@ -228,7 +244,19 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
                 result.other.append(f"{o.status} after {len(o.token_ids)} tokens: {o.detail}")
         result.slowest_end_s = max(o.ended_at for o in outcomes) - killed
         result.recovered_s = await serving
+        result.replaced_s = await replaced
     return result
+
+
+async def _replaced(victim: Rank, num_groups: int, since: float, timeout_s: float) -> float:
+    """Seconds from `since` until `num_groups` groups of the victim's pool serve again, the victim's not among
+    them; nan if not within `timeout_s`."""
+    while time.monotonic() - since < timeout_s:
+        serving = await asyncio.to_thread(_serving_groups, victim.pool)
+        if victim.group not in serving and len(serving) >= num_groups:
+            return time.monotonic() - since
+        await asyncio.sleep(0.5)
+    return float("nan")
 
 
 async def _serving_again(stub, prompt: list[int], expected: list[int], since: float, timeout_s: float) -> float:

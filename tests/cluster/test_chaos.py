@@ -77,4 +77,5 @@ def test_the_streams_of_a_group_with_a_killed_rank_complete_and_serve_replaces_t
     assert result.completed == result.in_flight == 12
     assert result.slowest_end_s < faults.HEALTH_CHECK_PERIOD_S + 10
     assert result.recovered_s < faults.HEALTH_CHECK_PERIOD_S + 10
+    assert result.replaced_s < 120
     assert faults.leaks(asyncio.run(faults.idle_stats(timeout_s=60))) == []
