@@ -117,14 +117,19 @@ def prefiller(model_path) -> LLM:
     return LLM(model_path, num_kv_blocks=256, progress=False)
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=2),
-    SamplingParams(max_tokens=NEW, temperature=1.0, top_p=0.95, seed=5, ignore_eos=True),
-], ids=["greedy with logprobs", "seeded sampling"])
+@pytest.mark.parametrize("params, k", [
+    (SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=2), 11),
+    (SamplingParams(max_tokens=NEW, temperature=1.0, top_p=0.95, seed=5, ignore_eos=True), 11),
+    (SamplingParams(max_tokens=NEW, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.8,
+                    presence_penalty=0.5, min_tokens=NEW - 2), 11),
+    (SamplingParams(max_tokens=48, temperature=0.0, structured_output=StructuredOutput(json_object=True)), 5),
+], ids=["greedy with logprobs", "seeded sampling", "penalties and min_tokens", "structured output"])
 def test_a_continuation_prefilled_by_a_prefill_group_carries_on_at_the_decode_group(lost, prefiller, taker, prompt,
-                                                                                     params):
+                                                                                     params, k):
+    """The prefill group samples the token after the continuation under the request's penalties, grammar and
+    draws, as the lost group would have; with the 37-token prompt and k = 11, the KV ends inside the fourth block."""
     outs = run(lost, prompt, params)
-    k = 11  # with the 37-token prompt, its KV ends inside the fourth block
+    assert len(outs) > k
     continuation = Continuation.of(outs[k - 1])
     p, d = prefiller.engine, taker.engine
     p.add_request(prompt, params, "moved", prefill_only=True, continuation=continuation)
