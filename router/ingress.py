@@ -50,9 +50,9 @@ from workers.replica_logging import use_serve_logging
 
 logger = logging.getLogger(__name__)
 
-# Before a request's first move to another decode group: a routing-stats period and the poll's own call, so the
-# request router has seen the lost group's report and the move does not land on it; doubling for each further move,
-# up to the most.
+# Before a request's first move to another decode group (or to another prefill group, after its own failed): a
+# routing-stats period and the poll's own call, so the request router has seen the lost group's report and the move
+# does not land on it; doubling for each further move, up to the most.
 _MIGRATION_PAUSE_S, _MAX_MIGRATION_PAUSE_S = ROUTING_STATS_PERIOD_S + 0.25, 4.0
 
 
@@ -239,18 +239,30 @@ class Ingress:
     async def _prefill(self, token_ids: list[int], params, request_id: str, salt: str | None,
                        hint: RoutingHint, serve_id: str, continuation: Continuation | None):
         """The prefill pool's handoff, or None when no prefill group could take the request (the pool is down, or
-        its group failed while prefilling): losing the prefill pool slows requests down, it does not fail them."""
-        try:
-            with _serve_request_id(serve_id):
-                call = self.prefill.prefill.remote(token_ids, params, request_id, salt, continuation=continuation,
-                                                   routing=hint)
-            return await _cancelling(call)
-        except Exception as e:
-            error = classify(e)
-            if error.kind is not Kind.UNAVAILABLE:
-                raise
-            logger.warning("%s: %s; the decode group prefills it", request_id, error.message)
-            return None
+        its group failed while prefilling): losing the prefill pool slows requests down, it does not fail them.
+        Where the pool has another group, a request whose group failed tries that one first, after the pause that
+        lets the request router rank the failed group last."""
+        retried = False
+        while True:
+            try:
+                with _serve_request_id(serve_id):
+                    call = self.prefill.prefill.remote(token_ids, params, request_id, salt,
+                                                       continuation=continuation, routing=hint)
+                return await _cancelling(call)
+            except Exception as e:
+                error = classify(e)
+                if error.kind is not Kind.UNAVAILABLE:
+                    raise
+                if retried or not await self._has_other_prefill_group():
+                    logger.warning("%s: %s; the decode group prefills it", request_id, error.message)
+                    return None
+                logger.warning("%s: %s; another prefill group prefills it", request_id, error.message)
+                retried = True
+                await asyncio.sleep(_MIGRATION_PAUSE_S)
+
+    async def _has_other_prefill_group(self) -> bool:
+        """Whether more than one prefill group reports its load (the failed one's report lasts a few seconds)."""
+        return self._loads is not None and len((await self._loads.loads()).get("prefill", [])) > 1
 
     async def _decide(self, num_tokens: int, hashes: list) -> RouteDecision | None:
         """router/policy.route over the index and the reported loads, for the one choice the ingress makes: who

@@ -1,9 +1,10 @@
-"""A decode group lost mid-stream costs its callers nothing: the ingress moves each of its requests to the other
-decode group, which carries on from the tokens already streamed (the prefill pool computes them again with the
-prompt), and every caller receives one whole stream with
-exactly the tokens the request would have had (greedy, and seeded sampling too). A real Serve app (a prefill
-replica and two decode replicas, one rank each), a real redis-server, gRPC streams over a socket, and SIGKILL of
-the busier decode group's rank while they run."""
+"""A group that fails its requests costs their callers nothing. A decode group lost mid-stream: the ingress moves
+each of its requests to the other decode group, which carries on from the tokens already streamed (the prefill pool
+computes them again with the prompt), and every caller receives one whole stream with exactly the tokens the
+request would have had (greedy, and seeded sampling too). A prefill group that fails: its requests are prefilled by
+the other prefill group, not by the decode groups. A real Serve app (two prefill and two decode replicas, one rank
+each), a real redis-server, gRPC streams over a socket, and SIGKILL of the busier decode group's rank while they
+run."""
 
 import asyncio
 import os
@@ -14,6 +15,7 @@ import urllib.request
 
 import grpc
 import pytest
+import ray
 from ray import serve
 
 from cluster.app import build_app
@@ -22,6 +24,7 @@ from cluster.config import ClusterConfig, PoolConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from tests.conftest import SERVE_HTTP_URL
+from tests.workers.test_faults import _fail_next_step
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
@@ -59,7 +62,8 @@ def expected(model, prompts) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def cluster(model, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=256, num_cpus_per_rank=0.5, redis_url=redis_url,
-                           grpc_port=PORT, kv_transfer_timeout_s=10, decode=PoolConfig(replicas=2))
+                           grpc_port=PORT, kv_transfer_timeout_s=10, prefill=PoolConfig(replicas=2),
+                           decode=PoolConfig(replicas=2))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield
     serve.delete(APP)
@@ -100,9 +104,35 @@ async def kill_the_busier_decode_group_mid_stream(prompts) -> tuple[list[str], l
     return statuses, received, victim.num_running
 
 
+def pool_stats(pool: str) -> dict:
+    return {name: s for name, s in asyncio.run(faults.idle_stats()).items() if name.startswith(f"{pool} ")}
+
+
+def test_requests_whose_prefill_group_failed_are_prefilled_by_the_other_one(cluster, prompts, expected):
+    """A forward pass that raises cannot be caused from outside on a healthy model: one prefill group's
+    next step is made to raise in its own process (tests/workers/test_faults.py), the only fake here."""
+    computed_by_decode = sum(s.num_computed_prompt_tokens for s in pool_stats("decode").values())
+    victim = next(a for a in faults.rank_actors() if a.pool == "prefill" and a.rank == 0)
+    ray.get(victim.handle.__ray_call__.remote(_fail_next_step))
+
+    async def run_all() -> tuple[list[str], list[list[int]]]:
+        received: list[list[int]] = [[] for _ in prompts]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+            stub = tandem_pb2_grpc.GenerationStub(channel)
+            statuses = await asyncio.gather(*(stream(stub, p, i, received[i]) for i, p in enumerate(prompts)))
+        return statuses, received
+
+    statuses, received = asyncio.run(run_all())
+    assert ray.get(victim.handle.__ray_call__.remote(lambda worker: getattr(worker, "failed_step", []))), \
+        "no request reached the failing prefill group"
+    assert statuses == ["OK"] * STREAMS
+    assert received == expected
+    assert sum(s.num_computed_prompt_tokens for s in pool_stats("decode").values()) == computed_by_decode
+
+
 def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exact_tokens(cluster, prompts,
                                                                                          expected):
-    before = migrations()
+    before, prefilled = migrations(), sum(s.num_finished for s in pool_stats("prefill").values())
     statuses, received, moved = asyncio.run(kill_the_busier_decode_group_mid_stream(prompts))
     assert statuses == ["OK"] * STREAMS
     assert received == expected
@@ -113,4 +143,4 @@ def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exac
     assert not faults.leaks(stats)
     # For each move, the request's prompt and streamed tokens were computed again by the prefill pool, as a new
     # request's prompt is, not by the decode group it moved to.
-    assert sum(s.num_finished for name, s in stats.items() if name.startswith("prefill ")) == STREAMS + moves
+    assert sum(s.num_finished for s in pool_stats("prefill").values()) - prefilled == STREAMS + moves
