@@ -24,7 +24,7 @@ from cluster.config import ClusterConfig, PoolConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from tests.conftest import SERVE_HTTP_URL
-from tests.workers.test_faults import _fail_next_step
+from tests.workers.test_faults import fail_next_step
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
@@ -113,7 +113,7 @@ def test_requests_whose_prefill_group_failed_are_prefilled_by_the_other_one(clus
     next step is made to raise in its own process (tests/workers/test_faults.py), the only fake here."""
     computed_by_decode = sum(s.num_computed_prompt_tokens for s in pool_stats("decode").values())
     victim = next(a for a in faults.rank_actors() if a.pool == "prefill" and a.rank == 0)
-    ray.get(victim.handle.__ray_call__.remote(_fail_next_step))
+    ray.get(victim.handle.__ray_call__.remote(fail_next_step))
 
     async def run_all() -> tuple[list[str], list[list[int]]]:
         received: list[list[int]] = [[] for _ in prompts]

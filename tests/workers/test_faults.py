@@ -29,7 +29,7 @@ def model(tiny_model_factory):
     return str(tiny_model_factory("llama"))
 
 
-def _fail_next_step(worker) -> None:
+def fail_next_step(worker) -> None:
     """Runs inside a rank's process: its next forward pass raises, as a kernel or memory error would. The ids of
     the requests in that step are kept on the worker (`failed_step`)."""
     runner = worker.engine.engine.runner if worker.engine is not None else worker.follower.runner
@@ -44,7 +44,7 @@ def _fail_next_step(worker) -> None:
 
 
 def inject_step_failure(group: WorkerGroup, rank: int) -> None:
-    ray.get(group.ranks[rank].__ray_call__.remote(_fail_next_step))
+    ray.get(group.ranks[rank].__ray_call__.remote(fail_next_step))
 
 
 async def outcome(stream) -> str:
