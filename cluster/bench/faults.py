@@ -182,11 +182,21 @@ def rank_actors() -> list[RankActor]:
 
 
 def rank_processes() -> list[Rank]:
-    """The rank processes of the pools' groups that serve (rank 0 answers its health check: not a group still
-    starting or one that lost a rank), the busiest groups first."""
+    """The rank processes of the pools' groups that serve, the busiest groups first."""
     import ray
 
     actors = rank_actors()
+    running = _serving(actors)
+    ranks = [Rank(a.pool, a.group, a.rank, ray.get(a.handle.__ray_call__.remote(lambda _: os.getpid())),
+                  running[a.pool, a.group]) for a in actors if (a.pool, a.group) in running]
+    return sorted(ranks, key=lambda r: -r.num_running)
+
+
+def _serving(actors: list[RankActor]) -> dict[tuple[str, str], int]:
+    """The running requests of each (pool, group) that serves: its rank 0 answers its health check (not a group
+    still starting, nor one that lost a rank)."""
+    import ray
+
     running = {}
     for a in actors:
         if a.rank == 0:
@@ -194,14 +204,11 @@ def rank_processes() -> list[Rank]:
                 running[a.pool, a.group] = ray.get(a.handle.check_health.remote()).num_running
             except ray.exceptions.RayError:
                 pass
-    ranks = [Rank(a.pool, a.group, a.rank, ray.get(a.handle.__ray_call__.remote(lambda _: os.getpid())),
-                  running[a.pool, a.group]) for a in actors if (a.pool, a.group) in running]
-    return sorted(ranks, key=lambda r: -r.num_running)
+    return running
 
 
 def _serving_groups(pool: str) -> set[str]:
-    """The ids of the pool's groups whose rank 0 answers its health check."""
-    return {r.group for r in rank_processes() if r.pool == pool and r.rank == 0}
+    return {group for p, group in _serving(rank_actors()) if p == pool}
 
 
 @dataclass
