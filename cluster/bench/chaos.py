@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster.bench.machine import machine_info
 
 APP = "bench-chaos"
+KILL_STREAMS = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.bench.faults import kill_under_load, prompt_set
+    from cluster.bench.faults import kill_under_load, prompt_set, unfaulted_s
     from cluster.config import ClusterConfig, PoolConfig
     from cluster.redis_server import LocalRedis
     from workers.engine.llm import LLM
@@ -64,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
         rounds = asyncio.run(_storm(args, target, prompts, expected, rng))
         kills = []
         for pool, rank in (("decode", args.tensor_parallel_size - 1), ("prefill", 0)):
-            log(f"killing rank {rank} of the {pool} group under load")
-            kills.append(asdict(asyncio.run(kill_under_load(target, pool, rank, prompts, expected, 16,
-                                                            args.long_tokens))))
+            log(f"the same streams without a kill, then killing rank {rank} of the {pool} group under them")
+            unfaulted = asyncio.run(unfaulted_s(target, prompts, KILL_STREAMS, args.long_tokens))
+            kill = asdict(asyncio.run(kill_under_load(target, pool, rank, prompts, expected, KILL_STREAMS,
+                                                      args.long_tokens)))
+            kills.append(dict(kill, unfaulted_end_s=unfaulted - kill["killed_after_s"]))
         serve.delete(APP)  # gracefully; ray.shutdown then takes Serve's controller without killing its calls
     finally:
         ray.shutdown()
@@ -117,12 +120,12 @@ def table(rounds: list[dict], kills: list[dict]) -> str:
              *(f"| cancelled: {how.replace('_', ' ')} | {n} |" for how, n in cancelled.items()),
              f"| finished streams with wrong tokens | {sum(r['wrong'] for r in rounds)} |",
              f"| rounds leaving anything held | {sum(bool(r['leaks']) for r in rounds)} |", "",
-             "| rank killed | in flight | exact | UNAVAILABLE | other | last ended after kill | new requests served "
-             "after | group replaced after |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| rank killed | in flight | exact | UNAVAILABLE | other | last ended after kill | without the kill | "
+             "new requests served after | group replaced after |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k['pool']} rank {k['rank']} | {k['in_flight']} | {k['completed']} | {k['unavailable']} | "
               f"{len(k['other'])} | {k['slowest_end_s']:.1f} s (limit {k['within_s']:.0f} s) | "
-              f"{k['recovered_s']:.1f} s | {k['replaced_s']:.1f} s |" for k in kills]
+              f"{k['unfaulted_end_s']:.1f} s | {k['recovered_s']:.1f} s | {k['replaced_s']:.1f} s |" for k in kills]
     return "\n".join(lines)
 
 

@@ -220,6 +220,7 @@ class KillResult:
     unavailable: int  # of those, ended with UNAVAILABLE
     other: list[str] = field(default_factory=list)  # any other ending (a failure of the promise)
     slowest_end_s: float = 0.0  # the last of them to end, seconds after the kill
+    killed_after_s: float = 0.0  # the kill, seconds after the streams started
     within_s: float = HEALTH_CHECK_PERIOD_S + 10  # the promise: every one ends within this
     recovered_s: float = float("nan")  # until a request sent after the kill first succeeded with its exact tokens
     replaced_s: float = float("nan")  # until the pool had as many groups serving as before, the victim's not one
@@ -228,9 +229,10 @@ class KillResult:
 async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[int]], expected: list[list[int]],
                           streams: int, max_tokens: int, recover_timeout_s: float = 120.0) -> KillResult:
     """Kills `rank` of the pool's group that runs the most streams, a second after they start."""
-    plan = [Stream(i % len(prompts), max_tokens, "finish") for i in range(streams)]
+    plan = _kill_plan(len(prompts), streams, max_tokens)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = tandem_pb2_grpc.GenerationStub(channel)
+        started = time.monotonic()
         running = [asyncio.create_task(run_stream(stub, s, prompts[s.prompt])) for s in plan]
         await asyncio.sleep(1.0)
         ranks = await asyncio.to_thread(rank_processes)
@@ -241,7 +243,7 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
         serving = asyncio.create_task(_serving_again(stub, prompts[0], expected[0][:4], killed, recover_timeout_s))
         replaced = asyncio.create_task(_replaced(victim, num_groups, killed, recover_timeout_s))
         outcomes = await asyncio.wait_for(asyncio.gather(*running), HEALTH_CHECK_PERIOD_S + 10 + 60)
-        result = KillResult(victim.pool, victim.rank, len(outcomes), 0, 0)
+        result = KillResult(victim.pool, victim.rank, len(outcomes), 0, 0, killed_after_s=killed - started)
         for o in outcomes:
             if o.status == "OK" and o.token_ids == expected[o.stream.prompt][:max_tokens]:
                 result.completed += 1
@@ -253,6 +255,21 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
         result.recovered_s = await serving
         result.replaced_s = await replaced
     return result
+
+
+async def unfaulted_s(target: str, prompts: list[list[int]], streams: int, max_tokens: int) -> float:
+    """Seconds the streams `kill_under_load` runs take on the whole cluster, from their start to the last one's
+    end: what a kill's streams would have taken without it, on this machine."""
+    plan = _kill_plan(len(prompts), streams, max_tokens)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(run_stream(stub, s, prompts[s.prompt]) for s in plan))
+    return max(o.ended_at for o in outcomes) - started
+
+
+def _kill_plan(num_prompts: int, streams: int, max_tokens: int) -> list[Stream]:
+    return [Stream(i % num_prompts, max_tokens, "finish") for i in range(streams)]
 
 
 async def _replaced(victim: Rank, num_groups: int, since: float, timeout_s: float) -> float:
