@@ -100,10 +100,6 @@ class Sequence:
         """Tokens whose KV is not computed yet: the prompt (or its rest) in prefill, one token in decode."""
         return self.num_tokens - self.num_computed_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         if self.num_tokens % self.block_size == 0:
