@@ -354,9 +354,13 @@ HEADERS = st.sampled_from([JSON_KEY] * 4 + [{"authorization": f"Bearer {KEY}"}, 
 
 
 # A seed past uint64 failed the decode group's whole batch (torch's generators take at most 2**64 - 1): now it is a
-# 400 naming the seed. A temperature that float32 rounds to 0 is served.
+# 400 naming the seed; a negative one is a signed 64-bit seed (-1: none). A temperature that float32 rounds to 0 is
+# served.
 COMPLETION_EDGES = {"seed 2**64": (dict(seed=2**64, temperature=0.5), 400), "seed 2**70": (dict(seed=2**70), 400),
                     "seed 2**64 - 1": (dict(seed=2**64 - 1, temperature=0.5), 200),
+                    "seed -1": (dict(seed=-1, temperature=0.5), 200),
+                    "seed -2**63": (dict(seed=-2**63, temperature=0.5), 200),
+                    "seed -2**63 - 1": (dict(seed=-2**63 - 1, temperature=0.5), 400),
                     "temperature 1e-300": (dict(temperature=1e-300), 200)}
 
 

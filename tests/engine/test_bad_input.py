@@ -32,7 +32,8 @@ def llm(tiny_model_factory):
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"),
-    ({"seed": -1}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"seed": 2**64}, "seed"),
     ({"logprobs": -1}, "logprobs"),
     ({"stop": [""]}, "stop"),
     ({"priority": 1.5}, "priority"),
@@ -42,6 +43,12 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
     assert e.value.field == field
     assert field in str(e.value)
+
+
+def test_a_negative_seed_is_a_signed_64_bit_one_and_minus_one_is_none_as_in_vllm():
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(seed=-5).seed == 2**64 - 5
+    assert SamplingParams(seed=-2**63).seed == 2**63
 
 
 @pytest.mark.parametrize("prompt, field", [

@@ -55,8 +55,8 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 (or -1), top_p 1.0 and min_p 0 disable those filters (min_p drops the
     tokens less likely than min_p times the likeliest, after temperature and before top-k and top-p, as vLLM
     does). `min_tokens` holds back EOS and the stop token ids, and leaves stop strings unmatched, until that many
-    tokens are generated. `seed` makes a
-    request's random draws reproducible whatever else is in the batch. `logprobs` asks for the top-N
+    tokens are generated. `seed` makes a request's random draws reproducible whatever else is in the batch; -1
+    means none (vLLM's), another negative seed is read as a signed 64-bit integer. `logprobs` asks for the top-N
     log-probabilities of every generated token (plus the chosen one's), from the model's own distribution,
     before biases, penalties and temperature. `prompt_logprobs` asks the same of every prompt token after the
     first (vLLM's); a request that asks for them is computed whole, past the prefix cache, since a cached
@@ -118,6 +118,10 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
         if isinstance(self.structured_output, dict):
             object.__setattr__(self, "structured_output", StructuredOutput(**self.structured_output))
+        if self.seed == -1:  # vLLM's (and many clients') "no seed"
+            object.__setattr__(self, "seed", None)
+        elif type(self.seed) is int and -2**63 <= self.seed < 0:  # a signed 64-bit seed, as OpenAI's API allows
+            object.__setattr__(self, "seed", self.seed % 2**64)
         self.validate()
 
     @property
@@ -148,7 +152,7 @@ class SamplingParams:
                                                     f"got {self.min_tokens!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             # A torch.Generator takes at most 64 bits; a larger seed would fail the engine step of the whole batch.
-            raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
+            raise InvalidRequestError("seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
