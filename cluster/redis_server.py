@@ -10,13 +10,14 @@ import time
 
 
 class LocalRedis:
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None):
+        """On `port`, or on a free one when None."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("no Redis URL is configured and redis-server is not installed: install it "
                                "(apt-get install redis-server) or pass --redis-url redis://HOST:PORT")
         self.host = host
-        self.port = _free_port(host)
+        self.port = port if port is not None else _free_port(host)
         self._process = subprocess.Popen(
             [binary, "--bind", host, "--port", str(self.port), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -25,6 +26,10 @@ class LocalRedis:
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def stop(self) -> None:
         self._process.terminate()

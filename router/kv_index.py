@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 import redis
-import redis.asyncio
 
+from router.redis_client import OutageLog, connect
 from workers.kv.hashing import BlockHash
 from workers.kv_events import DEFAULT_NAMESPACE, RETIRE_LUA, KVEvent, KVKeys, decode_entry
 
@@ -129,7 +129,9 @@ class KVIndexFollower:
     """Keeps a `KVIndex` equal to what the live groups hold, from Redis, in a background task.
 
     It also retires groups whose heartbeat expired (through Redis, so every router drops them on the same
-    "cleared" event). Only `redis.asyncio` is used: nothing here blocks the event loop on I/O.
+    "cleared" event). Only `redis.asyncio` is used: nothing here blocks the event loop on I/O. While Redis does
+    not answer, the index stays as it was (groups under-report after an outage, never over-report: see
+    workers/kv_events.py) and routing goes on with it; once Redis answers, a fresh snapshot replaces it.
     """
 
     def __init__(self, redis_url: str, index: KVIndex | None = None, *, namespace: str = DEFAULT_NAMESPACE,
@@ -139,7 +141,8 @@ class KVIndexFollower:
         self.block_ms = block_ms
         self.liveness_interval_s = liveness_interval_s
         self.retry_s = retry_s
-        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._redis = connect(redis_url, block_ms / 1000 + 1.0)  # XREAD answers within block_ms
+        self._outage = OutageLog(logger, "KV index", "routing with the index as it was")
         self._snapshot = self._redis.register_script(_SNAPSHOT_LUA)
         self._retire = self._redis.register_script(RETIRE_LUA)
         self._position = b"0-0"  # the last stream entry reflected in the index
@@ -149,8 +152,13 @@ class KVIndexFollower:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Load the snapshot (the index is warm when this returns), then follow the stream in the background."""
-        await self._resync()
+        """Load the snapshot (the index is warm when this returns, if Redis answered), then follow the stream in
+        the background."""
+        try:
+            await self._resync()
+        except redis.RedisError as e:
+            self._outage.failed(e)
+            self._stale = True
         self._running = True
         self._task = asyncio.create_task(self._follow(), name="kv-index-follower")
 
@@ -189,8 +197,9 @@ class KVIndexFollower:
                 if time.monotonic() >= next_check:
                     await self._retire_dead_groups()
                     next_check = time.monotonic() + self.liveness_interval_s
+                self._outage.answered()
             except redis.RedisError as e:
-                logger.warning("KV index: Redis failed (%s); keeping the current index and retrying", e)
+                self._outage.failed(e)
                 self._stale = True
                 await asyncio.sleep(self.retry_s)
 

@@ -21,14 +21,17 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio
 
 from router.errors import ApiError, Kind
+from router.redis_client import OutageLog, connect
 
 logger = logging.getLogger(__name__)
 
 _PREFIX = "{tandem:lora}"
 _READ_EVERY_S = 1.0
+_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class LoRARegistry:
         """`model`: the served model's name, which keys the hash (a Redis may hold several clusters' adapters);
         `started_with`: the adapters of lora_modules. Without `redis_url` only those are served."""
         self.started_with = {name: Adapter(name) for name in started_with}
-        self._redis = redis.asyncio.Redis.from_url(redis_url) if redis_url else None
+        self._redis = connect(redis_url, _TIMEOUT_S) if redis_url else None
+        self._outage = OutageLog(logger, "LoRA adapters loaded at run time", "serving those read last")
         self._hash = f"{_PREFIX}:adapters:{model}"
         self._loaded: dict[str, Adapter] = {}
         self._reader: asyncio.Task | None = None
@@ -72,8 +76,9 @@ class LoRARegistry:
         while True:
             try:
                 await self.read()
+                self._outage.answered()
             except redis.RedisError as e:  # keep serving what was read last; Redis may come back
-                logger.warning("could not read the LoRA adapters loaded at run time: %s", e)
+                self._outage.failed(e)
             await asyncio.sleep(_READ_EVERY_S)
 
     async def read(self) -> None:

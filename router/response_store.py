@@ -25,11 +25,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio
+import redis
 
+from router.redis_client import connect
 from workers.kv_events import DEFAULT_NAMESPACE
 
 logger = logging.getLogger(__name__)
+
+_TIMEOUT_S = 2.0
 
 RUNNING = ("queued", "in_progress")
 RUN_BEAT_S = 0.5  # how often a replica refreshes the run key of each background response it runs
@@ -59,7 +62,7 @@ class StoredResponse:
 
 class ResponseStore:
     def __init__(self, redis_url: str, ttl_s: int, namespace: str = DEFAULT_NAMESPACE):
-        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._redis = connect(redis_url, _TIMEOUT_S)
         self._ttl_s = ttl_s
         self._prefix = f"{{{namespace}}}:response"
         self._advance = self._redis.register_script(_ADVANCE)
