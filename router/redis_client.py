@@ -2,21 +2,17 @@
 
 Redis holds what makes serving better (the KV-block index, the groups' load reports) and what a few calls need
 (stored responses, LoRA adapters loaded at run time); a request must never wait long on it. Every call has a time
-limit and is tried once more on a fresh connection (after a Redis restart, or an idle connection it closed), not
-redis-py's default of ten times with backoff: a Redis that hangs fails a call within twice the limit, one that is
-down fails it at once, and the callers serve on without it.
+limit: a Redis that hangs fails a call within it, one that is down fails it at once, and the callers serve on
+without it.
 """
 
 import logging
 
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 
 def connect(url: str, timeout_s: float) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                        retry=Retry(NoBackoff(), 1))
+    return redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 class OutageLog:
