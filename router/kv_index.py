@@ -130,8 +130,8 @@ class KVIndexFollower:
 
     It also retires groups whose heartbeat expired (through Redis, so every router drops them on the same
     "cleared" event). Only `redis.asyncio` is used: nothing here blocks the event loop on I/O. While Redis does
-    not answer, the index stays as it was (groups under-report after an outage, never over-report: see
-    workers/kv_events.py) and routing goes on with it; once Redis answers, a fresh snapshot replaces it.
+    not answer, the index stays as it was and routing goes on with it; once Redis answers, a fresh snapshot
+    replaces it (and the groups publish their whole caches again: workers/kv_events.py).
     """
 
     def __init__(self, redis_url: str, index: KVIndex | None = None, *, namespace: str = DEFAULT_NAMESPACE,

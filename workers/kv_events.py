@@ -11,8 +11,9 @@ Redis layout, all keys under one hash tag so that a Redis Cluster keeps them on 
 
 One Lua script applies an event to its group's set and appends it to the stream, so a reader that reads the sets
 and the stream's last id in one script holds a snapshot that is exact at that id, and per-group sequence numbers
-(restarting after each "cleared") let it prove it missed nothing after. If events are lost (Redis unreachable, the
-queue full), the publisher publishes "cleared" and goes on: the group then under-reports its cache, never over.
+(restarting after each "cleared") let it prove it missed nothing after. If events are lost (Redis unreachable or
+restarted empty, the queue full), the publisher publishes "cleared" and then every block the group holds at that
+moment (it keeps that set as the group's events change it), so Redis is whole again as soon as it answers.
 """
 
 import json
@@ -40,7 +41,11 @@ _LOAD_INTERVAL_S = 1.0
 _SOCKET_TIMEOUT_S = 5.0  # a hung Redis must not hang close()
 
 # KEYS: blocks, seq, events, groups, alive. ARGV: group, kind, hashes, parent, ts, max stream length, ttl ms.
+# Returns 1 where the group's state was gone before a stored or removed event (a Redis that restarted empty, or a
+# router that retired the group after its heartbeat lapsed), else 0.
 _PUBLISH_LUA = """
+local lost = 0
+if ARGV[2] ~= 'cleared' and redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 then lost = 1 end
 local seq = 0
 if ARGV[2] == 'cleared' then
   redis.call('DEL', KEYS[1])
@@ -54,8 +59,9 @@ else
 end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[5], '1', 'PX', ARGV[7])
-return redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'group', ARGV[1], 'kind', ARGV[2], 'seq', seq,
-                  'hashes', ARGV[3], 'parent', ARGV[4], 'ts', ARGV[5])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'group', ARGV[1], 'kind', ARGV[2], 'seq', seq,
+           'hashes', ARGV[3], 'parent', ARGV[4], 'ts', ARGV[5])
+return lost
 """ % (HASH_LEN, HASH_LEN - 1)
 
 # Retires a group whose heartbeat is gone: deletes its state and tells every router with a "cleared" event.
@@ -156,8 +162,9 @@ class KVEventsTarget:
 class KVEventPublisher:
     """A `KVEventSink` for one group's block manager that writes to Redis without ever blocking the engine.
 
-    The engine thread only puts events on a bounded queue; a daemon thread writes them in batches (one pipeline of
-    scripts) and refreshes the group's heartbeat every ttl_s / 3.
+    The engine thread only puts events on a bounded queue and keeps the set of blocks they leave the group holding;
+    a daemon thread writes them in batches (one pipeline of scripts) and refreshes the group's heartbeat every
+    ttl_s / 3.
     """
 
     def __init__(self, redis_url: str, group_id: str, *, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = 10.0,
@@ -176,6 +183,10 @@ class KVEventPublisher:
         self._publish = self._redis.register_script(_PUBLISH_LUA)
         self._retire = self._redis.register_script(RETIRE_LUA)
         self._queue: queue.Queue[KVEvent | threading.Event] = queue.Queue(max_queued)
+        # The blocks the group's events leave it holding, for a resync to publish whole. The lock keeps each event's
+        # change to the set and its place in the queue together, against a resync's snapshot of both.
+        self._held: set[BlockHash] = set()
+        self._lock = threading.Lock()
         self._stopping = threading.Event()
         # Set when events may have been lost: the thread then drops what is queued and publishes "cleared".
         self._dirty = False
@@ -184,13 +195,19 @@ class KVEventPublisher:
     # -- the engine thread (KVEventSink) ----------------------------------------------------------------------
 
     def blocks_stored(self, block_hashes: list[BlockHash], parent_hash: BlockHash | None) -> None:
-        self._put(KVEvent(self.group_id, "stored", tuple(block_hashes), parent_hash, time.time()))
+        with self._lock:
+            self._held.update(block_hashes)
+            self._put(KVEvent(self.group_id, "stored", tuple(block_hashes), parent_hash, time.time()))
 
     def blocks_removed(self, block_hashes: list[BlockHash]) -> None:
-        self._put(KVEvent(self.group_id, "removed", tuple(block_hashes), None, time.time()))
+        with self._lock:
+            self._held.difference_update(block_hashes)
+            self._put(KVEvent(self.group_id, "removed", tuple(block_hashes), None, time.time()))
 
     def cache_cleared(self) -> None:
-        self._put(KVEvent(self.group_id, "cleared", (), None, time.time()))
+        with self._lock:
+            self._held.clear()
+            self._put(KVEvent(self.group_id, "cleared", (), None, time.time()))
 
     def _put(self, event: KVEvent) -> None:
         try:
@@ -256,7 +273,7 @@ class KVEventPublisher:
                     if isinstance(item, threading.Event):
                         item.set()
                 if time.monotonic() >= next_beat:
-                    self._redis.set(self.keys.alive(self.group_id), b"1", px=int(self.ttl_s * 1000))
+                    self._beat()
                     next_beat = time.monotonic() + interval
                 if self.load is not None and time.monotonic() >= next_load:
                     report = json.dumps({"role": self.role, **self.load()})
@@ -281,20 +298,39 @@ class KVEventPublisher:
         return items
 
     def _resync(self) -> None:
-        """Drop the queued events (some after them were lost) and publish "cleared": what Redis then holds is
-        built only from events that all arrive, so it can lack blocks but never claim one the group lacks."""
+        """Publish the group's cache whole again, after events that never reached Redis: "cleared", then every block
+        the group holds. The queued events are dropped in the same step as the set is copied, so the set includes
+        exactly them, and the events queued after it follow on."""
         self._dirty = False
         waiting: list[threading.Event] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, threading.Event):
-                waiting.append(item)
-        self._write([KVEvent(self.group_id, "cleared", (), None, time.time())])
+        with self._lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, threading.Event):
+                    waiting.append(item)
+            held = list(self._held)
+        now = time.time()
+        self._write([KVEvent(self.group_id, "cleared", (), None, now)] +
+                    [KVEvent(self.group_id, "stored", tuple(held[i:i + _MAX_BATCH]), None, now)
+                     for i in range(0, len(held), _MAX_BATCH)])
         for done in waiting:
             done.set()
+
+    def _beat(self) -> None:
+        """Refresh the heartbeat; an idle group's state found gone (see _PUBLISH_LUA) is published again."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self.keys.alive(self.group_id), b"1", px=int(self.ttl_s * 1000))
+        pipe.sismember(self.keys.groups, self.group_id)
+        if not pipe.execute()[1]:
+            self._found_lost()
+
+    def _found_lost(self) -> None:
+        logger.warning("KV events of %s: its state in Redis is gone (a Redis restarted empty, or the group retired "
+                       "after its heartbeat lapsed); publishing its cache again", self.group_id)
+        self._dirty = True
 
     def _write(self, events: list[KVEvent]) -> None:
         if not events:
@@ -306,4 +342,5 @@ class KVEventPublisher:
             args = [e.group_id, e.kind, b"".join(e.block_hashes), e.parent_hash or b"", repr(e.timestamp),
                     self.max_stream_len, int(self.ttl_s * 1000)]
             self._publish(keys=keys, args=args, client=pipe)
-        pipe.execute()
+        if any(pipe.execute()):
+            self._found_lost()

@@ -1,5 +1,6 @@
 """KV events: the block manager reports every change to its cached hashes, and the publisher mirrors them into a
-real Redis so that the group's set always equals the engine's cache (or, after lost events, a subset of it)."""
+real Redis so that the group's set always equals the engine's cache: after events that never arrived (the queue
+overflowed, Redis was down, restarted empty or lost the group's state) it publishes the whole cache again."""
 
 import time
 import uuid
@@ -7,6 +8,7 @@ import uuid
 import pytest
 import redis
 
+from cluster.redis_server import LocalRedis
 from tests.kv.cache_traffic import BS, churn, serve
 from workers.engine.block_manager import BlockManager
 from workers.kv.hashing import BlockHash
@@ -165,19 +167,62 @@ def test_the_heartbeat_outlives_the_ttl_and_close_retires_the_group(publishers, 
     assert decode_entry(fields)[1].kind == "cleared"
 
 
-def test_lost_events_make_the_group_report_less_never_more(redis_url, client, namespace):
+def test_events_lost_from_a_full_queue_are_made_good_by_publishing_the_whole_cache(redis_url, client, namespace):
     publisher = KVEventPublisher(redis_url, "g0", namespace=namespace, max_queued=2)
     bm = BlockManager(12, BS, kv_events=publisher)
     churn(bm, 50)  # before start: the queue overflows and events are dropped
     publisher.start()
     churn(bm, 50, seed=1)
-    assert publisher.flush()
-    assert client.smembers(KVKeys(namespace).blocks("g0")) <= set(bm.cached)
-    fresh = serve(bm, range(2000, 2008))  # once the queue has room again, events arrive exactly
+    serve(bm, range(2000, 2008))
     assert publisher.flush()
     published = client.smembers(KVKeys(namespace).blocks("g0"))
     publisher.close()
-    assert set(fresh.block_hashes) <= published <= set(bm.cached)
+    assert published == set(bm.cached)
+
+
+def test_a_group_whose_state_in_redis_is_gone_publishes_its_whole_cache_again(publishers, client, namespace):
+    """As after a router retired it (its heartbeat lapsed) or a Redis that lost its data without the publisher
+    seeing an error: its next event, or while idle its next heartbeat, finds its state gone."""
+    keys = KVKeys(namespace)
+    publisher = publishers("g0", ttl_s=0.6)
+    bm = BlockManager(12, BS, kv_events=publisher)
+    churn(bm, 50)
+    assert publisher.flush()
+    client.delete(keys.blocks("g0"))
+    client.srem(keys.groups, "g0")
+    serve(bm, range(3000, 3008))  # one stored event, on a group Redis no longer has
+    assert publisher.flush()
+    assert publisher.flush()  # the resync that event asked for
+    assert client.smembers(keys.blocks("g0")) == set(bm.cached)
+
+    client.delete(keys.blocks("g0"))
+    client.srem(keys.groups, "g0")
+    deadline = time.monotonic() + 5
+    while client.smembers(keys.blocks("g0")) != set(bm.cached) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.smembers(keys.blocks("g0")) == set(bm.cached)  # idle: the heartbeat found it gone
+
+
+def test_after_redis_restarts_empty_the_group_publishes_its_whole_cache_again(namespace):
+    server = LocalRedis()
+    publisher = KVEventPublisher(server.url, "g0", namespace=namespace, ttl_s=0.6, retry_s=0.1)
+    publisher.start()
+    bm = BlockManager(12, BS, kv_events=publisher)
+    churn(bm, 50)
+    assert publisher.flush()
+    server.stop()
+    churn(bm, 20, seed=2)  # while Redis is down
+    server = LocalRedis(port=server.port)
+    client = redis.Redis.from_url(server.url)
+    try:
+        deadline = time.monotonic() + 5
+        while client.smembers(KVKeys(namespace).blocks("g0")) != set(bm.cached) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.smembers(KVKeys(namespace).blocks("g0")) == set(bm.cached)
+    finally:
+        publisher.close()
+        client.close()
+        server.stop()
 
 
 def test_an_unreachable_redis_never_stops_the_engine():
