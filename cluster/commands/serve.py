@@ -95,11 +95,17 @@ def _log_stats_until(stop: threading.Event, redis_url: str, interval_s: float) -
     if interval_s <= 0:
         return
     stats = StatsLog(redis_url)
+    unread = False  # whether the last read failed: an outage is told once as it begins and once as it ends
     while True:
         try:
             lines = stats.lines(time.monotonic())  # the first read is the baseline: no line
-        except Exception as e:  # Redis away for a moment: the console misses a line, the cluster carries on
-            lines = [f"no load reports ({type(e).__name__}: {e})"]
+            if unread:
+                lines.insert(0, "load reports readable again")
+            unread = False
+        except Exception as e:  # Redis away: the console misses lines, the cluster carries on
+            lines = [] if unread else [f"no load reports ({type(e).__name__}: {e}); requests are served meanwhile, "
+                                       "routed without fresh cache and load reports"]
+            unread = True
         for line in lines:
             print(f"tandem: {line}", file=sys.stderr, flush=True)
         if stop.wait(interval_s):

@@ -2,6 +2,11 @@
 groups write them to Redis (workers/engine/async_engine.py's `_update_load`). tests/cluster/test_drain.py sees a
 real server print them."""
 
+import threading
+import time
+
+from cluster.commands.serve import _log_stats_until
+from cluster.redis_server import LocalRedis
 from cluster.stats_log import pool_lines
 
 
@@ -43,3 +48,22 @@ def test_a_new_or_restarted_group_counts_from_zero_and_an_idle_pool_is_not_busy(
     [idle] = pool_lines(quiet, quiet, elapsed_s=1.0)
     assert not idle.busy and idle.cached_pct is None  # no request finished in the interval: no hit rate to give
     assert str(idle).startswith("prefill pool, 1 group: prompt 0.0 tok/s computed, running 0")
+
+
+def test_a_redis_outage_is_told_once_as_it_begins_and_once_as_it_ends(capsys):
+    server = LocalRedis()
+    stop = threading.Event()
+    console = threading.Thread(target=_log_stats_until, args=(stop, server.url, 0.1))
+    console.start()
+    time.sleep(0.4)
+    server.stop()
+    time.sleep(0.8)  # several intervals without Redis
+    server = LocalRedis(port=server.port)
+    time.sleep(0.4)
+    stop.set()
+    console.join()
+    server.stop()
+    told = [line for line in capsys.readouterr().err.splitlines() if "load reports" in line]
+    assert len(told) == 2, told
+    assert told[0].startswith("tandem: no load reports (ConnectionError") and "served meanwhile" in told[0]
+    assert told[1] == "tandem: load reports readable again"
