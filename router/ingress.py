@@ -38,6 +38,7 @@ from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
 from router.reasoning import reasoning_parser
 from router.routing_hint import ROUTING_STATS_PERIOD_S, RoutingHint
+from workers.caller_watch import Caller
 from workers.engine.async_engine import release_quietly
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
@@ -112,6 +113,7 @@ class Ingress:
         self.draining = False  # set by drain(): new requests are refused while those in flight finish
         self._index_started = False
         self._grpc_address = (host, grpc_port) if grpc_port is not None else None
+        self._caller = Caller.current()  # the decode groups abort this replica's requests if it dies
         self._grpc = None
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
         self.reasoning = reasoning_parser(self.api.reasoning_parser, self.tokenizer)
@@ -212,10 +214,11 @@ class Ingress:
                 # Unified mode, the decode group holds most of the prompt, the request wants prompt logprobs, or
                 # no prefill group could take it: the decode group prefills (the rest of) the prompt itself.
                 outputs = self.decode.options(stream=True).generate.remote(
-                    token_ids, params, request_id, salt, continuation=continuation, routing=hint)
+                    token_ids, params, request_id, salt, continuation=continuation, routing=hint,
+                    caller=self._caller)
             else:
                 outputs = self.decode.options(stream=True).generate_prefilled.remote(
-                    prefilled.handoff, params, prefilled.source, routing=hint)
+                    prefilled.handoff, params, prefilled.source, routing=hint, caller=self._caller)
         return outputs, prefilled
 
     async def _migrate(self, token_ids: list[int], params: SamplingParams, request_id: str, salt: str | None,

@@ -11,12 +11,14 @@ returns with the handoff, so Serve never routes a transfer to the wrong replica.
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ray import serve
 
 from router.routing_hint import OUT_OF_SERVICE
+from workers.caller_watch import Caller, CallerWatch
 from workers.engine.config import EngineConfig
 from workers.engine.handoff import KVHandoff
 from workers.engine.outputs import Continuation, RequestOutput
@@ -78,16 +80,20 @@ class EngineServer:
         self._kv_events = kv_events
         self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank, kv_events=kv_events)
         self._signals = AutoscalingSignals()
+        self._callers = CallerWatch(self.group.abort)
         logger.info("%s replica %s ready: tensor parallel size %d", role, replica_id, tensor_parallel_size)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, cache_salt: str | None = None,
-                       continuation: Continuation | None = None,
-                       routing: object = None) -> AsyncIterator[RequestOutput]:
+                       continuation: Continuation | None = None, routing: object = None,
+                       caller: Caller | None = None) -> AsyncIterator[RequestOutput]:
         """`continuation`: the request's output so far, when the ingress moves it here from a group that was lost
-        (LLMEngine.add_request)."""
-        async for out in self.group.generate(prompt, params, request_id, cache_salt, continuation):
-            yield out
+        (LLMEngine.add_request). `caller`, here and in generate_prefilled: the ingress replica streaming it, whose
+        death aborts the request (workers/caller_watch.py)."""
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        async with self._callers.watching(caller, request_id):
+            async for out in self.group.generate(prompt, params, request_id, cache_salt, continuation):
+                yield out
 
     async def prefill(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None, cache_salt: str | None = None,
@@ -97,9 +103,10 @@ class EngineServer:
         return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt, continuation), self.group)
 
     async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None, source: WorkerGroup,
-                                 routing: object = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.group.generate_prefilled(handoff, params, source):
-            yield out
+                                 routing: object = None, caller: Caller | None = None) -> AsyncIterator[RequestOutput]:
+        async with self._callers.watching(caller, handoff.request_id):
+            async for out in self.group.generate_prefilled(handoff, params, source):
+                yield out
 
     async def abort(self, request_id: str) -> None:
         await self.group.abort(request_id)
