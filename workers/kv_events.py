@@ -188,7 +188,7 @@ class KVEventPublisher:
         self._held: set[BlockHash] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        # Set when events may have been lost: the thread then drops what is queued and publishes "cleared".
+        # Set when events may have been lost: the thread then publishes the whole cache again (_resync).
         self._dirty = False
         self._thread = threading.Thread(target=self._run, name=f"kv-events-{group_id}", daemon=True)
 
