@@ -66,7 +66,7 @@ def build_app(config: ClusterConfig) -> Application:
             placement_group_strategy="STRICT_PACK",
             health_check_period_s=10, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=60, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
-        ).bind(engine, tp, config.num_cpus_per_rank, name, config.redis_url)
+        ).bind(engine, tp, config.num_cpus_per_rank, name, config.redis_url, config.step_timeout_s)
 
     def router(role: str) -> RequestRouterConfig:
         return RequestRouterConfig(

@@ -155,6 +155,8 @@ class ClusterConfig:
                                     "its prefill call was on its way never claims it)", above=0)
     kv_transfer_timeout_s: float = _field(30.0, "a slower KV transfer fails and decode recomputes", above=0)
     max_kv_channels: int = _field(8, "open KV channels per rank", min=1)
+    step_timeout_s: float = _field(60.0, "a group whose step runs longer is taken as hung: its ranks are ended, its "
+                                         "requests move to another group and Serve replaces it", above=0)
     disaggregate: bool = _field(True, "separate prefill and decode pools; off: the decode pool does both")
     prefill_router: str = _field("prefix-cache", "how prefill replicas are chosen: prefix-cache (Tandem's cost), or "
                                                  "for comparison round-robin, power-of-two (Serve's default), "
@@ -185,6 +187,9 @@ class ClusterConfig:
         if self.lora_dir is not None and not self.lora_dir.startswith("/"):
             raise ConfigError(f"lora_dir must be an absolute path, the same wherever a worker group runs (got "
                               f"{self.lora_dir!r})")
+        if self.step_timeout_s <= self.kv_transfer_timeout_s:
+            raise ConfigError(f"step_timeout_s must exceed kv_transfer_timeout_s: a KV transfer is one step of the "
+                              f"engine (got {self.step_timeout_s} and {self.kv_transfer_timeout_s})")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"prompt_lookup_min must be <= prompt_lookup_max (got {self.prompt_lookup_min} and "
                               f"{self.prompt_lookup_max})")

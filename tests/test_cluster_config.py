@@ -116,6 +116,12 @@ def test_speculative_decoding_takes_its_lookup_lengths_in_order():
     assert parse("--num-speculative-tokens", "4").to_engine_config().speculative.num_speculative_tokens == 4
 
 
+def test_a_step_may_not_time_out_before_the_kv_transfer_it_runs():
+    assert error(kv_transfer_timeout_s=60) == ("step_timeout_s must exceed kv_transfer_timeout_s: a KV transfer is "
+                                               "one step of the engine (got 60.0 and 60.0)")
+    assert parse("--step-timeout-s", "90", "--kv-transfer-timeout-s", "60").step_timeout_s == 90
+
+
 def test_the_attention_backend_and_cuda_graphs_reach_the_engine_from_a_file_or_flags(tmp_path):
     from_file = load_config(write(tmp_path, "attention_backend: triton\nenforce_eager: true\n"))
     from_flags = parse("--attention-backend", "triton", "--enforce-eager")

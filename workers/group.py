@@ -146,16 +146,31 @@ class WorkerGroup:
         """The prefixes this group should hand on before it goes (workers/engine/recent_prefixes.py)."""
         return await _unwrap(self._driver.unique_prefixes.remote(held_elsewhere))
 
+    async def load(self) -> dict:
+        """Rank 0's load as of its last step, with how long its current step has run (busy_s), answered without
+        waiting for the step to end; raises as check_health does for a broken group."""
+        await self._check_followers()
+        return await _unwrap(self._driver.load.remote())
+
     async def check_health(self) -> EngineStats:
         """Raises unless rank 0 answers, the group is not broken and every follower is still in its loop; the
         group's stats otherwise (AsyncLLMEngine.check_health)."""
+        await self._check_followers()
+        return await _unwrap(self._driver.check_health.remote())
+
+    async def _check_followers(self) -> None:
         ended = []
         if self._follower_loops:
             ended, _ = ray.wait(self._follower_loops, num_returns=len(self._follower_loops), timeout=0)
         if ended:
             await _unwrap(ended[0])  # raises the follower's error
             raise RuntimeError("a follower rank left its loop")
-        return await _unwrap(self._driver.check_health.remote())
+
+    def end_ranks(self) -> None:
+        """Ends every rank now, without asking rank 0, which may not answer: the group's calls then fail as they
+        do when its ranks die."""
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
 
     def shutdown(self) -> None:
         """Stops the followers through rank 0, then ends the actors and frees the reserved resources."""

@@ -28,8 +28,13 @@ from workers.group import WorkerGroup
 from workers.kv_events import KVEventsTarget
 from workers.prefix_handoff import hand_off_prefixes
 from workers.replica_logging import use_serve_logging
+from workers.stall_watch import StallWatch
 
 logger = logging.getLogger(__name__)
+
+# Rank 0 answers its load beside the engine thread, in milliseconds: no answer this soon means its process is
+# stopped or gone.
+_LOAD_TIMEOUT_S = 5.0
 
 
 class AutoscalingSignals:
@@ -70,9 +75,10 @@ class Prefilled:
 
 class EngineServer:
     def __init__(self, config: EngineConfig, tensor_parallel_size: int = 1, num_cpus_per_rank: float = 1.0,
-                 role: str = "decode", redis_url: str | None = None):
+                 role: str = "decode", redis_url: str | None = None, step_timeout_s: float = 60.0):
         """With `redis_url` the group publishes its KV events under this replica's id, the id the request
-        router sees the replica by."""
+        router sees the replica by. A group whose step runs longer than `step_timeout_s` is ended as hung
+        (workers/stall_watch.py)."""
         use_serve_logging()
         self.role = role
         replica_id = serve.get_replica_context().replica_id.unique_id
@@ -81,6 +87,7 @@ class EngineServer:
         self.group = WorkerGroup.start(config, tensor_parallel_size, num_cpus_per_rank, kv_events=kv_events)
         self._signals = AutoscalingSignals()
         self._callers = CallerWatch(self.group.abort)
+        self._stalls = StallWatch(self.group.load, self.group.end_ranks, step_timeout_s)
         logger.info("%s replica %s ready: tensor parallel size %d", role, replica_id, tensor_parallel_size)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -91,7 +98,7 @@ class EngineServer:
         (LLMEngine.add_request). `caller`, here and in generate_prefilled: the ingress replica streaming it, whose
         death aborts the request (workers/caller_watch.py)."""
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        async with self._callers.watching(caller, request_id):
+        async with self._callers.watching(caller, request_id), self._stalls.watching():
             async for out in self.group.generate(prompt, params, request_id, cache_salt, continuation):
                 yield out
 
@@ -100,11 +107,13 @@ class EngineServer:
                       continuation: Continuation | None = None, routing: object = None) -> Prefilled:
         """`routing`, here and below, is the request router's hint (router/request_router.py); the replica has
         no use for it. `continuation` as for generate: the handoff then carries it, with the KV of its tokens."""
-        return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt, continuation), self.group)
+        async with self._stalls.watching():
+            return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt, continuation),
+                             self.group)
 
     async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None, source: WorkerGroup,
                                  routing: object = None, caller: Caller | None = None) -> AsyncIterator[RequestOutput]:
-        async with self._callers.watching(caller, handoff.request_id):
+        async with self._callers.watching(caller, handoff.request_id), self._stalls.watching():
             async for out in self.group.generate_prefilled(handoff, params, source):
                 yield out
 
@@ -120,15 +129,19 @@ class EngineServer:
         return await self.group.stats()
 
     async def record_routing_stats(self) -> dict[str, float]:
-        """The load the request router weighs this replica by, polled by Serve every second; its sequences are
-        all the group holds work for (EngineStats.num_busy_seqs). A group that lost a rank says it is out of
-        service, so the router sends requests elsewhere before Serve's next health check replaces it."""
+        """The load the request router weighs this replica by, polled by Serve every second, as of the group's
+        last step (answered without waiting for the current one); its sequences are all the group holds work for
+        (EngineStats.num_busy_seqs). A group that lost a rank, or that may hang (rank 0 does not answer, or its
+        step has run for a quarter of step_timeout_s), says it is out of service, so the router sends requests
+        elsewhere while Serve's health check or the stall watch (workers/stall_watch.py) catches up."""
         try:
-            stats = await self.group.check_health()
+            load = await asyncio.wait_for(self.group.load(), _LOAD_TIMEOUT_S)
         except Exception:
             return {OUT_OF_SERVICE: 1.0}
-        return {"free_blocks": stats.num_free_blocks, "total_blocks": stats.num_blocks,
-                "queued_prefill_tokens": stats.num_queued_prefill_tokens, "running_seqs": stats.num_busy_seqs}
+        if load["busy_s"] > self._stalls.timeout_s / 4:
+            return {OUT_OF_SERVICE: 1.0}
+        return {"free_blocks": load["free_blocks"], "total_blocks": load["total_blocks"],
+                "queued_prefill_tokens": load["queued_prefill_tokens"], "running_seqs": load["busy_seqs"]}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The signals cluster/autoscaling.py scales the pools by, polled by Serve; it averages each over its

@@ -10,13 +10,16 @@ being received. KV channels stay open between rounds by design (one per rank pai
 Rank kill: SIGKILL one rank of the pool's busiest group while streams run. Every stream must end within the
 health-check period + 10 s, with its exact tokens or UNAVAILABLE, and new requests sent meanwhile succeed; Serve
 then replaces the group, and the next fault starts on a whole cluster. The ingress moves a lost decode group's
-streams to another decode group, so where the pool has one, they all complete with their exact tokens.
+streams to another decode group, so where the pool has one, they all complete with their exact tokens. A hang is
+SIGSTOP instead: the rank neither answers nor dies until its replica ends the group after step_timeout_s
+(workers/stall_watch.py), and the promise is that much longer.
 
 `tandem bench chaos` (cluster/bench/chaos.py) and the CI tests (tests/cluster/test_chaos.py) run this code, the
 tests with fewer rounds.
 """
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -207,7 +210,7 @@ def _serving(actors: list[RankActor]) -> dict[tuple[str, str], int]:
     return running
 
 
-def _serving_groups(pool: str) -> set[str]:
+def serving_groups(pool: str) -> set[str]:
     return {group for p, group in _serving(rank_actors()) if p == pool}
 
 
@@ -215,6 +218,7 @@ def _serving_groups(pool: str) -> set[str]:
 class KillResult:
     pool: str
     rank: int
+    fault: str  # "killed" (SIGKILL) or "hung" (SIGSTOP: the rank neither answers nor dies)
     in_flight: int  # streams running when the rank was killed
     completed: int  # of those, ended with their exact tokens
     unavailable: int  # of those, ended with UNAVAILABLE
@@ -227,8 +231,11 @@ class KillResult:
 
 
 async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[int]], expected: list[list[int]],
-                          streams: int, max_tokens: int, recover_timeout_s: float = 120.0) -> KillResult:
-    """Kills `rank` of the pool's group that runs the most streams, a second after they start."""
+                          streams: int, max_tokens: int, recover_timeout_s: float = 120.0,
+                          sig: signal.Signals = signal.SIGKILL,
+                          within_s: float = HEALTH_CHECK_PERIOD_S + 10) -> KillResult:
+    """Kills `rank` of the pool's group that runs the most streams, a second after they start; with SIGSTOP it
+    hangs there instead, until its replica ends the group (step_timeout_s), which `within_s` must allow for."""
     plan = _kill_plan(len(prompts), streams, max_tokens)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = tandem_pb2_grpc.GenerationStub(channel)
@@ -239,11 +246,12 @@ async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[
         victim = next(r for r in ranks if (r.pool, r.rank) == (pool, rank))
         num_groups = len({r.group for r in ranks if r.pool == pool})
         killed = time.monotonic()
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(victim.pid, sig)
         serving = asyncio.create_task(_serving_again(stub, prompts[0], expected[0][:4], killed, recover_timeout_s))
         replaced = asyncio.create_task(_replaced(victim, num_groups, killed, recover_timeout_s))
-        outcomes = await asyncio.wait_for(asyncio.gather(*running), HEALTH_CHECK_PERIOD_S + 10 + 60)
-        result = KillResult(victim.pool, victim.rank, len(outcomes), 0, 0, killed_after_s=killed - started)
+        outcomes = await asyncio.wait_for(asyncio.gather(*running), within_s + 60)
+        result = KillResult(victim.pool, victim.rank, "hung" if sig == signal.SIGSTOP else "killed", len(outcomes),
+                            0, 0, killed_after_s=killed - started, within_s=within_s)
         for o in outcomes:
             if o.status == "OK" and o.token_ids == expected[o.stream.prompt][:max_tokens]:
                 result.completed += 1
@@ -276,7 +284,7 @@ async def _replaced(victim: Rank, num_groups: int, since: float, timeout_s: floa
     """Seconds from `since` until `num_groups` groups of the victim's pool serve again, the victim's not among
     them; nan if not within `timeout_s`."""
     while time.monotonic() - since < timeout_s:
-        serving = await asyncio.to_thread(_serving_groups, victim.pool)
+        serving = await asyncio.to_thread(serving_groups, victim.pool)
         if victim.group not in serving and len(serving) >= num_groups:
             return time.monotonic() - since
         await asyncio.sleep(0.5)
@@ -284,14 +292,28 @@ async def _replaced(victim: Rank, num_groups: int, since: float, timeout_s: floa
 
 
 async def _serving_again(stub, prompt: list[int], expected: list[int], since: float, timeout_s: float) -> float:
-    """Seconds from `since` until a new request (one short stream a second, beside those in flight) ends with its
-    exact tokens; nan if none does within `timeout_s`."""
-    while time.monotonic() - since < timeout_s:
-        probe = await run_stream(stub, Stream(0, len(expected), "finish"), prompt)
-        if probe.status == "OK" and probe.token_ids == expected:
-            return time.monotonic() - since
-        await asyncio.sleep(1.0)
-    return float("nan")
+    """Seconds from `since` until a new request (one short stream sent each second beside those in flight, none
+    waiting for another: one sent to a hung group must not hold up the next) ends with its exact tokens; nan if
+    none does within `timeout_s`."""
+    served = asyncio.Event()
+    first = float("nan")
+
+    async def probe() -> None:
+        nonlocal first
+        outcome = await run_stream(stub, Stream(0, len(expected), "finish"), prompt)
+        if outcome.status == "OK" and outcome.token_ids == expected and not served.is_set():
+            first = time.monotonic() - since
+            served.set()
+
+    probes = []
+    while time.monotonic() - since < timeout_s and not served.is_set():
+        probes.append(asyncio.create_task(probe()))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(served.wait(), 1.0)
+    for task in probes:
+        task.cancel()
+    await asyncio.gather(*probes, return_exceptions=True)
+    return first
 
 
 def prompt_set(rng: random.Random, vocab_size: int, count: int = 16) -> list[list[int]]:

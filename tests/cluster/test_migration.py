@@ -4,7 +4,7 @@ computes them again with the prompt), and every caller receives one whole stream
 request would have had (greedy, and seeded sampling too). A prefill group that fails: its requests are prefilled by
 the other prefill group, not by the decode groups. A real Serve app (two prefill and two decode replicas, one rank
 each), a real redis-server, gRPC streams over a socket, and SIGKILL of the busier decode group's rank while they
-run."""
+run; then SIGSTOP of it, a rank that hangs."""
 
 import asyncio
 import os
@@ -23,6 +23,7 @@ from cluster.bench import faults
 from cluster.config import ClusterConfig, PoolConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
+from router.routing_hint import OUT_OF_SERVICE
 from tests.conftest import SERVE_HTTP_URL
 from tests.workers.test_faults import fail_next_step
 from workers.engine.llm import LLM
@@ -32,6 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 APP, PORT = "tandem-migration", 16111
 STREAMS, MAX_TOKENS = 8, 160
+STEP_TIMEOUT_S = 15.0  # above kv_transfer_timeout_s; the tiny model's steps take milliseconds, also in a loaded CI
+LATE_S = 7.0  # a request sent this long after a rank is signalled: past the 5 s a hung rank 0 has to answer its load
 
 
 def params(i: int) -> SamplingParams:
@@ -62,7 +65,8 @@ def expected(model, prompts) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def cluster(model, redis_url):
     config = ClusterConfig(model=model, num_kv_blocks=256, num_cpus_per_rank=0.5, redis_url=redis_url,
-                           grpc_port=PORT, kv_transfer_timeout_s=10, prefill=PoolConfig(replicas=2),
+                           grpc_port=PORT, kv_transfer_timeout_s=10, step_timeout_s=STEP_TIMEOUT_S,
+                           prefill=PoolConfig(replicas=2),
                            decode=PoolConfig(replicas=2))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield
@@ -88,7 +92,11 @@ async def stream(stub, prompt: list[int], i: int, received: list[int]) -> str:
     return "OK"
 
 
-async def kill_the_busier_decode_group_mid_stream(prompts) -> tuple[list[str], list[list[int]], int]:
+async def signal_the_busier_decode_group_mid_stream(prompts, sig: signal.Signals = signal.SIGKILL, late: bool = False
+                                                    ) -> tuple[list[str], list[list[int]], int, tuple | None]:
+    """The streams' statuses and tokens, how many were on the signalled group, and with `late` a request sent
+    LATE_S after the signal (its status, tokens and when it ended) and when the group said it was out of service,
+    both in seconds after the signal."""
     received: list[list[int]] = [[] for _ in prompts]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{PORT}") as channel:
         stub = tandem_pb2_grpc.GenerationStub(channel)
@@ -97,11 +105,33 @@ async def kill_the_busier_decode_group_mid_stream(prompts) -> tuple[list[str], l
         while min(map(len, received)) < 8 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         victim = next(r for r in await asyncio.to_thread(faults.rank_processes) if r.pool == "decode")  # busiest
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(victim.pid, sig)
+        signalled = time.monotonic()
         at_kill = [len(r) for r in received]
+        late_task = asyncio.gather(late_request(stub, prompts[0], signalled),
+                                   asyncio.to_thread(out_of_service_after, victim.group, signalled)) if late else None
         statuses = await asyncio.gather(*running)
+        late_result = tuple(await late_task) if late_task else None
     assert max(at_kill) < MAX_TOKENS, "the streams ended before the kill: nothing was lost mid-stream"
-    return statuses, received, victim.num_running
+    return statuses, received, victim.num_running, late_result
+
+
+def out_of_service_after(group: str, signalled: float) -> float:
+    """Seconds after the signal until the group's replica tells the request routers it is out of service (what
+    Serve polls from it every second)."""
+    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["name"].startswith("SERVE_REPLICA") and a["name"].endswith(f"{APP}#decode#{group}")]
+    replica = ray.get_actor(name, namespace="serve")
+    while OUT_OF_SERVICE not in ray.get(replica.record_routing_stats.remote()):
+        time.sleep(0.2)
+    return time.monotonic() - signalled
+
+
+async def late_request(stub, prompt: list[int], signalled: float) -> tuple[str, list[int], float]:
+    await asyncio.sleep(signalled + LATE_S - time.monotonic())
+    received: list[int] = []
+    status = await stream(stub, prompt, 0, received)
+    return status, received, time.monotonic() - signalled
 
 
 def pool_stats(pool: str) -> dict:
@@ -133,7 +163,7 @@ def test_requests_whose_prefill_group_failed_are_prefilled_by_the_other_one(clus
 def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exact_tokens(cluster, prompts,
                                                                                          expected):
     before, prefilled = migrations(), sum(s.num_finished for s in pool_stats("prefill").values())
-    statuses, received, moved = asyncio.run(kill_the_busier_decode_group_mid_stream(prompts))
+    statuses, received, moved, _ = asyncio.run(signal_the_busier_decode_group_mid_stream(prompts))
     assert statuses == ["OK"] * STREAMS
     assert received == expected
     assert moved > 0
@@ -144,3 +174,29 @@ def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exac
     # For each move, the request's prompt and streamed tokens were computed again by the prefill pool, as a new
     # request's prompt is, not by the decode group it moved to.
     assert sum(s.num_finished for s in pool_stats("prefill").values()) - prefilled == STREAMS + moves
+
+
+def test_the_streams_of_a_hung_decode_group_carry_on_elsewhere_once_it_times_out(cluster, prompts, expected):
+    """SIGSTOP: the rank neither answers nor dies, as under a stuck kernel or collective. Its replica ends the group
+    once no step has ended for step_timeout_s, and the streams move as from a killed group; before, they waited
+    for Serve's health check to fail three times and the replica's graceful shutdown (170 s). Meanwhile the group
+    says it is out of service once rank 0 has not answered its load for 5 s, so a request sent after that goes to
+    the other group and is not held up."""
+    deadline = time.monotonic() + 120
+    while len(faults.serving_groups("decode")) < 2:  # the group the kill above took is replaced
+        assert time.monotonic() < deadline, "the decode pool did not get its second group back"
+        time.sleep(0.5)
+    started = time.monotonic()
+    statuses, received, moved, ((late_status, late_tokens, late_end_s), out_of_service_s) = asyncio.run(
+        signal_the_busier_decode_group_mid_stream(prompts, signal.SIGSTOP, late=True))
+    took = time.monotonic() - started
+    print(f"{moved} streams on the hung group; all {STREAMS} complete {took:.1f} s after they started "
+          f"(step_timeout_s {STEP_TIMEOUT_S:.0f}); the group said it was out of service {out_of_service_s:.1f} s "
+          f"after the stop; a request sent {LATE_S:.0f} s after it ended {late_end_s:.1f} s after it")
+    assert statuses == ["OK"] * STREAMS
+    assert received == expected
+    assert moved > 0
+    assert took < STEP_TIMEOUT_S + 40, f"the streams took {took:.0f} s"
+    assert out_of_service_s < LATE_S
+    assert (late_status, late_tokens) == ("OK", expected[0])
+    assert late_end_s < STEP_TIMEOUT_S

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -81,6 +81,7 @@ class AsyncLLMEngine:
         self.broken: str | None = None
         self._update_load()
         self._stopped = False
+        self._busy_since: float | None = None  # when the engine thread began its current step or command
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -216,6 +217,13 @@ class AsyncLLMEngine:
         if self.broken is not None:
             raise RuntimeError(f"worker group out of service: {self.broken}")
         return stats
+
+    def busy_s(self) -> float:
+        """Seconds the engine thread has been in its current step or command, 0 while it waits for work; readable
+        from any thread, so a step that never ends (a stuck kernel, a collective waiting on a rank that stopped)
+        shows here while every call that waits for the engine hangs (workers/stall_watch.py)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def load(self) -> dict[str, int]:
         """The group's load as of its last step, readable from any thread without waiting for the engine (the
@@ -408,7 +416,8 @@ class AsyncLLMEngine:
                 command = None
             while command is not None:
                 try:
-                    command()
+                    with self._busy():
+                        command()
                 except Exception:  # a command must never take the engine thread down with it
                     logger.exception("engine command failed")
                 try:
@@ -417,9 +426,18 @@ class AsyncLLMEngine:
                     command = None
             self.engine.expire_leases()
             if self.engine.has_unfinished_requests() and self.broken is None:
-                self._step()
+                with self._busy():
+                    self._step()
             self._update_load()
             self._wake_room_waiters()
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
 
     def _idle_timeout(self) -> float | None:
         """How long to wait for a command: not at all while requests run, until the next lease ends while blocks

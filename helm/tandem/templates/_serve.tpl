@@ -60,6 +60,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "prompt_lookup_max" $e.promptLookupMax "prompt_lookup_min" $e.promptLookupMin "kv_lease_s" $e.kvLeaseS
       "kv_claim_s" $e.kvClaimS
       "kv_transfer_timeout_s" $e.kvTransferTimeoutS "max_kv_channels" $e.maxKvChannels
+      "step_timeout_s" $e.stepTimeoutS
       "disaggregate" $v.disaggregate "prefill_router" $v.prefillRouter
       "conditional_disaggregation" $v.conditionalDisaggregation
       "ingress" (include "tandem.poolArgs" (list . "ingress") | fromJson)
