@@ -25,11 +25,12 @@ def test_the_soak_slope_is_a_least_squares_fit_after_warm_up():
 def test_the_chaos_table_counts_every_phase_and_each_kill():
     rounds = [dict(round=0, streams=4, wrong=0, leaks=[], cancelled={"queued": 1, "decoding": 1}),
               dict(round=1, streams=4, wrong=1, leaks=["decode: pinned=1"], cancelled={"queued": 2, "decoding": 0})]
-    kills = [dict(pool="decode", rank=1, in_flight=16, completed=3, unavailable=13, other=[], slowest_end_s=2.5,
-                  within_s=20.0, killed_after_s=1.2, unfaulted_end_s=1.8, recovered_s=1.5, replaced_s=31.0)]
+    kills = [dict(pool="decode", rank=1, fault="killed", in_flight=16, completed=3, unavailable=13, other=[],
+                  slowest_end_s=2.5, within_s=20.0, killed_after_s=1.2, unfaulted_end_s=1.8, recovered_s=1.5,
+                  replaced_s=31.0)]
     text = chaos.table(rounds, kills)
     assert "| rounds x streams | 2 x 4 |" in text
     assert "| cancelled: queued | 3 |" in text
     assert "| finished streams with wrong tokens | 1 |" in text
     assert "| rounds leaving anything held | 1 |" in text
-    assert "| decode rank 1 | 16 | 3 | 13 | 0 | 2.5 s (limit 20 s) | 1.8 s | 1.5 s | 31.0 s |" in text
+    assert "| decode rank 1 killed | 16 | 3 | 13 | 0 | 2.5 s (limit 20 s) | 1.8 s | 1.5 s | 31.0 s |" in text

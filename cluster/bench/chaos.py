@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode groups: with 2 or more, the streams of the killed one move to another and "
                              "complete with their exact tokens; with 1 they end UNAVAILABLE")
     parser.add_argument("--num-cpus-per-rank", type=float, default=0.5)
+    parser.add_argument("--step-timeout-s", type=float, default=60.0,
+                        help="the cluster's step_timeout_s (its default): how long the hung decode rank holds its "
+                             "streams before its replica ends the group; above kv_transfer_timeout_s (30 s)")
     parser.add_argument("--grpc-port", type=int, default=50151)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench-results/chaos.json", help="where to write the figures")
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.bench.faults import kill_under_load, prompt_set, unfaulted_s
+    from cluster.bench.faults import HEALTH_CHECK_PERIOD_S, kill_under_load, prompt_set, unfaulted_s
     from cluster.config import ClusterConfig, PoolConfig
     from cluster.redis_server import LocalRedis
     from workers.engine.llm import LLM
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     config = ClusterConfig(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                            num_cpus_per_rank=args.num_cpus_per_rank, grpc_port=args.grpc_port,
+                           step_timeout_s=args.step_timeout_s,
                            prefill=PoolConfig(max_ongoing_requests=256),
                            decode=PoolConfig(replicas=args.decode_replicas, max_ongoing_requests=256))
     log(f"reference: greedy tokens of {args.model} offline")
@@ -64,11 +69,17 @@ def run(args: argparse.Namespace) -> int:
         serve.run(build_app(replace(config, redis_url=redis.url)), name=APP, route_prefix=None)
         rounds = asyncio.run(_storm(args, target, prompts, expected, rng))
         kills = []
-        for pool, rank in (("decode", args.tensor_parallel_size - 1), ("prefill", 0)):
-            log(f"the same streams without a kill, then killing rank {rank} of the {pool} group under them")
+        # A hung rank holds its streams until the stall watch ends its group (polled every 2 s), then they move.
+        hang_within_s = args.step_timeout_s + 2 + HEALTH_CHECK_PERIOD_S + 10
+        for pool, rank, sig, within_s in (("decode", args.tensor_parallel_size - 1, signal.SIGKILL, None),
+                                          ("prefill", 0, signal.SIGKILL, None),
+                                          ("decode", 0, signal.SIGSTOP, hang_within_s)):
+            what = "killing" if sig == signal.SIGKILL else "hanging (SIGSTOP)"
+            log(f"the same streams without a fault, then {what} rank {rank} of the {pool} group under them")
             unfaulted = asyncio.run(unfaulted_s(target, prompts, KILL_STREAMS, args.long_tokens))
+            limit = {} if within_s is None else dict(within_s=within_s)
             kill = asdict(asyncio.run(kill_under_load(target, pool, rank, prompts, expected, KILL_STREAMS,
-                                                      args.long_tokens)))
+                                                      args.long_tokens, sig=sig, **limit)))
             kills.append(dict(kill, unfaulted_end_s=unfaulted - kill["killed_after_s"]))
         serve.delete(APP)  # gracefully; ray.shutdown then takes Serve's controller without killing its calls
     finally:
@@ -120,11 +131,11 @@ def table(rounds: list[dict], kills: list[dict]) -> str:
              *(f"| cancelled: {how.replace('_', ' ')} | {n} |" for how, n in cancelled.items()),
              f"| finished streams with wrong tokens | {sum(r['wrong'] for r in rounds)} |",
              f"| rounds leaving anything held | {sum(bool(r['leaks']) for r in rounds)} |", "",
-             "| rank killed | in flight | exact | UNAVAILABLE | other | last ended after kill | without the kill | "
+             "| rank | in flight | exact | UNAVAILABLE | other | last ended after the fault | without the fault | "
              "new requests served after | group replaced after |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {k['pool']} rank {k['rank']} | {k['in_flight']} | {k['completed']} | {k['unavailable']} | "
-              f"{len(k['other'])} | {k['slowest_end_s']:.1f} s (limit {k['within_s']:.0f} s) | "
+    lines += [f"| {k['pool']} rank {k['rank']} {k['fault']} | {k['in_flight']} | {k['completed']} | "
+              f"{k['unavailable']} | {len(k['other'])} | {k['slowest_end_s']:.1f} s (limit {k['within_s']:.0f} s) | "
               f"{k['unfaulted_end_s']:.1f} s | {k['recovered_s']:.1f} s | {k['replaced_s']:.1f} s |" for k in kills]
     return "\n".join(lines)
 
