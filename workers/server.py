@@ -158,7 +158,7 @@ class EngineServer:
         group = getattr(self, "group", None)
         if group is None:
             return
-        if self._kv_events is not None:
+        if self._kv_events is not None and not self._stalls.stalled:  # an ended group has no prefixes to give
             try:
                 await hand_off_prefixes(group, self._kv_events.redis_url, self._kv_events.group_id, self.role)
             except Exception:
