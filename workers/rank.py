@@ -147,8 +147,7 @@ class RankWorker:
         """The engine's load as of its last step and how long its current step has run (busy_s), answered beside
         the engine thread, not after the step: what the request routers weigh the group by, and what shows a step
         that hangs."""
-        if self.engine.broken is not None:
-            raise RuntimeError(f"worker group out of service: {self.engine.broken}")
+        self.engine.check_broken()
         return {**self.engine.load(), "busy_s": self.engine.busy_s()}
 
     async def check_health(self) -> EngineStats:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.bench.faults import HEALTH_CHECK_PERIOD_S, kill_under_load, prompt_set, unfaulted_s
+    from cluster.bench.faults import KILL_WITHIN_S, kill_under_load, prompt_set, unfaulted_s
     from cluster.config import ClusterConfig, PoolConfig
     from cluster.redis_server import LocalRedis
     from workers.engine.llm import LLM
@@ -70,16 +70,15 @@ def run(args: argparse.Namespace) -> int:
         rounds = asyncio.run(_storm(args, target, prompts, expected, rng))
         kills = []
         # A hung rank holds its streams until the stall watch ends its group (polled every 2 s), then they move.
-        hang_within_s = args.step_timeout_s + 2 + HEALTH_CHECK_PERIOD_S + 10
-        for pool, rank, sig, within_s in (("decode", args.tensor_parallel_size - 1, signal.SIGKILL, None),
-                                          ("prefill", 0, signal.SIGKILL, None),
+        hang_within_s = args.step_timeout_s + 2 + KILL_WITHIN_S
+        for pool, rank, sig, within_s in (("decode", args.tensor_parallel_size - 1, signal.SIGKILL, KILL_WITHIN_S),
+                                          ("prefill", 0, signal.SIGKILL, KILL_WITHIN_S),
                                           ("decode", 0, signal.SIGSTOP, hang_within_s)):
             what = "killing" if sig == signal.SIGKILL else "hanging (SIGSTOP)"
             log(f"the same streams without a fault, then {what} rank {rank} of the {pool} group under them")
             unfaulted = asyncio.run(unfaulted_s(target, prompts, KILL_STREAMS, args.long_tokens))
-            limit = {} if within_s is None else dict(within_s=within_s)
             kill = asdict(asyncio.run(kill_under_load(target, pool, rank, prompts, expected, KILL_STREAMS,
-                                                      args.long_tokens, sig=sig, **limit)))
+                                                      args.long_tokens, sig=sig, within_s=within_s)))
             kills.append(dict(kill, unfaulted_end_s=unfaulted - kill["killed_after_s"]))
         serve.delete(APP)  # gracefully; ray.shutdown then takes Serve's controller without killing its calls
     finally:

@@ -34,6 +34,7 @@ from proto.tandem.v1 import tandem_pb2_grpc
 
 HOW = ("finish", "queued", "before_first_token", "decoding", "after_last_token", "disconnect")
 HEALTH_CHECK_PERIOD_S = 10  # cluster/app.py's health_check_period_s for the pools
+KILL_WITHIN_S = HEALTH_CHECK_PERIOD_S + 10  # the promise: every stream a killed rank held ends within this
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ class KillResult:
     other: list[str] = field(default_factory=list)  # any other ending (a failure of the promise)
     slowest_end_s: float = 0.0  # the last of them to end, seconds after the kill
     killed_after_s: float = 0.0  # the kill, seconds after the streams started
-    within_s: float = HEALTH_CHECK_PERIOD_S + 10  # the promise: every one ends within this
+    within_s: float = KILL_WITHIN_S  # the promise: every one ends within this
     recovered_s: float = float("nan")  # until a request sent after the kill first succeeded with its exact tokens
     replaced_s: float = float("nan")  # until the pool had as many groups serving as before, the victim's not one
 
@@ -233,7 +234,7 @@ class KillResult:
 async def kill_under_load(target: str, pool: str, rank: int, prompts: list[list[int]], expected: list[list[int]],
                           streams: int, max_tokens: int, recover_timeout_s: float = 120.0,
                           sig: signal.Signals = signal.SIGKILL,
-                          within_s: float = HEALTH_CHECK_PERIOD_S + 10) -> KillResult:
+                          within_s: float = KILL_WITHIN_S) -> KillResult:
     """Kills `rank` of the pool's group that runs the most streams, a second after they start; with SIGSTOP it
     hangs there instead, until its replica ends the group (step_timeout_s), which `within_s` must allow for."""
     plan = _kill_plan(len(prompts), streams, max_tokens)

@@ -214,9 +214,13 @@ class AsyncLLMEngine:
         """Raises once the group is broken; an answer at all shows the engine thread is alive. The answer is the
         group's stats, so a caller that weighs the group by its load learns both in one call."""
         stats = await self._call(self._read_stats)
+        self.check_broken()
+        return stats
+
+    def check_broken(self) -> None:
+        """Raises once the group is broken; readable from any thread, without waiting for the engine."""
         if self.broken is not None:
             raise RuntimeError(f"worker group out of service: {self.broken}")
-        return stats
 
     def busy_s(self) -> float:
         """Seconds the engine thread has been in its current step or command, 0 while it waits for work; readable
