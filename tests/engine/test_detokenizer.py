@@ -77,6 +77,14 @@ def test_a_multi_byte_character_appears_only_once_complete(tokenizer):
     assert detok.output_text == "🚀"
 
 
+def test_output_cut_inside_a_character_ends_with_its_bytes_as_hf_decodes_them(tokenizer):
+    ids = encode(tokenizer, "go 🚀")
+    cut = ids[:-1]  # max_tokens reached in the middle of the rocket's bytes
+    detok, deltas, _ = stream(tokenizer, cut, SamplingParams())
+    assert deltas[-1].endswith("\ufffd")
+    assert detok.output_text == "".join(deltas) == tokenizer.decode(cut, skip_special_tokens=True)
+
+
 def test_special_tokens_are_skipped_by_default(tokenizer):
     ids = encode(tokenizer, "Hi there<|im_end|>\n<|im_start|>user\nok")
     detok, _, _ = stream(tokenizer, ids, SamplingParams())

@@ -4,7 +4,9 @@ Decoding each new token on its own gets text wrong: byte-level BPE splits multi-
 and SentencePiece drops the leading space of whatever comes first in a decode. So each step decodes a short
 window of ids twice, with and without the new tokens, and keeps the difference (the prefix_offset/read_offset
 technique of vLLM and TGI): the window's few tokens of context make the new text decode as it would inside the
-whole sequence, and text ending in an incomplete character is held until the character completes.
+whole sequence, and text ending in an incomplete character is held until the character completes. A request that
+ends there (max_tokens in the middle of an emoji) still gets it, as U+FFFD, so its text is always the decoding of
+its tokens, as HF's `decode` gives it.
 """
 
 from typing import Protocol
@@ -45,9 +47,12 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> None:
         """Adds a generated token; its text reaches `output_text` once it forms complete characters."""
         self._ids.append(token_id)
+        self._read(complete_only=True)
+
+    def _read(self, complete_only: bool) -> None:
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
-        if len(full_text) > len(prefix_text) and not full_text.endswith(_INCOMPLETE):
+        if len(full_text) > len(prefix_text) and not (complete_only and full_text.endswith(_INCOMPLETE)):
             self.output_text += full_text[len(prefix_text):]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
@@ -100,7 +105,11 @@ class IncrementalDetokenizer:
     def take_delta(self, finished: bool) -> str:
         """Text not handed out yet. Until the request finishes, a tail that may begin a stop string is held back,
         so no client ever receives text that a later stop match removes; this relies on check_stop having run.
+        Finishing also releases an incomplete character's bytes: only max_tokens or an EOS / stop token can end a
+        request while they are held (a stop string matches only where text was just added, leaving none held).
         """
+        if finished:
+            self._read(complete_only=False)
         end = len(self.output_text) if finished else len(self.output_text) - self._stop_prefix_tail()
         if end <= self._sent:
             return ""
