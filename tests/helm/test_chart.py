@@ -35,7 +35,7 @@ KUBERAY = ROOT / ".." / "shared" / "kuberay"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 KUBE_VERSION = "1.30"  # the oldest minor the chart is checked against (Chart.yaml kubeVersion allows >= 1.27)
 RELEASE, NAMESPACE = "tandem", "llm"
-CORE_KINDS = {"Service", "StatefulSet", "Secret", "PodDisruptionBudget", "NetworkPolicy"}
+CORE_KINDS = {"Service", "StatefulSet", "Secret", "PodDisruptionBudget", "NetworkPolicy", "Pod"}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -344,6 +344,42 @@ def test_an_api_key_value_becomes_the_chart_secret_the_head_reads():
     assert "env" not in insecure
 
 
+def test_helm_test_calls_the_service_with_the_heads_key_trusting_the_tls_secret(values):
+    """The `helm test` pod (run against a real cluster in tests/router/test_openai_api.py) calls this release's
+    Service on its ports with the key the head checks, over TLS where the API speaks it, with a CA bundle that holds
+    the certificate's Secret; over gRPC too where no client certificate is required."""
+    objs, v = objects(values), merged(defaults(), values)
+    pod = one(objs, "Pod", "-test-api")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    [container] = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    service = one(objs, "Service", RELEASE)
+    ports = {p["name"]: str(p["port"]) for p in service["spec"]["ports"]}
+    assert (env["HOST"], env["GRPC_PORT"], env["HTTP_PORT"]) == (
+        f"{service['metadata']['name']}.{NAMESPACE}.svc", ports["grpc"], ports["http"])
+    head = pod_templates(objs)["head"]["spec"]["containers"][0]
+    assert [e for e in container["env"] if e["name"] == "TANDEM_API_KEY"] == \
+        [e for e in head.get("env", []) if e["name"] == "TANDEM_API_KEY"]
+    tls = v["tls"]
+    assert env["SCHEME"] == ("https" if tls["enabled"] else "http")
+    assert env["GRPC"] == ("false" if tls["enabled"] and tls["clientCA"]["enabled"] else "true")
+    if tls["enabled"]:
+        [volume] = pod["spec"]["volumes"]
+        assert (volume["secret"]["secretName"], [i["key"] for i in volume["secret"]["items"]]) == (
+            tls["secretName"], ["tls.crt", "ca.crt"])
+        assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/etc/tandem/tls",
+                                              "readOnly": True}]
+        assert "/etc/tandem/tls/ca.crt /etc/tandem/tls/tls.crt > \"$CA\"" in container["args"][0]
+    else:
+        assert "volumes" not in pod["spec"] and "volumeMounts" not in container
+
+
+def test_helm_test_can_be_left_out_or_pointed_elsewhere():
+    assert not [o for o in objects({"tests": {"enabled": False}}) if o["kind"] == "Pod"]
+    [container] = one(objects({"tests": {"host": "llm.example.com"}}), "Pod")["spec"]["containers"]
+    assert {"name": "HOST", "value": "llm.example.com"} in container["env"]
+
+
 def test_redis_is_the_one_the_config_names():
     objs = objects({})
     service, statefulset, policy = one(objs, "Service", "-redis"), one(objs, "StatefulSet"), one(objs, "NetworkPolicy")
@@ -384,7 +420,7 @@ def test_notes_say_how_to_call_it():
     notes = render({})["tandem/templates/NOTES.txt"]
     for text in ("grpcurl -cacert ca.crt", "localhost:50051 list", "tandem.v1.Generation/Generate",
                  "https://localhost:8000/v1", "authorization: Bearer $TANDEM_API_KEY",
-                 "kubectl -n llm get secret tandem-api-key"):
+                 "kubectl -n llm get secret tandem-api-key", "helm test tandem -n llm --logs"):
         assert text in notes
     insecure = render(VALUE_SETS["insecure-cpu-hostpath"])["tandem/templates/NOTES.txt"]
     assert "grpcurl -plaintext localhost:50051 list" in insecure and "TANDEM_API_KEY" not in insecure

@@ -2,11 +2,14 @@
 Llama) behind Serve's HTTP proxy, called with the real `openai` client. Streamed and whole answers agree, usage
 counts what the engine did, errors have OpenAI's shape with the right status and field, the API key guards /v1,
 and a client that hangs up mid-stream leaves no KV block in use. `tandem bench serve` measures it over HTTP and
-gRPC."""
+gRPC, and the Helm chart's `helm test` pod's script passes against it."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +34,9 @@ from cluster.client import TandemClient, TandemError
 from cluster.config import ClusterConfig
 from cluster.redis_server import LocalRedis
 from router.api_config import ApiConfig
-from tests.conftest import SERVE_HTTP_URL
+from tests.conftest import SERVE_HTTP_HOST, SERVE_HTTP_PORT, SERVE_HTTP_URL
+from tests.helm.test_chart import objects as chart_objects
+from tests.helm.test_chart import one
 from tests.hf_reference import hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, Adapter, merged_model, write_adapter
 
@@ -1292,3 +1297,36 @@ def test_bench_serve_stops_at_once_on_a_target_it_cannot_use(cluster, base_url, 
     assert "--output-len, --request-rate: must be positive" in capsys.readouterr().err
     assert main(common + ["--url", base_url, "--api-key", KEY, "--temperature", "-1"]) == 1
     assert "refused the warm-up request: HTTP 400: temperature" in capsys.readouterr().err
+
+
+def helm_test_pod(api_key: str) -> tuple[list[str], dict[str, str]]:
+    """The chart's `helm test` pod as it runs against this cluster: its command, and its environment with the API
+    key read from the Secret the chart renders, as the kubelet would. The values point its host and ports here."""
+    objs = chart_objects({"tls": {"enabled": False}, "apiKey": {"value": api_key}, "tests": {"host": SERVE_HTTP_HOST},
+                          "api": {"grpcPort": GRPC_PORT, "httpPort": SERVE_HTTP_PORT}})
+    [container] = one(objs, "Pod", "-test-api")["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    [ref] = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+    env["TANDEM_API_KEY"] = one(objs, "Secret", ref["name"])["stringData"][ref["key"]]
+    return container["command"] + container["args"], env
+
+
+def run_helm_test_pod(api_key: str) -> subprocess.CompletedProcess:
+    command, env = helm_test_pod(api_key)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the image has `tandem` on its PATH
+    return subprocess.run(command, env={**os.environ, "PATH": path, **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_charts_helm_test_pod_passes_against_a_serving_cluster_and_fails_on_a_refusal(cluster, client):
+    """It prints each API's greedy completion: the one an OpenAI client gets for its prompt."""
+    passed = run_helm_test_pod(KEY)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    _, env = helm_test_pod(KEY)
+    reply = client.completions.create(model=SERVED_NAME, prompt=env["PROMPT"], max_tokens=8, temperature=0)
+    text = reply.choices[0].text
+    assert passed.stdout == (f"HTTP: POST {SERVE_HTTP_URL}/v1/completions\n{text}\n"
+                             f"gRPC: tandem.v1.Generation/Generate on {SERVE_HTTP_HOST}:{GRPC_PORT}\n{text}\n")
+    refused = run_helm_test_pod("wrong")
+    assert refused.returncode != 0
+    assert 'HTTP 401: {"error":{"message":"a valid API key is required' in refused.stderr, refused.stderr
