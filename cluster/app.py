@@ -21,6 +21,7 @@ from router.request_router import PrefixCacheRouter
 from router.routing_hint import ROUTING_STATS_PERIOD_S
 from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
+from workers.engine.sampling_params import generation_config_defaults
 from workers.server import EngineServer
 
 # How often a stopping replica checks whether its requests are done (Serve's default is 2 s). Deleting the app
@@ -95,4 +96,6 @@ def served_model(config: ClusterConfig, model_dir: str) -> ServedModel:
     max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
     return ServedModel(name=config.served_model_name or Path(config.model).name, path=model_dir,
                        max_model_len=max_len, vocab_size=hf_config.vocab_size, block_size=config.block_size,
-                       adapters=tuple(config.lora_modules), lora_dir=config.lora_dir)
+                       adapters=tuple(config.lora_modules), lora_dir=config.lora_dir,
+                       sampling_defaults=generation_config_defaults(model_dir)
+                       if config.generation_config == "auto" else {})

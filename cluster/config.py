@@ -113,6 +113,10 @@ class ClusterConfig:
     model: str = _field("smollm2", "'smollm2' (embedded SmolLM2-135M-Instruct) or a local HF model folder")
     served_model_name: str | None = _field(None, "the model's name in the APIs, which requests give as `model` "
                                                  "(null: the model folder's name, or 'smollm2')")
+    generation_config: str = _field("auto", "auto: a request's unset temperature, top_p, top_k, min_p, "
+                                            "repetition_penalty and max_tokens take the model's "
+                                            "generation_config.json values (as vLLM and HF's generate do); none: "
+                                            "Tandem's defaults", choices=("auto", "none"))
     lora_modules: dict[str, str] = field(default_factory=dict, metadata={"help": (
         "LoRA adapters (PEFT folders) every group loads at start, which requests name as `model`: "
         "NAME=PATH[,NAME=PATH...] as a flag, a mapping of names to paths in YAML")})

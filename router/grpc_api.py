@@ -38,7 +38,7 @@ from router.tool_call_json import CallDelta, CallStream
 from router.tool_parsers import tool_call_parser
 from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import SamplingParams, StructuredOutput
+from workers.engine.sampling_params import SamplingParams, StructuredOutput, recommended_fields
 from workers.engine.structured_output import check_structured_output
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ class GenerationServicer:
             raise invalid("prompt", "give text or token_ids")
         return GenerateRequest(prompt=request.text if which == "text" else None,
                                prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
-                               params=_sampling(request.sampling), request_id=request.request_id or None,
+                               params=_sampling(request.sampling, self.ingress.model.sampling_defaults),
+                               request_id=request.request_id or None,
                                cache_salt=request.cache_salt or None, model=request.model or None), None
 
     def _chat_request(self, request: pb.ChatRequest) -> Built:
@@ -185,7 +186,7 @@ class GenerationServicer:
             {"type": "function", "function": {"name": request.tool_choice.function}}
         parallel = not request.HasField("parallel_tool_calls") or request.parallel_tool_calls
         calls = tool_choice(tools, choice, parallel, self.tool_parser)
-        params = _sampling(request.sampling)
+        params = _sampling(request.sampling, self.ingress.model.sampling_defaults)
         return GenerateRequest(messages=[_chat_message(m) for m in request.messages],
                                params=params if calls is None else _held_to(params, calls), tools=tools,
                                request_id=request.request_id or None, cache_salt=request.cache_salt or None,
@@ -290,13 +291,14 @@ def _held_to(params: SamplingParams, calls: ToolChoice) -> SamplingParams:
     return held
 
 
-def _sampling(s: pb.SamplingParams) -> SamplingParams:
-    """The engine's params from the message: unset optional fields keep the engine's defaults."""
-    given = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
-                                                 "presence_penalty", "frequency_penalty", "repetition_penalty",
-                                                 "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens",
-                                                 "truncate_prompt_tokens")
-             if s.HasField(name)}
+def _sampling(s: pb.SamplingParams, recommended: dict[str, Any]) -> SamplingParams:
+    """The engine's params from the message: an unset optional field takes the model's recommended value
+    (ServedModel.sampling_defaults; max_tokens at most it), else the engine's default."""
+    given = recommended_fields(recommended)
+    given.update({name: getattr(s, name) for name in (
+        "max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "min_tokens", "min_p", "prompt_logprobs", "skip_special_tokens",
+        "truncate_prompt_tokens") if s.HasField(name)})
     return SamplingParams(**given, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
                           allowed_token_ids=tuple(s.allowed_token_ids), bad_words=tuple(s.bad_words),
                           ignore_eos=s.ignore_eos, include_stop_str_in_output=s.include_stop_str_in_output,

@@ -86,6 +86,9 @@ class ServedModel:
     adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads at start, which requests name as `model`
     # Where an adapter a request names is looked for when it is not loaded: the folder <lora_dir>/<name>.
     lora_dir: str | None = None
+    # SamplingParams fields a request that leaves them unset takes (the model's generation_config.json, unless
+    # the config's generation_config is none); max_tokens caps each API's own default.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 class Ingress:
@@ -117,6 +120,10 @@ class Ingress:
         self._grpc = None
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
         self.reasoning = reasoning_parser(self.api.reasoning_parser, self.tokenizer)
+        if model.sampling_defaults:
+            logger.info("a request that leaves them unset takes the model's generation_config.json values: %s "
+                        "(generation_config none turns this off)",
+                        ", ".join(f"{k}={v}" for k, v in model.sampling_defaults.items()))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; the first carries its time-to-first-token breakdown. Bad input raises

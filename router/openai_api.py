@@ -433,7 +433,7 @@ class OpenAIApi:
         elif body.max_tokens is not None:
             max_tokens = body.max_tokens
         else:
-            max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, self._max_tokens_cap())
+            max_tokens = self._default_max_tokens(COMPLETIONS_DEFAULT_MAX_TOKENS)
         params = self._params(body, max_tokens, body.logprobs,
                               requested_structure(body, "response_format", body.response_format, aliases))
         if body.echo and body.logprobs is not None:
@@ -452,7 +452,7 @@ class OpenAIApi:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         structure = _structure_or_tools(requested_structure(body, "response_format", body.response_format, aliases),
                                         tools, aliases)
-        params = _for_tools(self._params(body, max_tokens if max_tokens is not None else self._max_tokens_cap(),
+        params = _for_tools(self._params(body, max_tokens if max_tokens is not None else self._default_max_tokens(),
                                          logprobs, structure), tools)
         return [{"messages": _messages(body.messages), "tools": chat_tools(body.tools),
                  "add_generation_prompt": body.add_generation_prompt is not False,
@@ -469,7 +469,7 @@ class OpenAIApi:
         logprobs_wanted = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
         aliases.update(max_tokens="max_output_tokens", logprobs="top_logprobs", prompt="input", messages="input")
         max_tokens = next((m for m in (body.max_output_tokens, body.max_tokens) if m is not None),
-                          self._max_tokens_cap())
+                          self._default_max_tokens())
         structure = _structure_or_tools(requested_structure(body, "text.format", _text_format(body), aliases),
                                         tools, aliases)
         params = _for_tools(self._params(body, max_tokens, (body.top_logprobs or 0) if logprobs_wanted else None,
@@ -517,17 +517,23 @@ class OpenAIApi:
     def _tools(self, body: ChatBody | ResponsesBody) -> ToolChoice | None:
         return tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)
 
-    def _max_tokens_cap(self) -> int:
+    def _default_max_tokens(self, api_default: int | None = None) -> int:
+        """A request's max_tokens when it gives none: the API's own default (16 for completions, else the
+        context), at most the model's recommended max_new_tokens and the server's cap."""
         model_len = self.ingress.model.max_model_len
-        return min(self.ingress.api.max_tokens or model_len, model_len)
+        cap = min(self.ingress.api.max_tokens or model_len, model_len)
+        recommended = self.ingress.model.sampling_defaults.get("max_tokens")
+        return min(v for v in (api_default, recommended, cap) if v is not None)
 
-    @staticmethod
-    def _params(body: GenerationBody, max_tokens: int, logprobs: int | None,
+    def _params(self, body: GenerationBody, max_tokens: int, logprobs: int | None,
                 structured_output: StructuredOutput | None) -> SamplingParams:
-        given = {name: getattr(body, name) for name in (
+        """The request's fields, and the model's recommended sampling (ServedModel.sampling_defaults) for those
+        it leaves unset."""
+        given = {name: value for name, value in self.ingress.model.sampling_defaults.items() if name != "max_tokens"}
+        given.update({name: getattr(body, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
             "frequency_penalty", "repetition_penalty", "min_tokens", "allowed_token_ids", "bad_words",
-            "truncate_prompt_tokens", "priority") if getattr(body, name) is not None}
+            "truncate_prompt_tokens", "priority") if getattr(body, name) is not None})
         if body.logit_bias:
             given["logit_bias"] = _token_biases(body.logit_bias)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=bool(body.ignore_eos),

@@ -6,6 +6,7 @@ narrower than the test prompts and a head_dim that differs from hidden_size / he
 in the matching engine code changes the output.
 """
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,6 +87,15 @@ def build_tiny_model(arch: str, folder: Path, tokenizer_source: Path) -> Path:
     _randomize(model)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+    return folder
+
+
+def with_generation_config(model: Path, folder: Path, config: dict) -> Path:
+    """`model`'s files linked into `folder`, with `config` as its generation_config.json."""
+    for path in model.iterdir():
+        if path.name != "generation_config.json":
+            (folder / path.name).symlink_to(path)
+    (folder / "generation_config.json").write_text(json.dumps(config))
     return folder
 
 

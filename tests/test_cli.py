@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from tests.conftest import with_generation_config
 from tests.hf_reference import hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 
@@ -109,6 +110,14 @@ def test_serve_refuses_adapter_folders_that_are_not_there_before_starting_anythi
     assert out.returncode == 2
     assert f"tandem: error: lora_dir {tmp_path / 'adapters'} is not a folder" in out.stderr
     assert "starting" not in out.stderr
+
+
+def test_serve_refuses_a_generation_config_the_engine_would_refuse_before_starting_anything(tiny_model_factory,
+                                                                                            tmp_path):
+    model = with_generation_config(tiny_model_factory("llama"), tmp_path, {"top_p": 0})
+    out = tandem("serve", "--model", str(model))
+    assert out.returncode == 2 and "starting" not in out.stderr
+    assert f"tandem: error: {model / 'generation_config.json'}: top_p: must be in (0, 1]" in out.stderr
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.serve_config import APP_NAME
     from workers.engine.lora_folder import read_folder
     from workers.engine.model_store import resolve_model
+    from workers.engine.sampling_params import generation_config_defaults
 
     if not args.verbose:
         # Serve's own INFO lines on this console ("Started Serve", "Deleting app"): the lines below say the same.
@@ -35,7 +36,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # A GGUF model (the embedded one on a first start) converts here, its progress on this console, rather than
     # silently inside the application's build; that finds the folder then.
-    resolve_model(config.model, cache_dir())
+    model_dir = resolve_model(config.model, cache_dir())
+    try:  # a generation_config.json the engine would refuse fails here too, naming the file
+        recommended = generation_config_defaults(model_dir) if config.generation_config == "auto" else {}
+    except ValueError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
     redis = LocalRedis() if config.redis_url is None else None
     if redis is not None:
         config = dataclasses.replace(config, redis_url=redis.url)
@@ -52,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         adapters = f", LoRA adapters {', '.join(config.lora_modules)}" if config.lora_modules else ""
         print(f"tandem: starting {pools} of {config.model} (tensor parallel size {config.tensor_parallel_size}"
               f"{served}{adapters})", file=sys.stderr)
+        if recommended:
+            print("tandem: a request that leaves them unset takes the model's generation_config.json values: "
+                  f"{', '.join(f'{k}={v}' for k, v in recommended.items())} (--generation-config none turns this "
+                  "off)", file=sys.stderr)
         try:
             deploy(config, progress=lambda replicas: print(f"tandem: replicas: {replicas}", file=sys.stderr,
                                                             flush=True))

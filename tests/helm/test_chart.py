@@ -41,6 +41,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "unified": {"disaggregate": False},
     "served-name-priority": {"model": {"servedModelName": "meta-llama/Llama-3.1-8B-Instruct",
+                                       "generationConfig": "none",
                                        "loraModules": {"sql": "/models/adapters/sql-lora"}},
                              "engine": {"schedulingPolicy": "priority"}},
     "mtls-and-key-value": {"tls": {"clientCA": {"enabled": True, "secretName": "corp-ca", "key": "bundle.pem"}},

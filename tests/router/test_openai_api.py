@@ -34,7 +34,7 @@ from cluster.client import TandemClient, TandemError
 from cluster.config import ClusterConfig
 from cluster.redis_server import LocalRedis
 from router.api_config import ApiConfig
-from tests.conftest import SERVE_HTTP_HOST, SERVE_HTTP_PORT, SERVE_HTTP_URL
+from tests.conftest import SERVE_HTTP_HOST, SERVE_HTTP_PORT, SERVE_HTTP_URL, with_generation_config
 from tests.helm.test_chart import objects as chart_objects
 from tests.helm.test_chart import one
 from tests.hf_reference import hf_greedy
@@ -52,6 +52,8 @@ MAX_CHOICES = 8
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+RECOMMENDING_APP, RECOMMENDING_GRPC_PORT = "tandem-openai-recommending", 15052
+RECOMMENDED = {"temperature": 0.0, "max_new_tokens": 5, "repetition_penalty": 1.3}  # a generation_config.json
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,19 @@ def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter,
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def recommending(ray_cluster, tiny_model_factory, redis_url, tmp_path_factory) -> Path:
+    """A second cluster, under /recommending: the tiny model with a generation_config.json recommending
+    RECOMMENDED (greedy, so HF checks it token for token)."""
+    model = with_generation_config(tiny_model_factory("llama"), tmp_path_factory.mktemp("recommending"),
+                                   RECOMMENDED)
+    config = ClusterConfig(model=str(model), num_kv_blocks=32, num_cpus_per_rank=0.5, disaggregate=False,
+                           redis_url=redis_url, grpc_port=RECOMMENDING_GRPC_PORT)
+    serve.run(build_app(config), name=RECOMMENDING_APP, route_prefix="/recommending")
+    yield model
+    serve.delete(RECOMMENDING_APP)
 
 
 @pytest.fixture(scope="module")
@@ -1330,3 +1345,22 @@ def test_the_charts_helm_test_pod_passes_against_a_serving_cluster_and_fails_on_
     refused = run_helm_test_pod("wrong")
     assert refused.returncode != 0
     assert 'HTTP 401: {"error":{"message":"a valid API key is required' in refused.stderr, refused.stderr
+
+
+def test_fields_a_request_leaves_unset_take_the_models_recommended_values_on_both_apis(recommending, tokenizer):
+    """max_tokens is at most the model's max_new_tokens where a request gives none; a field a request sets wins."""
+    prompt = tokenizer.encode(PROMPT)
+    recommended = hf_greedy(recommending, prompt, 5, repetition_penalty=1.3)
+    http = openai.OpenAI(base_url=f"{SERVE_HTTP_URL}/recommending/v1", api_key="none", max_retries=0, timeout=120)
+    name = recommending.name
+    unset = http.completions.create(model=name, prompt=prompt)
+    assert (unset.choices[0].text, unset.usage.completion_tokens) == (tokenizer.decode(recommended), 5)
+    longer = http.completions.create(model=name, prompt=prompt, max_tokens=7, extra_body={"ignore_eos": True})
+    assert longer.choices[0].text == tokenizer.decode(hf_greedy(recommending, prompt, 7, repetition_penalty=1.3))
+    sampled = http.completions.create(model=name, prompt=prompt, temperature=1.0, seed=3)
+    assert sampled.usage.completion_tokens == 5 and sampled.choices[0].text != unset.choices[0].text
+    chat = http.chat.completions.create(model=name, messages=MESSAGES)  # chat's own default is the whole context
+    assert chat.usage.completion_tokens == 5
+    grpc = TandemClient(f"localhost:{RECOMMENDING_GRPC_PORT}")
+    assert grpc.generate(prompt).token_ids == recommended
+    assert grpc.generate(prompt, temperature=1.0, seed=3).token_ids != recommended

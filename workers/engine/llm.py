@@ -24,7 +24,7 @@ from workers.engine.config import (
 from workers.engine.errors import InvalidRequestError
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams, generation_config_defaults, recommended_fields
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -94,9 +94,17 @@ def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2", *, progress: bool = True, **engine_args):
-        """`engine_args` are engine_config's: device, dtype, num_kv_blocks, max_num_seqs, ..."""
+    def __init__(self, model: str = "smollm2", *, progress: bool = True, generation_config: str = "auto",
+                 **engine_args):
+        """`engine_args` are engine_config's: device, dtype, num_kv_blocks, max_num_seqs, ... With
+        `generation_config` "auto", generate and chat without sampling params run the model's recommended sampling
+        (its generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as
+        vLLM's LLM does; "none": SamplingParams()."""
+        if generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be auto or none, got {generation_config!r}")
         self.engine = LLMEngine(engine_config(model, **engine_args), progress=progress)
+        recommended = generation_config_defaults(self.engine.runner.model_dir) if generation_config == "auto" else {}
+        self.default_sampling_params = SamplingParams(**recommended_fields(recommended))
 
     @property
     def tokenizer(self):
@@ -117,7 +125,8 @@ class LLM:
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = _per_prompt(sampling_params, len(prompts))
+        params = _per_prompt(self.default_sampling_params if sampling_params is None else sampling_params,
+                             len(prompts))
         ids = []
         try:
             for prompt, p in zip(prompts, params):
@@ -151,9 +160,9 @@ class LLM:
         return [finished[i] for i in ids]
 
 
-def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    if params is None or isinstance(params, SamplingParams):
-        return [params or SamplingParams()] * n
+def _per_prompt(params: SamplingParams | Seq[SamplingParams], n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling params for {n} prompts")
     return list(params)

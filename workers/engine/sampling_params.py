@@ -3,6 +3,8 @@
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from workers.engine.errors import InvalidRequestError
 
@@ -194,3 +196,38 @@ class SamplingParams:
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise InvalidRequestError("structured_output", f"must be a StructuredOutput or a dict of its fields, got "
                                                            f"{type(self.structured_output).__name__}")
+
+
+# The generation_config.json keys that set defaults, and the field each sets: those vLLM's --generation-config auto
+# reads (do_sample is not one: a temperature decides).
+_GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_config_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The sampling a model's creator recommends in its generation_config.json (Qwen2.5-Instruct: temperature 0.7,
+    top_p 0.8, top_k 20, repetition_penalty 1.05), as SamplingParams fields, for requests that leave them unset:
+    HF's generate and vLLM apply them so, and a model sampled at temperature 1 where its card says 0.7 rambles.
+    {} where the folder has none. A value the engine would refuse raises ValueError naming the file, at start,
+    instead of refusing every request."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    defaults = {field: config[key] for key, field in _GENERATION_CONFIG_KEYS.items() if config.get(key) is not None}
+    try:
+        SamplingParams(**defaults)
+    except InvalidRequestError as e:
+        key = next(k for k, field in _GENERATION_CONFIG_KEYS.items() if field == e.field)
+        raise ValueError(f"{path}: {key}: {e.message} (generation_config none leaves the model's defaults out)") \
+            from None
+    return defaults
+
+
+def recommended_fields(recommended: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a request that sets none, from `recommended` (generation_config_defaults): its max_new_tokens
+    lowers the engine's default max_tokens, never raises it (vLLM takes the least of such limits too)."""
+    fields = dict(recommended)
+    if "max_tokens" in fields:
+        fields["max_tokens"] = min(fields["max_tokens"], SamplingParams.max_tokens)
+    return fields

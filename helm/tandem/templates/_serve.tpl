@@ -48,7 +48,8 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "decode_step_s" $a.decodeStepS "downscale_delay_s" $a.downscaleDelayS
       "metrics_interval_s" $a.metricsIntervalS "look_back_s" $a.lookBackS -}}
 {{- $config := dict
-      "model" $v.model.path "served_model_name" $v.model.servedModelName "lora_modules" $v.model.loraModules
+      "model" $v.model.path "served_model_name" $v.model.servedModelName
+      "generation_config" $v.model.generationConfig "lora_modules" $v.model.loraModules
       "lora_dir" $v.model.loraDir "max_loras" $v.model.maxLoras
       "device" $e.device "dtype" $e.dtype "max_model_len" $e.maxModelLen "seed" $e.seed
       "tensor_parallel_size" $e.tensorParallelSize "num_cpus_per_rank" $e.numCpusPerRank
