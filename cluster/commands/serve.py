@@ -68,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
         except DeployError as e:
             print(f"tandem: {e}", file=sys.stderr)
             return 1
-        tls = "TLS" if config.api.tls_cert_file else "plaintext"
+        tls, scheme = ("TLS", "https") if config.api.tls_cert_file else ("plaintext", "http")
         key = ", API key required" if config.api.key else ""
         print(f"tandem: serving gRPC on {config.host}:{config.grpc_port} (tandem.v1.Generation, health, reflection; "
-              f"{tls}{key}) and HTTP on http://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
+              f"{tls}{key}) and HTTP on {scheme}://{config.host}:{config.http_port} (OpenAI API under /v1, /health, "
               f"/metrics); KV events in {config.redis_url}; Ctrl-C stops", file=sys.stderr, flush=True)
         if config.api.allow_runtime_lora:
             print("tandem: LoRA adapters may be loaded while it runs: POST /v1/load_lora_adapter {lora_name, "
