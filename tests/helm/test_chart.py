@@ -35,7 +35,7 @@ KUBERAY = ROOT / ".." / "shared" / "kuberay"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 KUBE_VERSION = "1.30"  # the oldest minor the chart is checked against (Chart.yaml kubeVersion allows >= 1.27)
 RELEASE, NAMESPACE = "tandem", "llm"
-CORE_KINDS = {"Service", "StatefulSet", "Secret", "PodDisruptionBudget", "NetworkPolicy", "Pod"}
+CORE_KINDS = {"Service", "StatefulSet", "Secret", "PodDisruptionBudget", "NetworkPolicy", "Pod", "ConfigMap"}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -49,7 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "external-redis": {"redis": {"enabled": False, "external": {"url": "redis://redis.shared:6379/2"}},
                        "api": {"responseStoreUrl": "redis://responses.shared:6379/0"}},
     "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-                               "podMonitor": {"enabled": True}}},
+                               "podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}}},
     "tp2-autoscaling": {
         "engine": {"tensorParallelSize": 2, "numCpusPerRank": 2},
         # Two groups per pod reserve 2 x (0.1 + 2 x 2) = 8.2 CPUs in Ray.
@@ -220,7 +220,15 @@ def test_monitors_scrape_the_ports_their_targets_have():
     for name, template in pod_templates(objs).items():
         assert selects(pod_monitor["spec"]["selector"], template["metadata"]["labels"]), name
         assert "metrics" in [p["name"] for p in template["spec"]["containers"][0]["ports"]]
-    assert not [o for o in objects({}) if o["kind"] in ("ServiceMonitor", "PodMonitor")]
+    assert not [o for o in objects({}) if o["kind"] in ("ServiceMonitor", "PodMonitor", "ConfigMap")]
+
+
+def test_the_grafana_dashboard_reaches_grafanas_sidecar_as_the_chart_holds_it():
+    """What it queries: tests/router/test_metrics.py."""
+    dashboard = one(objects(VALUE_SETS["monitoring"]), "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    held = json.loads((CHART / "dashboards" / "tandem.json").read_text())
+    assert json.loads(dashboard["data"]["tandem.json"]) == held
 
 
 # What the defaults deploy

@@ -1,9 +1,12 @@
 """IngressMetrics: what the ingress reports per request shows up in the Prometheus text as the right samples, and
-each live worker group's Redis load report becomes one set of per-group samples, read fresh on every scrape."""
+each live worker group's Redis load report becomes one set of per-group samples, read fresh on every scrape; the
+chart's Grafana dashboard asks for those series."""
 
 import asyncio
 import json
+import re
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -183,3 +186,43 @@ def test_a_report_without_a_newer_key_just_lacks_that_sample(redis_url, missing,
     names = {name for name, _ in asyncio.run(scrape())}
     assert "tandem_group_running_seqs" in names
     assert metric not in names
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "tandem" / "dashboards" / "tandem.json"
+
+
+def test_the_grafana_dashboard_queries_only_series_and_labels_the_metrics_have(redis_url):
+    """Every series a panel's PromQL names is one /metrics serves (a renamed metric would leave a panel empty), and
+    every label it groups by or puts in a legend is one that series carries."""
+    import redis
+
+    keys = KVKeys(f"test-dashboard-{uuid.uuid4().hex}")
+    client = redis.Redis.from_url(redis_url)
+    client.sadd(keys.groups, "p1", "d1")
+    client.set(keys.load("p1"), json.dumps(report("prefill")))
+    client.set(keys.load("d1"), json.dumps(report("decode")))
+
+    async def scrape() -> bytes:
+        view = LoadView(redis_url, namespace=keys.namespace)
+        try:
+            metrics = IngressMetrics(view, KVIndex(), adapters=("sql",))
+            metrics.request_started()
+            metrics.request_finished("ok", ttft(0.2, 0.01, 1024), [1.0, 1.1], Usage(8, 0, 2), adapter="sql")
+            return await metrics.render()
+        finally:
+            await view.close()
+
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(asyncio.run(scrape()).decode()):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    every = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in every}) == len(every)
+    for panel in [p for p in every if p["type"] != "row"]:
+        for target in panel["targets"]:
+            names = re.findall(r"\btandem_\w+", target["expr"])
+            assert names and set(names) <= set(labels), (panel["title"], target["expr"])
+            carried = set.union(*(labels[name] for name in names))
+            grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", target["expr"]) for label in by.split(",")}
+            shown = set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"]))
+            assert grouped | shown <= carried, (panel["title"], target["expr"])
