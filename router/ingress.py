@@ -37,6 +37,7 @@ from router.lora_registry import Adapter, LoRARegistry
 from router.metrics import IngressMetrics
 from router.policy import RouteDecision, RoutingWeights, route
 from router.reasoning import reasoning_parser
+from router.replica_metrics import ReplicaMetrics
 from router.routing_hint import ROUTING_STATS_PERIOD_S, RoutingHint
 from workers.caller_watch import Caller
 from workers.engine.async_engine import release_quietly
@@ -111,7 +112,7 @@ class Ingress:
         self.lora = LoRARegistry(model.name, model.adapters, redis_url)
         self._resolving = asyncio.Lock()  # one adapter found in lora_dir is loaded at a time
         self.metrics = IngressMetrics(self._loads, self._index.index if self._index is not None else None,
-                                      model.adapters)
+                                      model.adapters, ReplicaMetrics(redis_url) if redis_url else None)
         self._active = 0  # requests this replica is serving, against api.max_concurrent_requests
         self.draining = False  # set by drain(): new requests are refused while those in flight finish
         self._index_started = False
@@ -454,6 +455,8 @@ class Ingress:
             self._grpc = await start_grpc_server(self, *self._grpc_address)
         if self.api.allow_runtime_lora or self.model.lora_dir is not None:
             self.lora.follow()
+        if self.metrics.replicas is not None:
+            self.metrics.replicas.start(self.metrics.samples)
         return build_http_app(self)
 
     async def check_health(self) -> None:
@@ -478,11 +481,14 @@ class Ingress:
 
     async def __del__(self):
         """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish, and the
-        requests no call waits on (background responses) too, for as long as Serve grants."""
+        requests no call waits on (background responses) too, for as long as Serve grants; then take this
+        replica's counts out of the other replicas' /metrics."""
         if self._grpc is not None:
             await self._grpc.drain()
         while self._active:
             await asyncio.sleep(0.1)
+        if self.metrics.replicas is not None:
+            await self.metrics.replicas.stop()
 
 
 async def _let_go(outputs, prefilled, request_id: str) -> None:

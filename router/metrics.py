@@ -2,7 +2,8 @@
 
 Two kinds. Request metrics, counted by each ingress replica for the requests it served (gRPC and HTTP alike,
 since Ingress.generate reports them): latency histograms, token and outcome counters, the requests in flight,
-and per LoRA adapter the requests and tokens generated (who used which adapter, and how much).
+and per LoRA adapter the requests and tokens generated (who used which adapter, and how much). With Redis, a
+scrape shows the sum over every ingress replica (router/replica_metrics.py), whichever replica answers it.
 Group metrics, one sample per live worker group (labels pool = its role, group = its id): read from the load
 reports the groups write to Redis every second (router/load_view.py), once per scrape, so a group that died
 simply disappears instead of leaving a stale sample behind.
@@ -17,6 +18,7 @@ Latencies, in seconds:
 """
 
 import logging
+from collections import defaultdict
 from collections.abc import Iterator, Sized
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from router.load_view import LoadView
+from router.replica_metrics import ReplicaMetrics, Samples
 from workers.engine.outputs import TimeToFirstToken, Usage
 
 logger = logging.getLogger(__name__)
@@ -40,15 +43,21 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0
 
 
 class IngressMetrics:
-    def __init__(self, load_view: LoadView | None = None, index: Sized | None = None, adapters: tuple[str, ...] = ()):
+    def __init__(self, load_view: LoadView | None = None, index: Sized | None = None, adapters: tuple[str, ...] = (),
+                 replicas: ReplicaMetrics | None = None):
         """With a load view the per-group gauges come from the groups' Redis reports; without one (no Redis)
         only the request metrics are shown. With the replica's KV-block index, its size is shown too: it must
-        stay bounded on a long run. `adapters`: the LoRA adapters served, each with its own series."""
+        stay bounded on a long run. `adapters`: the LoRA adapters served, each with its own series. With
+        `replicas` the request metrics are summed over every ingress replica."""
         self.load_view = load_view
-        self.registry = CollectorRegistry()
+        self.replicas = replicas
+        self.requests_registry = CollectorRegistry()  # this replica's own request metrics
+        self._summed = _SummedRequests(self.requests_registry)
         self._groups = _GroupCollector()
-        self.registry.register(self._groups)
-        r = self.registry
+        self._scraped = CollectorRegistry()  # what a scrape shows
+        self._scraped.register(self._summed)
+        self._scraped.register(self._groups)
+        r = self.requests_registry
         self.ttft = Histogram("tandem_time_to_first_token_seconds", "Request received to its first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("tandem_inter_token_latency_seconds", "Between consecutive token outputs",
@@ -76,8 +85,8 @@ class IngressMetrics:
             self.lora_requests.labels(adapter=adapter)
             self.lora_generation_tokens.labels(adapter=adapter)
         if index is not None:
-            Gauge("tandem_router_index_blocks", "Block hashes in this ingress replica's KV-block index",
-                  registry=r).set_function(lambda: len(index))
+            Gauge("tandem_router_index_blocks", "Block hashes in the KV-block index of the ingress replica that "
+                  "answered", registry=self._scraped).set_function(lambda: len(index))
         for outcome in OUTCOMES:  # every series exists from the start, so rate() sees the first of each
             self.requests.labels(outcome=outcome)
 
@@ -113,16 +122,23 @@ class IngressMetrics:
             self.cached_tokens.inc(usage.cached_tokens)
             self.generation_tokens.inc(usage.generated_tokens)
 
+    def samples(self) -> Samples:
+        """This replica's request metrics, for the other replicas' scrapes (creation times left out)."""
+        return [(family.name, s.name, s.labels, s.value) for family in self.requests_registry.collect()
+                for s in family.samples if not s.name.endswith("_created")]
+
     async def render(self) -> bytes:
-        """The Prometheus text exposition, with the groups' reports read now."""
+        """The Prometheus text exposition, with the groups' reports and the other replicas' samples read now."""
         reports = {}
         if self.load_view is not None:
             try:
                 reports = await self.load_view.reports()
             except Exception as e:  # Redis away: the request metrics still get scraped
                 logger.warning("metrics: no group load reports (%s: %s)", type(e).__name__, e)
-        self._groups.reports = reports  # no await between this and the rendering: one scrape, one snapshot
-        return generate_latest(self.registry)
+        others = await self.replicas.others() if self.replicas is not None else []
+        # No await between these and the rendering: one scrape, one snapshot.
+        self._groups.reports, self._summed.others = reports, others
+        return generate_latest(self._scraped)
 
 
 # (name, help, kind, value of a report); kind "gauge" or "counter" (cumulative since the group started).
@@ -161,6 +177,30 @@ _GROUP_METRICS = (
     ("tandem_group_lora_drops", "Of those, the ones dropped again for room (max_loras)", "counter",
      lambda r: r["lora_drops"]),
 )
+
+
+class _SummedRequests(Collector):
+    """This replica's request metrics, each sample plus the same sample of the other replicas (a counter or
+    bucket another replica has and this one has not, e.g. an adapter only it served, is shown too)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.others: list[Samples] = []
+
+    def collect(self) -> Iterator[Metric]:
+        extra: dict[str, dict[tuple[str, tuple], float]] = defaultdict(lambda: defaultdict(float))
+        for samples in self.others:
+            for family, name, labels, value in samples:
+                extra[family][(name, tuple(sorted(labels.items())))] += value
+        for family in self.registry.collect():
+            summed = Metric(family.name, family.documentation, family.type, family.unit)
+            theirs = extra.get(family.name, {})
+            for s in family.samples:
+                value = s.value + theirs.pop((s.name, tuple(sorted(s.labels.items()))), 0.0)
+                summed.add_sample(s.name, s.labels, value, s.timestamp, s.exemplar)
+            for (name, labels), value in theirs.items():
+                summed.add_sample(name, dict(labels), value)
+            yield summed
 
 
 class _GroupCollector(Collector):

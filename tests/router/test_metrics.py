@@ -4,6 +4,7 @@ chart's Grafana dashboard asks for those series."""
 
 import asyncio
 import json
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -11,9 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.ingress import GenerateRequest, Ingress, ServedModel
 from router.kv_index import KVIndex
 from router.load_view import LoadView
 from router.metrics import CONTENT_TYPE, IngressMetrics
+from router.replica_metrics import ReplicaMetrics
+from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import TimeToFirstToken, Usage
 from workers.kv_events import KVKeys
 
@@ -93,6 +97,85 @@ def test_each_instance_has_its_own_registry():
     first, second = IngressMetrics(), IngressMetrics()
     first.request_started()
     assert render(second)[("tandem_requests_running", ())] == 0
+
+
+def test_a_scrape_counts_every_ingress_replicas_requests_whichever_replica_answers(redis_url):
+    """Serve's proxy sends each scrape to one replica: both answer with the sum, and a replica that stops leaves it."""
+    namespace = f"test-replicas-{uuid.uuid4().hex}"
+
+    async def scrape():
+        a = IngressMetrics(adapters=("sql",), replicas=ReplicaMetrics(redis_url, namespace, period_s=0.05))
+        b = IngressMetrics(replicas=ReplicaMetrics(redis_url, namespace, period_s=0.05))
+        a.request_started()
+        a.request_finished("ok", ttft(0.25), [1.0, 1.5], Usage(prompt_tokens=40, cached_tokens=32,
+                                                              generated_tokens=3), adapter="sql")
+        b.request_started()
+        b.request_finished("ok", ttft(0.05), [2.0, 2.1], Usage(prompt_tokens=10, cached_tokens=0, generated_tokens=2))
+        b.request_started()  # still running
+        for metrics in (a, b):
+            metrics.replicas.start(metrics.samples)
+        await asyncio.sleep(0.3)
+        both = [samples(await metrics.render()) for metrics in (a, b)]
+        await a.replicas.stop()
+        after = samples(await b.render())
+        await b.replicas.stop()
+        return both, after
+
+    both, after = asyncio.run(scrape())
+    for got in both:
+        assert got[("tandem_requests_total", (("outcome", "ok"),))] == 2
+        assert got[("tandem_requests_running", ())] == 1
+        assert (got[("tandem_prompt_tokens_total", ())], got[("tandem_generation_tokens_total", ())]) == (50, 5)
+        assert got[("tandem_time_to_first_token_seconds_count", ())] == 2
+        assert got[("tandem_time_to_first_token_seconds_bucket", (("le", "0.1"),))] == 1
+        assert got[("tandem_lora_requests_total", (("adapter", "sql"),))] == 1  # only `a` serves that adapter
+    assert after[("tandem_requests_total", (("outcome", "ok"),))] == 1
+    assert ("tandem_lora_requests_total", (("adapter", "sql"),)) not in after
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .Ingress.__del__. was never awaited")
+def test_ingress_replicas_share_their_counts_while_they_serve(redis_url, tiny_model_factory):
+    """The wiring: a replica writes its samples once Serve builds its HTTP app, and takes them back as it stops.
+    Two ingresses without pools (every request here is refused before it would reach one)."""
+    model = ServedModel("tiny", str(tiny_model_factory("llama")), max_model_len=1024, vocab_size=49152, block_size=16)
+
+    async def refuse(ingress: Ingress) -> None:
+        with pytest.raises(InvalidRequestError):
+            async for _ in ingress.generate(GenerateRequest(prompt="")):
+                pass
+
+    async def run():
+        a, b = (Ingress(None, None, model, redis_url=redis_url) for _ in range(2))
+        for ingress in (a, b):
+            await ingress.__serve_build_asgi_app__()
+        await refuse(a)
+        await refuse(a)
+        await refuse(b)
+        await asyncio.sleep(2.5)  # a write period
+        both = [samples(await ingress.metrics.render()) for ingress in (a, b)]
+        await a.__del__()
+        after = samples(await b.metrics.render())
+        await b.__del__()
+        return both, after
+
+    both, after = asyncio.run(run())
+    refused = ("tandem_requests_total", (("outcome", "invalid_argument"),))
+    assert [got[refused] for got in both] == [3, 3]
+    assert after[refused] == 1
+
+
+def test_another_replicas_samples_that_are_not_samples_are_left_out(redis_url):
+    import redis
+
+    namespace = f"test-replicas-{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(redis_url)
+    client.sadd(f"{{{namespace}}}:ingress-replicas", "x", "y")
+    client.set(f"{{{namespace}}}:ingress-metrics:x", pickle.dumps({"not": "json"}))
+    client.set(f"{{{namespace}}}:ingress-metrics:y", json.dumps([["tandem_requests", "tandem_requests_total"]]))
+    metrics = IngressMetrics(replicas=ReplicaMetrics(redis_url, namespace))
+    metrics.request_started()
+    metrics.request_finished("ok", ttft(0.1), [1.0], Usage(prompt_tokens=1, cached_tokens=0, generated_tokens=1))
+    assert render(metrics)[("tandem_requests_total", (("outcome", "ok"),))] == 1
 
 
 def report(role: str, **overrides) -> dict:
