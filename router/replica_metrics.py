@@ -69,7 +69,7 @@ class ReplicaMetrics:
     async def others(self) -> list[Samples]:
         """The other live replicas' last samples; none while Redis does not answer."""
         try:
-            replicas = sorted(r.decode() for r in await self._redis.smembers(self._replicas))
+            replicas = sorted(r.decode(errors="replace") for r in await self._redis.smembers(self._replicas))
             replicas = [r for r in replicas if r != self.replica]
             values = await self._redis.mget([self._prefix + r for r in replicas]) if replicas else []
             gone = [r for r, value in zip(replicas, values) if value is None]

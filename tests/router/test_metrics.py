@@ -169,7 +169,7 @@ def test_another_replicas_samples_that_are_not_samples_are_left_out(redis_url):
 
     namespace = f"test-replicas-{uuid.uuid4().hex}"
     client = redis.Redis.from_url(redis_url)
-    client.sadd(f"{{{namespace}}}:ingress-replicas", "x", "y")
+    client.sadd(f"{{{namespace}}}:ingress-replicas", "x", "y", b"\xff")
     client.set(f"{{{namespace}}}:ingress-metrics:x", pickle.dumps({"not": "json"}))
     client.set(f"{{{namespace}}}:ingress-metrics:y", json.dumps([["tandem_requests", "tandem_requests_total"]]))
     metrics = IngressMetrics(replicas=ReplicaMetrics(redis_url, namespace))
