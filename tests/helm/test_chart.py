@@ -49,7 +49,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "external-redis": {"redis": {"enabled": False, "external": {"url": "redis://redis.shared:6379/2"}},
                        "api": {"responseStoreUrl": "redis://responses.shared:6379/0"}},
     "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-                               "podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}}},
+                               "podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True},
+                               "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}},
     "tp2-autoscaling": {
         "engine": {"tensorParallelSize": 2, "numCpusPerRank": 2},
         # Two groups per pod reserve 2 x (0.1 + 2 x 2) = 8.2 CPUs in Ray.
@@ -221,6 +222,21 @@ def test_monitors_scrape_the_ports_their_targets_have():
         assert selects(pod_monitor["spec"]["selector"], template["metadata"]["labels"]), name
         assert "metrics" in [p["name"] for p in template["spec"]["containers"][0]["ports"]]
     assert not [o for o in objects({}) if o["kind"] in ("ServiceMonitor", "PodMonitor", "ConfigMap")]
+
+
+def test_alerts_select_the_series_the_service_monitor_scrapes():
+    """Each alert but one asks for its series by this release's namespace and job (the scraped Service's name);
+    what it asks for: tests/router/test_metrics.py."""
+    objs = objects(VALUE_SETS["monitoring"])
+    rule, service = one(objs, "PrometheusRule"), one(objs, "Service", RELEASE)
+    assert (rule["apiVersion"], rule["metadata"]["labels"]["release"]) == ("monitoring.coreos.com/v1", "prom")
+    selector = f'namespace="{NAMESPACE}", job="{service["metadata"]["name"]}"'
+    rules = rule["spec"]["groups"][0]["rules"]
+    for alert in rules:
+        assert alert["labels"]["severity"] in ("critical", "warning") and alert["annotations"]["summary"]
+        assert alert["expr"].count("{") == alert["expr"].count(selector) >= 1, alert["alert"]
+    assert {a["alert"] for a in rules} >= {"TandemDown", "TandemRequestsFailing", "TandemKVCacheNearlyFull"}
+    assert not [o for o in objects({}) if o["kind"] == "PrometheusRule"]
 
 
 def test_the_grafana_dashboard_reaches_grafanas_sidecar_as_the_chart_holds_it():

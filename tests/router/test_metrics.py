@@ -17,6 +17,8 @@ from router.kv_index import KVIndex
 from router.load_view import LoadView
 from router.metrics import CONTENT_TYPE, IngressMetrics
 from router.replica_metrics import ReplicaMetrics
+from tests.helm.test_chart import VALUE_SETS, one
+from tests.helm.test_chart import objects as chart_objects
 from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import TimeToFirstToken, Usage
 from workers.kv_events import KVKeys
@@ -274,12 +276,12 @@ def test_a_report_without_a_newer_key_just_lacks_that_sample(redis_url, missing,
 DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "tandem" / "dashboards" / "tandem.json"
 
 
-def test_the_grafana_dashboard_queries_only_series_and_labels_the_metrics_have(redis_url):
-    """Every series a panel's PromQL names is one /metrics serves (a renamed metric would leave a panel empty), and
-    every label it groups by or puts in a legend is one that series carries."""
+@pytest.fixture(scope="module")
+def exported(redis_url) -> dict[str, set[str]]:
+    """Every series /metrics serves (a request counted, an adapter, two groups reporting), and its label names."""
     import redis
 
-    keys = KVKeys(f"test-dashboard-{uuid.uuid4().hex}")
+    keys = KVKeys(f"test-exported-{uuid.uuid4().hex}")
     client = redis.Redis.from_url(redis_url)
     client.sadd(keys.groups, "p1", "d1")
     client.set(keys.load("p1"), json.dumps(report("prefill")))
@@ -299,13 +301,29 @@ def test_the_grafana_dashboard_queries_only_series_and_labels_the_metrics_have(r
     for family in text_string_to_metric_families(asyncio.run(scrape()).decode()):
         for sample in family.samples:
             labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def assert_queries_what_is_exported(expr: str, legend: str, exported: dict[str, set[str]], where: str) -> None:
+    """Every series `expr` names is one /metrics serves (a renamed metric would leave it empty), and every label
+    it groups by or `legend` shows is one that series carries."""
+    names = re.findall(r"\btandem_\w+", expr)
+    assert names and set(names) <= set(exported), (where, expr)
+    carried = set.union(*(exported[name] for name in names))
+    grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", expr) for label in by.split(",")}
+    assert grouped | set(re.findall(r"\{\{(\w+)\}\}", legend)) <= carried, (where, expr)
+
+
+def test_the_grafana_dashboard_queries_only_series_and_labels_the_metrics_have(exported):
     every = json.loads(DASHBOARD.read_text())["panels"]
     assert len({p["id"] for p in every}) == len(every)
     for panel in [p for p in every if p["type"] != "row"]:
         for target in panel["targets"]:
-            names = re.findall(r"\btandem_\w+", target["expr"])
-            assert names and set(names) <= set(labels), (panel["title"], target["expr"])
-            carried = set.union(*(labels[name] for name in names))
-            grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", target["expr"]) for label in by.split(",")}
-            shown = set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"]))
-            assert grouped | shown <= carried, (panel["title"], target["expr"])
+            assert_queries_what_is_exported(target["expr"], target["legendFormat"], exported, panel["title"])
+
+
+def test_the_charts_alerts_query_only_series_and_labels_the_metrics_have(exported):
+    rules = one(chart_objects(VALUE_SETS["monitoring"]), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    for rule in rules:
+        if rule["alert"] != "TandemDown":  # Prometheus's own `up`
+            assert_queries_what_is_exported(rule["expr"], "", exported, rule["alert"])
