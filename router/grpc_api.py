@@ -151,7 +151,7 @@ class GenerationServicer:
             raise
         except Exception as e:
             if outputs is None:  # refused before reaching the ingress, which counts the rest
-                self.ingress.metrics.request_refused(classify(e).kind.name.lower())
+                self.ingress.refused(classify(e), getattr(request, "request_id", "") or None)
             await _abort(context, e)
         finally:
             if outputs is not None:

@@ -44,7 +44,7 @@ from workers.engine.async_engine import release_quietly
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
 from workers.engine.lora_folder import CONFIG_FILE
-from workers.engine.outputs import Continuation, DeltaAssembler, RequestOutput, TimeToFirstToken
+from workers.engine.outputs import Continuation, DeltaAssembler, RequestOutput, TimeToFirstToken, Usage
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
 from workers.kv.hashing import hash_full_blocks
@@ -130,10 +130,11 @@ class Ingress:
         """Streams the request's outputs; the first carries its time-to-first-token breakdown. Bad input raises
         before anything runs (an ApiError or an InvalidRequestError naming the field)."""
         received = time.monotonic()
-        self.admit()
+        request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        self.admit(request.request_id)
         self._active += 1
         self.metrics.request_started()
-        outcome, ttft, token_times, usage = Kind.INTERNAL, None, [], None
+        outcome, why, ttft, token_times, usage = Kind.INTERNAL, "", None, [], None
         try:
             async for out in self._generate(request, received):
                 if out.ttft is not None:
@@ -144,24 +145,32 @@ class Ingress:
                 yield out
             outcome = Kind.OK
         except BaseException as e:
-            outcome = classify(e).kind if not isinstance(e, GeneratorExit) else Kind.CANCELLED
+            error = classify(e) if not isinstance(e, GeneratorExit) else None
+            outcome, why = (error.kind, error.message) if error is not None else (Kind.CANCELLED, "the caller left")
             raise
         finally:
             self._active -= 1
             adapter = request.model if request.model and self.lora.get(request.model) else None
             self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage, adapter)
+            _log_finished(request, outcome, why, time.monotonic() - received, ttft, usage)
 
-    def admit(self) -> None:
+    def admit(self, request_id: str | None = None) -> None:
         """Refuses a new request while the replica drains (UNAVAILABLE) or serves its limit (RESOURCE_EXHAUSTED),
         and counts the refusal; a background response asks before it is accepted, as generate() does."""
+        error = None
         if self.draining:
-            self.metrics.request_refused(Kind.UNAVAILABLE.name.lower())
-            raise ApiError(Kind.UNAVAILABLE, "this server is shutting down; retry on another replica")
-        limit = self.api.max_concurrent_requests
-        if limit is not None and self._active >= limit:
-            self.metrics.request_refused(Kind.RESOURCE_EXHAUSTED.name.lower())
-            raise ApiError(Kind.RESOURCE_EXHAUSTED, f"this ingress replica is serving its limit of {limit} "
-                                                    "requests; retry later")
+            error = ApiError(Kind.UNAVAILABLE, "this server is shutting down; retry on another replica")
+        elif self.api.max_concurrent_requests is not None and self._active >= self.api.max_concurrent_requests:
+            error = ApiError(Kind.RESOURCE_EXHAUSTED, f"this ingress replica is serving its limit of "
+                                                      f"{self.api.max_concurrent_requests} requests; retry later")
+        if error is not None:
+            self.refused(error, request_id)
+            raise error
+
+    def refused(self, error: ApiError, request_id: str | None = None) -> None:
+        """Counts and logs a request refused before generate() took it (bad input, no API key, a full replica)."""
+        self.metrics.request_refused(error.kind.name.lower())
+        logger.info("request %s: %s, refused: %s", request_id or "(unnamed)", error.kind.name.lower(), error.message)
 
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
         await self.resolve_model(request.model)
@@ -489,6 +498,19 @@ class Ingress:
             await asyncio.sleep(0.1)
         if self.metrics.replicas is not None:
             await self.metrics.replicas.stop()
+
+
+def _log_finished(request: GenerateRequest, outcome: Kind, why: str, total_s: float, ttft: TimeToFirstToken | None,
+                  usage: Usage | None) -> None:
+    """One line per request, as an access log has, whichever API it came by (no prompt text: that is the
+    caller's)."""
+    served = f" ({request.model})" if request.model else ""
+    tokens = f", prompt {usage.prompt_tokens} tokens ({usage.cached_tokens} cached), {usage.generated_tokens} " \
+             f"generated" if usage is not None else ""
+    first = f", first token after {ttft.total_s:.3f} s" if ttft is not None else ""
+    cause = f": {why}" if why else ""
+    logger.info("request %s%s: %s after %.3f s%s%s%s", request.request_id, served, outcome.name.lower(), total_s,
+                first, tokens, cause)
 
 
 async def _let_go(outputs, prefilled, request_id: str) -> None:

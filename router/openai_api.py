@@ -367,11 +367,11 @@ class OpenAIApi:
             if background:
                 self.ingress.validate(choices[0])  # bad input is a 400 now, not a response that fails later
         except PayloadTooLarge as e:
-            self._count_refused(Kind.INVALID_ARGUMENT)
+            self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
             return _refused(e)
         except Exception as e:
             error = renamed(classify(e), aliases)
-            self._count_refused(error.kind)
+            self.ingress.refused(error)
             return error_response(error)
         try:
             # Ingress.generate counts each choice
@@ -380,10 +380,6 @@ class OpenAIApi:
             return await self._generate(choices, shape(body, request_id, choices, tools), bool(body.stream))
         except Exception as e:
             return error_response(renamed(classify(e), aliases))
-
-    def _count_refused(self, kind: Kind) -> None:
-        """A request refused before it reached Ingress.generate still counts in tandem_requests_total."""
-        self.ingress.metrics.request_refused(kind.name.lower())
 
     def _authorize(self, request: Request) -> None:
         key = self.ingress.api.key

@@ -22,6 +22,7 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
+import ray
 import redis
 from grpc import StatusCode
 from pydantic import BaseModel, Field
@@ -1364,3 +1365,23 @@ def test_fields_a_request_leaves_unset_take_the_models_recommended_values_on_bot
     grpc = TandemClient(f"localhost:{RECOMMENDING_GRPC_PORT}")
     assert grpc.generate(prompt).token_ids == recommended
     assert grpc.generate(prompt, temperature=1.0, seed=3).token_ids != recommended
+
+
+def test_every_request_leaves_one_log_line_with_its_outcome_tokens_and_times(cluster, tokenizer):
+    """Whichever API it came by (here gRPC, which has no access log of Serve's), and however it ended."""
+    grpc = TandemClient(f"localhost:{GRPC_PORT}", api_key=KEY)
+    served = grpc.generate(tokenizer.encode(PROMPT), request_id="log-line-ok", max_tokens=3, ignore_eos=True)
+    with pytest.raises(TandemError):
+        grpc.generate("Hi", request_id="log-line-refused", max_tokens=-1)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    deadline = time.monotonic() + 10
+    while True:  # Serve's file handler writes within moments
+        text = "".join(log.read_text() for log in logs.glob(f"replica_{APP}_ingress_*.log"))
+        if "request log-line-refused" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    usage = served.usage
+    assert re.search(rf"request log-line-ok: ok after [0-9.]+ s, first token after [0-9.]+ s, prompt "
+                     rf"{usage.prompt_tokens} tokens \({usage.cached_tokens} cached\), 3 generated", text)
+    assert "request log-line-refused: invalid_argument, refused: max_tokens: must be a positive integer, got -1" \
+        in text
