@@ -51,13 +51,13 @@ class IngressMetrics:
         `replicas` the request metrics are summed over every ingress replica."""
         self.load_view = load_view
         self.replicas = replicas
-        self.requests_registry = CollectorRegistry()  # this replica's own request metrics
-        self._summed = _SummedRequests(self.requests_registry)
+        self._own = CollectorRegistry()  # this replica's own request metrics
+        self._summed = _SummedRequests(self._own)
         self._groups = _GroupCollector()
         self._scraped = CollectorRegistry()  # what a scrape shows
         self._scraped.register(self._summed)
         self._scraped.register(self._groups)
-        r = self.requests_registry
+        r = self._own
         self.ttft = Histogram("tandem_time_to_first_token_seconds", "Request received to its first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("tandem_inter_token_latency_seconds", "Between consecutive token outputs",
@@ -124,7 +124,7 @@ class IngressMetrics:
 
     def samples(self) -> Samples:
         """This replica's request metrics, for the other replicas' scrapes (creation times left out)."""
-        return [(family.name, s.name, s.labels, s.value) for family in self.requests_registry.collect()
+        return [(family.name, s.name, s.labels, s.value) for family in self._own.collect()
                 for s in family.samples if not s.name.endswith("_created")]
 
     async def render(self) -> bytes:
