@@ -52,6 +52,9 @@ class ApiConfig:
                                      "lost (its process or node died); the new group carries on from the tokens "
                                      "already streamed, so the caller sees one stream (Dynamo's request migration); "
                                      "0: such a request ends UNAVAILABLE")
+    allowed_origins: str | None = _field(None, "web pages that may call the HTTP API from a browser (CORS): "
+                                               "origins separated by commas (https://app.example.com), or * for "
+                                               "any, as vLLM's default; null: none (server-side clients need none)")
     api_key: str | None = _field(None, "key clients must send as 'authorization: Bearer <key>' "
                                        "(null: $TANDEM_API_KEY when set, else no key)")
     tls_cert_file: str | None = _field(None, "PEM server certificate: gRPC and HTTP speak TLS (read where the "
@@ -81,6 +84,15 @@ class ApiConfig:
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        for origin in self.origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"allowed_origins must be * or origins such as https://app.example.com (got "
+                                 f"{origin!r})")
+
+    @property
+    def origins(self) -> list[str]:
+        """allowed_origins as a list: empty when none may call from a browser."""
+        return [o.strip() for o in (self.allowed_origins or "").split(",") if o.strip()]
 
     @property
     def key(self) -> str | None:

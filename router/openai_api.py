@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
@@ -139,6 +140,11 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/metrics", api.metrics, methods=["GET"])
+    if ingress.api.origins:
+        # A browser asks before a cross-origin call with an API key (a preflight): answered here, before any route,
+        # so the preflight needs no key; the call itself still does.
+        app.add_middleware(CORSMiddleware, allow_origins=ingress.api.origins, allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 

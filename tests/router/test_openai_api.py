@@ -53,6 +53,7 @@ MAX_CHOICES = 8
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+ORIGIN = "https://app.example.com"  # a web page allowed to call the API from a browser (CORS)
 RECOMMENDING_APP, RECOMMENDING_GRPC_PORT = "tandem-openai-recommending", 15052
 RECOMMENDED = {"temperature": 0.0, "max_new_tokens": 5, "repetition_penalty": 1.3}  # a generation_config.json
 
@@ -86,7 +87,8 @@ def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter,
                            disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
                                          tool_call_parser="hermes", reasoning_parser="deepseek_r1",
-                                         response_store_url=response_store, allow_runtime_lora=True))
+                                         response_store_url=response_store, allow_runtime_lora=True,
+                                         allowed_origins=ORIGIN))
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
@@ -1385,3 +1387,29 @@ def test_every_request_leaves_one_log_line_with_its_outcome_tokens_and_times(clu
                      rf"{usage.prompt_tokens} tokens \({usage.cached_tokens} cached\), 3 generated", text)
     assert "request log-line-refused: invalid_argument, refused: max_tokens: must be a positive integer, got -1" \
         in text
+
+
+def browser(method: str, path: str, origin: str, headers: dict[str, str], body: dict | None = None):
+    """(status, headers) of what a browser on `origin` sends: a preflight (OPTIONS) or the call itself."""
+    request = urllib.request.Request(SERVE_HTTP_URL + path, json.dumps(body).encode() if body else None,
+                                     {"origin": origin, **headers}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def test_a_web_page_of_an_allowed_origin_may_call_the_api_from_a_browser_with_its_key(cluster):
+    ask = {"access-control-request-method": "POST", "access-control-request-headers": "authorization, content-type"}
+    status, headers = browser("OPTIONS", "/v1/chat/completions", ORIGIN, ask)  # the preflight needs no key
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in headers["access-control-allow-headers"].lower()
+    call = {"model": SERVED_NAME, "messages": MESSAGES, "max_tokens": 2}
+    status, headers = browser("POST", "/v1/chat/completions", ORIGIN,
+                              {"authorization": f"Bearer {KEY}", "content-type": "application/json"}, call)
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    status, _ = browser("POST", "/v1/chat/completions", ORIGIN, {"content-type": "application/json"}, call)
+    assert status == 401  # the key is still required
+    status, headers = browser("OPTIONS", "/v1/chat/completions", "https://elsewhere.example", ask)
+    assert status == 400 and "access-control-allow-origin" not in headers

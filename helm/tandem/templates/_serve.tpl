@@ -31,7 +31,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "response_store_url" ($v.api.responseStoreUrl | default nil) "tool_call_parser" $v.api.toolCallParser
       "reasoning_parser" $v.api.reasoningParser
       "max_concurrent_requests" $v.api.maxConcurrentRequests "allow_runtime_lora" $v.api.allowRuntimeLora
-      "migration_limit" $v.api.migrationLimit
+      "migration_limit" $v.api.migrationLimit "allowed_origins" ($v.api.allowedOrigins | default nil)
       "api_key" nil "tls_cert_file" nil "tls_key_file" nil "tls_client_ca_file" nil -}}
 {{- if $v.tls.enabled -}}
 {{- $_ := set $api "tls_cert_file" (printf "%s/tls.crt" (include "tandem.tlsDir" .)) -}}
