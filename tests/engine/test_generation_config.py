@@ -35,6 +35,9 @@ def test_a_value_the_engine_refuses_fails_at_start_naming_the_file_and_key(tmp_p
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "max_new_tokens": 0}))
     with pytest.raises(ValueError, match=r"generation_config.json: max_new_tokens: must be a positive integer"):
         generation_config_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{temperature: 0.6")
+    with pytest.raises(ValueError, match=r"generation_config.json is not JSON"):
+        generation_config_defaults(tmp_path)
 
 
 def test_generate_without_params_runs_the_recommended_sampling_as_hfs_generate_does(model):

@@ -213,12 +213,17 @@ def generation_config_defaults(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
     defaults = {field: config[key] for key, field in _GENERATION_CONFIG_KEYS.items() if config.get(key) is not None}
     try:
         SamplingParams(**defaults)
     except InvalidRequestError as e:
-        key = next(k for k, field in _GENERATION_CONFIG_KEYS.items() if field == e.field)
+        key = next((k for k, field in _GENERATION_CONFIG_KEYS.items() if field == e.field), e.field)
         raise ValueError(f"{path}: {key}: {e.message} (generation_config none leaves the model's defaults out)") \
             from None
     return defaults
