@@ -315,11 +315,16 @@ def assert_queries_what_is_exported(expr: str, legend: str, exported: dict[str, 
 
 
 def test_the_grafana_dashboard_queries_only_series_and_labels_the_metrics_have(exported):
-    every = json.loads(DASHBOARD.read_text())["panels"]
+    """Each series is the chosen release's (the dashboard's namespace and job variables), so releases do not mix."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "namespace", "job"]
+    every = dashboard["panels"]
     assert len({p["id"] for p in every}) == len(every)
     for panel in [p for p in every if p["type"] != "row"]:
         for target in panel["targets"]:
-            assert_queries_what_is_exported(target["expr"], target["legendFormat"], exported, panel["title"])
+            expr = target["expr"]
+            assert_queries_what_is_exported(expr, target["legendFormat"], exported, panel["title"])
+            assert expr.count("tandem_") == expr.count('{namespace=~"$namespace", job=~"$job"}'), expr
 
 
 def test_the_charts_alerts_query_only_series_and_labels_the_metrics_have(exported):
