@@ -175,7 +175,7 @@ class Ingress:
     async def _generate(self, request: GenerateRequest, received: float) -> AsyncIterator[RequestOutput]:
         await self.resolve_model(request.model)
         token_ids = self.validate(request)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id  # generate() named it
         salt, adapter = request.cache_salt, self.check_model(request.model) if request.model else None
         params = self._after_thinking(request, token_ids)
         if adapter is not None:
