@@ -51,6 +51,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="per-step token budget; longer prompts are prefilled in chunks")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--kv-offload-gb", type=float, default=0.0, metavar="GIB",
+                   help="host memory that keeps prefix-cache blocks the KV cache evicts, to copy back instead of "
+                        "recomputing them (default 0: off)")
     g.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS,
                    help="attention kernels: torch (CPU and GPU, the default) or triton (GPU)")
     g.add_argument("--enforce-eager", action="store_true",
@@ -266,7 +269,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+                enable_prefix_caching=not args.no_prefix_caching, kv_offload_gb=args.kv_offload_gb,
+                attention_backend=args.attention_backend,
                 enforce_eager=args.enforce_eager, num_speculative_tokens=args.num_speculative_tokens,
                 lora_modules={adapter_name(args): args.lora} if args.lora else None)
 

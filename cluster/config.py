@@ -143,6 +143,8 @@ class ClusterConfig:
     kv_cache_memory_gb: float = _field(2.0, "KV cache size per rank on CPU", above=0)
     gpu_memory_utilization: float = _field(0.85, "share of free GPU memory the KV cache takes", above=0, max=1)
     enable_prefix_caching: bool = _field(True, "reuse cached KV blocks of equal prefixes")
+    kv_offload_gb: float = _field(0.0, "host memory per rank that keeps cached blocks the KV cache evicts, copied "
+                                       "back for a later prompt with that prefix instead of recomputed (0: off)", min=0)
     max_num_seqs: int = _field(64, "most sequences in one batch", min=1)
     max_num_batched_tokens: int = _field(1024, "per-step token budget; longer prompts prefill in chunks", min=1)
     enable_chunked_prefill: bool = _field(True, "split prompts longer than the step budget")
@@ -211,7 +213,8 @@ class ClusterConfig:
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               enable_prefix_caching=self.enable_prefix_caching, kv_lease_s=self.kv_lease_s,
                               kv_claim_s=self.kv_claim_s,
-                              kv_transfer_timeout_s=self.kv_transfer_timeout_s, max_kv_channels=self.max_kv_channels),
+                              kv_transfer_timeout_s=self.kv_transfer_timeout_s, max_kv_channels=self.max_kv_channels,
+                              kv_offload_gb=self.kv_offload_gb),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       enable_chunked_prefill=self.enable_chunked_prefill,

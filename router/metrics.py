@@ -151,6 +151,12 @@ _GROUP_METRICS = (
      lambda r: r["queued_prefill_tokens"]),
     ("tandem_group_kv_cache_usage_ratio", "Share of the group's KV blocks in use (1 - free/total)", "gauge",
      lambda r: 1.0 - r["free_blocks"] / r["total_blocks"] if r["total_blocks"] else 0.0),
+    ("tandem_group_kv_host_usage_ratio", "Share of the group's host tier (kv_offload_gb) holding evicted blocks",
+     "gauge", lambda r: r["host_blocks_used"] / r["host_blocks"] if r["host_blocks"] else 0.0),
+    ("tandem_group_kv_offloaded_blocks", "Cached KV blocks saved to the host tier as the KV cache evicted them",
+     "counter", lambda r: r["offloaded_blocks"]),
+    ("tandem_group_kv_reloaded_blocks", "Of the prompts' cached blocks, those copied back from the host tier",
+     "counter", lambda r: r["reloaded_blocks"]),
     ("tandem_group_prefix_cache_hit_rate", "Prompt tokens the prefix cache supplied / prompt tokens, since the "
      "group started", "gauge", lambda r: r["cached_prompt_tokens"] / r["prompt_tokens"] if r["prompt_tokens"] else 0.0),
     ("tandem_group_finished_requests", "Requests the group finished", "counter", lambda r: r["finished"]),

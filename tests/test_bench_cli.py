@@ -14,7 +14,8 @@ from cluster.bench import workloads
 from cluster.cli import main
 
 SYSTEMS = [("mixed", "hf-sequential"), ("mixed", "hf-batch"), ("mixed", "tandem"),
-           ("shared-prefix", "tandem-cache-on"), ("shared-prefix", "tandem-cache-off")]
+           ("shared-prefix", "tandem-cache-on"), ("shared-prefix", "tandem-cache-off"),
+           ("evicted-prefix", "tandem-host-tier"), ("evicted-prefix", "tandem-no-host-tier")]
 RESULT_KEYS = {"workload", "system", "requests", "output_tokens", "wall_s", "output_tokens_per_s", "ttft_p50_s",
                "ttft_p99_s", "rss_start_mib", "rss_peak_mib", "match_pct", "is_reference", "cached_tokens", "ttft_s"}
 
@@ -34,13 +35,19 @@ def test_quick_bench_writes_every_result(tmp_path, capsys):
         assert RESULT_KEYS <= r.keys()
         assert len(r["ttft_s"]) == r["requests"] and all(t > 0 for t in r["ttft_s"])
         assert r["output_tokens_per_s"] > 0
-    mixed, shared = results[:3], results[3:]
+    mixed, shared, evicted = results[:3], results[3:5], results[5:]
     assert all(r["output_tokens"] == cfg["num_requests"] * cfg["output_tokens"] for r in mixed)
     per_user = cfg["shared_output_tokens"]
-    assert all(r["output_tokens"] == cfg["shared_prefixes"] * cfg["users_per_prefix"] * per_user for r in shared)
+    assert all(r["output_tokens"] == cfg["shared_prefixes"] * cfg["users_per_prefix"] * per_user
+               for r in shared + evicted)
     # Later waves reuse their system prompt's blocks only when caching is on.
     assert shared[0]["cached_tokens"] > 0 and shared[1]["cached_tokens"] == 0
-    assert [t["goal"] for t in doc["targets"]] == [4.0, 1.5, 3.0]
+    # One at a time on a cache too small to keep them, system prompts come back whole from the host tier, and its
+    # copies change no token.
+    every_return = (cfg["users_per_prefix"] - 1) * cfg["shared_prefixes"] * cfg["prefix_tokens"]
+    assert evicted[0]["cached_tokens"] == every_return > evicted[1]["cached_tokens"]
+    assert evicted[0]["match_pct"] == 100
+    assert [t["goal"] for t in doc["targets"]] == [4.0, 1.5, 3.0, 2.0]
 
     table = capsys.readouterr().out
     assert "TTFT p50" in table and "tandem-cache-on" in table and "target >= 4x" in table

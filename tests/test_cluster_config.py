@@ -82,12 +82,12 @@ def test_every_engine_field_reaches_the_engine_config():
                                 "seed": 7, "block_size": 32, "num_kv_blocks": 900, "kv_cache_memory_gb": 4,
                                 "gpu_memory_utilization": 0.9, "enable_prefix_caching": False, "max_num_seqs": 128,
                                 "max_num_batched_tokens": 2048, "enable_chunked_prefill": False, "kv_lease_s": 10,
-                                "kv_claim_s": 2,
+                                "kv_claim_s": 2, "kv_offload_gb": 8,
                                 "kv_transfer_timeout_s": 5, "max_kv_channels": 4, "num_speculative_tokens": 3,
                                 "prompt_lookup_max": 5, "prompt_lookup_min": 1})
     assert config.to_engine_config() == EngineConfig(
         ModelConfig("/models/llama", "cuda", "bfloat16", 4096, 7),
-        CacheConfig(32, 900, 4.0, 0.9, False, 10.0, 2.0, 5.0, 4),
+        CacheConfig(32, 900, 4.0, 0.9, False, 10.0, 2.0, 5.0, 4, 8.0),
         SchedulerConfig(128, 2048, False), SpeculativeConfig(3, 5, 1))
     assert config.to_engine_config(model="/cache/resolved").model.model == "/cache/resolved"
 

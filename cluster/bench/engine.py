@@ -3,7 +3,10 @@
 Mixed workload: prompts of varied length all arriving at once, run by Tandem (continuous batching), HF one prompt
 at a time and HF in left-padded batches; every system generates exactly the same number of tokens per request
 (EOS ignored), and Tandem's greedy tokens are checked against HF's. Shared-prefix workload: users of a few long
-system prompts arriving in waves, run by Tandem with the prefix cache on and off.
+system prompts arriving in waves, run by Tandem with the prefix cache on and off. Evicted-prefix workload: the same
+users one at a time, taking turns across the system prompts, on a KV cache that holds about a quarter of them, so
+each prompt's blocks have been evicted by the time its next user comes: Tandem with and without a host tier
+(kv_offload_gb) that keeps them.
 
 With --device cuda or --random-weights CONFIG it runs the roofline mode instead (engine_roofline.py): decode and
 prefill steps against the device's measured bandwidth and matmul rate, and offline throughput against HF on the
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     tandem_result, engine_config = _tandem_mixed(cfg, model_dir, mixed, reference, warm_prompt, log)
     results.append(tandem_result)
     results += _shared_prefix_phases(cfg, model_dir, shared, warm_prompt, log)
+    results += _evicted_prefix_phases(cfg, model_dir, shared, warm_prompt, log)
 
     verdicts = report.targets(results)
     print(report.format_report(results, verdicts))
@@ -197,6 +201,29 @@ def _shared_prefix_phases(cfg: BenchConfig, model_dir: Path, shared: workloads.S
     off, on = runs[report.CACHE_OFF], runs[report.CACHE_ON]
     return [_result(report.SHARED, report.CACHE_ON, *on, match_pct=report.match_pct(on[0].outputs, off[0].outputs)),
             _result(report.SHARED, report.CACHE_OFF, *off, is_reference=True)]
+
+
+def _evicted_prefix_phases(cfg: BenchConfig, model_dir: Path, shared: workloads.SharedPrefixWorkload,
+                           warm_prompt: list[int], log: Log) -> list[SystemResult]:
+    """Without the host tier first: the reference, since copying blocks back must not change a greedy token. The
+    host tier is as large as the other runs' KV cache."""
+    turns = [[prompt] for wave in shared.waves for prompt in wave]
+    block = 16
+    request_blocks = -(-(cfg.prefix_tokens + cfg.user_tokens[1] + cfg.shared_output_tokens) // block)
+    num_kv_blocks = max(request_blocks + 1, len(shared.prefixes) * cfg.prefix_tokens // block // 4)
+    runs = {}
+    for name, offload_gb in ((report.NO_HOST_TIER, 0.0), (report.HOST_TIER, cfg.kv_cache_memory_gb)):
+        log(f"evicted-prefix workload, {name}: {len(turns)} requests one at a time, {num_kv_blocks} KV blocks")
+        llm = systems.load_tandem(model_dir, cfg.kv_cache_memory_gb, prefix_caching=True,
+                                  num_kv_blocks=num_kv_blocks, kv_offload_gb=offload_gb)
+        systems.warm_up_tandem(llm, warm_prompt)
+        with systems.peak_rss() as rss:
+            runs[name] = (systems.tandem_waves(llm, turns, shared.output_tokens, name), rss)
+        del llm
+        gc.collect()
+    off, on = runs[report.NO_HOST_TIER], runs[report.HOST_TIER]
+    return [_result(report.EVICTED, report.HOST_TIER, *on, match_pct=report.match_pct(on[0].outputs, off[0].outputs)),
+            _result(report.EVICTED, report.NO_HOST_TIER, *off, is_reference=True)]
 
 
 def _result(workload: str, system: str, run: systems.Run, rss: systems.Rss, match_pct: float | None = None,

@@ -12,6 +12,9 @@ HF_SEQUENTIAL = "hf-sequential"
 HF_BATCH = "hf-batch"
 CACHE_ON = "tandem-cache-on"
 CACHE_OFF = "tandem-cache-off"
+EVICTED = "evicted-prefix"
+HOST_TIER = "tandem-host-tier"
+NO_HOST_TIER = "tandem-no-host-tier"
 
 
 @dataclass
@@ -87,6 +90,10 @@ def targets(results: list[SystemResult]) -> list[Target]:
     on, off = by.get((SHARED, CACHE_ON)), by.get((SHARED, CACHE_OFF))
     if on and off:
         found.append(Target("shared-prefix: TTFT p50 cache off / cache on", off.ttft_p50_s / on.ttft_p50_s, 3.0))
+    host, no_host = by.get((EVICTED, HOST_TIER)), by.get((EVICTED, NO_HOST_TIER))
+    if host and no_host:
+        found.append(Target("evicted-prefix: TTFT p50 no host tier / host tier", no_host.ttft_p50_s / host.ttft_p50_s,
+                            2.0))
     return found
 
 

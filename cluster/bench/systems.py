@@ -151,11 +151,11 @@ class _FirstTokenClock:
 # -- Tandem ---------------------------------------------------------------------------------------------------
 
 
-def load_tandem(model_dir: Path, kv_cache_memory_gb: float, prefix_caching: bool):
+def load_tandem(model_dir: Path, kv_cache_memory_gb: float, prefix_caching: bool, **engine_args):
     from workers.engine.llm import LLM
 
     return LLM(str(model_dir), kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=prefix_caching,
-               progress=False)
+               progress=False, **engine_args)
 
 
 def warm_up_tandem(llm, prompt: Tokens) -> None:

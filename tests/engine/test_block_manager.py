@@ -1,5 +1,7 @@
 """The block manager, exactly: block ids, ref counts, eviction order, prefix hits and tenant isolation."""
 
+import random
+
 import pytest
 
 from workers.engine.block_manager import BlockManager
@@ -150,3 +152,113 @@ def test_prefix_caching_off_never_hits():
 def test_rejects_empty_pool():
     with pytest.raises(ValueError):
         BlockManager(0, BS)
+
+
+# -- the host tier (kv_offload_gb) -----------------------------------------------------------------------------
+
+
+def admit(bm: BlockManager, s: Sequence) -> tuple[list[int], list]:
+    """Admit a sequence as the scheduler does: device hits, then the blocks the host tier reloads after them."""
+    hits = bm.get_computed_blocks(s)
+    reloaded = bm.get_offloaded_blocks(s, len(hits))
+    assert bm.allocate_slots(s, s.num_tokens - (len(hits) + len(reloaded)) * BS, hits, reloaded)
+    return hits, reloaded
+
+
+def test_an_evicted_cached_block_is_saved_to_the_host_tier_before_it_is_reused():
+    bm = BlockManager(3, BS, num_host_blocks=4)
+    a = seq(range(8), rid="a")
+    run_prefill(bm, a)
+    bm.free(a)
+    assert bm.take_copies() == []
+    run_prefill(bm, seq(range(100, 112), rid="b"))  # takes the free block 2, then a's blocks, tail (1) first
+    assert bm.take_copies() == [("out", 1, 0), ("out", 0, 1)]
+    assert bm.num_offloaded_blocks == 2 and len(bm.host) == 2
+    assert a.block_hashes[0] in bm and a.block_hashes[0] not in bm.cached
+
+
+def test_a_prefix_in_the_host_tier_is_copied_back_into_fresh_blocks_and_cached_again():
+    bm = BlockManager(3, BS, num_host_blocks=4)
+    a = seq(range(8), rid="a")
+    run_prefill(bm, a)
+    bm.free(a)
+    b = seq(range(100, 112), rid="b")
+    run_prefill(bm, b)  # a's blocks go to host slots 0 and 1
+    bm.free(b)
+    bm.take_copies()
+    again = seq(range(9), rid="again")  # a's two blocks and one token to compute
+    hits, reloaded = admit(bm, again)
+    assert hits == [] and reloaded == a.block_hashes[:2]
+    # Each block taken is saved before a reload overwrites it; the last one takes the slot of b's least recently
+    # used copy (its tail, saved first), which leaves the group.
+    assert bm.take_copies() == [("out", 0, 2), ("in", 1, 0), ("out", 1, 3), ("in", 0, 1), ("out", 2, 2)]
+    assert again.block_table == [0, 1, 2]
+    assert bm.get_computed_blocks(seq(range(9), rid="next")) == [0, 1]
+    assert bm.num_reloaded_blocks == 2
+    assert [h in bm for h in b.block_hashes] == [True, True, False]
+
+
+def test_without_room_to_allocate_a_reload_changes_nothing():
+    bm = BlockManager(3, BS, num_host_blocks=4)
+    a = seq(range(8), rid="a")
+    run_prefill(bm, a)
+    bm.free(a)
+    run_prefill(bm, seq(range(100, 112), rid="b"))  # b keeps its three blocks
+    bm.take_copies()
+    again = seq(range(9), rid="again")
+    reloaded = bm.get_offloaded_blocks(again, 0)
+    assert not bm.allocate_slots(again, 1, [], reloaded)
+    assert bm.take_copies() == [] and bm.num_reloaded_blocks == 0 and a.block_hashes[0] in bm.host
+
+
+def test_the_host_tier_never_drops_a_copy_still_to_be_read():
+    bm = BlockManager(2, BS, num_host_blocks=2)
+    a, x, y = seq(range(5), rid="a"), seq(range(100, 105), rid="x"), seq(range(200, 208), rid="y")
+    for s in (a, x, y):  # a's block, then x's, go to the host tier
+        run_prefill(bm, s)
+        bm.free(s)
+    bm.take_copies()
+    again = seq(range(5), rid="again")  # a's block back, and one for the token to compute
+    hits, reloaded = admit(bm, again)
+    assert reloaded == a.block_hashes
+    # Saving y's tail needs a slot: not a's, the least recently used but still to be read; x's copy goes.
+    assert bm.take_copies() == [("out", 1, 1), ("in", 0, 1), ("out", 0, 1)]
+    assert x.block_hashes[0] not in bm and y.block_hashes[1] not in bm and y.block_hashes[0] in bm
+
+
+def test_run_in_order_the_copies_leave_every_block_holding_what_its_hash_says():
+    """A model of the memory: each device block and host slot holds the hash of what was computed into it. Under
+    churn on a small cache and a smaller host tier, every block a sequence takes from the cache or the host tier
+    holds its block's content once the copies have run."""
+    rng = random.Random(0)
+    bm = BlockManager(10, BS, num_host_blocks=6)
+    device, host = [None] * 10, [None] * 6
+    prefixes = [[rng.randrange(1000) for _ in range(12)] for _ in range(6)]
+    for i in range(300):
+        s = seq(rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(1, 10))], rid=f"r{i}")
+        hits, reloaded = admit(bm, s)
+        for direction, src, dst in bm.take_copies():
+            if direction == "out":
+                host[dst] = device[src]
+            else:
+                device[dst] = host[src]
+        num_cached = len(hits) + len(reloaded)
+        assert [device[b] for b in s.block_table[:num_cached]] == s.block_hashes[:num_cached]
+        for index in range(num_cached, len(s.block_table)):
+            device[s.block_table[index]] = s.block_hashes[index] if index < len(s.block_hashes) else None
+        s.num_computed_tokens = s.num_tokens
+        bm.cache_full_blocks(s)
+        bm.free(s)
+        assert all(device[block_id] == h for h, block_id in bm.cached.items())
+    assert bm.num_reloaded_blocks > 50 and bm.num_offloaded_blocks > 50
+
+
+def test_reset_forgets_the_host_tier_too():
+    bm = BlockManager(2, BS, num_host_blocks=2)
+    a = seq(range(8), rid="a")
+    run_prefill(bm, a)
+    bm.free(a)
+    run_prefill(bm, seq(range(100, 108), rid="b"))
+    assert a.block_hashes[0] in bm.host
+    bm.reset_prefix_cache()
+    assert len(bm.host) == 0 and bm.get_offloaded_blocks(seq(range(9)), 0) == []

@@ -1,6 +1,6 @@
 """Every engine path gives the same greedy tokens: prefix cache on/off, cached second request, chunked vs whole
-prefill, alone vs inside a batch of 32, and after preemption. Reference: the same prompt run alone, unchunked,
-without caching, which test_parity checks against HF transformers."""
+prefill, alone vs inside a batch of 32, after preemption, and with evicted prefixes copied back from the host tier.
+Reference: the same prompt run alone, unchunked, without caching, which test_parity checks against HF transformers."""
 
 import random
 from dataclasses import replace
@@ -93,3 +93,21 @@ def test_preempted_requests_recompute_to_the_same_tokens(model_path, reference, 
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference(prompt)
     assert llm.engine.block_manager.num_free_blocks == 12
+
+
+@pytest.mark.parametrize("budget", [1024, 13])
+def test_prefixes_copied_back_from_the_host_tier_give_the_same_tokens(model_path, reference, budget):
+    # Four documents of three blocks each, asked about one after another, on a 12-block cache: each pushes the
+    # one before it out, into the host tier. Then a second question on every document, all at once: their
+    # prefixes come back from the host tier (while the batch preempts and evicts), whole or in 13-token chunks.
+    llm = LLM(str(model_path), num_kv_blocks=12, kv_offload_gb=0.01, max_num_batched_tokens=budget, progress=False)
+    docs = [prompts_with_shared_prefix(10 + i, 2, 48, (3, 9)) for i in range(4)]
+    first = [llm.generate(questions[0], GREEDY)[0] for questions in docs]
+    bm = llm.engine.block_manager
+    assert bm.num_offloaded_blocks > 0 and bm.num_reloaded_blocks == 0
+    second = llm.generate([questions[1] for questions in docs], GREEDY)
+    assert bm.num_reloaded_blocks >= 9  # three documents at least
+    assert sum(out.num_cached_tokens for out in second) == 4 * 48
+    for questions, outs in zip(docs, zip(first, second)):
+        assert [out.outputs[0].token_ids for out in outs] == [reference(q) for q in questions]
+    assert bm.num_free_blocks == 12

@@ -13,6 +13,7 @@ from workers.engine.parallel import TensorParallel
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.sequence import Sequence
 from workers.engine.step_plan import (
+    CopyBlocks,
     DropAdapter,
     LoadAdapter,
     PlanReader,
@@ -119,7 +120,7 @@ def test_control_messages_round_trip_and_nothing_else_is_rebuilt():
                                                                              [1, 2, 3], reset_blocks=True)], ["x"]),
                 Stop(), OpenChannel("send", "peer", ChannelAddress("10.0.0.2", 29500), "c1"),
                 TransferCommand("recv", "r1", "peer", "c1", [4, 5]), DropChannel("peer"),
-                LoadAdapter("sql@1", "/adapters/sql"), DropAdapter("sql@1")]
+                LoadAdapter("sql@1", "/adapters/sql"), DropAdapter("sql@1"), CopyBlocks([["out", 3, 0], ["in", 0, 5]])]
     assert [decode(encode(m)) for m in messages] == messages
     for hostile in (pickle.dumps(Stop()), b'{"os.system": ["true"]}', b'{"Stop": [1]}', b'{"Stop": {}}',
                     b'{"StepPlan": [[], []], "Stop": []}', b'{}',

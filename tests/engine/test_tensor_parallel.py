@@ -37,13 +37,13 @@ _TIMEOUT_S = 120
 
 def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams], speculative: int, lora_modules: dict[str, str],
-               one_at_a_time: bool, results: mp.Queue) -> None:
+               one_at_a_time: bool, cache: CacheConfig, results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
         tp = TensorParallel(rank, size, dist.ProcessGroupGloo(store, rank, size))
         config = EngineConfig(model=ModelConfig(model, lora_modules=lora_modules, max_loras=1),
-                              cache=CacheConfig(num_kv_blocks=64),
+                              cache=cache,
                               scheduler=SchedulerConfig(max_num_batched_tokens=64),
                               speculative=SpeculativeConfig(num_speculative_tokens=speculative))
         if rank > 0:
@@ -60,23 +60,25 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
                 done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
                             if o.finished)
         engine.shutdown()
-        results.put((rank, ([done[i] for i in ids], engine.num_accepted_guesses)))
+        counts = {"accepted_guesses": engine.num_accepted_guesses,
+                  "reloaded_blocks": engine.block_manager.num_reloaded_blocks}
+        results.put((rank, ([done[i] for i in ids], counts)))
     except Exception as e:  # the parent reports it; a silent child would leave it waiting for the timeout
         results.put((rank, repr(e)))
 
 
 def generate_tp(model: str, size: int, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                speculative: int = 0, lora_modules: dict[str, str] | None = None, one_at_a_time: bool = False
-                ) -> tuple[list[tuple[list[int], list | None]], int]:
-    """Rank 0's greedy tokens and prompt logprobs, and the guesses it kept (with `speculative` tokens guessed per
-    step), once every follower has stopped cleanly. `params` is one for all prompts or one each; `one_at_a_time`
-    runs each request alone, after the one before has finished. The engine keeps one adapter of those requests
-    bring (max_loras=1)."""
+                speculative: int = 0, lora_modules: dict[str, str] | None = None, one_at_a_time: bool = False,
+                cache: CacheConfig = CacheConfig(num_kv_blocks=64)) -> tuple[list[tuple[list[int], list | None]], dict]:
+    """Rank 0's greedy tokens and prompt logprobs, and its counts of the guesses it kept (with `speculative`
+    tokens guessed per step) and of the blocks its host tier reloaded, once every follower has stopped cleanly.
+    `params` is one for all prompts or one each; `one_at_a_time` runs each request alone, after the one before
+    has finished. The engine keeps one adapter of those requests bring (max_loras=1)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, speculative,
-                                                      lora_modules or {}, one_at_a_time, results))
+                                                      lora_modules or {}, one_at_a_time, cache, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -164,6 +166,20 @@ def test_adapters_requests_bring_are_loaded_and_dropped_on_every_rank(tiny_model
     assert [tokens for tokens, _ in outs] == expected * 2
 
 
+def test_prefixes_copied_back_from_the_host_tier_match_hf_on_every_rank(tiny_model_factory):
+    """Rank 0 decides the copies between the KV cache and the host tier; each follower makes them on its shard of
+    both before the step that reads them. Three documents of three blocks each on an 8-block cache, asked about
+    twice: the second round finds them in the host tier."""
+    path = tiny_model_factory("llama")
+    docs = random_prompts(20, [48, 48, 48])
+    prompts = [doc + tail for tail in ([1, 2, 3], [4, 5]) for doc in docs]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outs, counts = generate_tp(str(path), 2, prompts, greedy, one_at_a_time=True,
+                               cache=CacheConfig(num_kv_blocks=8, kv_offload_gb=0.01))
+    assert [tokens for tokens, _ in outs] == [hf_greedy(path, p, 16) for p in prompts]
+    assert counts["reloaded_blocks"] >= 3
+
+
 def test_smollm2_three_ranks_match_hf_with_and_without_speculative_guesses(smollm2_path):
     """9 query heads and 3 KV heads: three ranks of 3 query heads and 1 KV head each. With guesses, the step plan
     carries each sequence's to the other ranks, so every rank computes the same rows of the same pass. Each reply
@@ -175,10 +191,10 @@ def test_smollm2_three_ranks_match_hf_with_and_without_speculative_guesses(smoll
     chats = [[{"role": "user", "content": q}] for q in [SMOLLM2_QUESTIONS[0], quote]]
     prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
                for c in chats]
-    outs, kept = generate_tp(str(smollm2_path), 3, prompts, SamplingParams(max_tokens=24, temperature=0.0,
-                                                                           ignore_eos=True), speculative=4)
+    outs, counts = generate_tp(str(smollm2_path), 3, prompts, SamplingParams(max_tokens=24, temperature=0.0,
+                                                                             ignore_eos=True), speculative=4)
     assert [tokens for tokens, _ in outs] == [hf_greedy(smollm2_path, p, 24) for p in prompts]
-    assert kept > 0
+    assert counts["accepted_guesses"] > 0
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "size", "expected"), [

@@ -10,10 +10,12 @@ BS = 4  # small blocks: a few tokens make several of them
 
 
 def serve(bm: BlockManager, tokens: list[int], rid: str = "r") -> Sequence:
-    """Admit a prompt as the scheduler does, compute it whole, cache its full blocks and free it."""
+    """Admit a prompt as the scheduler does (device hits, then blocks the host tier reloads), compute it whole,
+    cache its full blocks and free it."""
     seq = Sequence(rid, list(tokens), SamplingParams(), BS)
     hits = bm.get_computed_blocks(seq)
-    assert bm.allocate_slots(seq, seq.num_tokens - len(hits) * BS, hits)
+    reloaded = bm.get_offloaded_blocks(seq, len(hits))
+    assert bm.allocate_slots(seq, seq.num_tokens - (len(hits) + len(reloaded)) * BS, hits, reloaded)
     seq.num_computed_tokens = seq.num_tokens
     bm.cache_full_blocks(seq)
     bm.free(seq)

@@ -53,6 +53,15 @@ def test_replaying_the_events_gives_exactly_the_cached_hashes():
     assert sink.replay() == set(bm.cached)
 
 
+def test_with_a_host_tier_the_events_give_what_the_device_and_the_host_tier_hold():
+    """A block saved to the host tier stays the group's; it leaves when neither tier holds it."""
+    sink = Recorder()
+    bm = BlockManager(12, BS, kv_events=sink, num_host_blocks=6)
+    churn(bm, 200)
+    assert bm.num_reloaded_blocks > 0 and any(e[0] == "removed" for e in sink.events)
+    assert sink.replay() == set(bm.cached) | set(bm.host)
+
+
 def test_a_prompt_is_stored_in_one_event_chained_to_the_blocks_before_it():
     sink = Recorder()
     bm = BlockManager(8, BS, kv_events=sink)

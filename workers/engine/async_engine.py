@@ -244,7 +244,8 @@ class AsyncLLMEngine:
                            eng.num_prompt_tokens, eng.num_cached_prompt_tokens, eng.num_computed_prompt_tokens,
                            eng.num_steps, eng.step_seconds, eng.num_guessed_tokens, eng.num_accepted_guesses,
                            eng.num_generated_tokens, eng.num_lora_adapters, eng.adapters.num_loads,
-                           eng.adapters.num_drops)
+                           eng.adapters.num_drops, bm.host.num_blocks if bm.host else 0, len(bm.host or ()),
+                           bm.num_offloaded_blocks, bm.num_reloaded_blocks)
 
     def _update_load(self) -> None:
         stats = self._read_stats()
@@ -260,7 +261,9 @@ class AsyncLLMEngine:
                       "kv_transfer_failures": stats.num_kv_transfer_failures,
                       "guessed_tokens": stats.num_guessed_tokens, "accepted_guesses": stats.num_accepted_guesses,
                       "lora_adapters": stats.num_lora_adapters, "lora_loads": stats.num_lora_loads,
-                      "lora_drops": stats.num_lora_drops}
+                      "lora_drops": stats.num_lora_drops, "host_blocks": stats.num_host_blocks,
+                      "host_blocks_used": stats.num_host_blocks_used, "offloaded_blocks": stats.num_offloaded_blocks,
+                      "reloaded_blocks": stats.num_reloaded_blocks}
 
     def _wake_room_waiters(self) -> None:
         """Wakes the prefilled requests waiting for blocks once more are free than at the end of the last

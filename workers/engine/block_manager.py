@@ -4,14 +4,23 @@ Torch-free on purpose: this is the part that must be exact, so it is tested exac
 eviction order). A free block keeps its contents and its hash until it is handed out again, which is what makes
 automatic prefix caching free: a later request with the same block hash picks it up off the free queue.
 
-The set of hashes in `cached` is exactly what the router's KV index must know about this group, so every change to
-it is reported to an optional `KVEventSink` (workers/kv_events.py publishes them to Redis).
+With a host tier (host_blocks.py), a cached block about to be handed out is first copied to host memory, and a
+later prefix that continues into copied blocks gets them copied back into fresh blocks. The copies are queued in
+the order the bookkeeping decided them (`copies`), and the engine runs them on every rank before anything else
+touches the cache, so a copy always reads what the bookkeeping says the block held at that point.
+
+The hashes held on the device (`cached`) and in the host tier together are exactly what the router's KV index must
+know about this group, so every change to that set is reported to an optional `KVEventSink` (workers/kv_events.py
+publishes them to Redis).
 """
 
 from collections import OrderedDict
+from collections.abc import Sequence as Run
 from dataclasses import dataclass
-from typing import Protocol
+from itertools import takewhile
+from typing import Literal, Protocol
 
+from workers.engine.host_blocks import HostBlocks
 from workers.engine.sequence import Sequence
 from workers.kv.hashing import BlockHash
 
@@ -21,6 +30,10 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
+
+
+# ("out", device block, host slot): save a block before it is handed out; ("in", host slot, device block): reload one.
+BlockCopy = tuple[Literal["out", "in"], int, int]
 
 
 class KVEventSink(Protocol):
@@ -46,7 +59,7 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 kv_events: KVEventSink | None = None):
+                 kv_events: KVEventSink | None = None, num_host_blocks: int = 0):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.block_size = block_size
@@ -55,6 +68,15 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[BlockHash, int] = {}
+        self.host = HostBlocks(num_host_blocks) if enable_prefix_caching and num_host_blocks > 0 else None
+        self.copies: list[BlockCopy] = []  # decided, not yet run (take_copies)
+        # Running totals, for metrics: blocks saved to the host tier, and blocks reloaded from it.
+        self.num_offloaded_blocks = 0
+        self.num_reloaded_blocks = 0
+
+    def __contains__(self, block_hash: object) -> bool:
+        """Whether the group holds the block, on the device or in the host tier."""
+        return block_hash in self.cached or (self.host is not None and block_hash in self.host)
 
     @property
     def num_blocks(self) -> int:
@@ -89,13 +111,23 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, new_computed_blocks: list[int] = ()) -> bool:
+    def get_offloaded_blocks(self, seq: Sequence, num_computed_blocks: int) -> list[BlockHash]:
+        """The run of the sequence's cacheable blocks after its first `num_computed_blocks` that the host tier holds
+        (and the device does not), to be reloaded rather than computed."""
+        if self.host is None:
+            return []
+        rest = self.cacheable_hashes(seq)[num_computed_blocks:]
+        return list(takewhile(lambda h: h in self.host and h not in self.cached, rest))
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, new_computed_blocks: list[int] = (),
+                       reloaded: Run[BlockHash] = ()) -> bool:
         """Make the block table cover `num_new_tokens` more tokens after the computed ones.
 
-        `new_computed_blocks` (prefix-cache hits of a newly admitted sequence) are shared, not copied. Returns
-        False and changes nothing when the free blocks do not suffice.
+        `new_computed_blocks` (prefix-cache hits of a newly admitted sequence) are shared, not copied; `reloaded`
+        (get_offloaded_blocks, right after them) get fresh blocks that the host tier's copies are copied into.
+        Returns False and changes nothing when the free blocks do not suffice.
         """
-        num_computed = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_computed = seq.num_computed_tokens + (len(new_computed_blocks) + len(reloaded)) * self.block_size
         num_required = -(-(num_computed + num_new_tokens) // self.block_size)
         num_to_allocate = num_required - len(seq.block_table) - len(new_computed_blocks)
         num_hits_on_free = sum(1 for b in new_computed_blocks if self.blocks[b].ref_count == 0)
@@ -105,10 +137,21 @@ class BlockManager:
             self._touch(block_id)
         seq.block_table.extend(new_computed_blocks)
         evicted: list[BlockHash] = []
-        seq.block_table.extend(self._pop_free(evicted) for _ in range(num_to_allocate))
+        for i, block_hash in enumerate(reloaded):
+            # Each reload is queued right after its block is taken: a later offload may reuse its slot.
+            block_id = self._pop_free(evicted, keep=reloaded[i:])
+            self._reload(block_id, block_hash)
+            seq.block_table.append(block_id)
+        seq.block_table.extend(self._pop_free(evicted) for _ in range(num_to_allocate - len(reloaded)))
         if evicted and self.kv_events is not None:
             self.kv_events.blocks_removed(evicted)
         return True
+
+    def take_copies(self) -> list[BlockCopy]:
+        """The copies decided since the last call, in order; they must run before the cache is next read or
+        written."""
+        copies, self.copies = self.copies, []
+        return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register every block whose tokens are all computed under its hash, so later requests can share it."""
@@ -125,7 +168,8 @@ class BlockManager:
                 continue
             block.block_hash = block_hash
             self.cached[block_hash] = block_id
-            stored.append(index)
+            if self.host is None or block_hash not in self.host:  # else the group held it already
+                stored.append(index)
         if stored and self.kv_events is not None:
             self._report_stored(seq.block_hashes, stored)
 
@@ -145,6 +189,8 @@ class BlockManager:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        if self.host is not None:
+            self.host.clear()
         if self.kv_events is not None:
             self.kv_events.cache_cleared()
 
@@ -154,16 +200,42 @@ class BlockManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
-    def _pop_free(self, evicted: list[BlockHash]) -> int:
-        """The front free block, its cached hash (if any) dropped and appended to `evicted`."""
+    def _pop_free(self, evicted: list[BlockHash], keep: Run[BlockHash] = ()) -> int:
+        """The front free block. A cached hash it held leaves the device for the host tier, whose copy may displace
+        another (never one in `keep`); what leaves the group altogether (that hash, without room in the host tier,
+        or the displaced one, unless the device holds it) is appended to `evicted`."""
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None:
             del self.cached[block.block_hash]
-            evicted.append(block.block_hash)
+            if not self._offload(block, evicted, keep):
+                evicted.append(block.block_hash)
             block.block_hash = None
         block.ref_count = 1
         return block_id
+
+    def _offload(self, block: Block, evicted: list[BlockHash], keep: Run[BlockHash]) -> bool:
+        """Whether the host tier holds the block's content now (copied before, or queued to be)."""
+        if self.host is None:
+            return False
+        if block.block_hash in self.host:
+            self.host.touch(block.block_hash)
+            return True
+        slot, dropped = self.host.take(block.block_hash, keep)
+        if slot is None:
+            return False
+        if dropped is not None and dropped not in self.cached:
+            evicted.append(dropped)
+        self.copies.append(("out", block.block_id, slot))
+        self.num_offloaded_blocks += 1
+        return True
+
+    def _reload(self, block_id: int, block_hash: BlockHash) -> None:
+        """A fresh block gets the host tier's copy of `block_hash` and is cached under it, like a computed one."""
+        self.blocks[block_id].block_hash = block_hash
+        self.cached[block_hash] = block_id
+        self.copies.append(("in", self.host.touch(block_hash), block_id))
+        self.num_reloaded_blocks += 1
 
     def _report_stored(self, block_hashes: list[BlockHash], indices: list[int]) -> None:
         """One event per run of consecutive blocks, so each event's parent hash is the block right before it."""

@@ -63,6 +63,13 @@ class CacheConfig:
     kv_transfer_timeout_s: float = 30.0
     # Open KV channels per rank (one per peer group); opening one more closes the least recently used.
     max_kv_channels: int = 8
+    # Host memory per rank that keeps cached blocks the KV cache evicts, to copy back rather than recompute
+    # (host_blocks.py); 0 turns the host tier off.
+    kv_offload_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kv_offload_gb < 0:
+            raise ValueError(f"kv_offload_gb must be >= 0 (got {self.kv_offload_gb})")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import logging
 from workers.engine.config import EngineConfig
 from workers.engine.model_runner import ModelRunner
 from workers.engine.parallel import TensorParallel
-from workers.engine.step_plan import DropAdapter, LoadAdapter, PlanReader, StepPlan, Stop
+from workers.engine.step_plan import CopyBlocks, DropAdapter, LoadAdapter, PlanReader, StepPlan, Stop
 from workers.kv_commands import TransferError
 from workers.kv_transfer import KVEndpoint, run_transfer
 
@@ -36,6 +36,8 @@ class Follower:
                 self.runner.add_lora(message.name, message.folder)
             elif isinstance(message, DropAdapter):
                 self.runner.remove_lora(message.name)
+            elif isinstance(message, CopyBlocks):
+                self.runner.copy_blocks(message.copies)
             else:
                 try:
                     run_transfer(self.kv, message, self.runner.kv_caches, self.tp)

@@ -77,7 +77,8 @@ def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "
                   max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                   num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 2.0,
                   gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
-                  kv_lease_s: float = 30.0, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                  kv_offload_gb: float = 0.0, kv_lease_s: float = 30.0, max_num_seqs: int = 64,
+                  max_num_batched_tokens: int = 1024,
                   enable_chunked_prefill: bool = True, attention_backend: str = "torch",
                   enforce_eager: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 4,
                   prompt_lookup_min: int = 2, scheduling_policy: str = "fcfs",
@@ -87,7 +88,7 @@ def engine_config(model: str = "smollm2", *, device: str = "cpu", dtype: str = "
         model=ModelConfig(model, device, dtype, max_model_len, seed, attention_backend, enforce_eager,
                           lora_modules=dict(lora_modules or {}), max_loras=max_loras),
         cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
-                          enable_prefix_caching, kv_lease_s),
+                          enable_prefix_caching, kv_lease_s, kv_offload_gb=kv_offload_gb),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, scheduling_policy),
         speculative=SpeculativeConfig(num_speculative_tokens, prompt_lookup_max, prompt_lookup_min),
     )

@@ -88,7 +88,7 @@ class LLMEngine:
                              config.cache.kv_transfer_timeout_s)
         self.block_size = config.cache.block_size
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.block_size,
-                                          config.cache.enable_prefix_caching, kv_events)
+                                          config.cache.enable_prefix_caching, kv_events, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         # The tokens behind the cached chains: a group that is scaled down hands its own prefixes on by them.
         self.recent_prefixes = RecentPrefixes(self.block_size, self.runner.num_kv_blocks * self.block_size)
@@ -300,6 +300,7 @@ class LLMEngine:
             # Refused before any rank starts: the blocks may already hold another request's KV.
             raise TransferRefused(f"{command.request_id} holds no pinned KV here (its lease expired or it was "
                                 "aborted)")
+        self._copy_blocks()
         if self.runner.followers is not None:
             self.runner.followers.send(command)
         return run_transfer(self.kv, command, self.runner.kv_caches, self.tp)
@@ -345,7 +346,7 @@ class LLMEngine:
 
     def unique_prefixes(self, held_elsewhere: Container[BlockHash]) -> list[Prefix]:
         """The recent prefixes whose cached blocks include some that no other group holds, most recent first."""
-        return self.recent_prefixes.unique(self.block_manager.cached, held_elsewhere)
+        return self.recent_prefixes.unique(self.block_manager, held_elsewhere)
 
     def shutdown(self) -> None:
         """Releases the follower ranks (they leave their loop) and closes KV channels."""
@@ -370,6 +371,7 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
             self.num_computed_prompt_tokens += max(0, min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens))
+        self._copy_blocks()
         sampled = self.runner.execute(sched.scheduled)
         accepted = {id(s.seq): len(s.more_token_ids) for s in sampled}
         for seq, num_new in sched.scheduled:
@@ -384,6 +386,13 @@ class LLMEngine:
         self.num_steps += 1
         self.step_seconds += time.monotonic() - now
         return outputs
+
+    def _copy_blocks(self) -> None:
+        """Runs the copies to and from the host tier that the block manager decided since the last ones: before the
+        step or transfer that would read or overwrite those blocks."""
+        copies = self.block_manager.take_copies()
+        if copies:
+            self.runner.copy_blocks(copies)
 
     def _guess(self) -> None:
         """Guesses at the next tokens of each decoding sequence that can take them (speculative.py)."""

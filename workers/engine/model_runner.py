@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
 from workers.engine.sequence import Sequence
-from workers.engine.step_plan import DropAdapter, LoadAdapter, PlanWriter
+from workers.engine.step_plan import CopyBlocks, DropAdapter, LoadAdapter, PlanWriter
 from workers.engine.structured_output import token_bitmask
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class ModelRunner:
         self.lora = LoRAAdapters(self.model, model_config.lora_modules, tp) if model_config.lora_modules else None
         self.num_kv_blocks = self._num_kv_blocks(cache_config)
         self.kv_caches = self._allocate_kv_cache()
+        self.num_host_blocks = int(cache_config.kv_offload_gb * 2**30 // self._bytes_per_block()) \
+            if cache_config.enable_prefix_caching else 0
+        self.host_kv_caches = self._allocate_host_kv_cache()
         self.sampler = Sampler(model_config.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.histories: dict[str, TokenHistory] = {}  # of requests whose params adjust their logits
@@ -195,6 +199,36 @@ class ModelRunner:
                     self.num_kv_blocks * self._bytes_per_block() / 2**30)
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
+
+    def _allocate_host_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The host tier (host_blocks.py): pinned on a GPU, so copies to and from it run at full bus speed."""
+        if not self.num_host_blocks:
+            return []
+        c = self.hf_config
+        shape = (self.num_host_blocks, self.block_size, self.num_kv_heads, head_dim_of(c))
+        logger.info("KV host tier: %d blocks (%.2f GiB)", self.num_host_blocks,
+                    self.num_host_blocks * self._bytes_per_block() / 2**30)
+        pin = self.device.type == "cuda"
+        return [(torch.zeros(shape, dtype=self.dtype, pin_memory=pin), torch.zeros(shape, dtype=self.dtype,
+                                                                                  pin_memory=pin))
+                for _ in range(c.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
+        """Runs the block manager's copies between the KV cache and the host tier (rank 0 has the followers run
+        them on their shards first). Consecutive copies one way run as one gather per layer and tensor; within
+        such a run a destination written twice keeps the later copy, as running them one by one would."""
+        if self.followers is not None:
+            self.followers.send(CopyBlocks(copies))
+        for direction, run in groupby(copies, key=lambda copy: copy[0]):
+            latest = {dst: src for _, src, dst in run}
+            src, dst = torch.tensor(list(latest.values())), torch.tensor(list(latest))
+            for device_kv, host_kv in zip(self.kv_caches, self.host_kv_caches):
+                for on_device, on_host in zip(device_kv, host_kv):
+                    if direction == "out":
+                        on_host.index_copy_(0, dst, on_device.index_select(0, src.to(self.device)).cpu())
+                    else:
+                        on_device.index_copy_(0, dst.to(self.device), on_host.index_select(0, src).to(self.device))
 
     def add_lora(self, name: str, folder: str) -> None:
         """Loads a LoRA adapter between steps (lora.py); rank 0 has the followers load their shards of it once its

@@ -69,10 +69,14 @@ class Scheduler:
         the prefix the cache would supply when it is admitted. This is the backlog routers and the autoscaler
         weigh: counting cached prefixes too would make a replica that holds a busy prefix look the busiest, and
         push that prefix's requests away from the only replica that has it."""
-        bm = self.block_manager
-        waiting = sum(s.num_new_tokens - (0 if s.num_computed_tokens else len(bm.get_computed_blocks(s)) *
-                                          bm.block_size) for s in self.waiting)
+        waiting = sum(s.num_new_tokens - (0 if s.num_computed_tokens else self._num_cached_blocks(s) *
+                                          self.block_manager.block_size) for s in self.waiting)
         return waiting + sum(s.num_new_tokens for s in self.running if s.num_new_tokens > 1)
+
+    def _num_cached_blocks(self, seq: Sequence) -> int:
+        """The blocks of the sequence's prefix the cache would supply, on the device or reloaded from the host."""
+        num_computed = len(self.block_manager.get_computed_blocks(seq))
+        return num_computed + len(self.block_manager.get_offloaded_blocks(seq, num_computed))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -121,9 +125,10 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             computed = self.block_manager.get_computed_blocks(seq)
-            if self._awaits(seq, len(computed), in_progress):
+            reloaded = self.block_manager.get_offloaded_blocks(seq, len(computed))
+            if self._awaits(seq, len(computed) + len(reloaded), in_progress):
                 continue
-            num_computed = len(computed) * self.block_manager.block_size
+            num_computed = (len(computed) + len(reloaded)) * self.block_manager.block_size
             num_new = seq.num_tokens - num_computed
             if num_new > budget:
                 # Without chunking a prompt runs whole; an oversized one runs alone in a step of its own.
@@ -131,7 +136,7 @@ class Scheduler:
                     num_new = budget
                 elif out.scheduled:
                     return
-            if not self.block_manager.allocate_slots(seq, num_new, computed):
+            if not self.block_manager.allocate_slots(seq, num_new, computed, reloaded):
                 return
             self.waiting.remove(seq)
             seq.num_computed_tokens = num_computed

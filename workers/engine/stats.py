@@ -29,6 +29,10 @@ class EngineStats:
     num_lora_adapters: int = 0  # LoRA adapters loaded now, at start and on demand (adapter_cache.py)
     num_lora_loads: int = 0  # running totals of adapters loaded on demand, and of those dropped again
     num_lora_drops: int = 0
+    num_host_blocks: int = 0  # the host tier's size (host_blocks.py), the blocks it holds now, and running totals
+    num_host_blocks_used: int = 0  # of blocks saved to it and reloaded from it
+    num_offloaded_blocks: int = 0
+    num_reloaded_blocks: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -7,11 +7,11 @@ token and rarely a block afterwards), the step's guesses at its next tokens (spe
 requests that ended. Followers keep a mirror of each request (its
 tokens and block table) and run the same forward pass on it; they never sample, since rank 0 alone decides.
 
-Other commands (a KV transfer, a LoRA adapter to load or drop, stop) travel the same way, so a follower does
-everything in the order rank 0 did it. Messages travel as JSON with a type name per dataclass, and a follower
-rebuilds only the message types listed in `_MESSAGES`: the group's process group listens on the network, and
-unpickling what arrives there would run whatever a sender put in it. This is the control plane, a few hundred
-bytes per step; KV tensors never go through it.
+Other commands (a KV transfer, copies to and from the host tier, a LoRA adapter to load or drop, stop) travel the
+same way, so a follower does everything in the order rank 0 did it. Messages travel as JSON with a type name per
+dataclass, and a follower rebuilds only the message types listed in `_MESSAGES`: the group's process group listens
+on the network, and unpickling what arrives there would run whatever a sender put in it. This is the control plane,
+a few hundred bytes per step; KV tensors never go through it.
 """
 
 import json
@@ -63,6 +63,14 @@ class DropAdapter:
     """Rank 0 dropped a LoRA adapter: so does each follower."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class CopyBlocks:
+    """KV blocks to copy between the cache and the host tier (block_manager.BlockCopy), in order, before the
+    next step or transfer: each rank copies its shard."""
+
+    copies: list[tuple[str, int, int]]
 
 
 @dataclass
@@ -163,7 +171,7 @@ def decode(data: bytes) -> object:
         message = json.loads(data, object_hook=_untagged)
     except (TypeError, KeyError, RecursionError) as e:  # RecursionError: nesting deeper than any message
         raise ValueError(f"not a control message: {type(e).__name__}: {e}") from None
-    if not isinstance(message, (StepPlan, Stop, LoadAdapter, DropAdapter, OpenChannel, TransferCommand,
+    if not isinstance(message, (StepPlan, Stop, LoadAdapter, DropAdapter, CopyBlocks, OpenChannel, TransferCommand,
                                 DropChannel)):
         raise ValueError(f"not a control message: {type(message).__name__}")
     return message
@@ -219,6 +227,7 @@ def _root() -> dist.BroadcastOptions:
     return options
 
 
-# Every type a control message may be built from: step plans, stop, adapters, and the KV transfer commands.
-_MESSAGES = {cls.__name__: cls for cls in (StepPlan, ScheduledChunk, Stop, LoadAdapter, DropAdapter, OpenChannel,
-                                           TransferCommand, DropChannel, ChannelAddress)}
+# Every type a control message may be built from: step plans, stop, adapters, host-tier copies and the KV transfer
+# commands.
+_MESSAGES = {cls.__name__: cls for cls in (StepPlan, ScheduledChunk, Stop, LoadAdapter, DropAdapter, CopyBlocks,
+                                           OpenChannel, TransferCommand, DropChannel, ChannelAddress)}

@@ -55,6 +55,7 @@ checks the two agree, and that Tandem's own config loader accepts the args).
       "tensor_parallel_size" $e.tensorParallelSize "num_cpus_per_rank" $e.numCpusPerRank
       "block_size" $e.blockSize "num_kv_blocks" $e.numKvBlocks "kv_cache_memory_gb" $e.kvCacheMemoryGb
       "gpu_memory_utilization" $e.gpuMemoryUtilization "enable_prefix_caching" $e.enablePrefixCaching
+      "kv_offload_gb" $e.kvOffloadGb
       "max_num_seqs" $e.maxNumSeqs "max_num_batched_tokens" $e.maxNumBatchedTokens
       "enable_chunked_prefill" $e.enableChunkedPrefill "scheduling_policy" $e.schedulingPolicy
       "num_speculative_tokens" $e.numSpeculativeTokens
