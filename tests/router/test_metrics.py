@@ -184,7 +184,8 @@ def report(role: str, **overrides) -> dict:
     load = dict(role=role, running_seqs=3, queued_prefill_tokens=120, free_blocks=48, total_blocks=64,
                 waiting_seqs=2, pinned_seqs=4, finished=10, prompt_tokens=400, cached_prompt_tokens=100,
                 kv_bytes_sent=0, kv_bytes_received=0, kv_transfer_failures=0, guessed_tokens=0, accepted_guesses=0,
-                computed_prompt_tokens=300, generated_tokens=0, lora_adapters=0, lora_loads=0, lora_drops=0)
+                computed_prompt_tokens=300, generated_tokens=0, lora_adapters=0, lora_loads=0, lora_drops=0,
+                host_blocks=0, host_blocks_used=0, offloaded_blocks=0, reloaded_blocks=0)
     return {**load, **overrides}
 
 
@@ -198,7 +199,8 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     client.set(keys.load("d1"), json.dumps(report("decode", free_blocks=16, kv_bytes_received=8192,
                                                   kv_transfer_failures=1, guessed_tokens=40, accepted_guesses=28,
                                                   computed_prompt_tokens=0, generated_tokens=900, lora_adapters=3,
-                                                  lora_loads=5, lora_drops=2)))
+                                                  lora_loads=5, lora_drops=2, host_blocks=200, host_blocks_used=50,
+                                                  offloaded_blocks=70, reloaded_blocks=30)))
 
     async def scrape():
         view = LoadView(redis_url, namespace=keys.namespace)
@@ -227,6 +229,9 @@ def test_every_live_groups_load_report_becomes_per_group_samples(redis_url):
     assert (got[("tandem_group_spec_guessed_tokens_total", d1)], got[("tandem_group_spec_accepted_tokens_total", d1)]) \
         == (40, 28)
     assert [got[(f"tandem_group_lora_{name}", d1)] for name in ("adapters", "loads_total", "drops_total")] == [3, 5, 2]
+    assert [got[(f"tandem_group_kv_{name}", d1)] for name in ("host_usage_ratio", "offloaded_blocks_total",
+                                                              "reloaded_blocks_total")] == [0.25, 70, 30]
+    assert got[("tandem_group_kv_host_usage_ratio", p1)] == 0  # no host tier
     assert not any(dict(labels).get("group") == "gone" for _, labels in got)
     assert later[("tandem_group_running_seqs", d1)] == 7  # read again for the next scrape
 
