@@ -7,8 +7,8 @@
 #   1. the fused elementwise kernels and the fused small-batch projections (tests/engine/test_triton_ops.py,
 #      test_triton_projections.py) against the torch ops, compiled, the projections at Llama-3.1-8B's shapes;
 #   2. the `gpu`-marked CUDA-graph tests, each way of running the small-batch projections (separate ops, fused,
-#      fused and chained): graph decode vs eager vs HF (float32 tokens equal; the bfloat16 agreement rate), and
-#      LoRA adapters' graphs vs HF on the merged weights;
+#      fused and chained): graph decode vs eager vs HF (float32 tokens equal; the bfloat16 agreement rate),
+#      LoRA adapters' graphs vs HF on the merged weights, and prefixes copied back from the pinned host tier;
 #   3. `tandem bench engine --device cuda --random-weights llama-3.1-8b`: decode and prefill against the roofline,
 #      offline throughput against HF transformers, a batch-1 decode step's kernels by time beside its graph
 #      replayed alone, and the batch-1 graph each way of running the small-batch projections (the engine keeps

@@ -186,6 +186,22 @@ def test_cuda_graph_decode_equals_eager_decode_and_hf_in_float32(arch, way, tiny
 
 @gpu
 @pytest.mark.gpu
+def test_prefixes_copied_back_from_pinned_host_memory_give_hfs_tokens_under_graphs(tiny_model):
+    """On a GPU the host tier is pinned memory and its copies cross the bus. Four 48-token documents on a 12-block
+    cache, asked about twice: the second round's prefixes come back from the host tier and feed graph decodes."""
+    path = tiny_model("llama")
+    llm = LLM(str(path), device="cuda", dtype="float32", attention_backend="triton", num_kv_blocks=12,
+              kv_offload_gb=0.01, max_num_seqs=8, progress=False)
+    rng = random.Random(30)
+    docs = [[rng.randrange(49152) for _ in range(48)] for _ in range(4)]
+    batch = [doc + tail for tail in ([1, 2, 3], [4, 5]) for doc in docs]
+    ours = [llm.generate(prompt, params(NEW))[0].outputs[0].token_ids for prompt in batch]
+    assert llm.engine.block_manager.num_reloaded_blocks >= 9
+    assert ours == [hf_greedy_on_gpu(path, torch.float32, prompt, NEW) for prompt in batch]
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cuda_graph_decode_in_bfloat16_agrees_with_hf_on_the_first_tokens(arch, way, tiny_model,
