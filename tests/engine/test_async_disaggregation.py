@@ -122,6 +122,31 @@ def test_streamed_tokens_equal_unified_and_both_sides_end_clean(pair, model):
     assert d_stats.num_kv_transfer_failures == 0
 
 
+def test_with_small_caches_and_host_tiers_both_sides_copy_back_prefixes_and_give_the_unified_tokens(model):
+    """Four documents asked about twice, one request at a time, on caches of 8 blocks: each request evicts the one
+    before into the host tier. The decode side saves what it evicts before the received KV overwrites it, then
+    copies the documents back rather than receiving them again; the prefill side copies them back rather than
+    computing them again."""
+    prefill, decode = (make_engine(model, num_kv_blocks=8, kv_offload_gb=0.01) for _ in range(2))
+    rng = random.Random(5)
+    docs = [[rng.randrange(49152) for _ in range(48)] for _ in range(4)]
+    batch = [doc + [rng.randrange(49152) for _ in range(7)] for _ in range(2) for doc in docs]
+
+    async def run():
+        outs = [await disaggregated(prefill, decode, p, f"r{i}") for i, p in enumerate(batch)]
+        return outs, await prefill.stats(), await decode.stats()
+
+    try:
+        outs, p_stats, d_stats = asyncio.run(run())
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+    assert [o[-1].outputs[0].token_ids for o in outs] == unified(model, batch)
+    assert p_stats.num_reloaded_blocks >= 9 and d_stats.num_reloaded_blocks >= 9
+    assert_all_free(p_stats)
+    assert_all_free(d_stats)
+
+
 def test_seeded_sampling_and_logprobs_continue_across_the_handoff_as_in_one_engine(pair, model):
     """The first token (and its logprobs) comes from the prefill group, the rest from the decode group, whose
     generator skips the draw the prefill group made."""

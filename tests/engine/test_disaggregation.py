@@ -42,6 +42,7 @@ def prefill(p, tokens, request_id, params=GREEDY):
 
 
 def move(p, d, plan):
+    d.runner.copy_blocks(d.block_manager.take_copies())  # what transfer_kv runs before it writes: host-tier copies
     for (pk, pv), (dk, dv) in zip(p.runner.kv_caches, d.runner.kv_caches):
         dk[plan.dst_block_ids] = pk[plan.src_block_ids]
         dv[plan.dst_block_ids] = pv[plan.src_block_ids]
@@ -101,6 +102,19 @@ def test_decode_group_receives_only_the_blocks_its_prefix_cache_lacks(path):
     plan, out = disaggregated(p, d, second, "second")
     assert plan.num_cached_blocks == 3  # the three shared 16-token blocks stay home
     assert len(plan.src_block_ids) == 2
+    assert out == unified(path, second)
+
+
+def test_decode_group_copies_back_from_its_host_tier_what_its_cache_evicted_instead_of_receiving_it(path):
+    p, d = engine(path), LLM(str(path), num_kv_blocks=8, kv_offload_gb=0.01, progress=False).engine
+    shared = prompt(10, 48)
+    disaggregated(p, d, shared + prompt(11, 9), "first")
+    disaggregated(p, d, prompt(13, 100), "filler")  # takes all 8 blocks: the shared ones go to the host tier
+    assert d.block_manager.num_offloaded_blocks >= 3
+    second = shared + prompt(12, 20)
+    plan, out = disaggregated(p, d, second, "second")
+    assert plan.num_cached_blocks == 3 and len(plan.src_block_ids) == 2
+    assert d.block_manager.num_reloaded_blocks == 3
     assert out == unified(path, second)
 
 

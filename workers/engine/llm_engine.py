@@ -263,21 +263,22 @@ class LLMEngine:
     def add_prefilled_request(self, handoff: KVHandoff, params: SamplingParams | None = None,
                               grammar: "CompiledGrammar | None" = None) -> ReceivePlan:
         """Allocates blocks for a prompt (and a continuation) whose KV comes from a prefill group and says which
-        blocks to receive: blocks this group already holds in its prefix cache are shared, not sent again.
-        `grammar` as for add_request."""
+        blocks to receive: blocks this group already holds in its prefix cache are shared, and those its host tier
+        holds copied back, rather than sent again. `grammar` as for add_request."""
         req = self._new_request(handoff.prompt_token_ids, params, handoff.request_id, handoff.cache_salt, grammar,
                                 handoff.continuation)
         seq = req.seq
         hits = self.block_manager.get_computed_blocks(seq)
-        if not self.block_manager.allocate_slots(seq, seq.num_tokens - len(hits) * self.block_size, hits):
+        reloaded = self.block_manager.get_offloaded_blocks(seq, len(hits))
+        held = len(hits) + len(reloaded)
+        if not self.block_manager.allocate_slots(seq, seq.num_tokens - held * self.block_size, hits, reloaded):
             del self.requests[seq.request_id]
             raise KVCacheFullError(f"no free KV blocks for the {seq.num_tokens}-token prompt of {seq.request_id}")
         # Usage reports the prompt tokens the cluster did not compute: the prefill group's cache hits, or the
         # blocks this group already held if it had more.
-        seq.num_cached_tokens = min(max(len(hits) * self.block_size, handoff.num_cached_tokens),
-                                    seq.num_prompt_tokens)
+        seq.num_cached_tokens = min(max(held * self.block_size, handoff.num_cached_tokens), seq.num_prompt_tokens)
         self.receiving[seq.request_id] = seq
-        return ReceivePlan(seq.request_id, len(hits), handoff.block_ids[len(hits):], seq.block_table[len(hits):])
+        return ReceivePlan(seq.request_id, held, handoff.block_ids[held:], seq.block_table[held:])
 
     def plan_transfer(self, handoff: KVHandoff, plan: ReceivePlan) -> TransferPlan:
         """The prefill group's and this group's halves of moving `plan`'s blocks, over the open channel to the
