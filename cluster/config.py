@@ -161,8 +161,9 @@ class ClusterConfig:
                                     "its prefill call was on its way never claims it)", above=0)
     kv_transfer_timeout_s: float = _field(30.0, "a slower KV transfer fails and decode recomputes", above=0)
     max_kv_channels: int = _field(8, "open KV channels per rank", min=1)
-    step_timeout_s: float = _field(60.0, "a group whose step runs longer is taken as hung: its ranks are ended, its "
-                                         "requests move to another group and Serve replaces it", above=0)
+    step_timeout_s: float = _field(60.0, "a group whose step makes no progress (finishes no model layer) for longer "
+                                         "is taken as hung: its ranks are ended, its requests move to another group "
+                                         "and Serve replaces it", above=0)
     disaggregate: bool = _field(True, "separate prefill and decode pools; off: the decode pool does both")
     prefill_router: str = _field("prefix-cache", "how prefill replicas are chosen: prefix-cache (Tandem's cost), or "
                                                  "for comparison round-robin, power-of-two (Serve's default), "

@@ -147,8 +147,8 @@ class WorkerGroup:
         return await _unwrap(self._driver.unique_prefixes.remote(held_elsewhere))
 
     async def load(self) -> dict:
-        """Rank 0's load as of its last step, with how long its current step has run (busy_s), answered without
-        waiting for the step to end; raises as check_health does for a broken group."""
+        """Rank 0's load as of its last step, with how long its current step has gone without progress (busy_s),
+        answered without waiting for the step to end; raises as check_health does for a broken group."""
         await self._check_followers()
         return await _unwrap(self._driver.load.remote())
 

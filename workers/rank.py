@@ -144,9 +144,9 @@ class RankWorker:
         return await self.engine.unique_prefixes(held_elsewhere)
 
     async def load(self) -> dict:
-        """The engine's load as of its last step and how long its current step has run (busy_s), answered beside
-        the engine thread, not after the step: what the request routers weigh the group by, and what shows a step
-        that hangs."""
+        """The engine's load as of its last step and how long its current step has gone without progress (busy_s),
+        answered beside the engine thread, not after the step: what the request routers weigh the group by, and
+        what shows a step that hangs."""
         self.engine.check_broken()
         return {**self.engine.load(), "busy_s": self.engine.busy_s()}
 

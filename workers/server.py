@@ -132,8 +132,8 @@ class EngineServer:
         """The load the request router weighs this replica by, polled by Serve every second, as of the group's
         last step (answered without waiting for the current one); its sequences are all the group holds work for
         (EngineStats.num_busy_seqs). A group that lost a rank, or that may hang (rank 0 does not answer, or its
-        step has run for a quarter of step_timeout_s), says it is out of service, so the router sends requests
-        elsewhere while Serve's health check or the stall watch (workers/stall_watch.py) catches up."""
+        step has made no progress for a quarter of step_timeout_s), says it is out of service, so the router sends
+        requests elsewhere while Serve's health check or the stall watch (workers/stall_watch.py) catches up."""
         try:
             load = await asyncio.wait_for(self.group.load(), _LOAD_TIMEOUT_S)
         except Exception:

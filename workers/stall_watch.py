@@ -3,12 +3,14 @@
 A rank that hangs (its process stopped, a kernel or a collective that never returns) does not die: nothing fails,
 the group's streams just stop. Serve's health check fails the replica only after three 30 s timeouts, and then
 waits out its graceful shutdown for streams that never end: 170 s in all, measured with SIGSTOP. So while the
-group has requests its replica asks rank 0 every `period_s` how long its current step has run (the busy_s of its
-load, answered beside the engine thread, not after the step: AsyncLLMEngine.busy_s). A step past `timeout_s`, or
-no answer for that long (rank 0's process itself is stopped), and the replica ends the group's ranks: every stream
-fails at once, the ingress moves each request to another group (with exactly its tokens), and Serve replaces the
-replica at its next health check. `timeout_s` must exceed the longest step the group may legitimately take: a long
-prefill chunk of a large model on a CPU, or a KV transfer (kv_transfer_timeout_s), which is one step.
+group has requests its replica asks rank 0 every `period_s` how long its current step has gone without progress
+(the busy_s of its load, answered beside the engine thread, not after the step: AsyncLLMEngine.busy_s): since the
+step began or the model last finished a layer. A step stuck for `timeout_s`, or no answer for that long (rank 0's
+process itself is stopped), and the replica ends the group's ranks: every stream fails at once, the ingress moves
+each request to another group (with exactly its tokens), and Serve replaces the replica at its next health check.
+A long step is not a stuck one while its layers keep finishing (a long prefill of a large model on a CPU), so
+`timeout_s` need only exceed the longest stretch without a finished layer: one layer of such a prefill, or a KV
+transfer (kv_transfer_timeout_s), which runs no layer.
 """
 
 import asyncio
@@ -54,8 +56,8 @@ class StallWatch:
                     pass  # a group whose rank died fails its requests itself, and Serve's health check replaces it
                 else:
                     if busy > self.timeout_s:
-                        self._stall(f"its step has run for {busy:.0f} s (a kernel or a collective that does not "
-                                    "return, or a rank that stopped)")
+                        self._stall(f"its step has made no progress for {busy:.0f} s (a kernel or a collective that "
+                                    "does not return, or a rank that stopped)")
         finally:
             self._task = None
 

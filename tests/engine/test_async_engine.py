@@ -8,7 +8,7 @@ import re
 import pytest
 
 from workers.engine.async_engine import AsyncLLMEngine
-from workers.engine.config import CacheConfig, EngineConfig, ModelConfig
+from workers.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from workers.engine.errors import InvalidRequestError, RequestFailedError
 from workers.engine.llm import LLM
 from workers.engine.outputs import DeltaAssembler
@@ -171,3 +171,29 @@ def test_stats_count_prompt_tokens_and_what_the_prefix_cache_supplied(engine):
     assert after.num_finished - before.num_finished == 2
     assert after.num_prompt_tokens - before.num_prompt_tokens == 80
     assert after.num_cached_prompt_tokens - before.num_cached_prompt_tokens == 32  # the second one's two blocks
+
+
+def test_a_long_step_whose_layers_keep_finishing_never_reads_as_stalled(smollm2_path):
+    """busy_s, what a replica ends its group on (workers/stall_watch.py), counts from the step's start or from the
+    model's last finished layer: a 1500-token prompt prefilled in one step runs long, yet never goes long without
+    progress."""
+    config = EngineConfig(ModelConfig(str(smollm2_path)), CacheConfig(num_kv_blocks=256),
+                          SchedulerConfig(max_num_batched_tokens=4096))
+    eng = AsyncLLMEngine.from_config(config)
+    prompt = [(7 * i) % 40000 + 100 for i in range(1500)]
+    samples = []
+
+    async def run():
+        task = asyncio.create_task(collect(eng, prompt, SamplingParams(max_tokens=1, ignore_eos=True)))
+        while not task.done():
+            samples.append(eng.busy_s())
+            await asyncio.sleep(0.005)
+        await task
+        return await eng.stats()
+
+    try:
+        stats = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    assert stats.num_steps == 1  # the whole prompt, and the first token, in one step
+    assert 0 < max(samples) < stats.step_seconds / 4

@@ -223,11 +223,13 @@ class AsyncLLMEngine:
             raise RuntimeError(f"worker group out of service: {self.broken}")
 
     def busy_s(self) -> float:
-        """Seconds the engine thread has been in its current step or command, 0 while it waits for work; readable
-        from any thread, so a step that never ends (a stuck kernel, a collective waiting on a rank that stopped)
-        shows here while every call that waits for the engine hangs (workers/stall_watch.py)."""
+        """Seconds the engine thread has gone without progress in its current step or command: since it began,
+        or since the model last finished a layer, whichever is later; 0 while it waits for work. Readable from any
+        thread, so a step that never ends (a stuck kernel, a collective waiting on a rank that stopped) shows here
+        while every call that waits for the engine hangs (workers/stall_watch.py), and a step that is merely long
+        (a long prefill on a CPU) does not."""
         since = self._busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        return 0.0 if since is None else time.monotonic() - max(since, self.engine.runner.last_progress)
 
     def load(self) -> dict[str, int]:
         """The group's load as of its last step, readable from any thread without waiting for the engine (the

@@ -105,6 +105,11 @@ class ModelRunner:
             model = LlamaForCausalLM(hf_config, backend, tp)
         self.model = model.to(self.dtype).to_empty(device=self.device).eval()
         load_weights(self.model, model_dir, progress)
+        # When the model last finished a layer: a step that keeps finishing layers is slow, not hung
+        # (workers/stall_watch.py).
+        self.last_progress = 0.0
+        for layer in self.model.model.layers:
+            layer.register_forward_hook(self._progressed)
         self.lora = LoRAAdapters(self.model, model_config.lora_modules, tp) if model_config.lora_modules else None
         self.num_kv_blocks = self._num_kv_blocks(cache_config)
         self.kv_caches = self._allocate_kv_cache()
@@ -199,6 +204,9 @@ class ModelRunner:
                     self.num_kv_blocks * self._bytes_per_block() / 2**30)
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
+
+    def _progressed(self, *_) -> None:
+        self.last_progress = time.monotonic()
 
     def _allocate_host_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The host tier (host_blocks.py): pinned on a GPU, so copies to and from it run at full bus speed."""
