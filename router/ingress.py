@@ -490,14 +490,14 @@ class Ingress:
 
     async def __del__(self):
         """Serve's graceful shutdown: refuse new gRPC calls (UNAVAILABLE), let running ones finish, and the
-        requests no call waits on (background responses) too, for as long as Serve grants; then take this
-        replica's counts out of the other replicas' /metrics."""
+        requests no call waits on (background responses) too, for as long as Serve grants; then leave this
+        replica's counts in the other replicas' /metrics as retired ones (router/replica_metrics.py)."""
         if self._grpc is not None:
             await self._grpc.drain()
         while self._active:
             await asyncio.sleep(0.1)
         if self.metrics.replicas is not None:
-            await self.metrics.replicas.stop()
+            await self.metrics.replicas.stop(self.metrics.counts())
 
 
 def _log_finished(request: GenerateRequest, outcome: Kind, why: str, total_s: float, ttft: TimeToFirstToken | None,

@@ -19,7 +19,7 @@ Latencies, in seconds:
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -124,8 +124,11 @@ class IngressMetrics:
 
     def samples(self) -> Samples:
         """This replica's request metrics, for the other replicas' scrapes (creation times left out)."""
-        return [(family.name, s.name, s.labels, s.value) for family in self._own.collect()
-                for s in family.samples if not s.name.endswith("_created")]
+        return _samples(self._own.collect())
+
+    def counts(self) -> Samples:
+        """Of those, the cumulative ones (counters and histograms): what a stopping replica leaves in the sum."""
+        return _samples(family for family in self._own.collect() if family.type != "gauge")
 
     async def render(self) -> bytes:
         """The Prometheus text exposition, with the groups' reports and the other replicas' samples read now."""
@@ -183,6 +186,11 @@ _GROUP_METRICS = (
     ("tandem_group_lora_drops", "Of those, the ones dropped again for room (max_loras)", "counter",
      lambda r: r["lora_drops"]),
 )
+
+
+def _samples(families: Iterable[Metric]) -> Samples:
+    return [(family.name, s.name, s.labels, s.value) for family in families
+            for s in family.samples if not s.name.endswith("_created")]
 
 
 class _SummedRequests(Collector):

@@ -102,7 +102,9 @@ def test_each_instance_has_its_own_registry():
 
 
 def test_a_scrape_counts_every_ingress_replicas_requests_whichever_replica_answers(redis_url):
-    """Serve's proxy sends each scrape to one replica: both answer with the sum, and a replica that stops leaves it."""
+    """Serve's proxy sends each scrape to one replica: both answer with the sum. A replica that stops leaves its
+    counts in it (retired), so the sum never drops, as does every replica that starts after; its requests running
+    leave with it."""
     namespace = f"test-replicas-{uuid.uuid4().hex}"
 
     async def scrape():
@@ -118,12 +120,15 @@ def test_a_scrape_counts_every_ingress_replicas_requests_whichever_replica_answe
             metrics.replicas.start(metrics.samples)
         await asyncio.sleep(0.3)
         both = [samples(await metrics.render()) for metrics in (a, b)]
-        await a.replicas.stop()
+        a.request_started()  # running as it stops
+        await a.replicas.stop(a.counts())
         after = samples(await b.render())
-        await b.replicas.stop()
-        return both, after
+        c = IngressMetrics(replicas=ReplicaMetrics(redis_url, namespace, period_s=0.05))
+        newcomer = samples(await c.render())
+        await b.replicas.stop(b.counts())
+        return both, after, newcomer
 
-    both, after = asyncio.run(scrape())
+    both, after, newcomer = asyncio.run(scrape())
     for got in both:
         assert got[("tandem_requests_total", (("outcome", "ok"),))] == 2
         assert got[("tandem_requests_running", ())] == 1
@@ -131,13 +136,17 @@ def test_a_scrape_counts_every_ingress_replicas_requests_whichever_replica_answe
         assert got[("tandem_time_to_first_token_seconds_count", ())] == 2
         assert got[("tandem_time_to_first_token_seconds_bucket", (("le", "0.1"),))] == 1
         assert got[("tandem_lora_requests_total", (("adapter", "sql"),))] == 1  # only `a` serves that adapter
-    assert after[("tandem_requests_total", (("outcome", "ok"),))] == 1
-    assert ("tandem_lora_requests_total", (("adapter", "sql"),)) not in after
+    for got in (after, newcomer):
+        assert got[("tandem_requests_total", (("outcome", "ok"),))] == 2
+        assert got[("tandem_time_to_first_token_seconds_bucket", (("le", "0.1"),))] == 1
+        assert got[("tandem_lora_requests_total", (("adapter", "sql"),))] == 1
+    assert after[("tandem_requests_running", ())] == 1  # b's own; a's left with it
+    assert newcomer[("tandem_requests_running", ())] == 1  # b's, from its samples
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .Ingress.__del__. was never awaited")
 def test_ingress_replicas_share_their_counts_while_they_serve(redis_url, tiny_model_factory):
-    """The wiring: a replica writes its samples once Serve builds its HTTP app, and takes them back as it stops.
+    """The wiring: a replica writes its samples once Serve builds its HTTP app, and retires them as it stops.
     Two ingresses without pools (every request here is refused before it would reach one)."""
     model = ServedModel("tiny", str(tiny_model_factory("llama")), max_model_len=1024, vocab_size=49152, block_size=16)
 
@@ -163,10 +172,10 @@ def test_ingress_replicas_share_their_counts_while_they_serve(redis_url, tiny_mo
     both, after = asyncio.run(run())
     refused = ("tandem_requests_total", (("outcome", "invalid_argument"),))
     assert [got[refused] for got in both] == [3, 3]
-    assert after[refused] == 1
+    assert after[refused] == 3
 
 
-def test_another_replicas_samples_that_are_not_samples_are_left_out(redis_url):
+def test_another_replicas_samples_and_retired_counts_that_are_not_samples_are_left_out(redis_url):
     import redis
 
     namespace = f"test-replicas-{uuid.uuid4().hex}"
@@ -174,10 +183,12 @@ def test_another_replicas_samples_that_are_not_samples_are_left_out(redis_url):
     client.sadd(f"{{{namespace}}}:ingress-replicas", "x", "y", b"\xff")
     client.set(f"{{{namespace}}}:ingress-metrics:x", pickle.dumps({"not": "json"}))
     client.set(f"{{{namespace}}}:ingress-metrics:y", json.dumps([["tandem_requests", "tandem_requests_total"]]))
+    retired = json.dumps(["tandem_requests", "tandem_requests_total", {"outcome": "ok"}], sort_keys=True)
+    client.hset(f"{{{namespace}}}:ingress-retired", mapping={"not json": 5, '["too", "short"]': 5, retired: 2})
     metrics = IngressMetrics(replicas=ReplicaMetrics(redis_url, namespace))
     metrics.request_started()
     metrics.request_finished("ok", ttft(0.1), [1.0], Usage(prompt_tokens=1, cached_tokens=0, generated_tokens=1))
-    assert render(metrics)[("tandem_requests_total", (("outcome", "ok"),))] == 1
+    assert render(metrics)[("tandem_requests_total", (("outcome", "ok"),))] == 1 + 2
 
 
 def report(role: str, **overrides) -> dict:
