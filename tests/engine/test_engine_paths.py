@@ -10,6 +10,7 @@ import pytest
 from tests.hf_reference import hf_greedy
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.hashing import hash_full_blocks
 
 NEW = 24
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -111,3 +112,16 @@ def test_prefixes_copied_back_from_the_host_tier_give_the_same_tokens(model_path
     for questions, outs in zip(docs, zip(first, second)):
         assert [out.outputs[0].token_ids for out in outs] == [reference(q) for q in questions]
     assert bm.num_free_blocks == 12
+
+
+def test_a_group_going_away_hands_on_the_prefixes_its_host_tier_holds_too(model_path):
+    """A replica Serve scales down sends its prefixes no other group holds to one that stays: those only its host
+    tier still holds are among them."""
+    llm = LLM(str(model_path), num_kv_blocks=12, kv_offload_gb=0.01, progress=False)
+    docs = [prompts_with_shared_prefix(30 + i, 1, 48, (3, 3))[0] for i in range(4)]
+    for doc in docs:
+        llm.generate(doc, GREEDY)
+    bm, first = llm.engine.block_manager, hash_full_blocks(docs[0][:48], 16, None)
+    assert all(h not in bm.cached and h in bm.host for h in first)  # the first document left the KV cache
+    handed = [prefix.token_ids for prefix in llm.engine.unique_prefixes(held_elsewhere=set())]
+    assert all(any(tokens[:48] == doc[:48] for tokens in handed) for doc in docs)

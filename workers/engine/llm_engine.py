@@ -91,7 +91,8 @@ class LLMEngine:
                                           config.cache.enable_prefix_caching, kv_events, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         # The tokens behind the cached chains: a group that is scaled down hands its own prefixes on by them.
-        self.recent_prefixes = RecentPrefixes(self.block_size, self.runner.num_kv_blocks * self.block_size)
+        self.recent_prefixes = RecentPrefixes(self.block_size, (self.runner.num_kv_blocks +
+                                                                self.runner.num_host_blocks) * self.block_size)
         # A sequence may never outgrow the whole cache: alone, it must always fit.
         self.max_seq_len = min(self.max_model_len, self.runner.num_kv_blocks * self.block_size)
         self.requests: dict[str, _Request] = {}

@@ -4,7 +4,8 @@ The block manager knows its cached blocks only by hash, and a hash cannot be tur
 that Serve scales down still holds prefixes no other group has; to move them it must send them as requests,
 so the engine remembers the full-block tokens of the sequences it finished lately. A chain that a later
 sequence extends (a conversation's next turn) is dropped for the longer one, so a long conversation costs one
-entry, not one per turn, and the oldest entries go once the tokens kept pass what the KV cache itself can hold.
+entry, not one per turn, and the oldest entries go once the tokens kept pass what the KV cache (and its host tier)
+can hold.
 """
 
 from array import array
