@@ -409,9 +409,10 @@ class OpenAIApi:
         try:
             body = body_type.model_validate_json(b"".join(chunks))
         except ValidationError as e:
-            error = e.errors(include_url=False)[0]
-            path = _field_path(error["loc"])
-            raise ApiError(Kind.INVALID_ARGUMENT, f"{path}: {error['msg']}" if path else error["msg"], path) from None
+            errors = e.errors(include_url=False)
+            path = _field_path(errors[0]["loc"])
+            message = _union_message(errors) or errors[0]["msg"]
+            raise ApiError(Kind.INVALID_ARGUMENT, f"{path}: {message}" if path else message, path) from None
         if body.model_extra:
             logger.debug("ignoring unknown request fields %s", sorted(body.model_extra))
         await self.ingress.resolve_model(getattr(body, "model", None))
@@ -710,14 +711,28 @@ def _field_path(loc: tuple) -> str | None:
     if not loc:
         return None
     path = str(loc[0])
-    for part in loc[1:]:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part in _NESTED_FIELDS:
-            path += f".{part}"
-        else:
-            break
+    for part in loc[1:_path_length(loc)]:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
     return path
+
+
+def _path_length(loc: tuple) -> int:
+    """How many of a location's parts name the field, before any union's type tag."""
+    for length, part in enumerate(loc[1:], 1):
+        if not isinstance(part, int) and part not in _NESTED_FIELDS:
+            return length
+    return len(loc)
+
+
+def _union_message(errors: list[dict]) -> str | None:
+    """For a field that may take several forms (a prompt: a string, strings, token ids or lists of them), what
+    those are, rather than why the first form failed ("Input should be a valid string"); None for another field."""
+    loc = errors[0]["loc"]
+    at = _path_length(loc)
+    if not loc or at == len(loc):
+        return None
+    forms = list(dict.fromkeys(e["loc"][at] for e in errors if len(e["loc"]) > at and e["loc"][:at] == loc[:at]))
+    return f"must be one of {', '.join(forms)}" if len(forms) > 1 else None
 
 
 def _error_json(status: int, kind: str, message: str, param: str | None, headers=None) -> JSONResponse:

@@ -522,6 +522,13 @@ def test_bad_input_is_a_400_naming_the_field(client, model_name, kwargs, param):
     assert error.body["message"].startswith(param)
 
 
+def test_a_field_of_several_forms_says_which_it_takes(client, model_name):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=model_name, prompt=["one", [1, 2]], max_tokens=4)
+    assert refused.value.body["message"] == "prompt: must be one of str, list[str], list[int], list[list[int]]"
+    assert refused.value.param == "prompt"
+
+
 def test_chat_errors_name_the_chat_fields(client, model_name):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=model_name, messages=MESSAGES, max_completion_tokens=0)
