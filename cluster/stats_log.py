@@ -3,7 +3,8 @@
     tandem: decode pool, 1 group: generation 45.7 tok/s, running 7, waiting 0, KV cache 3.8% used
 
 and for a prefill pool the prompt tokens it computed a second, the share its prefix cache supplied, and the
-requests whose KV awaits a decode group (a queue that grows when decode falls behind).
+requests whose KV awaits a decode group (a queue that grows when decode falls behind); with kv_offload_gb, how full
+the host tier is.
 
 Read from the load reports each worker group writes to Redis every second (workers/kv_events.py), so the lines
 cover every replica of every pool, wherever it runs. Rates are the change in each group's running totals since
@@ -30,6 +31,7 @@ class PoolLine:
     waiting: int
     pinned: int  # prefilled requests whose KV waits for a decode group: a queue that grows when decode lags
     kv_used_pct: float
+    host_used_pct: float | None = None  # the groups' host tiers (kv_offload_gb); None without one
 
     @property
     def busy(self) -> bool:
@@ -49,8 +51,9 @@ class PoolLine:
         if self.role == "prefill":
             parts.append(f"awaiting decode {self.pinned}")
         plural = "" if self.groups == 1 else "s"
+        host = "" if self.host_used_pct is None else f", host tier {self.host_used_pct:.1f}% used"
         return (f"{self.role} pool, {self.groups} group{plural}: {', '.join(parts)}, KV cache {self.kv_used_pct:.1f}% "
-                f"used")
+                f"used{host}")
 
 
 def pool_lines(before: dict[str, dict], now: dict[str, dict], elapsed_s: float) -> list[PoolLine]:
@@ -65,6 +68,7 @@ def pool_lines(before: dict[str, dict], now: dict[str, dict], elapsed_s: float) 
         delta = {name: sum(_increase(old.get(name, 0), new.get(name, 0)) for old, new in pairs) for name in _COUNTERS}
         total_blocks = sum(new.get("total_blocks", 0) for _, new in pairs)
         free_blocks = sum(new.get("free_blocks", 0) for _, new in pairs)
+        host_blocks = sum(new.get("host_blocks", 0) for _, new in pairs)
         lines.append(PoolLine(
             role=role, groups=len(pairs),
             computed_prompt_tokens_per_s=delta["computed_prompt_tokens"] / elapsed_s,
@@ -73,7 +77,9 @@ def pool_lines(before: dict[str, dict], now: dict[str, dict], elapsed_s: float) 
             running=sum(new.get("running_seqs", 0) for _, new in pairs),
             waiting=sum(new.get("waiting_seqs", 0) for _, new in pairs),
             pinned=sum(new.get("pinned_seqs", 0) for _, new in pairs),
-            kv_used_pct=100 * (1 - free_blocks / total_blocks) if total_blocks else 0.0))
+            kv_used_pct=100 * (1 - free_blocks / total_blocks) if total_blocks else 0.0,
+            host_used_pct=100 * sum(new.get("host_blocks_used", 0) for _, new in pairs) / host_blocks
+            if host_blocks else None))
     return lines
 
 

@@ -37,6 +37,8 @@ def test_each_pool_sums_its_groups_rates_over_the_interval_and_their_load_now():
     unified = pool_lines({}, {"u": report("decode", computed_prompt_tokens=80, prompt_tokens=100,
                                           cached_prompt_tokens=20, generated_tokens=30)}, elapsed_s=1.0)
     assert str(unified[0]).startswith("decode pool, 1 group: prompt 80.0 tok/s computed (20% cached), generation 30.0")
+    offloading = pool_lines({}, {"p": report("prefill", host_blocks=400, host_blocks_used=100)}, elapsed_s=1.0)
+    assert str(offloading[0]).endswith("KV cache 0.0% used, host tier 25.0% used")
 
 
 def test_a_new_or_restarted_group_counts_from_zero_and_an_idle_pool_is_not_busy():

@@ -53,7 +53,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                "podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True},
                                "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}},
     "tp2-autoscaling": {
-        "engine": {"tensorParallelSize": 2, "numCpusPerRank": 2},
+        "engine": {"tensorParallelSize": 2, "numCpusPerRank": 2, "kvOffloadGb": 4},
         # Two groups per pod reserve 2 x (0.1 + 2 x 2) = 8.2 CPUs in Ray.
         "prefill": {"replicas": 2, "gpusPerPod": 4, "nodeSelector": {"gpu": "h100"},
                     "resources": {"limits": {"cpu": "9000m"}, "requests": {"cpu": "9"}},
@@ -207,6 +207,11 @@ def test_serve_config_is_valid_and_is_what_tandem_renders_for_its_args(values):
     assert args == chart_keys_of(expected["applications"][0].pop("args"), args)
     rendered["applications"][0].pop("args")
     assert rendered == expected
+
+
+def test_the_host_tier_size_reaches_the_engine():
+    args = serve_config(objects(VALUE_SETS["tp2-autoscaling"]))["applications"][0]["args"]
+    assert config_from_mapping(args).to_engine_config().cache.kv_offload_gb == 4.0
 
 
 def test_monitors_scrape_the_ports_their_targets_have():
