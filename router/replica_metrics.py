@@ -13,6 +13,7 @@ a replica that dies without stopping takes its counts out of the sum as its key 
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -73,7 +74,10 @@ class ReplicaMetrics:
         """Serve is stopping the replica: `counts`, its counters and histograms as they end, move into the retired
         sum, and its live samples (its gauges too) leave, at one instant."""
         if self._writer is not None:
+            # Waited for, so that a write it has sent reaches Redis before the retirement, not after it.
             self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
             self._writer = None
         fields = [item for family, name, labels, value in counts
                   for item in (json.dumps([family, name, labels], sort_keys=True), value)]
