@@ -207,8 +207,10 @@ def _evicted_prefix_phases(cfg: BenchConfig, model_dir: Path, shared: workloads.
                            warm_prompt: list[int], log: Log) -> list[SystemResult]:
     """Without the host tier first: the reference, since copying blocks back must not change a greedy token. The
     host tier is as large as the other runs' KV cache."""
+    from workers.engine.config import CacheConfig
+
     turns = [[prompt] for wave in shared.waves for prompt in wave]
-    block = 16
+    block = CacheConfig().block_size  # the engine's, which load_tandem keeps
     request_blocks = -(-(cfg.prefix_tokens + cfg.user_tokens[1] + cfg.shared_output_tokens) // block)
     num_kv_blocks = max(request_blocks + 1, len(shared.prefixes) * cfg.prefix_tokens // block // 4)
     runs = {}

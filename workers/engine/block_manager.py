@@ -15,6 +15,7 @@ publishes them to Redis).
 """
 
 from collections import OrderedDict
+from collections.abc import Container
 from collections.abc import Sequence as Run
 from dataclasses import dataclass
 from itertools import takewhile
@@ -137,10 +138,12 @@ class BlockManager:
             self._touch(block_id)
         seq.block_table.extend(new_computed_blocks)
         evicted: list[BlockHash] = []
-        for i, block_hash in enumerate(reloaded):
+        to_read = set(reloaded)
+        for block_hash in reloaded:
             # Each reload is queued right after its block is taken: a later offload may reuse its slot.
-            block_id = self._pop_free(evicted, keep=reloaded[i:])
+            block_id = self._pop_free(evicted, keep=to_read)
             self._reload(block_id, block_hash)
+            to_read.discard(block_hash)
             seq.block_table.append(block_id)
         seq.block_table.extend(self._pop_free(evicted) for _ in range(num_to_allocate - len(reloaded)))
         if evicted and self.kv_events is not None:
@@ -200,7 +203,7 @@ class BlockManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
-    def _pop_free(self, evicted: list[BlockHash], keep: Run[BlockHash] = ()) -> int:
+    def _pop_free(self, evicted: list[BlockHash], keep: Container[BlockHash] = ()) -> int:
         """The front free block. A cached hash it held leaves the device for the host tier, whose copy may displace
         another (never one in `keep`); what leaves the group altogether (that hash, without room in the host tier,
         or the displaced one, unless the device holds it) is appended to `evicted`."""
@@ -214,7 +217,7 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def _offload(self, block: Block, evicted: list[BlockHash], keep: Run[BlockHash]) -> bool:
+    def _offload(self, block: Block, evicted: list[BlockHash], keep: Container[BlockHash]) -> bool:
         """Whether the host tier holds the block's content now (copied before, or queued to be)."""
         if self.host is None:
             return False

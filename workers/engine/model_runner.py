@@ -198,12 +198,16 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One block more than num_kv_blocks: the last one takes the writes of padded decode rows."""
-        c = self.hf_config
-        shape = (self.num_kv_blocks + 1, self.block_size, self.num_kv_heads, head_dim_of(c))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, self.block_size,
                     self.num_kv_blocks * self._bytes_per_block() / 2**30)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_hidden_layers)]
+        return self._kv_blocks(self.num_kv_blocks + 1, device=self.device)
+
+    def _kv_blocks(self, num_blocks: int, **placement) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A K and a V tensor of `num_blocks` blocks for each layer; `placement`: torch.zeros' device or
+        pin_memory."""
+        shape = (num_blocks, self.block_size, self.num_kv_heads, head_dim_of(self.hf_config))
+        return [(torch.zeros(shape, dtype=self.dtype, **placement), torch.zeros(shape, dtype=self.dtype, **placement))
+                for _ in range(self.hf_config.num_hidden_layers)]
 
     def _progressed(self, *_) -> None:
         self.last_progress = time.monotonic()
@@ -212,14 +216,9 @@ class ModelRunner:
         """The host tier (host_blocks.py): pinned on a GPU, so copies to and from it run at full bus speed."""
         if not self.num_host_blocks:
             return []
-        c = self.hf_config
-        shape = (self.num_host_blocks, self.block_size, self.num_kv_heads, head_dim_of(c))
         logger.info("KV host tier: %d blocks (%.2f GiB)", self.num_host_blocks,
                     self.num_host_blocks * self._bytes_per_block() / 2**30)
-        pin = self.device.type == "cuda"
-        return [(torch.zeros(shape, dtype=self.dtype, pin_memory=pin), torch.zeros(shape, dtype=self.dtype,
-                                                                                  pin_memory=pin))
-                for _ in range(c.num_hidden_layers)]
+        return self._kv_blocks(self.num_host_blocks, pin_memory=self.device.type == "cuda")
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
