@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.engine.test_parity import assert_prompt_logprobs_match_hf
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import hf_embedding, hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.errors import InvalidRequestError, LoRAError
 from workers.engine.llm import LLM
@@ -67,6 +67,13 @@ def test_each_adapter_gives_the_tokens_of_its_merged_weights_in_one_mixed_batch(
         assert tokens == hf_greedy(references[name], token_ids(llm, prompt), NEW), (name, prompt)
     for name in adapters:  # else the comparison could not tell an adapter from the base model
         assert any(got[p, name] != got[p, None] for p in PROMPTS), name
+
+
+def test_an_embedding_under_an_adapter_is_that_of_its_merged_weights(llm, adapters, merged, smollm2_path):
+    ids = token_ids(llm, PROMPTS[2])
+    for name, reference in ({None: smollm2_path} | merged).items():
+        [out] = llm.embed(ids, lora=name)
+        torch.testing.assert_close(torch.tensor(out.embedding), hf_embedding(reference, ids), atol=2e-5, rtol=0)
 
 
 def test_padded_decode_steps_run_each_row_under_its_adapter(adapters, merged, smollm2_path):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.engine.test_parity import SMOLLM2_QUESTIONS, assert_prompt_logprobs_match_hf, random_prompts
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import hf_embedding, hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
 from workers.engine.config import (
     CacheConfig,
@@ -37,7 +37,7 @@ _TIMEOUT_S = 120
 
 def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams], speculative: int, lora_modules: dict[str, str],
-               one_at_a_time: bool, cache: CacheConfig, results: mp.Queue) -> None:
+               one_at_a_time: bool, cache: CacheConfig, embed: frozenset[int], results: mp.Queue) -> None:
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S))
@@ -52,13 +52,15 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
             return
         engine = LLMEngine(config, tp=tp)
         each = params if isinstance(params, list) else [params] * len(prompts)
-        waves = [[item] for item in zip(prompts, each)] if one_at_a_time else [list(zip(prompts, each))]
+        items = list(zip(range(len(prompts)), prompts, each))
+        waves = [[item] for item in items] if one_at_a_time else [items]
         ids, done = [], {}
         for wave in waves:
-            ids += [engine.add_request(prompt, p) for prompt, p in wave]
+            ids += [engine.add_embedding_request(prompt) if i in embed else engine.add_request(prompt, p)
+                    for i, prompt, p in wave]
             while engine.has_unfinished_requests():
-                done.update((o.request_id, (o.outputs[0].token_ids, o.prompt_logprobs)) for o in engine.step()
-                            if o.finished)
+                done.update((o.request_id, (o.embedding or o.outputs[0].token_ids, o.prompt_logprobs))
+                            for o in engine.step() if o.finished)
         engine.shutdown()
         counts = {"accepted_guesses": engine.num_accepted_guesses,
                   "reloaded_blocks": engine.block_manager.num_reloaded_blocks}
@@ -69,16 +71,18 @@ def _rank_main(rank: int, size: int, port: int, model: str, prompts: list[list[i
 
 def generate_tp(model: str, size: int, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                 speculative: int = 0, lora_modules: dict[str, str] | None = None, one_at_a_time: bool = False,
-                cache: CacheConfig = CacheConfig(num_kv_blocks=64)) -> tuple[list[tuple[list[int], list | None]], dict]:
+                cache: CacheConfig = CacheConfig(num_kv_blocks=64),
+                embed: frozenset[int] = frozenset()) -> tuple[list[tuple[list, list | None]], dict]:
     """Rank 0's greedy tokens and prompt logprobs, and its counts of the guesses it kept (with `speculative`
     tokens guessed per step) and of the blocks its host tier reloaded, once every follower has stopped cleanly.
     `params` is one for all prompts or one each; `one_at_a_time` runs each request alone, after the one before
-    has finished. The engine keeps one adapter of those requests bring (max_loras=1)."""
+    has finished. The engine keeps one adapter of those requests bring (max_loras=1). The prompts at the indices
+    in `embed` are embedding requests instead: their embedding comes in place of the tokens."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, size, store.port, model, prompts, params, speculative,
-                                                      lora_modules or {}, one_at_a_time, cache, results))
+                                                      lora_modules or {}, one_at_a_time, cache, embed, results))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -118,6 +122,18 @@ def test_prompt_logprobs_under_tensor_parallelism_match_hf(tiny_model_factory):
     for prompt, (tokens, prompt_logprobs) in zip(prompts, outs):
         assert tokens == hf_greedy(path, prompt, 4)
         assert_prompt_logprobs_match_hf(prompt_logprobs, prompt, path, 2)
+
+
+def test_embeddings_under_tensor_parallelism_match_hf_beside_generation(tiny_model_factory):
+    """Followers run no head on an embedding request's last row (its step plan says so), in step with rank 0,
+    which reads the whole hidden state that every rank holds."""
+    path = tiny_model_factory("qwen2")
+    prompts = random_prompts(6, [5, 23, 70, 12])
+    outs, _ = generate_tp(str(path), 2, prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                          embed=frozenset({1, 2}))
+    assert [outs[0][0], outs[3][0]] == [hf_greedy(path, prompts[0], 8), hf_greedy(path, prompts[3], 8)]
+    for i in (1, 2):
+        torch.testing.assert_close(torch.tensor(outs[i][0]), hf_embedding(path, prompts[i]), atol=2e-5, rtol=0)
 
 
 def test_a_structured_output_under_tensor_parallelism_is_one_ranks(tiny_model_factory):

@@ -121,6 +121,18 @@ class AsyncLLMEngine:
                 raise RequestFailedError(f"request {rid} was aborted during prefill")
         return out.handoff
 
+    async def embed(self, prompt: str | list[int], request_id: str | None = None, cache_salt: str | None = None,
+                    lora: str | None = None, lora_path: str | None = None) -> RequestOutput:
+        """An embedding request (LLMEngine.add_embedding_request): its final output, which carries the vector.
+        Raises RequestFailedError if the request ends otherwise."""
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        outputs, _ = await self._start(rid, lambda: self.engine.add_embedding_request(prompt, rid, cache_salt, lora,
+                                                                                      lora_path))
+        async for out in self._stream(rid, outputs):
+            if out.finished and out.embedding is None:
+                raise RequestFailedError(f"request {rid} was aborted before its embedding was computed")
+        return out
+
     async def send_kv(self, command: KVCommand) -> int:
         """The prefill group's half of a transfer (or of opening its channel): a send starts and returns at once;
         the decode group receives."""

@@ -136,7 +136,24 @@ class LLM:
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
-        return self._run(ids, use_tqdm)
+        return self._run(ids, use_tqdm, "Generating")
+
+    def embed(self, prompts: Prompt | Seq[Prompt], *, cache_salt: str | None = None, lora: str | None = None,
+              use_tqdm: bool = False) -> list[RequestOutput]:
+        """Each prompt's embedding (`out.embedding`: the last token's hidden state, normalized), as vLLM's LLM.embed
+        gives an embedding model's; in one continuous batch, sharing the prefix cache with generate. `lora`: an
+        adapter add_lora or lora_modules loaded."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        try:
+            for prompt in prompts:
+                ids.append(self.engine.add_embedding_request(prompt, cache_salt=cache_salt, lora=lora))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm, "Embedding")
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *, cache_salt: str | None = None,
@@ -150,9 +167,9 @@ class LLM:
                             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, template_kwargs=chat_template_kwargs)
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool, desc: str) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+        with tqdm(total=len(ids), desc=desc, unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

@@ -35,7 +35,13 @@ from workers.engine.sequence import FinishReason, Sequence
 from workers.engine.speculative import guess, takes_guesses
 from workers.engine.step_plan import Stop
 from workers.engine.structured_output import GrammarCompiler, RequestGrammar
-from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
+from workers.engine.validation import (
+    bad_words_token_ids,
+    check_embedding_request,
+    check_request,
+    prompt_token_ids,
+    truncate_prompt,
+)
 from workers.kv.hashing import BlockHash
 from workers.kv_commands import KVCommand, OpenChannel, TransferCommand, TransferPlan, TransferRefused
 from workers.kv_transfer import KVEndpoint, run_transfer
@@ -156,9 +162,20 @@ class LLMEngine:
         self.scheduler.add(req.seq)
         return req.seq.request_id
 
+    def add_embedding_request(self, prompt: str | list[int], request_id: str | None = None,
+                              cache_salt: str | None = None, lora: str | None = None,
+                              lora_path: str | None = None) -> str:
+        """Queues an embedding request: its prompt is computed as any other's (in chunks, from the prefix cache,
+        leaving its blocks there) and its final output carries the prompt's embedding (RequestOutput.embedding,
+        model_runner.py's last-token pooling) instead of a token. `lora` and `lora_path` as SamplingParams'."""
+        req = self._new_request(prompt, SamplingParams(max_tokens=1, lora=lora, lora_path=lora_path), request_id,
+                                cache_salt, embed=True)
+        self.scheduler.add(req.seq)
+        return req.seq.request_id
+
     def _new_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
                      cache_salt: str | None, grammar: "CompiledGrammar | None" = None,
-                     continuation: Continuation | None = None) -> _Request:
+                     continuation: Continuation | None = None, embed: bool = False) -> _Request:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.pinned:
@@ -170,9 +187,9 @@ class LLMEngine:
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         if params.lora_path is not None:
             self.adapters.use(params.lora, params.lora_path, self._adapters_in_use)
-        self._validate(token_ids, params, ends)
+        self._validate(token_ids, params, ends, embed)
         seq = Sequence(request_id, token_ids, params, self.block_size, cache_salt, frozenset(ends),
-                       bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size))
+                       bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size), embed=embed)
         if params.structured_output is not None:
             spec = params.structured_output
             seq.grammar = RequestGrammar(grammar or self.compile_grammar(spec), spec.after)
@@ -385,6 +402,7 @@ class LLMEngine:
             seq.draft_token_ids.clear()
             self.block_manager.cache_full_blocks(seq)
         outputs = [self._process(s) for s in sampled]
+        outputs += [self._embedded(seq) for seq, _ in sched.scheduled if seq.embedding is not None]
         self.num_steps += 1
         self.step_seconds += time.monotonic() - now
         return outputs
@@ -416,6 +434,12 @@ class LLMEngine:
             if ended is not None:
                 return ended
         return self._output(req, finished=False)
+
+    def _embedded(self, seq: Sequence) -> RequestOutput:
+        """An embedding request whose vector this step computed: it ends here."""
+        req = self.requests[seq.request_id]
+        req.metrics.first_token_time = time.monotonic()
+        return self._finish(req, FinishReason.EMBEDDED)
 
     def _take(self, req: _Request, token_id: int, logprobs: dict[int, float] | None) -> RequestOutput | None:
         """Appends one token; the request's final output if that token ends it."""
@@ -482,16 +506,22 @@ class LLMEngine:
         if seq.sampling_params.prompt_logprobs is not None and (first or finished):
             prompt_logprobs = [None, *seq.prompt_logprobs]
         return RequestOutput(seq.request_id, req.prompt, seq.prompt_token_ids, [completion], finished,
-                             seq.num_cached_tokens, req.metrics, prompt_logprobs=prompt_logprobs)
+                             seq.num_cached_tokens, req.metrics, prompt_logprobs=prompt_logprobs,
+                             embedding=seq.embedding)
 
     # -- input checks -----------------------------------------------------------------------------------------
 
-    def _validate(self, token_ids: list[int], params: SamplingParams, ends: set[int]) -> None:
-        """check_request's checks, and those that need this engine: its KV capacity and the tokens that end a
-        request (`ends`)."""
-        check_request(token_ids, params, self.vocab_size, self.max_model_len)
-        if len(token_ids) >= self.max_seq_len:
-            raise PromptTooLongError(len(token_ids), self.max_seq_len - 1, "the KV cache capacity")
+    def _validate(self, token_ids: list[int], params: SamplingParams, ends: set[int], embed: bool = False) -> None:
+        """check_request's checks (check_embedding_request's for an embedding request, which generates nothing), and
+        those that need this engine: its KV capacity and the tokens that end a request (`ends`)."""
+        if embed:
+            check_embedding_request(token_ids, self.max_model_len)
+            if len(token_ids) > self.max_seq_len:
+                raise PromptTooLongError(len(token_ids), self.max_seq_len, "the KV cache capacity")
+        else:
+            check_request(token_ids, params, self.vocab_size, self.max_model_len)
+            if len(token_ids) >= self.max_seq_len:
+                raise PromptTooLongError(len(token_ids), self.max_seq_len - 1, "the KV cache capacity")
         if params.priority and self.scheduler.config.policy != "priority":
             raise InvalidRequestError("priority", "this server runs requests in arrival order (scheduling_policy "
                                                   "fcfs); leave priority at 0")

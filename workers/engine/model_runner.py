@@ -279,9 +279,10 @@ class ModelRunner:
         # Multi-token chunks first, then single-token decodes from the shortest context to the longest, so the
         # attention backend can batch decodes of similar length together.
         batch = sorted(batch, key=lambda item: (item[1] == 1, item[1] == 1 and item[0].num_computed_tokens))
-        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs.
+        # A graph computes the logits of the rows that sample only, not of prompt positions that want logprobs, nor
+        # the hidden states of embedding requests.
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch) and \
-                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions for seq, _ in batch):
+                not any(seq.num_computed_tokens < seq.num_prompt_logprob_positions or seq.embed for seq, _ in batch):
             logits, seqs = self._padded_decode([seq for seq, _ in batch])
         else:
             logits, seqs = self._eager(batch, record=sample)
@@ -321,16 +322,29 @@ class ModelRunner:
 
     def _eager(self, batch: list[tuple[Sequence, int]], record: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Logits of the sequences whose new tokens reach their end, and those sequences; with `record` (rank 0),
-        the prompt logprobs of the positions computed are added to their sequences."""
-        input_ids, positions, meta, sample_rows, prompt_rows = self._prepare(batch)
+        the prompt logprobs of the positions computed are added to their sequences, and the embedding requests
+        whose prompt ends in this step get their vectors."""
+        input_ids, positions, meta, sample_rows, prompt_rows, embed_rows = self._prepare(batch)
         with self._adapters(batch):
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if prompt_rows:
             self._prompt_logprobs(hidden, prompt_rows, record)
+        if embed_rows and record:
+            self._embed(hidden, embed_rows)
         if not sample_rows:
             return None, []
         rows, seqs = zip(*sample_rows)
         return self.model.compute_logits(hidden[list(rows)]), list(seqs)
+
+    def _embed(self, hidden: torch.Tensor, embed_rows: list[tuple[int, Sequence]]) -> None:
+        """Last-token pooling, as the embedding models of this architecture (e5-mistral, gte-Qwen2) and vLLM's
+        pooling runner for decoder models take it: under a causal mask only the last token's hidden state (after
+        the final norm) has read the whole prompt. Normalized to unit length, as OpenAI's embeddings are. Every
+        rank holds the whole hidden state (the layers' outputs are all-reduced), so rank 0 alone reads it."""
+        rows = torch.tensor([row for row, _ in embed_rows], device=hidden.device)
+        vectors = torch.nn.functional.normalize(hidden.index_select(0, rows).float(), dim=-1).cpu().tolist()
+        for (_, seq), vector in zip(embed_rows, vectors):
+            seq.embedding = vector
 
     @contextmanager
     def _adapters(self, batch: list[tuple[Sequence, int]]) -> Iterator[None]:
@@ -403,6 +417,7 @@ class ModelRunner:
         decodes: list[Sequence] = []
         sample_rows: list[tuple[int, Sequence]] = []
         prompt_rows: list[tuple[Sequence, int, int, int]] = []
+        embed_rows: list[tuple[int, Sequence]] = []
         for seq, n in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             query_start = len(input_ids)
@@ -423,7 +438,7 @@ class ModelRunner:
             if guesses:
                 sample_rows.extend((query_start + i, seq) for i in range(n))
             elif end == seq.num_tokens:
-                sample_rows.append((len(input_ids) - 1, seq))
+                (embed_rows if seq.embed else sample_rows).append((len(input_ids) - 1, seq))
             upto = min(end, seq.num_prompt_logprob_positions)
             if start < upto:
                 prompt_rows.append((seq, query_start, start, upto - start))
@@ -439,4 +454,5 @@ class ModelRunner:
             decode_buckets=decode_buckets(context_lens),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        return ids, torch.tensor(positions, dtype=torch.long, device=self.device), meta, sample_rows, prompt_rows
+        return ids, torch.tensor(positions, dtype=torch.long, device=self.device), meta, sample_rows, prompt_rows, \
+            embed_rows

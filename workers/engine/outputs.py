@@ -24,7 +24,7 @@ class CompletionOutput:
     index: int
     text: str  # all text released so far (final text once finished)
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort", None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" ("prefilled", "embedded" inside the cluster)
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, float]] | None = None
     delta_text: str = ""  # text released by this update only: what a stream sends
@@ -94,6 +94,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
     # Only the first and the last output carry them, so a stream does not resend them with every token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # An embedding request's (LLMEngine.add_embedding_request) final output: the prompt's unit-length vector.
+    embedding: list[float] | None = None
 
     @property
     def usage(self) -> Usage:

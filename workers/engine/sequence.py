@@ -28,6 +28,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # the client cancelled or the request failed
     PREFILLED = "prefilled"  # a prefill-only request has its first token; its KV waits for a decode group
+    EMBEDDED = "embedded"  # an embedding request has its vector
 
 
 _arrival = itertools.count()
@@ -65,6 +66,10 @@ class Sequence:
     # This step's guesses at the tokens after its last one (speculative.py): computed with it, kept where the model
     # agrees. Not part of token_ids, and gone after the step.
     draft_token_ids: list[int] = field(default_factory=list)
+    # An embedding request: its prompt's last hidden state, normalized, is its output (the model runner sets
+    # `embedding` in the step that computes the prompt's last token); it generates no token.
+    embed: bool = False
+    embedding: list[float] | None = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

@@ -37,6 +37,7 @@ class ScheduledChunk:
     num_prompt_logprob_positions: int = 0  # the head runs on these positions too (all ranks take part)
     draft_token_ids: list[int] = field(default_factory=list)  # guesses computed after the next token (speculative.py)
     lora: str | None = None  # the request's LoRA adapter (lora.py)
+    embed: bool = False  # an embedding request: its last token's row runs no head (sequence.py)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class MirroredRequest:
     num_prompt_logprob_positions: int = 0
     draft_token_ids: list[int] = field(default_factory=list)
     lora: str | None = None
+    embed: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -111,7 +113,8 @@ class PlanWriter:
             new_blocks = list(table) if reset else table[len(blocks_sent):]
             chunks.append(ScheduledChunk(seq.request_id, seq.num_computed_tokens, num_new,
                                          seq.token_ids[num_tokens_sent:], new_blocks, reset,
-                                         seq.num_prompt_logprob_positions, list(seq.draft_token_ids), seq.lora))
+                                         seq.num_prompt_logprob_positions, list(seq.draft_token_ids), seq.lora,
+                                         seq.embed))
             self._sent[seq.request_id] = (seq.num_tokens, list(table))
         self.send(StepPlan(chunks, self._finished))
         self._finished = []
@@ -156,6 +159,7 @@ class PlanReader:
             mirror.num_prompt_logprob_positions = chunk.num_prompt_logprob_positions
             mirror.draft_token_ids = list(chunk.draft_token_ids)
             mirror.lora = chunk.lora
+            mirror.embed = chunk.embed
             batch.append((mirror, chunk.num_new_tokens))
         return batch
 

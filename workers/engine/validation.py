@@ -49,6 +49,12 @@ def bad_words_token_ids(tokenizer, params: SamplingParams, vocab_size: int) -> t
     return tuple(found)
 
 
+def check_embedding_request(token_ids: list[int], max_model_len: int) -> None:
+    """An embedding request generates nothing, so its prompt may fill the context."""
+    if len(token_ids) > max_model_len:
+        raise PromptTooLongError(len(token_ids), max_model_len)
+
+
 def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
     """The prompt leaves room for at least one generated token; the params fit the model; a structured output
     parses."""
