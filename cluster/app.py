@@ -96,6 +96,7 @@ def served_model(config: ClusterConfig, model_dir: str) -> ServedModel:
     max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
     return ServedModel(name=config.served_model_name or Path(config.model).name, path=model_dir,
                        max_model_len=max_len, vocab_size=hf_config.vocab_size, block_size=config.block_size,
+                       hidden_size=hf_config.hidden_size,
                        adapters=tuple(config.lora_modules), lora_dir=config.lora_dir,
                        sampling_defaults=generation_config_defaults(model_dir)
                        if config.generation_config == "auto" else {})

@@ -2,6 +2,7 @@
 
     with TandemClient("localhost:50051") as client:
         print(client.generate("Once upon a time", max_tokens=32).text)
+        vector = client.embed("A document to search for").embedding
         for chunk in client.chat_stream([("user", "Name three rivers.")], temperature=0):
             print(chunk.text, end="", flush=True)
 
@@ -138,6 +139,12 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    embedding: list[float]  # unit length
+    usage: Usage  # the prompt's tokens (completion_tokens 0)
+
+
+@dataclass(frozen=True)
 class Model:
     id: str  # the name requests pass as `model`
     max_model_len: int  # longest prompt plus completion, in tokens
@@ -246,6 +253,30 @@ class _Requests:
         if options.get("parallel_tool_calls") is not None:
             request.parallel_tool_calls = options["parallel_tool_calls"]
         return request, self.call(options.get("timeout"), options.get("metadata", ()))
+
+
+def _embed_request(prompt: str | Sequence[int], model: str | None, dimensions: int | None,
+                   truncate_prompt_tokens: int | None, cache_salt: str | None,
+                   request_id: str | None) -> pb.EmbedRequest:
+    with _invalid("dimensions"):
+        request = pb.EmbedRequest(model=model or "", dimensions=dimensions or 0, cache_salt=cache_salt or "",
+                                  request_id=request_id or "")
+    if truncate_prompt_tokens is not None:
+        with _invalid("truncate_prompt_tokens"):
+            request.truncate_prompt_tokens = truncate_prompt_tokens
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        with _invalid("prompt"):
+            request.token_ids.ids.extend(prompt)
+        request.token_ids.SetInParent()
+    return request
+
+
+def _embedding(response: pb.EmbedResponse) -> Embedding:
+    usage = response.usage
+    return Embedding(list(response.embedding), Usage(usage.prompt_tokens, usage.cached_tokens,
+                                                     usage.completion_tokens))
 
 
 def _tool_call(call: ToolCall | Mapping[str, Any]) -> pb.ToolCall:
@@ -446,6 +477,14 @@ class TandemClient:
         request, call = self._requests.chat(messages, options)
         return Stream(lambda: self._stub.Chat(request, **call))
 
+    def embed(self, prompt: str | Sequence[int], *, model: str | None = None, dimensions: int | None = None,
+              truncate_prompt_tokens: int | None = None, cache_salt: str | None = None,
+              request_id: str | None = None, timeout: float | None = None) -> Embedding:
+        """The prompt's embedding: its last token's hidden state at unit length; with `dimensions`, the first that
+        many values, normalized again."""
+        request = _embed_request(prompt, model, dimensions, truncate_prompt_tokens, cache_salt, request_id)
+        return _embedding(self._unary(self._stub.Embed, request, timeout))
+
     def tokenize(self, text: str, *, model: str | None = None, timeout: float | None = None) -> list[int]:
         response = self._unary(self._stub.Tokenize, pb.TokenizeRequest(model=model or "", text=text), timeout)
         return list(response.token_ids)
@@ -569,6 +608,12 @@ class AsyncTandemClient:
         request, call = self._requests.chat(messages, options)
         return AsyncStream(lambda: self._stub.Chat(request, **call))
 
+    async def embed(self, prompt: str | Sequence[int], *, model: str | None = None, dimensions: int | None = None,
+                    truncate_prompt_tokens: int | None = None, cache_salt: str | None = None,
+                    request_id: str | None = None, timeout: float | None = None) -> Embedding:
+        request = _embed_request(prompt, model, dimensions, truncate_prompt_tokens, cache_salt, request_id)
+        return _embedding(await self._unary(self._stub.Embed, request, timeout))
+
     async def tokenize(self, text: str, *, model: str | None = None, timeout: float | None = None) -> list[int]:
         response = await self._unary(self._stub.Tokenize, pb.TokenizeRequest(model=model or "", text=text), timeout)
         return list(response.token_ids)
@@ -625,5 +670,5 @@ async def _collect_async(chunks: AsyncStream) -> Completion:
     return completion
 
 
-__all__ = ["AsyncStream", "AsyncTandemClient", "Chunk", "Completion", "Model", "Options", "Stream", "TandemClient",
-           "TandemError", "TimeToFirstToken", "Usage"]
+__all__ = ["AsyncStream", "AsyncTandemClient", "Chunk", "Completion", "Embedding", "Model", "Options", "Stream",
+           "TandemClient", "TandemError", "TimeToFirstToken", "Usage"]

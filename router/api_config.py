@@ -26,6 +26,7 @@ class ApiConfig:
     max_bad_words: int = _field(256, "most bad_words per request (each is tokenized as the request arrives)")
     max_cache_salt_chars: int = _field(256, "longest cache_salt")
     max_choices: int = _field(64, "most completions one HTTP request may ask for: n times the prompts of a batch")
+    max_embedding_inputs: int = _field(2048, "most inputs one embeddings request may carry (OpenAI's limit)")
     response_ttl_s: int = _field(600, "how long a stored Responses API response can be retrieved or continued "
                                       "(previous_response_id), in seconds; Redis holds each (with its "
                                       "conversation) that long")
@@ -65,7 +66,7 @@ class ApiConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens", "max_stop_strings", "max_bad_words", "max_cache_salt_chars",
-                     "max_choices", "response_ttl_s", "max_concurrent_requests"):
+                     "max_choices", "max_embedding_inputs", "response_ttl_s", "max_concurrent_requests"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value!r})")

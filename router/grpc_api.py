@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.api_config import ApiConfig
 from router.errors import ApiError, Kind, classify, invalid, renamed
-from router.ingress import GenerateRequest, Ingress
+from router.ingress import EmbedRequest, GenerateRequest, Ingress
 from router.openai_tools import ToolChoice, tool_choice
 from router.reasoning import ReasoningParser, ReasoningSplit
 from router.tool_call_json import CallDelta, CallStream
@@ -98,6 +98,21 @@ class GenerationServicer:
                    ) -> AsyncIterator[pb.GenerateResponse]:
         async for response in self._stream(request, context, self._chat_request, chat=True):
             yield response
+
+    @_unary
+    async def Embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        which = request.WhichOneof("prompt")
+        if which is None:
+            raise invalid("prompt", "give text or token_ids")
+        truncate = request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None
+        out = await self.ingress.embed(EmbedRequest(
+            prompt=request.text if which == "text" else None,
+            prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
+            truncate_prompt_tokens=truncate, dimensions=request.dimensions or None,
+            request_id=request.request_id or None, cache_salt=request.cache_salt or None, model=request.model or None))
+        usage = out.usage
+        return pb.EmbedResponse(embedding=out.embedding, usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
+                                                                        cached_tokens=usage.cached_tokens))
 
     @_unary
     async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:

@@ -10,13 +10,16 @@ pool is down or its group failed) and for a request that wants prompt logprobs. 
 deadline passes) cancels the stream, which cancels the call on whichever group holds the request, so every block is
 freed. A decode group lost mid-stream (a rank or its node died) does not end the request: it moves to another
 decode group, which computes the prompt and the tokens already streamed and carries on from there (up to
-api.migration_limit times). Each replica is also the cluster's front door: it serves the gRPC API
-(router/grpc_api.py) on its own port and the OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP
-proxy. The ingress is stateless: any number of replicas serve the same pools.
+api.migration_limit times). An embedding request (`embed`) goes to one group, a prefill group where there is a
+prefill pool, which computes its prompt as any other and returns the prompt's vector instead of a token. Each replica
+is also the cluster's front door: it serves the gRPC API (router/grpc_api.py) on its own port and the
+OpenAI-compatible HTTP API (router/openai_api.py) through Serve's HTTP proxy. The ingress is stateless: any number
+of replicas serve the same pools.
 """
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -46,7 +49,13 @@ from workers.engine.llm import chat_token_ids
 from workers.engine.lora_folder import CONFIG_FILE
 from workers.engine.outputs import Continuation, DeltaAssembler, RequestOutput, TimeToFirstToken, Usage
 from workers.engine.sampling_params import SamplingParams
-from workers.engine.validation import bad_words_token_ids, check_request, prompt_token_ids, truncate_prompt
+from workers.engine.validation import (
+    bad_words_token_ids,
+    check_embedding_request,
+    check_request,
+    prompt_token_ids,
+    truncate_prompt,
+)
 from workers.kv.hashing import hash_full_blocks
 from workers.replica_logging import use_serve_logging
 
@@ -76,6 +85,19 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class EmbedRequest:
+    """Exactly one of prompt and prompt_token_ids."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as the context holds)
+    dimensions: int | None = None  # keep the vector's first values, normalized again (Matryoshka embeddings)
+    request_id: str | None = None
+    cache_salt: str | None = None
+    model: str | None = None  # None or "": the served model
+
+
+@dataclass(frozen=True)
 class ServedModel:
     """What the ingress serves, as ListModels and /v1/models show it."""
 
@@ -84,6 +106,7 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     block_size: int
+    hidden_size: int  # the length of its embeddings
     adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads at start, which requests name as `model`
     # Where an adapter a request names is looked for when it is not loaded: the folder <lora_dir>/<name>.
     lora_dir: str | None = None
@@ -153,6 +176,79 @@ class Ingress:
             adapter = request.model if request.model and self.lora.get(request.model) else None
             self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage, adapter)
             _log_finished(request, outcome, why, time.monotonic() - received, ttft, usage)
+
+    async def embed(self, request: EmbedRequest) -> RequestOutput:
+        """An embedding request's final output, whose `embedding` is the prompt's unit-length vector (last-token
+        pooling, workers/engine/model_runner.py). A prefill group computes it where there is a prefill pool (its
+        request router sends it where the prompt's prefix is cached), a decode group otherwise or when no prefill
+        group can take it. Counted and logged with the other requests."""
+        received = time.monotonic()
+        request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        self.admit(request.request_id)
+        self._active += 1
+        self.metrics.request_started()
+        outcome, why, out = Kind.INTERNAL, "", None
+        try:
+            out = await self._embed(request)
+            outcome = Kind.OK
+            if request.dimensions is not None:
+                return replace(out, embedding=_shortened(out.embedding, request.dimensions))
+            return out
+        except BaseException as e:
+            error = classify(e)
+            outcome, why = error.kind, error.message
+            raise
+        finally:
+            self._active -= 1
+            adapter = request.model if request.model and self.lora.get(request.model) else None
+            usage = out.usage if out is not None else None
+            self.metrics.request_finished(outcome.name.lower(), None, [], usage, adapter)
+            _log_finished(request, outcome, why, time.monotonic() - received, None, usage)
+
+    async def _embed(self, request: EmbedRequest) -> RequestOutput:
+        await self.resolve_model(request.model)
+        adapter = self.check_model(request.model) if request.model else None
+        token_ids = self.validate_embedding(request)
+        lora, lora_path = (adapter.key, adapter.path) if adapter is not None else (None, None)
+        hint = RoutingHint(len(token_ids), hash_full_blocks(token_ids, self.model.block_size, request.cache_salt,
+                                                            lora=lora))
+        if self.prefill is not None:
+            try:
+                with _serve_request_id(uuid.uuid4().hex):
+                    return await _cancelling(self.prefill.embed.remote(
+                        token_ids, request.request_id, request.cache_salt, lora, lora_path, routing=hint))
+            except Exception as e:
+                error = classify(e)
+                if error.kind is not Kind.UNAVAILABLE:
+                    raise
+                logger.warning("%s: %s; a decode group embeds it", request.request_id, error.message)
+        with _serve_request_id(uuid.uuid4().hex):
+            return await _cancelling(self.decode.embed.remote(token_ids, request.request_id, request.cache_salt,
+                                                              lora, lora_path, routing=hint))
+
+    def validate_embedding(self, request: EmbedRequest) -> list[int]:
+        """The token ids an embedding request's prompt is, after every check the engine would make (such a prompt
+        may fill the context: nothing is generated) plus the API's limits."""
+        size = self.model.hidden_size
+        if request.dimensions is not None and not 1 <= request.dimensions <= size:
+            raise invalid("dimensions", f"must be in [1, {size}] (the model's embedding size), got "
+                                        f"{request.dimensions}")
+        given = [name for name in ("prompt", "prompt_token_ids") if getattr(request, name) is not None]
+        if len(given) != 1:
+            raise invalid("input", f"give exactly one of prompt and prompt_token_ids, got {given or 'none'}")
+        _, token_ids = prompt_token_ids(self.tokenizer, request.prompt if request.prompt is not None
+                                        else request.prompt_token_ids, self.model.vocab_size)
+        keep, context = request.truncate_prompt_tokens, self.model.max_model_len
+        if keep is not None:
+            if keep != -1 and not 1 <= keep <= context:
+                raise invalid("truncate_prompt_tokens", f"must be -1 or in [1, {context}] (the context length), "
+                                                        f"got {keep}")
+            token_ids = token_ids[-(context if keep == -1 else keep):]
+        check_embedding_request(token_ids, context)
+        if request.cache_salt is not None and len(request.cache_salt) > self.api.max_cache_salt_chars:
+            raise invalid("cache_salt", f"at most {self.api.max_cache_salt_chars} characters, got "
+                                        f"{len(request.cache_salt)}")
+        return token_ids
 
     def admit(self, request_id: str | None = None) -> None:
         """Refuses a new request while the replica drains (UNAVAILABLE) or serves its limit (RESOURCE_EXHAUSTED),
@@ -500,8 +596,8 @@ class Ingress:
             await self.metrics.replicas.stop(self.metrics.counts())
 
 
-def _log_finished(request: GenerateRequest, outcome: Kind, why: str, total_s: float, ttft: TimeToFirstToken | None,
-                  usage: Usage | None) -> None:
+def _log_finished(request: GenerateRequest | EmbedRequest, outcome: Kind, why: str, total_s: float,
+                  ttft: TimeToFirstToken | None, usage: Usage | None) -> None:
     """One line per request, as an access log has, whichever API it came by (no prompt text: that is the
     caller's)."""
     served = f" ({request.model})" if request.model else ""
@@ -511,6 +607,13 @@ def _log_finished(request: GenerateRequest, outcome: Kind, why: str, total_s: fl
     cause = f": {why}" if why else ""
     logger.info("request %s%s: %s after %.3f s%s%s%s", request.request_id, served, outcome.name.lower(), total_s,
                 first, tokens, cause)
+
+
+def _shortened(vector: list[float], dimensions: int) -> list[float]:
+    """A Matryoshka embedding's first `dimensions` values, at unit length again (OpenAI's `dimensions`)."""
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in head))
+    return [v / norm for v in head] if norm else head
 
 
 async def _let_go(outputs, prefilled, request_id: str) -> None:

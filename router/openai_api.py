@@ -14,6 +14,9 @@
                                  was created streaming), POST /v1/responses/{id}/cancel stops it
     POST /v1/responses/input_tokens  OpenAI's: how many tokens a Responses API request's prompt has (its
                                  instructions, the conversation it continues, its input and tools), unrun
+    POST /v1/embeddings          input (a string or token ids, or a batch of them) -> each one's vector: the last
+                                 token's hidden state, unit length (last-token pooling); dimensions keeps the first
+                                 values, normalized again; encoding_format base64 sends little-endian float32s
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -44,6 +47,8 @@ failure after that is one SSE error event. A client that disconnects closes the 
 the request and frees its KV blocks.
 """
 
+import asyncio
+import base64
 import hmac
 import logging
 import time
@@ -55,6 +60,7 @@ from functools import partial
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -64,13 +70,14 @@ from starlette.exceptions import HTTPException
 
 from router.background import BackgroundResponses
 from router.errors import ApiError, Kind, classify, invalid, renamed
-from router.ingress import GenerateRequest, Ingress
+from router.ingress import EmbedRequest, GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_bodies import (
     ChatBody,
     ChatMessage,
     CompletionBody,
     DetokenizeBody,
+    EmbeddingsBody,
     GenerationBody,
     InputItem,
     InputTokensBody,
@@ -94,6 +101,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions
 
 
 Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
 Shape = ResponseShape | ResponsesShape
 Built = tuple[list[dict], SamplingParams, ToolChoice | None]  # a request's prompts, params and tool choice
 
@@ -131,6 +139,7 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/responses/{response_id}", api.stored_response, methods=["GET", "DELETE"])
     app.add_api_route("/v1/responses/{response_id}/input_items", api.list_input_items, methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}/cancel", api.cancel_response, methods=["POST"])
+    app.add_api_route("/v1/embeddings", api.embeddings, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"])
@@ -165,6 +174,54 @@ class OpenAIApi:
 
     async def responses(self, request: Request) -> Response:
         return await self._serve(request, ResponsesBody, self._responses_request, self._responses_shape)
+
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's embeddings: one cluster request per input, every input checked before any runs, all run at
+        once; the first to fail fails the request and cancels the others."""
+        try:
+            self._authorize(request)
+            body = await self._parse(request, EmbeddingsBody)
+            request_id = body.request_id or uuid.uuid4().hex
+            requests = self._embed_requests(body, request_id)
+        except PayloadTooLarge as e:
+            self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
+            return _refused(e)
+        except Exception as e:
+            error = classify(e)
+            self.ingress.refused(error)
+            return error_response(error)
+        try:
+            outs = await _together([self.ingress.embed(r) for r in requests])
+        except Exception as e:
+            return error_response(classify(e))
+        data = [{"object": "embedding", "index": i, "embedding": _encoded(out.embedding, body.encoding_format)}
+                for i, out in enumerate(outs)]
+        prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
+        return JSONResponse({"id": f"embd-{request_id}", "object": "list", "created": int(time.time()),
+                             "model": self.ingress.model_name(body.model), "data": data,
+                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
+    def _embed_requests(self, body: EmbeddingsBody, request_id: str) -> list[EmbedRequest]:
+        """One request per input, as token ids; a bad input is named by its place in a batch (input[2])."""
+        batch = isinstance(body.input, list) and bool(body.input) and not isinstance(body.input[0], int)
+        inputs = body.input if batch else [body.input]
+        limit = self.ingress.api.max_embedding_inputs
+        if len(inputs) > limit:
+            raise invalid("input", f"at most {limit} inputs per request, got {len(inputs)}")
+        requests = []
+        for i, item in enumerate(inputs):
+            text = isinstance(item, str)
+            request = EmbedRequest(prompt=item if text else None, prompt_token_ids=None if text else item,
+                                   truncate_prompt_tokens=body.truncate_prompt_tokens, dimensions=body.dimensions,
+                                   request_id=f"{request_id}-{i}" if batch else request_id,
+                                   cache_salt=body.cache_salt, model=body.model)
+            field = f"input[{i}]" if batch else "input"
+            try:
+                token_ids = self.ingress.validate_embedding(request)
+            except Exception as e:
+                raise renamed(classify(e), {"prompt": field, "prompt_token_ids": field}) from None
+            requests.append(replace(request, prompt=None, prompt_token_ids=token_ids, truncate_prompt_tokens=None))
+        return requests
 
     async def stored_response(self, request: Request, response_id: str) -> Response:
         """GET: the response as it was returned, or as a background one stands; with stream=true, a background
@@ -714,6 +771,23 @@ def _field_path(loc: tuple) -> str | None:
     for part in loc[1:_path_length(loc)]:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
     return path
+
+
+async def _together(calls: list[Awaitable[T]]) -> list[T]:
+    """The calls' results, in order, run at once: the first to fail cancels the others and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as e:
+        raise e.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def _encoded(vector: list[float], encoding_format: str | None) -> list[float] | str:
+    """A vector as OpenAI sends it: a list of numbers, or with base64 its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
 
 
 def _path_length(loc: tuple) -> int:

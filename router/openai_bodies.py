@@ -137,6 +137,18 @@ class InputTokensBody(BaseModel):
     tools: list[dict] | None = None
 
 
+class EmbeddingsBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = None  # keep the first values, normalized again
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's
+    request_id: str | None = None  # vLLM's
+    cache_salt: str | None = None
+
+
 class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None

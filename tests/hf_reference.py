@@ -50,8 +50,8 @@ def hf_logits(path: str | Path, token_ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_embedding(path: str | Path, token_ids: list[int]) -> torch.Tensor:
-    """The last token's hidden state after the final norm, unit length: what an embedding model of this
-    architecture (e5-mistral, gte-Qwen2) gives for the prompt."""
+    """The last token's hidden state after the final norm, unit length: what a decoder-only embedding model (such
+    as e5-mistral) gives for the prompt."""
     model = hf_model(path)
     hidden = model(torch.tensor([token_ids], dtype=torch.long), output_hidden_states=True).hidden_states[-1][0, -1]
     return torch.nn.functional.normalize(hidden, dim=-1)

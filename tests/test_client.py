@@ -17,15 +17,25 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from ray import serve
 from transformers import AutoTokenizer
 
 from cluster.app import build_app
-from cluster.client import AsyncTandemClient, Chunk, Completion, Model, TandemClient, TandemError
+from cluster.client import (
+    AsyncTandemClient,
+    Chunk,
+    Completion,
+    Embedding,
+    Model,
+    TandemClient,
+    TandemError,
+    Usage,
+)
 from cluster.config import ClusterConfig
 from router.grpc_api import start_grpc_server
 from router.ingress import Ingress, ServedModel
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import hf_embedding, hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -194,6 +204,26 @@ def test_tokenize_detokenize_models_and_health(client, model):
         assert nobody.health() is False
 
 
+def test_embed_sync_and_async_gives_hfs_vector_and_its_usage(client, model):
+    """The unified app has no prefill pool: its decode group computes the embedding."""
+    ids = client.tokenize("The quick brown fox")
+    embedded = client.embed("The quick brown fox")
+    torch.testing.assert_close(torch.tensor(embedded.embedding), hf_embedding(model, ids), atol=2e-5, rtol=0)
+    assert embedded.usage == Usage(prompt_tokens=len(ids), cached_tokens=0, completion_tokens=0)
+
+    async def main() -> Embedding:
+        async with AsyncTandemClient(URL, timeout=60) as aclient:
+            return await aclient.embed(ids, dimensions=4, request_id="embed-async")
+
+    shortened = asyncio.run(main())
+    torch.testing.assert_close(torch.tensor(shortened.embedding),
+                               torch.nn.functional.normalize(torch.tensor(embedded.embedding[:4]), dim=0), atol=1e-6,
+                               rtol=0)
+    with pytest.raises(TandemError) as raised:
+        client.embed("hi", dimensions=-2**40)
+    assert raised.value.code == INVALID and raised.value.details.startswith("dimensions")
+
+
 # -- errors -----------------------------------------------------------------------------------------------------
 
 def test_a_server_error_is_a_tandem_error_naming_the_field(client):
@@ -298,7 +328,8 @@ def test_mutual_tls_from_paths_or_bytes_and_the_api_key_reach_the_server(tmp_pat
 def draining_replica(model):
     """A second ingress replica, draining (as `tandem serve` leaves each replica while its calls finish on Ctrl-C):
     it refuses every new request with UNAVAILABLE. Its own event loop runs in a thread, as Serve's would."""
-    ingress = Ingress(None, None, ServedModel("tiny", model, max_model_len=1024, vocab_size=49152, block_size=16))
+    ingress = Ingress(None, None, ServedModel("tiny", model, max_model_len=1024, vocab_size=49152, block_size=16,
+                    hidden_size=64))
     ingress.draining = True
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

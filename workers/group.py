@@ -117,6 +117,16 @@ class WorkerGroup:
             self._driver.abort.remote(request_id)
             raise
 
+    async def embed(self, prompt: str | list[int], request_id: str | None = None, cache_salt: str | None = None,
+                    lora: str | None = None, lora_path: str | None = None) -> RequestOutput:
+        """An embedding request's final output (AsyncLLMEngine.embed), which carries the vector."""
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        try:
+            return await _unwrap(self._driver.embed.remote(prompt, request_id, cache_salt, lora, lora_path))
+        except asyncio.CancelledError:
+            self._driver.abort.remote(request_id)  # as for prefill: the actor call runs on otherwise
+            raise
+
     async def send_kv(self, command: KVCommand) -> int:
         return await _unwrap(self._driver.send_kv.remote(command))
 

@@ -117,6 +117,9 @@ class RankWorker:
     async def prefill(self, prompt, params, request_id, cache_salt, continuation=None) -> KVHandoff:
         return await self.engine.prefill(prompt, params, request_id, cache_salt, continuation)
 
+    async def embed(self, prompt, request_id, cache_salt, lora=None, lora_path=None) -> RequestOutput:
+        return await self.engine.embed(prompt, request_id, cache_salt, lora, lora_path)
+
     async def send_kv(self, command: KVCommand) -> int:
         return await self.engine.send_kv(command)
 

@@ -1,8 +1,9 @@
 """A pool replica: one Serve replica owns one tensor-parallel worker group.
 
 The same class serves both pools (one engine, two roles): the prefill pool's replicas answer `prefill`, the
-decode pool's answer `generate_prefilled` (and `generate` in unified mode). The group's ranks live in the
-replica's own placement group, so Serve reserves a replica's GPUs together, and they go when the replica goes.
+decode pool's answer `generate_prefilled` (and `generate` in unified mode); either answers `embed`. The group's
+ranks live in the replica's own placement group, so Serve reserves a replica's GPUs together, and they go when the
+replica goes.
 
 Only requests travel through Serve. KV blocks move between the groups' ranks over their own channels, and the
 decode group reaches the prefill group that holds a request's KV through that group's handle, which `prefill`
@@ -110,6 +111,13 @@ class EngineServer:
         async with self._stalls.watching():
             return Prefilled(await self.group.prefill(prompt, params, request_id, cache_salt, continuation),
                              self.group)
+
+    async def embed(self, prompt: str | list[int], request_id: str | None = None, cache_salt: str | None = None,
+                    lora: str | None = None, lora_path: str | None = None, routing: object = None) -> RequestOutput:
+        """An embedding request, on either pool (the prefill pool's, where there is one): a prompt computed like
+        any other, whose final output carries its vector instead of a token."""
+        async with self._stalls.watching():
+            return await self.group.embed(prompt, request_id, cache_salt, lora, lora_path)
 
     async def generate_prefilled(self, handoff: KVHandoff, params: SamplingParams | None, source: WorkerGroup,
                                  routing: object = None, caller: Caller | None = None) -> AsyncIterator[RequestOutput]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -23,6 +24,7 @@ from cluster.config import ClusterConfig, PoolConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.api_config import ApiConfig
+from tests.hf_reference import hf_embedding
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -333,6 +335,21 @@ def test_tokenize_detokenize_and_list_models(stub, model):
     assert stub.Tokenize(pb.TokenizeRequest(model=served.id, text="x")).token_ids
 
 
+def test_embed_gives_hfs_normalized_last_hidden_state_and_shares_the_prefix_cache(stub, model):
+    ids = list(range(300, 340))
+    expected = hf_embedding(model, ids)
+    first = stub.Embed(pb.EmbedRequest(token_ids=pb.TokenIds(ids=ids)), timeout=60)
+    torch.testing.assert_close(torch.tensor(first.embedding), expected, atol=2e-5, rtol=0)
+    assert (first.usage.prompt_tokens, first.usage.cached_tokens, first.usage.completion_tokens) == (40, 0, 0)
+    shorter = stub.Embed(pb.EmbedRequest(token_ids=pb.TokenIds(ids=ids), dimensions=8), timeout=60)
+    torch.testing.assert_close(torch.tensor(shorter.embedding), torch.nn.functional.normalize(expected[:8], dim=0),
+                               atol=2e-5, rtol=0)
+    assert shorter.usage.cached_tokens == 32  # the prompt's two full blocks, left cached by the first
+    text = stub.Embed(pb.EmbedRequest(text="Hello world"), timeout=60)
+    words = stub.Tokenize(pb.TokenizeRequest(text="Hello world")).token_ids
+    torch.testing.assert_close(torch.tensor(text.embedding), hf_embedding(model, list(words)), atol=2e-5, rtol=0)
+
+
 def test_health_and_reflection_are_served(cluster):
     with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -489,6 +506,12 @@ BAD_OTHER = {
     "a forced tool call and a structured output": ("Chat", pb.ChatRequest(
         messages=ASK, tools=[WEATHER], tool_choice=pb.ToolChoice(mode="required"),
         sampling=sampling(structured_output=pb.StructuredOutput(json_object=True))), INVALID, "tool_choice"),
+    "embed without a prompt": ("Embed", pb.EmbedRequest(), INVALID, "prompt: give text or token_ids"),
+    "embed a prompt longer than the context": ("Embed", pb.EmbedRequest(token_ids=pb.TokenIds(ids=[5] * (CONTEXT + 1))),
+                                               INVALID, f"prompt: {CONTEXT + 1} tokens exceed the model's context"),
+    "embed with more dimensions than the model has": ("Embed", pb.EmbedRequest(text="x", dimensions=65), INVALID,
+                                                      "dimensions: must be in [1, 64]"),
+    "embed for an unknown model": ("Embed", pb.EmbedRequest(model="nope", text="x"), NOT_FOUND, "model"),
     "detokenize id = vocab": ("Detokenize", pb.DetokenizeRequest(token_ids=[VOCAB]), INVALID, "token_ids"),
     "tokenize for an unknown model": ("Tokenize", pb.TokenizeRequest(model="nope", text="x"), NOT_FOUND, "model"),
 }

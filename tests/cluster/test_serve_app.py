@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray import serve
 
 from cluster.app import build_app
 from cluster.config import ClusterConfig, PoolConfig
 from router.api_config import ApiConfig
-from router.ingress import GenerateRequest
+from router.ingress import EmbedRequest, GenerateRequest
 from router.kv_index import KVIndexFollower
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import hf_embedding, hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, Adapter, merged_model, write_adapter
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
@@ -120,6 +121,28 @@ def test_requests_sharing_a_prefix_go_to_the_prefill_replica_that_holds_it(ingre
     first, later = asyncio.run(run())
     assert first.usage.cached_tokens == 0
     assert [out.usage.cached_tokens for out in later] == [96] * 4
+
+
+def test_an_embedding_comes_from_the_prefill_pool_and_leaves_its_prefix_there_for_the_next_request(ingress, model):
+    """Embedding a document computes its blocks on a prefill replica, which keeps them: the next request on that
+    document (an embedding or a question) is sent there and finds them cached. Vectors and tokens equal HF's."""
+    document = [(41 * j) % 49152 for j in range(96)]
+
+    async def run():
+        embedded = await ingress.embed.remote(EmbedRequest(prompt_token_ids=document + [5]))
+        await asyncio.sleep(2.0)  # the index hears of the document's blocks
+        again = await ingress.embed.remote(EmbedRequest(prompt_token_ids=document + [6], dimensions=16))
+        asked = await final(ingress, GenerateRequest(prompt_token_ids=document + [7, 8], params=GREEDY))
+        return embedded, again, asked
+
+    embedded, again, asked = asyncio.run(run())
+    assert [out.usage.cached_tokens for out in (embedded, again, asked)] == [0, 96, 96]
+    torch.testing.assert_close(torch.tensor(embedded.embedding), hf_embedding(model, document + [5]), atol=2e-5,
+                               rtol=0)
+    torch.testing.assert_close(torch.tensor(again.embedding),
+                               torch.nn.functional.normalize(hf_embedding(model, document + [6])[:16], dim=0),
+                               atol=2e-5, rtol=0)
+    assert asked.outputs[0].token_ids == hf_greedy(model, document + [7, 8], GREEDY.max_tokens)
 
 
 def test_a_different_cache_salt_gets_no_credit_for_anothers_prefix(ingress):

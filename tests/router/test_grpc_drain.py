@@ -24,7 +24,8 @@ def free_port() -> int:
 @pytest.mark.filterwarnings("ignore:coroutine .Ingress.__del__. was never awaited")
 def test_a_draining_server_refuses_new_calls_as_unavailable(tiny_model_factory):
     path = str(tiny_model_factory("llama"))
-    ingress = Ingress(None, None, ServedModel("tiny", path, max_model_len=1024, vocab_size=49152, block_size=16))
+    ingress = Ingress(None, None, ServedModel("tiny", path, max_model_len=1024, vocab_size=49152, block_size=16,
+                    hidden_size=64))
     port = free_port()
 
     async def run(ingress: Ingress):

@@ -148,7 +148,8 @@ def test_a_scrape_counts_every_ingress_replicas_requests_whichever_replica_answe
 def test_ingress_replicas_share_their_counts_while_they_serve(redis_url, tiny_model_factory):
     """The wiring: a replica writes its samples once Serve builds its HTTP app, and retires them as it stops.
     Two ingresses without pools (every request here is refused before it would reach one)."""
-    model = ServedModel("tiny", str(tiny_model_factory("llama")), max_model_len=1024, vocab_size=49152, block_size=16)
+    model = ServedModel("tiny", str(tiny_model_factory("llama")), max_model_len=1024, vocab_size=49152, block_size=16,
+                    hidden_size=64)
 
     async def refuse(ingress: Ingress) -> None:
         with pytest.raises(InvalidRequestError):

@@ -24,6 +24,7 @@ import openai
 import pytest
 import ray
 import redis
+import torch
 from grpc import StatusCode
 from pydantic import BaseModel, Field
 from ray import serve
@@ -38,7 +39,7 @@ from router.api_config import ApiConfig
 from tests.conftest import SERVE_HTTP_HOST, SERVE_HTTP_PORT, SERVE_HTTP_URL, with_generation_config
 from tests.helm.test_chart import objects as chart_objects
 from tests.helm.test_chart import one
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import hf_embedding, hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, Adapter, merged_model, write_adapter
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,7 @@ SERVED_NAME = "acme/tiny-chat"  # served_model_name: the name clients give, not 
 ADAPTER = "acme/tiny-sql-lora"  # a LoRA adapter on it, which clients give as `model` too
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CHOICES = 8
+MAX_EMBEDDING_INPUTS = 4
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # long enough for several full KV blocks
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
@@ -86,6 +88,7 @@ def cluster(ray_cluster, tiny_model_factory, redis_url, response_store, adapter,
                            num_kv_blocks=64, num_cpus_per_rank=0.5,
                            disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT,
                            api=ApiConfig(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_choices=MAX_CHOICES,
+                                         max_embedding_inputs=MAX_EMBEDDING_INPUTS,
                                          tool_call_parser="hermes", reasoning_parser="deepseek_r1",
                                          response_store_url=response_store, allow_runtime_lora=True,
                                          allowed_origins=ORIGIN))
@@ -539,6 +542,50 @@ def test_chat_errors_name_the_chat_fields(client, model_name):
     with pytest.raises(openai.BadRequestError) as refused:  # the rendered messages outgrow the context
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi " * 2000}])
     assert refused.value.param == "messages"
+
+
+def test_embeddings_are_hfs_vectors_in_input_order_as_floats_or_base64(client, model_name, cluster, tokenizer):
+    texts = [PROMPT, "Hello world"]
+    ids = [tokenizer.encode(text) for text in texts]
+    as_base64 = client.embeddings.create(model=model_name, input=texts)  # what the openai client asks for
+    as_floats = client.embeddings.create(model=model_name, input=texts, encoding_format="float")
+    for result in (as_base64, as_floats):
+        assert (result.object, result.model, [d.index for d in result.data]) == ("list", model_name, [0, 1])
+        for data, prompt in zip(result.data, ids):
+            torch.testing.assert_close(torch.tensor(data.embedding), hf_embedding(cluster, prompt), atol=2e-5,
+                                       rtol=0)
+    assert as_floats.usage.prompt_tokens == as_floats.usage.total_tokens == len(ids[0]) + len(ids[1])
+    shorter = client.embeddings.create(model=model_name, input=ids[1], dimensions=16, encoding_format="float")
+    torch.testing.assert_close(torch.tensor(shorter.data[0].embedding),
+                               torch.nn.functional.normalize(hf_embedding(cluster, ids[1])[:16], dim=0), atol=2e-5,
+                               rtol=0)
+
+
+def test_an_embedding_under_a_lora_adapter_is_that_of_its_merged_weights(client, cluster, adapter, tokenizer,
+                                                                         tmp_path):
+    ids = tokenizer.encode(PROMPT)
+    result = client.embeddings.create(model=ADAPTER, input=[ids], encoding_format="float")
+    merged = merged_model(adapter, Path(cluster), tmp_path / "merged")
+    assert result.model == ADAPTER
+    torch.testing.assert_close(torch.tensor(result.data[0].embedding), hf_embedding(merged, ids), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("kwargs", "param", "message"), [
+    (dict(input=""), "input", "input: must not be empty"),
+    (dict(input=["fine", ""]), "input[1]", "input[1]: must not be empty"),
+    (dict(input=[[1, 49152]]), "input[0]", "input[0]: token id 49152 is outside the vocabulary"),
+    (dict(input="hi " * 2000), "input", "input: 2001 tokens exceed the model's context length (1024)"),
+    (dict(input="hi", dimensions=0), "dimensions", "dimensions: must be in [1, 64]"),
+    (dict(input=["x"] * (MAX_EMBEDDING_INPUTS + 1)), "input", f"input: at most {MAX_EMBEDDING_INPUTS} inputs"),
+    (dict(input="hi", encoding_format="hex"), "encoding_format", "encoding_format: Input should be 'float' or"),
+    (dict(input="hi", extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens", "truncate_prompt_tokens"),
+    (dict(input=[{"text": "hi"}]), "input", "input: must be one of str, list[str], list[int], list[list[int]]"),
+])
+def test_bad_embeddings_input_is_a_400_naming_the_field(client, model_name, kwargs, param, message):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=model_name, **kwargs)
+    assert (refused.value.status_code, refused.value.param) == (400, param)
+    assert refused.value.body["message"].startswith(message)
 
 
 RESPONSE = dict(max_output_tokens=12, temperature=0, extra_body={"ignore_eos": True})

@@ -337,10 +337,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden[list(rows)]), list(seqs)
 
     def _embed(self, hidden: torch.Tensor, embed_rows: list[tuple[int, Sequence]]) -> None:
-        """Last-token pooling, as the embedding models of this architecture (e5-mistral, gte-Qwen2) and vLLM's
-        pooling runner for decoder models take it: under a causal mask only the last token's hidden state (after
-        the final norm) has read the whole prompt. Normalized to unit length, as OpenAI's embeddings are. Every
-        rank holds the whole hidden state (the layers' outputs are all-reduced), so rank 0 alone reads it."""
+        """Last-token pooling, as decoder-only embedding models (e5-mistral) and vLLM's pooling runner for decoder
+        models take it: under a causal mask only the last token's hidden state (after the final norm) has read the
+        whole prompt. Normalized to unit length, as OpenAI's embeddings are. Every rank holds the whole hidden state
+        (the layers' outputs are all-reduced), so rank 0 alone reads it."""
         rows = torch.tensor([row for row, _ in embed_rows], device=hidden.device)
         vectors = torch.nn.functional.normalize(hidden.index_select(0, rows).float(), dim=-1).cpu().tolist()
         for (_, seq), vector in zip(embed_rows, vectors):

@@ -27,7 +27,8 @@ checks the two agree, and that Tandem's own config loader accepts the args).
 {{- $api := dict "max_request_bytes" $v.api.maxRequestBytes "max_tokens" $v.api.maxTokens
       "max_stop_strings" $v.api.maxStopStrings "max_bad_words" $v.api.maxBadWords
       "max_cache_salt_chars" $v.api.maxCacheSaltChars
-      "max_choices" $v.api.maxChoices "response_ttl_s" $v.api.responseTtlS
+      "max_choices" $v.api.maxChoices "max_embedding_inputs" $v.api.maxEmbeddingInputs
+      "response_ttl_s" $v.api.responseTtlS
       "response_store_url" ($v.api.responseStoreUrl | default nil) "tool_call_parser" $v.api.toolCallParser
       "reasoning_parser" $v.api.reasoningParser
       "max_concurrent_requests" $v.api.maxConcurrentRequests "allow_runtime_lora" $v.api.allowRuntimeLora

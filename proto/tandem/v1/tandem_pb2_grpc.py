@@ -45,6 +45,11 @@ class GenerationStub:
                 request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tandem.v1.Generation/Embed',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/tandem.v1.Generation/Tokenize',
                 request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.TokenizeRequest.SerializeToString,
@@ -85,6 +90,15 @@ class GenerationServicer:
 
     def Chat(self, request, context):
         """Continues a conversation; the messages are rendered with the model's chat template.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """The embedding of a prompt: the hidden state of its last token after the model's final norm, at unit length
+        (last-token pooling, as decoder-only embedding models such as e5-mistral take it). A prompt may fill the
+        context. Computed as a prompt is for Generate, sharing the prefix cache.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +154,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.FromString,
                     response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -222,6 +241,33 @@ class Generation:
             '/tandem.v1.Generation/Chat',
             proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.SerializeToString,
             proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Generation/Embed',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
