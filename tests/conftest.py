@@ -23,13 +23,14 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from workers.engine.model_store import resolve_model
 
 pytest_plugins = ["tests.redis_fixture"]
 
-TINY_ARCHS = ("llama", "qwen2", "mistral")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "qwen3")
 
 _TINY_SEED = 1234
 # At 0.1 and below the tied-embedding qwen2 model greedily repeats one token most of the time; at 0.2 every
@@ -64,6 +65,9 @@ def _tiny_config(arch: str) -> PretrainedConfig:
         return LlamaConfig(**_TINY_COMMON, tie_word_embeddings=False, rope_parameters=rope)
     if arch == "qwen2":
         return Qwen2Config(**_TINY_COMMON, tie_word_embeddings=True)
+    if arch == "qwen3":
+        # head_dim apart from hidden_size / heads, as Qwen3's (128 heads' worth of 1024 hidden in Qwen3-0.6B).
+        return Qwen3Config(**_TINY_COMMON, tie_word_embeddings=True, head_dim=32)
     if arch == "mistral":
         return MistralConfig(**_TINY_COMMON, tie_word_embeddings=False, sliding_window=64, head_dim=32)
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {TINY_ARCHS}")

@@ -106,9 +106,10 @@ def assert_matches_hf(path, size: int, prompts: list[list[int]], new_tokens: int
     assert [tokens for tokens, _ in generate_tp(str(path), size, prompts, greedy)[0]] == expected
 
 
-@pytest.mark.parametrize(("arch", "size"), [("llama", 2), ("qwen2", 2), ("llama", 4)])
+@pytest.mark.parametrize(("arch", "size"), [("llama", 2), ("qwen2", 2), ("qwen3", 2), ("llama", 4)])
 def test_tiny_models_match_hf(arch, size, tiny_model_factory):
-    """llama: untied head, 2 KV heads split over 2 ranks or replicated over 4; qwen2: qkv bias, tied embedding."""
+    """llama: untied head, 2 KV heads split over 2 ranks or replicated over 4; qwen2: qkv bias, tied embedding;
+    qwen3: each rank norms its own query and key heads by the whole per-head weight."""
     # 70 tokens spans several KV blocks and, under a 64-token step budget, two chunks.
     assert_matches_hf(tiny_model_factory(arch), size, random_prompts(3, [5, 23, 70]), 24)
 

@@ -1,7 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
 
 One file covers them all: they differ only in config values (GQA, head_dim, qkv bias, sliding window, rope
-scaling, tied embeddings), all read from the HF config. Module names follow HF's so checkpoint names map
+scaling, tied embeddings), all read from the HF config, and in Qwen3's RMSNorm of each query and key head before
+the rotary embedding. Module names follow HF's so checkpoint names map
 directly, except the fused projections listed in PACKED_MODULES. Every layer that shards under tensor parallelism
 takes the TensorParallel object; at size 1 the model is the plain single-device one.
 """
@@ -58,6 +59,11 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.heads.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         getattr(config, "attention_bias", False), tp)
+        # Qwen3: one weight per head dimension, shared by the heads, so every rank holds all of it.
+        self.q_norm = self.k_norm = None
+        if config.model_type == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.backend = backend
         self.fusion = fusion
 
@@ -68,8 +74,16 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = _per_head(self.q_norm, q), _per_head(self.k_norm, k)
         o = self.backend.forward(positions, q, k, v, kv_cache[0], kv_cache[1], meta)
         return row_linear(self.fusion, self.o_proj, o.flatten(1))
+
+
+def _per_head(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over each head of x [T, heads, head_dim], as rows of one [T * heads, head_dim] matrix (the shape the
+    GPU kernel takes)."""
+    return norm(x.reshape(-1, x.shape[-1]))[0].view(x.shape)
 
 
 class LlamaMLP(nn.Module):
