@@ -3,13 +3,16 @@ every path a prompt takes through the engine: whole or in chunks, from the prefi
 with requests that generate, and as a one-token last chunk on the padded decode path. It generates nothing, so
 its prompt may fill the context, and it leaves its blocks in the prefix cache for later requests."""
 
+import json
 import random
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from tests.hf_reference import hf_embedding, hf_greedy
-from workers.engine.errors import PromptTooLongError
+from workers.engine.errors import InvalidRequestError, PromptTooLongError
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
 
@@ -119,3 +122,47 @@ def test_an_aborted_embedding_request_frees_its_blocks(tiny_model_factory):
     out = engine.abort_request(request_id)
     assert out.embedding is None and out.outputs[0].finish_reason == "abort"
     assert engine.block_manager.num_free_blocks == 32 and not engine.has_unfinished_requests()
+
+
+def decoder_alone(causal_lm, folder, architecture: str | None = None):
+    """The model's decoder as an embedding model's checkpoint holds it: saved from HF's base model class (no
+    "model." prefix, no head), under `architecture` where its config.json names another (Qwen3-Embedding's says
+    Qwen3ForCausalLM)."""
+    AutoModel.from_pretrained(causal_lm).save_pretrained(folder)
+    for tokenizer_file in causal_lm.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, folder)
+    if architecture is not None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"architectures": [architecture]}))
+    return folder
+
+
+@torch.no_grad()
+def base_model_embedding(folder, token_ids: list[int]) -> torch.Tensor:
+    hidden = AutoModel.from_pretrained(folder).eval()(torch.tensor([token_ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden, dim=-1)
+
+
+def test_an_embedding_model_without_a_head_embeds_as_hfs_base_model_and_refuses_to_generate(tiny_model_factory,
+                                                                                             tmp_path):
+    folder = decoder_alone(tiny_model_factory("mistral"), tmp_path)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["MistralModel"]
+    llm = LLM(str(folder), num_kv_blocks=32, progress=False)
+    prompt = random_prompt(80, 90)
+    [out] = llm.embed(prompt)
+    torch.testing.assert_close(torch.tensor(out.embedding), base_model_embedding(folder, prompt), atol=2e-5, rtol=0)
+    with pytest.raises(InvalidRequestError, match="is an embedding model .*: it serves embeddings only"):
+        llm.generate(prompt, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_tied_embedding_model_labelled_as_a_causal_lm_loads_whole(tiny_model_factory, tmp_path):
+    """Qwen3-Embedding's checkpoint is Qwen3Model's names under a config that says Qwen3ForCausalLM; its tied
+    embedding is its head, so it generates too, as the causal model it came from does."""
+    causal = tiny_model_factory("qwen3")
+    folder = decoder_alone(causal, tmp_path, "Qwen3ForCausalLM")
+    llm = LLM(str(folder), num_kv_blocks=32, progress=False)
+    prompt = random_prompt(81, 40)
+    [out] = llm.embed(prompt)
+    torch.testing.assert_close(torch.tensor(out.embedding), base_model_embedding(folder, prompt), atol=2e-5, rtol=0)
+    assert llm.generate(prompt, GREEDY)[0].outputs[0].token_ids == hf_greedy(causal, prompt, 16)

@@ -48,7 +48,9 @@ from workers.engine.structured_output import token_bitmask
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           # their decoders alone, as embedding models ship them (models/loader.py)
+                           "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"}
 
 
 @dataclass
@@ -128,10 +130,11 @@ class ModelRunner:
             self.use_padded_decode(min(model_config.max_graph_batch_size, config.scheduler.max_num_seqs), capture=True)
 
     def _captures_graphs(self, config: EngineConfig) -> bool:
-        """On CUDA with the triton backend, at one rank. The torch backend pads each decode's K/V to the longest
-        context, which a graph would fix at the model's whole context length; collectives are left out of graphs."""
+        """On CUDA with the triton backend, at one rank, for a model that generates. The torch backend pads each
+        decode's K/V to the longest context, which a graph would fix at the model's whole context length;
+        collectives are left out of graphs."""
         return (self.device.type == "cuda" and not config.model.enforce_eager
-                and config.model.attention_backend == "triton" and self.tp.size == 1)
+                and config.model.attention_backend == "triton" and self.tp.size == 1 and self.model.generates)
 
     def use_padded_decode(self, max_batch_size: int, capture: bool) -> None:
         """Runs decode-only batches of up to max_batch_size sequences padded to the sizes of graph_batch_sizes:

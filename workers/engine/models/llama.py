@@ -151,6 +151,14 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
+    @property
+    def generates(self) -> bool:
+        """False for an embedding model whose checkpoint has no head (models/loader.py)."""
+        return self.tie_word_embeddings or self.lm_head is not None
+
+    def drop_head(self) -> None:
+        self.lm_head = None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full [T, vocab] logits on every rank."""
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head

@@ -3,8 +3,13 @@
 Each checkpoint tensor is opened as a lazy safetensors slice and handed to the owning layer's `weight_loader`,
 which reads only the rows or columns its rank holds: a tensor-parallel rank never materializes more than its own
 shard of any tensor, and at most one such shard beyond the model itself.
+
+An embedding model's checkpoint is the decoder alone, saved from HF's LlamaModel, MistralModel, Qwen2Model or
+Qwen3Model (e5-mistral, Qwen3-Embedding): its names lack the "model." prefix, and where its config does not tie the
+embedding, it has no language-model head, so the model it loads into serves embeddings only.
 """
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +19,8 @@ from tqdm.auto import tqdm
 
 from workers.engine.layers.weights import WeightSource, default_weight_loader
 from workers.engine.models.llama import PACKED_MODULES
+
+logger = logging.getLogger(__name__)
 
 # Checkpoint tensors that have no counterpart in our model: rotary tables we compute ourselves.
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -30,12 +37,21 @@ def load_weights(model: nn.Module, model_dir: Path, progress: bool = False) -> N
                 if name.endswith(_SKIPPED_SUFFIXES):
                     continue
                 # A tied checkpoint may store the shared matrix under either name (or both, equal).
-                target, shard = _target("model.embed_tokens.weight" if tied and name == "lm_head.weight" else name)
+                target, shard = _target("model.embed_tokens.weight" if tied and name == "lm_head.weight" else
+                                        _decoder_name(name))
                 _copy(model, params, target, f.get_slice(name), shard)
                 loaded.add(target)
     missing = set(params) - loaded
-    if missing:
+    if missing == {"lm_head.weight"}:
+        logger.info("%s has no lm_head.weight: an embedding model, which serves embeddings only", model_dir)
+        model.drop_head()
+    elif missing:
         raise ValueError(f"checkpoint in {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+def _decoder_name(name: str) -> str:
+    """An embedding model's names ("layers.0.mlp.up_proj.weight") as the causal LM's ("model.layers...")."""
+    return f"model.{name}" if name.startswith(("embed_tokens.", "layers.", "norm.")) else name
 
 
 def _target(name: str) -> tuple[str, int | None]:
