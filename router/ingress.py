@@ -414,13 +414,12 @@ class Ingress:
         return token_ids
 
     def _after_thinking(self, request: GenerateRequest, token_ids: list[int]) -> SamplingParams:
-        """A structure (a format, or a forced tool call) holds a reasoning model's answer, not its thinking: where
-        the chat template opened the thinking in the prompt, the structure starts at its end (router/reasoning.py)."""
+        """A structure (a format, or a forced tool call) holds a reasoning model's answer, not its thinking
+        (router/reasoning.py)."""
         params, spec = request.params, request.params.structured_output
-        if self.reasoning is None or spec is None or request.messages is None or \
-                not self.reasoning.opened_by(token_ids):
+        if self.reasoning is None or spec is None or request.messages is None:
             return params
-        return replace(params, structured_output=replace(spec, after=self.reasoning.end_token_ids))
+        return replace(params, structured_output=self.reasoning.held(spec, token_ids))
 
     def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
         """The token ids the model sees for the request's prompt: its text tokenized, its ids as they are, or its

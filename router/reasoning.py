@@ -9,10 +9,15 @@ structure holds the output from the end of the thinking on (StructuredOutput.aft
 Where the thinking starts differs by chat template: R1's distills end the prompt with <think>; Qwen3 lets the
 model open it, and with enable_thinking false closes an empty block in the prompt. So a reply is thinking from its
 start when the prompt's last tag opens a block or the reply opens one first, up to </think>; a reply that never
-reaches </think> (cut off by max_tokens) is all thinking, and a reply with no block at all is all answer.
+reaches </think> (cut off by max_tokens) is all thinking, and a reply with no block at all is all answer. A
+structure follows the same rule (`held`): from the end of the thinking where the prompt opened it, from the first
+token where the prompt closed it, and where the model may open it, by its first token (as vLLM's structure waits
+for the end of the thinking, except that a reply that answers at once is held too).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from workers.engine.sampling_params import StructuredOutput
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
@@ -24,6 +29,8 @@ class ReasoningParser:
         self.tokenizer = tokenizer
         # The reasoning models' vocabularies hold </think> as one token, which is what they generate.
         self.end_token_ids = tuple(tokenizer.encode(END, add_special_tokens=False))
+        start = tokenizer.encode(START, add_special_tokens=False)
+        self.start_token_id = start[0] if len(start) == 1 else None  # what a model that opens the block generates
 
     def split(self, prompt_token_ids: list[int]) -> "ReasoningSplit":
         """A split for one reply to this prompt."""
@@ -33,6 +40,19 @@ class ReasoningParser:
         """Whether the chat template left a thinking block open at the end of the prompt."""
         tail = self.tokenizer.decode(prompt_token_ids[-_PROMPT_TAIL_TOKENS:])
         return tail.rfind(START) > tail.rfind(END)
+
+    def held(self, spec: StructuredOutput, prompt_token_ids: list[int]) -> StructuredOutput:
+        """A structure (a format, or a forced tool call) as it holds a reply to this prompt: the answer, not the
+        thinking. Where the prompt opened the thinking, from its end; where the prompt ends with a closed block
+        (Qwen3's enable_thinking false), from the reply's first token; otherwise the model may open a block: the
+        reply's first token is then <think> (the structure holds from the end of the block) or the structure's."""
+        if self.opened_by(prompt_token_ids):
+            return replace(spec, after=self.end_token_ids)
+        tail = self.tokenizer.decode(prompt_token_ids[-_PROMPT_TAIL_TOKENS:])
+        end = tail.rfind(END)
+        if self.start_token_id is None or (end >= 0 and not tail[end + len(END):].strip()):
+            return spec
+        return replace(spec, after=self.end_token_ids, opener=self.start_token_id)
 
     def num_thinking_tokens(self, token_ids: list[int], parts: "Parts") -> int:
         """How many of a finished reply's tokens are its thinking: those up to the end of it; all of them where it

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import jsonschema
 import pytest
+import torch
 import xgrammar
 from xgrammar.contrib.hf import LogitsProcessor
 
@@ -16,7 +17,7 @@ from tests.hf_reference import hf_greedy
 from workers.engine.errors import InvalidRequestError
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
-from workers.engine.structured_output import grammar_of
+from workers.engine.structured_output import RequestGrammar, grammar_of, token_bitmask
 
 # Bounded, so that even sampled text from a small model ends within the test's max_tokens.
 PERSON = {"type": "object", "properties": {
@@ -157,6 +158,39 @@ def test_a_structure_after_a_marker_leaves_the_output_free_until_the_marker(smol
     answer = hf_structured(smollm2, smollm2_path, prompt + free[:3], StructuredOutput(choice=CAPITALS), MAX_TOKENS)
     assert out.token_ids == free[:3] + answer
     assert smollm2.engine.tokenizer.decode(answer, skip_special_tokens=True) in CAPITALS
+
+
+def test_the_first_token_decides_between_the_opener_and_the_structure(smollm2, smollm2_path):
+    """As a model that opens its thinking itself (Qwen3) may instead answer at once: the first token may be the
+    opener, which leaves the output free until the marker, or the structure's first."""
+    prompt = chat(smollm2, "What is the capital of France?")
+    free = smollm2.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0].outputs[0].token_ids
+    marker = tuple(free[2:4])
+
+    def held(opener: int) -> list[int]:
+        structure = StructuredOutput(choice=CAPITALS, after=marker, opener=opener)
+        return smollm2.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                       structured_output=structure))[0].outputs[0].token_ids
+
+    answer = hf_structured(smollm2, smollm2_path, prompt + free[:4], StructuredOutput(choice=CAPITALS), MAX_TOKENS)
+    assert held(opener=free[0]) == free[:4] + answer  # the model's own first token opens: free up to the marker
+    from_the_start = smollm2.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                             structured_output=StructuredOutput(choice=CAPITALS)))
+    # A token the model would not put first: it answers at once, held from its first token.
+    assert held(opener=smollm2.engine.vocab_size - 1) == from_the_start[0].outputs[0].token_ids
+
+
+def test_while_the_first_token_decides_the_mask_allows_the_opener_beside_the_structure(smollm2):
+    engine = smollm2.engine
+    compiled = engine.compile_grammar(StructuredOutput(choice=CAPITALS))
+    allowed = token_bitmask([RequestGrammar(compiled)], [[]], engine.vocab_size)
+    for opener in (95, 127):  # bit 31 of an int32 word is its sign
+        deciding = RequestGrammar(compiled, after=(1,), opener=opener)
+        mask = token_bitmask([deciding], [[]], engine.vocab_size)
+        assert deciding.deciding and not allowed[0, opener // 32] >> (opener % 32) & 1
+        assert mask[0, opener // 32] >> (opener % 32) & 1
+        mask[0, opener // 32] = allowed[0, opener // 32]
+        assert torch.equal(mask, allowed)
 
 
 def test_a_structure_whose_marker_never_comes_leaves_the_whole_output_free(smollm2):

@@ -4,7 +4,8 @@ prompt opens the <think> block."""
 import pytest
 from transformers import AutoTokenizer
 
-from router.reasoning import Parts, ReasoningParser, ReasoningSplit
+from router.reasoning import END, START, Parts, ReasoningParser, ReasoningSplit
+from workers.engine.sampling_params import StructuredOutput
 
 
 @pytest.mark.parametrize(("opened", "text", "parts"), [
@@ -63,3 +64,30 @@ def test_the_answer_starts_after_the_tokens_of_the_end_of_thinking(parser):
     assert parser.answer_start(thinking + list(parser.end_token_ids) + answer) == len(thinking) + len(
         parser.end_token_ids)
     assert parser.answer_start(thinking + answer) is None
+
+
+@pytest.fixture(scope="module")
+def thinking_parser(smollm2_path):
+    """Over a vocabulary that holds <think> and </think> as one token each, as reasoning models' do."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": [START, END]})
+    return ReasoningParser(tokenizer)
+
+
+@pytest.mark.parametrize(("prompt_end", "after", "opener"), [
+    ("<|im_start|>assistant\n<think>\n", True, False),  # from the end of the thinking the prompt opened
+    ("<|im_start|>assistant\n<think>\n\n</think>\n\n", False, False),  # thinking off: from the first token
+    ("<|im_start|>assistant\n", True, True),  # the model may open it: its first token decides
+    ("<think>Earlier turn.</think>Answer.<|im_end|>\n<|im_start|>assistant\n", True, True),
+])
+def test_a_structure_holds_the_answer_wherever_the_thinking_starts(thinking_parser, prompt_end, after, opener):
+    prompt = thinking_parser.tokenizer.encode("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n" + prompt_end)
+    held = thinking_parser.held(StructuredOutput(json_object=True), prompt)
+    assert held.after == (thinking_parser.end_token_ids if after else ())
+    assert held.opener == (thinking_parser.start_token_id if opener else None)
+    assert len(thinking_parser.end_token_ids) == 1
+
+
+def test_a_vocabulary_that_spells_think_in_pieces_holds_a_structure_the_model_may_open_from_the_start(parser):
+    held = parser.held(StructuredOutput(json_object=True), parser.tokenizer.encode("<|im_start|>assistant\n"))
+    assert (parser.start_token_id, held.after, held.opener) == (None, (), None)

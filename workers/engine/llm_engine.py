@@ -195,7 +195,7 @@ class LLMEngine:
                        bad_words=bad_words_token_ids(self.tokenizer, params, self.vocab_size), embed=embed)
         if params.structured_output is not None:
             spec = params.structured_output
-            seq.grammar = RequestGrammar(grammar or self.compile_grammar(spec), spec.after)
+            seq.grammar = RequestGrammar(grammar or self.compile_grammar(spec), spec.after, spec.opener)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         req = _Request(seq, prompt_text, detok, RequestMetrics(time.monotonic()))
         if continuation is not None:

@@ -19,7 +19,9 @@ class StructuredOutput:
 
     `after`: token ids the output reaches freely before the structure holds the rest, as a reasoning model thinks
     first and then answers (the API sets it to the end of the thinking, router/reasoning.py); empty: from the
-    first token."""
+    first token. `opener`, with `after`: the token that, as the output's first, opens what `after` closes (a
+    model that starts its thinking itself); an output that starts with another token is held from there. The
+    first token is then the structure's or the opener."""
 
     json: str | None = None
     json_object: bool = False
@@ -27,6 +29,7 @@ class StructuredOutput:
     choice: tuple[str, ...] = ()
     grammar: str | None = None
     after: tuple[int, ...] = ()
+    opener: int | None = None
 
     def __post_init__(self):
         if isinstance(self.json, dict):

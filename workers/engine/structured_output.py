@@ -109,17 +109,24 @@ def check_structured_output(params: SamplingParams) -> None:
 
 class RequestGrammar:
     """One request's matcher and how many of its output tokens it has seen. With `after` (StructuredOutput.after)
-    the matcher starts at the token following the first occurrence of those ids; until then the output is free."""
+    the matcher starts at the token following the first occurrence of those ids; until then the output is free.
+    With an `opener` as well, the first token decides: the opener leaves the output free until `after`, any other
+    is the structure's first (`deciding` until then)."""
 
-    def __init__(self, compiled: "CompiledGrammar", after: tuple[int, ...] = ()):
+    def __init__(self, compiled: "CompiledGrammar", after: tuple[int, ...] = (), opener: int | None = None):
         self.matcher = _xgrammar().GrammarMatcher(compiled)
         self.after = list(after)
+        self.opener = opener
         self.started = not after
+        self.deciding = bool(after) and opener is not None
         self.num_accepted = 0
 
     def update(self, output_token_ids: list[int]) -> "RequestGrammar":
         """Takes the tokens generated since the last update. A token the grammar refuses (one sampled where every
         token was masked) is logged and skipped: the mask still holds the rest of the output to the grammar."""
+        if self.deciding and output_token_ids:
+            self.deciding = False
+            self.started = output_token_ids[0] != self.opener
         if not self.started:
             start = _end_of(self.after, output_token_ids, max(0, self.num_accepted - len(self.after) + 1))
             if start is None:
@@ -131,6 +138,15 @@ class RequestGrammar:
                 logger.warning("the structured output's grammar refused token %d; continuing without it", token_id)
         self.num_accepted = len(output_token_ids)
         return self
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """The row's tokens that may come next: the grammar's once it has started, and the opener too while the
+        first token decides; every token (as allocated) while the output is free."""
+        if self.started or self.deciding:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.deciding:
+            word, bit = divmod(self.opener, 32)
+            bitmask[row, word] |= (1 << bit) - (1 << 32 if bit == 31 else 0)  # int32 words: bit 31 is the sign
 
 
 def _end_of(needle: list[int], tokens: list[int], start: int) -> int | None:
@@ -159,12 +175,12 @@ class GrammarCompiler:
 def token_bitmask(grammars: list[RequestGrammar | None], output_token_ids: list[list[int]],
                   vocab_size: int) -> torch.Tensor:
     """[rows, ceil(V / 32)] int32: bit t of a row is set where token t may come next; every bit of a row without a
-    grammar, or whose grammar has not started, is set."""
+    grammar, or whose output is still free, is set."""
     xgr = _xgrammar()
     bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
     for row, (grammar, output) in enumerate(zip(grammars, output_token_ids)):
-        if grammar is not None and grammar.update(output).started:
-            grammar.matcher.fill_next_token_bitmask(bitmask, row)
+        if grammar is not None:
+            grammar.update(output).fill(bitmask, row)
     return bitmask
 
 

@@ -72,9 +72,11 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab_size: int,
     for t, _ in params.logit_bias:
         if t >= vocab_size:
             raise InvalidRequestError("logit_bias", f"token id {t} is outside the vocabulary [0, {vocab_size})")
-    if params.structured_output is not None:
-        for t in params.structured_output.after:
-            if not 0 <= t < vocab_size:
-                raise InvalidRequestError("structured_output", f"after: token id {t} is outside the vocabulary "
+    spec = params.structured_output
+    if spec is not None:
+        for name, ids in (("after", spec.after), ("opener", () if spec.opener is None else (spec.opener,))):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError("structured_output", f"{name}: token id {bad} is outside the vocabulary "
                                                                f"[0, {vocab_size})")
     check_structured_output(params)
