@@ -16,6 +16,7 @@
     tandem bench soak --minutes 30                         # steady load: memory slopes, KV index, free blocks
     tandem bench serve --request-rate 4                    # a running server's TTFT, TPOT and throughput
     tandem bench lora                                      # LoRA adapters' cost: base vs one vs several mixed
+    tandem bench embed                                     # embeddings: Tandem vs HF, documents per second
 """
 
 import argparse
@@ -180,7 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import chaos, engine, kernels, lora, routing, serve, soak, speculative, structured, transfer
+    from cluster.bench import (
+        chaos,
+        embed,
+        engine,
+        kernels,
+        lora,
+        routing,
+        serve,
+        soak,
+        speculative,
+        structured,
+        transfer,
+    )
 
     engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
                                               description="Throughput and TTFT of Tandem's engine against HF "
@@ -200,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos", help="cancel storms and killed ranks through the gRPC API: exact tokens, no hang, no leak",
         description="Rounds of concurrent streams cancelled at every phase, then SIGKILL of a decode rank and a "
                     "prefill rank under load; exits 1 if any promise is broken."))
+    embed.add_arguments(bench_sub.add_parser(
+        "embed", help="embeddings: Tandem vs HF transformers (one at a time and padded batch), documents per second"))
     structured.add_arguments(bench_sub.add_parser(
         "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
     speculative.add_arguments(bench_sub.add_parser(
@@ -242,11 +257,23 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import convert
 
             return convert.run(args)
-        from cluster.bench import chaos, engine, kernels, lora, routing, serve, soak, speculative, structured, transfer
+        from cluster.bench import (
+            chaos,
+            embed,
+            engine,
+            kernels,
+            lora,
+            routing,
+            serve,
+            soak,
+            speculative,
+            structured,
+            transfer,
+        )
 
-        benches = {"chaos": chaos, "engine": engine, "kernels": kernels, "lora": lora, "routing": routing,
-                   "serve": serve, "soak": soak, "speculative": speculative, "structured": structured,
-                   "transfer": transfer}
+        benches = {"chaos": chaos, "embed": embed, "engine": engine, "kernels": kernels, "lora": lora,
+                   "routing": routing, "serve": serve, "soak": soak, "speculative": speculative,
+                   "structured": structured, "transfer": transfer}
         return benches[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, LoRAError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)

@@ -163,6 +163,20 @@ def test_quick_structured_bench_compares_free_and_schema_runs(tmp_path, capsys):
     assert "json-schema / free output tokens per second" in capsys.readouterr().out
 
 
+def test_quick_embed_bench_compares_tandem_with_hfs_vectors_one_at_a_time_and_padded(tmp_path, capsys):
+    path = tmp_path / "embed.json"
+    assert main(["bench", "embed", "--quick", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    runs = doc["results"]
+    assert list(runs) == ["hf-sequential", "hf-batch", "tandem", "tandem-cached"]
+    for run in runs.values():
+        assert run["documents"] == doc["config"]["documents"] == 4
+        assert run["max_abs_diff"] < 1e-4 and run["min_cosine"] > 0.9999  # the same vectors, padded or cached
+    assert doc["documents_per_s_ratio"] == pytest.approx(runs["tandem"]["documents_per_s"] / max(
+        runs["hf-sequential"]["documents_per_s"], runs["hf-batch"]["documents_per_s"]))
+    assert "Tandem / HF's faster way, documents per second" in capsys.readouterr().out
+
+
 def test_quick_speculative_bench_gives_the_same_tokens_in_fewer_steps_where_text_repeats(tmp_path, capsys):
     path = tmp_path / "speculative.json"
     assert main(["bench", "speculative", "--quick", "--json", str(path)]) == 0  # 1 if any reply's tokens differ
