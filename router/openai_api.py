@@ -17,6 +17,10 @@
     POST /v1/embeddings          input (a string or token ids, or a batch of them) -> each one's vector: the last
                                  token's hidden state, unit length (last-token pooling); dimensions keeps the first
                                  values, normalized again; encoding_format base64 sends little-endian float32s
+    POST /v1/score, /score       vLLM's, for an embedding model: text_1 against each text_2 (or pair by pair) ->
+                                 the cosine of their embeddings
+    POST /v1/rerank, /rerank, /v2/rerank  Jina AI's and Cohere's (vLLM's): a query and documents -> the documents
+                                 most relevant first (the cosine of their embedding and the query's), top_n of them
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -82,7 +86,10 @@ from router.openai_bodies import (
     InputItem,
     InputTokensBody,
     LoadLoRABody,
+    RerankBody,
+    RerankDocument,
     ResponsesBody,
+    ScoreBody,
     TokenizeBody,
     UnloadLoRABody,
 )
@@ -93,6 +100,7 @@ from router.response_store import RUNNING, ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape, input_items
 from router.streams import close_all, first_of_each, lasts
 from router.tool_parsers import tool_call_parser
+from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 logger = logging.getLogger(__name__)
@@ -140,6 +148,10 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/responses/{response_id}/input_items", api.list_input_items, methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}/cancel", api.cancel_response, methods=["POST"])
     app.add_api_route("/v1/embeddings", api.embeddings, methods=["POST"])
+    for path in ("/v1/score", "/score"):
+        app.add_api_route(path, api.score, methods=["POST"])
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        app.add_api_route(path, api.rerank, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"])
@@ -178,11 +190,74 @@ class OpenAIApi:
     async def embeddings(self, request: Request) -> Response:
         """OpenAI's embeddings: one cluster request per input, every input checked before any runs, all run at
         once; the first to fail fails the request and cancels the others."""
+        def inputs(body: EmbeddingsBody) -> list[tuple[str, str | list[int]]]:
+            if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int):
+                return [(f"input[{i}]", item) for i, item in enumerate(body.input)]
+            return [("input", body.input)]
+
+        def respond(body: EmbeddingsBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            data = [{"object": "embedding", "index": i, "embedding": _encoded(out.embedding, body.encoding_format)}
+                    for i, out in enumerate(outs)]
+            return {"id": f"embd-{request_id}", "object": "list", "created": int(time.time()),
+                    "model": self.ingress.model_name(body.model), "data": data,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await self._embed(request, EmbeddingsBody, inputs, respond)
+
+    async def score(self, request: Request) -> Response:
+        """vLLM's score API, for an embedding model: each pair's score is the cosine of its two embeddings. text_1
+        is one text scored against every text_2, or a list paired with text_2's one by one."""
+        def inputs(body: ScoreBody) -> list[tuple[str, str]]:
+            firsts, seconds = _texts(body.text_1), _texts(body.text_2)
+            if len(firsts) not in (1, len(seconds)):
+                raise invalid("text_1", f"must be one text, or one per text_2 ({len(seconds)}), got {len(firsts)}")
+            return [*_named("text_1", body.text_1), *_named("text_2", body.text_2)]
+
+        def respond(body: ScoreBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            firsts, seconds = outs[:len(_texts(body.text_1))], outs[len(_texts(body.text_1)):]
+            if len(firsts) == 1:
+                firsts = firsts * len(seconds)
+            scores = [_cosine(first, second) for first, second in zip(firsts, seconds)]
+            return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()),
+                    "model": self.ingress.model_name(body.model),
+                    "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await self._embed(request, ScoreBody, inputs, respond)
+
+    async def rerank(self, request: Request) -> Response:
+        """The rerank API of Jina AI and Cohere (vLLM's /rerank), for an embedding model: the documents by the
+        cosine of their embedding and the query's, most relevant first, the top_n of them."""
+        def inputs(body: RerankBody) -> list[tuple[str, str]]:
+            if not body.documents:
+                raise invalid("documents", "must not be empty")
+            if body.top_n is not None and body.top_n < 1:
+                raise invalid("top_n", f"must be a positive integer, got {body.top_n}")
+            return [("query", body.query), *_named("documents", [_document_text(d) for d in body.documents])]
+
+        def respond(body: RerankBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            scores = [_cosine(outs[0], document) for document in outs[1:]]
+            ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+            results = [{"index": i, "relevance_score": scores[i]} |
+                       ({"document": {"text": _document_text(body.documents[i])}}
+                        if body.return_documents is not False else {})
+                       for i in ranked[:body.top_n]]
+            return {"id": f"rerank-{request_id}", "model": self.ingress.model_name(body.model),
+                    "usage": {"total_tokens": tokens}, "results": results}
+
+        return await self._embed(request, RerankBody, inputs, respond)
+
+    async def _embed(self, request: Request, body_type: type[Body],
+                     inputs: Callable[[Body], list[tuple[str, str | list[int]]]],
+                     respond: Callable[[Body, str, list[RequestOutput], int], dict]) -> Response:
+        """The embedding endpoints' path: parse, then one cluster request per input (named by its field, which a
+        refusal names), every input checked before any runs, all run at once (the first to fail fails the request
+        and cancels the others), then `respond` with the outputs in order and the prompt tokens."""
         try:
             self._authorize(request)
-            body = await self._parse(request, EmbeddingsBody)
+            body = await self._parse(request, body_type)
             request_id = body.request_id or uuid.uuid4().hex
-            requests = self._embed_requests(body, request_id)
+            requests = self._embed_requests(inputs(body), body, request_id)
         except PayloadTooLarge as e:
             self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
             return _refused(e)
@@ -194,28 +269,22 @@ class OpenAIApi:
             outs = await _together([self.ingress.embed(r) for r in requests])
         except Exception as e:
             return error_response(classify(e))
-        data = [{"object": "embedding", "index": i, "embedding": _encoded(out.embedding, body.encoding_format)}
-                for i, out in enumerate(outs)]
-        prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
-        return JSONResponse({"id": f"embd-{request_id}", "object": "list", "created": int(time.time()),
-                             "model": self.ingress.model_name(body.model), "data": data,
-                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+        return JSONResponse(respond(body, request_id, outs, sum(len(out.prompt_token_ids) for out in outs)))
 
-    def _embed_requests(self, body: EmbeddingsBody, request_id: str) -> list[EmbedRequest]:
-        """One request per input, as token ids; a bad input is named by its place in a batch (input[2])."""
-        batch = isinstance(body.input, list) and bool(body.input) and not isinstance(body.input[0], int)
-        inputs = body.input if batch else [body.input]
+    def _embed_requests(self, inputs: list[tuple[str, str | list[int]]], body: BaseModel,
+                        request_id: str) -> list[EmbedRequest]:
+        """One request per (field, prompt), as token ids; a bad prompt is refused naming its field."""
         limit = self.ingress.api.max_embedding_inputs
         if len(inputs) > limit:
-            raise invalid("input", f"at most {limit} inputs per request, got {len(inputs)}")
+            raise invalid(inputs[-1][0].partition("[")[0], f"at most {limit} inputs per request, got {len(inputs)}")
         requests = []
-        for i, item in enumerate(inputs):
+        for i, (field, item) in enumerate(inputs):
             text = isinstance(item, str)
             request = EmbedRequest(prompt=item if text else None, prompt_token_ids=None if text else item,
-                                   truncate_prompt_tokens=body.truncate_prompt_tokens, dimensions=body.dimensions,
-                                   request_id=f"{request_id}-{i}" if batch else request_id,
+                                   truncate_prompt_tokens=body.truncate_prompt_tokens,
+                                   dimensions=getattr(body, "dimensions", None),
+                                   request_id=f"{request_id}-{i}" if len(inputs) > 1 else request_id,
                                    cache_salt=body.cache_salt, model=body.model)
-            field = f"input[{i}]" if batch else "input"
             try:
                 token_ids = self.ingress.validate_embedding(request)
             except Exception as e:
@@ -781,6 +850,24 @@ async def _together(calls: list[Awaitable[T]]) -> list[T]:
     except ExceptionGroup as e:
         raise e.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def _texts(texts: str | list[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else texts
+
+
+def _named(field: str, texts: str | list[str]) -> list[tuple[str, str]]:
+    """Each text with the field that names it: `field`, or field[i] in a list."""
+    return [(field, texts)] if isinstance(texts, str) else [(f"{field}[{i}]", t) for i, t in enumerate(texts)]
+
+
+def _document_text(document: str | RerankDocument) -> str:
+    return document if isinstance(document, str) else document.text
+
+
+def _cosine(a: RequestOutput, b: RequestOutput) -> float:
+    """Of two unit-length embeddings: their dot product."""
+    return float(np.dot(a.embedding, b.embedding))
 
 
 def _encoded(vector: list[float], encoding_format: str | None) -> list[float] | str:

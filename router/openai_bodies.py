@@ -149,6 +149,33 @@ class EmbeddingsBody(BaseModel):
     cache_salt: str | None = None
 
 
+class ScoreBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    cache_salt: str | None = None
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str
+
+
+class RerankBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    query: str
+    documents: list[str | RerankDocument]
+    top_n: int | None = None  # null: every document
+    return_documents: bool | None = True
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    cache_salt: str | None = None
+
+
 class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None

@@ -588,6 +588,60 @@ def test_bad_embeddings_input_is_a_400_naming_the_field(client, model_name, kwar
     assert refused.value.body["message"].startswith(message)
 
 
+DOCUMENTS = ["The cat sat on the mat.", "Stock prices fell sharply today.", "A kitten slept on the rug."]
+
+
+def test_score_is_the_cosine_of_hfs_embeddings_one_against_many_or_pair_by_pair(base_url, model_name, cluster,
+                                                                               tokenizer):
+    vectors = [hf_embedding(cluster, tokenizer.encode(text)) for text in DOCUMENTS]
+    status, one_to_many = post(base_url, "/v1/score", {"model": model_name, "text_1": DOCUMENTS[0],
+                                                       "text_2": DOCUMENTS})
+    assert status == 200 and one_to_many["model"] == model_name
+    assert [d["index"] for d in one_to_many["data"]] == [0, 1, 2]
+    assert [d["score"] for d in one_to_many["data"]] == pytest.approx([float(vectors[0] @ v) for v in vectors],
+                                                                      abs=1e-5)
+    assert one_to_many["data"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    status, pairs = post(base_url, "/score", {"model": model_name, "text_1": DOCUMENTS[:2], "text_2": DOCUMENTS[1:]})
+    assert status == 200
+    assert [d["score"] for d in pairs["data"]] == pytest.approx([float(vectors[0] @ vectors[1]),
+                                                                 float(vectors[1] @ vectors[2])], abs=1e-5)
+    assert pairs["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(t)) for t in DOCUMENTS[:2] + DOCUMENTS[1:])
+
+
+def test_rerank_orders_the_documents_by_the_cosine_with_the_query_and_keeps_the_top_n(base_url, model_name, cluster,
+                                                                                      tokenizer):
+    query = "Where did the cat sleep?"
+    scores = [float(hf_embedding(cluster, tokenizer.encode(query)) @ hf_embedding(cluster, tokenizer.encode(text)))
+              for text in DOCUMENTS]
+    order = sorted(range(3), key=lambda i: -scores[i])
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        status, ranked = post(base_url, path, {"model": model_name, "query": query, "documents": DOCUMENTS,
+                                               "top_n": 2})
+        assert status == 200
+        assert [r["index"] for r in ranked["results"]] == order[:2]
+        assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx([scores[i] for i in order[:2]],
+                                                                                 abs=1e-5)
+        assert [r["document"]["text"] for r in ranked["results"]] == [DOCUMENTS[i] for i in order[:2]]
+    status, bare = post(base_url, "/v1/rerank", {"query": query, "documents": [{"text": t} for t in DOCUMENTS],
+                                                 "return_documents": False})
+    assert status == 200 and [r["index"] for r in bare["results"]] == order
+    assert all("document" not in r for r in bare["results"])
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_1"),
+    ("/v1/score", {"text_1": "a", "text_2": ["fine", ""]}, "text_2[1]"),
+    ("/v1/rerank", {"query": "q", "documents": []}, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+    ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
+    ("/v1/rerank", {"query": "q", "documents": ["x"] * MAX_EMBEDDING_INPUTS}, "documents"),  # with the query, 1 over
+])
+def test_bad_score_and_rerank_input_is_a_400_naming_the_field(base_url, path, body, param):
+    status, refused = post(base_url, path, body)
+    assert (status, refused["error"]["param"]) == (400, param), refused
+    assert refused["error"]["message"].startswith(param)
+
+
 RESPONSE = dict(max_output_tokens=12, temperature=0, extra_body={"ignore_eos": True})
 
 
