@@ -212,19 +212,24 @@ class Ingress:
         lora, lora_path = (adapter.key, adapter.path) if adapter is not None else (None, None)
         hint = RoutingHint(len(token_ids), hash_full_blocks(token_ids, self.model.block_size, request.cache_salt,
                                                             lora=lora))
-        if self.prefill is not None:
+        # An embedding is computed afresh wherever it goes, so a group lost while computing it (UNAVAILABLE) costs
+        # the caller nothing while another takes it: the decode pool where the prefill pool could not, as for a
+        # prefill, then another decode group, at most api.migration_limit times, as a stream moves.
+        tries = ([self.prefill] if self.prefill is not None else []) + [self.decode] * (self.api.migration_limit + 1)
+        for i, pool in enumerate(tries):
             try:
                 with _serve_request_id(uuid.uuid4().hex):
-                    return await _cancelling(self.prefill.embed.remote(
-                        token_ids, request.request_id, request.cache_salt, lora, lora_path, routing=hint))
+                    return await _cancelling(pool.embed.remote(token_ids, request.request_id, request.cache_salt,
+                                                               lora, lora_path, routing=hint))
             except Exception as e:
                 error = classify(e)
-                if error.kind is not Kind.UNAVAILABLE:
+                if error.kind is not Kind.UNAVAILABLE or i == len(tries) - 1:
                     raise
-                logger.warning("%s: %s; a decode group embeds it", request.request_id, error.message)
-        with _serve_request_id(uuid.uuid4().hex):
-            return await _cancelling(self.decode.embed.remote(token_ids, request.request_id, request.cache_salt,
-                                                              lora, lora_path, routing=hint))
+                logger.warning("%s: %s; another group embeds it", request.request_id, error.message)
+                if tries[i + 1] is pool:  # the pool's request router must learn of the loss first
+                    self.metrics.migrations.inc()
+                    moves = i - tries.index(pool)
+                    await asyncio.sleep(min(_MIGRATION_PAUSE_S * 2 ** moves, _MAX_MIGRATION_PAUSE_S))
 
     def validate_embedding(self, request: EmbedRequest) -> list[int]:
         """The token ids an embedding request's prompt is, after every check the engine would make (such a prompt

@@ -16,6 +16,7 @@ import urllib.request
 import grpc
 import pytest
 import ray
+import torch
 from ray import serve
 
 from cluster.app import build_app
@@ -25,6 +26,7 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.routing_hint import OUT_OF_SERVICE
 from tests.conftest import SERVE_HTTP_URL
+from tests.hf_reference import hf_embedding
 from tests.workers.test_faults import fail_next_step
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
@@ -158,6 +160,28 @@ def test_requests_whose_prefill_group_failed_are_prefilled_by_the_other_one(clus
     assert statuses == ["OK"] * STREAMS
     assert received == expected
     assert sum(s.num_computed_prompt_tokens for s in pool_stats("decode").values()) == computed_by_decode
+
+
+def test_embeddings_whose_group_failed_are_computed_by_another_group(cluster, model):
+    """An embedding is computed afresh wherever it goes: those in the failed step of a prefill group (the same
+    injected failure) come back from another group, each the vector HF gives, none as an error."""
+    rng = random.Random(9)
+    prompts = [[rng.randrange(49152) for _ in range(rng.randint(20, 60))] for _ in range(STREAMS)]
+    victim = next(a for a in faults.rank_actors() if a.pool == "prefill" and a.rank == 0)
+    ray.get(victim.handle.__ray_call__.remote(fail_next_step))
+
+    async def embed_all() -> list[pb.EmbedResponse]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+            stub = tandem_pb2_grpc.GenerationStub(channel)
+            return await asyncio.gather(*(stub.Embed(pb.EmbedRequest(token_ids=pb.TokenIds(ids=p),
+                                                                     request_id=f"embed-{i}"), timeout=120)
+                                          for i, p in enumerate(prompts)))
+
+    embedded = asyncio.run(embed_all())
+    failed = ray.get(victim.handle.__ray_call__.remote(lambda worker: worker.failed_step))
+    assert any(request_id.startswith("embed-") for request_id in failed), "no embedding was in the failed step"
+    for prompt, response in zip(prompts, embedded):
+        torch.testing.assert_close(torch.tensor(response.embedding), hf_embedding(model, prompt), atol=2e-5, rtol=0)
 
 
 def test_the_streams_of_a_killed_decode_group_carry_on_elsewhere_with_their_exact_tokens(cluster, prompts,
