@@ -163,12 +163,15 @@ def test_requests_whose_prefill_group_failed_are_prefilled_by_the_other_one(clus
 
 
 def test_embeddings_whose_group_failed_are_computed_by_another_group(cluster, model):
-    """An embedding is computed afresh wherever it goes: those in the failed step of a prefill group (the same
-    injected failure) come back from another group, each the vector HF gives, none as an error."""
+    """An embedding is computed afresh wherever it goes. Both prefill groups and one decode group fail their next
+    step (the same injected failure): the embeddings in those steps move to the decode pool, and those that meet
+    the failing decode group to the other one; each comes back the vector HF gives, none as an error."""
     rng = random.Random(9)
     prompts = [[rng.randrange(49152) for _ in range(rng.randint(20, 60))] for _ in range(STREAMS)]
-    victim = next(a for a in faults.rank_actors() if a.pool == "prefill" and a.rank == 0)
-    ray.get(victim.handle.__ray_call__.remote(fail_next_step))
+    drivers = [a for a in faults.rank_actors() if a.rank == 0]
+    victims = [a for a in drivers if a.pool == "prefill"] + [next(a for a in drivers if a.pool == "decode")]
+    for victim in victims:
+        ray.get(victim.handle.__ray_call__.remote(fail_next_step))
 
     async def embed_all() -> list[pb.EmbedResponse]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{PORT}") as channel:
@@ -177,9 +180,12 @@ def test_embeddings_whose_group_failed_are_computed_by_another_group(cluster, mo
                                                                      request_id=f"embed-{i}"), timeout=120)
                                           for i, p in enumerate(prompts)))
 
+    before = migrations()
     embedded = asyncio.run(embed_all())
-    failed = ray.get(victim.handle.__ray_call__.remote(lambda worker: worker.failed_step))
-    assert any(request_id.startswith("embed-") for request_id in failed), "no embedding was in the failed step"
+    for victim in victims:
+        failed = ray.get(victim.handle.__ray_call__.remote(lambda worker: getattr(worker, "failed_step", [])))
+        assert any(request_id.startswith("embed-") for request_id in failed), f"no embedding failed on {victim}"
+    assert migrations() > before  # from one decode group to the other
     for prompt, response in zip(prompts, embedded):
         torch.testing.assert_close(torch.tensor(response.embedding), hf_embedding(model, prompt), atol=2e-5, rtol=0)
 
