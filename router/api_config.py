@@ -35,8 +35,10 @@ class ApiConfig:
                                                   "Redis, which holds the KV-block index and may run without "
                                                   "persistence, so a restart forgets them)")
     tool_call_parser: str | None = _field(None, "how tool_choice \"auto\" finds tool calls in the model's text: "
-                                                "\"hermes\" (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes) or "
-                                                "\"llama3_json\" ({\"name\", \"parameters\"}: Llama 3.1, 3.2); "
+                                                "\"hermes\" (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes), "
+                                                "\"llama3_json\" ({\"name\", \"parameters\"}: Llama 3.1, 3.2) or "
+                                                "\"mistral\" ([TOOL_CALLS] [{\"name\", \"arguments\"}]: Mistral "
+                                                "7B v0.3, Nemo, Small); "
                                                 "null: \"auto\" is refused, a named or required choice still works")
     reasoning_parser: str | None = _field(None, "how a reasoning model's thinking is told from its answer: "
                                                 "\"deepseek_r1\" or \"qwen3\" (both <think>...</think>: "

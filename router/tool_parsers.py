@@ -5,6 +5,9 @@ chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
                   text: Qwen2.5, Qwen3 and the Hermes models
     llama3_json   the whole reply is {"name": ..., "parameters": {...}}, or several separated by ";", optionally
                   after <|python_tag|>: Llama 3.1 and 3.2
+    mistral       the whole reply is [TOOL_CALLS] and a JSON array of {"name": ..., "arguments": {...}}: Mistral 7B
+                  Instruct v0.3, Mistral Nemo and Small (the tokenizers before v11); the tag is a special token,
+                  which the text leaves out unless skip_special_tokens is false, so it is read either way
 
 Each has `parse(text) -> (content, calls)` for a finished reply and, for one still being generated,
 `content_so_far(text)`, how much of it is surely text, which streams as content, and `calls_so_far(text)`, the
@@ -95,8 +98,45 @@ class Llama3JsonToolParser:
         return text.strip().removeprefix(self.tag).lstrip()
 
 
-ToolCallParser = HermesToolParser | Llama3JsonToolParser
-TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+class MistralToolParser:
+    tag = "[TOOL_CALLS]"
+    argument_keys = ("arguments",)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """No content and the calls, where the whole reply is the array of them; else (text, None)."""
+        body = self._body(text)
+        if not body.startswith("["):
+            return text, None
+        calls, at = [], space(body, 1)
+        while True:
+            call, at = whole_call(body, at, self.argument_keys)
+            if call is None:
+                return text, None
+            calls.append(call)
+            at = space(body, at)
+            if body[at:at + 1] != ",":
+                break
+            at = space(body, at + 1)
+        return (None, calls) if body[at:].strip() == "]" else (text, None)
+
+    def content_so_far(self, text: str) -> int:
+        """Nothing while the reply may still turn out to be calls (it starts with "[" or the tag); all of it
+        otherwise."""
+        start = text.lstrip()
+        if start.startswith(("[", self.tag)) or self.tag.startswith(start):
+            return 0
+        return len(text)
+
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        body = self._body(text)
+        return calls_in_sequence(body, 1, ",", self.argument_keys) if body.startswith("[") else []
+
+    def _body(self, text: str) -> str:
+        return text.strip().removeprefix(self.tag).lstrip()
+
+
+ToolCallParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser}
 
 
 def tool_call_parser(name: str | None) -> ToolCallParser | None:

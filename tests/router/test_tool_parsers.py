@@ -7,7 +7,7 @@ import pytest
 from router.errors import ApiError
 from router.openai_tools import tool_choice
 from router.tool_call_json import CallSoFar
-from router.tool_parsers import HermesToolParser, Llama3JsonToolParser
+from router.tool_parsers import HermesToolParser, Llama3JsonToolParser, MistralToolParser
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -78,6 +78,34 @@ def test_a_llama3_reply_streams_as_content_once_it_cannot_be_a_call(text, conten
     assert text[:Llama3JsonToolParser().content_so_far(text)] == content
 
 
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    ' [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]\n',
+])
+def test_a_mistral_reply_that_is_an_array_of_calls_is_calls_with_or_without_its_special_tag(text):
+    content, calls = MistralToolParser().parse(text)
+    assert content is None and arguments_by_name(calls)[0] == ("get_weather", {"city": "Paris"})
+    assert len(calls) == text.count('"name"')
+
+
+@pytest.mark.parametrize("text", [
+    "It is sunny in Paris.",
+    "[1, 2, 3]",  # an array, but not of calls
+    '[{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
+    '[{"name": "get_weather", "arguments": {}}] and then some text',
+    '[TOOL_CALLS] {"name": "get_weather", "arguments": {}}',  # not in an array
+])
+def test_a_mistral_reply_that_is_not_all_calls_is_text(text):
+    assert MistralToolParser().parse(text) == (text, None)
+
+
+@pytest.mark.parametrize(("text", "content"), [
+    ("It is", "It is"), (" [", ""), ("[TOOL_", ""), ("[TOOL_CALLS] [{", ""), ("", ""), ("(a)", "(a)"),
+])
+def test_a_mistral_reply_streams_as_content_once_it_cannot_be_calls(text, content):
+    assert text[:MistralToolParser().content_so_far(text)] == content
+
+
 # Whole replies, each with a call whose arguments hold what a scanner could take for their end: braces, quotes and
 # the call's own markup inside strings, and an object nested in them. With each, the calls whose arguments go out
 # in parts: all but those written before the call's name.
@@ -89,6 +117,9 @@ STREAMED = {
     "llama3_json": (dict(parser=Llama3JsonToolParser()),
                     f'<|python_tag|>{{"name": "get_weather", "parameters": {{"city":"Paris"}}}}; '
                     f'{{"parameters": {TRICKY}, "name": "get_time"}}', {0}),
+    "mistral": (dict(parser=MistralToolParser()),
+                f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}, '
+                f'{{"name": "get_time", "arguments": {TRICKY}}}]', {0, 1}),
     "required": (dict(choice="required"),
                  f'[{{"name": "get_weather", "parameters": {{}}}}, {{"name": "get_time", "parameters": {TRICKY}}}]',
                  {0, 1}),
@@ -120,10 +151,10 @@ def test_calls_stream_as_generated_and_add_up_to_the_whole_replys_calls(kind):
     assert partial == in_parts
 
 
-@pytest.mark.parametrize("parser", [HermesToolParser(), Llama3JsonToolParser()])
-def test_auto_without_parallel_calls_keeps_the_first_call_whole_or_streamed(parser):
+@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral"])
+def test_auto_without_parallel_calls_keeps_the_first_call_whole_or_streamed(kind):
     """The model decides how many calls it makes; parallel_tool_calls false hands back its first alone."""
-    text = STREAMED["hermes" if isinstance(parser, HermesToolParser) else "llama3_json"][1]
+    parser, text = STREAMED[kind][0]["parser"], STREAMED[kind][1]
     single, parallel = (tool_choice([WEATHER], "auto", allowed, parser) for allowed in (False, True))
     assert len(parallel.reply(text, stopped=True)[1]) == 2 and len(parallel.calls_so_far(text)) == 2
     [call] = single.reply(text, stopped=True)[1]
