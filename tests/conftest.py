@@ -19,6 +19,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
@@ -30,7 +31,7 @@ from workers.engine.model_store import resolve_model
 
 pytest_plugins = ["tests.redis_fixture"]
 
-TINY_ARCHS = ("llama", "qwen2", "mistral", "qwen3")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "granite")
 
 _TINY_SEED = 1234
 # At 0.1 and below the tied-embedding qwen2 model greedily repeats one token most of the time; at 0.2 every
@@ -68,6 +69,10 @@ def _tiny_config(arch: str) -> PretrainedConfig:
     if arch == "qwen3":
         # head_dim apart from hidden_size / heads, as Qwen3's (128 heads' worth of 1024 hidden in Qwen3-0.6B).
         return Qwen3Config(**_TINY_COMMON, tie_word_embeddings=True, head_dim=32)
+    if arch == "granite":
+        # Multipliers far from 1, so a model that left one out would not match.
+        return GraniteConfig(**_TINY_COMMON, tie_word_embeddings=True, embedding_multiplier=3.0,
+                             residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=0.5)
     if arch == "mistral":
         return MistralConfig(**_TINY_COMMON, tie_word_embeddings=False, sliding_window=64, head_dim=32)
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {TINY_ARCHS}")

@@ -5,7 +5,7 @@
 
 `--model FILE.gguf` converts into the cache by itself; this writes the folder where it can be copied to a volume
 or a node, so every worker loads plain safetensors. The tokenizer comes from the file; the engine runs the
-Llama, Mistral, Qwen2 and Qwen3 architectures (it names the one it finds otherwise).
+Llama, Mistral, Qwen2, Qwen3 and Granite architectures (it names the one it finds otherwise).
 """
 
 import argparse

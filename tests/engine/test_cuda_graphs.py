@@ -76,7 +76,7 @@ def test_the_cpu_engine_runs_eagerly_with_one_padding_block_past_the_schedulers(
     assert runner.kv_caches[0][0].shape[0] == 33 and llm.engine.block_manager.num_blocks == 32
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "granite"])
 def test_padded_decode_gives_the_unpadded_tokens_and_hfs(arch, tiny_model):
     path = tiny_model(arch)
     batch = prompts(1)

@@ -31,7 +31,7 @@ def assert_embeds(model_path, out, token_ids: list[int]) -> None:
     torch.testing.assert_close(vector, hf_embedding(model_path, token_ids), atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "granite"])
 def test_the_vector_is_hfs_normalized_last_hidden_state(tiny_model_factory, arch):
     model_path = tiny_model_factory(arch)
     llm = LLM(str(model_path), num_kv_blocks=64, progress=False)

@@ -131,7 +131,7 @@ def assert_prompt_logprobs_match_hf(prompt_logprobs: list, prompt: list[int], pa
             assert logprob == pytest.approx(expected[token_id].item(), abs=2e-3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "granite"])
 def test_tiny_random_models_match_hf(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
     llm = LLM(str(path), num_kv_blocks=256, progress=False)
@@ -142,7 +142,7 @@ def test_tiny_random_models_match_hf(arch, tiny_model_factory):
         assert out.outputs[0].token_ids == hf_greedy(path, prompt, NEW_TOKENS), arch
 
 
-@pytest.mark.parametrize("arch", ["smollm2", "llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["smollm2", "llama", "qwen2", "mistral", "qwen3", "granite"])
 def test_logprobs_match_hf_logits(arch, smollm2_path, tiny_model_factory):
     path = smollm2_path if arch == "smollm2" else tiny_model_factory(arch)
     llm = LLM(str(path), num_kv_blocks=256, progress=False)

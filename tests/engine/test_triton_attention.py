@@ -292,7 +292,7 @@ def test_full_grid_on_gpu(gqa, head_dim):
 # Whole engine runs: a 20-token prompt beside a 70-token one prefilled in 32-token chunks (a cached prefix for
 # every chunk after the first) that crosses mistral's 64-token sliding window, then decodes in one batch.
 @runs_kernels
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "granite"])
 def test_engine_with_triton_backend_matches_hf(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
     llm = LLM(str(path), device=DEVICE.type, dtype="float32", attention_backend="triton", num_kv_blocks=32,

@@ -38,7 +38,7 @@ from workers.engine.layers.fusion import SmallBatchFusion
 from workers.engine.layers.rotary import RotaryEmbedding
 from workers.engine.lora import LoRAAdapters
 from workers.engine.model_store import resolve_model
-from workers.engine.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
+from workers.engine.models.llama import LlamaForCausalLM, attention_scale_of, head_dim_of, sliding_window_of
 from workers.engine.models.loader import load_weights
 from workers.engine.parallel import TensorParallel, all_reduce, shard_heads
 from workers.engine.sampler import Sampler, TokenHistory, make_generator, top_logprobs
@@ -49,6 +49,7 @@ from workers.engine.structured_output import token_bitmask
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "GraniteForCausalLM",
                            # their decoders alone, as embedding models ship them (models/loader.py)
                            "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"}
 
@@ -101,7 +102,7 @@ class ModelRunner:
         self.followers = PlanWriter(tp) if tp.size > 1 and tp.is_driver else None
         self.num_kv_heads = shard_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp).num_kv_heads
         rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_model_len, self.device)
-        backend = get_attention_backend(model_config.attention_backend, head_dim_of(hf_config) ** -0.5,
+        backend = get_attention_backend(model_config.attention_backend, attention_scale_of(hf_config),
                                         sliding_window_of(hf_config), rotary)
         with torch.device("meta"):
             model = LlamaForCausalLM(hf_config, backend, tp)

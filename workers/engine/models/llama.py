@@ -1,8 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Granite, SmolLM2) over a paged KV cache.
 
 One file covers them all: they differ only in config values (GQA, head_dim, qkv bias, sliding window, rope
-scaling, tied embeddings), all read from the HF config, and in Qwen3's RMSNorm of each query and key head before
-the rotary embedding. Module names follow HF's so checkpoint names map
+scaling, tied embeddings, Granite's four multipliers), all read from the HF config, and in Qwen3's RMSNorm of each
+query and key head before the rotary embedding. Module names follow HF's so checkpoint names map
 directly, except the fused projections listed in PACKED_MODULES. Every layer that shards under tensor parallelism
 takes the TensorParallel object; at size 1 the model is the plain single-device one.
 """
@@ -35,6 +35,11 @@ PACKED_MODULES = {
 
 def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def attention_scale_of(config: PretrainedConfig) -> float:
+    """Granite sets its own (attention_multiplier); the others scale by 1 / sqrt(head_dim)."""
+    return getattr(config, "attention_multiplier", None) or head_dim_of(config) ** -0.5
 
 
 def sliding_window_of(config: PretrainedConfig) -> int | None:
@@ -110,13 +115,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.fusion = fusion
+        # Granite scales what each block adds to the residual stream.
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)
 
     def forward(self, positions, x, residual, kv_cache, meta):
         qkv, residual = norm_then_linear(self.fusion, self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        h = self.self_attn(positions, qkv, kv_cache, meta)
+        h = self._scaled(self.self_attn(positions, qkv, kv_cache, meta))
         gate_up, residual = norm_then_linear(self.fusion, self.post_attention_layernorm, self.mlp.gate_up_proj, h,
                                              residual)
-        return self.mlp(gate_up), residual
+        return self._scaled(self.mlp(gate_up)), residual
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
@@ -127,9 +137,12 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, tp, fusion)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)  # Granite's
 
     def forward(self, input_ids, positions, kv_caches, meta):
         x, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta)
         return self.norm(x, residual)[0]
@@ -146,6 +159,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if not self.tie_word_embeddings:
             self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.logits_scaling = getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -162,4 +176,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full [T, vocab] logits on every rank."""
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return head.logits(hidden)
+        logits = head.logits(hidden)
+        return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
