@@ -209,6 +209,9 @@ class OpenAIApi:
         is one text scored against every text_2, or a list paired with text_2's one by one."""
         def inputs(body: ScoreBody) -> list[tuple[str, str]]:
             firsts, seconds = _texts(body.text_1), _texts(body.text_2)
+            for name, texts in (("text_1", firsts), ("text_2", seconds)):
+                if not texts:
+                    raise invalid(name, "must not be empty")
             if len(firsts) not in (1, len(seconds)):
                 raise invalid("text_1", f"must be one text, or one per text_2 ({len(seconds)}), got {len(firsts)}")
             return [*_named("text_1", body.text_1), *_named("text_2", body.text_2)]

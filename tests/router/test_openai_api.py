@@ -630,6 +630,7 @@ def test_rerank_orders_the_documents_by_the_cosine_with_the_query_and_keeps_the_
 
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_1"),
+    ("/v1/score", {"text_1": "a", "text_2": []}, "text_2"),
     ("/v1/score", {"text_1": "a", "text_2": ["fine", ""]}, "text_2[1]"),
     ("/v1/rerank", {"query": "q", "documents": []}, "documents"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
