@@ -191,6 +191,7 @@ class Ingress:
         try:
             out = await self._embed(request)
             outcome = Kind.OK
+            self.metrics.e2e.observe(time.monotonic() - received)
             if request.dimensions is not None:
                 return replace(out, embedding=_shortened(out.embedding, request.dimensions))
             return out

@@ -62,8 +62,8 @@ class IngressMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("tandem_inter_token_latency_seconds", "Between consecutive token outputs",
                              buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Request received to its last token (finished "
-                             "requests)", buckets=_E2E_BUCKETS, registry=r)
+        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Request received to its last token, or to its "
+                             "vector for an embedding (finished requests)", buckets=_E2E_BUCKETS, registry=r)
         self.kv_transfer = Histogram("tandem_kv_transfer_seconds", "Pulling a prompt's KV from the prefill group",
                                      buckets=_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("tandem_requests", "Requests by outcome (a lowercase gRPC status)", ["outcome"],

@@ -547,6 +547,7 @@ def test_chat_errors_name_the_chat_fields(client, model_name):
 def test_embeddings_are_hfs_vectors_in_input_order_as_floats_or_base64(client, model_name, cluster, tokenizer):
     texts = [PROMPT, "Hello world"]
     ids = [tokenizer.encode(text) for text in texts]
+    latencies = metric(SERVE_HTTP_URL, "tandem_e2e_request_latency_seconds_count")
     as_base64 = client.embeddings.create(model=model_name, input=texts)  # what the openai client asks for
     as_floats = client.embeddings.create(model=model_name, input=texts, encoding_format="float")
     for result in (as_base64, as_floats):
@@ -555,6 +556,7 @@ def test_embeddings_are_hfs_vectors_in_input_order_as_floats_or_base64(client, m
             torch.testing.assert_close(torch.tensor(data.embedding), hf_embedding(cluster, prompt), atol=2e-5,
                                        rtol=0)
     assert as_floats.usage.prompt_tokens == as_floats.usage.total_tokens == len(ids[0]) + len(ids[1])
+    assert metric(SERVE_HTTP_URL, "tandem_e2e_request_latency_seconds_count") - latencies == 4  # one per input
     shorter = client.embeddings.create(model=model_name, input=ids[1], dimensions=16, encoding_format="float")
     torch.testing.assert_close(torch.tensor(shorter.data[0].embedding),
                                torch.nn.functional.normalize(hf_embedding(cluster, ids[1])[:16], dim=0), atol=2e-5,
