@@ -20,6 +20,7 @@
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -181,55 +182,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from cluster.bench import (
-        chaos,
-        embed,
-        engine,
-        kernels,
-        lora,
-        routing,
-        serve,
-        soak,
-        speculative,
-        structured,
-        transfer,
-    )
+    benches = _bench_modules()
 
-    engine.add_arguments(bench_sub.add_parser("engine", help="Tandem vs HF transformers on the same workloads",
-                                              description="Throughput and TTFT of Tandem's engine against HF "
-                                                          "transformers (sequential and padded batch) in one run."))
-    transfer.add_arguments(bench_sub.add_parser("transfer", help="KV transfer bandwidth and added latency",
-                                                description="Moves a prompt's KV blocks between two processes "
-                                                            "over a real KV channel, by prompt length."))
-    routing.add_arguments(bench_sub.add_parser(
+    benches["engine"].add_arguments(bench_sub.add_parser(
+        "engine", help="Tandem vs HF transformers on the same workloads",
+        description="Throughput and TTFT of Tandem's engine against HF transformers (sequential and padded batch) in "
+                    "one run."))
+    benches["transfer"].add_arguments(bench_sub.add_parser(
+        "transfer", help="KV transfer bandwidth and added latency",
+        description="Moves a prompt's KV blocks between two processes over a real KV channel, by prompt length."))
+    benches["routing"].add_arguments(bench_sub.add_parser(
         "routing", help="prefix-cache-aware routing vs round-robin, power-of-two, prefix tree, SGLang",
         description="Runs the same multi-turn, multi-tenant workload (and a no-reuse control) through the cluster "
                     "once per prefill router and compares hit rate, TTFT, throughput and load spread."))
-    kernels.add_arguments(bench_sub.add_parser(
+    benches["kernels"].add_arguments(bench_sub.add_parser(
         "kernels", help="decode attention step time: Triton kernels vs the torch backend vs the roofline",
         description="Times one layer's decode attention and KV write at several batch sizes and context lengths "
                     "for Llama-3.1-8B's attention shape on CUDA (a tiny shape under Triton's interpreter without)."))
-    chaos.add_arguments(bench_sub.add_parser(
+    benches["chaos"].add_arguments(bench_sub.add_parser(
         "chaos", help="cancel storms and killed ranks through the gRPC API: exact tokens, no hang, no leak",
         description="Rounds of concurrent streams cancelled at every phase, then SIGKILL of a decode rank and a "
                     "prefill rank under load; exits 1 if any promise is broken."))
-    embed.add_arguments(bench_sub.add_parser(
-        "embed", help="embeddings: Tandem vs HF transformers (one at a time and padded batch), documents per second"))
-    structured.add_arguments(bench_sub.add_parser(
+    benches["embed"].add_arguments(bench_sub.add_parser(
+        "embed", help="embeddings: Tandem vs HF transformers (one at a time, length-sorted batches), documents/s"))
+    benches["structured"].add_arguments(bench_sub.add_parser(
         "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
-    speculative.add_arguments(bench_sub.add_parser(
+    benches["speculative"].add_arguments(bench_sub.add_parser(
         "speculative", help="speculative decoding by n-gram lookup vs one token per step: tok/s, acceptance"))
-    lora.add_arguments(bench_sub.add_parser(
+    benches["lora"].add_arguments(bench_sub.add_parser(
         "lora", help="LoRA adapters' cost: base model vs one adapter vs several mixed in a batch, tok/s"))
-    serve.add_arguments(bench_sub.add_parser(
+    benches["serve"].add_arguments(bench_sub.add_parser(
         "serve", help="a running server under load through its HTTP or gRPC API: TTFT, TPOT, ITL, throughput",
         description="Sends the same seeded prompts to each --url at a set request rate, streamed, as vLLM's "
                     "`vllm bench serve` does, and compares the targets side by side."))
-    soak.add_arguments(bench_sub.add_parser(
+    benches["soak"].add_arguments(bench_sub.add_parser(
         "soak", help="steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
         description="Samples every cluster process's memory, each pool's free KV blocks and the router's KV "
                     "index size every 15 s under a closed loop of clients."))
     return parser
+
+
+_BENCHES = ("chaos", "embed", "engine", "kernels", "lora", "routing", "serve", "soak", "speculative", "structured",
+            "transfer")
+
+
+def _bench_modules() -> dict:
+    """`tandem bench`'s commands by name: each module's add_arguments and run. Imported when a bench is built or run,
+    so the other commands start without them."""
+    return {name: importlib.import_module(f"cluster.bench.{name}") for name in _BENCHES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,24 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.commands import convert
 
             return convert.run(args)
-        from cluster.bench import (
-            chaos,
-            embed,
-            engine,
-            kernels,
-            lora,
-            routing,
-            serve,
-            soak,
-            speculative,
-            structured,
-            transfer,
-        )
-
-        benches = {"chaos": chaos, "embed": embed, "engine": engine, "kernels": kernels, "lora": lora,
-                   "routing": routing, "serve": serve, "soak": soak, "speculative": speculative,
-                   "structured": structured, "transfer": transfer}
-        return benches[args.bench].run(args)
+        return _bench_modules()[args.bench].run(args)
     except (ModelNotFoundError, InvalidRequestError, LoRAError, ConfigError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

@@ -84,18 +84,13 @@ class Llama3JsonToolParser:
         return None, calls
 
     def content_so_far(self, text: str) -> int:
-        """Nothing while the reply may still turn out to be calls (it starts with "{" or the tag); all of it
-        otherwise."""
-        start = text.lstrip()
-        if start.startswith(("{", self.tag)) or self.tag.startswith(start):
-            return 0
-        return len(text)
+        return _content_unless_calls(text, "{", self.tag)
 
     def calls_so_far(self, text: str) -> list[CallSoFar]:
         return calls_in_sequence(self._body(text), 0, ";", self.argument_keys)
 
     def _body(self, text: str) -> str:
-        return text.strip().removeprefix(self.tag).lstrip()
+        return _after_tag(text, self.tag)
 
 
 class MistralToolParser:
@@ -120,19 +115,26 @@ class MistralToolParser:
         return (None, calls) if body[at:].strip() == "]" else (text, None)
 
     def content_so_far(self, text: str) -> int:
-        """Nothing while the reply may still turn out to be calls (it starts with "[" or the tag); all of it
-        otherwise."""
-        start = text.lstrip()
-        if start.startswith(("[", self.tag)) or self.tag.startswith(start):
-            return 0
-        return len(text)
+        return _content_unless_calls(text, "[", self.tag)
 
     def calls_so_far(self, text: str) -> list[CallSoFar]:
         body = self._body(text)
         return calls_in_sequence(body, 1, ",", self.argument_keys) if body.startswith("[") else []
 
     def _body(self, text: str) -> str:
-        return text.strip().removeprefix(self.tag).lstrip()
+        return _after_tag(text, self.tag)
+
+
+def _content_unless_calls(text: str, opening: str, tag: str) -> int:
+    """For a format whose reply is all calls or all text: nothing while the reply may still turn out to be calls
+    (it starts with `opening` or the tag, or is the start of the tag); all of it otherwise."""
+    start = text.lstrip()
+    return 0 if start.startswith((opening, tag)) or tag.startswith(start) else len(text)
+
+
+def _after_tag(text: str, tag: str) -> str:
+    """The reply without its white space and the tag that may open it."""
+    return text.strip().removeprefix(tag).lstrip()
 
 
 ToolCallParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser
