@@ -251,10 +251,12 @@ class Ingress:
                                                         f"got {keep}")
             token_ids = token_ids[-(context if keep == -1 else keep):]
         check_embedding_request(token_ids, context)
-        if request.cache_salt is not None and len(request.cache_salt) > self.api.max_cache_salt_chars:
-            raise invalid("cache_salt", f"at most {self.api.max_cache_salt_chars} characters, got "
-                                        f"{len(request.cache_salt)}")
+        self._check_cache_salt(request.cache_salt)
         return token_ids
+
+    def _check_cache_salt(self, salt: str | None) -> None:
+        if salt is not None and len(salt) > self.api.max_cache_salt_chars:
+            raise invalid("cache_salt", f"at most {self.api.max_cache_salt_chars} characters, got {len(salt)}")
 
     def admit(self, request_id: str | None = None) -> None:
         """Refuses a new request while the replica drains (UNAVAILABLE) or serves its limit (RESOURCE_EXHAUSTED),
@@ -414,9 +416,7 @@ class Ingress:
         if len(params.bad_words) > api.max_bad_words:
             raise invalid("bad_words", f"at most {api.max_bad_words} words, got {len(params.bad_words)}")
         bad_words_token_ids(self.tokenizer, params, self.model.vocab_size)
-        if request.cache_salt is not None and len(request.cache_salt) > api.max_cache_salt_chars:
-            raise invalid("cache_salt", f"at most {api.max_cache_salt_chars} characters, got "
-                                        f"{len(request.cache_salt)}")
+        self._check_cache_salt(request.cache_salt)
         return token_ids
 
     def _after_thinking(self, request: GenerateRequest, token_ids: list[int]) -> SamplingParams:

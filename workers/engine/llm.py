@@ -7,7 +7,7 @@
 
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -124,18 +124,11 @@ class LLM:
         A prompt is text or a list of token ids. All prompts are validated before any runs, so one bad prompt
         raises without leaving the others half-done.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _as_list(prompts)
         params = _per_prompt(self.default_sampling_params if sampling_params is None else sampling_params,
                              len(prompts))
-        ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p, cache_salt=cache_salt))
-        except ValueError:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
+        ids = self._add_all(lambda i: self.engine.add_request(prompts[i], params[i], cache_salt=cache_salt),
+                            len(prompts))
         return self._run(ids, use_tqdm, "Generating")
 
     def embed(self, prompts: Prompt | Seq[Prompt], *, cache_salt: str | None = None, lora: str | None = None,
@@ -143,16 +136,9 @@ class LLM:
         """Each prompt's embedding (`out.embedding`: the last token's hidden state, normalized), as vLLM's LLM.embed
         gives an embedding model's; in one continuous batch, sharing the prefix cache with generate. `lora`: an
         adapter add_lora or lora_modules loaded."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        ids = []
-        try:
-            for prompt in prompts:
-                ids.append(self.engine.add_embedding_request(prompt, cache_salt=cache_salt, lora=lora))
-        except ValueError:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
+        prompts = _as_list(prompts)
+        ids = self._add_all(lambda i: self.engine.add_embedding_request(prompts[i], cache_salt=cache_salt,
+                                                                        lora=lora), len(prompts))
         return self._run(ids, use_tqdm, "Embedding")
 
     def chat(self, messages: list[Message] | list[list[Message]],
@@ -167,6 +153,18 @@ class LLM:
                             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, template_kwargs=chat_template_kwargs)
 
+    def _add_all(self, add: Callable[[int], str], n: int) -> list[str]:
+        """The ids of requests 0 .. n-1, each queued by `add`; one that is refused aborts those queued before it."""
+        ids = []
+        try:
+            for i in range(n):
+                ids.append(add(i))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return ids
+
     def _run(self, ids: list[str], use_tqdm: bool, desc: str) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc=desc, unit="req", disable=not use_tqdm) as bar:
@@ -176,6 +174,11 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
         return [finished[i] for i in ids]
+
+
+def _as_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or several, as a list of prompts."""
+    return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
 
 
 def _per_prompt(params: SamplingParams | Seq[SamplingParams], n: int) -> list[SamplingParams]:
