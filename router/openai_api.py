@@ -498,6 +498,7 @@ class OpenAIApi:
             prompts, params, tools = await build(body, aliases)
             request_id = body.request_id or uuid.uuid4().hex
             choices = self._choices(body, request_id, prompts, params)
+            shaped = shape(body, request_id, choices, tools)  # names the model, so an unknown one is refused here
             background = isinstance(body, ResponsesBody) and bool(body.background)
             if background:
                 self.ingress.validate(choices[0])  # bad input is a 400 now, not a response that fails later
@@ -511,8 +512,8 @@ class OpenAIApi:
         try:
             # Ingress.generate counts each choice
             if background:
-                return await self._in_background(choices, shape(body, request_id, choices, tools), bool(body.stream))
-            return await self._generate(choices, shape(body, request_id, choices, tools), bool(body.stream))
+                return await self._in_background(choices, shaped, bool(body.stream))
+            return await self._generate(choices, shaped, bool(body.stream))
         except Exception as e:
             return error_response(renamed(classify(e), aliases))
 
