@@ -115,6 +115,14 @@ class ServedModel:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Tally:
+    """What a request's end is counted and logged with, filled in as it runs."""
+    ttft: TimeToFirstToken | None = None
+    token_times: list[float] = field(default_factory=list)  # monotonic times of its outputs with new tokens
+    usage: Usage | None = None
+
+
 class Ingress:
     def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, model: ServedModel,
                  api: ApiConfig | None = None, redis_url: str | None = None, weights: dict | None = None,
@@ -154,28 +162,14 @@ class Ingress:
         before anything runs (an ApiError or an InvalidRequestError naming the field)."""
         received = time.monotonic()
         request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
-        self.admit(request.request_id)
-        self._active += 1
-        self.metrics.request_started()
-        outcome, why, ttft, token_times, usage = Kind.INTERNAL, "", None, [], None
-        try:
+        with self._counted(request, received) as tally:
             async for out in self._generate(request, received):
                 if out.ttft is not None:
-                    ttft = out.ttft
+                    tally.ttft = out.ttft
                 if out.outputs[0].delta_token_ids:
-                    token_times.append(time.monotonic())
-                usage = out.usage
+                    tally.token_times.append(time.monotonic())
+                tally.usage = out.usage
                 yield out
-            outcome = Kind.OK
-        except BaseException as e:
-            error = classify(e) if not isinstance(e, GeneratorExit) else None
-            outcome, why = (error.kind, error.message) if error is not None else (Kind.CANCELLED, "the caller left")
-            raise
-        finally:
-            self._active -= 1
-            adapter = request.model if request.model and self.lora.get(request.model) else None
-            self.metrics.request_finished(outcome.name.lower(), ttft, token_times, usage, adapter)
-            _log_finished(request, outcome, why, time.monotonic() - received, ttft, usage)
 
     async def embed(self, request: EmbedRequest) -> RequestOutput:
         """An embedding request's final output, whose `embedding` is the prompt's unit-length vector (last-token
@@ -184,27 +178,35 @@ class Ingress:
         group can take it. Counted and logged with the other requests."""
         received = time.monotonic()
         request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
-        self.admit(request.request_id)
-        self._active += 1
-        self.metrics.request_started()
-        outcome, why, out = Kind.INTERNAL, "", None
-        try:
+        with self._counted(request, received) as tally:
             out = await self._embed(request)
-            outcome = Kind.OK
+            tally.usage = out.usage
             self.metrics.e2e.observe(time.monotonic() - received)
             if request.dimensions is not None:
                 return replace(out, embedding=_shortened(out.embedding, request.dimensions))
             return out
+
+    @contextmanager
+    def _counted(self, request: GenerateRequest | EmbedRequest, received: float) -> Iterator[_Tally]:
+        """Admits a request (it raises if the replica cannot take it), then counts it as active until it ends,
+        when its outcome goes to the metrics and the log: ok, the error it raised, or cancelled where its caller
+        left a stream (GeneratorExit)."""
+        self.admit(request.request_id)
+        self._active += 1
+        self.metrics.request_started()
+        tally, outcome, why = _Tally(), Kind.INTERNAL, ""
+        try:
+            yield tally
+            outcome = Kind.OK
         except BaseException as e:
-            error = classify(e)
-            outcome, why = error.kind, error.message
+            error = classify(e) if not isinstance(e, GeneratorExit) else None
+            outcome, why = (error.kind, error.message) if error is not None else (Kind.CANCELLED, "the caller left")
             raise
         finally:
             self._active -= 1
             adapter = request.model if request.model and self.lora.get(request.model) else None
-            usage = out.usage if out is not None else None
-            self.metrics.request_finished(outcome.name.lower(), None, [], usage, adapter)
-            _log_finished(request, outcome, why, time.monotonic() - received, None, usage)
+            self.metrics.request_finished(outcome.name.lower(), tally.ttft, tally.token_times, tally.usage, adapter)
+            _log_finished(request, outcome, why, time.monotonic() - received, tally.ttft, tally.usage)
 
     async def _embed(self, request: EmbedRequest) -> RequestOutput:
         await self.resolve_model(request.model)
