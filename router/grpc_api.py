@@ -222,7 +222,7 @@ class _ChatReply:
         self.tools = tools
         self.split: ReasoningSplit | None = None
         self.sent = 0  # with tools: how much of the answer has gone out
-        self.calls = CallStream()
+        self.calls = tools.call_stream() if tools is not None else CallStream()
 
     def fill(self, response: pb.GenerateResponse, out: RequestOutput) -> None:
         completion = out.outputs[0]

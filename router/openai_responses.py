@@ -165,7 +165,7 @@ class ResponseShape:
         if choice is None:
             return ({"content": completion.delta_text} if completion.delta_text else {}), finish_reason
         sent = self.content_sent.get(index, 0)
-        stream = self.call_streams.setdefault(index, CallStream())
+        stream = self.call_streams.setdefault(index, choice.call_stream())
         if finish_reason is None:
             content = completion.text[:choice.text_so_far(completion.text)]
             deltas = stream.deltas(choice.calls_so_far(completion.text))

@@ -18,11 +18,12 @@ arguments are the JSON text the model wrote for them, which a stream sends as it
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from router.errors import invalid
-from router.tool_call_json import CallSoFar, calls_in_sequence, space, tool_call
+from router.tool_call_json import CallSoFar, CallStream, calls_in_sequence, openai_call_id, space, tool_call
 from workers.engine.sampling_params import StructuredOutput
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ class ToolChoice:
     structure: StructuredOutput | None
     parser: "ToolCallParser | None" = None
     parallel: bool = True
+    new_id: Callable[[], str] = openai_call_id  # a call's id, of the kind the model's chat template takes back
+
+    def call_stream(self) -> CallStream:
+        return CallStream(self.new_id)
 
     def text_so_far(self, text: str) -> int:
         """How much of a reply still being generated is surely text, not a call: with "auto", the parser's say; a
@@ -62,15 +67,17 @@ class ToolChoice:
         """A finished reply's content and OpenAI tool_calls; (text, None) where it holds no whole call (a forced
         call cut off by max_tokens: `stopped` false)."""
         if self.parser is not None:
-            content, calls = self.parser.parse(text)
-            return content, calls if self.parallel or calls is None else calls[:1]
+            content, found = self.parser.parse(text)
+            if found is None:
+                return content, None
+            return content, [tool_call(call, self.new_id()) for call in (found if self.parallel else found[:1])]
         try:
             value = json.loads(text) if stopped else None
         except json.JSONDecodeError:
             value = None
         if value is None:
             return text, None
-        return None, [tool_call(call.name, call.arguments) for call in self.calls_so_far(text)]
+        return None, [tool_call(call, self.new_id()) for call in self.calls_so_far(text)]
 
 
 def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: bool = True,
@@ -82,22 +89,23 @@ def tool_choice(tools: list[dict] | None, choice: str | dict | None, parallel: b
             raise invalid("tool_choice", "names a tool call, but the request has no tools")
         return None
     schemas = _parameter_schemas(tools)
+    new_id = parser.new_id if parser is not None else openai_call_id
     if choice is None or choice == "auto":
         if parser is None:
             raise invalid("tool_choice", "\"auto\" needs a parser for the model's tool-call format, which this "
                                          "server is not configured with (api.tool_call_parser): send \"required\", "
                                          "name a function, or send \"none\"")
-        return ToolChoice(None, None, parser, parallel)
+        return ToolChoice(None, None, parser, parallel, new_id)
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": schema},
                   "required": ["name", "parameters"]} for name, schema in schemas.items()]
         array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}} | ({} if parallel else {"maxItems": 1})
-        return ToolChoice(None, StructuredOutput(json=array))
+        return ToolChoice(None, StructuredOutput(json=array), new_id=new_id)
     name = _named(choice)
     if name not in schemas:
         raise invalid("tool_choice", f"names {name!r}, which is not among the request's tools "
                                      f"({', '.join(schemas)})")
-    return ToolChoice(name, StructuredOutput(json=schemas[name]))
+    return ToolChoice(name, StructuredOutput(json=schemas[name]), new_id=new_id)
 
 
 def chat_tools(tools: list[dict] | None) -> list[dict] | None:

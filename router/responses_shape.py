@@ -65,7 +65,8 @@ class ResponsesShape:
         self.thinking_sent = self.answer_sent = 0
         self.message_index = 0  # 1 where a reasoning item comes first
         self.message_done: dict[str, Any] | None = None  # the message, closed as the first call began
-        self.calls = CallStream()  # what of the reply's calls went out
+        # What of the reply's calls went out.
+        self.calls = tool_choice.call_stream() if tool_choice is not None else CallStream()
         self.header = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                        "max_output_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "top_logprobs": params.logprobs,
@@ -84,7 +85,7 @@ class ResponsesShape:
         if self.tool_choice is not None:
             content, calls = self.tool_choice.reply(parts.content, completion.finish_reason == "stop")
             if calls is None:  # calls begun but not whole (cut off by max_output_tokens): they end incomplete
-                cut = [tool_call(call.name, call.arguments) for call in takewhile(
+                cut = [tool_call(call, self.tool_choice.new_id()) for call in takewhile(
                     lambda call: call.name is not None, self.tool_choice.calls_so_far(content))]
             calls, cut = calls and self.calls.with_ids(calls), self.calls.with_ids(cut)
         output = [] if parts.reasoning is None else [self._reasoning_item("completed", parts.reasoning)]

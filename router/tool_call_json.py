@@ -7,6 +7,7 @@ to send in its own shape."""
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,9 +73,9 @@ def calls_in_sequence(text: str, at: int, separator: str, argument_keys: tuple[s
     return calls
 
 
-def whole_call(text: str, at: int, argument_keys: tuple[str, ...]) -> tuple[dict[str, Any] | None, int]:
-    """The tool call (OpenAI's layout) in the JSON object at text[at], and where the object ends; None where it
-    is no whole call (not JSON, not an object, no name)."""
+def whole_call(text: str, at: int, argument_keys: tuple[str, ...]) -> tuple[CallSoFar | None, int]:
+    """The whole tool call in the JSON object at text[at], and where the object ends; None where it is no whole
+    call (not JSON, not an object, no name)."""
     try:
         value, end = _DECODER.raw_decode(text, at)
     except json.JSONDecodeError:
@@ -82,19 +83,34 @@ def whole_call(text: str, at: int, argument_keys: tuple[str, ...]) -> tuple[dict
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None, end
     call, _ = call_so_far(text, at, argument_keys)
-    return tool_call(value["name"], call.arguments or "{}"), end
+    return CallSoFar(value["name"], call.arguments or "{}"), end
+
+
+def whole_object(text: str, at: int) -> int | None:
+    """Where the JSON object at text[at] ends; None where none starts there or it is not whole."""
+    try:
+        value, end = _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError:
+        return None
+    return end if isinstance(value, dict) else None
 
 
 def space(text: str, at: int) -> int:
     return _SPACE.match(text, at).end()
 
 
-def tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+def tool_call(call: CallSoFar, call_id: str) -> dict[str, Any]:
+    """A whole call in OpenAI's layout."""
+    return {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def call_id() -> str:
+def openai_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def mistral_call_id() -> str:
+    """Nine letters and digits: Mistral's chat templates refuse a conversation whose tool calls have other ids."""
+    return uuid.uuid4().hex[:9]
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,8 @@ class CallStream:
     """What of a reply's calls a stream has sent: each call goes out once its name is whole, then what is new of
     its arguments as the reply grows."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_id: Callable[[], str] = openai_call_id) -> None:
+        self.new_id = new_id  # the model's kind of call id (ToolChoice.new_id)
         self.ids: list[str] = []  # per call begun, in order
         self.sent: list[int] = []  # per call begun: the characters of its arguments sent
 
@@ -122,7 +139,7 @@ class CallStream:
             if call.name is None:
                 break
             if i == len(self.ids):
-                self.ids.append(call_id())
+                self.ids.append(self.new_id())
                 self.sent.append(0)
                 deltas.append(CallDelta(i, self.ids[i], call.name, call.arguments))
             elif call.arguments[self.sent[i]:]:

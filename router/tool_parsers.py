@@ -5,26 +5,40 @@ chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
                   text: Qwen2.5, Qwen3 and the Hermes models
     llama3_json   the whole reply is {"name": ..., "parameters": {...}}, or several separated by ";", optionally
                   after <|python_tag|>: Llama 3.1 and 3.2
-    mistral       the whole reply is [TOOL_CALLS] and a JSON array of {"name": ..., "arguments": {...}}: Mistral 7B
-                  Instruct v0.3, Mistral Nemo and Small (the tokenizers before v11); the tag is a special token,
-                  which the text leaves out unless skip_special_tokens is false, so it is read either way
+    mistral       [TOOL_CALLS] and a JSON array of {"name": ..., "arguments": {...}} (Mistral 7B Instruct v0.3,
+                  Mistral Nemo and Small: the tokenizers before v11), or [TOOL_CALLS]name[ARGS]{...} per call, the
+                  call's [CALL_ID]id before [ARGS] where the model writes one (v11 on: Mistral Small 3.1 and 3.2,
+                  Magistral, Devstral), after optional text. The tags are special tokens, which a reply with
+                  tools keeps (skip_special_tokens false); an array of calls is read without its tag too. A call's
+                  id is nine letters and digits, which Mistral's chat templates require when it comes back
 
-Each has `parse(text) -> (content, calls)` for a finished reply and, for one still being generated,
+Each has `parse(text) -> (content, calls)` for a finished reply (the calls whole, without ids), `new_id()` for
+the kind of call id the model's template takes back, and, for one still being generated,
 `content_so_far(text)`, how much of it is surely text, which streams as content, and `calls_so_far(text)`, the
 calls begun in it, whose arguments stream as they are generated.
 """
 
-from typing import Any
+import re
 
 from router.reasoning import partial_tag_length
-from router.tool_call_json import CallSoFar, call_so_far, calls_in_sequence, space, whole_call
+from router.tool_call_json import (
+    CallSoFar,
+    call_so_far,
+    calls_in_sequence,
+    mistral_call_id,
+    openai_call_id,
+    space,
+    whole_call,
+    whole_object,
+)
 
 
 class HermesToolParser:
     start, end = "<tool_call>", "</tool_call>"
     argument_keys = ("arguments",)
+    new_id = staticmethod(openai_call_id)
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    def parse(self, text: str) -> tuple[str | None, list[CallSoFar] | None]:
         """The reply's content (the text before the first call; None if only whitespace) and its tool calls, or
         (text, None) where it makes none or one of them is not a whole call (not JSON, no name, not closed)."""
         first = text.find(self.start)
@@ -67,8 +81,9 @@ class HermesToolParser:
 class Llama3JsonToolParser:
     tag = "<|python_tag|>"
     argument_keys = ("parameters", "arguments")
+    new_id = staticmethod(openai_call_id)
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    def parse(self, text: str) -> tuple[str | None, list[CallSoFar] | None]:
         """No content and the calls, where the whole reply is calls; else (text, None)."""
         body = self._body(text)
         if not body.startswith("{"):
@@ -96,33 +111,94 @@ class Llama3JsonToolParser:
 class MistralToolParser:
     tag = "[TOOL_CALLS]"
     argument_keys = ("arguments",)
+    new_id = staticmethod(mistral_call_id)
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
-        """No content and the calls, where the whole reply is the array of them; else (text, None)."""
-        body = self._body(text)
-        if not body.startswith("["):
+    def parse(self, text: str) -> tuple[str | None, list[CallSoFar] | None]:
+        """The text before the calls (None if only whitespace) and the calls, where the rest of the reply is
+        calls; else (text, None)."""
+        content, body = self._split(text)
+        if body.startswith("["):
+            calls = self._array(body)
+        elif self.tag in text:
+            calls = [self._named(part) for part in body.split(self.tag)]
+        else:
+            calls = None
+        if calls is None or None in calls:
             return text, None
+        return (content if content.strip() else None), calls
+
+    def content_so_far(self, text: str) -> int:
+        """Up to the tag; nothing of a reply that opens as an array may be (or as the tag's start); all but an
+        ending that may be the tag's start otherwise."""
+        tag = text.find(self.tag)
+        if tag >= 0:
+            return tag
+        if text.lstrip().startswith("["):
+            return 0
+        return len(text) - partial_tag_length(text, self.tag)
+
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        _, body = self._split(text)
+        if body.startswith("["):
+            return calls_in_sequence(body, 1, ",", self.argument_keys)
+        if self.tag not in text:
+            return []
+        return [self._named_so_far(part) for part in body.split(self.tag)]
+
+    def _split(self, text: str) -> tuple[str, str]:
+        """The text before the tag, and what follows it (the whole reply where it has no tag), without white
+        space at the start."""
+        tag = text.find(self.tag)
+        if tag < 0:
+            return "", text.lstrip()
+        return text[:tag], text[tag + len(self.tag):].lstrip()
+
+    def _array(self, body: str) -> list[CallSoFar] | None:
+        """The calls of a reply that is a JSON array of them, None where it is anything else."""
         calls, at = [], space(body, 1)
         while True:
             call, at = whole_call(body, at, self.argument_keys)
             if call is None:
-                return text, None
+                return None
             calls.append(call)
             at = space(body, at)
             if body[at:at + 1] != ",":
                 break
             at = space(body, at + 1)
-        return (None, calls) if body[at:].strip() == "]" else (text, None)
+        return calls if body[at:].strip() == "]" else None
 
-    def content_so_far(self, text: str) -> int:
-        return _content_unless_calls(text, "[", self.tag)
+    def _named(self, part: str) -> CallSoFar | None:
+        """The call one [TOOL_CALLS] opens in the v11 format, None where it is not whole or more follows it."""
+        name, start = self._name(part)
+        end = whole_object(part, start) if name is not None else None
+        if end is None or part[end:].strip():
+            return None
+        return CallSoFar(name, part[start:end])
 
-    def calls_so_far(self, text: str) -> list[CallSoFar]:
-        body = self._body(text)
-        return calls_in_sequence(body, 1, ",", self.argument_keys) if body.startswith("[") else []
+    def _named_so_far(self, part: str) -> CallSoFar:
+        """Its name once [CALL_ID], [ARGS] or the arguments follow it, and its arguments as far as written
+        (white space and what may be the start of the next tag at their end left for later)."""
+        name, start = self._name(part)
+        if name is None:
+            return CallSoFar(None, "")
+        end = whole_object(part, start)
+        if end is not None:
+            return CallSoFar(name, part[start:end])
+        arguments = part[start:].rstrip()
+        return CallSoFar(name, arguments[:len(arguments) - partial_tag_length(arguments, self.tag)])
 
-    def _body(self, text: str) -> str:
-        return _after_tag(text, self.tag)
+    def _name(self, part: str) -> tuple[str | None, int]:
+        """A v11 call's name and where its arguments start; (None, 0) until what follows the name shows it is
+        whole."""
+        found = _NAMED_CALL.match(part)
+        if found is None:
+            return None, 0
+        return found["name"], found.end()
+
+
+# A v11 call up to its arguments: the function's name, the id the model may give it, then [ARGS] (or the object
+# itself, where the tags were left out of the text).
+_NAMED_CALL = re.compile(r"\s*(?P<name>[\w.\-]+)\s*(?:\[CALL_ID\]\s*\w+\s*)?(?:\[ARGS\]\s*|(?=\{))")
 
 
 def _content_unless_calls(text: str, opening: str, tag: str) -> int:

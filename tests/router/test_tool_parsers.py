@@ -1,6 +1,7 @@
 """Finding tool calls in a model's text (tool_choice "auto"), whole and while it streams, and what "auto" needs."""
 
 import json
+import re
 
 import pytest
 
@@ -14,17 +15,22 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</
 
 
 def arguments_by_name(calls):
+    """Of OpenAI's tool calls."""
     return [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in calls]
+
+
+def found(calls: list[CallSoFar]) -> list[tuple[str, dict]]:
+    """Of the calls a parser finds."""
+    return [(call.name, json.loads(call.arguments)) for call in calls]
 
 
 def test_text_before_and_calls_in_the_hermes_format_are_found():
     parser = HermesToolParser()
     content, calls = parser.parse("Let me look.\n" + CALL + "\n" + CALL.replace("Paris", "Rome"))
     assert content == "Let me look.\n"
-    assert arguments_by_name(calls) == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
-    assert all(call["id"].startswith("call_") and call["type"] == "function" for call in calls)
+    assert found(calls) == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
     content, calls = parser.parse("\n" + CALL)
-    assert content is None and arguments_by_name(calls) == [("get_weather", {"city": "Paris"})]
+    assert content is None and found(calls) == [("get_weather", {"city": "Paris"})]
 
 
 @pytest.mark.parametrize("text", [
@@ -57,7 +63,7 @@ def test_only_text_that_cannot_begin_a_call_streams_as_content(text, content):
 ])
 def test_a_llama3_reply_made_of_calls_is_calls(text):
     content, calls = Llama3JsonToolParser().parse(text)
-    assert content is None and arguments_by_name(calls)[0] == ("get_weather", {"city": "Paris"})
+    assert content is None and found(calls)[0] == ("get_weather", {"city": "Paris"})
     assert len(calls) == text.count('"name"')
 
 
@@ -84,8 +90,23 @@ def test_a_llama3_reply_streams_as_content_once_it_cannot_be_a_call(text, conten
 ])
 def test_a_mistral_reply_that_is_an_array_of_calls_is_calls_with_or_without_its_special_tag(text):
     content, calls = MistralToolParser().parse(text)
-    assert content is None and arguments_by_name(calls)[0] == ("get_weather", {"city": "Paris"})
+    assert content is None and found(calls)[0] == ("get_weather", {"city": "Paris"})
     assert len(calls) == text.count('"name"')
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', None, [("get_weather", {"city": "Paris"})]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}\n', None,
+     [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ('[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}', None, [("get_weather", {"city": "Paris"})]),
+    ('Let me look.[TOOL_CALLS]get_weather[ARGS] {"city": "Paris"}', "Let me look.",
+     [("get_weather", {"city": "Paris"})]),
+    ('Let me look.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]', "Let me look.",
+     [("get_weather", {"city": "Paris"})]),
+])
+def test_mistral_v11_calls_are_each_tagged_and_named_before_their_arguments(text, content, calls):
+    parsed_content, parsed_calls = MistralToolParser().parse(text)
+    assert parsed_content == content and found(parsed_calls) == calls
 
 
 @pytest.mark.parametrize("text", [
@@ -94,6 +115,10 @@ def test_a_mistral_reply_that_is_an_array_of_calls_is_calls_with_or_without_its_
     '[{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
     '[{"name": "get_weather", "arguments": {}}] and then some text',
     '[TOOL_CALLS] {"name": "get_weather", "arguments": {}}',  # not in an array
+    "[TOOL_CALLS]get_weather",  # no arguments
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Par',  # cut off by max_tokens
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and then some text',
+    '[TOOL_CALLS]get_weather[ARGS]{}[TOOL_CALLS]',  # a second call that never came
 ])
 def test_a_mistral_reply_that_is_not_all_calls_is_text(text):
     assert MistralToolParser().parse(text) == (text, None)
@@ -101,6 +126,7 @@ def test_a_mistral_reply_that_is_not_all_calls_is_text(text):
 
 @pytest.mark.parametrize(("text", "content"), [
     ("It is", "It is"), (" [", ""), ("[TOOL_", ""), ("[TOOL_CALLS] [{", ""), ("", ""), ("(a)", "(a)"),
+    ("Let me look.[TOOL_CALLS]get", "Let me look."), ("Let me look. [TOOL_", "Let me look. "),
 ])
 def test_a_mistral_reply_streams_as_content_once_it_cannot_be_calls(text, content):
     assert text[:MistralToolParser().content_so_far(text)] == content
@@ -120,6 +146,9 @@ STREAMED = {
     "mistral": (dict(parser=MistralToolParser()),
                 f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}, '
                 f'{{"name": "get_time", "arguments": {TRICKY}}}]', {0, 1}),
+    "mistral_v11": (dict(parser=MistralToolParser()),
+                    f'Let me look.[TOOL_CALLS]get_weather[ARGS]{{"city": "Paris"}}'
+                    f'[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{TRICKY}', {0, 1}),
     "required": (dict(choice="required"),
                  f'[{{"name": "get_weather", "parameters": {{}}}}, {{"name": "get_time", "parameters": {TRICKY}}}]',
                  {0, 1}),
@@ -151,7 +180,7 @@ def test_calls_stream_as_generated_and_add_up_to_the_whole_replys_calls(kind):
     assert partial == in_parts
 
 
-@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral"])
+@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral", "mistral_v11"])
 def test_auto_without_parallel_calls_keeps_the_first_call_whole_or_streamed(kind):
     """The model decides how many calls it makes; parallel_tool_calls false hands back its first alone."""
     parser, text = STREAMED[kind][0]["parser"], STREAMED[kind][1]
@@ -170,3 +199,21 @@ def test_auto_needs_a_parser_and_the_forced_choices_do_not():
     assert tool_choice([WEATHER], "auto", parser=HermesToolParser()).structure is None
     assert tool_choice([WEATHER], "required").structure is not None
     assert tool_choice([WEATHER], "none") is None and tool_choice(None, None) is None
+
+
+OPENAI_ID, MISTRAL_ID = r"call_[0-9a-f]{24}", r"[A-Za-z0-9]{9}"
+REQUIRED = '[{"name": "get_weather", "parameters": {}}]'
+
+
+@pytest.mark.parametrize(("parser", "choice", "reply", "kind"), [
+    (HermesToolParser(), "auto", CALL, OPENAI_ID),
+    (HermesToolParser(), "required", REQUIRED, OPENAI_ID),
+    (MistralToolParser(), "auto", '[TOOL_CALLS]get_weather[ARGS]{}', MISTRAL_ID),
+    (MistralToolParser(), "required", REQUIRED, MISTRAL_ID),
+])
+def test_call_ids_are_openais_kind_but_nine_letters_and_digits_for_mistrals_templates(parser, choice, reply, kind):
+    """Mistral's chat templates refuse a conversation whose calls have other ids, and they come back in it."""
+    tools = tool_choice([WEATHER], choice, parser=parser)
+    _, [call] = tools.reply(reply, stopped=True)
+    [streamed] = tools.call_stream().deltas(tools.calls_so_far(reply))
+    assert call["type"] == "function" and re.fullmatch(kind, call["id"]) and re.fullmatch(kind, streamed.id)
