@@ -14,13 +14,8 @@
                                  was created streaming), POST /v1/responses/{id}/cancel stops it
     POST /v1/responses/input_tokens  OpenAI's: how many tokens a Responses API request's prompt has (its
                                  instructions, the conversation it continues, its input and tools), unrun
-    POST /v1/embeddings          input (a string or token ids, or a batch of them) -> each one's vector: the last
-                                 token's hidden state, unit length (last-token pooling); dimensions keeps the first
-                                 values, normalized again; encoding_format base64 sends little-endian float32s
-    POST /v1/score, /score       vLLM's, for an embedding model: text_1 against each text_2 (or pair by pair) ->
-                                 the cosine of their embeddings
-    POST /v1/rerank, /rerank, /v2/rerank  Jina AI's and Cohere's (vLLM's): a query and documents -> the documents
-                                 most relevant first (the cosine of their embedding and the query's), top_n of them
+    POST /v1/embeddings, /v1/score, /v1/rerank (and vLLM's other paths for them)  embeddings, and the cosines of
+                                 theirs that score and rerank (router/openai_pooling.py)
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
     POST /tokenize               vLLM's: a prompt or messages -> the token ids the model would see
     POST /detokenize             vLLM's: token ids -> text
@@ -51,8 +46,6 @@ failure after that is one SSE error event. A client that disconnects closes the 
 the request and frees its KV blocks.
 """
 
-import asyncio
-import base64
 import hmac
 import logging
 import time
@@ -64,7 +57,6 @@ from functools import partial
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -74,25 +66,23 @@ from starlette.exceptions import HTTPException
 
 from router.background import BackgroundResponses
 from router.errors import ApiError, Kind, classify, invalid, renamed
-from router.ingress import EmbedRequest, GenerateRequest, Ingress
+from router.http_errors import PayloadTooLarge, error_response, http_exception_response, refused_response
+from router.ingress import GenerateRequest, Ingress
 from router.metrics import CONTENT_TYPE
 from router.openai_bodies import (
     ChatBody,
     ChatMessage,
     CompletionBody,
     DetokenizeBody,
-    EmbeddingsBody,
     GenerationBody,
     InputItem,
     InputTokensBody,
     LoadLoRABody,
-    RerankBody,
-    RerankDocument,
     ResponsesBody,
-    ScoreBody,
     TokenizeBody,
     UnloadLoRABody,
 )
+from router.openai_pooling import PoolingApi
 from router.openai_responses import ResponseShape
 from router.openai_structured import ResponseFormat, requested_structure
 from router.openai_tools import ToolChoice, chat_tools, tool_choice
@@ -100,7 +90,6 @@ from router.response_store import RUNNING, ResponseStore, StoredResponse
 from router.responses_shape import ResponsesShape, input_items
 from router.streams import close_all, first_of_each, lasts
 from router.tool_parsers import tool_call_parser
-from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput
 
 logger = logging.getLogger(__name__)
@@ -109,13 +98,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions
 
 
 Body = TypeVar("Body", bound=BaseModel)
-T = TypeVar("T")
 Shape = ResponseShape | ResponsesShape
 Built = tuple[list[dict], SamplingParams, ToolChoice | None]  # a request's prompts, params and tool choice
-
-
-class PayloadTooLarge(Exception):
-    pass
 
 
 class EventStream(StreamingResponse):
@@ -137,8 +121,9 @@ class EventStream(StreamingResponse):
 
 def build_http_app(ingress: Ingress) -> FastAPI:
     api = OpenAIApi(ingress)
+    pooling = PoolingApi(ingress, api.read)
     app = FastAPI(title="Tandem", summary="OpenAI-compatible API of a Tandem cluster")
-    app.add_exception_handler(HTTPException, _http_exception)
+    app.add_exception_handler(HTTPException, http_exception_response)
     app.add_exception_handler(RequestValidationError, lambda _, e: error_response(invalid("body", str(e))))
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -147,11 +132,11 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     app.add_api_route("/v1/responses/{response_id}", api.stored_response, methods=["GET", "DELETE"])
     app.add_api_route("/v1/responses/{response_id}/input_items", api.list_input_items, methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}/cancel", api.cancel_response, methods=["POST"])
-    app.add_api_route("/v1/embeddings", api.embeddings, methods=["POST"])
+    app.add_api_route("/v1/embeddings", pooling.embeddings, methods=["POST"])
     for path in ("/v1/score", "/score"):
-        app.add_api_route(path, api.score, methods=["POST"])
+        app.add_api_route(path, pooling.score, methods=["POST"])
     for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
-        app.add_api_route(path, api.rerank, methods=["POST"])
+        app.add_api_route(path, pooling.rerank, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"])
@@ -186,114 +171,6 @@ class OpenAIApi:
 
     async def responses(self, request: Request) -> Response:
         return await self._serve(request, ResponsesBody, self._responses_request, self._responses_shape)
-
-    async def embeddings(self, request: Request) -> Response:
-        """OpenAI's embeddings: one cluster request per input, every input checked before any runs, all run at
-        once; the first to fail fails the request and cancels the others."""
-        def inputs(body: EmbeddingsBody) -> list[tuple[str, str | list[int]]]:
-            if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int):
-                return [(f"input[{i}]", item) for i, item in enumerate(body.input)]
-            return [("input", body.input)]
-
-        def respond(body: EmbeddingsBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
-            data = [{"object": "embedding", "index": i, "embedding": _encoded(out.embedding, body.encoding_format)}
-                    for i, out in enumerate(outs)]
-            return {"id": f"embd-{request_id}", "object": "list", "created": int(time.time()),
-                    "model": self.ingress.model_name(body.model), "data": data,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-        return await self._embed(request, EmbeddingsBody, inputs, respond)
-
-    async def score(self, request: Request) -> Response:
-        """vLLM's score API, for an embedding model: each pair's score is the cosine of its two embeddings. text_1
-        is one text scored against every text_2, or a list paired with text_2's one by one."""
-        def inputs(body: ScoreBody) -> list[tuple[str, str]]:
-            firsts, seconds = _texts(body.text_1), _texts(body.text_2)
-            for name, texts in (("text_1", firsts), ("text_2", seconds)):
-                if not texts:
-                    raise invalid(name, "must not be empty")
-            if len(firsts) not in (1, len(seconds)):
-                raise invalid("text_1", f"must be one text, or one per text_2 ({len(seconds)}), got {len(firsts)}")
-            return [*_named("text_1", body.text_1), *_named("text_2", body.text_2)]
-
-        def respond(body: ScoreBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
-            firsts, seconds = outs[:len(_texts(body.text_1))], outs[len(_texts(body.text_1)):]
-            if len(firsts) == 1:
-                firsts = firsts * len(seconds)
-            scores = [_cosine(first, second) for first, second in zip(firsts, seconds)]
-            return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()),
-                    "model": self.ingress.model_name(body.model),
-                    "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-        return await self._embed(request, ScoreBody, inputs, respond)
-
-    async def rerank(self, request: Request) -> Response:
-        """The rerank API of Jina AI and Cohere (vLLM's /rerank), for an embedding model: the documents by the
-        cosine of their embedding and the query's, most relevant first, the top_n of them."""
-        def inputs(body: RerankBody) -> list[tuple[str, str]]:
-            if not body.documents:
-                raise invalid("documents", "must not be empty")
-            if body.top_n is not None and body.top_n < 1:
-                raise invalid("top_n", f"must be a positive integer, got {body.top_n}")
-            return [("query", body.query), *_named("documents", [_document_text(d) for d in body.documents])]
-
-        def respond(body: RerankBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
-            scores = [_cosine(outs[0], document) for document in outs[1:]]
-            ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
-            results = [{"index": i, "relevance_score": scores[i]} |
-                       ({"document": {"text": _document_text(body.documents[i])}}
-                        if body.return_documents is not False else {})
-                       for i in ranked[:body.top_n]]
-            return {"id": f"rerank-{request_id}", "model": self.ingress.model_name(body.model),
-                    "usage": {"total_tokens": tokens}, "results": results}
-
-        return await self._embed(request, RerankBody, inputs, respond)
-
-    async def _embed(self, request: Request, body_type: type[Body],
-                     inputs: Callable[[Body], list[tuple[str, str | list[int]]]],
-                     respond: Callable[[Body, str, list[RequestOutput], int], dict]) -> Response:
-        """The embedding endpoints' path: parse, then one cluster request per input (named by its field, which a
-        refusal names), every input checked before any runs, all run at once (the first to fail fails the request
-        and cancels the others), then `respond` with the outputs in order and the prompt tokens."""
-        try:
-            self._authorize(request)
-            body = await self._parse(request, body_type)
-            request_id = body.request_id or uuid.uuid4().hex
-            requests = self._embed_requests(inputs(body), body, request_id)
-        except PayloadTooLarge as e:
-            self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
-            return _refused(e)
-        except Exception as e:
-            error = classify(e)
-            self.ingress.refused(error)
-            return error_response(error)
-        try:
-            outs = await _together([self.ingress.embed(r) for r in requests])
-        except Exception as e:
-            return error_response(classify(e))
-        return JSONResponse(respond(body, request_id, outs, sum(len(out.prompt_token_ids) for out in outs)))
-
-    def _embed_requests(self, inputs: list[tuple[str, str | list[int]]], body: BaseModel,
-                        request_id: str) -> list[EmbedRequest]:
-        """One request per (field, prompt), as token ids; a bad prompt is refused naming its field."""
-        limit = self.ingress.api.max_embedding_inputs
-        if len(inputs) > limit:
-            raise invalid(inputs[-1][0].partition("[")[0], f"at most {limit} inputs per request, got {len(inputs)}")
-        requests = []
-        for i, (field, item) in enumerate(inputs):
-            text = isinstance(item, str)
-            request = EmbedRequest(prompt=item if text else None, prompt_token_ids=None if text else item,
-                                   truncate_prompt_tokens=body.truncate_prompt_tokens,
-                                   dimensions=getattr(body, "dimensions", None),
-                                   request_id=f"{request_id}-{i}" if len(inputs) > 1 else request_id,
-                                   cache_salt=body.cache_salt, model=body.model)
-            try:
-                token_ids = self.ingress.validate_embedding(request)
-            except Exception as e:
-                raise renamed(classify(e), {"prompt": field, "prompt_token_ids": field}) from None
-            requests.append(replace(request, prompt=None, prompt_token_ids=token_ids, truncate_prompt_tokens=None))
-        return requests
 
     async def stored_response(self, request: Request, response_id: str) -> Response:
         """GET: the response as it was returned, or as a background one stands; with stream=true, a background
@@ -423,20 +300,18 @@ class OpenAIApi:
     async def load_lora_adapter(self, request: Request) -> Response:
         """vLLM's endpoint, and its answer: plain text on success."""
         try:
-            self._authorize(request)
-            body = await self._parse(request, LoadLoRABody)
+            body = await self.read(request, LoadLoRABody)
             await self.ingress.load_lora_adapter(body.lora_name, body.lora_path, body.load_inplace)
         except Exception as e:
-            return _refused(e)
+            return refused_response(e)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     async def unload_lora_adapter(self, request: Request) -> Response:
         try:
-            self._authorize(request)
-            body = await self._parse(request, UnloadLoRABody)
+            body = await self.read(request, UnloadLoRABody)
             await self.ingress.unload_lora_adapter(body.lora_name)
         except Exception as e:
-            return _refused(e)
+            return refused_response(e)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def tokenize(self, request: Request) -> Response:
@@ -451,7 +326,7 @@ class OpenAIApi:
                     continue_final_message=bool(body.continue_final_message),
                     chat_template_kwargs=body.chat_template_kwargs))
         except Exception as e:
-            return _refused(e)
+            return refused_response(e)
         return JSONResponse({"count": len(ids), "max_model_len": self.ingress.model.max_model_len, "tokens": ids})
 
     async def input_tokens(self, request: Request) -> Response:
@@ -460,7 +335,7 @@ class OpenAIApi:
             ids = self.ingress.prompt_token_ids(GenerateRequest(messages=await self._responses_messages(body),
                                                                 tools=chat_tools(body.tools)))
         except Exception as e:
-            return _refused(e)
+            return refused_response(e)
         return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
 
     async def detokenize(self, request: Request) -> Response:
@@ -468,11 +343,10 @@ class OpenAIApi:
             body = await self._tokenizer_request(request, DetokenizeBody)
             return JSONResponse({"prompt": self.ingress.detokenize(body.tokens, field="tokens")})
         except Exception as e:
-            return _refused(e)
+            return refused_response(e)
 
     async def _tokenizer_request(self, request: Request, body_type: type[Body]) -> Body:
-        self._authorize(request)
-        body = await self._parse(request, body_type)
+        body = await self.read(request, body_type)
         if body.model:
             self.ingress.check_model(body.model)
         return body
@@ -493,8 +367,7 @@ class OpenAIApi:
                      shape: Callable[[Body, str, list[GenerateRequest], ToolChoice | None], Shape]) -> Response:
         aliases: dict[str, str] = {}  # engine field -> the name this API calls it, for error messages
         try:
-            self._authorize(request)
-            body = await self._parse(request, body_type)
+            body = await self.read(request, body_type)
             prompts, params, tools = await build(body, aliases)
             request_id = body.request_id or uuid.uuid4().hex
             choices = self._choices(body, request_id, prompts, params)
@@ -504,7 +377,7 @@ class OpenAIApi:
                 self.ingress.validate(choices[0])  # bad input is a 400 now, not a response that fails later
         except PayloadTooLarge as e:
             self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
-            return _refused(e)
+            return refused_response(e)
         except Exception as e:
             error = renamed(classify(e), aliases)
             self.ingress.refused(error)
@@ -524,6 +397,12 @@ class OpenAIApi:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(Kind.UNAUTHENTICATED, "a valid API key is required: send 'Authorization: Bearer <key>'")
+
+    async def read(self, request: Request, body_type: type[Body]) -> Body:
+        """A request's body, once its API key is checked: parsed, its size limited, and the LoRA adapter it names
+        loaded if lora_dir holds it and it is not loaded yet."""
+        self._authorize(request)
+        return await self._parse(request, body_type)
 
     async def _parse(self, request: Request, body_type: type[Body]) -> Body:
         limit = self.ingress.api.max_request_bytes
@@ -846,41 +725,6 @@ def _field_path(loc: tuple) -> str | None:
     return path
 
 
-async def _together(calls: list[Awaitable[T]]) -> list[T]:
-    """The calls' results, in order, run at once: the first to fail cancels the others and is raised."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(call) for call in calls]
-    except ExceptionGroup as e:
-        raise e.exceptions[0] from None
-    return [task.result() for task in tasks]
-
-
-def _texts(texts: str | list[str]) -> list[str]:
-    return [texts] if isinstance(texts, str) else texts
-
-
-def _named(field: str, texts: str | list[str]) -> list[tuple[str, str]]:
-    """Each text with the field that names it: `field`, or field[i] in a list."""
-    return [(field, texts)] if isinstance(texts, str) else [(f"{field}[{i}]", t) for i, t in enumerate(texts)]
-
-
-def _document_text(document: str | RerankDocument) -> str:
-    return document if isinstance(document, str) else document.text
-
-
-def _cosine(a: RequestOutput, b: RequestOutput) -> float:
-    """Of two unit-length embeddings: their dot product."""
-    return float(np.dot(a.embedding, b.embedding))
-
-
-def _encoded(vector: list[float], encoding_format: str | None) -> list[float] | str:
-    """A vector as OpenAI sends it: a list of numbers, or with base64 its little-endian float32 bytes."""
-    if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return vector
-
-
 def _path_length(loc: tuple) -> int:
     """How many of a location's parts name the field, before any union's type tag."""
     for length, part in enumerate(loc[1:], 1):
@@ -898,28 +742,3 @@ def _union_message(errors: list[dict]) -> str | None:
         return None
     forms = list(dict.fromkeys(e["loc"][at] for e in errors if len(e["loc"]) > at and e["loc"][:at] == loc[:at]))
     return f"must be one of {', '.join(forms)}" if len(forms) > 1 else None
-
-
-def _error_json(status: int, kind: str, message: str, param: str | None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status, headers=headers)
-
-
-def _refused(e: Exception) -> JSONResponse:
-    if isinstance(e, PayloadTooLarge):
-        return _error_json(413, "invalid_request_error", str(e), None)
-    return error_response(classify(e))
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    if error.kind is Kind.INTERNAL:
-        logger.error("request failed: %s", error.message)
-    headers = {"www-authenticate": "Bearer"} if error.kind is Kind.UNAUTHENTICATED else None
-    return _error_json(error.kind.http_status, error.kind.openai_type, error.message, error.field, headers)
-
-
-async def _http_exception(_: Request, e: HTTPException) -> JSONResponse:
-    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return _error_json(e.status_code, kind, str(e.detail), None, getattr(e, "headers", None))
-
-

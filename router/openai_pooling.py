@@ -1,0 +1,184 @@
+"""The HTTP API's endpoints for embeddings and what is computed from them, for a generative model's last-token
+embeddings (router/openai_api.py serves the rest):
+
+    POST /v1/embeddings          input (a string or token ids, or a batch of them) -> each one's vector: the last
+                                 token's hidden state, unit length (last-token pooling); dimensions keeps the first
+                                 values, normalized again; encoding_format base64 sends little-endian float32s
+    POST /v1/score, /score       vLLM's, for an embedding model: text_1 against each text_2 (or pair by pair) ->
+                                 the cosine of their embeddings
+    POST /v1/rerank, /rerank, /v2/rerank  Jina AI's and Cohere's (vLLM's): a query and documents -> the documents
+                                 most relevant first (the cosine of their embedding and the query's), top_n of them
+
+Each input is one cluster request (Ingress.embed), every input checked before any runs, all run at once.
+"""
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TypeVar
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from router.errors import ApiError, Kind, classify, invalid, renamed
+from router.http_errors import PayloadTooLarge, error_response, refused_response
+from router.ingress import EmbedRequest, Ingress
+from router.openai_bodies import EmbeddingsBody, RerankBody, RerankDocument, ScoreBody
+from workers.engine.outputs import RequestOutput
+
+Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
+
+
+class PoolingApi:
+    def __init__(self, ingress: Ingress, read: Callable[[Request, type[Body]], Awaitable[Body]]):
+        """`read`: the API's way to a request's body (its API key checked, its size limited, parsed)."""
+        self.ingress = ingress
+        self.read = read
+
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's embeddings: one cluster request per input, every input checked before any runs, all run at
+        once; the first to fail fails the request and cancels the others."""
+        def inputs(body: EmbeddingsBody) -> list[tuple[str, str | list[int]]]:
+            if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int):
+                return [(f"input[{i}]", item) for i, item in enumerate(body.input)]
+            return [("input", body.input)]
+
+        def respond(body: EmbeddingsBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            data = [{"object": "embedding", "index": i, "embedding": _encoded(out.embedding, body.encoding_format)}
+                    for i, out in enumerate(outs)]
+            return {"id": f"embd-{request_id}", "object": "list", "created": int(time.time()),
+                    "model": self.ingress.model_name(body.model), "data": data,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await self._serve(request, EmbeddingsBody, inputs, respond)
+
+    async def score(self, request: Request) -> Response:
+        """vLLM's score API, for an embedding model: each pair's score is the cosine of its two embeddings. text_1
+        is one text scored against every text_2, or a list paired with text_2's one by one."""
+        def inputs(body: ScoreBody) -> list[tuple[str, str]]:
+            firsts, seconds = _texts(body.text_1), _texts(body.text_2)
+            for name, texts in (("text_1", firsts), ("text_2", seconds)):
+                if not texts:
+                    raise invalid(name, "must not be empty")
+            if len(firsts) not in (1, len(seconds)):
+                raise invalid("text_1", f"must be one text, or one per text_2 ({len(seconds)}), got {len(firsts)}")
+            return [*_named("text_1", body.text_1), *_named("text_2", body.text_2)]
+
+        def respond(body: ScoreBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            firsts, seconds = outs[:len(_texts(body.text_1))], outs[len(_texts(body.text_1)):]
+            if len(firsts) == 1:
+                firsts = firsts * len(seconds)
+            scores = [_cosine(first, second) for first, second in zip(firsts, seconds)]
+            return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()),
+                    "model": self.ingress.model_name(body.model),
+                    "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await self._serve(request, ScoreBody, inputs, respond)
+
+    async def rerank(self, request: Request) -> Response:
+        """The rerank API of Jina AI and Cohere (vLLM's /rerank), for an embedding model: the documents by the
+        cosine of their embedding and the query's, most relevant first, the top_n of them."""
+        def inputs(body: RerankBody) -> list[tuple[str, str]]:
+            if not body.documents:
+                raise invalid("documents", "must not be empty")
+            if body.top_n is not None and body.top_n < 1:
+                raise invalid("top_n", f"must be a positive integer, got {body.top_n}")
+            return [("query", body.query), *_named("documents", [_document_text(d) for d in body.documents])]
+
+        def respond(body: RerankBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            scores = [_cosine(outs[0], document) for document in outs[1:]]
+            ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+            results = [{"index": i, "relevance_score": scores[i]} |
+                       ({"document": {"text": _document_text(body.documents[i])}}
+                        if body.return_documents is not False else {})
+                       for i in ranked[:body.top_n]]
+            return {"id": f"rerank-{request_id}", "model": self.ingress.model_name(body.model),
+                    "usage": {"total_tokens": tokens}, "results": results}
+
+        return await self._serve(request, RerankBody, inputs, respond)
+
+    async def _serve(self, request: Request, body_type: type[Body],
+                     inputs: Callable[[Body], list[tuple[str, str | list[int]]]],
+                     respond: Callable[[Body, str, list[RequestOutput], int], dict]) -> Response:
+        """The embedding endpoints' path: parse, then one cluster request per input (named by its field, which a
+        refusal names), every input checked before any runs, all run at once (the first to fail fails the request
+        and cancels the others), then `respond` with the outputs in order and the prompt tokens."""
+        try:
+            body = await self.read(request, body_type)
+            request_id = body.request_id or uuid.uuid4().hex
+            requests = self._embed_requests(inputs(body), body, request_id)
+        except PayloadTooLarge as e:
+            self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
+            return refused_response(e)
+        except Exception as e:
+            error = classify(e)
+            self.ingress.refused(error)
+            return error_response(error)
+        try:
+            outs = await _together([self.ingress.embed(r) for r in requests])
+        except Exception as e:
+            return error_response(classify(e))
+        return JSONResponse(respond(body, request_id, outs, sum(len(out.prompt_token_ids) for out in outs)))
+
+    def _embed_requests(self, inputs: list[tuple[str, str | list[int]]], body: BaseModel,
+                        request_id: str) -> list[EmbedRequest]:
+        """One request per (field, prompt), as token ids; a bad prompt is refused naming its field."""
+        limit = self.ingress.api.max_embedding_inputs
+        if len(inputs) > limit:
+            raise invalid(inputs[-1][0].partition("[")[0], f"at most {limit} inputs per request, got {len(inputs)}")
+        requests = []
+        for i, (field, item) in enumerate(inputs):
+            text = isinstance(item, str)
+            request = EmbedRequest(prompt=item if text else None, prompt_token_ids=None if text else item,
+                                   truncate_prompt_tokens=body.truncate_prompt_tokens,
+                                   dimensions=getattr(body, "dimensions", None),
+                                   request_id=f"{request_id}-{i}" if len(inputs) > 1 else request_id,
+                                   cache_salt=body.cache_salt, model=body.model)
+            try:
+                token_ids = self.ingress.validate_embedding(request)
+            except Exception as e:
+                raise renamed(classify(e), {"prompt": field, "prompt_token_ids": field}) from None
+            requests.append(replace(request, prompt=None, prompt_token_ids=token_ids, truncate_prompt_tokens=None))
+        return requests
+
+
+async def _together(calls: list[Awaitable[T]]) -> list[T]:
+    """The calls' results, in order, run at once: the first to fail cancels the others and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as e:
+        raise e.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def _texts(texts: str | list[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else texts
+
+
+def _named(field: str, texts: str | list[str]) -> list[tuple[str, str]]:
+    """Each text with the field that names it: `field`, or field[i] in a list."""
+    return [(field, texts)] if isinstance(texts, str) else [(f"{field}[{i}]", t) for i, t in enumerate(texts)]
+
+
+def _document_text(document: str | RerankDocument) -> str:
+    return document if isinstance(document, str) else document.text
+
+
+def _cosine(a: RequestOutput, b: RequestOutput) -> float:
+    """Of two unit-length embeddings: their dot product."""
+    return float(np.dot(a.embedding, b.embedding))
+
+
+def _encoded(vector: list[float], encoding_format: str | None) -> list[float] | str:
+    """A vector as OpenAI sends it: a list of numbers, or with base64 its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
