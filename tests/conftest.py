@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GraniteConfig,
     LlamaConfig,
@@ -99,6 +100,20 @@ def build_tiny_model(arch: str, folder: Path, tokenizer_source: Path) -> Path:
     return folder
 
 
+def build_tiny_classifier(arch: str, labels: tuple[str, ...], folder: Path, tokenizer_source: Path) -> Path:
+    """The tiny decoder of `arch` with a *ForSequenceClassification head of `labels` (one label: a reward
+    model's single score)."""
+    torch.manual_seed(_TINY_SEED)
+    config = _tiny_config(arch)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    _randomize(model)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+    return folder
+
+
 def with_generation_config(model: Path, folder: Path, config: dict) -> Path:
     """`model`'s files linked into `folder`, with `config` as its generation_config.json."""
     for path in model.iterdir():
@@ -123,6 +138,21 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_path: P
             folder = tmp_path_factory.mktemp(f"tiny-{arch}")
             built[arch] = build_tiny_model(arch, folder, smollm2_path)
         return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_factory(tmp_path_factory: pytest.TempPathFactory,
+                            smollm2_path: Path) -> Callable[[str, tuple[str, ...]], Path]:
+    """Returns `make(arch, labels) -> folder`, each built at most once per test session."""
+    built: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def make(arch: str, labels: tuple[str, ...]) -> Path:
+        if (arch, labels) not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}-classifier")
+            built[arch, labels] = build_tiny_classifier(arch, labels, folder, smollm2_path)
+        return built[arch, labels]
 
     return make
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.engine.test_classification import SENTIMENT, hf_probs, random_prompt
 from tests.engine.test_parity import SMOLLM2_QUESTIONS, assert_prompt_logprobs_match_hf, random_prompts
 from tests.hf_reference import hf_embedding, hf_greedy
 from tests.lora_adapters import ATTENTION, MLP, merged_model, write_adapter
@@ -135,6 +136,15 @@ def test_embeddings_under_tensor_parallelism_match_hf_beside_generation(tiny_mod
     assert [outs[0][0], outs[3][0]] == [hf_greedy(path, prompts[0], 8), hf_greedy(path, prompts[3], 8)]
     for i in (1, 2):
         torch.testing.assert_close(torch.tensor(outs[i][0]), hf_embedding(path, prompts[i]), atol=2e-5, rtol=0)
+
+
+def test_a_classifiers_head_is_whole_on_every_rank_and_gives_hfs_probabilities(tiny_classifier_factory):
+    path = tiny_classifier_factory("qwen2", SENTIMENT)
+    prompts = [random_prompt(7, 5), random_prompt(8, 40)]
+    outs, _ = generate_tp(str(path), 2, prompts, SamplingParams(max_tokens=1), embed=frozenset({0, 1}))
+    for (logits, _), prompt in zip(outs, prompts):
+        torch.testing.assert_close(torch.softmax(torch.tensor(logits), dim=-1), hf_probs(path, prompt), atol=1e-5,
+                                   rtol=0)
 
 
 def test_a_structured_output_under_tensor_parallelism_is_one_ranks(tiny_model_factory):

@@ -178,8 +178,10 @@ class LLMEngine:
                      continuation: Continuation | None = None, embed: bool = False) -> _Request:
         params = params or SamplingParams()
         if not embed and not self.runner.model.generates:
-            raise InvalidRequestError("model", f"{self.runner.model_dir.name} is an embedding model (its checkpoint "
-                                               "has no language-model head): it serves embeddings only")
+            kind = "a classifier (its checkpoint has a classification head): it serves classifications" \
+                if self.runner.model.score is not None else \
+                "an embedding model (its checkpoint has no language-model head): it serves embeddings"
+            raise InvalidRequestError("model", f"{self.runner.model_dir.name} is {kind} only")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.pinned:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")

@@ -51,7 +51,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "GraniteForCausalLM",
                            # their decoders alone, as embedding models ship them (models/loader.py)
-                           "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"}
+                           "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model",
+                           # classifiers and reward models: a head of a few classes on the last token
+                           "LlamaForSequenceClassification", "MistralForSequenceClassification",
+                           "Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification"}
 
 
 @dataclass
@@ -343,10 +346,15 @@ class ModelRunner:
     def _embed(self, hidden: torch.Tensor, embed_rows: list[tuple[int, Sequence]]) -> None:
         """Last-token pooling, as decoder-only embedding models (e5-mistral) and vLLM's pooling runner for decoder
         models take it: under a causal mask only the last token's hidden state (after the final norm) has read the
-        whole prompt. Normalized to unit length, as OpenAI's embeddings are. Every rank holds the whole hidden state
+        whole prompt. Normalized to unit length, as OpenAI's embeddings are; a classifier's head turns it into its
+        logits per class instead, as HF's *ForSequenceClassification does. Every rank holds the whole hidden state
         (the layers' outputs are all-reduced), so rank 0 alone reads it."""
         rows = torch.tensor([row for row, _ in embed_rows], device=hidden.device)
-        vectors = torch.nn.functional.normalize(hidden.index_select(0, rows).float(), dim=-1).cpu().tolist()
+        last = hidden.index_select(0, rows)
+        if self.model.score is not None:
+            vectors = self.model.score(last).float().cpu().tolist()
+        else:
+            vectors = torch.nn.functional.normalize(last.float(), dim=-1).cpu().tolist()
         for (_, seq), vector in zip(embed_rows, vectors):
             seq.embedding = vector
 

@@ -94,7 +94,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
     # Only the first and the last output carry them, so a stream does not resend them with every token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
-    # An embedding request's (LLMEngine.add_embedding_request) final output: the prompt's unit-length vector.
+    # An embedding request's (LLMEngine.add_embedding_request) final output: the prompt's unit-length vector, or
+    # where the model is a classifier, its logits per class.
     embedding: list[float] | None = None
 
     @property

@@ -66,8 +66,8 @@ class Sequence:
     # This step's guesses at the tokens after its last one (speculative.py): computed with it, kept where the model
     # agrees. Not part of token_ids, and gone after the step.
     draft_token_ids: list[int] = field(default_factory=list)
-    # An embedding request: its prompt's last hidden state, normalized, is its output (the model runner sets
-    # `embedding` in the step that computes the prompt's last token); it generates no token.
+    # An embedding request: its prompt's last hidden state, normalized (a classifier's logits of it), is its output
+    # (the model runner sets `embedding` in the step that computes the prompt's last token); it generates no token.
     embed: bool = False
     embedding: list[float] | None = None
 

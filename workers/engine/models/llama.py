@@ -37,6 +37,11 @@ def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def classifies(config: PretrainedConfig) -> bool:
+    """A *ForSequenceClassification checkpoint: a classifier or reward model on a Llama-family decoder."""
+    return any(arch.endswith("ForSequenceClassification") for arch in getattr(config, "architectures", None) or [])
+
+
 def attention_scale_of(config: PretrainedConfig) -> float:
     """Granite sets its own (attention_multiplier); the others scale by 1 / sqrt(head_dim)."""
     return getattr(config, "attention_multiplier", None) or head_dim_of(config) ** -0.5
@@ -155,10 +160,13 @@ class LlamaForCausalLM(nn.Module):
         # Shared by every layer, so the runner switches the fused small-batch projections on or off in one place.
         self.fusion = SmallBatchFusion()
         self.model = LlamaModel(config, backend, tp, self.fusion)
+        # A sequence classifier (or reward model) has a small head, [classes, hidden], on its last token instead of
+        # the language-model head; every rank holds it whole (its checkpoint name: "score.weight").
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False) if classifies(config) else None
         # Tied models read the embedding matrix directly instead of holding a second, aliased parameter.
-        self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        if not self.tie_word_embeddings:
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False) and self.score is None
+        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) \
+            if not self.tie_word_embeddings and self.score is None else None
         self.logits_scaling = getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -167,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def generates(self) -> bool:
-        """False for an embedding model whose checkpoint has no head (models/loader.py)."""
+        """False for a classifier, and for an embedding model whose checkpoint has no head (models/loader.py)."""
         return self.tie_word_embeddings or self.lm_head is not None
 
     def drop_head(self) -> None:
