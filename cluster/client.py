@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 if TYPE_CHECKING:
     from typing import Unpack  # Python 3.11; only type checkers read it here
@@ -37,6 +37,7 @@ from proto.tandem.v1 import tandem_pb2_grpc
 Metadata = Sequence[tuple[str, str]]
 Pem = str | Path | bytes  # a PEM file's path or its contents
 Messages = Sequence[dict[str, Any] | tuple[str, str]]
+R = TypeVar("R", pb.EmbedRequest, pb.ClassifyRequest)
 
 
 class TandemError(Exception):
@@ -141,6 +142,14 @@ class Completion:
 @dataclass(frozen=True)
 class Embedding:
     embedding: list[float]  # unit length
+    usage: Usage  # the prompt's tokens (completion_tokens 0)
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str  # the likeliest class's name
+    probs: list[float]  # per class, in the order of labels (one class, a reward score: its sigmoid)
+    labels: list[str]  # the classes' names
     usage: Usage  # the prompt's tokens (completion_tokens 0)
 
 
@@ -259,8 +268,19 @@ def _embed_request(prompt: str | Sequence[int], model: str | None, dimensions: i
                    truncate_prompt_tokens: int | None, cache_salt: str | None,
                    request_id: str | None) -> pb.EmbedRequest:
     with _invalid("dimensions"):
-        request = pb.EmbedRequest(model=model or "", dimensions=dimensions or 0, cache_salt=cache_salt or "",
-                                  request_id=request_id or "")
+        request = pb.EmbedRequest(dimensions=dimensions or 0)
+    return _last_token_request(request, prompt, model, truncate_prompt_tokens, cache_salt, request_id)
+
+
+def _classify_request(prompt: str | Sequence[int], model: str | None, truncate_prompt_tokens: int | None,
+                      cache_salt: str | None, request_id: str | None) -> pb.ClassifyRequest:
+    return _last_token_request(pb.ClassifyRequest(), prompt, model, truncate_prompt_tokens, cache_salt, request_id)
+
+
+def _last_token_request(request: R, prompt: str | Sequence[int], model: str | None,
+                        truncate_prompt_tokens: int | None, cache_salt: str | None, request_id: str | None) -> R:
+    """An Embed or Classify request's fields they share, filled in."""
+    request.model, request.cache_salt, request.request_id = model or "", cache_salt or "", request_id or ""
     if truncate_prompt_tokens is not None:
         with _invalid("truncate_prompt_tokens"):
             request.truncate_prompt_tokens = truncate_prompt_tokens
@@ -274,9 +294,15 @@ def _embed_request(prompt: str | Sequence[int], model: str | None, dimensions: i
 
 
 def _embedding(response: pb.EmbedResponse) -> Embedding:
-    usage = response.usage
-    return Embedding(list(response.embedding), Usage(usage.prompt_tokens, usage.cached_tokens,
-                                                     usage.completion_tokens))
+    return Embedding(list(response.embedding), _usage(response.usage))
+
+
+def _classification(response: pb.ClassifyResponse) -> Classification:
+    return Classification(response.label, list(response.probs), list(response.labels), _usage(response.usage))
+
+
+def _usage(usage: pb.Usage) -> Usage:
+    return Usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
 
 def _tool_call(call: ToolCall | Mapping[str, Any]) -> pb.ToolCall:
@@ -485,6 +511,13 @@ class TandemClient:
         request = _embed_request(prompt, model, dimensions, truncate_prompt_tokens, cache_salt, request_id)
         return _embedding(self._unary(self._stub.Embed, request, timeout))
 
+    def classify(self, prompt: str | Sequence[int], *, model: str | None = None,
+                 truncate_prompt_tokens: int | None = None, cache_salt: str | None = None,
+                 request_id: str | None = None, timeout: float | None = None) -> Classification:
+        """A classifier's or reward model's class probabilities for the prompt, and its likeliest class."""
+        request = _classify_request(prompt, model, truncate_prompt_tokens, cache_salt, request_id)
+        return _classification(self._unary(self._stub.Classify, request, timeout))
+
     def tokenize(self, text: str, *, model: str | None = None, timeout: float | None = None) -> list[int]:
         response = self._unary(self._stub.Tokenize, pb.TokenizeRequest(model=model or "", text=text), timeout)
         return list(response.token_ids)
@@ -614,6 +647,12 @@ class AsyncTandemClient:
         request = _embed_request(prompt, model, dimensions, truncate_prompt_tokens, cache_salt, request_id)
         return _embedding(await self._unary(self._stub.Embed, request, timeout))
 
+    async def classify(self, prompt: str | Sequence[int], *, model: str | None = None,
+                       truncate_prompt_tokens: int | None = None, cache_salt: str | None = None,
+                       request_id: str | None = None, timeout: float | None = None) -> Classification:
+        request = _classify_request(prompt, model, truncate_prompt_tokens, cache_salt, request_id)
+        return _classification(await self._unary(self._stub.Classify, request, timeout))
+
     async def tokenize(self, text: str, *, model: str | None = None, timeout: float | None = None) -> list[int]:
         response = await self._unary(self._stub.Tokenize, pb.TokenizeRequest(model=model or "", text=text), timeout)
         return list(response.token_ids)
@@ -670,5 +709,5 @@ async def _collect_async(chunks: AsyncStream) -> Completion:
     return completion
 
 
-__all__ = ["AsyncStream", "AsyncTandemClient", "Chunk", "Completion", "Embedding", "Model", "Options", "Stream",
-           "TandemClient", "TandemError", "TimeToFirstToken", "Usage"]
+__all__ = ["AsyncStream", "AsyncTandemClient", "Chunk", "Classification", "Completion", "Embedding", "Model", "Options",
+           "Stream", "TandemClient", "TandemError", "TimeToFirstToken", "Usage"]

@@ -36,6 +36,7 @@ from router.openai_tools import ToolChoice, tool_choice
 from router.reasoning import ReasoningParser, ReasoningSplit
 from router.tool_call_json import CallDelta, CallStream
 from router.tool_parsers import tool_call_parser
+from workers.engine.classification import classified
 from workers.engine.errors import InvalidRequestError
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, StructuredOutput, recommended_fields
@@ -101,18 +102,15 @@ class GenerationServicer:
 
     @_unary
     async def Embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
-        which = request.WhichOneof("prompt")
-        if which is None:
-            raise invalid("prompt", "give text or token_ids")
-        truncate = request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None
-        out = await self.ingress.embed(EmbedRequest(
-            prompt=request.text if which == "text" else None,
-            prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
-            truncate_prompt_tokens=truncate, dimensions=request.dimensions or None,
-            request_id=request.request_id or None, cache_salt=request.cache_salt or None, model=request.model or None))
-        usage = out.usage
-        return pb.EmbedResponse(embedding=out.embedding, usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
-                                                                        cached_tokens=usage.cached_tokens))
+        out = await self.ingress.embed(_last_token_request(request, dimensions=request.dimensions or None))
+        return pb.EmbedResponse(embedding=out.embedding, usage=_prompt_usage(out))
+
+    @_unary
+    async def Classify(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
+        out = await self.ingress.embed(_last_token_request(request, classify=True))
+        labels = self.ingress.model.labels
+        result = classified(out.embedding, labels)
+        return pb.ClassifyResponse(label=result.label, probs=result.probs, labels=labels, usage=_prompt_usage(out))
 
     @_unary
     async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
@@ -304,6 +302,23 @@ def _held_to(params: SamplingParams, calls: ToolChoice) -> SamplingParams:
     except InvalidRequestError as e:
         raise invalid("tools", e.message) from None
     return held
+
+
+def _last_token_request(request: pb.EmbedRequest | pb.ClassifyRequest, **kind) -> EmbedRequest:
+    """The ingress's request for what the model makes of the prompt's last token; `kind`: EmbedRequest's
+    dimensions or classify."""
+    which = request.WhichOneof("prompt")
+    if which is None:
+        raise invalid("prompt", "give text or token_ids")
+    truncate = request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None
+    return EmbedRequest(prompt=request.text if which == "text" else None,
+                        prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
+                        truncate_prompt_tokens=truncate, request_id=request.request_id or None,
+                        cache_salt=request.cache_salt or None, model=request.model or None, **kind)
+
+
+def _prompt_usage(out: RequestOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=out.usage.prompt_tokens, cached_tokens=out.usage.cached_tokens)
 
 
 def _sampling(s: pb.SamplingParams, recommended: dict[str, Any]) -> SamplingParams:

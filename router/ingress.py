@@ -95,6 +95,7 @@ class EmbedRequest:
     request_id: str | None = None
     cache_salt: str | None = None
     model: str | None = None  # None or "": the served model
+    classify: bool = False  # a classifier's logits per class (ServedModel.labels) instead of an embedding
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class ServedModel:
     vocab_size: int
     block_size: int
     hidden_size: int  # the length of its embeddings
+    labels: tuple[str, ...] = ()  # a classifier's classes, in the order of its logits; () for any other model
     adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads at start, which requests name as `model`
     # Where an adapter a request names is looked for when it is not loaded: the folder <lora_dir>/<name>.
     lora_dir: str | None = None
@@ -237,6 +239,12 @@ class Ingress:
     def validate_embedding(self, request: EmbedRequest) -> list[int]:
         """The token ids an embedding request's prompt is, after every check the engine would make (such a prompt
         may fill the context: nothing is generated) plus the API's limits."""
+        if request.classify and not self.model.labels:
+            raise invalid("model", f"{self.model.name} has no classification head (only a "
+                                   f"*ForSequenceClassification checkpoint classifies)")
+        if self.model.labels and not request.classify:
+            raise invalid("model", f"{self.model.name} is a classifier: it serves POST /classify (gRPC Classify), "
+                                   f"not embeddings")
         size = self.model.hidden_size
         if request.dimensions is not None and not 1 <= request.dimensions <= size:
             raise invalid("dimensions", f"must be in [1, {size}] (the model's embedding size), got "

@@ -149,6 +149,16 @@ class EmbeddingsBody(BaseModel):
     cache_salt: str | None = None
 
 
+class ClassifyBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    cache_salt: str | None = None
+
+
 class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None

@@ -1,5 +1,5 @@
-"""The HTTP API's endpoints for embeddings and what is computed from them, for a generative model's last-token
-embeddings (router/openai_api.py serves the rest):
+"""The HTTP API's endpoints for what a model makes of a prompt's last token: embeddings and what is computed
+from them, and a classifier's classes (router/openai_api.py serves the rest):
 
     POST /v1/embeddings          input (a string or token ids, or a batch of them) -> each one's vector: the last
                                  token's hidden state, unit length (last-token pooling); dimensions keeps the first
@@ -8,6 +8,8 @@ embeddings (router/openai_api.py serves the rest):
                                  the cosine of their embeddings
     POST /v1/rerank, /rerank, /v2/rerank  Jina AI's and Cohere's (vLLM's): a query and documents -> the documents
                                  most relevant first (the cosine of their embedding and the query's), top_n of them
+    POST /classify               vLLM's, for a classifier or reward model (a *ForSequenceClassification
+                                 checkpoint): input -> each one's class probabilities and likeliest class
 
 Each input is one cluster request (Ingress.embed), every input checked before any runs, all run at once.
 """
@@ -28,7 +30,8 @@ from pydantic import BaseModel
 from router.errors import ApiError, Kind, classify, invalid, renamed
 from router.http_errors import PayloadTooLarge, error_response, refused_response
 from router.ingress import EmbedRequest, Ingress
-from router.openai_bodies import EmbeddingsBody, RerankBody, RerankDocument, ScoreBody
+from router.openai_bodies import ClassifyBody, EmbeddingsBody, RerankBody, RerankDocument, ScoreBody
+from workers.engine.classification import classified
 from workers.engine.outputs import RequestOutput
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -44,11 +47,6 @@ class PoolingApi:
     async def embeddings(self, request: Request) -> Response:
         """OpenAI's embeddings: one cluster request per input, every input checked before any runs, all run at
         once; the first to fail fails the request and cancels the others."""
-        def inputs(body: EmbeddingsBody) -> list[tuple[str, str | list[int]]]:
-            if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int):
-                return [(f"input[{i}]", item) for i, item in enumerate(body.input)]
-            return [("input", body.input)]
-
         def respond(body: EmbeddingsBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
             data = [{"object": "embedding", "index": i, "embedding": _encoded(out.embedding, body.encoding_format)}
                     for i, out in enumerate(outs)]
@@ -56,7 +54,23 @@ class PoolingApi:
                     "model": self.ingress.model_name(body.model), "data": data,
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-        return await self._serve(request, EmbeddingsBody, inputs, respond)
+        return await self._serve(request, EmbeddingsBody, _inputs, respond)
+
+    async def classify(self, request: Request) -> Response:
+        """vLLM's classify, for a classifier or reward model: each input's class probabilities and likeliest
+        class (workers/engine/classification.py)."""
+        labels = self.ingress.model.labels
+
+        def respond(body: ClassifyBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
+            data = []
+            for i, out in enumerate(outs):
+                result = classified(out.embedding, labels)
+                data.append({"index": i, "label": result.label, "probs": result.probs, "num_classes": len(labels)})
+            return {"id": f"classify-{request_id}", "object": "list", "created": int(time.time()),
+                    "model": self.ingress.model_name(body.model), "data": data,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+        return await self._serve(request, ClassifyBody, _inputs, respond, classifier=True)
 
     async def score(self, request: Request) -> Response:
         """vLLM's score API, for an embedding model: each pair's score is the cosine of its two embeddings. text_1
@@ -106,14 +120,16 @@ class PoolingApi:
 
     async def _serve(self, request: Request, body_type: type[Body],
                      inputs: Callable[[Body], list[tuple[str, str | list[int]]]],
-                     respond: Callable[[Body, str, list[RequestOutput], int], dict]) -> Response:
+                     respond: Callable[[Body, str, list[RequestOutput], int], dict],
+                     classifier: bool = False) -> Response:
         """The embedding endpoints' path: parse, then one cluster request per input (named by its field, which a
         refusal names), every input checked before any runs, all run at once (the first to fail fails the request
-        and cancels the others), then `respond` with the outputs in order and the prompt tokens."""
+        and cancels the others), then `respond` with the outputs in order and the prompt tokens. With `classifier`,
+        the requests ask a classifier for its logits instead."""
         try:
             body = await self.read(request, body_type)
             request_id = body.request_id or uuid.uuid4().hex
-            requests = self._embed_requests(inputs(body), body, request_id)
+            requests = self._embed_requests(inputs(body), body, request_id, classifier)
         except PayloadTooLarge as e:
             self.ingress.refused(ApiError(Kind.INVALID_ARGUMENT, str(e)))
             return refused_response(e)
@@ -127,8 +143,8 @@ class PoolingApi:
             return error_response(classify(e))
         return JSONResponse(respond(body, request_id, outs, sum(len(out.prompt_token_ids) for out in outs)))
 
-    def _embed_requests(self, inputs: list[tuple[str, str | list[int]]], body: BaseModel,
-                        request_id: str) -> list[EmbedRequest]:
+    def _embed_requests(self, inputs: list[tuple[str, str | list[int]]], body: BaseModel, request_id: str,
+                        classifier: bool) -> list[EmbedRequest]:
         """One request per (field, prompt), as token ids; a bad prompt is refused naming its field."""
         limit = self.ingress.api.max_embedding_inputs
         if len(inputs) > limit:
@@ -140,7 +156,7 @@ class PoolingApi:
                                    truncate_prompt_tokens=body.truncate_prompt_tokens,
                                    dimensions=getattr(body, "dimensions", None),
                                    request_id=f"{request_id}-{i}" if len(inputs) > 1 else request_id,
-                                   cache_salt=body.cache_salt, model=body.model)
+                                   cache_salt=body.cache_salt, model=body.model, classify=classifier)
             try:
                 token_ids = self.ingress.validate_embedding(request)
             except Exception as e:
@@ -157,6 +173,13 @@ async def _together(calls: list[Awaitable[T]]) -> list[T]:
     except ExceptionGroup as e:
         raise e.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def _inputs(body: EmbeddingsBody | ClassifyBody) -> list[tuple[str, str | list[int]]]:
+    """Each prompt of `input` (a text or token ids, or a list of either) with the field that names it."""
+    if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int):
+        return [(f"input[{i}]", item) for i, item in enumerate(body.input)]
+    return [("input", body.input)]
 
 
 def _texts(texts: str | list[str]) -> list[str]:

@@ -512,6 +512,8 @@ BAD_OTHER = {
     "embed with more dimensions than the model has": ("Embed", pb.EmbedRequest(text="x", dimensions=65), INVALID,
                                                       "dimensions: must be in [1, 64]"),
     "embed for an unknown model": ("Embed", pb.EmbedRequest(model="nope", text="x"), NOT_FOUND, "model"),
+    "classify on a model without a classification head": ("Classify", pb.ClassifyRequest(text="x"), INVALID,
+                                                           "model: "),
     "detokenize id = vocab": ("Detokenize", pb.DetokenizeRequest(token_ids=[VOCAB]), INVALID, "token_ids"),
     "tokenize for an unknown model": ("Tokenize", pb.TokenizeRequest(model="nope", text="x"), NOT_FOUND, "model"),
 }

@@ -638,8 +638,9 @@ def test_rerank_orders_the_documents_by_the_cosine_with_the_query_and_keeps_the_
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
     ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
     ("/v1/rerank", {"query": "q", "documents": ["x"] * MAX_EMBEDDING_INPUTS}, "documents"),  # with the query, 1 over
+    ("/classify", {"input": "a"}, "model"),  # a generative model has no classification head
 ])
-def test_bad_score_and_rerank_input_is_a_400_naming_the_field(base_url, path, body, param):
+def test_bad_score_rerank_and_classify_input_is_a_400_naming_the_field(base_url, path, body, param):
     status, refused = post(base_url, path, body)
     assert (status, refused["error"]["param"]) == (400, param), refused
     assert refused["error"]["message"].startswith(param)

@@ -24,7 +24,7 @@ def class_labels(config: PretrainedConfig) -> tuple[str, ...]:
     return tuple(config.id2label[i] for i in range(config.num_labels))
 
 
-def classify(logits: Sequence[float], labels: Sequence[str]) -> Classification:
+def classified(logits: Sequence[float], labels: Sequence[str]) -> Classification:
     """Softmax over the classes; a single class (a reward or relevance score) through a sigmoid instead, as vLLM's
     classify does, so its probability says how far the score is from 0."""
     if len(logits) == 1:

@@ -14,7 +14,7 @@ from typing import Any
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
-from workers.engine.classification import Classification, class_labels, classify
+from workers.engine.classification import Classification, class_labels, classified
 from workers.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -150,7 +150,7 @@ class LLM:
             raise ValueError(f"{self.engine.runner.model_dir.name} has no classification head: only a "
                              "*ForSequenceClassification checkpoint classifies")
         outs = self._last_tokens(prompts, cache_salt, lora, use_tqdm, "Classifying")
-        return [classify(out.embedding, self.labels) for out in outs]
+        return [classified(out.embedding, self.labels) for out in outs]
 
     def _last_tokens(self, prompts: Prompt | Seq[Prompt], cache_salt: str | None, lora: str | None, use_tqdm: bool,
                      desc: str) -> list[RequestOutput]:

@@ -50,6 +50,11 @@ class GenerationStub:
                 request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/tandem.v1.Generation/Classify',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/tandem.v1.Generation/Tokenize',
                 request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.TokenizeRequest.SerializeToString,
@@ -99,6 +104,14 @@ class GenerationServicer:
         """The embedding of a prompt: the hidden state of its last token after the model's final norm, at unit length
         (last-token pooling, as decoder-only embedding models such as e5-mistral take it). A prompt may fill the
         context. Computed as a prompt is for Generate, sharing the prefix cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """A classifier's or reward model's class probabilities for a prompt (a *ForSequenceClassification checkpoint:
+        its head on the last token); other models are INVALID_ARGUMENT, as Embed is on a classifier.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,6 +172,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedRequest.FromString,
                     response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClassifyRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ClassifyResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -268,6 +286,33 @@ class Generation:
             '/tandem.v1.Generation/Embed',
             proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedRequest.SerializeToString,
             proto_dot_tandem_dot_v1_dot_tandem__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Generation/Classify',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ClassifyRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,71 @@
+"""A classifier served by a real cluster (Serve, a worker group, redis-server) answers POST /classify and gRPC
+Classify with HF transformers' class probabilities, and refuses what it cannot do (generate, embed) naming the
+model."""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from ray import serve
+
+from cluster.app import build_app
+from cluster.client import TandemClient, TandemError
+from cluster.config import ClusterConfig
+from tests.conftest import SERVE_HTTP_URL
+from tests.engine.test_classification import SENTIMENT, hf_probs, random_prompt
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+APP, GRPC_PORT = "tandem-classifier", 17121
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_classifier_factory, redis_url):
+    model = tiny_classifier_factory("llama", SENTIMENT)
+    config = ClusterConfig(model=str(model), served_model_name="sentiment", num_kv_blocks=32, num_cpus_per_rank=0.5,
+                           disaggregate=False, redis_url=redis_url, grpc_port=GRPC_PORT)
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    yield model
+    serve.delete(APP)
+
+
+def post(path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{SERVE_HTTP_URL}{path}", json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_classify_gives_each_inputs_probabilities_and_likeliest_class(classifier):
+    prompts = [random_prompt(1, 9), random_prompt(2, 40)]
+    status, body = post("/classify", {"model": "sentiment", "input": prompts})
+    assert status == 200, body
+    assert body["object"] == "list" and body["model"] == "sentiment" and body["id"].startswith("classify-")
+    assert body["usage"] == {"prompt_tokens": 49, "total_tokens": 49, "completion_tokens": 0}
+    for i, (prompt, item) in enumerate(zip(prompts, body["data"])):
+        expected = hf_probs(classifier, prompt)
+        assert (item["index"], item["num_classes"], item["label"]) == (i, 3, SENTIMENT[int(expected.argmax())])
+        torch.testing.assert_close(torch.tensor(item["probs"], dtype=torch.float32), expected, atol=1e-5, rtol=0)
+
+
+def test_grpc_classify_gives_the_same(classifier):
+    prompt = random_prompt(3, 20)
+    with TandemClient(f"127.0.0.1:{GRPC_PORT}") as client:
+        result = client.classify(prompt, timeout=60)
+    assert result.labels == list(SENTIMENT) and result.usage.prompt_tokens == 20
+    torch.testing.assert_close(torch.tensor(result.probs), hf_probs(classifier, prompt), atol=1e-5, rtol=0)
+    assert result.label == SENTIMENT[max(range(3), key=result.probs.__getitem__)]
+
+
+def test_a_classifier_refuses_to_generate_or_embed_naming_the_model(classifier):
+    for path, body in (("/v1/embeddings", {"input": "Hello"}), ("/v1/completions", {"prompt": "Hello"})):
+        status, error = post(path, body)
+        assert status == 400 and error["error"]["param"] == "model" and "classifier" in error["error"]["message"]
+    with TandemClient(f"127.0.0.1:{GRPC_PORT}") as client, pytest.raises(TandemError, match="classifier") as e:
+        client.embed("Hello", timeout=60)
+    assert e.value.code.name == "INVALID_ARGUMENT"
