@@ -19,7 +19,7 @@ from router.baselines import PrefixTreeRouter, RoundRobinRouter, SGLangCacheAwar
 from router.ingress import Ingress, ServedModel
 from router.request_router import PrefixCacheRouter
 from router.routing_hint import ROUTING_STATS_PERIOD_S
-from workers.engine.classification import class_labels
+from workers.engine.classification import classes_of
 from workers.engine.model_runner import load_hf_config
 from workers.engine.model_store import resolve_model
 from workers.engine.sampling_params import generation_config_defaults
@@ -97,7 +97,7 @@ def served_model(config: ClusterConfig, model_dir: str) -> ServedModel:
     max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
     return ServedModel(name=config.served_model_name or Path(config.model).name, path=model_dir,
                        max_model_len=max_len, vocab_size=hf_config.vocab_size, block_size=config.block_size,
-                       hidden_size=hf_config.hidden_size, labels=class_labels(hf_config),
+                       hidden_size=hf_config.hidden_size, classes=classes_of(hf_config),
                        adapters=tuple(config.lora_modules), lora_dir=config.lora_dir,
                        sampling_defaults=generation_config_defaults(model_dir)
                        if config.generation_config == "auto" else {})

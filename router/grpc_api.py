@@ -108,9 +108,10 @@ class GenerationServicer:
     @_unary
     async def Classify(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
         out = await self.ingress.embed(_last_token_request(request, classify=True))
-        labels = self.ingress.model.labels
-        result = classified(out.embedding, labels)
-        return pb.ClassifyResponse(label=result.label, probs=result.probs, labels=labels, usage=_prompt_usage(out))
+        classes = self.ingress.model.classes
+        result = classified(out.embedding, classes)
+        return pb.ClassifyResponse(label=result.label, probs=result.probs, labels=classes.labels,
+                                   usage=_prompt_usage(out))
 
     @_unary
     async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:

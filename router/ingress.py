@@ -44,6 +44,7 @@ from router.replica_metrics import ReplicaMetrics
 from router.routing_hint import ROUTING_STATS_PERIOD_S, RoutingHint
 from workers.caller_watch import Caller
 from workers.engine.async_engine import release_quietly
+from workers.engine.classification import Classes
 from workers.engine.errors import LoRAError
 from workers.engine.llm import chat_token_ids
 from workers.engine.lora_folder import CONFIG_FILE
@@ -95,7 +96,7 @@ class EmbedRequest:
     request_id: str | None = None
     cache_salt: str | None = None
     model: str | None = None  # None or "": the served model
-    classify: bool = False  # a classifier's logits per class (ServedModel.labels) instead of an embedding
+    classify: bool = False  # a classifier's logits per class (ServedModel.classes) instead of an embedding
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ServedModel:
     vocab_size: int
     block_size: int
     hidden_size: int  # the length of its embeddings
-    labels: tuple[str, ...] = ()  # a classifier's classes, in the order of its logits; () for any other model
+    classes: Classes | None = None  # a classifier's, in the order of its logits; None for any other model
     adapters: tuple[str, ...] = ()  # the LoRA adapters every group loads at start, which requests name as `model`
     # Where an adapter a request names is looked for when it is not loaded: the folder <lora_dir>/<name>.
     lora_dir: str | None = None
@@ -175,9 +176,10 @@ class Ingress:
 
     async def embed(self, request: EmbedRequest) -> RequestOutput:
         """An embedding request's final output, whose `embedding` is the prompt's unit-length vector (last-token
-        pooling, workers/engine/model_runner.py). A prefill group computes it where there is a prefill pool (its
-        request router sends it where the prompt's prefix is cached), a decode group otherwise or when no prefill
-        group can take it. Counted and logged with the other requests."""
+        pooling, workers/engine/model_runner.py), or with `classify`, a classifier's logits. A prefill group
+        computes it where there is a prefill pool (its request router sends it where the prompt's prefix is
+        cached), a decode group otherwise or when no prefill group can take it. Counted and logged with the other
+        requests."""
         received = time.monotonic()
         request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
         with self._counted(request, received) as tally:
@@ -239,10 +241,10 @@ class Ingress:
     def validate_embedding(self, request: EmbedRequest) -> list[int]:
         """The token ids an embedding request's prompt is, after every check the engine would make (such a prompt
         may fill the context: nothing is generated) plus the API's limits."""
-        if request.classify and not self.model.labels:
+        if request.classify and self.model.classes is None:
             raise invalid("model", f"{self.model.name} has no classification head (only a "
                                    f"*ForSequenceClassification checkpoint classifies)")
-        if self.model.labels and not request.classify:
+        if self.model.classes is not None and not request.classify:
             raise invalid("model", f"{self.model.name} is a classifier: it serves POST /classify (gRPC Classify), "
                                    f"not embeddings")
         size = self.model.hidden_size

@@ -14,7 +14,7 @@
                                  was created streaming), POST /v1/responses/{id}/cancel stops it
     POST /v1/responses/input_tokens  OpenAI's: how many tokens a Responses API request's prompt has (its
                                  instructions, the conversation it continues, its input and tools), unrun
-    POST /v1/embeddings, /v1/score, /v1/rerank (and vLLM's other paths for them), /classify  embeddings, the
+    POST /v1/embeddings, /v1/score, /v1/rerank, /classify (and their other paths)  embeddings, the
                                  cosines of theirs that score and rerank, a classifier's classes
                                  (router/openai_pooling.py)
     GET  /v1/models              the one served model (GET /v1/models/{model}: that model alone)
@@ -138,7 +138,8 @@ def build_http_app(ingress: Ingress) -> FastAPI:
         app.add_api_route(path, pooling.score, methods=["POST"])
     for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
         app.add_api_route(path, pooling.rerank, methods=["POST"])
-    app.add_api_route("/classify", pooling.classify, methods=["POST"])
+    for path in ("/classify", "/v1/classify"):
+        app.add_api_route(path, pooling.classify, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"])

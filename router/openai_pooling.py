@@ -8,8 +8,9 @@ from them, and a classifier's classes (router/openai_api.py serves the rest):
                                  the cosine of their embeddings
     POST /v1/rerank, /rerank, /v2/rerank  Jina AI's and Cohere's (vLLM's): a query and documents -> the documents
                                  most relevant first (the cosine of their embedding and the query's), top_n of them
-    POST /classify               vLLM's, for a classifier or reward model (a *ForSequenceClassification
-                                 checkpoint): input -> each one's class probabilities and likeliest class
+    POST /classify, /v1/classify  vLLM's (SGLang's path), for a classifier or reward model (a
+                                 *ForSequenceClassification checkpoint): input -> each one's class probabilities and
+                                 likeliest class
 
 Each input is one cluster request (Ingress.embed), every input checked before any runs, all run at once.
 """
@@ -59,13 +60,14 @@ class PoolingApi:
     async def classify(self, request: Request) -> Response:
         """vLLM's classify, for a classifier or reward model: each input's class probabilities and likeliest
         class (workers/engine/classification.py)."""
-        labels = self.ingress.model.labels
+        classes = self.ingress.model.classes
 
         def respond(body: ClassifyBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
             data = []
             for i, out in enumerate(outs):
-                result = classified(out.embedding, labels)
-                data.append({"index": i, "label": result.label, "probs": result.probs, "num_classes": len(labels)})
+                result = classified(out.embedding, classes)
+                data.append({"index": i, "label": result.label, "probs": result.probs,
+                             "num_classes": len(classes.labels)})
             return {"id": f"classify-{request_id}", "object": "list", "created": int(time.time()),
                     "model": self.ingress.model_name(body.model), "data": data,
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}

@@ -6,8 +6,9 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, LlamaConfig
 
+from workers.engine.classification import classes_of, classified
 from workers.engine.errors import InvalidRequestError
 from workers.engine.llm import LLM
 from workers.engine.sampling_params import SamplingParams
@@ -67,3 +68,20 @@ def test_a_classifier_generates_and_embeds_nothing_and_only_a_classifier_classif
         classifier.embed([5, 6, 7])
     with pytest.raises(ValueError, match="no classification head"):
         LLM(str(tiny_model_factory("llama")), num_kv_blocks=64, progress=False).classify([5, 6, 7])
+
+
+@pytest.mark.parametrize(("problem_type", "activation"), [
+    (None, lambda logits: torch.softmax(logits, dim=-1)),
+    ("single_label_classification", lambda logits: torch.softmax(logits, dim=-1)),
+    ("multi_label_classification", torch.sigmoid),
+    ("regression", lambda logits: logits),
+])
+def test_the_configs_problem_type_says_how_logits_become_probabilities(problem_type, activation):
+    """As HF trains each kind (and vLLM reads it): classes that exclude each other, classes that do not, scores."""
+    config = LlamaConfig(architectures=["LlamaForSequenceClassification"], num_labels=3, problem_type=problem_type)
+    classes = classes_of(config)
+    logits = [0.5, -1.0, 2.0]
+    result = classified(logits, classes)
+    assert classes.labels == ("LABEL_0", "LABEL_1", "LABEL_2") and result.label == "LABEL_2"
+    torch.testing.assert_close(torch.tensor(result.probs), activation(torch.tensor(logits)))
+    assert classes_of(LlamaConfig(architectures=["LlamaForCausalLM"])) is None

@@ -43,7 +43,7 @@ def post(path: str, body: dict) -> tuple[int, dict]:
 
 def test_classify_gives_each_inputs_probabilities_and_likeliest_class(classifier):
     prompts = [random_prompt(1, 9), random_prompt(2, 40)]
-    status, body = post("/classify", {"model": "sentiment", "input": prompts})
+    status, body = post("/v1/classify", {"model": "sentiment", "input": prompts})
     assert status == 200, body
     assert body["object"] == "list" and body["model"] == "sentiment" and body["id"].startswith("classify-")
     assert body["usage"] == {"prompt_tokens": 49, "total_tokens": 49, "completion_tokens": 0}

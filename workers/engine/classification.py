@@ -11,26 +11,37 @@ from workers.engine.models.llama import classifies
 
 
 @dataclass(frozen=True)
+class Classes:
+    """A classifier's classes: their names in the order of its logits, and how the logits become probabilities:
+    as HF's config.problem_type trains them (vLLM reads it the same way). Unset, a softmax over the classes, or
+    for a single class (a reward or relevance score) its sigmoid; "multi_label_classification", each class's own
+    sigmoid; "regression", the raw scores."""
+
+    labels: tuple[str, ...]
+    problem_type: str | None = None
+
+
+@dataclass(frozen=True)
 class Classification:
     label: str  # the likeliest class's name
-    probs: list[float]  # per class, in the config's order
+    probs: list[float]  # per class, in the order of Classes.labels
 
 
-def class_labels(config: PretrainedConfig) -> tuple[str, ...]:
-    """The classes' names in order (config.id2label; HF names unnamed ones LABEL_i); none for a model that does
-    not classify."""
+def classes_of(config: PretrainedConfig) -> Classes | None:
+    """None for a model that does not classify; unnamed classes are LABEL_i, as HF names them."""
     if not classifies(config):
-        return ()
-    return tuple(config.id2label[i] for i in range(config.num_labels))
+        return None
+    return Classes(tuple(config.id2label[i] for i in range(config.num_labels)),
+                   getattr(config, "problem_type", None))
 
 
-def classified(logits: Sequence[float], labels: Sequence[str]) -> Classification:
-    """Softmax over the classes; a single class (a reward or relevance score) through a sigmoid instead, as vLLM's
-    classify does, so its probability says how far the score is from 0."""
-    if len(logits) == 1:
-        probs = [1.0 / (1.0 + math.exp(-logits[0]))]
+def classified(logits: Sequence[float], classes: Classes) -> Classification:
+    if classes.problem_type == "regression":
+        probs = list(logits)
+    elif classes.problem_type == "multi_label_classification" or len(logits) == 1:
+        probs = [1.0 / (1.0 + math.exp(-v)) for v in logits]
     else:
         top = max(logits)
         exps = [math.exp(v - top) for v in logits]
         probs = [e / sum(exps) for e in exps]
-    return Classification(labels[max(range(len(probs)), key=probs.__getitem__)], probs)
+    return Classification(classes.labels[max(range(len(probs)), key=probs.__getitem__)], probs)

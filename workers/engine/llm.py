@@ -14,7 +14,7 @@ from typing import Any
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
-from workers.engine.classification import Classification, class_labels, classified
+from workers.engine.classification import Classification, classes_of, classified
 from workers.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -107,7 +107,7 @@ class LLM:
         self.engine = LLMEngine(engine_config(model, **engine_args), progress=progress)
         recommended = generation_config_defaults(self.engine.runner.model_dir) if generation_config == "auto" else {}
         self.default_sampling_params = SamplingParams(**recommended_fields(recommended))
-        self.labels = class_labels(self.engine.runner.hf_config)  # a classifier's classes; () for other models
+        self.classes = classes_of(self.engine.runner.hf_config)  # a classifier's; None for other models
 
     @property
     def tokenizer(self):
@@ -138,7 +138,7 @@ class LLM:
         """Each prompt's embedding (`out.embedding`: the last token's hidden state, normalized), as vLLM's LLM.embed
         gives an embedding model's; in one continuous batch, sharing the prefix cache with generate. `lora`: an
         adapter add_lora or lora_modules loaded."""
-        if self.labels:
+        if self.classes is not None:
             raise ValueError(f"{self.engine.runner.model_dir.name} is a classifier: it serves classify, not embed")
         return self._last_tokens(prompts, cache_salt, lora, use_tqdm, "Embedding")
 
@@ -146,11 +146,11 @@ class LLM:
                  use_tqdm: bool = False) -> list[Classification]:
         """Each prompt's class probabilities and likeliest class, for a classifier or reward model (a
         *ForSequenceClassification checkpoint), as vLLM's LLM.classify gives them."""
-        if not self.labels:
+        if self.classes is None:
             raise ValueError(f"{self.engine.runner.model_dir.name} has no classification head: only a "
                              "*ForSequenceClassification checkpoint classifies")
         outs = self._last_tokens(prompts, cache_salt, lora, use_tqdm, "Classifying")
-        return [classified(out.embedding, self.labels) for out in outs]
+        return [classified(out.embedding, self.classes) for out in outs]
 
     def _last_tokens(self, prompts: Prompt | Seq[Prompt], cache_salt: str | None, lora: str | None, use_tqdm: bool,
                      desc: str) -> list[RequestOutput]:
