@@ -183,11 +183,10 @@ def test_quick_speculative_bench_gives_the_same_tokens_in_fewer_steps_where_text
     rows = json.loads(path.read_text())["results"]
     assert [(r["workload"], r["mode"], r["system"]) for r in rows[:2]] == [
         ("quoting", "one at a time", "one-per-step"), ("quoting", "one at a time", "speculative")]
-    greedy = [r for r in rows[1::2] if r["workload"] != "quoting-t0.7"]
-    assert greedy and all(r["same_tokens"] for r in greedy)
+    assert all(r["same_tokens"] for r in rows[1::2])  # greedy and seeded replies alike
     assert rows[1]["steps"] < rows[0]["steps"] and rows[1]["accepted_guesses"] > 0
     sampled = [r for r in rows[1::2] if r["workload"] == "quoting-t0.7"]
-    assert sampled and all("same_tokens" not in r and r["accepted_guesses"] > 0 for r in sampled)
+    assert sampled and all(r["accepted_guesses"] > 0 for r in sampled)
     assert "speculative / one-per-step output tok/s" in capsys.readouterr().out
 
 

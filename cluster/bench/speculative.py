@@ -2,11 +2,11 @@
 
 Greedy chat requests in two workloads: "quoting" asks for answers that repeat their prompt (copy a list, add type
 hints to a function), where n-gram guesses are mostly right; "open" asks for new text (a story, an explanation),
-where few are. "quoting-t0.7" samples the quoting requests at temperature 0.7 (seeded), where guesses are kept by
-rejection sampling. Each runs one request at a time (the latency case, where a step is one token's worth of work)
-and as one batch, on two engines with the same weights: guessing off, and `--num-speculative-tokens` per step.
-The table gives output tokens per second, the steps taken, the share of guesses kept and, for greedy requests,
-whether every reply's tokens equal the one-token-per-step engine's.
+where few are. "quoting-t0.7" samples the quoting requests at temperature 0.7 (seeded), where a guess is kept when
+the request's own draw equals it. Each runs one request at a time (the latency case, where a step is one token's
+worth of work) and as one batch, on two engines with the same weights: guessing off, and
+`--num-speculative-tokens` per step. The table gives output tokens per second, the steps taken, the share of
+guesses kept and whether every reply's tokens equal the one-token-per-step engine's.
 
     tandem bench speculative                     # 8 requests per workload, up to 128 tokens each
     tandem bench speculative --quick             # seconds: a smoke test
@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                  output_tokens=tokens, wall_s=wall, output_tokens_per_s=tokens / wall,
                                  steps=engine.num_steps - before[0], guessed_tokens=guessed,
                                  accepted_guesses=engine.num_accepted_guesses - before[2]))
-            if params[0].greedy:  # sampled replies are other draws from the same distributions
-                rows[-1]["same_tokens"] = replies["speculative"] == replies["one-per-step"]
+            # Greedy or seeded, a reply's tokens are the same whether guessed or not.
+            rows[-1]["same_tokens"] = replies["speculative"] == replies["one-per-step"]
     _print(rows)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,13 +57,14 @@ def run(llm: LLM, prompt: list[int], params: SamplingParams,
 
 
 def assert_carries_on(lost_outs: list[RequestOutput], taken: list[RequestOutput], k: int) -> None:
-    whole, final = lost_outs[-1].outputs[0], taken[-1].outputs[0]
+    """`taken` completes the request whose first k outputs its caller had received."""
+    whole, final, received = lost_outs[-1].outputs[0], taken[-1].outputs[0], lost_outs[k - 1].outputs[0]
     assert final.token_ids == whole.token_ids
     assert final.text == whole.text
     assert (final.finish_reason, final.stop_reason) == (whole.finish_reason, whole.stop_reason)
     # The stream goes on from what the caller had: nothing sent twice, nothing missing.
-    assert lost_outs[k - 1].outputs[0].text + "".join(o.outputs[0].delta_text for o in taken) == whole.text
-    assert [t for o in taken for t in o.outputs[0].delta_token_ids] == whole.token_ids[k:]
+    assert received.text + "".join(o.outputs[0].delta_text for o in taken) == whole.text
+    assert [t for o in taken for t in o.outputs[0].delta_token_ids] == whole.token_ids[len(received.token_ids):]
 
 
 @pytest.mark.parametrize("k", [1, 11, 16, 17, NEW - 1])

@@ -1,13 +1,16 @@
 """Speculative decoding by n-gram lookup: guesses the model agrees with are kept, so the greedy tokens are exactly
 one-token-per-step's (and HF's) in fewer steps, whatever ends the request and whatever else is in the batch; a
-sampled request keeps guesses by its own distribution (the sampler's tests check that distribution)."""
+sampled request keeps the guesses its own draws agree with, so a seeded one draws exactly one-token-per-step's
+tokens, before and after another engine takes it over (the sampler's tests check the distribution)."""
 
 from dataclasses import replace
 
 import pytest
 
+from tests.engine.test_continuation import assert_carries_on, run
 from tests.hf_reference import hf_greedy
 from workers.engine.llm import LLM
+from workers.engine.outputs import Continuation
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.speculative import accept, propose
 
@@ -104,14 +107,23 @@ def test_each_kept_guess_has_the_logprobs_of_its_own_row(plain, guessing, quotin
         assert list(got_top.values()) == pytest.approx(list(expected_top.values()), abs=1e-4)
 
 
-def test_sampled_requests_keep_guesses_too_reproducibly_by_seed(guessing, quoting, answer):
+def test_a_seeded_sampled_request_draws_the_tokens_it_draws_one_per_step(plain, guessing, quoting, answer):
     sampled = SamplingParams(max_tokens=40, temperature=0.7, seed=5, ignore_eos=True)
     agreed = guessing.engine.num_accepted_guesses
-    first, again = tokens(guessing, [quoting], sampled), tokens(guessing, [quoting], sampled)
-    assert first == again and guessing.engine.num_accepted_guesses > agreed
+    assert tokens(guessing, [quoting], sampled) == tokens(plain, [quoting], sampled)
+    assert guessing.engine.num_accepted_guesses > agreed
     # Near temperature 0 a draw is the greedy choice, and so is every kept guess.
     cold = replace(sampled, temperature=1e-4)
     assert tokens(guessing, [quoting], cold) == [answer.token_ids[:40]]
+
+
+@pytest.mark.parametrize("lost_guesses", [False, True])
+def test_a_seeded_sampled_request_taken_over_draws_what_it_would_have(plain, guessing, quoting, lost_guesses):
+    """Whichever of the two engines guesses, the one that lost the request or the one that carries it on."""
+    sampled = SamplingParams(max_tokens=40, temperature=0.7, seed=8, ignore_eos=True)
+    lost, taker = (guessing, plain) if lost_guesses else (plain, guessing)
+    outs = run(lost, quoting, sampled)
+    assert_carries_on(outs, run(taker, quoting, sampled, Continuation.of(outs[4])), 5)
 
 
 def test_blocks_filled_by_agreed_guesses_serve_the_prefix_cache(guessing, quoting):

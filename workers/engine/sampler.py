@@ -190,23 +190,24 @@ class Sampler:
     def verify(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                guesses: list[int]) -> list[int]:
         """The tokens one sequence's step yields from its rows' logits: a row for its next token and one after each
-        guess (speculative.py). Greedy: the guesses that equal the model's pick, then its pick. Sampled: each
-        guess is kept with the probability the request's own distribution gives it; at the first refusal a token
-        is drawn from that distribution without the guess, and after the last guess from the next one. Each token
-        then comes from the distribution one token per step would draw it from (rejection sampling, for guesses
-        that are certain rather than drawn)."""
+        guess (speculative.py). Each row's token is drawn as one token per step would draw it, from the row's
+        distribution with the next row of the request's noise, and the guesses are kept while they equal those
+        draws; the first draw that differs, or the one after the last guess, ends the step. A guess is certain, not
+        drawn, so it is kept with the probability the distribution gives it, as rejection sampling keeps it, and
+        the token that replaces it is the distribution's without it; and a seeded request draws exactly the tokens
+        it would draw one per step (greedy: the model's picks), so guessing changes none of them, nor what a
+        continuation elsewhere draws after them."""
         logits = logits.float()
         if params.greedy:
             return accept(guesses, logits.argmax(dim=-1).tolist())
         probs = self._probs(logits, [params] * logits.shape[0])
         generator = generator or self._default_generator(logits.device)
-        for i, guess in enumerate(guesses):
-            if torch.rand((), generator=generator, device=generator.device).item() < probs[i, guess].item():
-                continue
-            residual = probs[i].clone()
-            residual[guess] = 0.0
-            return guesses[:i] + [self._draw(residual, generator)]
-        return guesses + [self._draw(probs[-1], generator)]
+        drawn = [self._draw(probs[0], generator)]
+        for guess, row in zip(guesses, probs[1:]):
+            if drawn[-1] != guess:
+                break
+            drawn.append(self._draw(row, generator))
+        return drawn
 
     @staticmethod
     def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:

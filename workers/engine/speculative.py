@@ -6,9 +6,10 @@ followed them there are a guess at what comes next. The engine computes the sequ
 guessed ones in one forward pass, like a short prefill chunk. A greedy request keeps every guess that equals the
 model's own choice and replaces the first that differs by that choice: exactly the tokens of one token per step,
 in fewer steps (a decode step reads all the weights for one token, and a few more tokens in the same pass cost
-little more). A sampled request keeps each guess with the probability its distribution gives it and draws a
-replacement from the rest of that distribution (Sampler.verify), so its tokens have the distribution one token per
-step gives them, though not the same draws.
+little more). A sampled request draws each position's token as one token per step would (the same distribution,
+the next row of its noise) and keeps the guesses those draws equal (Sampler.verify): a guess is then kept with the
+probability its distribution gives it, as rejection sampling keeps a certain guess, and a seeded request's tokens
+are exactly those one token per step draws.
 
 Requests with logit adjustments or a structured output take no guesses; they decode one token per step beside
 the others. Logprobs come from the row of each kept token, as they would from its own step.
