@@ -4,10 +4,10 @@ from them, and a classifier's classes (router/openai_api.py serves the rest):
     POST /v1/embeddings          input (a string or token ids, or a batch of them) -> each one's vector: the last
                                  token's hidden state, unit length (last-token pooling); dimensions keeps the first
                                  values, normalized again; encoding_format base64 sends little-endian float32s
-    POST /v1/score, /score       vLLM's, for an embedding model: text_1 against each text_2 (or pair by pair) ->
-                                 the cosine of their embeddings
+    POST /v1/score, /score       vLLM's: text_1 against each text_2 (or pair by pair) -> the cosine of their
+                                 embeddings, or a cross-encoder's relevance score of the two read together
     POST /v1/rerank, /rerank, /v2/rerank  Jina AI's and Cohere's (vLLM's): a query and documents -> the documents
-                                 most relevant first (the cosine of their embedding and the query's), top_n of them
+                                 most relevant first (scored as /score scores a pair), top_n of them
     POST /classify, /v1/classify  vLLM's (SGLang's path), for a classifier or reward model (a
                                  *ForSequenceClassification checkpoint): input -> each one's class probabilities and
                                  likeliest class
@@ -75,41 +75,60 @@ class PoolingApi:
         return await self._serve(request, ClassifyBody, _inputs, respond, classifier=True)
 
     async def score(self, request: Request) -> Response:
-        """vLLM's score API, for an embedding model: each pair's score is the cosine of its two embeddings. text_1
-        is one text scored against every text_2, or a list paired with text_2's one by one."""
-        def inputs(body: ScoreBody) -> list[tuple[str, str]]:
+        """vLLM's score API: text_1 is one text scored against every text_2, or a list paired with text_2's one by
+        one. An embedding model scores a pair by the cosine of its two embeddings; a cross-encoder (a reranker: a
+        classifier whose one class is relevance) reads the two texts together and scores them with its class's
+        probability, as vLLM scores with either."""
+        cross = self._cross_encodes()
+
+        def inputs(body: ScoreBody) -> list[tuple[str, str | list[int]]]:
             firsts, seconds = _texts(body.text_1), _texts(body.text_2)
             for name, texts in (("text_1", firsts), ("text_2", seconds)):
                 if not texts:
                     raise invalid(name, "must not be empty")
             if len(firsts) not in (1, len(seconds)):
                 raise invalid("text_1", f"must be one text, or one per text_2 ({len(seconds)}), got {len(firsts)}")
+            if cross:
+                pairs = zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds)
+                return [(field, self._pair(first, second))
+                        for (field, _), (first, second) in zip(_named("text_2", body.text_2), pairs)]
             return [*_named("text_1", body.text_1), *_named("text_2", body.text_2)]
 
         def respond(body: ScoreBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
-            firsts, seconds = outs[:len(_texts(body.text_1))], outs[len(_texts(body.text_1)):]
-            if len(firsts) == 1:
-                firsts = firsts * len(seconds)
-            scores = [_cosine(first, second) for first, second in zip(firsts, seconds)]
+            if cross:
+                scores = [self._relevance(out) for out in outs]
+            else:
+                firsts, seconds = outs[:len(_texts(body.text_1))], outs[len(_texts(body.text_1)):]
+                if len(firsts) == 1:
+                    firsts = firsts * len(seconds)
+                scores = [_cosine(first, second) for first, second in zip(firsts, seconds)]
             return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()),
                     "model": self.ingress.model_name(body.model),
                     "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-        return await self._serve(request, ScoreBody, inputs, respond)
+        return await self._serve(request, ScoreBody, inputs, respond, classifier=cross)
 
     async def rerank(self, request: Request) -> Response:
-        """The rerank API of Jina AI and Cohere (vLLM's /rerank), for an embedding model: the documents by the
-        cosine of their embedding and the query's, most relevant first, the top_n of them."""
-        def inputs(body: RerankBody) -> list[tuple[str, str]]:
+        """The rerank API of Jina AI and Cohere (vLLM's /rerank): the documents most relevant to the query first,
+        the top_n of them, each scored as score() scores the pair (query, document)."""
+        cross = self._cross_encodes()
+
+        def inputs(body: RerankBody) -> list[tuple[str, str | list[int]]]:
             if not body.documents:
                 raise invalid("documents", "must not be empty")
             if body.top_n is not None and body.top_n < 1:
                 raise invalid("top_n", f"must be a positive integer, got {body.top_n}")
-            return [("query", body.query), *_named("documents", [_document_text(d) for d in body.documents])]
+            documents = _named("documents", [_document_text(d) for d in body.documents])
+            if cross:
+                return [(field, self._pair(body.query, text)) for field, text in documents]
+            return [("query", body.query), *documents]
 
         def respond(body: RerankBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
-            scores = [_cosine(outs[0], document) for document in outs[1:]]
+            if cross:
+                scores = [self._relevance(out) for out in outs]
+            else:
+                scores = [_cosine(outs[0], document) for document in outs[1:]]
             ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
             results = [{"index": i, "relevance_score": scores[i]} |
                        ({"document": {"text": _document_text(body.documents[i])}}
@@ -118,7 +137,20 @@ class PoolingApi:
             return {"id": f"rerank-{request_id}", "model": self.ingress.model_name(body.model),
                     "usage": {"total_tokens": tokens}, "results": results}
 
-        return await self._serve(request, RerankBody, inputs, respond)
+        return await self._serve(request, RerankBody, inputs, respond, classifier=cross)
+
+    def _cross_encodes(self) -> bool:
+        """Whether the model scores a pair of texts read together: a classifier of one class."""
+        classes = self.ingress.model.classes
+        return classes is not None and len(classes.labels) == 1
+
+    def _pair(self, first: str, second: str) -> list[int]:
+        """Two texts as a cross-encoder reads them: the tokenizer's encoding of the pair (its special tokens
+        between and around them, as the model was trained on), as vLLM encodes them."""
+        return self.ingress.tokenizer(first, text_pair=second)["input_ids"]
+
+    def _relevance(self, out: RequestOutput) -> float:
+        return classified(out.embedding, self.ingress.model.classes).probs[0]
 
     async def _serve(self, request: Request, body_type: type[Body],
                      inputs: Callable[[Body], list[tuple[str, str | list[int]]]],

@@ -1,6 +1,6 @@
 """A classifier served by a real cluster (Serve, a worker group, redis-server) answers POST /classify and gRPC
 Classify with HF transformers' class probabilities, and refuses what it cannot do (generate, embed) naming the
-model."""
+model; a cross-encoder (a classifier of one class, relevance) scores and reranks pairs of texts read together."""
 
 import json
 import urllib.error
@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 import torch
 from ray import serve
+from transformers import AutoTokenizer
 
 from cluster.app import build_app
 from cluster.client import TandemClient, TandemError
@@ -19,6 +20,7 @@ from tests.engine.test_classification import SENTIMENT, hf_probs, random_prompt
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 APP, GRPC_PORT = "tandem-classifier", 17121
+RERANKER_APP, RERANKER_GRPC_PORT = "tandem-reranker", 17122
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,17 @@ def classifier(tiny_classifier_factory, redis_url):
     serve.run(build_app(config), name=APP, route_prefix="/")
     yield model
     serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_classifier_factory, redis_url):
+    """A second cluster, under /reranker: a cross-encoder."""
+    model = tiny_classifier_factory("qwen2", ("relevance",))
+    config = ClusterConfig(model=str(model), num_kv_blocks=32, num_cpus_per_rank=0.5, disaggregate=False,
+                           redis_url=redis_url, grpc_port=RERANKER_GRPC_PORT)
+    serve.run(build_app(config), name=RERANKER_APP, route_prefix="/reranker")
+    yield model
+    serve.delete(RERANKER_APP)
 
 
 def post(path: str, body: dict) -> tuple[int, dict]:
@@ -63,9 +76,25 @@ def test_grpc_classify_gives_the_same(classifier):
 
 
 def test_a_classifier_refuses_to_generate_or_embed_naming_the_model(classifier):
-    for path, body in (("/v1/embeddings", {"input": "Hello"}), ("/v1/completions", {"prompt": "Hello"})):
+    for path, body in (("/v1/embeddings", {"input": "Hello"}), ("/v1/completions", {"prompt": "Hello"}),
+                       ("/v1/score", {"text_1": "a", "text_2": "b"})):  # its classes are no relevance score
         status, error = post(path, body)
         assert status == 400 and error["error"]["param"] == "model" and "classifier" in error["error"]["message"]
     with TandemClient(f"127.0.0.1:{GRPC_PORT}") as client, pytest.raises(TandemError, match="classifier") as e:
         client.embed("Hello", timeout=60)
     assert e.value.code.name == "INVALID_ARGUMENT"
+
+
+def test_a_cross_encoder_scores_and_reranks_each_pair_read_together(reranker):
+    tokenizer = AutoTokenizer.from_pretrained(reranker)
+    query, documents = "Which river runs through Paris?", ["The Seine.", "Bread rises with yeast.", "The Loire."]
+    expected = [hf_probs(reranker, tokenizer(query, text_pair=d)["input_ids"])[0].item() for d in documents]
+    status, scored = post("/reranker/v1/score", {"text_1": query, "text_2": documents})
+    assert status == 200, scored
+    assert [d["score"] for d in scored["data"]] == pytest.approx(expected, abs=1e-5)
+    status, ranked = post("/reranker/rerank", {"query": query, "documents": documents, "top_n": 2})
+    assert status == 200, ranked
+    order = sorted(range(3), key=lambda i: -expected[i])
+    assert [r["index"] for r in ranked["results"]] == order[:2]
+    assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx([expected[i] for i in order[:2]],
+                                                                             abs=1e-5)
