@@ -11,6 +11,8 @@ chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
                   Magistral, Devstral), after optional text. The tags are special tokens, which a reply with
                   tools keeps (skip_special_tokens false); an array of calls is read without its tag too. A call's
                   id is nine letters and digits, which Mistral's chat templates require when it comes back
+    granite       the whole reply is <|tool_call|> (Granite 3.0; <tool_call> from 3.1) and a JSON array of
+                  {"name": ..., "arguments": {...}}
 
 Each has `parse(text) -> (content, calls)` for a finished reply (the calls whole, without ids), `new_id()` for
 the kind of call id the model's template takes back, and, for one still being generated,
@@ -118,7 +120,7 @@ class MistralToolParser:
         calls; else (text, None)."""
         content, body = self._split(text)
         if body.startswith("["):
-            calls = self._array(body)
+            calls = _call_array(body, self.argument_keys)
         elif self.tag in text:
             calls = [self._named(part) for part in body.split(self.tag)]
         else:
@@ -152,20 +154,6 @@ class MistralToolParser:
         if tag < 0:
             return "", text.lstrip()
         return text[:tag], text[tag + len(self.tag):].lstrip()
-
-    def _array(self, body: str) -> list[CallSoFar] | None:
-        """The calls of a reply that is a JSON array of them, None where it is anything else."""
-        calls, at = [], space(body, 1)
-        while True:
-            call, at = whole_call(body, at, self.argument_keys)
-            if call is None:
-                return None
-            calls.append(call)
-            at = space(body, at)
-            if body[at:at + 1] != ",":
-                break
-            at = space(body, at + 1)
-        return calls if body[at:].strip() == "]" else None
 
     def _named(self, part: str) -> CallSoFar | None:
         """The call one [TOOL_CALLS] opens in the v11 format, None where it is not whole or more follows it."""
@@ -201,6 +189,46 @@ class MistralToolParser:
 _NAMED_CALL = re.compile(r"\s*(?P<name>[\w.\-]+)\s*(?:\[CALL_ID\]\s*\w+\s*)?(?:\[ARGS\]\s*|(?=\{))")
 
 
+class GraniteToolParser:
+    tags = ("<|tool_call|>", "<tool_call>")
+    argument_keys = ("arguments",)
+    new_id = staticmethod(openai_call_id)
+
+    def parse(self, text: str) -> tuple[str | None, list[CallSoFar] | None]:
+        """No content and the calls, where the whole reply is the array of them; else (text, None)."""
+        body = self._body(text)
+        calls = _call_array(body, self.argument_keys) if body.startswith("[") else None
+        return (text, None) if calls is None else (None, calls)
+
+    def content_so_far(self, text: str) -> int:
+        return min(_content_unless_calls(text, "[", tag) for tag in self.tags)
+
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        body = self._body(text)
+        return calls_in_sequence(body, 1, ",", self.argument_keys) if body.startswith("[") else []
+
+    def _body(self, text: str) -> str:
+        body = text.strip()
+        for tag in self.tags:
+            body = body.removeprefix(tag)
+        return body.lstrip()
+
+
+def _call_array(body: str, argument_keys: tuple[str, ...]) -> list[CallSoFar] | None:
+    """The calls of a reply that is a JSON array of them (from "[" at body[0]), None where it is anything else."""
+    calls, at = [], space(body, 1)
+    while True:
+        call, at = whole_call(body, at, argument_keys)
+        if call is None:
+            return None
+        calls.append(call)
+        at = space(body, at)
+        if body[at:at + 1] != ",":
+            break
+        at = space(body, at + 1)
+    return calls if body[at:].strip() == "]" else None
+
+
 def _content_unless_calls(text: str, opening: str, tag: str) -> int:
     """For a format whose reply is all calls or all text: nothing while the reply may still turn out to be calls
     (it starts with `opening` or the tag, or is the start of the tag); all of it otherwise."""
@@ -213,8 +241,9 @@ def _after_tag(text: str, tag: str) -> str:
     return text.strip().removeprefix(tag).lstrip()
 
 
-ToolCallParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser
-TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser}
+ToolCallParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser | GraniteToolParser
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser,
+                     "granite": GraniteToolParser}
 
 
 def tool_call_parser(name: str | None) -> ToolCallParser | None:

@@ -8,7 +8,7 @@ import pytest
 from router.errors import ApiError
 from router.openai_tools import tool_choice
 from router.tool_call_json import CallSoFar
-from router.tool_parsers import HermesToolParser, Llama3JsonToolParser, MistralToolParser
+from router.tool_parsers import GraniteToolParser, HermesToolParser, Llama3JsonToolParser, MistralToolParser
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -132,6 +132,32 @@ def test_a_mistral_reply_streams_as_content_once_it_cannot_be_calls(text, conten
     assert text[:MistralToolParser().content_so_far(text)] == content
 
 
+@pytest.mark.parametrize("text", [
+    '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    ' <tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]',
+])
+def test_a_granite_reply_that_is_a_tagged_array_of_calls_is_calls(text):
+    content, calls = GraniteToolParser().parse(text)
+    assert content is None and found(calls)[0] == ("get_weather", {"city": "Paris"})
+    assert len(calls) == text.count('"name"')
+
+
+@pytest.mark.parametrize("text", [
+    "It is sunny in Paris.",
+    '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
+    '<tool_call>{"name": "get_weather", "arguments": {}}',  # not in an array
+])
+def test_a_granite_reply_that_is_not_all_calls_is_text(text):
+    assert GraniteToolParser().parse(text) == (text, None)
+
+
+@pytest.mark.parametrize(("text", "content"), [
+    ("It is", "It is"), ("<|tool", ""), ("<tool_", ""), ("<tool_call>[{", ""), ("<b>", "<b>"),
+])
+def test_a_granite_reply_streams_as_content_once_it_cannot_be_calls(text, content):
+    assert text[:GraniteToolParser().content_so_far(text)] == content
+
+
 # Whole replies, each with a call whose arguments hold what a scanner could take for their end: braces, quotes and
 # the call's own markup inside strings, and an object nested in them. With each, the calls whose arguments go out
 # in parts: all but those written before the call's name.
@@ -149,6 +175,9 @@ STREAMED = {
     "mistral_v11": (dict(parser=MistralToolParser()),
                     f'Let me look.[TOOL_CALLS]get_weather[ARGS]{{"city": "Paris"}}'
                     f'[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{TRICKY}', {0, 1}),
+    "granite": (dict(parser=GraniteToolParser()),
+                f'<|tool_call|>[{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}, '
+                f'{{"name": "get_time", "arguments": {TRICKY}}}]', {0, 1}),
     "required": (dict(choice="required"),
                  f'[{{"name": "get_weather", "parameters": {{}}}}, {{"name": "get_time", "parameters": {TRICKY}}}]',
                  {0, 1}),
@@ -180,7 +209,7 @@ def test_calls_stream_as_generated_and_add_up_to_the_whole_replys_calls(kind):
     assert partial == in_parts
 
 
-@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral", "mistral_v11"])
+@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral", "mistral_v11", "granite"])
 def test_auto_without_parallel_calls_keeps_the_first_call_whole_or_streamed(kind):
     """The model decides how many calls it makes; parallel_tool_calls false hands back its first alone."""
     parser, text = STREAMED[kind][0]["parser"], STREAMED[kind][1]
