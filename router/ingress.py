@@ -155,6 +155,12 @@ class Ingress:
         self._grpc = None
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
         self.reasoning = reasoning_parser(self.api.reasoning_parser, self.tokenizer)
+        if model.classes is not None:
+            labels = model.classes.labels
+            named = ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else "")
+            logger.info("%s is a classifier (%s): it serves POST /classify and gRPC Classify%s; generation and "
+                        "embeddings are refused", model.name, named,
+                        ", and as a cross-encoder /v1/score and /v1/rerank" if len(labels) == 1 else "")
         if model.sampling_defaults:
             logger.info("a request that leaves them unset takes the model's generation_config.json values: %s "
                         "(generation_config none turns this off)",
