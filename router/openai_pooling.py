@@ -34,6 +34,7 @@ from router.ingress import EmbedRequest, Ingress
 from router.openai_bodies import ClassifyBody, EmbeddingsBody, RerankBody, RerankDocument, ScoreBody
 from workers.engine.classification import classified
 from workers.engine.outputs import RequestOutput
+from workers.engine.scoring import cosine, pair_token_ids, score_pairs
 
 Body = TypeVar("Body", bound=BaseModel)
 T = TypeVar("T")
@@ -83,15 +84,14 @@ class PoolingApi:
 
         def inputs(body: ScoreBody) -> list[tuple[str, str | list[int]]]:
             firsts, seconds = _texts(body.text_1), _texts(body.text_2)
-            for name, texts in (("text_1", firsts), ("text_2", seconds)):
-                if not texts:
-                    raise invalid(name, "must not be empty")
-            if len(firsts) not in (1, len(seconds)):
-                raise invalid("text_1", f"must be one text, or one per text_2 ({len(seconds)}), got {len(firsts)}")
+            try:
+                pairs = score_pairs(firsts, seconds)
+            except ValueError as e:
+                field, _, message = str(e).partition(": ")
+                raise invalid(field, message) from None
             if cross:
-                pairs = zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds)
-                return [(field, self._pair(first, second))
-                        for (field, _), (first, second) in zip(_named("text_2", body.text_2), pairs)]
+                return [(field, pair_token_ids(self.ingress.tokenizer, firsts[i], seconds[j]))
+                        for (field, _), (i, j) in zip(_named("text_2", body.text_2), pairs)]
             return [*_named("text_1", body.text_1), *_named("text_2", body.text_2)]
 
         def respond(body: ScoreBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
@@ -99,9 +99,8 @@ class PoolingApi:
                 scores = [self._relevance(out) for out in outs]
             else:
                 firsts, seconds = outs[:len(_texts(body.text_1))], outs[len(_texts(body.text_1)):]
-                if len(firsts) == 1:
-                    firsts = firsts * len(seconds)
-                scores = [_cosine(first, second) for first, second in zip(firsts, seconds)]
+                pairs = score_pairs(firsts, seconds)
+                scores = [cosine(firsts[i].embedding, seconds[j].embedding) for i, j in pairs]
             return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()),
                     "model": self.ingress.model_name(body.model),
                     "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
@@ -121,14 +120,14 @@ class PoolingApi:
                 raise invalid("top_n", f"must be a positive integer, got {body.top_n}")
             documents = _named("documents", [_document_text(d) for d in body.documents])
             if cross:
-                return [(field, self._pair(body.query, text)) for field, text in documents]
+                return [(field, pair_token_ids(self.ingress.tokenizer, body.query, text)) for field, text in documents]
             return [("query", body.query), *documents]
 
         def respond(body: RerankBody, request_id: str, outs: list[RequestOutput], tokens: int) -> dict:
             if cross:
                 scores = [self._relevance(out) for out in outs]
             else:
-                scores = [_cosine(outs[0], document) for document in outs[1:]]
+                scores = [cosine(outs[0].embedding, document.embedding) for document in outs[1:]]
             ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
             results = [{"index": i, "relevance_score": scores[i]} |
                        ({"document": {"text": _document_text(body.documents[i])}}
@@ -143,11 +142,6 @@ class PoolingApi:
         """Whether the model scores a pair of texts read together: a classifier of one class."""
         classes = self.ingress.model.classes
         return classes is not None and len(classes.labels) == 1
-
-    def _pair(self, first: str, second: str) -> list[int]:
-        """Two texts as a cross-encoder reads them: the tokenizer's encoding of the pair (its special tokens
-        between and around them, as the model was trained on), as vLLM encodes them."""
-        return self.ingress.tokenizer(first, text_pair=second)["input_ids"]
 
     def _relevance(self, out: RequestOutput) -> float:
         return classified(out.embedding, self.ingress.model.classes).probs[0]
@@ -227,11 +221,6 @@ def _named(field: str, texts: str | list[str]) -> list[tuple[str, str]]:
 
 def _document_text(document: str | RerankDocument) -> str:
     return document if isinstance(document, str) else document.text
-
-
-def _cosine(a: RequestOutput, b: RequestOutput) -> float:
-    """Of two unit-length embeddings: their dot product."""
-    return float(np.dot(a.embedding, b.embedding))
 
 
 def _encoded(vector: list[float], encoding_format: str | None) -> list[float] | str:

@@ -85,3 +85,16 @@ def test_the_configs_problem_type_says_how_logits_become_probabilities(problem_t
     assert classes.labels == ("LABEL_0", "LABEL_1", "LABEL_2") and result.label == "LABEL_2"
     torch.testing.assert_close(torch.tensor(result.probs), activation(torch.tensor(logits)))
     assert classes_of(LlamaConfig(architectures=["LlamaForCausalLM"])) is None
+
+
+def test_a_cross_encoder_scores_each_pair_read_together(tiny_classifier_factory):
+    path = tiny_classifier_factory("qwen2", ("relevance",))
+    llm = LLM(str(path), num_kv_blocks=64, progress=False)
+    query, documents = "Which river runs through Paris?", ["The Seine.", "Bread rises with yeast."]
+    pairs = [llm.tokenizer(query, text_pair=d)["input_ids"] for d in documents]
+    assert llm.score(query, documents) == pytest.approx([hf_probs(path, p)[0].item() for p in pairs], abs=1e-5)
+    assert llm.score([query, query], documents[::-1]) == pytest.approx(llm.score(query, documents)[::-1], abs=1e-6)
+    with pytest.raises(ValueError, match="text_1"):
+        llm.score([query, query], documents[:1])
+    with pytest.raises(ValueError, match="not a cross-encoder"):
+        LLM(str(tiny_classifier_factory("llama", SENTIMENT)), num_kv_blocks=64, progress=False).score("a", "b")

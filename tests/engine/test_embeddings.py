@@ -166,3 +166,12 @@ def test_a_tied_embedding_model_labelled_as_a_causal_lm_loads_whole(tiny_model_f
     [out] = llm.embed(prompt)
     torch.testing.assert_close(torch.tensor(out.embedding), base_model_embedding(folder, prompt), atol=2e-5, rtol=0)
     assert llm.generate(prompt, GREEDY)[0].outputs[0].token_ids == hf_greedy(causal, prompt, 16)
+
+
+def test_an_embedding_model_scores_a_pair_by_the_cosine_of_its_embeddings(tiny_model_factory):
+    model_path = tiny_model_factory("qwen3")
+    llm = LLM(str(model_path), num_kv_blocks=64, progress=False)
+    texts = ["A cat sat on the mat.", "A dog lay on the rug.", "Stocks fell sharply."]
+    ids = [llm.tokenizer.encode(t) for t in texts]
+    expected = [float(hf_embedding(model_path, ids[0]) @ hf_embedding(model_path, ids[j])) for j in (1, 2)]
+    assert llm.score(texts[0], texts[1:]) == pytest.approx(expected, abs=1e-5)

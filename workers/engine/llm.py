@@ -26,6 +26,7 @@ from workers.engine.errors import InvalidRequestError
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput
 from workers.engine.sampling_params import SamplingParams, generation_config_defaults, recommended_fields
+from workers.engine.scoring import cosine, pair_token_ids, score_pairs
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -152,6 +153,24 @@ class LLM:
         outs = self._last_tokens(prompts, cache_salt, lora, use_tqdm, "Classifying")
         return [classified(out.embedding, self.classes) for out in outs]
 
+    def score(self, text_1: str | Seq[str], text_2: str | Seq[str], *, cache_salt: str | None = None,
+              lora: str | None = None, use_tqdm: bool = False) -> list[float]:
+        """Each pair's score, as vLLM's LLM.score gives it: text_1 against every text_2, or the two lists one by
+        one. An embedding model scores a pair by the cosine of its embeddings, a cross-encoder (a classifier of one
+        class) by reading the pair together (workers/engine/scoring.py)."""
+        firsts, seconds = _as_texts(text_1), _as_texts(text_2)
+        pairs = score_pairs(firsts, seconds)
+        if self.classes is None:
+            vectors = [out.embedding for out in self.embed([*firsts, *seconds], cache_salt=cache_salt, lora=lora,
+                                                           use_tqdm=use_tqdm)]
+            return [cosine(vectors[i], vectors[len(firsts) + j]) for i, j in pairs]
+        if len(self.classes.labels) != 1:
+            raise ValueError(f"{self.engine.runner.model_dir.name} is a classifier of several classes, not a "
+                             "cross-encoder: it serves classify, not score")
+        prompts = [pair_token_ids(self.tokenizer, firsts[i], seconds[j]) for i, j in pairs]
+        return [result.probs[0] for result in self.classify(prompts, cache_salt=cache_salt, lora=lora,
+                                                            use_tqdm=use_tqdm)]
+
     def _last_tokens(self, prompts: Prompt | Seq[Prompt], cache_salt: str | None, lora: str | None, use_tqdm: bool,
                      desc: str) -> list[RequestOutput]:
         """Runs each prompt as an embedding request: its output is what the model makes of its last token."""
@@ -198,6 +217,10 @@ class LLM:
 def _as_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     """One prompt (text or token ids) or several, as a list of prompts."""
     return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+
+
+def _as_texts(texts: str | Seq[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
 
 
 def _per_prompt(params: SamplingParams | Seq[SamplingParams], n: int) -> list[SamplingParams]:
