@@ -39,8 +39,9 @@ class ApiConfig:
                                                 "\"llama3_json\" ({\"name\", \"parameters\"}: Llama 3.1, 3.2) or "
                                                 "\"mistral\" ([TOOL_CALLS] [{\"name\", \"arguments\"}]: Mistral "
                                                 "7B v0.3, Nemo, Small; [TOOL_CALLS]name[ARGS]{...}: Small 3.1 on, "
-                                                "Magistral, Devstral) or \"granite\" (<|tool_call|> or <tool_call> "
-                                                "and [{\"name\", \"arguments\"}]: Granite 3); "
+                                                "Magistral, Devstral), \"granite\" (<|tool_call|> or <tool_call> "
+                                                "and [{\"name\", \"arguments\"}]: Granite 3) or \"pythonic\" "
+                                                "([get_weather(city=\"Paris\")]: Llama 3.2 1B/3B, Llama 4); "
                                                 "null: \"auto\" is refused, a named or required choice still works")
     reasoning_parser: str | None = _field(None, "how a reasoning model's thinking is told from its answer: "
                                                 "\"deepseek_r1\" or \"qwen3\" (both <think>...</think>: "

@@ -13,6 +13,9 @@ chosen per deployment (api.tool_call_parser), as vLLM's --tool-call-parser is.
                   id is nine letters and digits, which Mistral's chat templates require when it comes back
     granite       the whole reply is <|tool_call|> (Granite 3.0; <tool_call> from 3.1) and a JSON array of
                   {"name": ..., "arguments": {...}}
+    pythonic      the whole reply is a Python list of calls with literal keyword arguments,
+                  [get_weather(city="Paris"), get_time()], optionally between <|python_start|> and <|python_end|>:
+                  Llama 3.2's small models and Llama 4; the arguments become JSON
 
 Each has `parse(text) -> (content, calls)` for a finished reply (the calls whole, without ids), `new_id()` for
 the kind of call id the model's template takes back, and, for one still being generated,
@@ -20,6 +23,8 @@ the kind of call id the model's template takes back, and, for one still being ge
 calls begun in it, whose arguments stream as they are generated.
 """
 
+import ast
+import json
 import re
 
 from router.reasoning import partial_tag_length
@@ -214,6 +219,77 @@ class GraniteToolParser:
         return body.lstrip()
 
 
+class PythonicToolParser:
+    tag = "<|python_start|>"
+    new_id = staticmethod(openai_call_id)
+
+    def parse(self, text: str) -> tuple[str | None, list[CallSoFar] | None]:
+        """No content and the calls, where the whole reply is a Python list of calls with literal keyword
+        arguments; else (text, None)."""
+        body = self._body(text)
+        try:
+            tree = ast.parse(body, mode="eval").body if body.startswith("[") else None
+        except SyntaxError:
+            tree = None
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return text, None
+        calls = [_literal_call(node) for node in tree.elts]
+        return (text, None) if None in calls else (None, calls)
+
+    def content_so_far(self, text: str) -> int:
+        return _content_unless_calls(text, "[", self.tag)
+
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        """Each call once its name and "(" are written; its arguments, as JSON, once the call is whole (a Python
+        literal cannot be turned into JSON a piece at a time)."""
+        body = self._body(text)
+        calls, at = [], 1
+        while body.startswith("[") and (named := _CALL_NAME.match(body, at)) is not None:
+            end = _call_end(body, named.start(1), named.end())
+            call = None if end is None else _literal_call(ast.parse(body[named.start(1):end], mode="eval").body)
+            calls.append(call or CallSoFar(named[1], ""))
+            if call is None:
+                break
+            at = space(body, end)
+            if body[at:at + 1] != ",":
+                break
+            at += 1
+        return calls
+
+    def _body(self, text: str) -> str:
+        return _after_tag(text, self.tag).removesuffix("<|python_end|>").rstrip()
+
+
+# A call in a Python list, up to its opening parenthesis: the function's (possibly dotted) name.
+_CALL_NAME = re.compile(r"\s*([A-Za-z_][\w.]*)\s*\(")
+
+
+def _call_end(body: str, start: int, after_paren: int) -> int | None:
+    """Where the call that starts at body[start] ends (after its closing parenthesis); None while it is not whole.
+    Each ")" is tried in turn, so one inside a string argument is passed over."""
+    at = body.find(")", after_paren)
+    while at >= 0:
+        try:
+            if isinstance(ast.parse(body[start:at + 1], mode="eval").body, ast.Call):
+                return at + 1
+        except SyntaxError:
+            pass
+        at = body.find(")", at + 1)
+    return None
+
+
+def _literal_call(node: ast.expr) -> CallSoFar | None:
+    """A call with keyword arguments of literal values, its arguments as a JSON object; None for anything else."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, (ast.Name, ast.Attribute)) or node.args or \
+            any(k.arg is None for k in node.keywords):
+        return None
+    try:
+        arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        return CallSoFar(ast.unparse(node.func), json.dumps(arguments, ensure_ascii=False))
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        return None
+
+
 def _call_array(body: str, argument_keys: tuple[str, ...]) -> list[CallSoFar] | None:
     """The calls of a reply that is a JSON array of them (from "[" at body[0]), None where it is anything else."""
     calls, at = [], space(body, 1)
@@ -241,9 +317,9 @@ def _after_tag(text: str, tag: str) -> str:
     return text.strip().removeprefix(tag).lstrip()
 
 
-ToolCallParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser | GraniteToolParser
+ToolCallParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser | GraniteToolParser | PythonicToolParser
 TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser,
-                     "granite": GraniteToolParser}
+                     "granite": GraniteToolParser, "pythonic": PythonicToolParser}
 
 
 def tool_call_parser(name: str | None) -> ToolCallParser | None:

@@ -8,7 +8,13 @@ import pytest
 from router.errors import ApiError
 from router.openai_tools import tool_choice
 from router.tool_call_json import CallSoFar
-from router.tool_parsers import GraniteToolParser, HermesToolParser, Llama3JsonToolParser, MistralToolParser
+from router.tool_parsers import (
+    GraniteToolParser,
+    HermesToolParser,
+    Llama3JsonToolParser,
+    MistralToolParser,
+    PythonicToolParser,
+)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -158,6 +164,31 @@ def test_a_granite_reply_streams_as_content_once_it_cannot_be_calls(text, conten
     assert text[:GraniteToolParser().content_so_far(text)] == content
 
 
+@pytest.mark.parametrize(("text", "calls"), [
+    ('[get_weather(city="Paris")]', [("get_weather", {"city": "Paris"})]),
+    ("<|python_start|>[get_weather(city='Paris', days=3), get_time()]<|python_end|>",
+     [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {})]),
+    ('[tools.search(query="a, b) c", filters={"lang": ["en", None]}, exact=True)]',
+     [("tools.search", {"query": "a, b) c", "filters": {"lang": ["en", None]}, "exact": True})]),
+])
+def test_a_pythonic_reply_is_a_list_of_calls_whose_arguments_become_json(text, calls):
+    content, found_calls = PythonicToolParser().parse(text)
+    assert content is None and found(found_calls) == calls
+
+
+@pytest.mark.parametrize("text", [
+    "It is sunny in Paris.",
+    "[1, 2, 3]",  # a list, but not of calls
+    '[get_weather("Paris")]',  # a positional argument: its name is unknown
+    '[get_weather(city=paris)]',  # a variable, not a literal
+    '[get_weather(city="Par',  # cut off by max_tokens
+    '[get_weather(city="Paris")] and then some text',
+    "[os.system('ls')()]",  # not a function's name
+])
+def test_a_pythonic_reply_that_is_not_all_calls_is_text(text):
+    assert PythonicToolParser().parse(text) == (text, None)
+
+
 # Whole replies, each with a call whose arguments hold what a scanner could take for their end: braces, quotes and
 # the call's own markup inside strings, and an object nested in them. With each, the calls whose arguments go out
 # in parts: all but those written before the call's name.
@@ -178,6 +209,9 @@ STREAMED = {
     "granite": (dict(parser=GraniteToolParser()),
                 f'<|tool_call|>[{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}, '
                 f'{{"name": "get_time", "arguments": {TRICKY}}}]', {0, 1}),
+    "pythonic": (dict(parser=PythonicToolParser()),
+                 "[get_weather(city='Paris'), get_time(note='a } or \"{\" and </tool_call>', when={'day': 'today'})]",
+                 set()),  # arguments go out whole: Python literals are not JSON until they end
     "required": (dict(choice="required"),
                  f'[{{"name": "get_weather", "parameters": {{}}}}, {{"name": "get_time", "parameters": {TRICKY}}}]',
                  {0, 1}),
@@ -209,7 +243,7 @@ def test_calls_stream_as_generated_and_add_up_to_the_whole_replys_calls(kind):
     assert partial == in_parts
 
 
-@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral", "mistral_v11", "granite"])
+@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral", "mistral_v11", "granite", "pythonic"])
 def test_auto_without_parallel_calls_keeps_the_first_call_whole_or_streamed(kind):
     """The model decides how many calls it makes; parallel_tool_calls false hands back its first alone."""
     parser, text = STREAMED[kind][0]["parser"], STREAMED[kind][1]
