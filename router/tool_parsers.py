@@ -26,6 +26,7 @@ calls begun in it, whose arguments stream as they are generated.
 import ast
 import json
 import re
+import tokenize
 
 from router.reasoning import partial_tag_length
 from router.tool_call_json import (
@@ -227,10 +228,7 @@ class PythonicToolParser:
         """No content and the calls, where the whole reply is a Python list of calls with literal keyword
         arguments; else (text, None)."""
         body = self._body(text)
-        try:
-            tree = ast.parse(body, mode="eval").body if body.startswith("[") else None
-        except SyntaxError:
-            tree = None
+        tree = _expression(body) if body.startswith("[") else None
         if not isinstance(tree, ast.List) or not tree.elts:
             return text, None
         calls = [_literal_call(node) for node in tree.elts]
@@ -245,8 +243,8 @@ class PythonicToolParser:
         body = self._body(text)
         calls, at = [], 1
         while body.startswith("[") and (named := _CALL_NAME.match(body, at)) is not None:
-            end = _call_end(body, named.start(1), named.end())
-            call = None if end is None else _literal_call(ast.parse(body[named.start(1):end], mode="eval").body)
+            end = _call_end(body, named.start(1))
+            call = None if end is None else _literal_call(_expression(body[named.start(1):end]))
             calls.append(call or CallSoFar(named[1], ""))
             if call is None:
                 break
@@ -264,21 +262,37 @@ class PythonicToolParser:
 _CALL_NAME = re.compile(r"\s*([A-Za-z_][\w.]*)\s*\(")
 
 
-def _call_end(body: str, start: int, after_paren: int) -> int | None:
+def _call_end(body: str, start: int) -> int | None:
     """Where the call that starts at body[start] ends (after its closing parenthesis); None while it is not whole.
-    Each ")" is tried in turn, so one inside a string argument is passed over."""
-    at = body.find(")", after_paren)
-    while at >= 0:
-        try:
-            if isinstance(ast.parse(body[start:at + 1], mode="eval").body, ast.Call):
-                return at + 1
-        except SyntaxError:
-            pass
-        at = body.find(")", at + 1)
+    Python's tokenizer reads it, so brackets inside string arguments do not count."""
+    lines = body[start:].splitlines(keepends=True)
+    line_starts = [start + sum(len(line) for line in lines[:i]) for i in range(len(lines))]
+    depth = 0
+    try:
+        for token in tokenize.generate_tokens(iter(lines).__next__):
+            if token.type == tokenize.ERRORTOKEN and not token.string.isspace():  # a string still open
+                return None
+            if token.type == tokenize.OP and token.string in "([{":
+                depth += 1
+            elif token.type == tokenize.OP and token.string in ")]}":
+                depth -= 1
+                if depth == 0:
+                    row, column = token.end
+                    return line_starts[row - 1] + column
+    except (tokenize.TokenError, SyntaxError, StopIteration):
+        return None
     return None
 
 
-def _literal_call(node: ast.expr) -> CallSoFar | None:
+def _expression(text: str) -> ast.expr | None:
+    """The Python expression the text is, parsed, never run; None where it is none."""
+    try:
+        return ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _literal_call(node: ast.expr | None) -> CallSoFar | None:
     """A call with keyword arguments of literal values, its arguments as a JSON object; None for anything else."""
     if not isinstance(node, ast.Call) or not isinstance(node.func, (ast.Name, ast.Attribute)) or node.args or \
             any(k.arg is None for k in node.keywords):
