@@ -27,6 +27,7 @@ import ast
 import json
 import re
 import tokenize
+from itertools import accumulate
 
 from router.reasoning import partial_tag_length
 from router.tool_call_json import (
@@ -266,7 +267,7 @@ def _call_end(body: str, start: int) -> int | None:
     """Where the call that starts at body[start] ends (after its closing parenthesis); None while it is not whole.
     Python's tokenizer reads it, so brackets inside string arguments do not count."""
     lines = body[start:].splitlines(keepends=True)
-    line_starts = [start + sum(len(line) for line in lines[:i]) for i in range(len(lines))]
+    line_starts = list(accumulate((len(line) for line in lines[:-1]), initial=start))
     depth = 0
     try:
         for token in tokenize.generate_tokens(iter(lines).__next__):
