@@ -100,18 +100,31 @@ class GenerationServicer:
         async for response in self._stream(request, context, self._chat_request, chat=True):
             yield response
 
-    @_unary
-    async def Embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
-        out = await self.ingress.embed(_last_token_request(request, dimensions=request.dimensions or None))
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        out = await self._last_token(request, context)
         return pb.EmbedResponse(embedding=out.embedding, usage=_prompt_usage(out))
 
-    @_unary
-    async def Classify(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
-        out = await self.ingress.embed(_last_token_request(request, classify=True))
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        out = await self._last_token(request, context)
         classes = self.ingress.model.classes
         result = classified(out.embedding, classes)
         return pb.ClassifyResponse(label=result.label, probs=result.probs, labels=classes.labels,
                                    usage=_prompt_usage(out))
+
+    async def _last_token(self, request: pb.EmbedRequest | pb.ClassifyRequest,
+                          context: grpc.aio.ServicerContext) -> RequestOutput:
+        """Embed's and Classify's request through the ingress, which counts it; one refused before it gets there
+        (undecodable, an unknown field or model, no prompt) is counted too, as _stream counts a stream's."""
+        taken = False
+        try:
+            await self._check(request)
+            last_token_request = _last_token_request(request)
+            taken = True
+            return await self.ingress.embed(last_token_request)
+        except Exception as e:
+            if not taken:
+                self.ingress.refused(classify(e), getattr(request, "request_id", "") or None)
+            await _abort(context, e)
 
     @_unary
     async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
@@ -305,17 +318,20 @@ def _held_to(params: SamplingParams, calls: ToolChoice) -> SamplingParams:
     return held
 
 
-def _last_token_request(request: pb.EmbedRequest | pb.ClassifyRequest, **kind) -> EmbedRequest:
-    """The ingress's request for what the model makes of the prompt's last token; `kind`: EmbedRequest's
-    dimensions or classify."""
+def _last_token_request(request: pb.EmbedRequest | pb.ClassifyRequest) -> EmbedRequest:
+    """The ingress's request for what the model makes of the prompt's last token: an embedding, or with a
+    ClassifyRequest, a classifier's logits."""
     which = request.WhichOneof("prompt")
     if which is None:
         raise invalid("prompt", "give text or token_ids")
     truncate = request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None
+    classifying = isinstance(request, pb.ClassifyRequest)
     return EmbedRequest(prompt=request.text if which == "text" else None,
                         prompt_token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
-                        truncate_prompt_tokens=truncate, request_id=request.request_id or None,
-                        cache_salt=request.cache_salt or None, model=request.model or None, **kind)
+                        truncate_prompt_tokens=truncate,
+                        dimensions=None if classifying else request.dimensions or None,
+                        request_id=request.request_id or None, cache_salt=request.cache_salt or None,
+                        model=request.model or None, classify=classifying)
 
 
 def _prompt_usage(out: RequestOutput) -> pb.Usage:

@@ -3,9 +3,11 @@ Classify with HF transformers' class probabilities, and refuses what it cannot d
 model; a cross-encoder (a classifier of one class, relevance) scores and reranks pairs of texts read together."""
 
 import json
+import time
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
 import torch
 from ray import serve
@@ -14,6 +16,8 @@ from transformers import AutoTokenizer
 from cluster.app import build_app
 from cluster.client import TandemClient, TandemError
 from cluster.config import ClusterConfig
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
 from tests.conftest import SERVE_HTTP_URL
 from tests.engine.test_classification import SENTIMENT, hf_probs, random_prompt
 
@@ -98,3 +102,28 @@ def test_a_cross_encoder_scores_and_reranks_each_pair_read_together(reranker):
     assert [r["index"] for r in ranked["results"]] == order[:2]
     assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx([expected[i] for i in order[:2]],
                                                                              abs=1e-5)
+
+
+def requests_by_outcome() -> dict[str, float]:
+    with urllib.request.urlopen(f"{SERVE_HTTP_URL}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in lines
+            if line.startswith("tandem_requests_total{")}
+
+
+def test_grpc_refusals_before_the_ingress_count_as_http_ones_do(classifier):
+    before = requests_by_outcome()
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        stub = tandem_pb2_grpc.GenerationStub(channel)
+        for call, status in ((pb.ClassifyRequest(model="nope", text="x"), grpc.StatusCode.NOT_FOUND),
+                             (pb.ClassifyRequest(), grpc.StatusCode.INVALID_ARGUMENT)):  # no prompt
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(call, timeout=30)
+            assert refused.value.code() == status
+    deadline = time.monotonic() + 10
+    while True:  # the other ingress replica's counts reach a scrape within its period (2 s)
+        counted = {o: requests_by_outcome()[o] - before[o] for o in ("not_found", "invalid_argument")}
+        if counted == {"not_found": 1, "invalid_argument": 1} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert counted == {"not_found": 1, "invalid_argument": 1}
