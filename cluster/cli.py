@@ -184,46 +184,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     benches = _bench_modules()
 
-    benches["engine"].add_arguments(bench_sub.add_parser(
-        "engine", help="Tandem vs HF transformers on the same workloads",
-        description="Throughput and TTFT of Tandem's engine against HF transformers (sequential and padded batch) in "
-                    "one run."))
-    benches["transfer"].add_arguments(bench_sub.add_parser(
-        "transfer", help="KV transfer bandwidth and added latency",
-        description="Moves a prompt's KV blocks between two processes over a real KV channel, by prompt length."))
-    benches["routing"].add_arguments(bench_sub.add_parser(
-        "routing", help="prefix-cache-aware routing vs round-robin, power-of-two, prefix tree, SGLang",
-        description="Runs the same multi-turn, multi-tenant workload (and a no-reuse control) through the cluster "
-                    "once per prefill router and compares hit rate, TTFT, throughput and load spread."))
-    benches["kernels"].add_arguments(bench_sub.add_parser(
-        "kernels", help="decode attention step time: Triton kernels vs the torch backend vs the roofline",
-        description="Times one layer's decode attention and KV write at several batch sizes and context lengths "
-                    "for Llama-3.1-8B's attention shape on CUDA (a tiny shape under Triton's interpreter without)."))
-    benches["chaos"].add_arguments(bench_sub.add_parser(
-        "chaos", help="cancel storms and killed ranks through the gRPC API: exact tokens, no hang, no leak",
-        description="Rounds of concurrent streams cancelled at every phase, then SIGKILL of a decode rank and a "
-                    "prefill rank under load; exits 1 if any promise is broken."))
-    benches["embed"].add_arguments(bench_sub.add_parser(
-        "embed", help="embeddings: Tandem vs HF transformers (one at a time, length-sorted batches), documents/s"))
-    benches["structured"].add_arguments(bench_sub.add_parser(
-        "structured", help="structured output's cost: free text vs a JSON schema, output tokens per second"))
-    benches["speculative"].add_arguments(bench_sub.add_parser(
-        "speculative", help="speculative decoding by n-gram lookup vs one token per step: tok/s, acceptance"))
-    benches["lora"].add_arguments(bench_sub.add_parser(
-        "lora", help="LoRA adapters' cost: base model vs one adapter vs several mixed in a batch, tok/s"))
-    benches["serve"].add_arguments(bench_sub.add_parser(
-        "serve", help="a running server under load through its HTTP or gRPC API: TTFT, TPOT, ITL, throughput",
-        description="Sends the same seeded prompts to each --url at a set request rate, streamed, as vLLM's "
-                    "`vllm bench serve` does, and compares the targets side by side."))
-    benches["soak"].add_arguments(bench_sub.add_parser(
-        "soak", help="steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
-        description="Samples every cluster process's memory, each pool's free KV blocks and the router's KV "
-                    "index size every 15 s under a closed loop of clients."))
+    for name, (help_text, description) in _BENCHES.items():
+        benches[name].add_arguments(bench_sub.add_parser(name, help=help_text, description=description))
     return parser
 
 
-_BENCHES = ("chaos", "embed", "engine", "kernels", "lora", "routing", "serve", "soak", "speculative", "structured",
-            "transfer")
+# `tandem bench`'s commands, in the order --help lists them: (help, description or None), each the module
+# cluster/bench/<name>.py.
+_BENCHES = {
+    "engine": ("Tandem vs HF transformers on the same workloads",
+               "Throughput and TTFT of Tandem's engine against HF transformers (sequential and padded batch) in one "
+               "run."),
+    "transfer": ("KV transfer bandwidth and added latency",
+                 "Moves a prompt's KV blocks between two processes over a real KV channel, by prompt length."),
+    "routing": ("prefix-cache-aware routing vs round-robin, power-of-two, prefix tree, SGLang",
+                "Runs the same multi-turn, multi-tenant workload (and a no-reuse control) through the cluster once "
+                "per prefill router and compares hit rate, TTFT, throughput and load spread."),
+    "kernels": ("decode attention step time: Triton kernels vs the torch backend vs the roofline",
+                "Times one layer's decode attention and KV write at several batch sizes and context lengths for "
+                "Llama-3.1-8B's attention shape on CUDA (a tiny shape under Triton's interpreter without)."),
+    "chaos": ("cancel storms and killed ranks through the gRPC API: exact tokens, no hang, no leak",
+              "Rounds of concurrent streams cancelled at every phase, then SIGKILL of a decode rank and a prefill "
+              "rank under load; exits 1 if any promise is broken."),
+    "embed": ("embeddings: Tandem vs HF transformers (one at a time, length-sorted batches), documents/s", None),
+    "structured": ("structured output's cost: free text vs a JSON schema, output tokens per second", None),
+    "speculative": ("speculative decoding by n-gram lookup vs one token per step: tok/s, acceptance", None),
+    "lora": ("LoRA adapters' cost: base model vs one adapter vs several mixed in a batch, tok/s", None),
+    "serve": ("a running server under load through its HTTP or gRPC API: TTFT, TPOT, ITL, throughput",
+              "Sends the same seeded prompts to each --url at a set request rate, streamed, as vLLM's `vllm bench "
+              "serve` does, and compares the targets side by side."),
+    "soak": ("steady shared-prefix load for N minutes: memory slope per process, KV index, free blocks",
+             "Samples every cluster process's memory, each pool's free KV blocks and the router's KV index size "
+             "every 15 s under a closed loop of clients."),
+}
 
 
 def _bench_modules() -> dict:
